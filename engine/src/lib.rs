@@ -1,0 +1,25 @@
+//! Weir engine: the vocabulary and mechanisms shared by the job manager and task managers.
+//!
+//! - [`value`], [`record`]: the data model (`Value`, `Record`, `Batch`, `StreamEvent`).
+//! - [`codec`]: rkyv wire encoding of stream events.
+//! - [`expr`]: the expression language used in job specs, compiled once per operator.
+//! - [`spec`]: job specs (JSON) and their validation.
+//! - [`graph`]: from a spec to tasks (operator chains) and exchanges.
+//! - [`operator`]: the operator trait and the built-in operator library.
+//! - [`runtime`]: subtask actors, credit-based channels, and the in-process executor.
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod error;
+pub mod expr;
+pub mod graph;
+pub mod operator;
+pub mod record;
+pub mod runtime;
+pub mod spec;
+pub mod telemetry;
+pub mod value;
+
+pub use error::EngineError;
+pub use record::{Batch, Record, StreamEvent};
+pub use value::Value;

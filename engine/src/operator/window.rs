@@ -1,0 +1,644 @@
+//! `window_aggregate`: keyed event-time windows (tumbling, sliding, session) with
+//! watermarks and allowed lateness.
+//!
+//! A window fires when the watermark reaches its last millisecond (`end - 1`), emitting one
+//! record per key, `{key, window_start, window_end, <aggs>}` with `ts = end - 1`, in key
+//! order (so output order is a function of the input, which replay-based recovery relies on).
+//! A fired window is kept for `allowed_lateness_ms`; a late record within it updates the
+//! window and re-emits that key's result; a record later than that is dropped and counted
+//! (`late_dropped`).
+
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
+
+use super::agg::{add_all, new_accs, parse_aggs, result_value, Acc, AggSpec};
+use super::{
+    decode_state, encode_state, Instance, OpError, Operator, OperatorFactory, Params,
+    SubtaskContext,
+};
+use crate::record::Record;
+use crate::spec::{OperatorSpec, SpecError};
+use crate::value::Value;
+
+/// Window assignment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowKind {
+    /// Fixed, non-overlapping windows of `size` ms.
+    Tumbling {
+        /// Length in ms.
+        size: i64,
+    },
+    /// Windows of `size` ms starting every `slide` ms.
+    Sliding {
+        /// Length in ms.
+        size: i64,
+        /// Distance between window starts in ms.
+        slide: i64,
+    },
+    /// Per key, records closer than `gap` ms belong to one session.
+    Session {
+        /// Inactivity gap in ms.
+        gap: i64,
+    },
+}
+
+impl WindowKind {
+    /// Parses `params.window`.
+    pub fn parse(p: &Params<'_>) -> Result<WindowKind, SpecError> {
+        let w = p
+            .raw("window")
+            .ok_or_else(|| p.error("window", "is required"))?;
+        let obj = w
+            .as_object()
+            .ok_or_else(|| p.error("window", "must be an object"))?;
+        let num = |k: &str| -> Result<Option<i64>, SpecError> {
+            match obj.get(k) {
+                None => Ok(None),
+                Some(v) => match v.as_i64() {
+                    Some(n) if n > 0 => Ok(Some(n)),
+                    _ => Err(p.error(&format!("window.{k}"), "must be a positive integer")),
+                },
+            }
+        };
+        for k in obj.keys() {
+            if !["tumbling_ms", "sliding_ms", "slide_ms", "session_gap_ms"].contains(&k.as_str()) {
+                return Err(p.error(&format!("window.{k}"), "unknown window field (expected tumbling_ms, sliding_ms + slide_ms, or session_gap_ms)"));
+            }
+        }
+        match (
+            num("tumbling_ms")?,
+            num("sliding_ms")?,
+            num("slide_ms")?,
+            num("session_gap_ms")?,
+        ) {
+            (Some(size), None, None, None) => Ok(WindowKind::Tumbling { size }),
+            (None, Some(size), Some(slide), None) => {
+                if slide > size || size / slide > 1000 {
+                    Err(p.error(
+                        "window.slide_ms",
+                        "must be at most sliding_ms, and sliding_ms / slide_ms at most 1000",
+                    ))
+                } else {
+                    Ok(WindowKind::Sliding { size, slide })
+                }
+            }
+            (None, Some(_), None, None) => {
+                Err(p.error("window.slide_ms", "is required with sliding_ms"))
+            }
+            (None, None, None, Some(gap)) => Ok(WindowKind::Session { gap }),
+            _ => Err(p.error(
+                "window",
+                "give exactly one of tumbling_ms, sliding_ms + slide_ms, session_gap_ms",
+            )),
+        }
+    }
+}
+
+/// A validated `window_aggregate`.
+struct WindowFactory {
+    kind: WindowKind,
+    lateness: i64,
+    aggs: Arc<[AggSpec]>,
+}
+
+/// Builds a `window_aggregate`.
+pub fn build(spec: &OperatorSpec) -> Result<Arc<dyn OperatorFactory>, SpecError> {
+    let p = Params::new(
+        spec,
+        &["window", "allowed_lateness_ms", "agg", "aggs", "field"],
+    )?;
+    Ok(Arc::new(WindowFactory {
+        kind: WindowKind::parse(&p)?,
+        lateness: p.u64("allowed_lateness_ms")?.unwrap_or(0) as i64,
+        aggs: parse_aggs(&p)?.into(),
+    }))
+}
+
+impl OperatorFactory for WindowFactory {
+    fn instantiate(&self, _ctx: &SubtaskContext) -> Result<Instance, OpError> {
+        Ok(Instance::Operator(Box::new(WindowOperator {
+            kind: self.kind,
+            lateness: self.lateness,
+            aggs: self.aggs.clone(),
+            wm: i64::MIN,
+            windows: Vec::new(),
+            sessions: FxHashMap::default(),
+            late_dropped: 0,
+        })))
+    }
+}
+
+/// One fixed window (tumbling or sliding) and its per-key accumulators.
+#[derive(Debug, Clone)]
+struct Window {
+    start: i64,
+    end: i64,
+    /// Fired once already (so later records are late updates).
+    fired: bool,
+    keys: FxHashMap<Value, Vec<Acc>>,
+}
+
+/// One session of one key.
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct Session {
+    start: i64,
+    /// Last record's ts + gap.
+    end: i64,
+    fired: bool,
+    accs: Vec<Acc>,
+}
+
+/// Per-key accumulators in key order.
+type KeyedAccs = Vec<(Value, Vec<Acc>)>;
+
+/// What a snapshot holds: everything, in a canonical (sorted) order.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct WindowState {
+    wm: i64,
+    late_dropped: u64,
+    /// (start, end, fired, keys) per open window.
+    windows: Vec<(i64, i64, bool, KeyedAccs)>,
+    sessions: Vec<(Value, Vec<Session>)>,
+}
+
+/// One subtask of a `window_aggregate`.
+struct WindowOperator {
+    kind: WindowKind,
+    lateness: i64,
+    aggs: Arc<[AggSpec]>,
+    /// Current combined input watermark.
+    wm: i64,
+    /// Open fixed windows, sorted by start.
+    windows: Vec<Window>,
+    /// Open sessions per key, sorted by start, non-overlapping.
+    sessions: FxHashMap<Value, Vec<Session>>,
+    late_dropped: u64,
+}
+
+impl WindowOperator {
+    /// Whether a window ending at `end` can no longer take records.
+    #[inline]
+    fn expired(&self, end: i64) -> bool {
+        end - 1 + self.lateness <= self.wm
+    }
+
+    /// Index of the window starting at `start`, creating it.
+    #[inline]
+    fn window_at(&mut self, start: i64, end: i64) -> usize {
+        // Records mostly hit the newest window: search from the back.
+        let mut i = self.windows.len();
+        while i > 0 {
+            let w = &self.windows[i - 1];
+            if w.start == start {
+                return i - 1;
+            }
+            if w.start < start {
+                break;
+            }
+            i -= 1;
+        }
+        self.windows.insert(
+            i,
+            Window {
+                start,
+                end,
+                fired: false,
+                keys: FxHashMap::default(),
+            },
+        );
+        i
+    }
+
+    fn add_fixed(
+        &mut self,
+        start: i64,
+        end: i64,
+        rec: &Record,
+        out: &mut Vec<Record>,
+    ) -> Result<(), OpError> {
+        if self.expired(end) {
+            self.late_dropped += 1;
+            return Ok(());
+        }
+        let i = self.window_at(start, end);
+        let aggs = &self.aggs;
+        let w = &mut self.windows[i];
+        let key = rec.key.as_ref().unwrap_or(&Value::Null);
+        let accs = match w.keys.get_mut(key) {
+            Some(a) => a,
+            None => w.keys.entry(key.clone()).or_insert_with(|| new_accs(aggs)),
+        };
+        add_all(accs, aggs, rec)?;
+        if w.fired {
+            out.push(emit(key, w.start, w.end, accs, aggs));
+        }
+        Ok(())
+    }
+
+    fn add_session(
+        &mut self,
+        gap: i64,
+        rec: &Record,
+        out: &mut Vec<Record>,
+    ) -> Result<(), OpError> {
+        let (start, end) = (rec.ts, rec.ts.saturating_add(gap));
+        if self.expired(end) {
+            self.late_dropped += 1;
+            return Ok(());
+        }
+        let key = rec.key.clone().unwrap_or_default();
+        let list = self.sessions.entry(key.clone()).or_default();
+        // Merge every session overlapping [start, end) into a new one.
+        let mut merged = Session {
+            start,
+            end,
+            fired: false,
+            accs: new_accs(&self.aggs),
+        };
+        add_all(&mut merged.accs, &self.aggs, rec)?;
+        let mut i = 0;
+        while i < list.len() {
+            let s = &list[i];
+            if s.start < merged.end && merged.start < s.end {
+                let s = list.remove(i);
+                merged.start = merged.start.min(s.start);
+                merged.end = merged.end.max(s.end);
+                merged.fired |= s.fired;
+                for (a, b) in merged.accs.iter_mut().zip(s.accs) {
+                    a.merge(b);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        let pos = list.partition_point(|s| s.start < merged.start);
+        if merged.fired {
+            out.push(emit(
+                &key,
+                merged.start,
+                merged.end,
+                &merged.accs,
+                &self.aggs,
+            ));
+        }
+        list.insert(pos, merged);
+        Ok(())
+    }
+
+    /// Fires every unfired window whose end - 1 <= wm, then drops expired ones.
+    fn fire(&mut self, wm: i64, out: &mut Vec<Record>) {
+        for w in self.windows.iter_mut() {
+            if w.end - 1 > wm {
+                break;
+            }
+            if !w.fired {
+                w.fired = true;
+                let mut keys: Vec<(&Value, &Vec<Acc>)> = w.keys.iter().collect();
+                keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                out.extend(
+                    keys.into_iter()
+                        .map(|(k, a)| emit(k, w.start, w.end, a, &self.aggs)),
+                );
+            }
+        }
+        let lateness = self.lateness;
+        self.windows.retain(|w| w.end - 1 + lateness > wm);
+
+        if !self.sessions.is_empty() {
+            let mut fired: Vec<Record> = Vec::new();
+            for (key, list) in self.sessions.iter_mut() {
+                for s in list.iter_mut().filter(|s| !s.fired && s.end - 1 <= wm) {
+                    s.fired = true;
+                    fired.push(emit(key, s.start, s.end, &s.accs, &self.aggs));
+                }
+                list.retain(|s| s.end - 1 + lateness > wm);
+            }
+            self.sessions.retain(|_, l| !l.is_empty());
+            fired.sort_unstable_by(|a, b| (a.ts, &a.key).cmp(&(b.ts, &b.key)));
+            out.extend(fired);
+        }
+    }
+}
+
+fn emit(key: &Value, start: i64, end: i64, accs: &[Acc], aggs: &[AggSpec]) -> Record {
+    let value = result_value(
+        key,
+        &[
+            ("window_start", Value::Int(start)),
+            ("window_end", Value::Int(end)),
+        ],
+        accs,
+        aggs,
+    );
+    Record {
+        key: Some(key.clone()),
+        ts: end - 1,
+        value,
+    }
+}
+
+impl Operator for WindowOperator {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: &mut Vec<Record>,
+        out: &mut Vec<Record>,
+    ) -> Result<(), OpError> {
+        match self.kind {
+            WindowKind::Tumbling { size } => {
+                for r in batch.iter() {
+                    let start = r.ts - r.ts.rem_euclid(size);
+                    self.add_fixed(start, start + size, r, out)?;
+                }
+            }
+            WindowKind::Sliding { size, slide } => {
+                for r in batch.iter() {
+                    let last = r.ts - r.ts.rem_euclid(slide);
+                    let mut start = last - size + slide;
+                    while start <= last {
+                        if start + size > r.ts {
+                            self.add_fixed(start, start + size, r, out)?;
+                        }
+                        start += slide;
+                    }
+                }
+            }
+            WindowKind::Session { gap } => {
+                for r in batch.iter() {
+                    self.add_session(gap, r, out)?;
+                }
+            }
+        }
+        batch.clear();
+        Ok(())
+    }
+
+    fn on_watermark(&mut self, wm: i64, out: &mut Vec<Record>) -> Result<(), OpError> {
+        if wm > self.wm {
+            self.wm = wm;
+            self.fire(wm, out);
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, out: &mut Vec<Record>) -> Result<(), OpError> {
+        self.on_watermark(i64::MAX, out)
+    }
+
+    fn snapshot(&mut self) -> Result<Vec<u8>, OpError> {
+        let sorted = |m: &FxHashMap<Value, Vec<Acc>>| {
+            let mut v: KeyedAccs = m.iter().map(|(k, a)| (k.clone(), a.clone())).collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        let mut sessions: Vec<(Value, Vec<Session>)> = self
+            .sessions
+            .iter()
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
+        sessions.sort_by(|a, b| a.0.cmp(&b.0));
+        encode_state(&WindowState {
+            wm: self.wm,
+            late_dropped: self.late_dropped,
+            windows: self
+                .windows
+                .iter()
+                .map(|w| (w.start, w.end, w.fired, sorted(&w.keys)))
+                .collect(),
+            sessions,
+        })
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), OpError> {
+        let s: WindowState = decode_state(state)?;
+        self.wm = s.wm;
+        self.late_dropped = s.late_dropped;
+        self.windows = s
+            .windows
+            .into_iter()
+            .map(|(start, end, fired, keys)| Window {
+                start,
+                end,
+                fired,
+                keys: keys.into_iter().collect(),
+            })
+            .collect();
+        self.sessions = s.sessions.into_iter().collect();
+        Ok(())
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![("late_dropped", self.late_dropped)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::operator::testing::{assert_snapshot_equivalence, build_error, operator, run, Step};
+
+    fn k(key: &str, ts: i64, v: i64) -> Record {
+        Record::keyed(Value::str(key), ts, Value::Int(v))
+    }
+
+    fn summary(out: &[Record]) -> Vec<String> {
+        out.iter().map(|r| r.value.to_string()).collect()
+    }
+
+    #[test]
+    fn tumbling_count_fires_on_watermark() {
+        let mut w = operator(
+            r#"{"id":"w","kind":"window_aggregate","params":{"window":{"tumbling_ms":10},"agg":"count"}}"#,
+        );
+        let mut out = Vec::new();
+        w.process(
+            0,
+            &mut vec![k("a", 1, 0), k("b", 3, 0), k("a", 9, 0), k("a", 10, 0)],
+            &mut out,
+        )
+        .unwrap();
+        assert!(out.is_empty());
+        w.on_watermark(8, &mut out).unwrap();
+        assert!(
+            out.is_empty(),
+            "window [0,10) is not complete at watermark 8"
+        );
+        w.on_watermark(9, &mut out).unwrap();
+        assert_eq!(
+            summary(&out),
+            vec![
+                r#"{"count":2,"key":"a","window_end":10,"window_start":0}"#,
+                r#"{"count":1,"key":"b","window_end":10,"window_start":0}"#
+            ]
+        );
+        assert_eq!(out[0].ts, 9);
+        out.clear();
+        w.finish(&mut out).unwrap();
+        assert_eq!(
+            summary(&out),
+            vec![r#"{"count":1,"key":"a","window_end":20,"window_start":10}"#]
+        );
+    }
+
+    /// Ensures late data within allowed lateness re-fires the key, and later data is dropped.
+    #[test]
+    fn late_data_and_allowed_lateness() {
+        let mut w = operator(
+            r#"{"id":"w","kind":"window_aggregate","params":{"window":{"tumbling_ms":10},"allowed_lateness_ms":5,"agg":"sum","field":"value"}}"#,
+        );
+        let mut out = Vec::new();
+        w.process(0, &mut vec![k("a", 2, 1)], &mut out).unwrap();
+        w.on_watermark(9, &mut out).unwrap();
+        assert_eq!(
+            summary(&out),
+            vec![r#"{"key":"a","sum":1,"window_end":10,"window_start":0}"#]
+        );
+        out.clear();
+        // Late but within lateness (wm 12 < 9 + 5): updates and re-emits.
+        w.on_watermark(12, &mut out).unwrap();
+        w.process(0, &mut vec![k("a", 4, 10)], &mut out).unwrap();
+        assert_eq!(
+            summary(&out),
+            vec![r#"{"key":"a","sum":11,"window_end":10,"window_start":0}"#]
+        );
+        out.clear();
+        // Beyond lateness: dropped and counted.
+        w.on_watermark(14, &mut out).unwrap();
+        w.process(0, &mut vec![k("a", 5, 100)], &mut out).unwrap();
+        assert!(out.is_empty());
+        assert_eq!(w.counters(), vec![("late_dropped", 1)]);
+        w.finish(&mut out).unwrap();
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn late_data_without_lateness_is_dropped() {
+        let mut w = operator(
+            r#"{"id":"w","kind":"window_aggregate","params":{"window":{"tumbling_ms":10},"agg":"count"}}"#,
+        );
+        let mut out = Vec::new();
+        w.on_watermark(15, &mut out).unwrap();
+        w.process(0, &mut vec![k("a", 3, 0), k("a", 16, 0)], &mut out)
+            .unwrap();
+        w.finish(&mut out).unwrap();
+        assert_eq!(
+            summary(&out),
+            vec![r#"{"count":1,"key":"a","window_end":20,"window_start":10}"#]
+        );
+        assert_eq!(w.counters(), vec![("late_dropped", 1)]);
+    }
+
+    #[test]
+    fn sliding_windows_overlap() {
+        let mut w = operator(
+            r#"{"id":"w","kind":"window_aggregate","params":{"window":{"sliding_ms":10,"slide_ms":5},"agg":"count"}}"#,
+        );
+        let out = run(
+            w.as_mut(),
+            &[Step::Data(0, vec![k("a", 7, 0), k("a", 12, 0)])],
+        );
+        // ts 7 is in [0,10) and [5,15); ts 12 in [5,15) and [10,20).
+        assert_eq!(
+            summary(&out),
+            vec![
+                r#"{"count":1,"key":"a","window_end":10,"window_start":0}"#,
+                r#"{"count":2,"key":"a","window_end":15,"window_start":5}"#,
+                r#"{"count":1,"key":"a","window_end":20,"window_start":10}"#
+            ]
+        );
+    }
+
+    #[test]
+    fn session_windows_merge() {
+        let mut w = operator(
+            r#"{"id":"w","kind":"window_aggregate","params":{"window":{"session_gap_ms":5},"aggs":[{"agg":"count"},{"agg":"min","field":"value"},{"agg":"count_distinct","name":"d","field":"value"}]}}"#,
+        );
+        let out = run(
+            w.as_mut(),
+            &[
+                Step::Data(0, vec![k("a", 0, 3), k("a", 10, 4), k("b", 1, 9)]),
+                // Bridges a's two sessions: [0,5) + [4,9) + [10,15) -> [0,15).
+                Step::Data(0, vec![k("a", 4, 3), k("a", 8, 1)]),
+                Step::Wm(20),
+                Step::Data(0, vec![k("a", 30, 7)]),
+            ],
+        );
+        assert_eq!(
+            summary(&out),
+            vec![
+                r#"{"count":1,"d":1,"key":"b","min":9,"window_end":6,"window_start":1}"#,
+                r#"{"count":4,"d":3,"key":"a","min":1,"window_end":15,"window_start":0}"#,
+                r#"{"count":1,"d":1,"key":"a","min":7,"window_end":35,"window_start":30}"#
+            ]
+        );
+    }
+
+    #[test]
+    fn avg_and_max_over_events() {
+        let mut w = operator(
+            r#"{"id":"w","kind":"window_aggregate","params":{"window":{"tumbling_ms":100},"aggs":[{"agg":"avg","field":"value"},{"agg":"max","field":"value"}]}}"#,
+        );
+        let out = run(
+            w.as_mut(),
+            &[Step::Data(
+                0,
+                vec![k("a", 1, 1), k("a", 2, 2), k("a", 3, 6)],
+            )],
+        );
+        assert_eq!(
+            summary(&out),
+            vec![r#"{"avg":3.0,"key":"a","max":6,"window_end":100,"window_start":0}"#]
+        );
+    }
+
+    /// Ensures that restoring mid-stream (open windows, fired windows within lateness,
+    /// sessions) gives the same output as an uninterrupted run.
+    #[test]
+    fn snapshot_equivalence_all_kinds() {
+        let steps: Vec<Step> = (0..8)
+            .flat_map(|i| {
+                let recs = (0..6)
+                    .map(|j| k(["x", "y", "z"][j % 3], i * 7 + j as i64 * 3, j as i64))
+                    .collect();
+                [Step::Data(0, recs), Step::Wm(i * 7 - 4)]
+            })
+            .collect();
+        for window in [
+            r#"{"tumbling_ms":10}"#,
+            r#"{"sliding_ms":10,"slide_ms":5}"#,
+            r#"{"session_gap_ms":4}"#,
+        ] {
+            let spec = format!(
+                r#"{{"id":"w","kind":"window_aggregate","params":{{"window":{window},"allowed_lateness_ms":6,"aggs":[{{"agg":"count"}},{{"agg":"sum","field":"value"}},{{"agg":"count_distinct","field":"value"}}]}}}}"#
+            );
+            assert_snapshot_equivalence(&spec, &steps);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_window_params() {
+        let e = build_error(r#"{"id":"w","kind":"window_aggregate","params":{"agg":"count"}}"#);
+        assert_eq!(e.field.as_deref(), Some("params.window"));
+        let e = build_error(
+            r#"{"id":"w","kind":"window_aggregate","params":{"window":{"tumbling_ms":0},"agg":"count"}}"#,
+        );
+        assert_eq!(e.field.as_deref(), Some("params.window.tumbling_ms"));
+        let e = build_error(
+            r#"{"id":"w","kind":"window_aggregate","params":{"window":{"sliding_ms":10},"agg":"count"}}"#,
+        );
+        assert_eq!(e.field.as_deref(), Some("params.window.slide_ms"));
+        let e = build_error(
+            r#"{"id":"w","kind":"window_aggregate","params":{"window":{"tumbling_ms":10,"session_gap_ms":3},"agg":"count"}}"#,
+        );
+        assert_eq!(e.field.as_deref(), Some("params.window"));
+        let e = build_error(
+            r#"{"id":"w","kind":"window_aggregate","params":{"window":{"tumbling_ms":10},"aggs":[{"agg":"count"},{"agg":"count"}]}}"#,
+        );
+        assert_eq!(e.field.as_deref(), Some("params.aggs[1]"));
+        let e = build_error(
+            r#"{"id":"w","kind":"window_aggregate","params":{"window":{"tumbling_ms":10},"agg":"sum","field":"value +"}}"#,
+        );
+        assert_eq!(e.field.as_deref(), Some("params.agg"));
+    }
+}

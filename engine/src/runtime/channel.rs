@@ -1,0 +1,601 @@
+//! Channels between subtasks: credit-based flow control, per-channel sequence numbers, and
+//! the routing of a task's output over its exchanges.
+//!
+//! A channel connects one upstream subtask to one downstream subtask. The receiver grants
+//! `credits` batch slots up front; a sender holding no credit waits (backpressure) and gets
+//! one back each time the receiver takes a batch. So each channel buffers at most
+//! `credits × batch_size` records, and a slow consumer bounds the memory of the whole job.
+//! (In process the credits are the slots of a bounded tokio channel; across processes the
+//! receiver announces them in frames.)
+//!
+//! Sequence numbers are dense per channel: batch `b` carries records
+//! `b.first_seq .. b.end_seq()`. The receiver drops any record whose seq it already took,
+//! and treats a gap as data loss (an error), never silently.
+
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use crate::graph::{subtask_for_hash, Exchange};
+use crate::operator::{eval, OpError};
+use crate::record::{Batch, Record, Seq, StreamEvent};
+
+/// Error of a channel: the other side is gone, or the stream broke its seq invariant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelError {
+    /// The receiver was dropped (its subtask stopped).
+    #[error("downstream channel closed")]
+    Closed,
+    /// The sender was dropped without sending `EndOfStream`.
+    #[error("upstream channel {channel} closed before end of stream")]
+    Disconnected {
+        /// Index of the channel in the input gate.
+        channel: usize,
+    },
+    /// A batch skipped sequence numbers: records were lost.
+    #[error("channel {channel}: expected seq {expected}, got {got}")]
+    Gap {
+        /// Index of the channel in the input gate.
+        channel: usize,
+        /// Next seq the receiver expected.
+        expected: Seq,
+        /// First seq of the batch that arrived.
+        got: Seq,
+    },
+}
+
+/// Creates a channel granting `credits` batches.
+pub fn channel(credits: usize, input: usize) -> (OutputChannel, InputChannel) {
+    let (tx, rx) = mpsc::channel(credits.max(1));
+    (
+        OutputChannel { tx, next_seq: 0 },
+        InputChannel {
+            rx,
+            input,
+            next_seq: 0,
+            watermark: i64::MIN,
+            ended: false,
+        },
+    )
+}
+
+/// Sending end of a channel.
+pub struct OutputChannel {
+    tx: mpsc::Sender<StreamEvent>,
+    /// Seq of the next record sent.
+    next_seq: Seq,
+}
+
+impl OutputChannel {
+    /// Sends records as one batch, waiting for a credit. Returns the time spent waiting.
+    pub async fn send_records(
+        &mut self,
+        records: Vec<Record>,
+    ) -> Result<std::time::Duration, ChannelError> {
+        let batch = Batch {
+            first_seq: self.next_seq,
+            records,
+        };
+        self.next_seq = batch.end_seq();
+        self.send(StreamEvent::Data(batch)).await
+    }
+
+    /// Sends an event, waiting for a credit. Returns the time spent waiting.
+    pub async fn send(&mut self, event: StreamEvent) -> Result<std::time::Duration, ChannelError> {
+        match self.tx.try_send(event) {
+            Ok(()) => Ok(std::time::Duration::ZERO),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(ChannelError::Closed),
+            Err(mpsc::error::TrySendError::Full(event)) => {
+                let started = Instant::now();
+                self.tx
+                    .send(event)
+                    .await
+                    .map_err(|_| ChannelError::Closed)?;
+                Ok(started.elapsed())
+            }
+        }
+    }
+
+    /// Batches currently buffered in the channel (credits in use).
+    pub fn in_flight(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+/// Receiving end of a channel, with its progress.
+pub struct InputChannel {
+    rx: mpsc::Receiver<StreamEvent>,
+    /// Logical input of the head operator this channel feeds (0, or 1 for a join's right).
+    pub input: usize,
+    /// Seq of the next record expected.
+    next_seq: Seq,
+    /// Latest watermark received.
+    pub watermark: i64,
+    /// `EndOfStream` received.
+    pub ended: bool,
+}
+
+/// The inputs of a subtask, read fairly.
+pub struct InputGate {
+    channels: Vec<InputChannel>,
+    /// Channel polled first next time (round-robin fairness).
+    next: usize,
+}
+
+impl InputGate {
+    /// A gate over `channels`.
+    pub fn new(channels: Vec<InputChannel>) -> InputGate {
+        InputGate { channels, next: 0 }
+    }
+
+    /// Number of channels.
+    pub fn len(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// True when the gate has no channel (a source task).
+    pub fn is_empty(&self) -> bool {
+        self.channels.is_empty()
+    }
+
+    /// The channels.
+    pub fn channels(&self) -> &[InputChannel] {
+        &self.channels
+    }
+
+    /// True when every channel delivered `EndOfStream`.
+    pub fn all_ended(&self) -> bool {
+        self.channels.iter().all(|c| c.ended)
+    }
+
+    /// Minimum watermark over channels still open (ended channels do not hold it back).
+    pub fn watermark(&self) -> i64 {
+        self.channels
+            .iter()
+            .filter(|c| !c.ended)
+            .map(|c| c.watermark)
+            .min()
+            .unwrap_or(i64::MAX)
+    }
+
+    /// The next event of any channel, with the channel index. Already-seen records are
+    /// removed from data batches (a batch left empty is skipped). Waits while every open
+    /// channel is empty; must not be called once all channels ended.
+    pub async fn next(&mut self) -> Result<(usize, StreamEvent), ChannelError> {
+        loop {
+            let (i, event) = poll_fn(|cx| {
+                let n = self.channels.len();
+                for k in 0..n {
+                    let i = (self.next + k) % n;
+                    let ch = &mut self.channels[i];
+                    if ch.ended {
+                        continue;
+                    }
+                    match ch.rx.poll_recv(cx) {
+                        Poll::Ready(Some(ev)) => {
+                            self.next = (i + 1) % n;
+                            return Poll::Ready(Ok((i, ev)));
+                        }
+                        Poll::Ready(None) => {
+                            return Poll::Ready(Err(ChannelError::Disconnected { channel: i }))
+                        }
+                        Poll::Pending => {}
+                    }
+                }
+                Poll::Pending
+            })
+            .await?;
+            let ch = &mut self.channels[i];
+            match event {
+                StreamEvent::Data(mut batch) => {
+                    if batch.first_seq > ch.next_seq {
+                        return Err(ChannelError::Gap {
+                            channel: i,
+                            expected: ch.next_seq,
+                            got: batch.first_seq,
+                        });
+                    }
+                    let end = batch.end_seq();
+                    if end <= ch.next_seq {
+                        continue; // a replayed batch we already have entirely
+                    }
+                    let seen = (ch.next_seq - batch.first_seq) as usize;
+                    if seen > 0 {
+                        batch.records.drain(..seen);
+                        batch.first_seq = ch.next_seq;
+                    }
+                    ch.next_seq = end;
+                    return Ok((i, StreamEvent::Data(batch)));
+                }
+                StreamEvent::Watermark(w) => ch.watermark = ch.watermark.max(w),
+                StreamEvent::EndOfStream => ch.ended = true,
+                StreamEvent::Barrier(_) => {}
+            }
+            return Ok((i, event));
+        }
+    }
+}
+
+/// Counters of a router, shared with whoever reports metrics.
+#[derive(Debug, Default)]
+pub struct RouterCounters {
+    /// Records sent downstream.
+    pub records_out: AtomicU64,
+    /// Nanoseconds spent waiting for credits (backpressure).
+    pub backpressure_ns: AtomicU64,
+}
+
+/// One outgoing edge: its exchange, channels (one per target subtask) and pending batches.
+pub struct Route {
+    exchange: Exchange,
+    targets: Vec<OutputChannel>,
+    buffers: Vec<Vec<Record>>,
+    /// Rebalance: the target receiving the current batch.
+    rr: usize,
+}
+
+impl Route {
+    /// A route over `targets`; a `Forward` route has exactly one target.
+    pub fn new(exchange: Exchange, targets: Vec<OutputChannel>, start: usize) -> Route {
+        let n = targets.len();
+        Route {
+            exchange,
+            targets,
+            buffers: (0..n).map(|_| Vec::new()).collect(),
+            rr: start % n.max(1),
+        }
+    }
+}
+
+/// Routes a task's output over its edges, batching per target.
+pub struct Router {
+    routes: Vec<Route>,
+    batch_size: usize,
+    /// When the oldest unsent record was buffered (for the linger timeout).
+    pending_since: Option<Instant>,
+    counters: Arc<RouterCounters>,
+}
+
+impl Router {
+    /// A router over `routes` that sends batches of `batch_size` records.
+    pub fn new(routes: Vec<Route>, batch_size: usize, counters: Arc<RouterCounters>) -> Router {
+        Router {
+            routes,
+            batch_size: batch_size.max(1),
+            pending_since: None,
+            counters,
+        }
+    }
+
+    /// When buffered records were first held back, if any are.
+    pub fn pending_since(&self) -> Option<Instant> {
+        self.pending_since
+    }
+
+    /// Partitions `records` into the routes' buffers (leaving `records` empty) and sends
+    /// every buffer that is full.
+    pub async fn push(&mut self, records: &mut Vec<Record>) -> Result<(), RouteError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        if self.routes.is_empty() {
+            records.clear();
+            return Ok(());
+        }
+        self.pending_since.get_or_insert_with(Instant::now);
+        let last = self.routes.len() - 1;
+        for r in 0..self.routes.len() {
+            if r < last {
+                let mut copy = records.clone();
+                self.push_route(r, &mut copy)?;
+            } else {
+                self.push_route(r, records)?;
+            }
+        }
+        self.send_full().await
+    }
+
+    fn push_route(&mut self, r: usize, records: &mut Vec<Record>) -> Result<(), RouteError> {
+        let route = &mut self.routes[r];
+        match &route.exchange {
+            Exchange::Forward | Exchange::Rebalance => {
+                let buf = &mut route.buffers[route.rr];
+                if buf.is_empty() {
+                    std::mem::swap(buf, records);
+                } else {
+                    buf.append(records);
+                }
+                if matches!(route.exchange, Exchange::Rebalance) && buf.len() >= self.batch_size {
+                    // The full buffer is sent by send_full; the next records go to the next target.
+                    route.rr = (route.rr + 1) % route.targets.len();
+                }
+            }
+            Exchange::Broadcast => {
+                let n = route.buffers.len();
+                for (i, buf) in route.buffers.iter_mut().enumerate() {
+                    if i + 1 == n {
+                        buf.append(records);
+                    } else {
+                        buf.extend(records.iter().cloned());
+                    }
+                }
+            }
+            Exchange::Hash(expr) => {
+                let n = route.targets.len();
+                let reserve = records.len() / n + 16;
+                for buf in route.buffers.iter_mut() {
+                    buf.reserve(reserve);
+                }
+                match expr {
+                    None => {
+                        for rec in records.drain(..) {
+                            let h = rec.key.as_ref().map_or(0, |k| k.stable_hash());
+                            route.buffers[subtask_for_hash(h, n)].push(rec);
+                        }
+                    }
+                    Some(e) => {
+                        for rec in records.drain(..) {
+                            let h = eval(e, &rec).map_err(RouteError::Partition)?.stable_hash();
+                            route.buffers[subtask_for_hash(h, n)].push(rec);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_full(&mut self) -> Result<(), RouteError> {
+        let size = self.batch_size;
+        for route in self.routes.iter_mut() {
+            for (t, buf) in route.buffers.iter_mut().enumerate() {
+                if buf.len() >= size {
+                    let records = std::mem::replace(buf, Vec::with_capacity(size));
+                    send(&mut route.targets[t], records, &self.counters).await?;
+                }
+            }
+        }
+        if self
+            .routes
+            .iter()
+            .all(|r| r.buffers.iter().all(Vec::is_empty))
+        {
+            self.pending_since = None;
+        }
+        Ok(())
+    }
+
+    /// Sends every non-empty buffer.
+    pub async fn flush(&mut self) -> Result<(), RouteError> {
+        for route in self.routes.iter_mut() {
+            for (t, buf) in route.buffers.iter_mut().enumerate() {
+                if !buf.is_empty() {
+                    let records = std::mem::take(buf);
+                    send(&mut route.targets[t], records, &self.counters).await?;
+                }
+            }
+        }
+        self.pending_since = None;
+        Ok(())
+    }
+
+    /// Flushes, then sends `event` on every channel of every route.
+    pub async fn broadcast(&mut self, event: StreamEvent) -> Result<(), RouteError> {
+        self.flush().await?;
+        for route in self.routes.iter_mut() {
+            for target in route.targets.iter_mut() {
+                let waited = target
+                    .send(event.clone())
+                    .await
+                    .map_err(RouteError::Channel)?;
+                self.counters
+                    .backpressure_ns
+                    .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Batches buffered in channels, summed over all targets (credits in use).
+    pub fn in_flight(&self) -> usize {
+        self.routes
+            .iter()
+            .flat_map(|r| r.targets.iter())
+            .map(OutputChannel::in_flight)
+            .sum()
+    }
+}
+
+async fn send(
+    target: &mut OutputChannel,
+    records: Vec<Record>,
+    counters: &RouterCounters,
+) -> Result<(), RouteError> {
+    let n = records.len() as u64;
+    let waited = target
+        .send_records(records)
+        .await
+        .map_err(RouteError::Channel)?;
+    counters.records_out.fetch_add(n, Ordering::Relaxed);
+    if !waited.is_zero() {
+        counters
+            .backpressure_ns
+            .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Error while routing output.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RouteError {
+    /// A channel failed.
+    #[error(transparent)]
+    Channel(ChannelError),
+    /// A `hash(<expr>)` partition expression failed on a record.
+    #[error("partition {0}")]
+    Partition(OpError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::value::Value;
+
+    fn recs(range: std::ops::Range<i64>) -> Vec<Record> {
+        range
+            .map(|i| Record::keyed(Value::Int(i), i, Value::Int(i)))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn gate_drops_duplicates_and_detects_gaps() {
+        let (mut tx, rx) = channel(8, 0);
+        let mut gate = InputGate::new(vec![rx]);
+        tx.send_records(recs(0..3)).await.unwrap();
+        // A replay of seqs 1..4: 1 and 2 are dropped, 3 is new.
+        tx.send(StreamEvent::Data(Batch {
+            first_seq: 1,
+            records: recs(1..4),
+        }))
+        .await
+        .unwrap();
+        tx.send(StreamEvent::Data(Batch {
+            first_seq: 0,
+            records: recs(0..2),
+        }))
+        .await
+        .unwrap();
+        tx.send(StreamEvent::Data(Batch {
+            first_seq: 9,
+            records: recs(9..10),
+        }))
+        .await
+        .unwrap();
+        let (_, a) = gate.next().await.unwrap();
+        let (_, b) = gate.next().await.unwrap();
+        assert!(matches!(a, StreamEvent::Data(ref bt) if bt.len() == 3));
+        match b {
+            StreamEvent::Data(bt) => {
+                assert_eq!(bt.first_seq, 3);
+                assert_eq!(bt.records, recs(3..4));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            gate.next().await.unwrap_err(),
+            ChannelError::Gap {
+                channel: 0,
+                expected: 4,
+                got: 9
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn gate_watermark_is_min_of_open_channels() {
+        let (mut a, ra) = channel(4, 0);
+        let (mut b, rb) = channel(4, 0);
+        let mut gate = InputGate::new(vec![ra, rb]);
+        a.send(StreamEvent::Watermark(10)).await.unwrap();
+        gate.next().await.unwrap();
+        assert_eq!(gate.watermark(), i64::MIN);
+        b.send(StreamEvent::Watermark(5)).await.unwrap();
+        gate.next().await.unwrap();
+        assert_eq!(gate.watermark(), 5);
+        b.send(StreamEvent::EndOfStream).await.unwrap();
+        gate.next().await.unwrap();
+        assert_eq!(gate.watermark(), 10);
+        a.send(StreamEvent::EndOfStream).await.unwrap();
+        gate.next().await.unwrap();
+        assert!(gate.all_ended());
+        drop(a);
+    }
+
+    #[tokio::test]
+    async fn dropped_sender_is_reported() {
+        let (a, ra) = channel(4, 0);
+        let mut gate = InputGate::new(vec![ra]);
+        drop(a);
+        assert_eq!(
+            gate.next().await.unwrap_err(),
+            ChannelError::Disconnected { channel: 0 }
+        );
+    }
+
+    /// Ensures a sender without credits waits instead of buffering more.
+    #[tokio::test]
+    async fn credits_bound_the_channel() {
+        let (mut tx, mut rx) = channel(2, 0);
+        tx.send_records(recs(0..1)).await.unwrap();
+        tx.send_records(recs(1..2)).await.unwrap();
+        assert_eq!(tx.in_flight(), 2);
+        let blocked = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            tx.send_records(recs(2..3)),
+        )
+        .await;
+        assert!(blocked.is_err(), "third batch must wait for a credit");
+        rx.rx.recv().await.unwrap();
+        tx.send_records(recs(2..3)).await.unwrap();
+    }
+
+    async fn drain(rx: &mut InputChannel) -> Vec<Record> {
+        let mut out = Vec::new();
+        while let Ok(ev) = rx.rx.try_recv() {
+            if let StreamEvent::Data(b) = ev {
+                out.extend(b.records);
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn hash_route_partitions_by_key_groups() {
+        let (t0, mut r0) = channel(64, 0);
+        let (t1, mut r1) = channel(64, 0);
+        let mut router = Router::new(
+            vec![Route::new(Exchange::Hash(None), vec![t0, t1], 0)],
+            4,
+            Default::default(),
+        );
+        router.push(&mut recs(0..100)).await.unwrap();
+        router.flush().await.unwrap();
+        let (a, b) = (drain(&mut r0).await, drain(&mut r1).await);
+        assert_eq!(a.len() + b.len(), 100);
+        assert!(a
+            .iter()
+            .all(|r| subtask_for_hash(r.key.as_ref().unwrap().stable_hash(), 2) == 0));
+        assert!(b
+            .iter()
+            .all(|r| subtask_for_hash(r.key.as_ref().unwrap().stable_hash(), 2) == 1));
+        assert!(!a.is_empty() && !b.is_empty());
+    }
+
+    #[tokio::test]
+    async fn rebalance_and_broadcast() {
+        let (t0, mut r0) = channel(64, 0);
+        let (t1, mut r1) = channel(64, 0);
+        let (b0, mut s0) = channel(64, 0);
+        let (b1, mut s1) = channel(64, 0);
+        let mut router = Router::new(
+            vec![
+                Route::new(Exchange::Rebalance, vec![t0, t1], 0),
+                Route::new(Exchange::Broadcast, vec![b0, b1], 0),
+            ],
+            10,
+            Default::default(),
+        );
+        for i in 0..4 {
+            router.push(&mut recs(i * 10..i * 10 + 10)).await.unwrap();
+        }
+        router.broadcast(StreamEvent::EndOfStream).await.unwrap();
+        assert_eq!(drain(&mut r0).await.len(), 20);
+        assert_eq!(drain(&mut r1).await.len(), 20);
+        assert_eq!(drain(&mut s0).await, recs(0..40));
+        assert_eq!(drain(&mut s1).await, recs(0..40));
+    }
+}

@@ -1,0 +1,449 @@
+//! `SubtaskActor`: runs one parallel instance (subtask) of an operator chain.
+//!
+//! Receives `CancelSubtask` from whoever deployed it and `StreamEvent`s from its input
+//! channels. Emits `StreamEvent`s downstream through its `Router` and one `SubtaskEvent`
+//! (finished or failed) to its supervisor's `Recipient`.
+//!
+//! The actor owns the subtask's lifecycle; its body is one async loop (spawned into the
+//! actor's context, so it runs on the actor's arbiter) that `select!`s, biased, over control
+//! messages, then the linger timer, then inputs. Records move as batches; a source task polls
+//! its source for one batch per iteration and yields between batches so co-located subtasks
+//! and control messages get their turn.
+//!
+//! Invariant: output produced from an input is routed before the next input is read, and a
+//! watermark or `EndOfStream` goes downstream only after everything before it.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn, Instrument};
+
+use super::channel::{InputGate, RouteError, Router, RouterCounters};
+use crate::error::{EngineError, ErrorKind};
+use crate::operator::{OpError, Operator, Source, SourcePoll};
+use crate::record::{Record, StreamEvent};
+
+/// Identity of a subtask within a job, for logs and events.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SubtaskId {
+    /// Task index in the job graph.
+    pub task: usize,
+    /// Subtask index.
+    pub index: usize,
+}
+
+impl std::fmt::Display for SubtaskId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.task, self.index)
+    }
+}
+
+/// Live counters of a subtask, updated once per batch, read by metrics reporting.
+#[derive(Debug)]
+pub struct SubtaskMetrics {
+    /// Records taken from inputs (or produced by the source).
+    pub records_in: AtomicU64,
+    /// Records sent downstream (and counters of waiting for credits).
+    pub router: Arc<RouterCounters>,
+    /// Records consumed by sinks of the chain.
+    pub records_sunk: AtomicU64,
+    /// Current output watermark.
+    pub watermark: AtomicI64,
+}
+
+impl Default for SubtaskMetrics {
+    fn default() -> Self {
+        SubtaskMetrics {
+            records_in: AtomicU64::new(0),
+            router: Arc::default(),
+            records_sunk: AtomicU64::new(0),
+            watermark: AtomicI64::new(i64::MIN),
+        }
+    }
+}
+
+/// An operator of the chain with its id (for errors).
+pub struct ChainOperator {
+    /// Operator id.
+    pub id: String,
+    /// The instance.
+    pub op: Box<dyn Operator>,
+    /// Whether it is a sink (its input counts as records sunk).
+    pub is_sink: bool,
+}
+
+/// Everything a subtask runs: its source (if the chain starts with one), the rest of the
+/// chain, its inputs and outputs.
+pub struct SubtaskRunner {
+    /// Which subtask.
+    pub id: SubtaskId,
+    /// Task name (operator ids of the chain).
+    pub name: String,
+    /// The head source and its id, for source tasks.
+    pub source: Option<(String, Box<dyn Source>)>,
+    /// Operators after the source (or all of them for non-source tasks).
+    pub chain: Vec<ChainOperator>,
+    /// Input channels (empty for source tasks).
+    pub gate: InputGate,
+    /// Output routes.
+    pub router: Router,
+    /// Records per source poll.
+    pub batch_size: usize,
+    /// Longest time a partly filled output batch waits.
+    pub linger: Duration,
+    /// Shortest time between two source watermarks.
+    pub watermark_interval: Duration,
+    /// Counters.
+    pub metrics: Arc<SubtaskMetrics>,
+}
+
+/// Control messages from the actor to its loop.
+#[derive(Debug)]
+enum Control {
+    Cancel,
+}
+
+/// How a subtask ended.
+#[derive(Debug)]
+pub enum SubtaskOutcome {
+    /// Its inputs ended and everything was sent.
+    Finished,
+    /// It was canceled.
+    Canceled,
+    /// It failed.
+    Failed(EngineError),
+}
+
+/// Reported to the supervisor when a subtask stops.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct SubtaskEvent {
+    /// Which subtask.
+    pub id: SubtaskId,
+    /// How it ended.
+    pub outcome: SubtaskOutcome,
+}
+
+/// Asks a subtask to stop at once.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct CancelSubtask;
+
+/// The actor of one subtask.
+pub struct SubtaskActor {
+    id: SubtaskId,
+    /// The loop, until `started` spawns it.
+    runner: Option<SubtaskRunner>,
+    control: mpsc::UnboundedSender<Control>,
+    control_rx: Option<mpsc::UnboundedReceiver<Control>>,
+    /// Where the outcome goes.
+    report: Recipient<SubtaskEvent>,
+}
+
+impl SubtaskActor {
+    /// A subtask actor; nothing runs until it is started.
+    pub fn new(runner: SubtaskRunner, report: Recipient<SubtaskEvent>) -> SubtaskActor {
+        let (control, control_rx) = mpsc::unbounded_channel();
+        SubtaskActor {
+            id: runner.id.clone(),
+            runner: Some(runner),
+            control,
+            control_rx: Some(control_rx),
+            report,
+        }
+    }
+}
+
+impl Actor for SubtaskActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let (Some(runner), Some(control)) = (self.runner.take(), self.control_rx.take()) else {
+            return;
+        };
+        let span = tracing::info_span!("subtask", task = %runner.name, subtask = %runner.id);
+        let body = runner.run(control).instrument(span);
+        ctx.spawn(body.into_actor(self).map(|outcome, act, ctx| {
+            act.report.do_send(SubtaskEvent {
+                id: act.id.clone(),
+                outcome,
+            });
+            ctx.stop();
+        }));
+    }
+}
+
+impl Handler<CancelSubtask> for SubtaskActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: CancelSubtask, _ctx: &mut Self::Context) {
+        // The loop may already have ended; then there is nothing to cancel.
+        let _ = self.control.send(Control::Cancel);
+    }
+}
+
+/// Why the loop stopped early.
+enum Stop {
+    Canceled,
+    Failed(EngineError),
+}
+
+impl SubtaskRunner {
+    async fn run(mut self, control: mpsc::UnboundedReceiver<Control>) -> SubtaskOutcome {
+        debug!("Subtask started.");
+        let result = if self.source.is_some() {
+            self.run_source(control).await
+        } else {
+            self.run_inputs(control).await
+        };
+        match result {
+            Ok(()) => {
+                info!(
+                    records_in = self.metrics.records_in.load(Ordering::Relaxed),
+                    "Subtask finished."
+                );
+                SubtaskOutcome::Finished
+            }
+            Err(Stop::Canceled) => {
+                debug!("Subtask canceled.");
+                SubtaskOutcome::Canceled
+            }
+            Err(Stop::Failed(e)) => {
+                warn!(error = %e, "Subtask failed.");
+                SubtaskOutcome::Failed(e)
+            }
+        }
+    }
+
+    async fn run_source(
+        &mut self,
+        mut control: mpsc::UnboundedReceiver<Control>,
+    ) -> Result<(), Stop> {
+        let mut batch: Vec<Record> = Vec::with_capacity(self.batch_size);
+        let mut last_wm_at = tokio::time::Instant::now();
+        let mut emitted_wm = i64::MIN;
+        loop {
+            if let Ok(Control::Cancel) = control.try_recv() {
+                return Err(Stop::Canceled);
+            }
+            let (source_id, source) = self.source.as_mut().ok_or(Stop::Canceled)?;
+            let poll = source
+                .poll(self.batch_size, &mut batch)
+                .map_err(|e| op_failure(source_id, self.id.index, e))?;
+            let wm = source.watermark();
+            if !batch.is_empty() {
+                self.metrics
+                    .records_in
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                self.process(0, &mut batch).await?;
+            }
+            match poll {
+                SourcePoll::Ready => {}
+                SourcePoll::Finished => return self.finish().await,
+                SourcePoll::Wait(d) => {
+                    let linger = self
+                        .router
+                        .pending_since()
+                        .map(|_| self.linger)
+                        .unwrap_or(d);
+                    tokio::select! {
+                        biased;
+                        Some(Control::Cancel) = control.recv() => return Err(Stop::Canceled),
+                        _ = tokio::time::sleep(d.min(linger)) => {}
+                    }
+                    if self.linger_expired() {
+                        self.router
+                            .flush()
+                            .await
+                            .map_err(|e| self.route_failure(e))?;
+                    }
+                }
+            }
+            if let Some(wm) = wm {
+                if wm > emitted_wm && last_wm_at.elapsed() >= self.watermark_interval {
+                    emitted_wm = wm;
+                    last_wm_at = tokio::time::Instant::now();
+                    self.advance_watermark(wm).await?;
+                }
+            }
+            // Let co-located subtasks and the control channel run between batches.
+            tokio::task::yield_now().await;
+        }
+    }
+
+    async fn run_inputs(
+        &mut self,
+        mut control: mpsc::UnboundedReceiver<Control>,
+    ) -> Result<(), Stop> {
+        let mut emitted_wm = i64::MIN;
+        loop {
+            let linger_at = self
+                .router
+                .pending_since()
+                .map(|t| tokio::time::Instant::from_std(t + self.linger));
+            let event = tokio::select! {
+                biased;
+                msg = control.recv() => match msg {
+                    Some(Control::Cancel) | None => return Err(Stop::Canceled),
+                },
+                _ = sleep_until(linger_at), if linger_at.is_some() => {
+                    self.router.flush().await.map_err(|e| self.route_failure(e))?;
+                    continue;
+                }
+                ev = self.gate.next() => ev.map_err(|e| Stop::Failed(EngineError::Internal(format!("subtask {}: {e}", self.id))))?,
+            };
+            match event {
+                (ch, StreamEvent::Data(batch)) => {
+                    let input = self.gate.channels()[ch].input;
+                    self.metrics
+                        .records_in
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    let mut records = batch.records;
+                    self.process(input, &mut records).await?;
+                }
+                (_, StreamEvent::Watermark(_)) => {
+                    let wm = self.gate.watermark();
+                    if wm > emitted_wm && wm != i64::MAX {
+                        emitted_wm = wm;
+                        self.advance_watermark(wm).await?;
+                    }
+                }
+                (_, StreamEvent::EndOfStream) => {
+                    if self.gate.all_ended() {
+                        return self.finish().await;
+                    }
+                    let wm = self.gate.watermark();
+                    if wm > emitted_wm && wm != i64::MAX {
+                        emitted_wm = wm;
+                        self.advance_watermark(wm).await?;
+                    }
+                }
+                // Barrier alignment arrives with ABS checkpoints; until then barriers pass through.
+                (_, StreamEvent::Barrier(n)) => self
+                    .router
+                    .broadcast(StreamEvent::Barrier(n))
+                    .await
+                    .map_err(|e| self.route_failure(e))?,
+            }
+        }
+    }
+
+    fn linger_expired(&self) -> bool {
+        self.router
+            .pending_since()
+            .is_some_and(|t| t.elapsed() >= self.linger)
+    }
+
+    /// Runs `records` (from logical input `input`) through the chain and routes the result.
+    async fn process(&mut self, input: usize, records: &mut Vec<Record>) -> Result<(), Stop> {
+        let mut input = input;
+        let mut next: Vec<Record> = Vec::new();
+        for c in self.chain.iter_mut() {
+            if records.is_empty() {
+                break;
+            }
+            if c.is_sink {
+                self.metrics
+                    .records_sunk
+                    .fetch_add(records.len() as u64, Ordering::Relaxed);
+            }
+            c.op.process(input, records, &mut next)
+                .map_err(|e| op_failure(&c.id, self.id.index, e))?;
+            records.clear();
+            std::mem::swap(records, &mut next);
+            input = 0;
+        }
+        self.router
+            .push(records)
+            .await
+            .map_err(|e| self.route_failure(e))
+    }
+
+    /// Tells every operator of the chain, in order, that the watermark advanced (feeding what
+    /// each fires to the next), then routes the output and forwards the watermark.
+    async fn advance_watermark(&mut self, wm: i64) -> Result<(), Stop> {
+        let mut out = self.through_chain(|op, out| op.on_watermark(wm, out))?;
+        self.router
+            .push(&mut out)
+            .await
+            .map_err(|e| self.route_failure(e))?;
+        self.metrics.watermark.store(wm, Ordering::Relaxed);
+        self.router
+            .broadcast(StreamEvent::Watermark(wm))
+            .await
+            .map_err(|e| self.route_failure(e))
+    }
+
+    /// All inputs ended: finishes every operator in order, sends what remains and
+    /// `EndOfStream`.
+    async fn finish(&mut self) -> Result<(), Stop> {
+        let mut out = self.through_chain(|op, out| op.finish(out))?;
+        self.router
+            .push(&mut out)
+            .await
+            .map_err(|e| self.route_failure(e))?;
+        self.router
+            .broadcast(StreamEvent::EndOfStream)
+            .await
+            .map_err(|e| self.route_failure(e))
+    }
+
+    fn through_chain(
+        &mut self,
+        mut f: impl FnMut(&mut dyn Operator, &mut Vec<Record>) -> Result<(), OpError>,
+    ) -> Result<Vec<Record>, Stop> {
+        let mut pending: Vec<Record> = Vec::new();
+        for c in self.chain.iter_mut() {
+            let mut produced = Vec::new();
+            if !pending.is_empty() {
+                if c.is_sink {
+                    self.metrics
+                        .records_sunk
+                        .fetch_add(pending.len() as u64, Ordering::Relaxed);
+                }
+                c.op.process(0, &mut pending, &mut produced)
+                    .map_err(|e| op_failure(&c.id, self.id.index, e))?;
+            }
+            f(c.op.as_mut(), &mut produced).map_err(|e| op_failure(&c.id, self.id.index, e))?;
+            pending = produced;
+        }
+        Ok(pending)
+    }
+
+    fn route_failure(&self, e: RouteError) -> Stop {
+        match e {
+            // A downstream subtask went away: it was canceled or failed, and reports that itself.
+            RouteError::Channel(_) => Stop::Canceled,
+            RouteError::Partition(err) => Stop::Failed(EngineError::Operator {
+                operator: self.name.clone(),
+                subtask: self.id.index,
+                message: err.to_string(),
+                kind: ErrorKind::User,
+            }),
+        }
+    }
+}
+
+fn op_failure(operator: &str, subtask: usize, e: OpError) -> Stop {
+    let kind = match e {
+        OpError::Io(_) => ErrorKind::External,
+        OpError::State(_) => ErrorKind::Internal,
+        OpError::Eval { .. } | OpError::Type { .. } | OpError::Data(_) => ErrorKind::User,
+    };
+    Stop::Failed(EngineError::Operator {
+        operator: operator.to_string(),
+        subtask,
+        message: e.to_string(),
+        kind,
+    })
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,278 @@
+//! Job specs: the JSON a user submits, and the error that names what is wrong with it.
+//!
+//! Parsing here only checks the shape (JSON syntax, field names and types, with line and
+//! column). Everything that needs to know the operator library — kinds, inputs, cycles,
+//! parameters, expressions — is checked by [`crate::graph::JobGraph::build`], which is the
+//! one place a spec becomes something runnable. Nothing runs from a spec that failed either.
+
+use serde::{Deserialize, Serialize};
+
+/// A job: a DAG of operators, each with a parallelism.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Human-readable name.
+    pub name: String,
+    /// Fault tolerance settings; absent means none.
+    #[serde(default)]
+    pub checkpointing: Option<CheckpointingSpec>,
+    /// Batching and flow-control settings; absent means defaults.
+    #[serde(default)]
+    pub runtime: RuntimeSpec,
+    /// The operators, in any order; edges are given by each operator's `input`.
+    pub operators: Vec<OperatorSpec>,
+}
+
+/// One operator of a job.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorSpec {
+    /// Unique id within the job; names the operator in errors, metrics and REST.
+    pub id: String,
+    /// Operator kind, e.g. `generator`, `map`, `window_aggregate`.
+    pub kind: String,
+    /// Number of parallel subtasks (default 1, at least 1).
+    #[serde(default)]
+    pub parallelism: Option<u32>,
+    /// Upstream operator id (or ids, in order, for two-input operators such as `join`).
+    #[serde(default)]
+    pub input: Option<Inputs>,
+    /// How records reach this operator's subtasks from its inputs: `forward`, `rebalance`,
+    /// `broadcast`, `hash` (by record key) or `hash(<expr>)`. Default: `hash` for keyed
+    /// operators, `forward` for equal parallelism, else `rebalance`.
+    #[serde(default)]
+    pub partition: Option<String>,
+    /// Kind-specific parameters.
+    #[serde(default = "empty_params")]
+    pub params: serde_json::Value,
+}
+
+fn empty_params() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+impl OperatorSpec {
+    /// The parallelism, defaulting to 1.
+    pub fn parallelism(&self) -> u32 {
+        self.parallelism.unwrap_or(1)
+    }
+
+    /// The input ids in order (empty for sources).
+    pub fn inputs(&self) -> Vec<&str> {
+        match &self.input {
+            None => vec![],
+            Some(Inputs::One(s)) => vec![s.as_str()],
+            Some(Inputs::Many(v)) => v.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// One input id or a list of them.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Inputs {
+    /// A single upstream operator.
+    One(String),
+    /// Several upstream operators, in input order.
+    Many(Vec<String>),
+}
+
+/// Fault-tolerance mode of a job.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointMode {
+    /// No checkpoints: a failure fails the job.
+    #[default]
+    None,
+    /// Aligned barrier snapshots to disk.
+    Abs,
+    /// Per-task asynchronous snapshots and input logs in the distributed cache.
+    Dcas,
+}
+
+/// Checkpointing settings of a job.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointingSpec {
+    /// Mode: `none`, `abs` or `dcas`.
+    #[serde(default)]
+    pub mode: CheckpointMode,
+    /// ABS: milliseconds between checkpoints.
+    #[serde(default)]
+    pub interval_ms: Option<u64>,
+    /// DCAS: records per micro-window snapshot.
+    #[serde(default)]
+    pub snapshot_every_records: Option<u64>,
+    /// DCAS: milliseconds per micro-window snapshot (whichever comes first).
+    #[serde(default)]
+    pub snapshot_interval_ms: Option<u64>,
+    /// DCAS: milliseconds between fallback ABS checkpoints to disk.
+    #[serde(default)]
+    pub fallback_abs_interval_ms: Option<u64>,
+}
+
+/// Batching and flow control of a job's channels.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeSpec {
+    /// Records per batch on a channel (and per source poll).
+    pub batch_size: usize,
+    /// Milliseconds a partly filled output batch may wait before it is sent.
+    pub linger_ms: u64,
+    /// Batches a receiver grants each sender in advance (credits per channel).
+    pub credits: usize,
+    /// Shortest time between two watermarks emitted by a source subtask, in ms.
+    pub watermark_interval_ms: u64,
+}
+
+impl Default for RuntimeSpec {
+    fn default() -> Self {
+        RuntimeSpec {
+            batch_size: 1024,
+            linger_ms: 5,
+            credits: 4,
+            watermark_interval_ms: 50,
+        }
+    }
+}
+
+impl JobSpec {
+    /// Parses a JSON spec. Syntax and shape errors carry line and column.
+    pub fn from_json(text: &str) -> Result<JobSpec, SpecError> {
+        serde_json::from_str(text).map_err(|e| SpecError {
+            operator: None,
+            field: None,
+            message: strip_position(&e.to_string()),
+            line: Some(e.line()),
+            column: Some(e.column()),
+        })
+    }
+
+    /// The operator with this id.
+    pub fn operator(&self, id: &str) -> Option<&OperatorSpec> {
+        self.operators.iter().find(|o| o.id == id)
+    }
+}
+
+/// serde_json appends " at line L column C"; we report them as fields instead.
+fn strip_position(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+/// What is wrong with a spec: which operator, which field, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub struct SpecError {
+    /// Id of the offending operator, when the error is about one.
+    pub operator: Option<String>,
+    /// Offending field, e.g. `parallelism`, `input`, `params.expr`.
+    pub field: Option<String>,
+    /// What is wrong.
+    pub message: String,
+    /// Line in the submitted JSON (syntax and shape errors).
+    pub line: Option<usize>,
+    /// Column in the submitted JSON (syntax and shape errors).
+    pub column: Option<usize>,
+}
+
+impl SpecError {
+    /// An error about an operator's field.
+    pub fn field(
+        operator: &str,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> SpecError {
+        SpecError {
+            operator: Some(operator.to_string()),
+            field: Some(field.into()),
+            message: message.into(),
+            line: None,
+            column: None,
+        }
+    }
+
+    /// An error about the job as a whole.
+    pub fn job(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+        SpecError {
+            operator: None,
+            field: Some(field.into()),
+            message: message.into(),
+            line: None,
+            column: None,
+        }
+    }
+}
+
+impl std::fmt::Display for SpecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let (Some(l), Some(c)) = (self.line, self.column) {
+            write!(f, "invalid job spec at line {l}, column {c}: ")?;
+        }
+        if let Some(op) = &self.operator {
+            write!(f, "operator '{op}': ")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, "field '{field}': ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_design_example() {
+        let spec = JobSpec::from_json(
+            r#"{ "name": "wordcount",
+  "checkpointing": { "mode": "dcas", "interval_ms": 1000, "snapshot_every_records": 400 },
+  "operators": [
+    { "id": "src",   "kind": "generator", "parallelism": 2, "params": {"rate": 100000, "seed": 7} },
+    { "id": "split", "kind": "flat_map",  "input": "src",   "params": {"expr": "split(value.line, ' ')"} },
+    { "id": "join", "kind": "join",  "input": ["src", "split"] } ] }"#,
+        )
+        .unwrap();
+        assert_eq!(spec.operators.len(), 3);
+        assert_eq!(
+            spec.checkpointing.as_ref().unwrap().mode,
+            CheckpointMode::Dcas
+        );
+        assert_eq!(spec.operators[0].parallelism(), 2);
+        assert_eq!(spec.operators[1].inputs(), vec!["src"]);
+        assert_eq!(spec.operators[2].inputs(), vec!["src", "split"]);
+        assert_eq!(spec.runtime, RuntimeSpec::default());
+    }
+
+    /// Ensures that malformed JSON is rejected with its line and column.
+    #[test]
+    fn malformed_json_has_line_and_column() {
+        let err = JobSpec::from_json("{\n  \"name\": \"x\",\n  \"operators\": [ }").unwrap_err();
+        assert_eq!(err.line, Some(3));
+        assert_eq!(err.column, Some(18));
+        assert!(
+            err.to_string()
+                .starts_with("invalid job spec at line 3, column 18: "),
+            "{err}"
+        );
+    }
+
+    /// Ensures that a misspelled field is named, with its position.
+    #[test]
+    fn unknown_field_is_named() {
+        let err = JobSpec::from_json(
+            r#"{"name":"x","operators":[{"id":"a","kind":"generator","paralelism":2}]}"#,
+        )
+        .unwrap_err();
+        assert!(err.message.contains("paralelism"), "{err}");
+        assert_eq!(err.line, Some(1));
+    }
+
+    #[test]
+    fn missing_operators_is_an_error() {
+        let err = JobSpec::from_json(r#"{"name":"x"}"#).unwrap_err();
+        assert!(err.message.contains("operators"), "{err}");
+    }
+}
