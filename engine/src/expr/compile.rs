@@ -18,7 +18,7 @@ use crate::record::Record;
 use crate::value::Value;
 
 /// Result of evaluating (part of) an expression.
-pub(crate) type R = Result<Value, EvalError>;
+pub(crate) type R = Result<Value, Box<EvalError>>;
 
 /// A compiled subtree as a closure.
 pub(crate) type Node = Box<dyn Fn(&Record) -> R + Send + Sync>;
@@ -47,7 +47,10 @@ impl Code {
 
     /// Evaluates, borrowing from the record or the constant where possible.
     #[inline]
-    pub(crate) fn eval_cow<'r>(&'r self, rec: &'r Record) -> Result<Cow<'r, Value>, EvalError> {
+    pub(crate) fn eval_cow<'r>(
+        &'r self,
+        rec: &'r Record,
+    ) -> Result<Cow<'r, Value>, Box<EvalError>> {
         match self {
             Code::Const(Ok(v)) => Ok(Cow::Borrowed(v)),
             Code::Const(Err(e)) => Err(e.clone()),
@@ -119,7 +122,7 @@ pub(crate) struct Path {
 impl Path {
     /// Follows the path into the record: one binary search per field step, no allocation.
     #[inline]
-    fn resolve<'r>(&self, rec: &'r Record) -> Result<&'r Value, EvalError> {
+    fn resolve<'r>(&self, rec: &'r Record) -> Result<&'r Value, Box<EvalError>> {
         let mut cur = match self.root {
             Root::Value => &rec.value,
             Root::Key => rec.key.as_ref().unwrap_or(&NULL),
@@ -136,27 +139,27 @@ impl Path {
 
 /// `base.name`: a map's field (null when missing), null on null, an error otherwise.
 #[inline]
-pub(crate) fn field<'a>(base: &'a Value, name: &str) -> Result<&'a Value, EvalError> {
+pub(crate) fn field<'a>(base: &'a Value, name: &str) -> Result<&'a Value, Box<EvalError>> {
     match base {
         Value::Map(_) => Ok(base.get(name).unwrap_or(&NULL)),
         Value::Null => Ok(&NULL),
-        other => Err(EvalError::FieldAccess {
+        other => Err(Box::new(EvalError::FieldAccess {
             on: other.type_name(),
-        }),
+        })),
     }
 }
 
 /// `base[idx]`: list by int (negative counts from the end), map by string; null when out of
 /// range or missing, and on a null base.
-pub(crate) fn index<'a>(base: &'a Value, idx: &Value) -> Result<&'a Value, EvalError> {
+pub(crate) fn index<'a>(base: &'a Value, idx: &Value) -> Result<&'a Value, Box<EvalError>> {
     match (base, idx) {
         (Value::List(items), Value::Int(i)) => Ok(list_get(items, *i).unwrap_or(&NULL)),
         (Value::Map(_), Value::Str(k)) => Ok(base.get(k).unwrap_or(&NULL)),
         (Value::Null, _) => Ok(&NULL),
-        _ => Err(EvalError::BadIndex {
+        _ => Err(Box::new(EvalError::BadIndex {
             on: base.type_name(),
             index: idx.type_name(),
-        }),
+        })),
     }
 }
 
@@ -341,10 +344,10 @@ fn unary_code(op: UnOp, a: Code) -> Code {
         UnOp::Neg => Box::new(move |rec| neg(&*a.eval_cow(rec)?)),
         UnOp::Not => Box::new(move |rec| match *a.eval_cow(rec)? {
             Value::Bool(b) => Ok(Value::Bool(!b)),
-            ref v => Err(EvalError::BadOperand {
+            ref v => Err(Box::new(EvalError::BadOperand {
                 op: "!",
                 operand: v.type_name(),
-            }),
+            })),
         }),
     };
     finish(constant, node)
@@ -400,18 +403,18 @@ fn logic(l: Code, r: Code, stop: bool, op: &'static str) -> Code {
                 Value::Bool(b) if b == stop => return Ok(Value::Bool(stop)),
                 Value::Bool(_) => {}
                 ref v => {
-                    return Err(EvalError::NotBool {
+                    return Err(Box::new(EvalError::NotBool {
                         op,
                         got: v.type_name(),
-                    })
+                    }))
                 }
             }
             match *r.eval_cow(rec)? {
                 Value::Bool(b) => Ok(Value::Bool(b)),
-                ref v => Err(EvalError::NotBool {
+                ref v => Err(Box::new(EvalError::NotBool {
                     op,
                     got: v.type_name(),
-                }),
+                })),
             }
         }),
     )
@@ -431,20 +434,20 @@ pub(crate) fn cond(c: Code, a: Code, b: Code, op: &'static str) -> Code {
         Box::new(move |rec| match *c.eval_cow(rec)? {
             Value::Bool(true) => a.eval(rec),
             Value::Bool(false) => b.eval(rec),
-            ref v => Err(EvalError::NotBool {
+            ref v => Err(Box::new(EvalError::NotBool {
                 op,
                 got: v.type_name(),
-            }),
+            })),
         }),
     )
 }
 
-fn bad_operands(op: &'static str, a: &Value, b: &Value) -> EvalError {
-    EvalError::BadOperands {
+fn bad_operands(op: &'static str, a: &Value, b: &Value) -> Box<EvalError> {
+    Box::new(EvalError::BadOperands {
         op,
         left: a.type_name(),
         right: b.type_name(),
-    }
+    })
 }
 
 fn neg(a: &Value) -> R {
@@ -452,12 +455,12 @@ fn neg(a: &Value) -> R {
         Value::Int(i) => i
             .checked_neg()
             .map(Value::Int)
-            .ok_or(EvalError::Overflow { op: "-" }),
+            .ok_or_else(|| Box::new(EvalError::Overflow { op: "-" })),
         Value::Float(f) => Ok(Value::Float(-f)),
-        other => Err(EvalError::BadOperand {
+        other => Err(Box::new(EvalError::BadOperand {
             op: "-",
             operand: other.type_name(),
-        }),
+        })),
     }
 }
 
@@ -480,7 +483,8 @@ fn numeric(
 }
 
 fn checked(op: &'static str, r: Option<i64>) -> R {
-    r.map(Value::Int).ok_or(EvalError::Overflow { op })
+    r.map(Value::Int)
+        .ok_or_else(|| Box::new(EvalError::Overflow { op }))
 }
 
 fn add(a: &Value, b: &Value) -> R {
@@ -530,7 +534,7 @@ fn mul(a: &Value, b: &Value) -> R {
 fn div(a: &Value, b: &Value) -> R {
     let int = |x: i64, y: i64| {
         if y == 0 {
-            Err(EvalError::DivisionByZero)
+            Err(Box::new(EvalError::DivisionByZero))
         } else {
             checked("/", x.checked_div(y))
         }
@@ -541,7 +545,7 @@ fn div(a: &Value, b: &Value) -> R {
 fn rem(a: &Value, b: &Value) -> R {
     let int = |x: i64, y: i64| {
         if y == 0 {
-            Err(EvalError::DivisionByZero)
+            Err(Box::new(EvalError::DivisionByZero))
         } else {
             checked("%", x.checked_rem(y))
         }

@@ -231,29 +231,29 @@ fn call_code(imp: Imp, args: Vec<Code>, name: &str, col: usize) -> CResult<Code>
     })
 }
 
-fn bad(func: &'static str, expected: &'static str, got: &Value) -> EvalError {
-    EvalError::BadArg {
+fn bad(func: &'static str, expected: &'static str, got: &Value) -> Box<EvalError> {
+    Box::new(EvalError::BadArg {
         func,
         expected,
         got: got.type_name(),
-    }
+    })
 }
 
-fn want_str<'a>(func: &'static str, v: &'a Value) -> Result<&'a str, EvalError> {
+fn want_str<'a>(func: &'static str, v: &'a Value) -> Result<&'a str, Box<EvalError>> {
     match v {
         Value::Str(s) => Ok(s),
         other => Err(bad(func, "a string", other)),
     }
 }
 
-fn want_int(func: &'static str, v: &Value) -> Result<i64, EvalError> {
+fn want_int(func: &'static str, v: &Value) -> Result<i64, Box<EvalError>> {
     match v {
         Value::Int(i) => Ok(*i),
         other => Err(bad(func, "an int", other)),
     }
 }
 
-fn want_num(func: &'static str, v: &Value) -> Result<f64, EvalError> {
+fn want_num(func: &'static str, v: &Value) -> Result<f64, Box<EvalError>> {
     v.as_f64().ok_or_else(|| bad(func, "a number", v))
 }
 
@@ -271,7 +271,7 @@ fn float_to_int(func: &'static str, f: f64) -> R {
     if f.is_finite() && (-LIMIT..LIMIT).contains(&f) {
         Ok(Value::Int(f as i64))
     } else {
-        Err(EvalError::IntRange { func })
+        Err(Box::new(EvalError::IntRange { func }))
     }
 }
 
@@ -376,7 +376,7 @@ fn replace(v: &Value, from: &Value, to: &Value) -> R {
                 .count()
                 .saturating_mul(to.len() - from.len());
             if grown.saturating_add(s.len()) > MAX_STRING {
-                return Err(EvalError::TooLarge { func: "replace" });
+                return Err(Box::new(EvalError::TooLarge { func: "replace" }));
             }
         }
     }
@@ -443,7 +443,7 @@ fn int(v: &Value) -> R {
             }
             match t.parse::<f64>() {
                 Ok(f) if f.is_finite() => float_to_int("int", f.trunc()),
-                _ => Err(EvalError::InvalidNumber { func: "int" }),
+                _ => Err(Box::new(EvalError::InvalidNumber { func: "int" })),
             }
         }
         other => Err(bad("int", "a number, bool or numeric string", other)),
@@ -457,7 +457,7 @@ fn float(v: &Value) -> R {
         Value::Bool(b) => Ok(Value::Float(if *b { 1.0 } else { 0.0 })),
         Value::Str(s) => match s.trim().parse::<f64>() {
             Ok(f) if f.is_finite() => Ok(Value::Float(f)),
-            _ => Err(EvalError::InvalidNumber { func: "float" }),
+            _ => Err(Box::new(EvalError::InvalidNumber { func: "float" })),
         },
         other => Err(bad("float", "a number, bool or numeric string", other)),
     }
@@ -473,7 +473,7 @@ fn abs(v: &Value) -> R {
         Value::Int(i) => i
             .checked_abs()
             .map(Value::Int)
-            .ok_or(EvalError::Overflow { op: "abs()" }),
+            .ok_or_else(|| Box::new(EvalError::Overflow { op: "abs()" })),
         Value::Float(f) => Ok(Value::Float(f.abs())),
         other => Err(bad("abs", "a number", other)),
     }
@@ -516,11 +516,11 @@ fn extreme(func: &'static str, args: &[Value], want: Ordering) -> R {
             None => best = Some(a),
             Some(b) => {
                 if matches!(a, Value::Str(_)) != matches!(b, Value::Str(_)) {
-                    return Err(EvalError::Incomparable {
+                    return Err(Box::new(EvalError::Incomparable {
                         func,
                         left: b.type_name(),
                         right: a.type_name(),
-                    });
+                    }));
                 }
                 if a.cmp(b) == want {
                     best = Some(a);
@@ -586,7 +586,8 @@ fn get(m: &Value, f: &Value, default: &Value) -> R {
 }
 
 fn json_parse(s: &Value) -> R {
-    serde_json::from_str::<Value>(want_str("json_parse", s)?).map_err(|_| EvalError::InvalidJson)
+    serde_json::from_str::<Value>(want_str("json_parse", s)?)
+        .map_err(|_| Box::new(EvalError::InvalidJson))
 }
 
 fn to_json(v: &Value) -> R {
@@ -596,7 +597,7 @@ fn to_json(v: &Value) -> R {
 fn range(n: &Value) -> R {
     let n = want_int("range", n)?;
     if n > MAX_RANGE {
-        return Err(EvalError::RangeTooLarge);
+        return Err(Box::new(EvalError::RangeTooLarge));
     }
     Ok(Value::list((0..n.max(0)).map(Value::Int).collect()))
 }
@@ -608,23 +609,26 @@ fn bucket(x: &Value, w: &Value) -> R {
     match (x, w) {
         (Value::Int(x), Value::Int(w)) => {
             if *w == 0 {
-                return Err(EvalError::DivisionByZero);
+                return Err(Box::new(EvalError::DivisionByZero));
             }
-            let q = x.checked_div(*w).ok_or(EvalError::Overflow { op: OP })?;
+            let q = x
+                .checked_div(*w)
+                .ok_or_else(|| Box::new(EvalError::Overflow { op: OP }))?;
             let q = if x % w != 0 && ((*x < 0) != (*w < 0)) {
-                q.checked_sub(1).ok_or(EvalError::Overflow { op: OP })?
+                q.checked_sub(1)
+                    .ok_or_else(|| Box::new(EvalError::Overflow { op: OP }))?
             } else {
                 q
             };
             q.checked_mul(*w)
                 .map(Value::Int)
-                .ok_or(EvalError::Overflow { op: OP })
+                .ok_or_else(|| Box::new(EvalError::Overflow { op: OP }))
         }
         _ => {
             let xf = x.as_f64().ok_or_else(|| bad("bucket", "numbers", x))?;
             let wf = w.as_f64().ok_or_else(|| bad("bucket", "numbers", w))?;
             if wf == 0.0 {
-                return Err(EvalError::DivisionByZero);
+                return Err(Box::new(EvalError::DivisionByZero));
             }
             Ok(Value::Float((xf / wf).floor() * wf))
         }

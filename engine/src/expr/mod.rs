@@ -34,7 +34,7 @@ use crate::value::Value;
 pub const MAX_DEPTH: usize = 256;
 
 /// The compiled evaluation function shared by all clones of an [`Expr`].
-type EvalFn = dyn Fn(&Record) -> Result<Value, EvalError> + Send + Sync;
+type EvalFn = dyn Fn(&Record) -> Result<Value, Box<EvalError>> + Send + Sync;
 
 /// A compiled expression. Cheap to clone (Arc inside); Send + Sync; shared by all subtasks of an
 /// operator.
@@ -56,8 +56,11 @@ impl Expr {
     }
 
     /// Evaluates the expression against one record.
+    ///
+    /// The error is boxed so the result is as small as a `Value` (24 bytes): results are passed
+    /// between the closures of the compiled tree on every record, errors almost never.
     #[inline]
-    pub fn eval(&self, rec: &Record) -> Result<Value, EvalError> {
+    pub fn eval(&self, rec: &Record) -> Result<Value, Box<EvalError>> {
         (self.f)(rec)
     }
 

@@ -128,33 +128,40 @@ pub fn parse_aggs(p: &Params<'_>) -> Result<Vec<AggSpec>, SpecError> {
     }
 }
 
-/// An accumulator.
+/// An accumulator: 16 bytes, so keyed state of a single aggregation stays compact (the
+/// per-key entry of a window is the key plus this). Rare or large states are boxed.
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum Acc {
     /// Records counted.
     Count(u64),
-    /// Running sum (`Int` or `Float`); `Null` before the first value.
-    Sum(Value),
-    /// Smallest so far; `Null` before the first value.
-    Min(Value),
-    /// Largest so far; `Null` before the first value.
-    Max(Value),
+    /// Sum while every value was an int.
+    SumInt(i64),
+    /// Sum once a float (or an int overflow) was seen.
+    SumFloat(f64),
+    /// Smallest so far; `None` before the first value.
+    Min(Option<Box<Value>>),
+    /// Largest so far; `None` before the first value.
+    Max(Option<Box<Value>>),
     /// Sum and count.
-    Avg(f64, u64),
+    Avg(Box<(f64, u64)>),
     /// Distinct values seen.
-    Distinct(#[rkyv(with = rkyv::with::AsVec)] BTreeSet<Value>),
+    Distinct(Box<DistinctSet>),
 }
+
+/// The values seen by `count_distinct`.
+#[derive(Debug, Clone, Default, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct DistinctSet(#[rkyv(with = rkyv::with::AsVec)] pub BTreeSet<Value>);
 
 impl Acc {
     /// A fresh accumulator for `kind`.
     pub fn new(kind: AggKind) -> Acc {
         match kind {
             AggKind::Count => Acc::Count(0),
-            AggKind::Sum => Acc::Sum(Value::Null),
-            AggKind::Min => Acc::Min(Value::Null),
-            AggKind::Max => Acc::Max(Value::Null),
-            AggKind::Avg => Acc::Avg(0.0, 0),
-            AggKind::CountDistinct => Acc::Distinct(BTreeSet::new()),
+            AggKind::Sum => Acc::SumInt(0),
+            AggKind::Min => Acc::Min(None),
+            AggKind::Max => Acc::Max(None),
+            AggKind::Avg => Acc::Avg(Box::new((0.0, 0))),
+            AggKind::CountDistinct => Acc::Distinct(Box::default()),
         }
     }
 
@@ -169,74 +176,70 @@ impl Acc {
             Some(e) => eval(e, rec)?,
             None => rec.value.clone(),
         };
-        let numeric = |v: &Value| -> Result<(), OpError> {
-            match v {
-                Value::Int(_) | Value::Float(_) => Ok(()),
-                other => Err(OpError::Type {
-                    expr: spec
-                        .field
-                        .as_ref()
-                        .map(|e| e.source().into())
-                        .unwrap_or_else(|| "value".into()),
-                    expected: "a number",
-                    got: other.type_name(),
-                }),
-            }
+        let not_numeric = |v: &Value| OpError::Type {
+            expr: spec
+                .field
+                .as_ref()
+                .map(|e| e.source().into())
+                .unwrap_or_else(|| "value".into()),
+            expected: "a number",
+            got: v.type_name(),
         };
         match self {
             Acc::Count(_) => {}
-            Acc::Sum(s) => {
-                numeric(&v)?;
-                add_numbers(s, v);
-            }
-            Acc::Min(m) => {
-                if m.is_null() || v < *m {
-                    *m = v;
-                }
-            }
-            Acc::Max(m) => {
-                if m.is_null() || v > *m {
-                    *m = v;
-                }
-            }
-            Acc::Avg(sum, n) => {
-                numeric(&v)?;
-                *sum += v.as_f64().unwrap_or(0.0);
-                *n += 1;
+            Acc::SumInt(_) | Acc::SumFloat(_) => match v {
+                Value::Int(i) => self.add_int(i),
+                Value::Float(f) => self.add_float(f),
+                other => return Err(not_numeric(&other)),
+            },
+            Acc::Min(m) => keep(m, v, std::cmp::Ordering::Less),
+            Acc::Max(m) => keep(m, v, std::cmp::Ordering::Greater),
+            Acc::Avg(avg) => {
+                avg.0 += v.as_f64().ok_or_else(|| not_numeric(&v))?;
+                avg.1 += 1;
             }
             Acc::Distinct(set) => {
-                set.insert(v);
+                set.0.insert(v);
             }
         }
         Ok(())
     }
 
+    fn add_int(&mut self, i: i64) {
+        *self = match *self {
+            Acc::SumInt(s) => match s.checked_add(i) {
+                Some(x) => Acc::SumInt(x),
+                None => Acc::SumFloat(s as f64 + i as f64),
+            },
+            Acc::SumFloat(s) => Acc::SumFloat(s + i as f64),
+            _ => return,
+        }
+    }
+
+    fn add_float(&mut self, f: f64) {
+        *self = match *self {
+            Acc::SumInt(s) => Acc::SumFloat(s as f64 + f),
+            Acc::SumFloat(s) => Acc::SumFloat(s + f),
+            _ => return,
+        }
+    }
+
     /// Folds another accumulator of the same kind in (merging session windows).
     pub fn merge(&mut self, other: Acc) {
-        match (self, other) {
+        match (&mut *self, other) {
             (Acc::Count(a), Acc::Count(b)) => *a += b,
-            (Acc::Sum(a), Acc::Sum(b)) => {
-                if !b.is_null() {
-                    add_numbers(a, b)
-                }
+            (Acc::SumInt(_) | Acc::SumFloat(_), Acc::SumInt(b)) => self.add_int(b),
+            (Acc::SumInt(_) | Acc::SumFloat(_), Acc::SumFloat(b)) => self.add_float(b),
+            (Acc::Min(a), Acc::Min(Some(b))) => keep(a, *b, std::cmp::Ordering::Less),
+            (Acc::Max(a), Acc::Max(Some(b))) => keep(a, *b, std::cmp::Ordering::Greater),
+            (Acc::Avg(a), Acc::Avg(b)) => {
+                a.0 += b.0;
+                a.1 += b.1;
             }
-            (Acc::Min(a), Acc::Min(b)) => {
-                if !b.is_null() && (a.is_null() || b < *a) {
-                    *a = b
-                }
-            }
-            (Acc::Max(a), Acc::Max(b)) => {
-                if !b.is_null() && (a.is_null() || b > *a) {
-                    *a = b
-                }
-            }
-            (Acc::Avg(s, n), Acc::Avg(s2, n2)) => {
-                *s += s2;
-                *n += n2;
-            }
-            (Acc::Distinct(a), Acc::Distinct(b)) => a.extend(b),
-            // Accumulators come from the same aggregation list, so kinds always match.
-            _ => debug_assert!(false, "merging accumulators of different kinds"),
+            (Acc::Distinct(a), Acc::Distinct(b)) => a.0.extend(b.0),
+            // Accumulators come from the same aggregation list, so kinds always match
+            // (and an empty min/max has nothing to merge).
+            _ => {}
         }
     }
 
@@ -244,28 +247,31 @@ impl Acc {
     pub fn result(&self) -> Value {
         match self {
             Acc::Count(n) => Value::Int(*n as i64),
-            Acc::Sum(v) | Acc::Min(v) | Acc::Max(v) => v.clone(),
-            Acc::Avg(_, 0) => Value::Null,
-            Acc::Avg(s, n) => Value::Float(*s / *n as f64),
-            Acc::Distinct(set) => Value::Int(set.len() as i64),
+            Acc::SumInt(s) => Value::Int(*s),
+            Acc::SumFloat(s) => Value::Float(*s),
+            Acc::Min(v) | Acc::Max(v) => v.as_deref().cloned().unwrap_or_default(),
+            Acc::Avg(a) if a.1 == 0 => Value::Null,
+            Acc::Avg(a) => Value::Float(a.0 / a.1 as f64),
+            Acc::Distinct(set) => Value::Int(set.0.len() as i64),
         }
     }
 }
 
-/// `sum += v` for numbers: ints stay ints until overflow or a float arrives.
-fn add_numbers(sum: &mut Value, v: Value) {
-    *sum = match (&*sum, &v) {
-        (Value::Null, _) => v,
-        (Value::Int(a), Value::Int(b)) => match a.checked_add(*b) {
-            Some(x) => Value::Int(x),
-            None => Value::Float(*a as f64 + *b as f64),
-        },
-        (a, b) => Value::Float(a.as_f64().unwrap_or(0.0) + b.as_f64().unwrap_or(0.0)),
-    };
+/// Keeps `v` in `slot` when the slot is empty or `v` compares `want` to it.
+fn keep(slot: &mut Option<Box<Value>>, v: Value, want: std::cmp::Ordering) {
+    match slot {
+        Some(cur) if v.cmp(cur) != want => {}
+        Some(cur) => **cur = v,
+        None => *slot = Some(Box::new(v)),
+    }
 }
 
+/// The accumulators of one key: inline for the common single aggregation, so a keyed update
+/// touches the hash table entry only.
+pub type Accs = smallvec::SmallVec<[Acc; 1]>;
+
 /// Fresh accumulators for `aggs`.
-pub fn new_accs(aggs: &[AggSpec]) -> Vec<Acc> {
+pub fn new_accs(aggs: &[AggSpec]) -> Accs {
     aggs.iter().map(|a| Acc::new(a.kind)).collect()
 }
 
@@ -289,4 +295,47 @@ pub fn result_value(key: &Value, extra: &[(&str, Value)], accs: &[Acc], aggs: &[
             .map(|(s, a)| (s.name.clone(), a.result())),
     );
     Value::map(fields)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keyed state entries are key + accumulators: keep them small (cache footprint).
+    #[test]
+    fn accumulators_are_compact() {
+        assert_eq!(std::mem::size_of::<Acc>(), 16);
+        assert_eq!(std::mem::size_of::<Accs>(), 24);
+    }
+
+    #[test]
+    fn sums_promote_and_merge() {
+        let spec = |kind| AggSpec {
+            name: "x".into(),
+            kind,
+            field: None,
+        };
+        let rec = |v: Value| Record::new(0, v);
+        let s = spec(AggKind::Sum);
+        let mut a = Acc::new(AggKind::Sum);
+        a.add(&s, &rec(Value::Int(i64::MAX))).unwrap();
+        a.add(&s, &rec(Value::Int(1))).unwrap();
+        assert!(
+            matches!(a.result(), Value::Float(_)),
+            "overflow promotes to float"
+        );
+        let mut b = Acc::new(AggKind::Sum);
+        b.add(&s, &rec(Value::Int(2))).unwrap();
+        b.merge(Acc::SumFloat(0.5));
+        assert_eq!(b.result(), Value::Float(2.5));
+        assert!(b.add(&s, &rec(Value::str("x"))).is_err());
+        let m = spec(AggKind::Min);
+        let mut lo = Acc::new(AggKind::Min);
+        assert_eq!(lo.result(), Value::Null);
+        for v in [5, 3, 9] {
+            lo.add(&m, &rec(Value::Int(v))).unwrap();
+        }
+        lo.merge(Acc::Min(Some(Box::new(Value::Int(4)))));
+        assert_eq!(lo.result(), Value::Int(3));
+    }
 }

@@ -33,7 +33,7 @@ pub enum OpError {
         /// The expression's source.
         expr: Arc<str>,
         /// Why it failed.
-        error: EvalError,
+        error: Box<EvalError>,
     },
     /// An expression returned a value of the wrong type.
     #[error("expression '{expr}' must return {expected}, got {got}")]

@@ -176,7 +176,12 @@ impl GeneratorConfig {
     /// Event time of global record `g`.
     #[inline]
     pub fn ts(&self, g: u64) -> i64 {
-        let base = self.start_ts + (g as i128 * 1000 / self.events_per_second as i128) as i64;
+        // u64 arithmetic unless g * 1000 overflows (it does not below 1.8e16 records).
+        let offset = match g.checked_mul(1000) {
+            Some(ms) => ms / self.events_per_second,
+            None => (g as u128 * 1000 / self.events_per_second as u128) as u64,
+        };
+        let base = self.start_ts.wrapping_add(offset as i64);
         if self.disorder_ms == 0 {
             base
         } else {

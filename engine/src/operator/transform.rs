@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
-use super::agg::{add_all, new_accs, parse_aggs, result_value, Acc, AggSpec};
+use super::agg::{add_all, new_accs, parse_aggs, result_value, Acc, Accs, AggSpec};
 use super::{
     decode_state, encode_state, eval, Instance, OpError, Operator, OperatorFactory, Params,
     SubtaskContext,
@@ -159,7 +159,7 @@ impl OperatorFactory for ReduceFactory {
 struct Reduce {
     aggs: Arc<[AggSpec]>,
     /// Keyed state: the accumulators of every key seen.
-    state: FxHashMap<Value, Vec<Acc>>,
+    state: FxHashMap<Value, Accs>,
 }
 
 impl Operator for Reduce {
@@ -190,7 +190,7 @@ impl Operator for Reduce {
         let mut entries: Vec<(Value, Vec<Acc>)> = self
             .state
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.clone(), v.to_vec()))
             .collect();
         entries.sort_by(|a, b| a.0.cmp(&b.0));
         encode_state(&entries)
@@ -198,7 +198,10 @@ impl Operator for Reduce {
 
     fn restore(&mut self, state: &[u8]) -> Result<(), OpError> {
         let entries: Vec<(Value, Vec<Acc>)> = decode_state(state)?;
-        self.state = entries.into_iter().collect();
+        self.state = entries
+            .into_iter()
+            .map(|(k, a)| (k, Accs::from_vec(a)))
+            .collect();
         Ok(())
     }
 }

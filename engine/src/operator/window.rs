@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
-use super::agg::{add_all, new_accs, parse_aggs, result_value, Acc, AggSpec};
+use super::agg::{add_all, new_accs, parse_aggs, result_value, Acc, Accs, AggSpec};
 use super::{
     decode_state, encode_state, Instance, OpError, Operator, OperatorFactory, Params,
     SubtaskContext,
@@ -136,7 +136,7 @@ struct Window {
     end: i64,
     /// Fired once already (so later records are late updates).
     fired: bool,
-    keys: FxHashMap<Value, Vec<Acc>>,
+    keys: FxHashMap<Value, Accs>,
 }
 
 /// One session of one key.
@@ -147,6 +147,17 @@ struct Session {
     end: i64,
     fired: bool,
     accs: Vec<Acc>,
+}
+
+impl Session {
+    fn new(start: i64, end: i64, accs: Accs) -> Session {
+        Session {
+            start,
+            end,
+            fired: false,
+            accs: accs.into_vec(),
+        }
+    }
 }
 
 /// Per-key accumulators in key order.
@@ -250,12 +261,7 @@ impl WindowOperator {
         let key = rec.key.clone().unwrap_or_default();
         let list = self.sessions.entry(key.clone()).or_default();
         // Merge every session overlapping [start, end) into a new one.
-        let mut merged = Session {
-            start,
-            end,
-            fired: false,
-            accs: new_accs(&self.aggs),
-        };
+        let mut merged = Session::new(start, end, new_accs(&self.aggs));
         add_all(&mut merged.accs, &self.aggs, rec)?;
         let mut i = 0;
         while i < list.len() {
@@ -294,7 +300,7 @@ impl WindowOperator {
             }
             if !w.fired {
                 w.fired = true;
-                let mut keys: Vec<(&Value, &Vec<Acc>)> = w.keys.iter().collect();
+                let mut keys: Vec<(&Value, &Accs)> = w.keys.iter().collect();
                 keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
                 out.extend(
                     keys.into_iter()
@@ -387,8 +393,8 @@ impl Operator for WindowOperator {
     }
 
     fn snapshot(&mut self) -> Result<Vec<u8>, OpError> {
-        let sorted = |m: &FxHashMap<Value, Vec<Acc>>| {
-            let mut v: KeyedAccs = m.iter().map(|(k, a)| (k.clone(), a.clone())).collect();
+        let sorted = |m: &FxHashMap<Value, Accs>| {
+            let mut v: KeyedAccs = m.iter().map(|(k, a)| (k.clone(), a.to_vec())).collect();
             v.sort_by(|a, b| a.0.cmp(&b.0));
             v
         };
@@ -421,7 +427,10 @@ impl Operator for WindowOperator {
                 start,
                 end,
                 fired,
-                keys: keys.into_iter().collect(),
+                keys: keys
+                    .into_iter()
+                    .map(|(k, a)| (k, Accs::from_vec(a)))
+                    .collect(),
             })
             .collect();
         self.sessions = s.sessions.into_iter().collect();

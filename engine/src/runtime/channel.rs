@@ -302,6 +302,17 @@ impl Router {
     fn push_route(&mut self, r: usize, records: &mut Vec<Record>) -> Result<(), RouteError> {
         let route = &mut self.routes[r];
         match &route.exchange {
+            // With one target every exchange but broadcast is a forward: skip hashing.
+            Exchange::Forward | Exchange::Rebalance | Exchange::Hash(_)
+                if route.targets.len() == 1 =>
+            {
+                let buf = &mut route.buffers[0];
+                if buf.is_empty() {
+                    std::mem::swap(buf, records);
+                } else {
+                    buf.append(records);
+                }
+            }
             Exchange::Forward | Exchange::Rebalance => {
                 let buf = &mut route.buffers[route.rr];
                 if buf.is_empty() {
