@@ -267,12 +267,51 @@ fn keep(slot: &mut Option<Box<Value>>, v: Value, want: std::cmp::Ordering) {
 }
 
 /// The accumulators of one key: inline for the common single aggregation, so a keyed update
-/// touches the hash table entry only.
-pub type Accs = smallvec::SmallVec<[Acc; 1]>;
+/// touches the hash table entry only. 16 bytes (the variant tag lives in `Acc`'s spare tag
+/// values), so a window's entry for an int or string key is 40 bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Accs {
+    /// One aggregation.
+    One(Acc),
+    /// Several aggregations (a thin pointer, so `Accs` stays 16 bytes).
+    Many(Box<Vec<Acc>>),
+}
+
+impl Accs {
+    /// From a list of accumulators.
+    pub fn from_vec(mut v: Vec<Acc>) -> Accs {
+        match v.len() {
+            1 => Accs::One(v.remove(0)),
+            _ => Accs::Many(Box::new(v)),
+        }
+    }
+}
+
+impl std::ops::Deref for Accs {
+    type Target = [Acc];
+    fn deref(&self) -> &[Acc] {
+        match self {
+            Accs::One(a) => std::slice::from_ref(a),
+            Accs::Many(m) => m,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Accs {
+    fn deref_mut(&mut self) -> &mut [Acc] {
+        match self {
+            Accs::One(a) => std::slice::from_mut(a),
+            Accs::Many(m) => m,
+        }
+    }
+}
 
 /// Fresh accumulators for `aggs`.
 pub fn new_accs(aggs: &[AggSpec]) -> Accs {
-    aggs.iter().map(|a| Acc::new(a.kind)).collect()
+    match aggs {
+        [one] => Accs::One(Acc::new(one.kind)),
+        _ => Accs::Many(Box::new(aggs.iter().map(|a| Acc::new(a.kind)).collect())),
+    }
 }
 
 /// Folds a record into every accumulator.
@@ -305,7 +344,7 @@ mod tests {
     #[test]
     fn accumulators_are_compact() {
         assert_eq!(std::mem::size_of::<Acc>(), 16);
-        assert_eq!(std::mem::size_of::<Accs>(), 24);
+        assert_eq!(std::mem::size_of::<Accs>(), 16);
     }
 
     #[test]

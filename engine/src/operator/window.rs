@@ -155,7 +155,7 @@ impl Session {
             start,
             end,
             fired: false,
-            accs: accs.into_vec(),
+            accs: accs.to_vec(),
         }
     }
 }
@@ -221,18 +221,19 @@ impl WindowOperator {
         i
     }
 
-    fn add_fixed(
-        &mut self,
-        start: i64,
-        end: i64,
-        rec: &Record,
-        out: &mut Vec<Record>,
-    ) -> Result<(), OpError> {
+    /// Index of the open window `[start, end)`, or `None` (counted as late) when it expired.
+    #[inline]
+    fn open_window(&mut self, start: i64, end: i64) -> Option<usize> {
         if self.expired(end) {
             self.late_dropped += 1;
-            return Ok(());
+            return None;
         }
-        let i = self.window_at(start, end);
+        Some(self.window_at(start, end))
+    }
+
+    /// Folds `rec` into window `i`; re-emits the key's result if the window already fired.
+    #[inline]
+    fn add_to(&mut self, i: usize, rec: &Record, out: &mut Vec<Record>) -> Result<(), OpError> {
         let aggs = &self.aggs;
         let w = &mut self.windows[i];
         let key = rec.key.as_ref().unwrap_or(&Value::Null);
@@ -353,9 +354,21 @@ impl Operator for WindowOperator {
     ) -> Result<(), OpError> {
         match self.kind {
             WindowKind::Tumbling { size } => {
+                // Consecutive records mostly share a window: look it up once per run.
+                let mut current: Option<(i64, usize)> = None;
                 for r in batch.iter() {
                     let start = r.ts - r.ts.rem_euclid(size);
-                    self.add_fixed(start, start + size, r, out)?;
+                    let i = match current {
+                        Some((s, i)) if s == start => i,
+                        _ => match self.open_window(start, start + size) {
+                            Some(i) => {
+                                current = Some((start, i));
+                                i
+                            }
+                            None => continue,
+                        },
+                    };
+                    self.add_to(i, r, out)?;
                 }
             }
             WindowKind::Sliding { size, slide } => {
@@ -364,7 +377,9 @@ impl Operator for WindowOperator {
                     let mut start = last - size + slide;
                     while start <= last {
                         if start + size > r.ts {
-                            self.add_fixed(start, start + size, r, out)?;
+                            if let Some(i) = self.open_window(start, start + size) {
+                                self.add_to(i, r, out)?;
+                            }
                         }
                         start += slide;
                     }

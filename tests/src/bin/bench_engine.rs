@@ -85,39 +85,36 @@ fn main() {
             .unwrap_or(default)
     };
     let n = arg("--records", 20_000_000);
-    let repeat = arg("--repeat", 3) as usize;
-    println!("records per run: {n}, runs per figure: {repeat} (median)");
-    let measure = |f: &dyn Fn() -> f64| median((0..repeat).map(|_| f()).collect());
-
-    let a1 = measure(&|| engine_rate(&spec_a(1, n), 1, n));
-    let a2 = measure(&|| engine_rate(&spec_a(2, n), 2, n));
-    let b1 = measure(&|| engine_rate(&spec_b(1, n), 2, n));
-    let b2 = measure(&|| engine_rate(&spec_b(2, n), 2, n));
-    let hand = measure(&|| loop_rate(n));
-    let m = |r: f64| r / 1e6;
+    let repeat = arg("--repeat", 5).max(1) as usize;
+    println!("records per run: {n}, rounds: {repeat}");
+    // Each round runs every configuration once, back to back, so a ratio compares runs that
+    // saw the same machine load; figures are medians over rounds.
+    let mut rounds: Vec<[f64; 5]> = Vec::new();
+    for round in 0..repeat {
+        let r = [
+            engine_rate(&spec_a(1, n), 1, n),
+            engine_rate(&spec_a(2, n), 2, n),
+            engine_rate(&spec_b(1, n), 2, n),
+            engine_rate(&spec_b(2, n), 2, n),
+            loop_rate(n),
+        ];
+        let millions: Vec<String> = r.iter().map(|x| format!("{:.1}M", x / 1e6)).collect();
+        eprintln!("round {round}: a1 a2 b1 b2 loop = {}", millions.join(" "));
+        rounds.push(r);
+    }
+    let col = |i: usize| median(rounds.iter().map(|r| r[i]).collect()) / 1e6;
+    let ratio = |i: usize| 100.0 * median(rounds.iter().map(|r| r[i] / r[4]).collect());
     println!();
-    println!("| pipeline | parallelism | records/s | vs hand-written loop |");
+    println!("| pipeline | parallelism | records/s (median) | vs hand-written loop (median of per-round ratios) |");
     println!("|---|---|---|---|");
-    println!(
-        "| (a) generator -> map -> filter -> discard | 1 | {:.2} M | |",
-        m(a1)
-    );
-    println!(
-        "| (a) generator -> map -> filter -> discard | 2 | {:.2} M | |",
-        m(a2)
-    );
-    println!(
-        "| (b) generator -> key_by -> tumbling count -> discard | 1 | {:.2} M | {:.0}% |",
-        m(b1),
-        100.0 * b1 / hand
-    );
-    println!(
-        "| (b) generator -> key_by -> tumbling count -> discard | 2 | {:.2} M | {:.0}% |",
-        m(b2),
-        100.0 * b2 / hand
-    );
+    let a = "(a) generator -> map -> filter -> discard";
+    let b = "(b) generator -> key_by -> tumbling count -> discard";
+    println!("| {a} | 1 | {:.2} M | |", col(0));
+    println!("| {a} | 2 | {:.2} M | |", col(1));
+    println!("| {b} | 1 | {:.2} M | {:.0}% |", col(2), ratio(2));
+    println!("| {b} | 2 | {:.2} M | {:.0}% |", col(3), ratio(3));
     println!(
         "| (b) hand-written loop with a HashMap | 1 thread | {:.2} M | 100% |",
-        m(hand)
+        col(4)
     );
 }
