@@ -221,9 +221,11 @@ impl WindowOperator {
         i
     }
 
-    /// Index of the open window `[start, end)`, or `None` (counted as late) when it expired.
+    /// Index of the open window `[start, start + size)`, or `None` (counted as late) when it
+    /// expired.
     #[inline]
-    fn open_window(&mut self, start: i64, end: i64) -> Option<usize> {
+    fn open_window(&mut self, start: i64, size: i64) -> Option<usize> {
+        let end = start + size;
         if self.expired(end) {
             self.late_dropped += 1;
             return None;
@@ -354,15 +356,15 @@ impl Operator for WindowOperator {
     ) -> Result<(), OpError> {
         match self.kind {
             WindowKind::Tumbling { size } => {
-                // Consecutive records mostly share a window: look it up once per run.
+                // Consecutive records mostly share a window: find it (a division and a
+                // search) once per run of records, not per record.
                 let mut current: Option<(i64, usize)> = None;
                 for r in batch.iter() {
-                    let start = r.ts - r.ts.rem_euclid(size);
                     let i = match current {
-                        Some((s, i)) if s == start => i,
-                        _ => match self.open_window(start, start + size) {
+                        Some((s, i)) if r.ts >= s && r.ts - s < size => i,
+                        _ => match self.open_window(r.ts - r.ts.rem_euclid(size), size) {
                             Some(i) => {
-                                current = Some((start, i));
+                                current = Some((self.windows[i].start, i));
                                 i
                             }
                             None => continue,
@@ -377,7 +379,7 @@ impl Operator for WindowOperator {
                     let mut start = last - size + slide;
                     while start <= last {
                         if start + size > r.ts {
-                            if let Some(i) = self.open_window(start, start + size) {
+                            if let Some(i) = self.open_window(start, size) {
                                 self.add_to(i, r, out)?;
                             }
                         }

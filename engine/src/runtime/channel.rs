@@ -18,8 +18,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
-
+use super::credit;
 use crate::graph::{subtask_for_hash, Exchange};
 use crate::operator::{eval, OpError};
 use crate::record::{Batch, Record, Seq, StreamEvent};
@@ -50,7 +49,7 @@ pub enum ChannelError {
 
 /// Creates a channel granting `credits` batches.
 pub fn channel(credits: usize, input: usize) -> (OutputChannel, InputChannel) {
-    let (tx, rx) = mpsc::channel(credits.max(1));
+    let (tx, rx) = credit::channel(credits);
     (
         OutputChannel { tx, next_seq: 0 },
         InputChannel {
@@ -65,7 +64,7 @@ pub fn channel(credits: usize, input: usize) -> (OutputChannel, InputChannel) {
 
 /// Sending end of a channel.
 pub struct OutputChannel {
-    tx: mpsc::Sender<StreamEvent>,
+    tx: credit::Sender,
     /// Seq of the next record sent.
     next_seq: Seq,
 }
@@ -86,10 +85,9 @@ impl OutputChannel {
 
     /// Sends an event, waiting for a credit. Returns the time spent waiting.
     pub async fn send(&mut self, event: StreamEvent) -> Result<std::time::Duration, ChannelError> {
-        match self.tx.try_send(event) {
+        match self.tx.try_send(event).map_err(|_| ChannelError::Closed)? {
             Ok(()) => Ok(std::time::Duration::ZERO),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(ChannelError::Closed),
-            Err(mpsc::error::TrySendError::Full(event)) => {
+            Err(event) => {
                 let started = Instant::now();
                 self.tx
                     .send(event)
@@ -102,13 +100,13 @@ impl OutputChannel {
 
     /// Batches currently buffered in the channel (credits in use).
     pub fn in_flight(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        self.tx.in_flight()
     }
 }
 
 /// Receiving end of a channel, with its progress.
 pub struct InputChannel {
-    rx: mpsc::Receiver<StreamEvent>,
+    rx: credit::Receiver,
     /// Logical input of the head operator this channel feeds (0, or 1 for a join's right).
     pub input: usize,
     /// Seq of the next record expected.
@@ -551,12 +549,15 @@ mod tests {
         .await;
         assert!(blocked.is_err(), "third batch must wait for a credit");
         rx.rx.recv().await.unwrap();
+        rx.rx.recv().await.unwrap();
         tx.send_records(recs(2..3)).await.unwrap();
     }
 
     async fn drain(rx: &mut InputChannel) -> Vec<Record> {
         let mut out = Vec::new();
-        while let Ok(ev) = rx.rx.try_recv() {
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        while let Poll::Ready(Some(ev)) = rx.rx.poll_recv(&mut cx) {
             if let StreamEvent::Data(b) = ev {
                 out.extend(b.records);
             }

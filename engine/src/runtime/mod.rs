@@ -2,6 +2,7 @@
 //! executor.
 
 pub mod channel;
+pub mod credit;
 pub mod local;
 pub mod task;
 
