@@ -245,8 +245,19 @@ impl Ord for Value {
 }
 
 impl Hash for Value {
-    #[inline]
+    /// Ints (the common key) hash inline; other kinds go through `hash_other`.
+    #[inline(always)]
     fn hash<H: Hasher>(&self, state: &mut H) {
+        match self {
+            Value::Int(i) => state.write_i64(*i),
+            _ => self.hash_other(state),
+        }
+    }
+}
+
+impl Value {
+    #[inline(never)]
+    fn hash_other<H: Hasher>(&self, state: &mut H) {
         match self {
             Value::Null => state.write_u8(0),
             Value::Bool(b) => state.write_u8(2 + u8::from(*b)),

@@ -176,17 +176,28 @@ impl GeneratorConfig {
     /// Event time of global record `g`.
     #[inline]
     pub fn ts(&self, g: u64) -> i64 {
+        self.in_order_ts(g) - self.jitter(g)
+    }
+
+    /// How much earlier than in order record `g` is (`0..=disorder_ms`).
+    #[inline]
+    fn jitter(&self, g: u64) -> i64 {
+        if self.disorder_ms == 0 {
+            0
+        } else {
+            below(self.rand(g, 0xd150), self.disorder_ms + 1) as i64
+        }
+    }
+
+    /// Event time of record `g` without disorder: `start_ts + floor(g * 1000 / eps)`.
+    #[inline]
+    fn in_order_ts(&self, g: u64) -> i64 {
         // u64 arithmetic unless g * 1000 overflows (it does not below 1.8e16 records).
         let offset = match g.checked_mul(1000) {
             Some(ms) => ms / self.events_per_second,
             None => (g as u128 * 1000 / self.events_per_second as u128) as u64,
         };
-        let base = self.start_ts.wrapping_add(offset as i64);
-        if self.disorder_ms == 0 {
-            base
-        } else {
-            base - (self.rand(g, 0xd150) % (self.disorder_ms + 1)) as i64
-        }
+        self.start_ts.wrapping_add(offset as i64)
     }
 
     fn word(&self, idx: u64) -> Value {
@@ -203,16 +214,16 @@ impl GeneratorConfig {
     pub fn value(&self, g: u64) -> Value {
         let r = self.rand(g, 0x7a1e);
         match self.payload {
-            Payload::Numbers => Value::Int((r % self.keys) as i64),
-            Payload::Words => self.word(r % self.keys),
+            Payload::Numbers => Value::Int(below(r, self.keys) as i64),
+            Payload::Words => self.word(below(r, self.keys)),
             Payload::Lines => {
-                let words = 1 + r % self.words_per_line;
+                let words = 1 + below(r, self.words_per_line);
                 let mut line = String::new();
                 for w in 0..words {
                     if w > 0 {
                         line.push(' ');
                     }
-                    if let Value::Str(s) = self.word(self.rand(g, w + 1) % self.keys) {
+                    if let Value::Str(s) = self.word(below(self.rand(g, w + 1), self.keys)) {
                         line.push_str(&s);
                     }
                 }
@@ -220,12 +231,12 @@ impl GeneratorConfig {
             }
             Payload::Events => Value::map([
                 ("id", Value::Int(g as i64)),
-                ("user", Value::from(format!("user-{}", r % self.keys))),
+                ("user", Value::from(format!("user-{}", below(r, self.keys)))),
                 (
                     "kind",
-                    Value::str(EVENT_KINDS[(self.rand(g, 1) % 3) as usize]),
+                    Value::str(EVENT_KINDS[below(self.rand(g, 1), 3) as usize]),
                 ),
-                ("amount", Value::Int(1 + (self.rand(g, 2) % 100) as i64)),
+                ("amount", Value::Int(1 + below(self.rand(g, 2), 100) as i64)),
             ]),
         }
     }
@@ -235,10 +246,67 @@ impl GeneratorConfig {
         Record::new(self.ts(g), self.value(g))
     }
 
+    /// The records of subtask `s` of `p` from local index `from` on, computing event times
+    /// incrementally (no division per record). Yields exactly `record(i * p + s)`.
+    pub fn iter(&self, s: u64, p: u64, from: u64) -> GeneratorIter<'_> {
+        let g = from * p + s;
+        let eps = self.events_per_second as u128;
+        let scaled = g as u128 * 1000;
+        let step = p as u128 * 1000;
+        GeneratorIter {
+            cfg: self,
+            g,
+            p,
+            offset: (scaled / eps) as u64,
+            rem: (scaled % eps) as u64,
+            step_offset: (step / eps) as u64,
+            step_rem: (step % eps) as u64,
+        }
+    }
+
     /// Number of records subtask `s` of `p` emits when `count` is set.
     pub fn subtask_count(&self, s: u64, p: u64) -> Option<u64> {
         self.count
             .map(|c| if c > s { (c - s).div_ceil(p) } else { 0 })
+    }
+}
+
+/// `r` reduced to `0..n` by multiply-shift (Lemire): uniform for a 64-bit random `r`, and
+/// no division on the per-record path.
+#[inline]
+fn below(r: u64, n: u64) -> u64 {
+    ((r as u128 * n as u128) >> 64) as u64
+}
+
+/// Records of one subtask in order; see [`GeneratorConfig::iter`].
+pub struct GeneratorIter<'a> {
+    cfg: &'a GeneratorConfig,
+    /// Global index of the next record.
+    g: u64,
+    p: u64,
+    /// `floor(g * 1000 / eps)` and its remainder, advanced by `p * 1000` per record.
+    offset: u64,
+    rem: u64,
+    step_offset: u64,
+    step_rem: u64,
+}
+
+impl Iterator for GeneratorIter<'_> {
+    type Item = Record;
+
+    #[inline]
+    fn next(&mut self) -> Option<Record> {
+        let cfg = self.cfg;
+        let g = self.g;
+        let ts = cfg.start_ts.wrapping_add(self.offset as i64) - cfg.jitter(g);
+        self.g += self.p;
+        self.offset += self.step_offset;
+        self.rem += self.step_rem;
+        if self.rem >= cfg.events_per_second {
+            self.rem -= cfg.events_per_second;
+            self.offset += 1;
+        }
+        Some(Record::new(ts, cfg.value(g)))
     }
 }
 
@@ -306,8 +374,7 @@ impl Source for Generator {
         }
         out.reserve(n as usize);
         let mut max_ts = self.max_ts;
-        for i in self.next..self.next + n {
-            let rec = self.cfg.record(i * self.p + self.s);
+        for rec in self.cfg.iter(self.s, self.p, self.next).take(n as usize) {
             max_ts = max_ts.max(rec.ts);
             out.push(rec);
         }
@@ -528,6 +595,29 @@ mod tests {
         let single = drain(source(spec, 0, 1).as_mut(), 1000);
         assert_eq!(a[5], single[3 * 5 + 1]);
         assert_eq!(a[5].value.get("id"), Some(&Value::Int(16)));
+    }
+
+    /// Ensures the incremental iterator yields exactly `record(g)`, for odd densities and
+    /// parallelisms where the event-time remainder carries.
+    #[test]
+    fn iterator_matches_record() {
+        for (eps, p, disorder) in [
+            (1000u64, 1u64, 0u64),
+            (7, 3, 0),
+            (1_000_000, 2, 5),
+            (333, 5, 40),
+        ] {
+            let spec = format!(
+                r#"{{"id":"g","kind":"generator","params":{{"events_per_second":{eps},"disorder_ms":{disorder},"start_ts":-50}}}}"#
+            );
+            let s: OperatorSpec = serde_json::from_str(&spec).unwrap();
+            let cfg = GeneratorConfig::from_spec(&s).unwrap();
+            for sub in 0..p {
+                let got: Vec<Record> = cfg.iter(sub, p, 17).take(500).collect();
+                let want: Vec<Record> = (17..517).map(|i| cfg.record(i * p + sub)).collect();
+                assert_eq!(got, want, "eps {eps} p {p}");
+            }
+        }
     }
 
     #[test]

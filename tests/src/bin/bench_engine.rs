@@ -41,7 +41,7 @@ fn engine_rate(json: &str, slots: usize, n: u64) -> f64 {
     n as f64 / outcome.elapsed.as_secs_f64()
 }
 
-/// (b) as a hand-written loop: same records (the generator's own function), a HashMap of
+/// (b) as a hand-written loop: same records (the generator's own functions), a HashMap of
 /// counts per key for the current window, results handed to `black_box` when it closes.
 fn loop_rate(n: u64) -> f64 {
     let gen = weir_tests::generator(&spec_b(1, n), "g");
