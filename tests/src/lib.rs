@@ -28,7 +28,14 @@ pub fn graph_with(json: &str, registry: &OperatorRegistry) -> JobGraph {
 /// Runs `graph` in process on `slots` arbiters until it ends, canceling it after `timeout`.
 pub fn run_graph(graph: &JobGraph, slots: usize, timeout: Duration) -> JobOutcome {
     actix::System::new().block_on(async {
-        let job = LocalExecutor::start(graph, &LocalConfig { slots, ..LocalConfig::default() }).expect("deploy");
+        let job = LocalExecutor::start(
+            graph,
+            &LocalConfig {
+                slots,
+                ..LocalConfig::default()
+            },
+        )
+        .expect("deploy");
         let handle = job.handle();
         let wait = job.wait();
         tokio::pin!(wait);

@@ -247,7 +247,9 @@ impl LocalExecutor {
             }
         }
 
-        let arbiters: Vec<Arbiter> = (0..config.slots.max(1)).map(|slot| start_slot(slot, config.pin_slots)).collect();
+        let arbiters: Vec<Arbiter> = (0..config.slots.max(1))
+            .map(|slot| start_slot(slot, config.pin_slots))
+            .collect();
         let started = Instant::now();
         let (done_tx, done) = oneshot::channel();
         let supervisor = JobSupervisor {
