@@ -7,13 +7,17 @@
 //! - [`graph`]: from a spec to tasks (operator chains) and exchanges.
 //! - [`operator`]: the operator trait and the built-in operator library.
 //! - [`runtime`]: subtask actors, credit-based channels, and the in-process executor.
+//! - [`ids`], [`protocol`]: identifiers and the messages between processes.
 #![warn(missing_docs)]
 
 pub mod codec;
 pub mod error;
 pub mod expr;
 pub mod graph;
+pub mod ids;
+pub mod net;
 pub mod operator;
+pub mod protocol;
 pub mod record;
 pub mod runtime;
 pub mod spec;

@@ -36,11 +36,16 @@ struct State {
     receiver_gone: bool,
 }
 
+/// Called with the number of credits announced, for a sender in another process.
+pub type Announcer = Box<dyn Fn(usize) + Send + Sync>;
+
 struct Shared {
     state: Mutex<State>,
     credits: usize,
     /// Announce held credits once this many accumulated.
     announce_at: usize,
+    /// Also tells a remote sender about announced credits (network channels).
+    announcer: Option<Announcer>,
 }
 
 impl Shared {
@@ -52,6 +57,17 @@ impl Shared {
 
 /// Creates a channel granting `credits` events (at least 1).
 pub fn channel(credits: usize) -> (Sender, Receiver) {
+    make(credits, None)
+}
+
+/// Creates a channel whose announcements are also passed to `announcer`: the receiving end
+/// of a network channel, fed by the connection reader through the `Sender`, with the remote
+/// sender's credits mirroring this channel's.
+pub fn channel_with_announcer(credits: usize, announcer: Announcer) -> (Sender, Receiver) {
+    make(credits, Some(announcer))
+}
+
+fn make(credits: usize, announcer: Option<Announcer>) -> (Sender, Receiver) {
     let credits = credits.max(1);
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
@@ -65,6 +81,7 @@ pub fn channel(credits: usize) -> (Sender, Receiver) {
         }),
         credits,
         announce_at: (credits / 2).max(1),
+        announcer,
     });
     (
         Sender {
@@ -157,7 +174,9 @@ impl Receiver {
             Some(ev) => {
                 st.held += 1;
                 let mut wake = None;
+                let mut announced = 0;
                 if st.held >= self.shared.announce_at || st.queue.is_empty() {
+                    announced = st.held;
                     st.free += st.held;
                     st.held = 0;
                     wake = st.sender.take();
@@ -165,6 +184,9 @@ impl Receiver {
                 drop(st);
                 if let Some(w) = wake {
                     w.wake();
+                }
+                if let (Some(announce), true) = (&self.shared.announcer, announced > 0) {
+                    announce(announced);
                 }
                 Poll::Ready(Some(ev))
             }

@@ -1,0 +1,51 @@
+//! Task manager <-> task manager: the data plane's frames.
+//!
+//! One TCP connection per pair of task managers carries every logical channel between them,
+//! in both directions. The connecting side sends `Hello` first. Events flow from sender to
+//! receiver; `Credit` frames flow back and grant the sender more events (credit-based flow
+//! control: the sender starts with none and may only send what it was granted).
+
+use crate::ids::{Generation, JobId, TaskManagerId};
+use crate::record::StreamEvent;
+
+/// One logical channel: from one subtask to one subtask over one edge of one deployment.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+#[rkyv(derive(PartialEq, Eq, Hash, Debug))]
+pub struct ChannelId {
+    /// The job.
+    pub job: JobId,
+    /// The deployment; channels of older generations are refused.
+    pub generation: Generation,
+    /// Index of the edge in the job graph.
+    pub edge: u32,
+    /// Upstream subtask index.
+    pub from: u32,
+    /// Downstream subtask index.
+    pub to: u32,
+}
+
+/// A data-plane frame.
+#[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum DataFrame {
+    /// First frame of a connection: who is connecting.
+    Hello {
+        /// The connecting task manager.
+        tm: TaskManagerId,
+    },
+    /// An event on a channel (receiver side: the channel's input).
+    Event {
+        /// The channel.
+        channel: ChannelId,
+        /// The event.
+        event: StreamEvent,
+    },
+    /// The receiver of `channel` grants `credits` more events to its sender.
+    Credit {
+        /// The channel.
+        channel: ChannelId,
+        /// Events granted.
+        credits: u32,
+    },
+}
