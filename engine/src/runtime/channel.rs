@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use super::credit;
 use crate::graph::{subtask_for_hash, Exchange};
+use crate::net::RemoteSender;
 use crate::operator::{eval, OpError};
 use crate::record::{Batch, Record, Seq, StreamEvent};
 
@@ -50,26 +51,53 @@ pub enum ChannelError {
 /// Creates a channel granting `credits` batches.
 pub fn channel(credits: usize, input: usize) -> (OutputChannel, InputChannel) {
     let (tx, rx) = credit::channel(credits);
-    (
-        OutputChannel { tx, next_seq: 0 },
+    (OutputChannel::local(tx), InputChannel::new(rx, input))
+}
+
+impl InputChannel {
+    /// The receiving end of a channel feeding logical input `input`.
+    pub fn new(rx: credit::Receiver, input: usize) -> InputChannel {
         InputChannel {
             rx,
             input,
             next_seq: 0,
             watermark: i64::MIN,
             ended: false,
-        },
-    )
+        }
+    }
 }
 
 /// Sending end of a channel.
 pub struct OutputChannel {
-    tx: credit::Sender,
+    tx: Tx,
     /// Seq of the next record sent.
     next_seq: Seq,
 }
 
+/// Where an output channel's events go: a subtask in this process, or one on another task
+/// manager through the data plane. Both wait for credits the receiver granted.
+enum Tx {
+    Local(credit::Sender),
+    Remote(RemoteSender),
+}
+
 impl OutputChannel {
+    /// The sending end of a channel whose receiver is in this process.
+    pub fn local(tx: credit::Sender) -> OutputChannel {
+        OutputChannel {
+            tx: Tx::Local(tx),
+            next_seq: 0,
+        }
+    }
+
+    /// The sending end of a channel whose receiver is on another task manager.
+    pub fn remote(tx: RemoteSender) -> OutputChannel {
+        OutputChannel {
+            tx: Tx::Remote(tx),
+            next_seq: 0,
+        }
+    }
+
     /// Sends records as one batch, waiting for a credit. Returns the time spent waiting.
     pub async fn send_records(
         &mut self,
@@ -85,22 +113,30 @@ impl OutputChannel {
 
     /// Sends an event, waiting for a credit. Returns the time spent waiting.
     pub async fn send(&mut self, event: StreamEvent) -> Result<std::time::Duration, ChannelError> {
-        match self.tx.try_send(event).map_err(|_| ChannelError::Closed)? {
+        let tried = match &self.tx {
+            Tx::Local(tx) => tx.try_send(event),
+            Tx::Remote(tx) => tx.try_send(event),
+        };
+        match tried.map_err(|_| ChannelError::Closed)? {
             Ok(()) => Ok(std::time::Duration::ZERO),
             Err(event) => {
                 let started = Instant::now();
-                self.tx
-                    .send(event)
-                    .await
-                    .map_err(|_| ChannelError::Closed)?;
+                let sent = match &self.tx {
+                    Tx::Local(tx) => tx.send(event).await,
+                    Tx::Remote(tx) => tx.send(event).await,
+                };
+                sent.map_err(|_| ChannelError::Closed)?;
                 Ok(started.elapsed())
             }
         }
     }
 
-    /// Batches currently buffered in the channel (credits in use).
+    /// Batches currently buffered in a local channel (credits in use); 0 for remote ones.
     pub fn in_flight(&self) -> usize {
-        self.tx.in_flight()
+        match &self.tx {
+            Tx::Local(tx) => tx.in_flight(),
+            Tx::Remote(_) => 0,
+        }
     }
 }
 

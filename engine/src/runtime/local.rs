@@ -17,14 +17,14 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 use tracing::info;
 
-use super::channel::{channel, InputChannel, InputGate, OutputChannel, Route, Router};
+use super::channel::{channel, InputChannel, OutputChannel};
+use super::deploy::{build_runner, edge_targets};
 use super::task::{
-    CancelSubtask, ChainOperator, SubtaskActor, SubtaskEvent, SubtaskId, SubtaskMetrics,
-    SubtaskOutcome, SubtaskRunner,
+    CancelSubtask, SubtaskActor, SubtaskEvent, SubtaskId, SubtaskMetrics, SubtaskOutcome,
 };
 use crate::error::EngineError;
-use crate::graph::{Exchange, JobGraph};
-use crate::operator::{CollectTarget, Instance, Shape, SubtaskContext};
+use crate::graph::JobGraph;
+use crate::operator::CollectTarget;
 use crate::record::Record;
 
 /// Records received by `collect` sinks, by operator id, in arrival order per subtask.
@@ -217,7 +217,7 @@ impl LocalExecutor {
         let rt = &graph.runtime;
 
         // Channels: one per (upstream subtask, downstream subtask) pair of each edge.
-        let mut outputs: Vec<Vec<Vec<Route>>> = graph
+        let mut outputs: Vec<Vec<Vec<Vec<OutputChannel>>>> = graph
             .tasks
             .iter()
             .map(|t| (0..t.parallelism).map(|_| Vec::new()).collect())
@@ -228,22 +228,14 @@ impl LocalExecutor {
             .map(|t| (0..t.parallelism).map(|_| Vec::new()).collect())
             .collect();
         for edge in &graph.edges {
-            let (up_p, down_p) = (
-                graph.tasks[edge.from].parallelism,
-                graph.tasks[edge.to].parallelism,
-            );
-            for (i, routes) in outputs[edge.from].iter_mut().enumerate().take(up_p) {
-                let targets: Vec<usize> = match edge.exchange {
-                    Exchange::Forward => vec![i],
-                    _ => (0..down_p).collect(),
-                };
-                let mut senders: Vec<OutputChannel> = Vec::with_capacity(targets.len());
-                for j in targets {
+            for i in 0..graph.tasks[edge.from].parallelism {
+                let mut senders = Vec::new();
+                for j in edge_targets(graph, edge, i) {
                     let (tx, rx) = channel(rt.credits, edge.input);
                     senders.push(tx);
                     inputs[edge.to][j].push(rx);
                 }
-                routes.push(Route::new(edge.exchange.clone(), senders, i));
+                outputs[edge.from][i].push(senders);
             }
         }
 
@@ -269,54 +261,13 @@ impl LocalExecutor {
         let mut metrics = Vec::new();
         for (t, task) in graph.tasks.iter().enumerate() {
             let mut task_metrics = Vec::new();
-            for (s, (routes, gate)) in std::mem::take(&mut outputs[t])
+            let subtask_channels = std::mem::take(&mut outputs[t])
                 .into_iter()
-                .zip(std::mem::take(&mut inputs[t]))
-                .enumerate()
-            {
-                let m = Arc::new(SubtaskMetrics::default());
-                task_metrics.push(m.clone());
-                let mut source = None;
-                let mut chain = Vec::new();
-                for &v in &task.vertices {
-                    let vertex = &graph.vertices[v];
-                    let ctx = SubtaskContext {
-                        operator: vertex.id.clone(),
-                        subtask: s,
-                        parallelism: task.parallelism,
-                        collect: collect.clone(),
-                    };
-                    let instance =
-                        vertex
-                            .factory
-                            .instantiate(&ctx)
-                            .map_err(|e| EngineError::Operator {
-                                operator: vertex.id.clone(),
-                                subtask: s,
-                                message: e.to_string(),
-                                kind: crate::error::ErrorKind::User,
-                            })?;
-                    match instance {
-                        Instance::Source(src) => source = Some((vertex.id.clone(), src)),
-                        Instance::Operator(op) => chain.push(ChainOperator {
-                            id: vertex.id.clone(),
-                            op,
-                            is_sink: vertex.shape == Shape::Sink,
-                        }),
-                    }
-                }
-                runners.push(SubtaskRunner {
-                    id: SubtaskId { task: t, index: s },
-                    name: task.name.clone(),
-                    source,
-                    chain,
-                    gate: InputGate::new(gate),
-                    router: Router::new(routes, rt.batch_size, m.router.clone()),
-                    batch_size: rt.batch_size,
-                    linger: Duration::from_millis(rt.linger_ms),
-                    watermark_interval: Duration::from_millis(rt.watermark_interval_ms),
-                    metrics: m,
-                });
+                .zip(std::mem::take(&mut inputs[t]));
+            for (s, (outs, ins)) in subtask_channels.enumerate() {
+                let (runner, m) = build_runner(graph, t, s, ins, outs, collect.clone())?;
+                task_metrics.push(m);
+                runners.push(runner);
             }
             metrics.push((task.name.clone(), task_metrics));
         }

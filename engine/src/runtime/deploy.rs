@@ -1,0 +1,107 @@
+//! Turning a `JobGraph` into runnable subtasks: which channels exist, and how one subtask's
+//! runner is assembled from its channels. Shared by the in-process executor and the task
+//! manager, so both wire jobs identically.
+//!
+//! Channel layout: an edge `from -> to` has one channel per (upstream subtask, downstream
+//! subtask) pair that can exchange records: the same index for `forward`, every pair
+//! otherwise. A subtask's input channels are ordered by edge, then upstream index; its routes
+//! by edge, each with its targets in downstream index order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::channel::{InputChannel, InputGate, OutputChannel, Route, Router};
+use super::task::{ChainOperator, SubtaskId, SubtaskMetrics, SubtaskRunner};
+use crate::error::{EngineError, ErrorKind};
+use crate::graph::{Edge, Exchange, JobGraph};
+use crate::operator::{CollectTarget, Instance, Shape, SubtaskContext};
+
+/// Upstream subtasks that send to downstream subtask `to` over `edge`.
+pub fn edge_sources(graph: &JobGraph, edge: &Edge, to: usize) -> Vec<usize> {
+    match edge.exchange {
+        Exchange::Forward => vec![to],
+        _ => (0..graph.tasks[edge.from].parallelism).collect(),
+    }
+}
+
+/// Downstream subtasks that upstream subtask `from` sends to over `edge`.
+pub fn edge_targets(graph: &JobGraph, edge: &Edge, from: usize) -> Vec<usize> {
+    match edge.exchange {
+        Exchange::Forward => vec![from],
+        _ => (0..graph.tasks[edge.to].parallelism).collect(),
+    }
+}
+
+/// Builds the runner of subtask `subtask` of task `task`.
+///
+/// `outputs[k]` are the channels of the task's `k`-th outgoing edge (in `graph.edges`
+/// order), one per target from [`edge_targets`].
+pub fn build_runner(
+    graph: &JobGraph,
+    task: usize,
+    subtask: usize,
+    inputs: Vec<InputChannel>,
+    outputs: Vec<Vec<OutputChannel>>,
+    collect: Arc<dyn CollectTarget>,
+) -> Result<(SubtaskRunner, Arc<SubtaskMetrics>), EngineError> {
+    let rt = &graph.runtime;
+    let t = &graph.tasks[task];
+    let out_edges: Vec<&Edge> = graph.edges.iter().filter(|e| e.from == task).collect();
+    if out_edges.len() != outputs.len() {
+        return Err(EngineError::Internal(format!(
+            "task {task} has {} outgoing edges but {} output groups",
+            out_edges.len(),
+            outputs.len()
+        )));
+    }
+    let routes = out_edges
+        .iter()
+        .zip(outputs)
+        .map(|(e, senders)| Route::new(e.exchange.clone(), senders, subtask))
+        .collect();
+    let metrics = Arc::new(SubtaskMetrics::default());
+    let mut source = None;
+    let mut chain = Vec::new();
+    for &v in &t.vertices {
+        let vertex = &graph.vertices[v];
+        let ctx = SubtaskContext {
+            operator: vertex.id.clone(),
+            subtask,
+            parallelism: t.parallelism,
+            collect: collect.clone(),
+        };
+        let instance = vertex
+            .factory
+            .instantiate(&ctx)
+            .map_err(|e| EngineError::Operator {
+                operator: vertex.id.clone(),
+                subtask,
+                message: e.to_string(),
+                kind: ErrorKind::User,
+            })?;
+        match instance {
+            Instance::Source(src) => source = Some((vertex.id.clone(), src)),
+            Instance::Operator(op) => chain.push(ChainOperator {
+                id: vertex.id.clone(),
+                op,
+                is_sink: vertex.shape == Shape::Sink,
+            }),
+        }
+    }
+    let runner = SubtaskRunner {
+        id: SubtaskId {
+            task,
+            index: subtask,
+        },
+        name: t.name.clone(),
+        source,
+        chain,
+        gate: InputGate::new(inputs),
+        router: Router::new(routes, rt.batch_size, metrics.router.clone()),
+        batch_size: rt.batch_size,
+        linger: Duration::from_millis(rt.linger_ms),
+        watermark_interval: Duration::from_millis(rt.watermark_interval_ms),
+        metrics: metrics.clone(),
+    };
+    Ok((runner, metrics))
+}
