@@ -1,0 +1,137 @@
+//! `DeploymentActor`: the subtasks of one job deployment on this task manager.
+//!
+//! Created by the `TaskManager` once a `Deployment`'s channels are wired. Starts one
+//! `SubtaskActor` per subtask on the task manager's slots, reports each subtask's state to the
+//! job manager, and stops when all of them stopped (releasing the deployment's channels).
+//! Invariant: every subtask's final state is reported exactly once.
+
+use std::collections::HashMap;
+
+use actix::prelude::*;
+use engine::ids::{Generation, JobId};
+use engine::net::DataPlane;
+use engine::protocol::control::{SubtaskState, ToJobManager};
+use engine::runtime::task::{
+    CancelSubtask, SubtaskActor, SubtaskEvent, SubtaskId, SubtaskOutcome, SubtaskRunner,
+};
+use tokio::sync::mpsc;
+use tracing::info;
+
+/// A deployment ended (all its subtasks stopped).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DeploymentEnded {
+    /// The job.
+    pub job: JobId,
+    /// The deployment.
+    pub generation: Generation,
+}
+
+/// Stop every subtask of the deployment.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CancelDeployment;
+
+/// The subtasks of one deployment.
+pub struct DeploymentActor {
+    job: JobId,
+    generation: Generation,
+    /// Runners and the slot (arbiter) each goes to, until `started` starts them.
+    pending: Vec<(SubtaskRunner, ArbiterHandle)>,
+    actors: HashMap<SubtaskId, Addr<SubtaskActor>>,
+    /// Control messages to the job manager.
+    to_jm: mpsc::UnboundedSender<ToJobManager>,
+    /// Told when the deployment ends.
+    ended: Recipient<DeploymentEnded>,
+    data: DataPlane,
+}
+
+impl DeploymentActor {
+    /// A deployment of `runners`; nothing runs until started.
+    pub fn new(
+        job: JobId,
+        generation: Generation,
+        runners: Vec<(SubtaskRunner, ArbiterHandle)>,
+        to_jm: mpsc::UnboundedSender<ToJobManager>,
+        ended: Recipient<DeploymentEnded>,
+        data: DataPlane,
+    ) -> DeploymentActor {
+        DeploymentActor {
+            job,
+            generation,
+            pending: runners,
+            actors: HashMap::new(),
+            to_jm,
+            ended,
+            data,
+        }
+    }
+
+    fn report(&self, id: &SubtaskId, state: SubtaskState, message: Option<String>) {
+        // A closed control channel means the job manager is gone; the task manager is
+        // stopping its subtasks anyway.
+        let _ = self.to_jm.send(ToJobManager::SubtaskState {
+            job: self.job,
+            generation: self.generation,
+            task: id.task as u32,
+            subtask: id.index as u32,
+            state,
+            message,
+        });
+    }
+}
+
+impl Actor for DeploymentActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let me = ctx.address().recipient();
+        for (runner, arbiter) in std::mem::take(&mut self.pending) {
+            let id = runner.id.clone();
+            let report = me.clone();
+            let addr = SubtaskActor::start_in_arbiter(&arbiter, move |_| {
+                SubtaskActor::new(runner, report)
+            });
+            self.report(&id, SubtaskState::Running, None);
+            self.actors.insert(id, addr);
+        }
+        info!(job = %self.job, generation = %self.generation, subtasks = self.actors.len(), "Deployment started.");
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.data.release(self.job, self.generation);
+        self.ended.do_send(DeploymentEnded {
+            job: self.job,
+            generation: self.generation,
+        });
+    }
+}
+
+impl Handler<SubtaskEvent> for DeploymentActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SubtaskEvent, ctx: &mut Self::Context) {
+        if self.actors.remove(&msg.id).is_none() {
+            return;
+        }
+        let (state, message) = match msg.outcome {
+            SubtaskOutcome::Finished => (SubtaskState::Finished, None),
+            SubtaskOutcome::Canceled => (SubtaskState::Canceled, None),
+            SubtaskOutcome::Failed(e) => (SubtaskState::Failed, Some(e.to_string())),
+        };
+        self.report(&msg.id, state, message);
+        if self.actors.is_empty() {
+            ctx.stop();
+        }
+    }
+}
+
+impl Handler<CancelDeployment> for DeploymentActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: CancelDeployment, _ctx: &mut Self::Context) {
+        for a in self.actors.values() {
+            a.do_send(CancelSubtask);
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! `TaskManager`: one per process. Hosts deployments of jobs in its slots.
+//!
+//! Receives `FromJobManager` (deploy, cancel, abort) from the control connection and
+//! `DeploymentEnded` from its deployments. Emits heartbeats with live subtask counters every
+//! `heartbeat_interval_ms` on the control connection.
+//! Invariant: when the control connection is lost, every subtask is stopped, so a task
+//! manager the job manager gave up on never keeps producing output.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use engine::graph::JobGraph;
+use engine::ids::{Generation, JobId, TaskManagerId};
+use engine::net::DataPlane;
+use engine::operator::CollectTarget;
+use engine::protocol::control::{
+    Deployment, SubtaskReport, SubtaskState, ToJobManager, ToTaskManager,
+};
+use engine::protocol::data::ChannelId;
+use engine::runtime::channel::{channel, InputChannel, OutputChannel};
+use engine::runtime::deploy::{build_runner, edge_sources, edge_targets};
+use engine::runtime::task::{SubtaskMetrics, SubtaskRunner};
+use engine::spec::JobSpec;
+use engine::Record;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::config::TmConfig;
+use crate::deployment::{CancelDeployment, DeploymentActor, DeploymentEnded};
+
+/// A message from the job manager.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FromJobManager(pub ToTaskManager);
+
+/// The control connection to the job manager is up (again): send through `to_jm`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Connected(pub mpsc::UnboundedSender<ToJobManager>);
+
+/// The control connection dropped.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ConnectionLost;
+
+/// A running deployment and its subtasks' counters.
+struct Running {
+    actor: Addr<DeploymentActor>,
+    metrics: Vec<(u32, u32, Arc<SubtaskMetrics>)>,
+}
+
+/// The task manager actor.
+pub struct TaskManager {
+    id: TaskManagerId,
+    config: TmConfig,
+    data: DataPlane,
+    /// Control messages to the job manager (None while disconnected).
+    to_jm: Option<mpsc::UnboundedSender<ToJobManager>>,
+    /// One arbiter (thread) per slot.
+    slots: Vec<Arbiter>,
+    deployments: HashMap<(JobId, Generation), Running>,
+}
+
+impl TaskManager {
+    /// A task manager; no I/O until started.
+    pub fn new(id: TaskManagerId, config: TmConfig, data: DataPlane) -> TaskManager {
+        TaskManager {
+            id,
+            config,
+            data,
+            to_jm: None,
+            slots: Vec::new(),
+            deployments: HashMap::new(),
+        }
+    }
+
+    fn send(&self, msg: ToJobManager) {
+        if let Some(tx) = &self.to_jm {
+            // Fails only if the connection task ended; ConnectionLost follows.
+            let _ = tx.send(msg);
+        }
+    }
+
+    fn deploy(&mut self, d: Deployment, ctx: &mut Context<Self>) {
+        let Some(to_jm) = self.to_jm.clone() else {
+            return;
+        };
+        let (job, generation) = (d.job, d.generation);
+        info!(job = %job, generation = %generation, subtasks = d.subtasks.len(), "Deploying.");
+        let wiring = wire(self.id, self.data.clone(), d.clone(), to_jm.clone());
+        ctx.spawn(
+            wiring
+                .into_actor(self)
+                .map(move |result, act, ctx| match result {
+                    Ok(runners) => {
+                        let metrics = runners
+                            .iter()
+                            .map(|(r, m)| (r.id.task as u32, r.id.index as u32, m.clone()))
+                            .collect();
+                        let slots: Vec<ArbiterHandle> =
+                            act.slots.iter().map(Arbiter::handle).collect();
+                        let placed = runners
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, (r, _))| {
+                                let slot = slots[r.id.index.wrapping_add(i) % slots.len()].clone();
+                                (r, slot)
+                            })
+                            .collect();
+                        let actor = DeploymentActor::new(
+                            job,
+                            generation,
+                            placed,
+                            to_jm,
+                            ctx.address().recipient(),
+                            act.data.clone(),
+                        )
+                        .start();
+                        act.deployments
+                            .insert((job, generation), Running { actor, metrics });
+                    }
+                    Err(message) => {
+                        error!(job = %job, error = %message, "Deployment failed.");
+                        for (task, subtask) in d.subtasks {
+                            act.send(ToJobManager::SubtaskState {
+                                job,
+                                generation,
+                                task,
+                                subtask,
+                                state: SubtaskState::Failed,
+                                message: Some(message.clone()),
+                            });
+                        }
+                    }
+                }),
+        );
+    }
+
+    fn heartbeat(&self) {
+        let subtasks = self
+            .deployments
+            .iter()
+            .flat_map(|((job, generation), r)| {
+                r.metrics
+                    .iter()
+                    .map(move |(task, subtask, m)| SubtaskReport {
+                        job: *job,
+                        generation: *generation,
+                        task: *task,
+                        subtask: *subtask,
+                        records_in: m.records_in.load(std::sync::atomic::Ordering::Relaxed),
+                        records_out: m
+                            .router
+                            .records_out
+                            .load(std::sync::atomic::Ordering::Relaxed),
+                        backpressure_ms: m
+                            .router
+                            .backpressure_ns
+                            .load(std::sync::atomic::Ordering::Relaxed)
+                            / 1_000_000,
+                        watermark: m.watermark.load(std::sync::atomic::Ordering::Relaxed),
+                    })
+            })
+            .collect();
+        self.send(ToJobManager::Heartbeat { subtasks });
+    }
+
+    fn cancel_all(&mut self) {
+        for r in self.deployments.values() {
+            r.actor.do_send(CancelDeployment);
+        }
+    }
+}
+
+impl Actor for TaskManager {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.slots = (0..self.config.slots.max(1))
+            .map(|_| Arbiter::new())
+            .collect();
+        ctx.run_interval(
+            Duration::from_millis(self.config.heartbeat_interval_ms),
+            |act, _| act.heartbeat(),
+        );
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        for a in &self.slots {
+            a.stop();
+        }
+    }
+}
+
+impl Handler<Connected> for TaskManager {
+    type Result = ();
+
+    fn handle(&mut self, msg: Connected, _ctx: &mut Self::Context) {
+        self.to_jm = Some(msg.0);
+        self.heartbeat();
+    }
+}
+
+impl Handler<FromJobManager> for TaskManager {
+    type Result = ();
+
+    fn handle(&mut self, msg: FromJobManager, ctx: &mut Self::Context) {
+        match msg.0 {
+            ToTaskManager::Registered => {}
+            ToTaskManager::Deploy(d) => self.deploy(d, ctx),
+            ToTaskManager::Cancel { job, generation } => {
+                if let Some(r) = self.deployments.get(&(job, generation)) {
+                    info!(job = %job, generation = %generation, "Canceling deployment.");
+                    r.actor.do_send(CancelDeployment);
+                }
+            }
+            ToTaskManager::Abort => {
+                error!(tm = %self.id, "Abort requested by the job manager: exiting at once.");
+                std::process::abort();
+            }
+        }
+    }
+}
+
+impl Handler<ConnectionLost> for TaskManager {
+    type Result = ();
+
+    fn handle(&mut self, _msg: ConnectionLost, _ctx: &mut Self::Context) {
+        warn!(tm = %self.id, "Lost the job manager: stopping every subtask.");
+        self.to_jm = None;
+        self.cancel_all();
+    }
+}
+
+impl Handler<DeploymentEnded> for TaskManager {
+    type Result = ();
+
+    fn handle(&mut self, msg: DeploymentEnded, _ctx: &mut Self::Context) {
+        self.deployments.remove(&(msg.job, msg.generation));
+    }
+}
+
+/// Delivers `collect` output to the job manager.
+struct ToJobManagerCollect {
+    job: JobId,
+    generation: Generation,
+    to_jm: mpsc::UnboundedSender<ToJobManager>,
+}
+
+impl CollectTarget for ToJobManagerCollect {
+    fn deliver(&self, operator: &str, subtask: usize, records: Vec<Record>) {
+        let _ = self.to_jm.send(ToJobManager::Collected {
+            job: self.job,
+            generation: self.generation,
+            operator: operator.to_string(),
+            subtask: subtask as u32,
+            records,
+        });
+    }
+}
+
+type Wired = Vec<(SubtaskRunner, Arc<SubtaskMetrics>)>;
+
+/// Builds the runners of this task manager's share of a deployment: local channels between
+/// subtasks placed here, data-plane channels to and from the others.
+async fn wire(
+    me: TaskManagerId,
+    data: DataPlane,
+    d: Deployment,
+    to_jm: mpsc::UnboundedSender<ToJobManager>,
+) -> Result<Wired, String> {
+    let spec = JobSpec::from_json(&d.spec).map_err(|e| e.to_string())?;
+    let graph = JobGraph::build(&spec, &jobs::registry()).map_err(|e| e.to_string())?;
+    let place: HashMap<(u32, u32), (TaskManagerId, String)> = d
+        .placement
+        .iter()
+        .map(|p| ((p.task, p.subtask), (p.tm, p.data_addr.clone())))
+        .collect();
+    let locate = |task: usize, subtask: usize| {
+        place
+            .get(&(task as u32, subtask as u32))
+            .cloned()
+            .ok_or_else(|| format!("no placement for subtask {task}.{subtask}"))
+    };
+    let credits = graph.runtime.credits;
+    let cid = |edge: usize, from: usize, to: usize| ChannelId {
+        job: d.job,
+        generation: d.generation,
+        edge: edge as u32,
+        from: from as u32,
+        to: to as u32,
+    };
+    // Both ends of channels between two local subtasks, taken by whichever is wired first.
+    let mut local: HashMap<ChannelId, (Option<OutputChannel>, Option<InputChannel>)> =
+        HashMap::new();
+    let collect: Arc<dyn CollectTarget> = Arc::new(ToJobManagerCollect {
+        job: d.job,
+        generation: d.generation,
+        to_jm,
+    });
+    let mut out = Vec::new();
+    for &(task, subtask) in &d.subtasks {
+        let (t, s) = (task as usize, subtask as usize);
+        if t >= graph.tasks.len() || s >= graph.tasks[t].parallelism {
+            return Err(format!(
+                "deployment names subtask {t}.{s}, which the job does not have"
+            ));
+        }
+        let mut inputs = Vec::new();
+        for (ei, e) in graph.edges.iter().enumerate().filter(|(_, e)| e.to == t) {
+            for u in edge_sources(&graph, e, s) {
+                let (tm, addr) = locate(e.from, u)?;
+                let id = cid(ei, u, s);
+                if tm == me {
+                    let slot = local.entry(id).or_insert_with(|| {
+                        let (tx, rx) = channel(credits, e.input);
+                        (Some(tx), Some(rx))
+                    });
+                    inputs.push(slot.1.take().ok_or("local channel wired twice")?);
+                } else {
+                    let rx = data
+                        .register_input(id, tm, &addr, credits)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    inputs.push(InputChannel::new(rx, e.input));
+                }
+            }
+        }
+        let mut outputs = Vec::new();
+        for (ei, e) in graph.edges.iter().enumerate().filter(|(_, e)| e.from == t) {
+            let mut senders = Vec::new();
+            for v in edge_targets(&graph, e, s) {
+                let (tm, addr) = locate(e.to, v)?;
+                let id = cid(ei, s, v);
+                if tm == me {
+                    let slot = local.entry(id).or_insert_with(|| {
+                        let (tx, rx) = channel(credits, e.input);
+                        (Some(tx), Some(rx))
+                    });
+                    senders.push(slot.0.take().ok_or("local channel wired twice")?);
+                } else {
+                    let tx = data
+                        .register_output(id, tm, &addr)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    senders.push(OutputChannel::remote(tx));
+                }
+            }
+            outputs.push(senders);
+        }
+        out.push(
+            build_runner(&graph, t, s, inputs, outputs, collect.clone())
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    Ok(out)
+}
