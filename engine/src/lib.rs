@@ -1,13 +1,13 @@
 //! Weir engine: the vocabulary and mechanisms shared by the job manager and task managers.
 //!
-//! - [`value`], [`record`]: the data model (`Value`, `Record`, `Batch`, `StreamEvent`).
-//! - [`codec`]: rkyv wire encoding of stream events.
-//! - [`expr`]: the expression language used in job specs, compiled once per operator.
-//! - [`spec`]: job specs (JSON) and their validation.
-//! - [`graph`]: from a spec to tasks (operator chains) and exchanges.
-//! - [`operator`]: the operator trait and the built-in operator library.
-//! - [`runtime`]: subtask actors, credit-based channels, and the in-process executor.
-//! - [`ids`], [`protocol`]: identifiers and the messages between processes.
+//! - [`value`], [`record`] — the data model (`Value`, `Record`, `Batch`, `StreamEvent`).
+//! - [`codec`] — rkyv wire encoding of stream events.
+//! - [`expr`] — the expression language used in job specs, compiled once per operator.
+//! - [`spec`] — job specs (JSON) and their validation.
+//! - [`graph`] — from a spec to tasks (operator chains) and exchanges.
+//! - [`operator`] — the operator trait and the built-in operator library.
+//! - [`runtime`] — subtask actors, credit-based channels, and the in-process executor.
+//! - [`ids`], [`protocol`] — identifiers and the messages between processes.
 #![warn(missing_docs)]
 
 pub mod codec;

@@ -46,6 +46,9 @@ struct Conn {
 struct Inner {
     tm: TaskManagerId,
     addr: SocketAddr,
+    /// The runtime the data plane's tasks (accept, read, write) run on: the one `bind` was
+    /// called on, so a task manager can keep decoding off its control thread.
+    rt: tokio::runtime::Handle,
     /// Channels received here: where the connection reader delivers their events.
     inputs: Mutex<HashMap<ChannelId, credit::Sender>>,
     /// Channels sent from here: the credits their remote receivers granted.
@@ -78,7 +81,8 @@ pub enum NetError {
 }
 
 impl DataPlane {
-    /// Binds the data-plane server on `addr` (port 0 picks one) and starts accepting.
+    /// Binds the data-plane server on `addr` (port 0 picks one) and starts accepting. The
+    /// plane's tasks run on the calling runtime.
     pub async fn bind(tm: TaskManagerId, addr: &str) -> std::io::Result<DataPlane> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
@@ -86,6 +90,7 @@ impl DataPlane {
             inner: Arc::new(Inner {
                 tm,
                 addr,
+                rt: tokio::runtime::Handle::current(),
                 inputs: Mutex::default(),
                 outputs: Mutex::default(),
                 peers: Mutex::default(),
@@ -93,7 +98,10 @@ impl DataPlane {
             }),
         };
         let accepting = plane.clone();
-        tokio::spawn(async move { accepting.accept_loop(listener).await });
+        plane
+            .inner
+            .rt
+            .spawn(async move { accepting.accept_loop(listener).await });
         Ok(plane)
     }
 
@@ -215,9 +223,9 @@ impl DataPlane {
         let (read, write) = stream.into_split();
         let (tx, rx) = mpsc::unbounded_channel();
         let conn = Conn { tx };
-        tokio::spawn(write_loop(write, rx, peer));
+        self.inner.rt.spawn(write_loop(write, rx, peer));
         let reader = self.clone();
-        tokio::spawn(async move {
+        self.inner.rt.spawn(async move {
             let mut read = read;
             if let Err(e) = reader.read_loop(&mut read, peer).await {
                 error!(peer = %peer, error = %e, "Data-plane connection closed on a bad frame.");
@@ -249,7 +257,7 @@ impl DataPlane {
                 }
             };
             let plane = self.clone();
-            tokio::spawn(async move {
+            self.inner.rt.spawn(async move {
                 if let Err(e) = plane.handshake(stream).await {
                     error!(remote = %from, error = %e, "Data-plane connection refused.");
                 }

@@ -1,8 +1,8 @@
 //! `jobmanager`: the Weir job manager binary.
 //!
-//! Subcommands:
-//! - `run-local FILE`: validate a job spec and run it in this process (every subtask an
-//!   actor on a pool of arbiter threads), printing progress, results and throughput.
+//! - `serve`: run a job manager that task managers connect to.
+//! - `local`: a job manager plus N task manager processes on loopback (optionally a job).
+//! - `run-local FILE`: run a job spec in this process only, printing results and throughput.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use engine::graph::JobGraph;
 use engine::runtime::{JobOutcome, LocalConfig, LocalExecutor, TaskMetrics};
 use engine::spec::JobSpec;
+use jobmanager::config::JmConfig;
 
 #[derive(Parser)]
 #[command(name = "jobmanager", version, about = "Weir job manager")]
@@ -22,6 +23,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a job manager; task managers connect to its control address.
+    Serve {
+        #[command(flatten)]
+        config: JmConfig,
+    },
+    /// Run a job manager and N task manager processes on this machine.
+    Local {
+        /// Number of task manager processes to start.
+        #[arg(long, default_value_t = 3)]
+        taskmanagers: usize,
+        /// Slots per task manager.
+        #[arg(long, default_value_t = 2)]
+        slots: u32,
+        /// REST port (shorthand for --rest-addr 127.0.0.1:PORT).
+        #[arg(long)]
+        rest_port: Option<u16>,
+        /// A job spec to submit once the task managers registered.
+        #[arg(long)]
+        job: Option<PathBuf>,
+        #[command(flatten)]
+        config: JmConfig,
+    },
     /// Run a job spec in this process and print its results and throughput.
     RunLocal {
         /// Path of the job spec (JSON).
@@ -39,18 +62,61 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    engine::telemetry::init("warn");
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve { config } => {
+            engine::telemetry::init("info");
+            let result = actix::System::new().block_on(async move {
+                let jm = jobmanager::start(&config, Default::default()).await?;
+                println!(
+                    "Weir job manager: REST http://{}  control {}",
+                    jm.rest_addr, jm.control_addr
+                );
+                let _ = tokio::signal::ctrl_c().await;
+                jm.server.stop(true).await;
+                Ok::<(), String>(())
+            });
+            exit(result)
+        }
+        Command::Local {
+            taskmanagers,
+            slots,
+            rest_port,
+            job,
+            mut config,
+        } => {
+            engine::telemetry::init("warn");
+            if let Some(p) = rest_port {
+                config.rest_addr = format!("127.0.0.1:{p}");
+            }
+            exit(actix::System::new().block_on(jobmanager::local::run(
+                config,
+                taskmanagers,
+                slots,
+                job,
+            )))
+        }
         Command::RunLocal {
             file,
             slots,
             show,
             duration_secs,
-        } => run_local(file, slots, show, duration_secs),
+        } => {
+            engine::telemetry::init("warn");
+            run_local(file, slots, show, duration_secs)
+        }
     }
 }
 
+fn exit(result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
 fn run_local(file: PathBuf, slots: Option<usize>, show: usize, duration: Option<u64>) -> ExitCode {
     let text = match std::fs::read_to_string(&file) {
         Ok(t) => t,

@@ -1,10 +1,10 @@
 //! The Weir task manager: registers with a job manager, hosts subtask actors in its slots,
 //! serves the data plane, and is one member of the distributed cache (later).
 //!
-//! - [`config`]: flags and TOML configuration.
-//! - [`task_manager`]: the `TaskManager` actor (deployments, heartbeats).
-//! - [`deployment`]: the subtasks of one job deployment.
-//! - [`run`]: the control connection loop that ties them together.
+//! - [`config`] — flags and TOML configuration.
+//! - [`task_manager`] — the `TaskManager` actor (deployments, heartbeats).
+//! - [`deployment`] — the subtasks of one job deployment.
+//! - [`run`] — the control connection loop that ties them together.
 
 pub mod config;
 pub mod deployment;
@@ -29,8 +29,17 @@ use crate::task_manager::{Connected, ConnectionLost, FromJobManager, TaskManager
 /// `exit_after_disconnect_ms`. Must run inside an actix `System`.
 pub async fn run(config: TmConfig) -> Result<(), String> {
     let id = TaskManagerId::random();
-    let data = DataPlane::bind(id, &config.data_addr)
+    // The data plane decodes every incoming batch: give it its own thread so heartbeats and
+    // control messages never wait behind it.
+    let net = Arbiter::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let bind_addr = config.data_addr.clone();
+    net.spawn(async move {
+        let _ = tx.send(DataPlane::bind(id, &bind_addr).await);
+    });
+    let data = rx
         .await
+        .map_err(|_| "the data-plane thread stopped".to_string())?
         .map_err(|e| format!("cannot bind the data plane on {}: {e}", config.data_addr))?;
     let data_addr = data.local_addr().to_string();
     info!(tm = %id, data = %data_addr, slots = config.slots, jobmanager = %config.jobmanager, "Task manager starting.");

@@ -238,6 +238,8 @@ impl Handler<DeploymentEnded> for TaskManager {
     type Result = ();
 
     fn handle(&mut self, msg: DeploymentEnded, _ctx: &mut Self::Context) {
+        // One last report so the job manager sees the final counters.
+        self.heartbeat();
         self.deployments.remove(&(msg.job, msg.generation));
     }
 }

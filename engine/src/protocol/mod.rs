@@ -1,10 +1,10 @@
 //! Messages between processes, and how they are framed on TCP.
 //!
-//! - [`frame`]: length-prefixed frames (`u32` little-endian length, then an rkyv payload),
+//! - [`frame`] — length-prefixed frames (`u32` little-endian length, then an rkyv payload),
 //!   with a size limit, shared by both conversations.
-//! - [`control`]: task manager <-> job manager (registration, heartbeats, deployment,
+//! - [`control`] — task manager <-> job manager (registration, heartbeats, deployment,
 //!   subtask state, collected output).
-//! - [`data`]: task manager <-> task manager (stream events per logical channel, credits).
+//! - [`data`] — task manager <-> task manager (stream events per logical channel, credits).
 //!
 //! Every message that belongs to a job carries its `JobId` and `Generation`, so a late
 //! message from an earlier deployment is recognised and dropped, never obeyed.

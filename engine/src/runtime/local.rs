@@ -228,14 +228,14 @@ impl LocalExecutor {
             .map(|t| (0..t.parallelism).map(|_| Vec::new()).collect())
             .collect();
         for edge in &graph.edges {
-            for i in 0..graph.tasks[edge.from].parallelism {
+            for (i, outs) in outputs[edge.from].iter_mut().enumerate() {
                 let mut senders = Vec::new();
                 for j in edge_targets(graph, edge, i) {
                     let (tx, rx) = channel(rt.credits, edge.input);
                     senders.push(tx);
                     inputs[edge.to][j].push(rx);
                 }
-                outputs[edge.from][i].push(senders);
+                outs.push(senders);
             }
         }
 

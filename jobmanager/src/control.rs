@@ -1,0 +1,138 @@
+//! The control server: accepts task manager connections and turns their frames into
+//! messages for the resource manager and the dispatcher (the `rpc.rs` of the style guide).
+//!
+//! Each connection must start with `Register`; anything else, or a frame that does not
+//! decode, closes that connection (and declares its task manager dead if it had registered)
+//! without affecting the others.
+
+use std::time::Duration;
+
+use actix::prelude::*;
+use engine::ids::TaskManagerId;
+use engine::protocol::control::{ToJobManager, ToTaskManager};
+use engine::protocol::frame::{read_msg, write_msg};
+use rkyv::util::AlignedVec;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tracing::{error, warn};
+
+use crate::dispatcher::{CollectedOutput, Dispatcher, SubtaskUpdate};
+use crate::resource_manager::{Disconnected, Heartbeat, Register, ResourceManager};
+
+/// Accepts task managers on `listener` until the process ends.
+pub async fn serve(listener: TcpListener, rm: Addr<ResourceManager>, dispatcher: Addr<Dispatcher>) {
+    loop {
+        let (stream, from) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "Control accept failed.");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (rm, dispatcher) = (rm.clone(), dispatcher.clone());
+        actix::spawn(async move {
+            if let Err(e) = connection(stream, rm, dispatcher).await {
+                error!(remote = %from, error = %e, "Control connection closed.");
+            }
+        });
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    rm: Addr<ResourceManager>,
+    dispatcher: Addr<Dispatcher>,
+) -> Result<(), String> {
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (mut read, mut write) = stream.into_split();
+    let mut buf = AlignedVec::new();
+    let first = tokio::time::timeout(
+        Duration::from_secs(5),
+        read_msg::<_, ToJobManager>(&mut read, &mut buf),
+    )
+    .await
+    .map_err(|_| "no registration within 5 s".to_string())?
+    .map_err(|e| e.to_string())?;
+    let Some(ToJobManager::Register {
+        tm,
+        slots,
+        data_addr,
+        pid,
+    }) = first
+    else {
+        return Err("the first message must be Register".into());
+    };
+    write_msg(&mut write, &ToTaskManager::Registered)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<ToTaskManager>();
+    rm.do_send(Register {
+        tm,
+        slots,
+        data_addr,
+        pid,
+        tx,
+    });
+    let writer = actix::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            if write_msg(&mut write, &msg).await.is_err() {
+                return;
+            }
+        }
+    });
+    let result = relay(&mut read, &mut buf, tm, &rm, &dispatcher).await;
+    writer.abort();
+    rm.do_send(Disconnected(tm));
+    result
+}
+
+async fn relay(
+    read: &mut tokio::net::tcp::OwnedReadHalf,
+    buf: &mut AlignedVec<16>,
+    tm: TaskManagerId,
+    rm: &Addr<ResourceManager>,
+    dispatcher: &Addr<Dispatcher>,
+) -> Result<(), String> {
+    loop {
+        let msg = match read_msg::<_, ToJobManager>(read, buf).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(format!("task manager {tm}: {e}")),
+        };
+        match msg {
+            ToJobManager::Register { .. } => {
+                return Err(format!("task manager {tm} registered twice"))
+            }
+            ToJobManager::Heartbeat { subtasks } => rm.do_send(Heartbeat { tm, subtasks }),
+            ToJobManager::SubtaskState {
+                job,
+                generation,
+                task,
+                subtask,
+                state,
+                message,
+            } => dispatcher.do_send(SubtaskUpdate {
+                tm,
+                job,
+                generation,
+                task,
+                subtask,
+                state,
+                message,
+            }),
+            ToJobManager::Collected {
+                job,
+                generation,
+                operator,
+                records,
+                ..
+            } => dispatcher.do_send(CollectedOutput {
+                job,
+                generation,
+                operator,
+                records,
+            }),
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! The Weir job manager: REST API, task manager registry and failure detector, job
+//! scheduling and lifecycle, durable job metadata, and `local` mode.
+//!
+//! - [`config`] — flags.
+//! - [`resource_manager`] — task managers, heartbeats, failure detection, kills.
+//! - [`dispatcher`] — jobs: validation, placement, deployment, states, output.
+//! - [`control`] — the TCP server task managers connect to.
+//! - [`rest`], [`metrics`] — the HTTP API and Prometheus metrics.
+//! - [`store`] — sled-backed job metadata.
+//! - [`local`] — `jobmanager local`, which starts task manager processes too.
+
+pub mod config;
+pub mod control;
+pub mod dispatcher;
+pub mod local;
+pub mod metrics;
+pub mod resource_manager;
+pub mod rest;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use actix::prelude::*;
+use actix_web::{web, App, HttpServer};
+
+use crate::config::JmConfig;
+use crate::dispatcher::Dispatcher;
+use crate::resource_manager::{LocalProcesses, ResourceManager, Subscribe};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A running job manager.
+pub struct JobManager {
+    /// Where the REST API listens.
+    pub rest_addr: SocketAddr,
+    /// Where task managers connect.
+    pub control_addr: SocketAddr,
+    /// The task manager registry.
+    pub rm: Addr<ResourceManager>,
+    /// The jobs.
+    pub dispatcher: Addr<Dispatcher>,
+    /// The HTTP server (stop it to shut down).
+    pub server: actix_web::dev::ServerHandle,
+}
+
+/// Starts the job manager's actors, control server and REST API. Must run inside an actix
+/// `System`.
+pub async fn start(config: &JmConfig, local: LocalProcesses) -> Result<JobManager, String> {
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| format!("cannot create {}: {e}", config.data_dir.display()))?;
+    let store = store::Store::open(&config.data_dir)?;
+    let rm =
+        ResourceManager::new(Duration::from_millis(config.heartbeat_timeout_ms), local).start();
+    let dispatcher = Dispatcher::new(rm.clone(), store, config.collect_limit).start();
+    rm.do_send(Subscribe {
+        lost: dispatcher.clone().recipient(),
+        reports: dispatcher.clone().recipient(),
+    });
+
+    let listener = tokio::net::TcpListener::bind(&config.control_addr)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot bind the control address {}: {e}",
+                config.control_addr
+            )
+        })?;
+    let control_addr = listener.local_addr().map_err(|e| e.to_string())?;
+    actix::spawn(control::serve(listener, rm.clone(), dispatcher.clone()));
+
+    let state = rest::ApiState {
+        rm: rm.clone(),
+        dispatcher: dispatcher.clone(),
+        token: config.api_token.clone(),
+        max_body: config.max_body_bytes,
+    };
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(web::Data::new(state.clone()))
+            .configure(rest::routes)
+    })
+    .workers(1)
+    .disable_signals()
+    .bind(&config.rest_addr)
+    .map_err(|e| format!("cannot bind the REST address {}: {e}", config.rest_addr))?;
+    let rest_addr = *server
+        .addrs()
+        .first()
+        .ok_or("the REST server has no address")?;
+    let server = server.run();
+    let handle = server.handle();
+    actix::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "REST server stopped.");
+        }
+    });
+    tracing::info!(rest = %rest_addr, control = %control_addr, "Job manager started.");
+    Ok(JobManager {
+        rest_addr,
+        control_addr,
+        rm,
+        dispatcher,
+        server: handle,
+    })
+}

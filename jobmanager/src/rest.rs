@@ -1,0 +1,513 @@
+//! The REST API (actix-web), Flink-shaped: JSON in and out, errors as
+//! `{"errors": ["..."]}` (plus `operator`, `field`, `line`, `column` for a bad spec).
+//!
+//! Handlers only translate HTTP to actor messages. Mutating calls need
+//! `Authorization: Bearer <token>` when the job manager has an API token. The OpenAPI
+//! document at `/openapi.json` is generated from the handlers' annotations.
+
+// Error responses are built on cold paths; boxing them would only add noise.
+#![allow(clippy::result_large_err)]
+
+use actix::Addr;
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use engine::ids::{JobId, TaskManagerId};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use utoipa::OpenApi;
+
+use crate::dispatcher::{
+    CancelJob, Dispatcher, GetJob, GetOutput, JobDetail, JobState, JobSummary, ListJobs,
+    OutputPage, SubmitError, SubmitJob,
+};
+use crate::resource_manager::{
+    ClusterEvent, GetEvents, KillTaskManager, ListTaskManagers, ResourceManager, TaskManagerView,
+};
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct ApiState {
+    /// Task manager registry.
+    pub rm: Addr<ResourceManager>,
+    /// Jobs.
+    pub dispatcher: Addr<Dispatcher>,
+    /// Required bearer token for mutating calls.
+    pub token: Option<String>,
+    /// Largest accepted body.
+    pub max_body: usize,
+}
+
+/// An error body.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub errors: Vec<String>,
+    /// The offending operator (bad spec).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
+    /// The offending field (bad spec).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// Line in the submitted JSON (syntax errors).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<usize>,
+    /// Column in the submitted JSON (syntax errors).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub column: Option<usize>,
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> HttpResponse {
+    HttpResponse::build(status).json(ErrorBody {
+        errors: vec![message.into()],
+        operator: None,
+        field: None,
+        line: None,
+        column: None,
+    })
+}
+
+fn unavailable(e: actix::MailboxError) -> HttpResponse {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("job manager busy: {e}"),
+    )
+}
+
+fn authorize(req: &HttpRequest, state: &ApiState) -> Result<(), HttpResponse> {
+    let Some(token) = &state.token else {
+        return Ok(());
+    };
+    let given = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(token.as_str()) {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::UNAUTHORIZED,
+            "this call needs 'Authorization: Bearer <token>'",
+        ))
+    }
+}
+
+fn parse_job(id: &str) -> Result<JobId, HttpResponse> {
+    id.parse()
+        .map_err(|_| error(StatusCode::NOT_FOUND, format!("no job '{id}'")))
+}
+
+fn parse_tm(id: &str) -> Result<TaskManagerId, HttpResponse> {
+    id.parse()
+        .map_err(|_| error(StatusCode::NOT_FOUND, format!("no task manager '{id}'")))
+}
+
+/// Cluster overview.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Overview {
+    /// Alive task managers.
+    pub taskmanagers: usize,
+    /// Dead task managers.
+    pub taskmanagers_dead: usize,
+    /// Slots of alive task managers.
+    pub slots_total: u32,
+    /// Jobs running (or starting).
+    pub jobs_running: usize,
+    /// Jobs finished.
+    pub jobs_finished: usize,
+    /// Jobs canceled.
+    pub jobs_cancelled: usize,
+    /// Jobs failed.
+    pub jobs_failed: usize,
+    /// Records per second read by all running jobs' sources.
+    pub throughput: f64,
+    /// Weir version.
+    pub version: &'static str,
+    /// Recent task manager events.
+    pub events: Vec<ClusterEvent>,
+}
+
+/// Cluster overview.
+#[utoipa::path(get, path = "/overview", responses((status = 200, body = Overview)))]
+pub async fn overview(state: web::Data<ApiState>) -> HttpResponse {
+    let (tms, jobs, events) = match (
+        state.rm.send(ListTaskManagers).await,
+        state.dispatcher.send(ListJobs).await,
+        state.rm.send(GetEvents).await,
+    ) {
+        (Ok(t), Ok(j), Ok(e)) => (t, j, e),
+        (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => return unavailable(e),
+    };
+    let count = |s: JobState| jobs.iter().filter(|j| j.state == s).count();
+    let alive: Vec<&TaskManagerView> = tms.iter().filter(|t| t.state == "ALIVE").collect();
+    HttpResponse::Ok().json(Overview {
+        taskmanagers: alive.len(),
+        taskmanagers_dead: tms.len() - alive.len(),
+        slots_total: alive.iter().map(|t| t.slots).sum(),
+        jobs_running: jobs.iter().filter(|j| !j.state.is_terminal()).count(),
+        jobs_finished: count(JobState::Finished),
+        jobs_cancelled: count(JobState::Canceled),
+        jobs_failed: count(JobState::Failed),
+        throughput: jobs.iter().map(|j| j.throughput).sum(),
+        version: env!("CARGO_PKG_VERSION"),
+        events: events.into_iter().rev().take(50).collect(),
+    })
+}
+
+/// The job list.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct JobList {
+    /// Jobs, newest first.
+    pub jobs: Vec<JobSummary>,
+}
+
+/// List jobs.
+#[utoipa::path(get, path = "/jobs", responses((status = 200, body = JobList)))]
+pub async fn list_jobs(state: web::Data<ApiState>) -> HttpResponse {
+    match state.dispatcher.send(ListJobs).await {
+        Ok(jobs) => HttpResponse::Ok().json(JobList { jobs }),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// A submitted job's id.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Submitted {
+    /// The new job's id.
+    pub jobid: String,
+}
+
+/// Submit a job spec (JSON body).
+#[utoipa::path(post, path = "/jobs", request_body(content = Object, description = "job spec"),
+    responses((status = 200, body = Submitted), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 413, body = ErrorBody)))]
+pub async fn submit_job(
+    req: HttpRequest,
+    mut body: web::Payload,
+    state: web::Data<ApiState>,
+) -> HttpResponse {
+    if let Err(r) = authorize(&req, &state) {
+        return r;
+    }
+    let mut bytes = web::BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let Ok(chunk) = chunk else {
+            return error(StatusCode::BAD_REQUEST, "could not read the request body");
+        };
+        if bytes.len() + chunk.len() > state.max_body {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the job spec exceeds {} bytes", state.max_body),
+            );
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    let Ok(text) = String::from_utf8(bytes.to_vec()) else {
+        return error(StatusCode::BAD_REQUEST, "the job spec is not UTF-8");
+    };
+    match state.dispatcher.send(SubmitJob(text)).await {
+        Ok(Ok(id)) => HttpResponse::Ok().json(Submitted {
+            jobid: id.to_string(),
+        }),
+        Ok(Err(SubmitError::Invalid(e))) => HttpResponse::BadRequest().json(ErrorBody {
+            errors: vec![e.to_string()],
+            operator: e.operator,
+            field: e.field,
+            line: e.line,
+            column: e.column,
+        }),
+        Ok(Err(SubmitError::NoResources(m))) => error(StatusCode::BAD_REQUEST, m),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// One job with its tasks, subtasks and placement.
+#[utoipa::path(get, path = "/jobs/{id}", responses((status = 200, body = JobDetail), (status = 404, body = ErrorBody)))]
+pub async fn get_job(path: web::Path<String>, state: web::Data<ApiState>) -> HttpResponse {
+    let id = match parse_job(&path) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match state.dispatcher.send(GetJob(id)).await {
+        Ok(Some(job)) => HttpResponse::Ok().json(job),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no job '{id}'")),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// The state a cancel left the job in.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct CancelResult {
+    /// CANCELLING, or the terminal state it was already in.
+    pub state: JobState,
+}
+
+/// Cancel a job: every subtask stops and its slots are freed.
+#[utoipa::path(delete, path = "/jobs/{id}", responses((status = 202, body = CancelResult), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn cancel_job(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<ApiState>,
+) -> HttpResponse {
+    if let Err(r) = authorize(&req, &state) {
+        return r;
+    }
+    let id = match parse_job(&path) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match state.dispatcher.send(CancelJob(id)).await {
+        Ok(Ok(s)) => HttpResponse::Accepted().json(CancelResult { state: s }),
+        Ok(Err(())) => error(StatusCode::NOT_FOUND, format!("no job '{id}'")),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// Paging of collect output.
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct OutputQuery {
+    /// Only this collect operator.
+    pub operator: Option<String>,
+    /// First record (default 0).
+    pub offset: Option<usize>,
+    /// Records per page (default 1000, at most 100000).
+    pub limit: Option<usize>,
+}
+
+/// Collect output of a job, per collect operator.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Output {
+    /// One page per collect operator.
+    pub outputs: Vec<OutputPage>,
+}
+
+/// Records received by a job's collect sinks, paged.
+#[utoipa::path(get, path = "/jobs/{id}/output", params(OutputQuery), responses((status = 200, body = Output), (status = 404, body = ErrorBody)))]
+pub async fn job_output(
+    path: web::Path<String>,
+    q: web::Query<OutputQuery>,
+    state: web::Data<ApiState>,
+) -> HttpResponse {
+    let id = match parse_job(&path) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let msg = GetOutput {
+        job: id,
+        operator: q.operator.clone(),
+        offset: q.offset.unwrap_or(0),
+        limit: q.limit.unwrap_or(1000).min(100_000),
+    };
+    match state.dispatcher.send(msg).await {
+        Ok(Some(outputs)) => HttpResponse::Ok().json(Output { outputs }),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no job '{id}'")),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// Per-task metrics of a job.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct TaskMetricsView {
+    /// Task index.
+    pub id: u32,
+    /// Task name.
+    pub name: String,
+    /// Records read (all subtasks).
+    pub records_in: u64,
+    /// Records sent.
+    pub records_out: u64,
+    /// Records read per second.
+    pub records_in_per_sec: f64,
+    /// Records sent per second.
+    pub records_out_per_sec: f64,
+    /// Highest backpressure fraction among subtasks.
+    pub backpressure: f64,
+    /// Lowest subtask watermark.
+    pub watermark: Option<i64>,
+}
+
+/// Metrics of a job.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct JobMetrics {
+    /// Per task.
+    pub tasks: Vec<TaskMetricsView>,
+}
+
+/// Live per-task counters and rates of a job.
+#[utoipa::path(get, path = "/jobs/{id}/metrics", responses((status = 200, body = JobMetrics), (status = 404, body = ErrorBody)))]
+pub async fn job_metrics(path: web::Path<String>, state: web::Data<ApiState>) -> HttpResponse {
+    let id = match parse_job(&path) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match state.dispatcher.send(GetJob(id)).await {
+        Ok(Some(job)) => HttpResponse::Ok().json(JobMetrics {
+            tasks: job
+                .vertices
+                .iter()
+                .map(|v| TaskMetricsView {
+                    id: v.id,
+                    name: v.name.clone(),
+                    records_in: v.subtasks.iter().map(|s| s.records_in).sum(),
+                    records_out: v.subtasks.iter().map(|s| s.records_out).sum(),
+                    records_in_per_sec: v.subtasks.iter().map(|s| s.records_in_per_sec).sum(),
+                    records_out_per_sec: v.subtasks.iter().map(|s| s.records_out_per_sec).sum(),
+                    backpressure: v
+                        .subtasks
+                        .iter()
+                        .map(|s| s.backpressure)
+                        .fold(0.0, f64::max),
+                    watermark: v.subtasks.iter().map(|s| s.watermark).min().flatten(),
+                })
+                .collect(),
+        }),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no job '{id}'")),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// Task managers.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct TaskManagerList {
+    /// Every task manager that registered, alive or dead.
+    pub taskmanagers: Vec<TaskManagerView>,
+}
+
+/// List task managers.
+#[utoipa::path(get, path = "/taskmanagers", responses((status = 200, body = TaskManagerList)))]
+pub async fn list_taskmanagers(state: web::Data<ApiState>) -> HttpResponse {
+    match state.rm.send(ListTaskManagers).await {
+        Ok(taskmanagers) => HttpResponse::Ok().json(TaskManagerList { taskmanagers }),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// One task manager.
+#[utoipa::path(get, path = "/taskmanagers/{id}", responses((status = 200, body = TaskManagerView), (status = 404, body = ErrorBody)))]
+pub async fn get_taskmanager(path: web::Path<String>, state: web::Data<ApiState>) -> HttpResponse {
+    let id = match parse_tm(&path) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match state.rm.send(ListTaskManagers).await {
+        Ok(tms) => match tms.into_iter().find(|t| t.id == id.to_string()) {
+            Some(t) => HttpResponse::Ok().json(t),
+            None => error(StatusCode::NOT_FOUND, format!("no task manager '{id}'")),
+        },
+        Err(e) => unavailable(e),
+    }
+}
+
+/// How a task manager was killed.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Killed {
+    /// `SIGKILL` (a process this job manager started) or `ABORT` (asked to abort at once).
+    pub method: &'static str,
+}
+
+/// Crash a task manager (SIGKILL for a local process, an immediate abort otherwise).
+#[utoipa::path(post, path = "/taskmanagers/{id}/kill", responses((status = 200, body = Killed), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn kill_taskmanager(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<ApiState>,
+) -> HttpResponse {
+    if let Err(r) = authorize(&req, &state) {
+        return r;
+    }
+    let id = match parse_tm(&path) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match state.rm.send(KillTaskManager(id)).await {
+        Ok(Ok(method)) => HttpResponse::Ok().json(Killed { method }),
+        Ok(Err(m)) if m.starts_with("unknown") => {
+            error(StatusCode::NOT_FOUND, format!("no task manager '{id}'"))
+        }
+        Ok(Err(m)) => error(StatusCode::CONFLICT, m),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// Prometheus metrics (text format).
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub async fn prometheus_metrics(state: web::Data<ApiState>) -> HttpResponse {
+    let (tms, jobs) = match (
+        state.rm.send(ListTaskManagers).await,
+        state.dispatcher.send(ListJobs).await,
+    ) {
+        (Ok(t), Ok(j)) => (t, j),
+        (Err(e), _) | (_, Err(e)) => return unavailable(e),
+    };
+    match crate::metrics::render(&tms, &jobs) {
+        Ok(text) => HttpResponse::Ok()
+            .content_type("text/plain; version=0.0.4")
+            .body(text),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// The OpenAPI document of this API.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Weir job manager",
+        description = "Submit, watch and cancel stream-processing jobs; inspect and kill task managers."
+    ),
+    paths(
+        overview,
+        list_jobs,
+        submit_job,
+        get_job,
+        cancel_job,
+        job_output,
+        job_metrics,
+        list_taskmanagers,
+        get_taskmanager,
+        kill_taskmanager,
+        prometheus_metrics,
+        openapi_json
+    ),
+    components(schemas(
+        ErrorBody,
+        Overview,
+        JobList,
+        Submitted,
+        CancelResult,
+        Output,
+        JobMetrics,
+        TaskMetricsView,
+        TaskManagerList,
+        Killed
+    ))
+)]
+pub struct ApiDoc;
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "OpenAPI 3 document")))]
+pub async fn openapi_json() -> HttpResponse {
+    HttpResponse::Ok().json(ApiDoc::openapi())
+}
+
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint: {} {}", req.method(), req.path()),
+    )
+}
+
+/// Registers every route.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/overview", web::get().to(overview))
+        .route("/jobs", web::get().to(list_jobs))
+        .route("/jobs", web::post().to(submit_job))
+        .route("/jobs/{id}", web::get().to(get_job))
+        .route("/jobs/{id}", web::delete().to(cancel_job))
+        .route("/jobs/{id}/output", web::get().to(job_output))
+        .route("/jobs/{id}/metrics", web::get().to(job_metrics))
+        .route("/taskmanagers", web::get().to(list_taskmanagers))
+        .route("/taskmanagers/{id}", web::get().to(get_taskmanager))
+        .route("/taskmanagers/{id}/kill", web::post().to(kill_taskmanager))
+        .route("/metrics", web::get().to(prometheus_metrics))
+        .route("/openapi.json", web::get().to(openapi_json))
+        .default_service(web::to(not_found));
+}
