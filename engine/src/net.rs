@@ -305,15 +305,12 @@ impl DataPlane {
             match frame {
                 DataFrame::Event { channel, event } => self.deliver(channel, event, peer)?,
                 DataFrame::Credit { channel, credits } => {
-                    if let Some(s) = lock(&self.inner.outputs).get(&channel) {
-                        s.add_permits(credits as usize);
-                    } else {
-                        // The sender may not have registered yet: keep the grant for it.
-                        lock(&self.inner.outputs)
-                            .entry(channel)
-                            .or_insert_with(|| Arc::new(Semaphore::new(0)))
-                            .add_permits(credits as usize);
-                    }
+                    // The sender may not have registered yet: the grant waits for it.
+                    let sem = lock(&self.inner.outputs)
+                        .entry(channel)
+                        .or_insert_with(|| Arc::new(Semaphore::new(0)))
+                        .clone();
+                    sem.add_permits(credits as usize);
                 }
                 DataFrame::Hello { .. } => {
                     return Err(FrameError::Io(std::io::Error::new(

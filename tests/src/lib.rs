@@ -4,6 +4,8 @@
 //! `expected_*` functions compute ground truth straight from the generator's definition,
 //! without the engine.
 
+pub mod cluster;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 

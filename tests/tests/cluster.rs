@@ -1,0 +1,417 @@
+//! End-to-end tests against real job manager and task manager processes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use weir_tests::cluster::{Cluster, ClusterOptions};
+
+fn wordcount() -> &'static str {
+    jobs::EXAMPLES
+        .iter()
+        .find(|(n, _)| *n == "wordcount.json")
+        .unwrap()
+        .1
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// An unbounded, rate-limited keyed job with parallelism `p` (every subtask keeps running).
+fn unbounded(p: usize) -> String {
+    format!(
+        r#"{{"name":"endless","operators":[
+        {{"id":"src","kind":"generator","parallelism":{p},"params":{{"rate":20000,"keys":100}}}},
+        {{"id":"key","kind":"key_by","input":"src","parallelism":{p},"params":{{"expr":"value"}}}},
+        {{"id":"count","kind":"window_aggregate","input":"key","parallelism":{p},"params":{{"window":{{"tumbling_ms":100}},"agg":"count"}}}},
+        {{"id":"sink","kind":"discard","input":"count","parallelism":{p}}}]}}"#
+    )
+}
+
+fn placements(job: &Value) -> BTreeSet<String> {
+    job["vertices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|v| {
+            v["subtasks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["taskmanager"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
+fn wait_running(c: &Cluster, id: &str) {
+    c.wait_until(Duration::from_secs(20), "job running", |c| {
+        c.job(id)["state"] == "RUNNING"
+    });
+}
+
+/// Ensures that wordcount with parallelism 2 runs across two task manager processes (records
+/// cross the data plane) and its collected output equals the independently computed counts —
+/// after garbage was sent at every task manager's data-plane port, which must not disturb them.
+#[test]
+fn distributed_wordcount_matches_expected() {
+    let c = Cluster::start(ClusterOptions::default());
+    for tm in c.alive_taskmanagers() {
+        let addr = tm["data_addr"].as_str().unwrap();
+        for garbage in [
+            &[0xffu8, 0xff, 0xff, 0x7f][..],
+            &[12, 0, 0, 0, 1, 2, 3][..],
+            b"\x05\x00\x00\x00hello",
+        ] {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.write_all(garbage).unwrap();
+        }
+    }
+    let id = c.submit(wordcount());
+    let job = c.wait_for_end(&id, Duration::from_secs(60));
+    assert_eq!(job["state"], "FINISHED", "{job}");
+    let tms = placements(&job);
+    assert!(
+        tms.len() >= 2,
+        "subtasks spread over at least 2 task managers: {tms:?}"
+    );
+    assert_eq!(
+        c.alive_taskmanagers().len(),
+        3,
+        "garbage frames did not kill a task manager"
+    );
+
+    let mut got = BTreeMap::new();
+    for v in c.output(&id, "out") {
+        let key = (
+            v["key"].as_str().unwrap().to_string(),
+            v["window_start"].as_i64().unwrap(),
+        );
+        assert!(
+            got.insert(key, v["count"].as_i64().unwrap()).is_none(),
+            "duplicate result {v}"
+        );
+    }
+    let expected =
+        weir_tests::expected_wordcount(&weir_tests::generator(wordcount(), "lines"), 5000);
+    assert_eq!(got.len(), expected.len());
+    assert_eq!(got, expected);
+}
+
+/// Ensures a SIGKILLed task manager is declared dead within heartbeat.timeout_ms + 200 ms and
+/// that a job running on it fails with a reason naming it (no fault tolerance configured).
+#[test]
+fn killed_taskmanager_fails_the_job() {
+    let mut c = Cluster::start(ClusterOptions {
+        taskmanagers: 3,
+        slots: 1,
+        ..Default::default()
+    });
+    let id = c.submit(&unbounded(3));
+    wait_running(&c, &id);
+    assert_eq!(placements(&c.job(&id)).len(), 3);
+    let victim = c.taskmanager_id(1);
+    let killed_at = now_ms();
+    c.kill_taskmanager(1);
+    c.wait_until(Duration::from_secs(5), "task manager dead", |c| {
+        c.get(&format!("/taskmanagers/{victim}")).1["state"] == "DEAD"
+    });
+    let tm = c.get(&format!("/taskmanagers/{victim}")).1;
+    let detected = tm["died"].as_u64().unwrap().saturating_sub(killed_at);
+    assert!(
+        detected <= c.options.heartbeat_timeout_ms + 200,
+        "detected after {detected} ms: {tm}"
+    );
+    let job = c.wait_for_end(&id, Duration::from_secs(10));
+    assert_eq!(job["state"], "FAILED");
+    let reason = job["failure"].as_str().unwrap();
+    assert!(
+        reason.contains(&victim),
+        "reason names the task manager: {reason}"
+    );
+}
+
+/// Ensures a task manager that stops heartbeating (SIGSTOP: its connection stays open) is
+/// declared dead by the heartbeat timeout, within timeout + 200 ms.
+#[test]
+fn silent_taskmanager_times_out() {
+    let c = Cluster::start(ClusterOptions {
+        taskmanagers: 2,
+        ..Default::default()
+    });
+    let victim = c.taskmanager_id(0);
+    let stopped_at = now_ms();
+    c.signal_taskmanager(0, "STOP");
+    c.wait_until(Duration::from_secs(5), "task manager dead", |c| {
+        c.get(&format!("/taskmanagers/{victim}")).1["state"] == "DEAD"
+    });
+    let tm = c.get(&format!("/taskmanagers/{victim}")).1;
+    let detected = tm["died"].as_u64().unwrap().saturating_sub(stopped_at);
+    c.signal_taskmanager(0, "CONT");
+    assert!(
+        detected >= c.options.heartbeat_timeout_ms - 150,
+        "not before the timeout: {detected} ms"
+    );
+    assert!(
+        detected <= c.options.heartbeat_timeout_ms + 200,
+        "detected after {detected} ms: {tm}"
+    );
+    assert!(
+        tm["death_reason"]
+            .as_str()
+            .unwrap()
+            .contains("no heartbeat"),
+        "{tm}"
+    );
+}
+
+/// Ensures every REST endpoint answers as documented, including 400, 404 and 413 bodies, and
+/// that the OpenAPI document lists them all.
+#[test]
+fn rest_api_endpoints() {
+    let c = Cluster::start(ClusterOptions {
+        taskmanagers: 2,
+        ..Default::default()
+    });
+    let (s, overview) = c.get("/overview");
+    assert_eq!(s, 200);
+    assert_eq!(overview["taskmanagers"], 2);
+    assert_eq!(overview["slots_total"], 4);
+
+    // Bad specs: 400 naming operator and field; malformed JSON: line and column.
+    let (s, body) = c.request(
+        "POST",
+        "/jobs",
+        Some(r#"{"name":"x","operators":[{"id":"a","kind":"teleport"}]}"#),
+        None,
+    );
+    assert_eq!(s, 400);
+    assert_eq!(
+        (body["operator"].as_str(), body["field"].as_str()),
+        (Some("a"), Some("kind")),
+        "{body}"
+    );
+    assert!(body["errors"][0]
+        .as_str()
+        .unwrap()
+        .contains("unknown operator kind 'teleport'"));
+    let (s, body) = c.request(
+        "POST",
+        "/jobs",
+        Some("{\n\"name\": \"x\",\n\"operators\": [}"),
+        None,
+    );
+    assert_eq!(s, 400);
+    assert_eq!(
+        (body["line"].as_u64(), body["column"].as_u64()),
+        (Some(3), Some(15)),
+        "{body}"
+    );
+    let big = format!(r#"{{"name":"{}","operators":[]}}"#, "x".repeat(2 << 20));
+    let (s, body) = c.request("POST", "/jobs", Some(&big), None);
+    assert_eq!(s, 413, "{body}");
+    assert!(body["errors"][0].as_str().unwrap().contains("exceeds"));
+    let (s, body) = c.request("POST", "/jobs", Some(&unbounded(100)), None);
+    assert_eq!(s, 400);
+    assert!(
+        body["errors"][0].as_str().unwrap().contains("slots"),
+        "{body}"
+    );
+
+    // A bounded job: listed, detailed, its output paged, its metrics.
+    let spec = r#"{"name":"small","operators":[
+        {"id":"g","kind":"generator","parallelism":2,"params":{"count":1000}},
+        {"id":"out","kind":"collect","input":"g","parallelism":2}]}"#;
+    let id = c.submit(spec);
+    let (s, list) = c.get("/jobs");
+    assert_eq!(s, 200);
+    assert!(list["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|j| j["jid"] == id.as_str()));
+    let job = c.wait_for_end(&id, Duration::from_secs(20));
+    assert_eq!(job["state"], "FINISHED");
+    let sub = &job["vertices"][0]["subtasks"][0];
+    assert!(
+        sub["taskmanager"].as_str().unwrap().len() == 36 && sub["state"] == "FINISHED",
+        "{sub}"
+    );
+    assert_eq!(job["vertices"][0]["parallelism"], 2);
+    let (s, out) = c.get(&format!("/jobs/{id}/output?limit=5&offset=10"));
+    assert_eq!(s, 200);
+    assert_eq!(out["outputs"][0]["total"], 1000);
+    assert_eq!(out["outputs"][0]["records"].as_array().unwrap().len(), 5);
+    assert_eq!(out["outputs"][0]["offset"], 10);
+    assert_eq!(c.output(&id, "out").len(), 1000);
+    c.wait_until(Duration::from_secs(5), "final counters", |c| {
+        let (_, m) = c.get(&format!("/jobs/{id}/metrics"));
+        m["tasks"][0]["records_in"] == 1000
+    });
+
+    // Unknown ids: 404 with a JSON error body.
+    let unknown = "00000000-0000-4000-8000-000000000000";
+    for (method, path) in [
+        ("GET", format!("/jobs/{unknown}")),
+        ("GET", "/jobs/not-a-uuid".to_string()),
+        ("DELETE", format!("/jobs/{unknown}")),
+        ("GET", format!("/jobs/{unknown}/output")),
+        ("GET", format!("/jobs/{unknown}/metrics")),
+        ("GET", format!("/taskmanagers/{unknown}")),
+        ("POST", format!("/taskmanagers/{unknown}/kill")),
+        ("GET", "/no/such/endpoint".to_string()),
+    ] {
+        let (s, body) = c.request(method, &path, None, None);
+        assert_eq!(s, 404, "{method} {path}: {body}");
+        assert!(body["errors"][0].is_string(), "{method} {path}: {body}");
+    }
+
+    // Cancel: the job stops and its slots are free again.
+    let id = c.submit(&unbounded(2));
+    wait_running(&c, &id);
+    let (s, body) = c.request("DELETE", &format!("/jobs/{id}"), None, None);
+    assert_eq!(s, 202, "{body}");
+    let job = c.wait_for_end(&id, Duration::from_secs(10));
+    assert_eq!(job["state"], "CANCELED");
+    assert!(job["vertices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|v| v["subtasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["state"] == "CANCELED")));
+    let again = c.submit(&unbounded(4));
+    wait_running(&c, &again);
+    c.request("DELETE", &format!("/jobs/{again}"), None, None);
+
+    // Task managers, Prometheus, OpenAPI.
+    let (s, tms) = c.get("/taskmanagers");
+    assert_eq!(s, 200);
+    let tm = tms["taskmanagers"][0]["id"].as_str().unwrap().to_string();
+    let (s, one) = c.get(&format!("/taskmanagers/{tm}"));
+    assert_eq!((s, one["slots"].as_u64()), (200, Some(2)));
+    let (s, text) = c.request_text("GET", "/metrics", None, None);
+    assert_eq!(s, 200);
+    assert!(
+        text.contains("weir_taskmanagers{state=\"ALIVE\"} 2"),
+        "{text}"
+    );
+    assert!(text.contains("weir_jobs{state=\"FINISHED\"} 1"), "{text}");
+    let (s, doc) = c.get("/openapi.json");
+    assert_eq!(s, 200);
+    let paths: BTreeSet<&str> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for p in [
+        "/overview",
+        "/jobs",
+        "/jobs/{id}",
+        "/jobs/{id}/output",
+        "/jobs/{id}/metrics",
+        "/taskmanagers",
+        "/taskmanagers/{id}",
+        "/taskmanagers/{id}/kill",
+        "/metrics",
+        "/openapi.json",
+    ] {
+        assert!(paths.contains(p), "OpenAPI lists {p}: {paths:?}");
+    }
+    assert!(
+        doc["paths"]["/jobs"]["post"].is_object()
+            && doc["paths"]["/jobs/{id}"]["delete"].is_object()
+    );
+
+    // Kill: a remote-style abort (this job manager did not start the process).
+    let (s, body) = c.request("POST", &format!("/taskmanagers/{tm}/kill"), None, None);
+    assert_eq!((s, body["method"].as_str()), (200, Some("ABORT")), "{body}");
+    c.wait_until(Duration::from_secs(5), "killed task manager dead", |c| {
+        c.get(&format!("/taskmanagers/{tm}")).1["state"] == "DEAD"
+    });
+    let (s, _) = c.request("POST", &format!("/taskmanagers/{tm}/kill"), None, None);
+    assert_eq!(s, 409, "killing a dead task manager is a conflict");
+}
+
+/// Ensures that with an API token every mutating call needs it (401 otherwise) while reads
+/// stay open.
+#[test]
+fn api_token_guards_mutations() {
+    let c = Cluster::start(ClusterOptions {
+        taskmanagers: 1,
+        token: Some("s3cret".into()),
+        ..Default::default()
+    });
+    let spec = r#"{"name":"t","operators":[{"id":"g","kind":"generator","params":{"count":10}},{"id":"o","kind":"discard","input":"g"}]}"#;
+    for token in [Some("wrong")] {
+        let (s, body) = c.request_text("POST", "/jobs", Some(spec), token);
+        assert_eq!(s, 401, "{body}");
+    }
+    let url = format!("{}/jobs", c.url);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let resp = agent
+        .post(&url)
+        .header("content-type", "application/json")
+        .send(spec.as_bytes())
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401, "no token");
+    let resp = agent
+        .delete(&format!("{url}/00000000-0000-4000-8000-000000000000"))
+        .call()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    assert_eq!(c.get("/jobs").0, 200, "reads need no token");
+    let id = c.submit(spec);
+    assert_eq!(
+        c.wait_for_end(&id, Duration::from_secs(20))["state"],
+        "FINISHED"
+    );
+}
+
+/// Ensures job specs and states survive a job manager restart (sled), and that a job that was
+/// running when it died is listed as failed.
+#[test]
+fn jobs_survive_jobmanager_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = ClusterOptions {
+        taskmanagers: 1,
+        data_dir: Some(dir.path().join("jm")),
+        ..Default::default()
+    };
+    let (done, running) = {
+        let c = Cluster::start(opts.clone());
+        let done = c.submit(r#"{"name":"done","operators":[{"id":"g","kind":"generator","params":{"count":10}},{"id":"o","kind":"discard","input":"g"}]}"#);
+        assert_eq!(
+            c.wait_for_end(&done, Duration::from_secs(20))["state"],
+            "FINISHED"
+        );
+        let running = c.submit(&unbounded(1));
+        wait_running(&c, &running);
+        (done, running)
+    };
+    let started = Instant::now();
+    let c = Cluster::start(opts);
+    let (_, list) = c.get("/jobs");
+    let state = |id: &str| {
+        list["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["jid"] == id)
+            .map(|j| j["state"].clone())
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(state(&done), "FINISHED", "{list}");
+    assert_eq!(state(&running), "FAILED", "{list}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
