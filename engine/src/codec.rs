@@ -7,7 +7,10 @@
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
 
-use crate::record::StreamEvent;
+use std::sync::Arc;
+
+use crate::record::{ArchivedRecord, ArchivedStreamEvent, Batch, Record, StreamEvent};
+use crate::value::{ArchivedValue, Value};
 
 /// A frame or snapshot that could not be encoded or decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,7 +28,23 @@ where
         >,
     >,
 {
-    rkyv::to_bytes::<rancor::Error>(value).map_err(|e| CodecError(format!("encode failed: {e}")))
+    encode_sized(value, 0)
+}
+
+/// Encodes into a buffer of `capacity` bytes reserved up front, so a large batch is not
+/// copied again and again while the buffer grows.
+pub fn encode_sized<T>(value: &T, capacity: usize) -> Result<AlignedVec, CodecError>
+where
+    T: for<'a> rkyv::Serialize<
+        rkyv::api::high::HighSerializer<
+            AlignedVec,
+            rkyv::ser::allocator::ArenaHandle<'a>,
+            rancor::Error,
+        >,
+    >,
+{
+    rkyv::api::high::to_bytes_in::<_, rancor::Error>(value, AlignedVec::with_capacity(capacity))
+        .map_err(|e| CodecError(format!("encode failed: {e}")))
 }
 
 /// Validates and decodes bytes produced by [`encode`]. Copies into an aligned buffer when
@@ -49,7 +68,115 @@ pub fn encode_event(event: &StreamEvent) -> Result<AlignedVec, CodecError> {
 
 /// Decodes a stream event from the wire.
 pub fn decode_event(bytes: &[u8]) -> Result<StreamEvent, CodecError> {
-    decode(bytes)
+    let mut aligned = AlignedVec::<16>::with_capacity(bytes.len());
+    aligned.extend_from_slice(bytes);
+    let archived = rkyv::access::<ArchivedStreamEvent, rancor::Error>(&aligned)
+        .map_err(|e| CodecError(format!("invalid frame: {e}")))?;
+    event_from_archived(archived)
+}
+
+/// Deepest list/map nesting accepted in a decoded value.
+pub const MAX_VALUE_DEPTH: usize = 128;
+
+/// Converts a validated archived event into an owned one.
+///
+/// rkyv's generic deserializer threads a pooling context through every value (for shared
+/// pointers); converting by hand is several times faster for the flat records that make up
+/// most streams, and bounds the nesting depth.
+pub fn event_from_archived(a: &ArchivedStreamEvent) -> Result<StreamEvent, CodecError> {
+    Ok(match a {
+        ArchivedStreamEvent::Data(b) => {
+            let flat = b
+                .records
+                .iter()
+                .all(|r| is_scalar(&r.value) && r.key.as_ref().is_none_or(is_scalar));
+            let records = if flat {
+                // Infallible conversion written straight into the vector (no temporaries).
+                b.records.iter().map(flat_record).collect()
+            } else {
+                let mut records = Vec::with_capacity(b.records.len());
+                for r in b.records.iter() {
+                    records.push(record_from_archived(r)?);
+                }
+                records
+            };
+            StreamEvent::Data(Batch {
+                first_seq: b.first_seq.to_native(),
+                records,
+            })
+        }
+        ArchivedStreamEvent::Watermark(w) => StreamEvent::Watermark(w.to_native()),
+        ArchivedStreamEvent::Barrier(n) => StreamEvent::Barrier(n.to_native()),
+        ArchivedStreamEvent::EndOfStream => StreamEvent::EndOfStream,
+    })
+}
+
+fn is_scalar(v: &ArchivedValue) -> bool {
+    !matches!(v, ArchivedValue::List(_) | ArchivedValue::Map(_))
+}
+
+#[inline]
+fn scalar(v: &ArchivedValue) -> Value {
+    match v {
+        ArchivedValue::Bool(b) => Value::Bool(*b),
+        ArchivedValue::Int(i) => Value::Int(i.to_native()),
+        ArchivedValue::Float(f) => Value::Float(f.to_native()),
+        ArchivedValue::Str(s) => Value::str(s),
+        ArchivedValue::Bytes(b) => Value::Bytes(Arc::from(&b[..])),
+        ArchivedValue::Null | ArchivedValue::List(_) | ArchivedValue::Map(_) => Value::Null,
+    }
+}
+
+/// A record whose key and value are known to be scalars.
+#[inline]
+fn flat_record(r: &ArchivedRecord) -> Record {
+    Record {
+        key: r.key.as_ref().map(scalar),
+        ts: r.ts.to_native(),
+        value: scalar(&r.value),
+    }
+}
+
+#[inline]
+fn record_from_archived(r: &ArchivedRecord) -> Result<Record, CodecError> {
+    let too_deep = || CodecError(format!("value nested deeper than {MAX_VALUE_DEPTH} levels"));
+    Ok(Record {
+        key: match r.key.as_ref() {
+            Some(k) => Some(value_from_archived(k, 0).ok_or_else(too_deep)?),
+            None => None,
+        },
+        ts: r.ts.to_native(),
+        value: value_from_archived(&r.value, 0).ok_or_else(too_deep)?,
+    })
+}
+
+/// Converts an archived value; `None` when it nests deeper than [`MAX_VALUE_DEPTH`].
+/// (`Option` rather than `Result` keeps the return value as small as a `Value`.)
+#[inline]
+pub fn value_from_archived(v: &ArchivedValue, depth: usize) -> Option<Value> {
+    Some(match v {
+        ArchivedValue::Null => Value::Null,
+        ArchivedValue::Bool(b) => Value::Bool(*b),
+        ArchivedValue::Int(i) => Value::Int(i.to_native()),
+        ArchivedValue::Float(f) => Value::Float(f.to_native()),
+        ArchivedValue::Str(s) => Value::str(s),
+        ArchivedValue::Bytes(b) => Value::Bytes(Arc::from(&b[..])),
+        ArchivedValue::List(_) | ArchivedValue::Map(_) if depth >= MAX_VALUE_DEPTH => return None,
+        ArchivedValue::List(items) => {
+            let mut out = Vec::with_capacity(items.len());
+            for i in items.iter() {
+                out.push(value_from_archived(i, depth + 1)?);
+            }
+            Value::List(out.into())
+        }
+        ArchivedValue::Map(entries) => {
+            let mut out: Vec<(Arc<str>, Value)> = Vec::with_capacity(entries.len());
+            for e in entries.iter() {
+                out.push((Arc::from(&*e.0), value_from_archived(&e.1, depth + 1)?));
+            }
+            Value::Map(out.into())
+        }
+    })
 }
 
 #[cfg(test)]

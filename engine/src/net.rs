@@ -24,10 +24,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, error, info, warn};
 
-use crate::codec::encode;
+use crate::codec::{encode, encode_sized, event_from_archived, CodecError};
 use crate::ids::{Generation, JobId, TaskManagerId};
-use crate::protocol::data::{ChannelId, DataFrame};
-use crate::protocol::frame::{read_msg, write_frame, FrameError};
+use crate::protocol::data::{ArchivedDataFrame, ChannelId, DataFrame};
+use crate::protocol::frame::{read_frame, read_msg, write_frame, FrameError};
 use crate::record::StreamEvent;
 use crate::runtime::credit;
 
@@ -301,18 +301,24 @@ impl DataPlane {
     ) -> Result<(), FrameError> {
         let mut buf = AlignedVec::new();
         let mut read = tokio::io::BufReader::with_capacity(1 << 16, read);
-        while let Some(frame) = read_msg::<_, DataFrame>(&mut read, &mut buf).await? {
+        while read_frame(&mut read, &mut buf).await? {
+            // Validate, then convert by hand (see codec::event_from_archived).
+            let frame = rkyv::access::<ArchivedDataFrame, rkyv::rancor::Error>(&buf)
+                .map_err(|e| FrameError::Decode(CodecError(format!("invalid frame: {e}"))))?;
             match frame {
-                DataFrame::Event { channel, event } => self.deliver(channel, event, peer)?,
-                DataFrame::Credit { channel, credits } => {
+                ArchivedDataFrame::Event { channel, event } => {
+                    let event = event_from_archived(event)?;
+                    self.deliver(ChannelId::from_archived(channel), event, peer)?
+                }
+                ArchivedDataFrame::Credit { channel, credits } => {
                     // The sender may not have registered yet: the grant waits for it.
                     let sem = lock(&self.inner.outputs)
-                        .entry(channel)
+                        .entry(ChannelId::from_archived(channel))
                         .or_insert_with(|| Arc::new(Semaphore::new(0)))
                         .clone();
-                    sem.add_permits(credits as usize);
+                    sem.add_permits(credits.to_native() as usize);
                 }
-                DataFrame::Hello { .. } => {
+                ArchivedDataFrame::Hello { .. } => {
                     return Err(FrameError::Io(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
                         "unexpected hello",
@@ -423,11 +429,16 @@ impl RemoteSender {
     }
 
     fn write(&self, event: StreamEvent) -> Result<Result<(), StreamEvent>, credit::Disconnected> {
+        // ~48 bytes per flat record on the wire; reserving avoids regrowing the buffer.
+        let capacity = match &event {
+            StreamEvent::Data(b) => 128 + b.len() * 56,
+            _ => 128,
+        };
         let frame = DataFrame::Event {
             channel: self.channel,
             event,
         };
-        let bytes = encode(&frame).map_err(|_| credit::Disconnected)?;
+        let bytes = encode_sized(&frame, capacity).map_err(|_| credit::Disconnected)?;
         self.conn.tx.send(bytes).map_err(|_| credit::Disconnected)?;
         Ok(Ok(()))
     }

@@ -128,7 +128,7 @@ pub struct RuntimeSpec {
 impl Default for RuntimeSpec {
     fn default() -> Self {
         RuntimeSpec {
-            batch_size: 1024,
+            batch_size: 2048,
             linger_ms: 5,
             credits: 4,
             watermark_interval_ms: 50,

@@ -26,6 +26,19 @@ pub struct ChannelId {
     pub to: u32,
 }
 
+impl ChannelId {
+    /// The owned id of a validated archived one.
+    pub fn from_archived(a: &ArchivedChannelId) -> ChannelId {
+        ChannelId {
+            job: JobId(a.job.0.to_native()),
+            generation: Generation(a.generation.0.to_native()),
+            edge: a.edge.to_native(),
+            from: a.from.to_native(),
+            to: a.to.to_native(),
+        }
+    }
+}
+
 /// A data-plane frame.
 #[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum DataFrame {
