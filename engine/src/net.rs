@@ -27,7 +27,7 @@ use tracing::{debug, error, info, warn};
 use crate::codec::{encode, encode_sized, event_from_archived, CodecError};
 use crate::ids::{Generation, JobId, TaskManagerId};
 use crate::protocol::data::{ArchivedDataFrame, ChannelId, DataFrame};
-use crate::protocol::frame::{read_frame, read_msg, write_frame, FrameError};
+use crate::protocol::frame::{read_frame, read_msg, write_frame, FrameError, MAX_FRAME};
 use crate::record::StreamEvent;
 use crate::runtime::credit;
 
@@ -39,6 +39,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// use it (events) and by events consumed (credit frames).
 #[derive(Clone)]
 struct Conn {
+    /// Distinguishes this connection from an earlier or later one to the same peer.
+    id: u64,
     tx: mpsc::UnboundedSender<AlignedVec>,
 }
 
@@ -49,10 +51,15 @@ struct Inner {
     /// The runtime the data plane's tasks (accept, read, write) run on: the one `bind` was
     /// called on, so a task manager can keep decoding off its control thread.
     rt: tokio::runtime::Handle,
-    /// Channels received here: where the connection reader delivers their events.
-    inputs: Mutex<HashMap<ChannelId, credit::Sender>>,
-    /// Channels sent from here: the credits their remote receivers granted.
-    outputs: Mutex<HashMap<ChannelId, Arc<Semaphore>>>,
+    /// Channels received here: the peer sending them, and where the connection reader
+    /// delivers their events.
+    inputs: Mutex<HashMap<ChannelId, (TaskManagerId, credit::Sender)>>,
+    /// Channels sent from here: the peer receiving them, and the credits it granted.
+    outputs: Mutex<HashMap<ChannelId, (TaskManagerId, Arc<Semaphore>)>>,
+    /// Deployments already released: late credit frames for them are ignored.
+    released: Mutex<std::collections::HashSet<(JobId, Generation)>>,
+    /// Source of connection ids.
+    next_conn: std::sync::atomic::AtomicU64,
     /// Connections by peer (None until established).
     peers: Mutex<HashMap<TaskManagerId, watch::Sender<Option<Conn>>>>,
     /// Serializes outbound connection attempts per peer.
@@ -93,6 +100,8 @@ impl DataPlane {
                 rt: tokio::runtime::Handle::current(),
                 inputs: Mutex::default(),
                 outputs: Mutex::default(),
+                released: Mutex::default(),
+                next_conn: std::sync::atomic::AtomicU64::new(1),
                 peers: Mutex::default(),
                 connecting: tokio::sync::Mutex::new(()),
             }),
@@ -133,7 +142,7 @@ impl DataPlane {
                 )
             }),
         );
-        lock(&self.inner.inputs).insert(channel, tx);
+        lock(&self.inner.inputs).insert(channel, (peer, tx));
         send_frame(
             &conn,
             &DataFrame::Credit {
@@ -154,7 +163,8 @@ impl DataPlane {
         let conn = self.conn(peer, peer_addr).await?;
         let credits = lock(&self.inner.outputs)
             .entry(channel)
-            .or_insert_with(|| Arc::new(Semaphore::new(0)))
+            .or_insert_with(|| (peer, Arc::new(Semaphore::new(0))))
+            .1
             .clone();
         Ok(RemoteSender {
             channel,
@@ -163,16 +173,31 @@ impl DataPlane {
         })
     }
 
-    /// Forgets every channel of a job's deployment (after cancel or finish).
+    /// Forgets every channel of a job's deployment (on cancel, failure or finish): senders
+    /// waiting for credits of its remote channels give up, and frames still arriving for it
+    /// are dropped.
     pub fn release(&self, job: JobId, generation: Generation) {
-        lock(&self.inner.inputs).retain(|c, _| !(c.job == job && c.generation == generation));
-        let mut outputs = lock(&self.inner.outputs);
-        for (c, s) in outputs.iter() {
-            if c.job == job && c.generation == generation {
+        lock(&self.inner.released).insert((job, generation));
+        let of_deployment = |c: &ChannelId| c.job == job && c.generation == generation;
+        lock(&self.inner.inputs).retain(|c, _| !of_deployment(c));
+        lock(&self.inner.outputs).retain(|c, (_, s)| {
+            if of_deployment(c) {
                 s.close();
             }
-        }
-        outputs.retain(|c, _| !(c.job == job && c.generation == generation));
+            !of_deployment(c)
+        });
+    }
+
+    /// Closes every channel through a connection that ended: receivers see their upstream
+    /// disconnect and senders stop waiting for credits, so the job fails instead of stalling.
+    fn fail_channels_of(&self, peer: TaskManagerId) {
+        lock(&self.inner.inputs).retain(|_, (p, _)| *p != peer);
+        lock(&self.inner.outputs).retain(|_, (p, s)| {
+            if *p == peer {
+                s.close();
+            }
+            *p != peer
+        });
     }
 
     /// The connection to `peer`, establishing it (smaller id connects) or waiting for it.
@@ -222,15 +247,20 @@ impl DataPlane {
     fn start_conn(&self, stream: TcpStream, peer: TaskManagerId) -> Conn {
         let (read, write) = stream.into_split();
         let (tx, rx) = mpsc::unbounded_channel();
-        let conn = Conn { tx };
-        self.inner.rt.spawn(write_loop(write, rx, peer));
+        let id = self
+            .inner
+            .next_conn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let conn = Conn { id, tx };
+        let writer = self.inner.rt.spawn(write_loop(write, rx, peer));
         let reader = self.clone();
         self.inner.rt.spawn(async move {
             let mut read = read;
             if let Err(e) = reader.read_loop(&mut read, peer).await {
                 error!(peer = %peer, error = %e, "Data-plane connection closed on a bad frame.");
             }
-            reader.drop_peer(peer);
+            writer.abort();
+            reader.drop_peer(peer, id);
         });
         lock(&self.inner.peers)
             .entry(peer)
@@ -239,11 +269,22 @@ impl DataPlane {
         conn
     }
 
-    fn drop_peer(&self, peer: TaskManagerId) {
-        if let Some(w) = lock(&self.inner.peers).get(&peer) {
-            w.send_replace(None);
+    /// Forgets connection `id` to `peer` (not a newer one) and fails the channels through it.
+    fn drop_peer(&self, peer: TaskManagerId, id: u64) {
+        let peers = lock(&self.inner.peers);
+        let Some(w) = peers.get(&peer) else { return };
+        let current = w.send_if_modified(|c| {
+            let matches = c.as_ref().is_some_and(|c| c.id == id);
+            if matches {
+                *c = None;
+            }
+            matches
+        });
+        drop(peers);
+        if current {
+            self.fail_channels_of(peer);
+            debug!(peer = %peer, "Data-plane connection closed.");
         }
-        debug!(peer = %peer, "Data-plane connection closed.");
     }
 
     async fn accept_loop(self, listener: TcpListener) {
@@ -311,12 +352,24 @@ impl DataPlane {
                     self.deliver(ChannelId::from_archived(channel), event, peer)?
                 }
                 ArchivedDataFrame::Credit { channel, credits } => {
+                    let channel = ChannelId::from_archived(channel);
+                    if lock(&self.inner.released).contains(&(channel.job, channel.generation)) {
+                        continue; // late grant for a finished deployment
+                    }
                     // The sender may not have registered yet: the grant waits for it.
                     let sem = lock(&self.inner.outputs)
-                        .entry(ChannelId::from_archived(channel))
-                        .or_insert_with(|| Arc::new(Semaphore::new(0)))
+                        .entry(channel)
+                        .or_insert_with(|| (peer, Arc::new(Semaphore::new(0))))
+                        .1
                         .clone();
-                    sem.add_permits(credits.to_native() as usize);
+                    let n = credits.to_native() as usize;
+                    if sem.available_permits() + n > Semaphore::MAX_PERMITS / 2 {
+                        return Err(FrameError::Io(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!("peer {peer} granted an absurd number of credits"),
+                        )));
+                    }
+                    sem.add_permits(n);
                 }
                 ArchivedDataFrame::Hello { .. } => {
                     return Err(FrameError::Io(std::io::Error::new(
@@ -336,7 +389,7 @@ impl DataPlane {
         peer: TaskManagerId,
     ) -> Result<(), FrameError> {
         let inputs = lock(&self.inner.inputs);
-        let Some(tx) = inputs.get(&channel) else {
+        let Some((_, tx)) = inputs.get(&channel) else {
             debug!(peer = %peer, job = %channel.job, "Event for an unknown channel dropped.");
             return Ok(());
         };
@@ -439,6 +492,12 @@ impl RemoteSender {
             event,
         };
         let bytes = encode_sized(&frame, capacity).map_err(|_| credit::Disconnected)?;
+        if bytes.len() > MAX_FRAME {
+            // The router splits batches to `batch_size`; a single huge record still cannot
+            // go: fail this channel rather than the connection every channel shares.
+            error!(channel = ?self.channel, bytes = bytes.len(), "Event too large for a frame.");
+            return Err(credit::Disconnected);
+        }
         self.conn.tx.send(bytes).map_err(|_| credit::Disconnected)?;
         Ok(Ok(()))
     }

@@ -5,6 +5,7 @@
 //! decode, closes that connection (and declares its task manager dead if it had registered)
 //! without affecting the others.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -13,7 +14,7 @@ use engine::protocol::control::{ToJobManager, ToTaskManager};
 use engine::protocol::frame::{read_msg, write_msg};
 use rkyv::util::AlignedVec;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tracing::{error, warn};
 
 use crate::dispatcher::{CollectedOutput, Dispatcher, SubtaskUpdate};
@@ -21,6 +22,7 @@ use crate::resource_manager::{Disconnected, Heartbeat, Register, ResourceManager
 
 /// Accepts task managers on `listener` until the process ends.
 pub async fn serve(listener: TcpListener, rm: Addr<ResourceManager>, dispatcher: Addr<Dispatcher>) {
+    let mut serial = 0u64;
     loop {
         let (stream, from) = match listener.accept().await {
             Ok(s) => s,
@@ -31,8 +33,10 @@ pub async fn serve(listener: TcpListener, rm: Addr<ResourceManager>, dispatcher:
             }
         };
         let (rm, dispatcher) = (rm.clone(), dispatcher.clone());
+        serial += 1;
+        let conn = serial;
         actix::spawn(async move {
-            if let Err(e) = connection(stream, rm, dispatcher).await {
+            if let Err(e) = connection(stream, conn, rm, dispatcher).await {
                 error!(remote = %from, error = %e, "Control connection closed.");
             }
         });
@@ -41,6 +45,7 @@ pub async fn serve(listener: TcpListener, rm: Addr<ResourceManager>, dispatcher:
 
 async fn connection(
     stream: TcpStream,
+    conn: u64,
     rm: Addr<ResourceManager>,
     dispatcher: Addr<Dispatcher>,
 ) -> Result<(), String> {
@@ -67,12 +72,15 @@ async fn connection(
         .await
         .map_err(|e| e.to_string())?;
     let (tx, mut rx) = mpsc::unbounded_channel::<ToTaskManager>();
+    let close = Arc::new(Notify::new());
     rm.do_send(Register {
         tm,
         slots,
         data_addr,
         pid,
         tx,
+        conn,
+        close: close.clone(),
     });
     let writer = actix::spawn(async move {
         while let Some(msg) = rx.recv().await {
@@ -81,9 +89,12 @@ async fn connection(
             }
         }
     });
-    let result = relay(&mut read, &mut buf, tm, &rm, &dispatcher).await;
+    let result = tokio::select! {
+        r = relay(&mut read, &mut buf, tm, &rm, &dispatcher) => r,
+        _ = close.notified() => Err(format!("task manager {tm} was declared dead; connection closed")),
+    };
     writer.abort();
-    rm.do_send(Disconnected(tm));
+    rm.do_send(Disconnected { tm, conn });
     result
 }
 

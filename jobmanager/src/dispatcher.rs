@@ -293,6 +293,12 @@ impl Dispatcher {
         });
         if all(SubtaskState::Finished) {
             self.end(id, JobState::Finished, None);
+        } else if terminal && job.state != JobState::Cancelling {
+            self.end(
+                id,
+                JobState::Failed,
+                Some("subtasks stopped without finishing".into()),
+            );
         } else if job.state == JobState::Cancelling && terminal {
             job.state = JobState::Canceled;
             job.ended_ms = Some(now_ms());
@@ -535,6 +541,7 @@ impl Dispatcher {
             }
         }
         let mut tms = Vec::new();
+        let mut unreachable = None;
         for (k, subs) in per_tm {
             let tm = remaining[k].0.clone();
             let d = Deployment {
@@ -544,7 +551,9 @@ impl Dispatcher {
                 subtasks: subs,
                 placement: placement.clone(),
             };
-            let _ = tm.tx.send(ToTaskManager::Deploy(d));
+            if tm.tx.send(ToTaskManager::Deploy(d)).is_err() {
+                unreachable = Some(tm.id);
+            }
             tms.push(tm);
         }
         info!(job = %id, name = %spec.name, subtasks = subtasks.len(), taskmanagers = tms.len(), "Job submitted and deployed.");
@@ -566,6 +575,14 @@ impl Dispatcher {
         };
         self.persist(&job);
         self.jobs.insert(id, job);
+        if let Some(tm) = unreachable {
+            // Its connection closed between scheduling and deployment.
+            self.end(
+                id,
+                JobState::Failed,
+                Some(format!("task manager {tm} went away during deployment")),
+            );
+        }
         Ok(id)
     }
 }
@@ -634,7 +651,13 @@ impl Handler<SubtaskUpdate> for Dispatcher {
         let Some(info) = job.subtasks.get_mut(&(msg.task, msg.subtask)) else {
             return;
         };
-        if info.tm != msg.tm {
+        let terminal = matches!(
+            info.state,
+            SubtaskState::Finished | SubtaskState::Canceled | SubtaskState::Failed
+        );
+        // States only move forward: a late report (e.g. from a task manager already declared
+        // dead) never revives a subtask.
+        if info.tm != msg.tm || terminal {
             return;
         }
         info.state = msg.state;

@@ -35,6 +35,10 @@ struct Entry {
     heartbeat_gaps: VecDeque<u64>,
     /// Where control messages to it go; None once dead.
     tx: Option<mpsc::UnboundedSender<ToTaskManager>>,
+    /// The control connection it registered on.
+    conn: u64,
+    /// Closes that connection (a task manager declared dead must notice and stop).
+    close: Arc<tokio::sync::Notify>,
     died_ms: Option<u64>,
     death_reason: Option<String>,
 }
@@ -133,6 +137,9 @@ impl ResourceManager {
             return;
         }
         e.tx = None;
+        // A silent (paused, partitioned) task manager must not keep running its subtasks:
+        // closing its connection makes it stop them when it wakes up.
+        e.close.notify_one();
         e.died_ms = Some(now_ms());
         e.death_reason = Some(reason.clone());
         let silent_ms = e.last_heartbeat.elapsed().as_millis() as u64;
@@ -202,6 +209,10 @@ pub struct Register {
     pub pid: u32,
     /// Control messages to it.
     pub tx: mpsc::UnboundedSender<ToTaskManager>,
+    /// Serial number of the control connection.
+    pub conn: u64,
+    /// Notified to close that connection.
+    pub close: Arc<tokio::sync::Notify>,
 }
 
 impl Handler<Register> for ResourceManager {
@@ -225,6 +236,8 @@ impl Handler<Register> for ResourceManager {
                 last_heartbeat_ms: now_ms(),
                 heartbeat_gaps: VecDeque::new(),
                 tx: Some(msg.tx),
+                conn: msg.conn,
+                close: msg.close,
                 died_ms: None,
                 death_reason: None,
             },
@@ -272,12 +285,19 @@ impl Handler<Heartbeat> for ResourceManager {
 /// A control connection closed.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Disconnected(pub TaskManagerId);
+pub struct Disconnected {
+    /// Whose.
+    pub tm: TaskManagerId,
+    /// Which connection (a late close of an older one must not kill a newer registration).
+    pub conn: u64,
+}
 
 impl Handler<Disconnected> for ResourceManager {
     type Result = ();
     fn handle(&mut self, msg: Disconnected, _ctx: &mut Self::Context) {
-        self.declare_dead(msg.0, "control connection closed".into());
+        if self.tms.get(&msg.tm).is_some_and(|e| e.conn == msg.conn) {
+            self.declare_dead(msg.tm, "control connection closed".into());
+        }
     }
 }
 

@@ -22,7 +22,10 @@ pub const EXAMPLES: &[(&str, &str)] = &[
         include_str!("../examples/windowed-events.json"),
     ),
     ("join.json", include_str!("../examples/join.json")),
-    ("clickstream.json", include_str!("../examples/clickstream.json")),
+    (
+        "clickstream.json",
+        include_str!("../examples/clickstream.json"),
+    ),
 ];
 
 /// The built-in operators plus the Rust-defined ones of this crate.

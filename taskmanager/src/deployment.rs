@@ -130,6 +130,9 @@ impl Handler<CancelDeployment> for DeploymentActor {
     type Result = ();
 
     fn handle(&mut self, _msg: CancelDeployment, _ctx: &mut Self::Context) {
+        // Release the network channels first: a subtask waiting for remote credits (whose
+        // receiver may already be gone) gives up at once instead of never seeing the cancel.
+        self.data.release(self.job, self.generation);
         for a in self.actors.values() {
             a.do_send(CancelSubtask);
         }

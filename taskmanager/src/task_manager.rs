@@ -61,6 +61,8 @@ pub struct TaskManager {
     /// One arbiter (thread) per slot.
     slots: Vec<Arbiter>,
     deployments: HashMap<(JobId, Generation), Running>,
+    /// Deployments still being wired, and whether a cancel arrived meanwhile.
+    wiring: HashMap<(JobId, Generation), bool>,
 }
 
 impl TaskManager {
@@ -73,6 +75,7 @@ impl TaskManager {
             to_jm: None,
             slots: Vec::new(),
             deployments: HashMap::new(),
+            wiring: HashMap::new(),
         }
     }
 
@@ -211,6 +214,9 @@ impl Handler<FromJobManager> for TaskManager {
             ToTaskManager::Registered => {}
             ToTaskManager::Deploy(d) => self.deploy(d, ctx),
             ToTaskManager::Cancel { job, generation } => {
+                if let Some(canceled) = self.wiring.get_mut(&(job, generation)) {
+                    *canceled = true;
+                }
                 if let Some(r) = self.deployments.get(&(job, generation)) {
                     info!(job = %job, generation = %generation, "Canceling deployment.");
                     r.actor.do_send(CancelDeployment);
@@ -228,8 +234,13 @@ impl Handler<ConnectionLost> for TaskManager {
     type Result = ();
 
     fn handle(&mut self, _msg: ConnectionLost, _ctx: &mut Self::Context) {
-        warn!(tm = %self.id, "Lost the job manager: stopping every subtask.");
+        if self.to_jm.is_some() {
+            warn!(tm = %self.id, "Lost the job manager: stopping every subtask.");
+        }
         self.to_jm = None;
+        for canceled in self.wiring.values_mut() {
+            *canceled = true;
+        }
         self.cancel_all();
     }
 }
@@ -252,14 +263,19 @@ struct ToJobManagerCollect {
 }
 
 impl CollectTarget for ToJobManagerCollect {
-    fn deliver(&self, operator: &str, subtask: usize, records: Vec<Record>) {
-        let _ = self.to_jm.send(ToJobManager::Collected {
-            job: self.job,
-            generation: self.generation,
-            operator: operator.to_string(),
-            subtask: subtask as u32,
-            records,
-        });
+    fn deliver(&self, operator: &str, subtask: usize, mut records: Vec<Record>) {
+        // Keep each control frame small: a chained operator may hand over a huge vector.
+        while !records.is_empty() {
+            let rest = records.split_off(records.len().min(4096));
+            let _ = self.to_jm.send(ToJobManager::Collected {
+                job: self.job,
+                generation: self.generation,
+                operator: operator.to_string(),
+                subtask: subtask as u32,
+                records,
+            });
+            records = rest;
+        }
     }
 }
 

@@ -400,7 +400,7 @@ impl Router {
             for (t, buf) in route.buffers.iter_mut().enumerate() {
                 if buf.len() >= size {
                     let records = std::mem::replace(buf, Vec::with_capacity(size));
-                    send(&mut route.targets[t], records, &self.counters).await?;
+                    send_chunked(&mut route.targets[t], records, size, &self.counters).await?;
                 }
             }
         }
@@ -420,7 +420,13 @@ impl Router {
             for (t, buf) in route.buffers.iter_mut().enumerate() {
                 if !buf.is_empty() {
                     let records = std::mem::take(buf);
-                    send(&mut route.targets[t], records, &self.counters).await?;
+                    send_chunked(
+                        &mut route.targets[t],
+                        records,
+                        self.batch_size,
+                        &self.counters,
+                    )
+                    .await?;
                 }
             }
         }
@@ -453,6 +459,22 @@ impl Router {
             .map(OutputChannel::in_flight)
             .sum()
     }
+}
+
+/// Sends `records` as batches of at most `size` (an operator that multiplies records, such
+/// as `flat_map`, can fill a buffer far past the batch size in one step).
+async fn send_chunked(
+    target: &mut OutputChannel,
+    mut records: Vec<Record>,
+    size: usize,
+    counters: &RouterCounters,
+) -> Result<(), RouteError> {
+    while records.len() > size {
+        let rest = records.split_off(size);
+        send(target, records, counters).await?;
+        records = rest;
+    }
+    send(target, records, counters).await
 }
 
 async fn send(
@@ -621,6 +643,26 @@ mod tests {
             .iter()
             .all(|r| subtask_for_hash(r.key.as_ref().unwrap().stable_hash(), 2) == 1));
         assert!(!a.is_empty() && !b.is_empty());
+    }
+
+    /// Ensures a buffer filled past the batch size in one step leaves in batch-sized pieces.
+    #[tokio::test]
+    async fn oversized_buffers_go_in_batch_sized_pieces() {
+        let (t0, mut r0) = channel(64, 0);
+        let mut router = Router::new(
+            vec![Route::new(Exchange::Forward, vec![t0], 0)],
+            10,
+            Default::default(),
+        );
+        router.push(&mut recs(0..25)).await.unwrap();
+        router.flush().await.unwrap();
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut sizes = Vec::new();
+        while let Poll::Ready(Some(StreamEvent::Data(b))) = r0.rx.poll_recv(&mut cx) {
+            sizes.push(b.len());
+        }
+        assert_eq!(sizes, vec![10, 10, 5]);
     }
 
     #[tokio::test]
