@@ -369,8 +369,16 @@ async fn wire(
             outputs.push(senders);
         }
         out.push(
-            build_runner(&graph, t, s, inputs, outputs, collect.clone())
-                .map_err(|e| e.to_string())?,
+            build_runner(
+                &d.job.to_string(),
+                &graph,
+                t,
+                s,
+                inputs,
+                outputs,
+                collect.clone(),
+            )
+            .map_err(|e| e.to_string())?,
         );
     }
     Ok(out)

@@ -37,6 +37,7 @@ pub fn edge_targets(graph: &JobGraph, edge: &Edge, from: usize) -> Vec<usize> {
 /// `outputs[k]` are the channels of the task's `k`-th outgoing edge (in `graph.edges`
 /// order), one per target from [`edge_targets`].
 pub fn build_runner(
+    job: &str,
     graph: &JobGraph,
     task: usize,
     subtask: usize,
@@ -89,6 +90,7 @@ pub fn build_runner(
         }
     }
     let runner = SubtaskRunner {
+        job: job.to_string(),
         id: SubtaskId {
             task,
             index: subtask,

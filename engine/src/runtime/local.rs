@@ -265,7 +265,8 @@ impl LocalExecutor {
                 .into_iter()
                 .zip(std::mem::take(&mut inputs[t]));
             for (s, (outs, ins)) in subtask_channels.enumerate() {
-                let (runner, m) = build_runner(graph, t, s, ins, outs, collect.clone())?;
+                let (runner, m) =
+                    build_runner(&graph.name, graph, t, s, ins, outs, collect.clone())?;
                 task_metrics.push(m);
                 runners.push(runner);
             }

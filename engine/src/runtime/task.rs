@@ -78,6 +78,8 @@ pub struct ChainOperator {
 /// Everything a subtask runs: its source (if the chain starts with one), the rest of the
 /// chain, its inputs and outputs.
 pub struct SubtaskRunner {
+    /// The job it belongs to (its id, or its name in process), for logs.
+    pub job: String,
     /// Which subtask.
     pub id: SubtaskId,
     /// Task name (operator ids of the chain).
@@ -164,7 +166,7 @@ impl Actor for SubtaskActor {
         let (Some(runner), Some(control)) = (self.runner.take(), self.control_rx.take()) else {
             return;
         };
-        let span = tracing::info_span!("subtask", task = %runner.name, subtask = %runner.id);
+        let span = tracing::info_span!("subtask", job = %runner.job, task = %runner.name, subtask = %runner.id);
         let body = runner.run(control).instrument(span);
         ctx.spawn(body.into_actor(self).map(|outcome, act, ctx| {
             act.report.do_send(SubtaskEvent {
