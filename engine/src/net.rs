@@ -179,7 +179,12 @@ impl DataPlane {
     pub fn release(&self, job: JobId, generation: Generation) {
         lock(&self.inner.released).insert((job, generation));
         let of_deployment = |c: &ChannelId| c.job == job && c.generation == generation;
-        lock(&self.inner.inputs).retain(|c, _| !of_deployment(c));
+        lock(&self.inner.inputs).retain(|c, (_, tx)| {
+            if of_deployment(c) {
+                tx.close(credit::CloseCause::Released);
+            }
+            !of_deployment(c)
+        });
         lock(&self.inner.outputs).retain(|c, (_, s)| {
             if of_deployment(c) {
                 s.close();
@@ -191,7 +196,13 @@ impl DataPlane {
     /// Closes every channel through a connection that ended: receivers see their upstream
     /// disconnect and senders stop waiting for credits, so the job fails instead of stalling.
     fn fail_channels_of(&self, peer: TaskManagerId) {
-        lock(&self.inner.inputs).retain(|_, (p, _)| *p != peer);
+        let why = format!("data-plane connection to task manager {peer} lost");
+        lock(&self.inner.inputs).retain(|_, (p, tx)| {
+            if *p == peer {
+                tx.close(credit::CloseCause::Failed(why.clone()));
+            }
+            *p != peer
+        });
         lock(&self.inner.outputs).retain(|_, (p, s)| {
             if *p == peer {
                 s.close();

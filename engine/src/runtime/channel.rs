@@ -31,10 +31,16 @@ pub enum ChannelError {
     #[error("downstream channel closed")]
     Closed,
     /// The sender was dropped without sending `EndOfStream`.
-    #[error("upstream channel {channel} closed before end of stream")]
+    #[error("upstream channel {channel} closed before end of stream{}", match cause {
+        Some(credit::CloseCause::Failed(why)) => format!(": {why}"),
+        Some(credit::CloseCause::Released) => ": deployment released".to_string(),
+        None => String::new(),
+    })]
     Disconnected {
         /// Index of the channel in the input gate.
         channel: usize,
+        /// Why, when the sender said.
+        cause: Option<credit::CloseCause>,
     },
     /// A batch skipped sequence numbers: records were lost.
     #[error("channel {channel}: expected seq {expected}, got {got}")]
@@ -131,6 +137,14 @@ impl OutputChannel {
         }
     }
 
+    /// Tells a local receiver why this sender stops (remote receivers learn it from their
+    /// own task manager's release).
+    pub fn close(&self, cause: credit::CloseCause) {
+        if let Tx::Local(tx) = &self.tx {
+            tx.close(cause);
+        }
+    }
+
     /// Batches currently buffered in a local channel (credits in use); 0 for remote ones.
     pub fn in_flight(&self) -> usize {
         match &self.tx {
@@ -215,7 +229,10 @@ impl InputGate {
                             return Poll::Ready(Ok((i, ev)));
                         }
                         Poll::Ready(None) => {
-                            return Poll::Ready(Err(ChannelError::Disconnected { channel: i }))
+                            return Poll::Ready(Err(ChannelError::Disconnected {
+                                channel: i,
+                                cause: ch.rx.close_cause(),
+                            }))
                         }
                         Poll::Pending => {}
                     }
@@ -451,6 +468,13 @@ impl Router {
         Ok(())
     }
 
+    /// Closes every output channel, telling receivers why.
+    pub fn close(&self, cause: credit::CloseCause) {
+        for t in self.routes.iter().flat_map(|r| r.targets.iter()) {
+            t.close(cause.clone());
+        }
+    }
+
     /// Batches buffered in channels, summed over all targets (credits in use).
     pub fn in_flight(&self) -> usize {
         self.routes
@@ -589,7 +613,10 @@ mod tests {
         drop(a);
         assert_eq!(
             gate.next().await.unwrap_err(),
-            ChannelError::Disconnected { channel: 0 }
+            ChannelError::Disconnected {
+                channel: 0,
+                cause: None
+            }
         );
     }
 

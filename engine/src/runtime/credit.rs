@@ -22,6 +22,15 @@ use crate::record::StreamEvent;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Disconnected;
 
+/// Why a sender closed the channel before `EndOfStream`, when it says so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseCause {
+    /// The deployment was released (canceled): the receiver should stop quietly.
+    Released,
+    /// The channel broke (e.g. the connection to the sending task manager was lost).
+    Failed(String),
+}
+
 struct State {
     queue: VecDeque<StreamEvent>,
     /// Credits the sender may use now.
@@ -34,6 +43,8 @@ struct State {
     sender: Option<Waker>,
     sender_gone: bool,
     receiver_gone: bool,
+    /// Set by `Sender::close`.
+    cause: Option<CloseCause>,
 }
 
 /// Called with the number of credits announced, for a sender in another process.
@@ -78,6 +89,7 @@ fn make(credits: usize, announcer: Option<Announcer>) -> (Sender, Receiver) {
             sender: None,
             sender_gone: false,
             receiver_gone: false,
+            cause: None,
         }),
         credits,
         announce_at: (credits / 2).max(1),
@@ -143,6 +155,19 @@ impl Sender {
         .await
     }
 
+    /// Closes the channel for the receiver, saying why (events already queued are still
+    /// delivered first).
+    pub fn close(&self, cause: CloseCause) {
+        let mut st = self.shared.lock();
+        st.cause.get_or_insert(cause);
+        st.sender_gone = true;
+        let wake = st.receiver.take();
+        drop(st);
+        if let Some(w) = wake {
+            w.wake();
+        }
+    }
+
     /// Events buffered or held back (credits in use).
     pub fn in_flight(&self) -> usize {
         self.shared.credits - self.shared.lock().free
@@ -196,6 +221,11 @@ impl Receiver {
                 Poll::Pending
             }
         }
+    }
+
+    /// Why the sender closed the channel, if it said.
+    pub fn close_cause(&self) -> Option<CloseCause> {
+        self.shared.lock().cause.clone()
     }
 
     /// The next event, waiting for one.

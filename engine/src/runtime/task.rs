@@ -21,7 +21,8 @@ use actix::prelude::*;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn, Instrument};
 
-use super::channel::{InputGate, RouteError, Router, RouterCounters};
+use super::channel::{ChannelError, InputGate, RouteError, Router, RouterCounters};
+use super::credit::CloseCause;
 use crate::error::{EngineError, ErrorKind};
 use crate::operator::{OpError, Operator, Source, SourcePoll};
 use crate::record::{Record, StreamEvent};
@@ -211,6 +212,8 @@ impl SubtaskRunner {
             }
             Err(Stop::Canceled) => {
                 debug!("Subtask canceled.");
+                // Downstream subtasks in this process then stop as canceled, not failed.
+                self.router.close(CloseCause::Released);
                 SubtaskOutcome::Canceled
             }
             Err(Stop::Failed(e)) => {
@@ -295,7 +298,7 @@ impl SubtaskRunner {
                     self.router.flush().await.map_err(|e| self.route_failure(e))?;
                     continue;
                 }
-                ev = self.gate.next() => ev.map_err(|e| Stop::Failed(EngineError::Internal(format!("subtask {}: {e}", self.id))))?,
+                ev = self.gate.next() => ev.map_err(|e| self.input_failure(e))?,
             };
             match event {
                 (ch, StreamEvent::Data(batch)) => {
@@ -413,6 +416,17 @@ impl SubtaskRunner {
             pending = produced;
         }
         Ok(pending)
+    }
+
+    fn input_failure(&self, e: ChannelError) -> Stop {
+        match e {
+            // Our own deployment was released (canceled): not a failure.
+            ChannelError::Disconnected {
+                cause: Some(CloseCause::Released),
+                ..
+            } => Stop::Canceled,
+            e => Stop::Failed(EngineError::Internal(format!("subtask {}: {e}", self.id))),
+        }
     }
 
     fn route_failure(&self, e: RouteError) -> Stop {
