@@ -281,6 +281,22 @@ impl CollectTarget for ToJobManagerCollect {
 
 type Wired = Vec<(SubtaskRunner, Arc<SubtaskMetrics>)>;
 
+/// Both ends of a channel between two subtasks of this task manager, each taken by the
+/// subtask wired first on its side.
+type LocalPair = (Option<OutputChannel>, Option<InputChannel>);
+
+fn local_pair(
+    local: &mut HashMap<ChannelId, LocalPair>,
+    id: ChannelId,
+    credits: usize,
+    input: usize,
+) -> &mut LocalPair {
+    local.entry(id).or_insert_with(|| {
+        let (tx, rx) = channel(credits, input);
+        (Some(tx), Some(rx))
+    })
+}
+
 /// Builds the runners of this task manager's share of a deployment: local channels between
 /// subtasks placed here, data-plane channels to and from the others.
 async fn wire(
@@ -332,11 +348,12 @@ async fn wire(
                 let (tm, addr) = locate(e.from, u)?;
                 let id = cid(ei, u, s);
                 if tm == me {
-                    let slot = local.entry(id).or_insert_with(|| {
-                        let (tx, rx) = channel(credits, e.input);
-                        (Some(tx), Some(rx))
-                    });
-                    inputs.push(slot.1.take().ok_or("local channel wired twice")?);
+                    inputs.push(
+                        local_pair(&mut local, id, credits, e.input)
+                            .1
+                            .take()
+                            .ok_or("local channel wired twice")?,
+                    );
                 } else {
                     let rx = data
                         .register_input(id, tm, &addr, credits)
@@ -353,11 +370,12 @@ async fn wire(
                 let (tm, addr) = locate(e.to, v)?;
                 let id = cid(ei, s, v);
                 if tm == me {
-                    let slot = local.entry(id).or_insert_with(|| {
-                        let (tx, rx) = channel(credits, e.input);
-                        (Some(tx), Some(rx))
-                    });
-                    senders.push(slot.0.take().ok_or("local channel wired twice")?);
+                    senders.push(
+                        local_pair(&mut local, id, credits, e.input)
+                            .0
+                            .take()
+                            .ok_or("local channel wired twice")?,
+                    );
                 } else {
                     let tx = data
                         .register_output(id, tm, &addr)

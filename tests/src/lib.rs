@@ -101,3 +101,18 @@ pub fn window_results(records: &[engine::Record], field: &str) -> BTreeMap<(Stri
     }
     out
 }
+
+/// The value of `--name N` among `args`, or `default`.
+pub fn arg(args: &[String], name: &str, default: u64) -> u64 {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Median of `v` (upper median for even lengths).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}

@@ -70,20 +70,9 @@ fn loop_rate(n: u64) -> f64 {
     n as f64 / started.elapsed().as_secs_f64()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str, default: u64| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
+    let arg = |name: &str, default: u64| weir_tests::arg(&args, name, default);
     let n = arg("--records", 20_000_000);
     let repeat = arg("--repeat", 5).max(1) as usize;
     println!("records per run: {n}, rounds: {repeat}");
@@ -102,8 +91,8 @@ fn main() {
         eprintln!("round {round}: a1 a2 b1 b2 loop = {}", millions.join(" "));
         rounds.push(r);
     }
-    let col = |i: usize| median(rounds.iter().map(|r| r[i]).collect()) / 1e6;
-    let ratio = |i: usize| 100.0 * median(rounds.iter().map(|r| r[i] / r[4]).collect());
+    let col = |i: usize| weir_tests::median(rounds.iter().map(|r| r[i]).collect()) / 1e6;
+    let ratio = |i: usize| 100.0 * weir_tests::median(rounds.iter().map(|r| r[i] / r[4]).collect());
     println!();
     println!("| pipeline | parallelism | records/s (median) | vs hand-written loop (median of per-round ratios) |");
     println!("|---|---|---|---|");

@@ -19,20 +19,9 @@ fn spec(n: u64, credits: u64, batch: u64) -> String {
     )
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str, default: u64| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
+    let arg = |name: &str, default: u64| weir_tests::arg(&args, name, default);
     let n = arg("--records", 20_000_000);
     let rounds = arg("--rounds", 3).max(1) as usize;
     let credits = arg("--credits", 4);
@@ -74,18 +63,18 @@ fn main() {
         local.push(l);
         remote.push(r);
     }
-    let ratio = median(local.iter().zip(&remote).map(|(l, r)| r / l).collect());
+    let ratio = weir_tests::median(local.iter().zip(&remote).map(|(l, r)| r / l).collect());
     println!("records per run: {n}, rounds: {rounds}");
     println!();
     println!("| keyed count, parallelism 2 | records/s (median) | vs in process |");
     println!("|---|---|---|");
     println!(
         "| in process (2 slots) | {:.2} M | 100% |",
-        median(local) / 1e6
+        weir_tests::median(local) / 1e6
     );
     println!(
         "| 2 task manager processes (hash exchange over TCP) | {:.2} M | {:.0}% |",
-        median(remote) / 1e6,
+        weir_tests::median(remote) / 1e6,
         100.0 * ratio
     );
 }
