@@ -471,7 +471,7 @@ impl RemoteSender {
         match self.credits.try_acquire() {
             Ok(permit) => {
                 permit.forget();
-                self.write(event)
+                self.write(event).map(Ok)
             }
             Err(tokio::sync::TryAcquireError::Closed) => Err(credit::Disconnected),
             Err(tokio::sync::TryAcquireError::NoPermits) => Ok(Err(event)),
@@ -486,13 +486,10 @@ impl RemoteSender {
             .await
             .map_err(|_| credit::Disconnected)?;
         permit.forget();
-        match self.write(event)? {
-            Ok(()) => Ok(()),
-            Err(_) => Err(credit::Disconnected),
-        }
+        self.write(event)
     }
 
-    fn write(&self, event: StreamEvent) -> Result<Result<(), StreamEvent>, credit::Disconnected> {
+    fn write(&self, event: StreamEvent) -> Result<(), credit::Disconnected> {
         // ~48 bytes per flat record on the wire; reserving avoids regrowing the buffer.
         let capacity = match &event {
             StreamEvent::Data(b) => 128 + b.len() * 56,
@@ -509,8 +506,7 @@ impl RemoteSender {
             error!(channel = ?self.channel, bytes = bytes.len(), "Event too large for a frame.");
             return Err(credit::Disconnected);
         }
-        self.conn.tx.send(bytes).map_err(|_| credit::Disconnected)?;
-        Ok(Ok(()))
+        self.conn.tx.send(bytes).map_err(|_| credit::Disconnected)
     }
 }
 
