@@ -15,6 +15,7 @@ pub mod error;
 pub mod expr;
 pub mod graph;
 pub mod ids;
+pub mod kafka;
 pub mod net;
 pub mod operator;
 pub mod protocol;

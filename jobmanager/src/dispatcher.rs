@@ -79,6 +79,21 @@ pub struct SubtaskView {
     pub backpressure: f64,
     /// Output watermark (null before the first).
     pub watermark: Option<i64>,
+    /// Operator-specific metrics: Kafka offsets and lag per partition, late records, ...
+    pub metrics: Vec<OperatorMetricView>,
+}
+
+/// One operator-specific metric of a subtask.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct OperatorMetricView {
+    /// Operator id.
+    pub operator: String,
+    /// Metric name (`lag`, `offset`, `late_dropped`, ...).
+    pub name: String,
+    /// Part of the operator it measures (`topic/partition`), empty for the whole subtask.
+    pub part: String,
+    /// Value.
+    pub value: i64,
 }
 
 /// A task (operator chain) of a job.
@@ -379,6 +394,19 @@ impl Dispatcher {
                             backpressure_ms: r.map_or(0, |r| r.backpressure_ms),
                             backpressure: i.backpressure,
                             watermark: r.map(|r| r.watermark).filter(|w| *w != i64::MIN),
+                            metrics: r
+                                .map(|r| {
+                                    r.operator_metrics
+                                        .iter()
+                                        .map(|(op, m)| OperatorMetricView {
+                                            operator: op.clone(),
+                                            name: m.name.clone(),
+                                            part: m.part.clone(),
+                                            value: m.value,
+                                        })
+                                        .collect()
+                                })
+                                .unwrap_or_default(),
                         }
                     })
                     .collect(),
@@ -441,14 +469,35 @@ impl Handler<SubmitJob> for Dispatcher {
     type Result = ResponseActFuture<Self, Result<JobId, SubmitError>>;
 
     fn handle(&mut self, msg: SubmitJob, _ctx: &mut Self::Context) -> Self::Result {
+        let registry = jobs::registry();
         let parsed = JobSpec::from_json(&msg.0).and_then(|spec| {
-            let graph = JobGraph::build(&spec, &jobs::registry())?;
-            Ok((spec, graph))
+            JobGraph::build(&spec, &registry)?;
+            Ok(spec)
         });
         let rm = self.rm.clone();
+        let text = msg.0;
         Box::pin(
             async move {
-                let (spec, graph) = parsed.map_err(SubmitError::Invalid)?;
+                let submitted = parsed.map_err(SubmitError::Invalid)?;
+                // Connectors look up partitions and offsets on their brokers (blocking, within
+                // their timeouts); every task manager then builds the resolved spec.
+                let (spec, registry) = tokio::task::spawn_blocking(move || {
+                    let mut spec = submitted.clone();
+                    registry
+                        .resolve(&mut spec)
+                        .map(|()| (submitted, spec, registry))
+                })
+                .await
+                .map_err(|e| SubmitError::NoResources(e.to_string()))?
+                .map(|(submitted, spec, registry)| {
+                    let json = (spec != submitted)
+                        .then(|| serde_json::to_string_pretty(&spec).ok())
+                        .flatten()
+                        .unwrap_or(text);
+                    ((spec, json), registry)
+                })
+                .map_err(SubmitError::Invalid)?;
+                let graph = JobGraph::build(&spec.0, &registry).map_err(SubmitError::Invalid)?;
                 let alive = rm
                     .send(GetAlive)
                     .await
@@ -457,8 +506,8 @@ impl Handler<SubmitJob> for Dispatcher {
             }
             .into_actor(self)
             .map(move |res, act, _ctx| {
-                let (spec, graph, alive) = res?;
-                act.start_job(spec, msg.0, graph, alive)
+                let ((spec, json), graph, alive) = res?;
+                act.start_job(spec, json, graph, alive)
             }),
         )
     }
@@ -789,6 +838,44 @@ impl Handler<TaskManagerLost> for Dispatcher {
 #[derive(Message)]
 #[rtype(result = "Vec<JobSummary>")]
 pub struct ListJobs;
+
+/// Operator metrics of every running subtask, for Prometheus.
+#[derive(Message)]
+#[rtype(result = "Vec<SubtaskMetrics>")]
+pub struct ListOperatorMetrics;
+
+/// Operator metrics of one running subtask.
+#[derive(Debug, Clone)]
+pub struct SubtaskMetrics {
+    /// Job id.
+    pub jid: String,
+    /// Task index.
+    pub task: u32,
+    /// Subtask index.
+    pub subtask: u32,
+    /// (operator id, metric).
+    pub metrics: Vec<(String, engine::operator::Metric)>,
+}
+
+impl Handler<ListOperatorMetrics> for Dispatcher {
+    type Result = MessageResult<ListOperatorMetrics>;
+    fn handle(&mut self, _msg: ListOperatorMetrics, _ctx: &mut Self::Context) -> Self::Result {
+        let mut out = Vec::new();
+        for job in self.jobs.values().filter(|j| !j.state.is_terminal()) {
+            for ((task, subtask), info) in &job.subtasks {
+                if let Some((_, r)) = &info.last {
+                    out.push(SubtaskMetrics {
+                        jid: job.id.to_string(),
+                        task: *task,
+                        subtask: *subtask,
+                        metrics: r.operator_metrics.clone(),
+                    });
+                }
+            }
+        }
+        MessageResult(out)
+    }
+}
 
 impl Handler<ListJobs> for Dispatcher {
     type Result = MessageResult<ListJobs>;

@@ -125,9 +125,12 @@ fn run_local(file: PathBuf, slots: Option<usize>, show: usize, duration: Option<
             return ExitCode::from(2);
         }
     };
-    let graph = match JobSpec::from_json(&text)
-        .and_then(|spec| JobGraph::build(&spec, &jobs::registry()))
-    {
+    let registry = jobs::registry();
+    let graph = match JobSpec::from_json(&text).and_then(|mut spec| {
+        JobGraph::build(&spec, &registry)?;
+        registry.resolve(&mut spec)?;
+        JobGraph::build(&spec, &registry)
+    }) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("error: {}: {e}", file.display());

@@ -3,11 +3,15 @@
 
 use prometheus::{Encoder, GaugeVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use crate::dispatcher::JobSummary;
+use crate::dispatcher::{JobSummary, SubtaskMetrics};
 use crate::resource_manager::TaskManagerView;
 
 /// Renders the metrics for the given task managers and jobs.
-pub fn render(tms: &[TaskManagerView], jobs: &[JobSummary]) -> Result<String, String> {
+pub fn render(
+    tms: &[TaskManagerView],
+    jobs: &[JobSummary],
+    operators: &[SubtaskMetrics],
+) -> Result<String, String> {
     let registry = Registry::new();
     let e = |e: prometheus::Error| e.to_string();
     let taskmanagers = IntGaugeVec::new(
@@ -42,6 +46,23 @@ pub fn render(tms: &[TaskManagerView], jobs: &[JobSummary]) -> Result<String, St
         registry.register(Box::new(m.clone())).map_err(e)?;
     }
     registry.register(Box::new(throughput.clone())).map_err(e)?;
+    let operator = IntGaugeVec::new(
+        Opts::new(
+            "weir_operator_metric",
+            "Operator-specific metrics of running subtasks (Kafka offset and lag per partition, late records, ...)",
+        ),
+        &["job", "task", "subtask", "operator", "name", "part"],
+    )
+    .map_err(e)?;
+    registry.register(Box::new(operator.clone())).map_err(e)?;
+    for s in operators {
+        let (task, subtask) = (s.task.to_string(), s.subtask.to_string());
+        for (op, m) in &s.metrics {
+            operator
+                .with_label_values(&[&s.jid, &task, &subtask, op, &m.name, &m.part])
+                .set(m.value);
+        }
+    }
     for state in ["ALIVE", "DEAD"] {
         taskmanagers
             .with_label_values(&[state])

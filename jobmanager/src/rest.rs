@@ -18,7 +18,7 @@ use utoipa::OpenApi;
 
 use crate::dispatcher::{
     CancelJob, Dispatcher, GetJob, GetOutput, JobDetail, JobState, JobSummary, ListJobs,
-    OutputPage, SubmitError, SubmitJob,
+    ListOperatorMetrics, OutputPage, SubmitError, SubmitJob,
 };
 use crate::resource_manager::{
     ClusterEvent, GetEvents, KillTaskManager, ListTaskManagers, ResourceManager, TaskManagerView,
@@ -431,14 +431,15 @@ pub async fn kill_taskmanager(
 /// Prometheus metrics (text format).
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn prometheus_metrics(state: web::Data<ApiState>) -> HttpResponse {
-    let (tms, jobs) = match (
+    let (tms, jobs, operators) = match (
         state.rm.send(ListTaskManagers).await,
         state.dispatcher.send(ListJobs).await,
+        state.dispatcher.send(ListOperatorMetrics).await,
     ) {
-        (Ok(t), Ok(j)) => (t, j),
-        (Err(e), _) | (_, Err(e)) => return unavailable(e),
+        (Ok(t), Ok(j), Ok(o)) => (t, j, o),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return unavailable(e),
     };
-    match crate::metrics::render(&tms, &jobs) {
+    match crate::metrics::render(&tms, &jobs, &operators) {
         Ok(text) => HttpResponse::Ok()
             .content_type("text/plain; version=0.0.4")
             .body(text),

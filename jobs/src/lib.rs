@@ -5,6 +5,8 @@
 //! `EXAMPLES` are the specs under `jobs/examples/`, embedded so binaries and the dashboard
 //! can offer them without the source tree.
 
+pub mod clicks;
+
 use std::sync::Arc;
 
 use engine::operator::{
@@ -33,11 +35,7 @@ pub fn registry() -> OperatorRegistry {
     let mut r = OperatorRegistry::builtin();
     r.register(
         "tokenize",
-        KindInfo {
-            shape: Shape::OneInput,
-            keyed: false,
-            build: build_tokenize,
-        },
+        KindInfo::new(Shape::OneInput, false, build_tokenize),
     );
     r
 }

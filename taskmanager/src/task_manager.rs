@@ -164,6 +164,7 @@ impl TaskManager {
                             .load(std::sync::atomic::Ordering::Relaxed)
                             / 1_000_000,
                         watermark: m.watermark.load(std::sync::atomic::Ordering::Relaxed),
+                        operator_metrics: m.operators.lock().map(|g| g.clone()).unwrap_or_default(),
                     })
             })
             .collect();

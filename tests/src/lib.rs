@@ -5,6 +5,7 @@
 //! without the engine.
 
 pub mod cluster;
+pub mod kafka;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,9 +22,12 @@ pub fn graph(json: &str) -> JobGraph {
     graph_with(json, &jobs::registry())
 }
 
-/// Parses and validates `json` with `registry`.
+/// Parses, resolves (connectors ask their brokers) and validates `json` with `registry`.
 pub fn graph_with(json: &str, registry: &OperatorRegistry) -> JobGraph {
-    let spec = JobSpec::from_json(json).unwrap_or_else(|e| panic!("bad spec: {e}"));
+    let mut spec = JobSpec::from_json(json).unwrap_or_else(|e| panic!("bad spec: {e}"));
+    registry
+        .resolve(&mut spec)
+        .unwrap_or_else(|e| panic!("cannot resolve: {e}"));
     JobGraph::build(&spec, registry).unwrap_or_else(|e| panic!("invalid spec: {e}"))
 }
 

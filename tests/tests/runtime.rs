@@ -119,14 +119,7 @@ fn build_slow(spec: &OperatorSpec) -> Result<Arc<dyn OperatorFactory>, SpecError
 #[test]
 fn slow_sink_bounds_the_queue() {
     let mut registry = jobs::registry();
-    registry.register(
-        "slow",
-        KindInfo {
-            shape: Shape::Sink,
-            keyed: false,
-            build: build_slow,
-        },
-    );
+    registry.register("slow", KindInfo::new(Shape::Sink, false, build_slow));
     let spec = job(r#"{"id":"g","kind":"generator","params":{}},
            {"id":"m","kind":"map","input":"g","params":{"expr":"value + 1"}},
            {"id":"s","kind":"slow","input":"m","partition":"rebalance","params":{"delay_ms":2}}"#);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use rustc_hash::FxHashMap;
 
 use super::{
-    decode_state, encode_state, Instance, OpError, Operator, OperatorFactory, Params,
+    decode_state, encode_state, Instance, Metric, OpError, Operator, OperatorFactory, Params,
     SubtaskContext,
 };
 use crate::record::Record;
@@ -175,8 +175,8 @@ impl Operator for Join {
         Ok(())
     }
 
-    fn counters(&self) -> Vec<(&'static str, u64)> {
-        vec![("late_dropped", self.late_dropped)]
+    fn metrics(&self) -> Vec<Metric> {
+        vec![Metric::total("late_dropped", self.late_dropped as i64)]
     }
 }
 
@@ -213,7 +213,7 @@ mod tests {
                 r#"{"key":1,"left":"l3","right":"r4","window_end":20,"window_start":10}"#
             ]
         );
-        assert_eq!(j.counters(), vec![("late_dropped", 1)]);
+        assert_eq!(j.metrics(), vec![Metric::total("late_dropped", 1)]);
     }
 
     /// Ensures a restored join emits the same pairs as an uninterrupted one.

@@ -96,9 +96,41 @@ pub trait Operator: Send {
         Ok(())
     }
 
-    /// Operator-specific counters (e.g. late records dropped), read for metrics.
-    fn counters(&self) -> Vec<(&'static str, u64)> {
+    /// Operator-specific metrics (e.g. late records dropped), read about once a second.
+    fn metrics(&self) -> Vec<Metric> {
         Vec::new()
+    }
+}
+
+/// One operator metric: a counter or gauge, optionally for one part of the operator (a Kafka
+/// partition, say, as `topic/partition`).
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Metric {
+    /// What is measured (`late_dropped`, `lag`, `offset`, ...).
+    pub name: String,
+    /// Which part of the operator; empty for the whole subtask.
+    pub part: String,
+    /// The value.
+    pub value: i64,
+}
+
+impl Metric {
+    /// A metric of the whole subtask.
+    pub fn total(name: &str, value: i64) -> Metric {
+        Metric {
+            name: name.to_string(),
+            part: String::new(),
+            value,
+        }
+    }
+
+    /// A metric of one part of the subtask.
+    pub fn part(name: &str, part: String, value: i64) -> Metric {
+        Metric {
+            name: name.to_string(),
+            part,
+            value,
+        }
     }
 }
 
@@ -126,6 +158,11 @@ pub trait Source: Send {
 
     /// Rewinds to a position produced by `snapshot()`.
     fn restore(&mut self, state: &[u8]) -> Result<(), OpError>;
+
+    /// Source-specific metrics (positions, lag), read about once a second.
+    fn metrics(&self) -> Vec<Metric> {
+        Vec::new()
+    }
 }
 
 /// A running instance: a source, or a transform/sink.
@@ -189,6 +226,11 @@ impl Shape {
 /// Validates an operator's params and returns its factory.
 pub type BuildFn = fn(&OperatorSpec) -> Result<Arc<dyn OperatorFactory>, SpecError>;
 
+/// Looks up what an operator needs from outside systems at submission (a Kafka topic's
+/// partitions and start offsets, say) and returns its params with that filled in. It may
+/// block on the network, within a timeout the params set.
+pub type ResolveFn = fn(&OperatorSpec) -> Result<serde_json::Value, SpecError>;
+
 /// A registered operator kind.
 #[derive(Clone, Copy)]
 pub struct KindInfo {
@@ -198,6 +240,20 @@ pub struct KindInfo {
     pub keyed: bool,
     /// Validates params and builds the factory.
     pub build: BuildFn,
+    /// Resolves external facts once per submission (connectors only).
+    pub resolve: Option<ResolveFn>,
+}
+
+impl KindInfo {
+    /// A kind that needs nothing resolved at submission.
+    pub fn new(shape: Shape, keyed: bool, build: BuildFn) -> KindInfo {
+        KindInfo {
+            shape,
+            keyed,
+            build,
+            resolve: None,
+        }
+    }
 }
 
 /// Operator kinds by name: the built-ins plus Rust-defined ones registered by `jobs`.
@@ -212,11 +268,7 @@ impl OperatorRegistry {
         let mut r = OperatorRegistry {
             kinds: BTreeMap::new(),
         };
-        let k = |shape, keyed, build| KindInfo {
-            shape,
-            keyed,
-            build,
-        };
+        let k = KindInfo::new;
         r.register(
             "generator",
             k(Shape::Source, false, source::build_generator),
@@ -239,7 +291,33 @@ impl OperatorRegistry {
         r.register("file_sink", k(Shape::Sink, false, sink::build_file_sink));
         r.register("log", k(Shape::Sink, false, sink::build_log));
         r.register("discard", k(Shape::Sink, false, sink::build_discard));
+        r.register(
+            "kafka_source",
+            KindInfo {
+                resolve: Some(crate::kafka::source::resolve),
+                ..k(Shape::Source, false, crate::kafka::source::build)
+            },
+        );
+        r.register(
+            "kafka_sink",
+            KindInfo {
+                resolve: Some(crate::kafka::sink::resolve),
+                ..k(Shape::Sink, false, crate::kafka::sink::build)
+            },
+        );
         r
+    }
+
+    /// Resolves, in place, every operator of `spec` whose kind looks up external facts at
+    /// submission (see [`ResolveFn`]). Call once per submission, before deploying; the
+    /// resolved spec is what every task manager then builds, so all agree on it.
+    pub fn resolve(&self, spec: &mut crate::spec::JobSpec) -> Result<(), SpecError> {
+        for op in spec.operators.iter_mut() {
+            if let Some(resolve) = self.get(&op.kind).and_then(|k| k.resolve) {
+                op.params = resolve(op)?;
+            }
+        }
+        Ok(())
     }
 
     /// Adds (or replaces) a kind.
@@ -343,6 +421,43 @@ impl<'a> Params<'a> {
     pub fn required_str(&self, name: &str) -> Result<&'a str, SpecError> {
         self.str(name)?
             .ok_or_else(|| self.error(name, "is required"))
+    }
+
+    /// A parameter that names one of `choices` (name, value); `default` when absent.
+    pub fn choice<T: Copy>(
+        &self,
+        name: &str,
+        default: T,
+        choices: &[(&str, T)],
+    ) -> Result<T, SpecError> {
+        let Some(given) = self.str(name)? else {
+            return Ok(default);
+        };
+        choices
+            .iter()
+            .find(|(n, _)| *n == given)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| {
+                let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+                self.error(
+                    name,
+                    format!("unknown value '{given}' (expected {})", names.join(", ")),
+                )
+            })
+    }
+
+    /// What the job manager resolved at submission (`params.resolved`, see
+    /// [`ResolveFn`]), if it was resolved.
+    pub fn resolved<T: serde::de::DeserializeOwned>(&self) -> Result<Option<T>, SpecError> {
+        match self.raw("resolved") {
+            None => Ok(None),
+            Some(r) => serde_json::from_value(r.clone()).map(Some).map_err(|e| {
+                self.error(
+                    "resolved",
+                    format!("is written by the job manager at submission; leave it out ({e})"),
+                )
+            }),
+        }
     }
 
     /// An expression parameter, compiled.

@@ -420,16 +420,11 @@ struct FileSourceConfig {
 /// Builds a `file_source` from its spec.
 pub fn build_file_source(spec: &OperatorSpec) -> Result<Arc<dyn OperatorFactory>, SpecError> {
     let p = Params::new(spec, &["path", "format", "ts_field", "out_of_orderness_ms"])?;
-    let format = match p.str("format")?.unwrap_or("lines") {
-        "lines" => FileFormat::Lines,
-        "json" => FileFormat::Json,
-        other => {
-            return Err(p.error(
-                "format",
-                format!("unknown format '{other}' (expected lines or json)"),
-            ))
-        }
-    };
+    let format = p.choice(
+        "format",
+        FileFormat::Lines,
+        &[("lines", FileFormat::Lines), ("json", FileFormat::Json)],
+    )?;
     let ts_field = p.str("ts_field")?.map(str::to_string);
     if ts_field.is_some() && format != FileFormat::Json {
         return Err(p.error("ts_field", "only applies to format 'json'"));

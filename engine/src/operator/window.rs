@@ -14,7 +14,7 @@ use rustc_hash::FxHashMap;
 
 use super::agg::{add_all, new_accs, parse_aggs, result_value, Acc, Accs, AggSpec};
 use super::{
-    decode_state, encode_state, Instance, OpError, Operator, OperatorFactory, Params,
+    decode_state, encode_state, Instance, Metric, OpError, Operator, OperatorFactory, Params,
     SubtaskContext,
 };
 use crate::record::Record;
@@ -454,8 +454,8 @@ impl Operator for WindowOperator {
         Ok(())
     }
 
-    fn counters(&self) -> Vec<(&'static str, u64)> {
-        vec![("late_dropped", self.late_dropped)]
+    fn metrics(&self) -> Vec<Metric> {
+        vec![Metric::total("late_dropped", self.late_dropped as i64)]
     }
 }
 
@@ -533,7 +533,7 @@ mod tests {
         w.on_watermark(14, &mut out).unwrap();
         w.process(0, &mut vec![k("a", 5, 100)], &mut out).unwrap();
         assert!(out.is_empty());
-        assert_eq!(w.counters(), vec![("late_dropped", 1)]);
+        assert_eq!(w.metrics(), vec![Metric::total("late_dropped", 1)]);
         w.finish(&mut out).unwrap();
         assert!(out.is_empty());
     }
@@ -552,7 +552,7 @@ mod tests {
             summary(&out),
             vec![r#"{"count":1,"key":"a","window_end":20,"window_start":10}"#]
         );
-        assert_eq!(w.counters(), vec![("late_dropped", 1)]);
+        assert_eq!(w.metrics(), vec![Metric::total("late_dropped", 1)]);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! and what `collect` sinks received. A dropped connection means the task manager is dead.
 
 use crate::ids::{Generation, JobId, TaskManagerId};
+use crate::operator::Metric;
 use crate::record::Record;
 
 /// Task manager -> job manager.
@@ -148,6 +149,8 @@ pub struct SubtaskReport {
     pub backpressure_ms: u64,
     /// Current output watermark.
     pub watermark: i64,
+    /// Operator-specific metrics (Kafka offsets and lag, late records), by operator id.
+    pub operator_metrics: Vec<(String, Metric)>,
 }
 
 #[cfg(test)]

@@ -104,6 +104,7 @@ pub fn build_runner(
         linger: Duration::from_millis(rt.linger_ms),
         watermark_interval: Duration::from_millis(rt.watermark_interval_ms),
         metrics: metrics.clone(),
+        metrics_published: None,
     };
     Ok((runner, metrics))
 }

@@ -14,8 +14,8 @@
 //! watermark or `EndOfStream` goes downstream only after everything before it.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::sync::mpsc;
@@ -24,7 +24,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::channel::{ChannelError, InputGate, RouteError, Router, RouterCounters};
 use super::credit::CloseCause;
 use crate::error::{EngineError, ErrorKind};
-use crate::operator::{OpError, Operator, Source, SourcePoll};
+use crate::operator::{Metric, OpError, Operator, Source, SourcePoll};
 use crate::record::{Record, StreamEvent};
 
 /// Identity of a subtask within a job, for logs and events.
@@ -53,6 +53,8 @@ pub struct SubtaskMetrics {
     pub records_sunk: AtomicU64,
     /// Current output watermark.
     pub watermark: AtomicI64,
+    /// Operator-specific metrics by operator id, refreshed about once a second.
+    pub operators: Mutex<Vec<(String, Metric)>>,
 }
 
 impl Default for SubtaskMetrics {
@@ -62,9 +64,13 @@ impl Default for SubtaskMetrics {
             router: Arc::default(),
             records_sunk: AtomicU64::new(0),
             watermark: AtomicI64::new(i64::MIN),
+            operators: Mutex::new(Vec::new()),
         }
     }
 }
+
+/// How often a subtask refreshes its operator metrics.
+const OPERATOR_METRICS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// An operator of the chain with its id (for errors).
 pub struct ChainOperator {
@@ -101,6 +107,8 @@ pub struct SubtaskRunner {
     pub watermark_interval: Duration,
     /// Counters.
     pub metrics: Arc<SubtaskMetrics>,
+    /// When operator metrics were last published.
+    pub metrics_published: Option<Instant>,
 }
 
 /// Control messages from the actor to its loop.
@@ -274,6 +282,7 @@ impl SubtaskRunner {
                     self.advance_watermark(wm).await?;
                 }
             }
+            self.publish_operator_metrics();
             // Let co-located subtasks and the control channel run between batches.
             tokio::task::yield_now().await;
         }
@@ -300,6 +309,7 @@ impl SubtaskRunner {
                 }
                 ev = self.gate.next() => ev.map_err(|e| self.input_failure(e))?,
             };
+            self.publish_operator_metrics();
             match event {
                 (ch, StreamEvent::Data(batch)) => {
                     let input = self.gate.channels()[ch].input;
@@ -333,6 +343,27 @@ impl SubtaskRunner {
                     .await
                     .map_err(|e| self.route_failure(e))?,
             }
+        }
+    }
+
+    /// Copies every operator's metrics to `SubtaskMetrics`, at most once per interval.
+    fn publish_operator_metrics(&mut self) {
+        if self
+            .metrics_published
+            .is_some_and(|t| t.elapsed() < OPERATOR_METRICS_INTERVAL)
+        {
+            return;
+        }
+        self.metrics_published = Some(Instant::now());
+        let mut all: Vec<(String, Metric)> = Vec::new();
+        if let Some((id, source)) = &self.source {
+            all.extend(source.metrics().into_iter().map(|m| (id.clone(), m)));
+        }
+        for c in &self.chain {
+            all.extend(c.op.metrics().into_iter().map(|m| (c.id.clone(), m)));
+        }
+        if let Ok(mut g) = self.metrics.operators.lock() {
+            *g = all;
         }
     }
 

@@ -50,6 +50,27 @@ enum Command {
         /// Task manager id.
         id: String,
     },
+    /// Write deterministic synthetic click events (JSON, keyed by user) to a Kafka topic.
+    Produce {
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "WEIR_KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+        bootstrap: String,
+        /// Target topic (must exist).
+        #[arg(long)]
+        topic: String,
+        /// Events per second; 0 writes as fast as the broker takes them.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Number of events.
+        #[arg(long, default_value_t = 10_000)]
+        count: u64,
+        /// Index of the first event (continue an earlier run without repeating it).
+        #[arg(long, default_value_t = 0)]
+        first: u64,
+        /// Number of distinct users.
+        #[arg(long, default_value_t = 100)]
+        users: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -184,6 +205,39 @@ fn run(cli: &Cli) -> Result<(), String> {
             }
             let body = read(req.send_empty())?;
             println!("killed ({})", body["method"].as_str().unwrap_or(""));
+        }
+        Command::Produce {
+            bootstrap,
+            topic,
+            rate,
+            count,
+            first,
+            users,
+        } => {
+            let clicks = jobs::clicks::Clicks {
+                users: *users,
+                // Event time advances at the production rate.
+                spacing_us: if *rate > 0 {
+                    1_000_000 / *rate as i64
+                } else {
+                    1000
+                }
+                .max(1),
+                ..Default::default()
+            };
+            let started = std::time::Instant::now();
+            let n = jobs::clicks::produce(&jobs::clicks::ProduceOptions {
+                bootstrap: bootstrap.clone(),
+                topic: topic.clone(),
+                rate: *rate,
+                first: *first,
+                count: *count,
+                clicks,
+            })?;
+            println!(
+                "produced {n} events to '{topic}' in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
         }
     }
     Ok(())

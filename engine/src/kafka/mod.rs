@@ -1,0 +1,305 @@
+//! Kafka connectors on rdkafka (librdkafka): the `kafka_source` and `kafka_sink` operators
+//! and the transactional producer that exactly-once sinks build on.
+//!
+//! Both operators are resolved once per submission ([`crate::operator::ResolveFn`]): the job
+//! manager asks the broker for the topics' partitions (and, for sources, the start and end
+//! offsets) and writes the answer into the operator's params under `resolved`. Every task
+//! manager then builds the same assignment from the same spec, with no consumer-group
+//! rebalancing inside a job (as Flink's split enumerator does it). A broker that cannot be
+//! reached or a missing topic is therefore a rejected submission naming the setting.
+//!
+//! What each broker feature was verified against is in `docs/kafka.md`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{DeliveryResult, ProducerContext};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientContext;
+
+use crate::operator::Params;
+use crate::spec::SpecError;
+use crate::value::Value;
+
+pub mod sink;
+pub mod source;
+pub mod txn;
+
+/// How long submission waits for the broker unless `params.timeout_ms` says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How a Kafka key or value is turned into a `Value` and back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// The bytes as they are (`Value::Bytes`).
+    Bytes,
+    /// UTF-8 text (`Value::Str`); invalid UTF-8 is an undecodable record.
+    String,
+    /// A JSON document, parsed into a `Value`.
+    Json,
+}
+
+impl Format {
+    /// Reads the format parameter `name`, or `default` when absent.
+    pub(crate) fn param(p: &Params, name: &str, default: Format) -> Result<Format, SpecError> {
+        p.choice(
+            name,
+            default,
+            &[
+                ("bytes", Format::Bytes),
+                ("string", Format::String),
+                ("json", Format::Json),
+            ],
+        )
+    }
+
+    /// Decodes a key or payload.
+    pub fn decode(self, bytes: &[u8]) -> Result<Value, String> {
+        match self {
+            Format::Bytes => Ok(Value::Bytes(bytes.into())),
+            Format::String => std::str::from_utf8(bytes)
+                .map(Value::str)
+                .map_err(|e| format!("invalid UTF-8: {e}")),
+            Format::Json => serde_json::from_slice(bytes).map_err(|e| format!("invalid JSON: {e}")),
+        }
+    }
+
+    /// Appends the encoding of `v` to `out`. `String` and `Bytes` write strings and bytes as
+    /// they are and any other value as JSON text.
+    pub fn encode(self, v: &Value, out: &mut Vec<u8>) -> Result<(), String> {
+        match (self, v) {
+            (Format::String | Format::Bytes, Value::Str(s)) => out.extend_from_slice(s.as_bytes()),
+            (Format::String | Format::Bytes, Value::Bytes(b)) => out.extend_from_slice(b),
+            _ => serde_json::to_writer(out, v).map_err(|e| e.to_string())?,
+        }
+        Ok(())
+    }
+}
+
+/// Connection settings every Kafka operator has: `bootstrap_servers`, `properties` (extra
+/// librdkafka settings, passed through) and `timeout_ms`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Connection {
+    pub bootstrap: String,
+    pub properties: BTreeMap<String, String>,
+    pub timeout: Duration,
+}
+
+impl Connection {
+    pub fn param(p: &Params) -> Result<Connection, SpecError> {
+        let bootstrap = p.required_str("bootstrap_servers")?.trim().to_string();
+        if bootstrap.is_empty() {
+            return Err(p.error("bootstrap_servers", "must name at least one host:port"));
+        }
+        let mut properties = BTreeMap::new();
+        if let Some(raw) = p.raw("properties") {
+            let obj = raw.as_object().ok_or_else(|| {
+                p.error(
+                    "properties",
+                    "must be an object of librdkafka settings (strings)",
+                )
+            })?;
+            for (k, v) in obj {
+                let v = match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Number(n) => n.to_string(),
+                    serde_json::Value::Bool(b) => b.to_string(),
+                    _ => {
+                        return Err(p.error(
+                            &format!("properties.{k}"),
+                            "must be a string, number or boolean",
+                        ))
+                    }
+                };
+                properties.insert(k.clone(), v);
+            }
+        }
+        let timeout = p
+            .positive("timeout_ms")?
+            .map_or(DEFAULT_TIMEOUT, Duration::from_millis);
+        Ok(Connection {
+            bootstrap,
+            properties,
+            timeout,
+        })
+    }
+
+    /// A client configuration: the bootstrap servers, then `defaults`, then the user's
+    /// properties (which win).
+    pub fn config(&self, defaults: &[(&str, &str)]) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap);
+        for (k, v) in defaults {
+            c.set(*k, *v);
+        }
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// A consumer for metadata and offset lookups at submission.
+    pub fn admin_consumer(&self, op: &str, group: Option<&str>) -> Result<BaseConsumer, SpecError> {
+        self.config(&[
+            ("group.id", group.unwrap_or("weir-resolve")),
+            ("enable.auto.commit", "false"),
+            ("allow.auto.create.topics", "false"),
+        ])
+        .create()
+        .map_err(|e| SpecError::field(op, "params.properties", format!("{e}")))
+    }
+
+    /// The partition count of each topic, in the order given. Errors name the broker address
+    /// when it cannot be reached and the topic when it does not exist.
+    pub fn partitions(
+        &self,
+        op: &str,
+        consumer: &BaseConsumer,
+        topics: &[String],
+        topic_field: &str,
+    ) -> Result<Vec<i32>, SpecError> {
+        topics
+            .iter()
+            .map(|topic| {
+                let md = consumer
+                    .fetch_metadata(Some(topic), self.timeout)
+                    .map_err(|e| self.unreachable(op, e))?;
+                let t = md.topics().iter().find(|t| t.name() == topic);
+                match t {
+                    Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+                        Ok(t.partitions().len() as i32)
+                    }
+                    _ => Err(SpecError::field(
+                        op,
+                        format!("params.{topic_field}"),
+                        format!(
+                            "topic '{topic}' does not exist on the Kafka broker at {}",
+                            self.bootstrap
+                        ),
+                    )),
+                }
+            })
+            .collect()
+    }
+
+    /// The error for a broker call that failed at submission.
+    pub fn unreachable(&self, op: &str, e: KafkaError) -> SpecError {
+        SpecError::field(
+            op,
+            "params.bootstrap_servers",
+            format!(
+                "cannot reach the Kafka broker at {} within {} ms: {e}",
+                self.bootstrap,
+                self.timeout.as_millis()
+            ),
+        )
+    }
+}
+
+/// Delivery outcomes of a producer, written by librdkafka's callbacks on the thread that
+/// polls it. A producer whose failures are not looked at would lose records silently.
+#[derive(Default)]
+pub struct Deliveries {
+    /// Records acknowledged.
+    pub delivered: AtomicU64,
+    /// Records that failed.
+    pub failed: AtomicU64,
+    /// The first failure, with the broker's message.
+    first_error: Mutex<Option<String>>,
+}
+
+/// A producer context that records delivery outcomes in [`Deliveries`].
+pub struct DeliveryContext(pub Arc<Deliveries>);
+
+impl ClientContext for DeliveryContext {}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => {
+                self.0.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            Err((e, m)) => {
+                use rdkafka::message::Message;
+                self.0.failed.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut g) = self.0.first_error.lock() {
+                    g.get_or_insert_with(|| {
+                        format!(
+                            "delivery to {} partition {} failed: {e}",
+                            m.topic(),
+                            m.partition()
+                        )
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl Deliveries {
+    /// The first delivery failure, with the broker's message.
+    pub fn first_error(&self) -> Option<String> {
+        self.first_error.lock().ok().and_then(|g| g.clone())
+    }
+}
+
+/// Whether an error a consumer or producer reports will not go away by itself (librdkafka
+/// retries transient errors such as a broker restart on its own).
+pub(crate) fn is_fatal(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::UnknownTopicOrPartition
+                | C::UnknownTopic
+                | C::UnknownPartition
+                | C::TopicAuthorizationFailed
+                | C::GroupAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::OffsetOutOfRange
+                | C::AutoOffsetReset
+                | C::InvalidMessage
+                | C::MessageSizeTooLarge
+                | C::InvalidRecord
+                | C::Fatal,
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_round_trip() {
+        let v = Value::map([("user", Value::str("u1")), ("n", Value::Int(3))]);
+        let mut buf = Vec::new();
+        Format::Json.encode(&v, &mut buf).unwrap();
+        assert_eq!(Format::Json.decode(&buf).unwrap(), v);
+        buf.clear();
+        Format::String
+            .encode(&Value::str("héllo"), &mut buf)
+            .unwrap();
+        assert_eq!(buf, "héllo".as_bytes());
+        assert_eq!(Format::String.decode(&buf).unwrap(), Value::str("héllo"));
+        assert_eq!(
+            Format::Bytes.decode(&[0, 255]).unwrap(),
+            Value::Bytes(vec![0u8, 255].into())
+        );
+        buf.clear();
+        Format::String.encode(&Value::Int(42), &mut buf).unwrap();
+        assert_eq!(buf, b"42");
+        assert!(Format::String.decode(&[0xff, 0xfe]).is_err());
+        assert!(Format::Json
+            .decode(b"{not json")
+            .unwrap_err()
+            .contains("invalid JSON"));
+    }
+}

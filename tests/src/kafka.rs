@@ -1,0 +1,201 @@
+//! Helpers for tests against a real Kafka-protocol broker.
+//!
+//! The broker's address comes from `WEIR_KAFKA_BOOTSTRAP` (`scripts/test` starts one and
+//! sets it). When it is unset, [`bootstrap`] prints that the test was skipped and why, so a
+//! skip is never silent.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::Message;
+
+/// The broker address, or `None` after printing why the test `name` is skipped.
+pub fn bootstrap(name: &str) -> Option<String> {
+    match std::env::var("WEIR_KAFKA_BOOTSTRAP") {
+        Ok(b) if !b.trim().is_empty() => Some(b),
+        _ => {
+            // Written past the test harness's output capture, so the skip is always seen.
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {name}: WEIR_KAFKA_BOOTSTRAP is not set (scripts/test starts a broker \
+                 and sets it; or run scripts/kafka-broker start)"
+            );
+            None
+        }
+    }
+}
+
+/// A topic name no other test run uses.
+pub fn unique_topic(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let h = engine::value::mix64(nanos as u64 ^ ((std::process::id() as u64) << 32));
+    format!("{prefix}-{h:016x}")
+}
+
+/// Creates a topic with `partitions` partitions; panics with the broker's message on failure.
+pub fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin client");
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let results = rt
+        .block_on(admin.create_topics([&new], &opts))
+        .unwrap_or_else(|e| panic!("create topic {topic}: {e}"));
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
+    }
+}
+
+/// One record to produce.
+pub struct Rec<'a> {
+    /// Partition.
+    pub partition: i32,
+    /// Key.
+    pub key: Option<&'a [u8]>,
+    /// Payload.
+    pub payload: &'a [u8],
+    /// Kafka timestamp (ms).
+    pub ts: Option<i64>,
+}
+
+/// Produces `records` in order and waits for every acknowledgement.
+pub fn produce(bootstrap: &str, topic: &str, records: &[Rec<'_>]) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer");
+    for r in records {
+        let mut rec = BaseRecord::to(topic)
+            .partition(r.partition)
+            .payload(r.payload);
+        if let Some(k) = r.key {
+            rec = rec.key(k);
+        }
+        if let Some(ts) = r.ts {
+            rec = rec.timestamp(ts);
+        }
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    producer.poll(Duration::from_millis(10));
+                    rec = back;
+                }
+                Err((e, _)) => panic!("producing to {topic}: {e}"),
+            }
+        }
+    }
+    producer
+        .flush(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("flush to {topic}: {e}"));
+}
+
+/// A record read back.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ReadBack {
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Key.
+    pub key: Option<Vec<u8>>,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+/// The high watermark of every partition of `topic`.
+pub fn high_watermarks(bootstrap: &str, topic: &str) -> Vec<i64> {
+    let consumer = consumer(bootstrap, "weir-test-reader");
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let n = md.topics()[0].partitions().len() as i32;
+    (0..n)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .expect("watermarks")
+                .1
+        })
+        .collect()
+}
+
+/// A plain consumer without auto-commit.
+pub fn consumer(bootstrap: &str, group: &str) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("fetch.queue.backoff.ms", "1")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .expect("consumer")
+}
+
+/// Every record of `topic`, from the start to the high watermarks at the time of the call.
+pub fn read_all(bootstrap: &str, topic: &str, timeout: Duration) -> Vec<ReadBack> {
+    let highs = high_watermarks(bootstrap, topic);
+    let total: i64 = highs.iter().sum();
+    let consumer = consumer(bootstrap, "weir-test-reader");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..highs.len() as i32 {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("tpl");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::with_capacity(total as usize);
+    let deadline = Instant::now() + timeout;
+    while (out.len() as i64) < total {
+        assert!(
+            Instant::now() < deadline,
+            "read {} of {total} records of {topic} within {timeout:?}",
+            out.len()
+        );
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) if m.offset() < highs[m.partition() as usize] => {
+                out.push(ReadBack {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                });
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Commits `offsets` (partition, next offset) of `topic` for consumer group `group`.
+pub fn commit(bootstrap: &str, group: &str, topic: &str, offsets: &[(i32, i64)]) {
+    let consumer = consumer(bootstrap, group);
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in offsets {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*o))
+            .expect("tpl");
+    }
+    consumer
+        .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
+        .unwrap_or_else(|e| panic!("commit for {group}: {e}"));
+}
