@@ -28,6 +28,10 @@ pub const EXAMPLES: &[(&str, &str)] = &[
         "clickstream.json",
         include_str!("../examples/clickstream.json"),
     ),
+    (
+        "kafka-clicks.json",
+        include_str!("../examples/kafka-clicks.json"),
+    ),
 ];
 
 /// The built-in operators plus the Rust-defined ones of this crate.

@@ -7,8 +7,6 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -18,14 +16,22 @@ use rdkafka::Message;
 
 /// The broker address, or `None` after printing why the test `name` is skipped.
 pub fn bootstrap(name: &str) -> Option<String> {
-    match std::env::var("WEIR_KAFKA_BOOTSTRAP") {
+    broker_from(
+        "WEIR_KAFKA_BOOTSTRAP",
+        name,
+        "scripts/test starts a broker and sets it; or run scripts/kafka-broker start",
+    )
+}
+
+/// The address in environment variable `var`, or `None` after printing (past the test
+/// harness's output capture, so a skip is always seen) that test `name` is skipped and why.
+pub fn broker_from(var: &str, name: &str, how: &str) -> Option<String> {
+    match std::env::var(var) {
         Ok(b) if !b.trim().is_empty() => Some(b),
         _ => {
-            // Written past the test harness's output capture, so the skip is always seen.
             let _ = writeln!(
                 std::io::stderr(),
-                "SKIPPED {name}: WEIR_KAFKA_BOOTSTRAP is not set (scripts/test starts a broker \
-                 and sets it; or run scripts/kafka-broker start)"
+                "SKIPPED {name}: {var} is not set ({how})"
             );
             None
         }
@@ -44,22 +50,8 @@ pub fn unique_topic(prefix: &str) -> String {
 
 /// Creates a topic with `partitions` partitions; panics with the broker's message on failure.
 pub fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .expect("admin client");
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let results = rt
-        .block_on(admin.create_topics([&new], &opts))
-        .unwrap_or_else(|e| panic!("create topic {topic}: {e}"));
-    for r in results {
-        r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
-    }
+    engine::kafka::create_topic(bootstrap, topic, partitions, false, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// One record to produce.

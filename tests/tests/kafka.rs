@@ -346,6 +346,118 @@ fn unreachable_broker_and_missing_topic_are_rejected_at_submission() {
     assert!(text.contains("no-such-topic"), "{text}");
 }
 
+fn weir(args: &[&str]) {
+    let out = std::process::Command::new(binary("weir"))
+        .args(args)
+        .output()
+        .expect("weir");
+    assert!(
+        out.status.success(),
+        "weir {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Ensures the README's Kafka example works as documented: `weir create-topic`, `weir
+/// produce`, then `jobs/examples/kafka-clicks.json` (here bounded at the produced end, and
+/// pointed at the test broker and fresh topics) writes the per-user 10 s counts.
+#[test]
+fn kafka_clicks_example_counts_clicks_per_user_and_window() {
+    let Some(b) = kafka::bootstrap("kafka_clicks_example_counts_clicks_per_user_and_window") else {
+        return;
+    };
+    let (input, output) = (
+        kafka::unique_topic("clicks"),
+        kafka::unique_topic("per-user"),
+    );
+    weir(&[
+        "create-topic",
+        "--bootstrap",
+        &b,
+        "--topic",
+        &input,
+        "--partitions",
+        "4",
+    ]);
+    weir(&[
+        "create-topic",
+        "--bootstrap",
+        &b,
+        "--topic",
+        &output,
+        "--partitions",
+        "2",
+    ]);
+    weir(&[
+        "produce",
+        "--bootstrap",
+        &b,
+        "--topic",
+        &input,
+        "--rate",
+        "0",
+        "--count",
+        "20000",
+    ]);
+
+    let (_, text) = jobs::EXAMPLES
+        .iter()
+        .find(|(name, _)| *name == "kafka-clicks.json")
+        .expect("example");
+    let mut spec: serde_json::Value = serde_json::from_str(text).expect("json");
+    for op in spec["operators"].as_array_mut().expect("operators") {
+        let params = &mut op["params"];
+        if params.get("bootstrap_servers").is_some() {
+            params["bootstrap_servers"] = json!(b);
+        }
+        match op["kind"].as_str() {
+            Some("kafka_source") => {
+                op["params"]["topic"] = json!(input);
+                op["params"]["end"] = json!("latest");
+            }
+            Some("kafka_sink") => op["params"]["topic"] = json!(output),
+            _ => {}
+        }
+    }
+    let outcome = run_graph(
+        &weir_tests::graph(&spec.to_string()),
+        2,
+        Duration::from_secs(120),
+    );
+    outcome.result.expect("the example job finishes");
+
+    // `weir produce` defaults: 100 users, event time advancing 1 ms per event at rate 0.
+    let clicks = jobs::clicks::Clicks::default();
+    let mut expected: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
+    for i in 0..20_000 {
+        let ts = clicks.ts(i);
+        let e = expected
+            .entry((clicks.user(i), ts - ts.rem_euclid(10_000)))
+            .or_default();
+        e.0 += 1;
+        e.1 += clicks
+            .event(i)
+            .get("amount")
+            .and_then(Value::as_int)
+            .expect("amount");
+    }
+    let mut got = BTreeMap::new();
+    for r in kafka::read_all(&b, &output, Duration::from_secs(60)) {
+        let v: serde_json::Value = serde_json::from_slice(&r.payload).expect("json");
+        got.insert(
+            (
+                v["key"].as_str().expect("key").to_string(),
+                v["window_start"].as_i64().expect("window_start"),
+            ),
+            (
+                v["clicks"].as_i64().expect("clicks"),
+                v["spent"].as_i64().expect("spent"),
+            ),
+        );
+    }
+    assert_eq!(got, expected);
+}
+
 /// Ensures `weir produce` writes the documented deterministic events, keyed by user.
 #[test]
 fn weir_produce_writes_deterministic_click_events() {

@@ -250,6 +250,37 @@ impl Deliveries {
     }
 }
 
+/// Creates `topic` with `partitions` partitions (replication 1) on the broker at
+/// `bootstrap`; an existing topic is fine when `exist_ok`. Errors carry the broker's message.
+pub fn create_topic(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    exist_ok: bool,
+    timeout: Duration,
+) -> Result<(), String> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .map_err(|e| format!("Kafka admin client for {bootstrap}: {e}"))?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(timeout))
+        .request_timeout(Some(timeout));
+    // The admin client drives its own futures from a background thread.
+    let results = futures::executor::block_on(admin.create_topics([&new], &opts))
+        .map_err(|e| format!("creating topic '{topic}' at {bootstrap}: {e}"))?;
+    for r in results {
+        match r {
+            Ok(_) => {}
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) if exist_ok => {}
+            Err((t, e)) => return Err(format!("creating topic '{t}' at {bootstrap}: {e}")),
+        }
+    }
+    Ok(())
+}
+
 /// Whether an error a consumer or producer reports will not go away by itself (librdkafka
 /// retries transient errors such as a broker restart on its own).
 pub(crate) fn is_fatal(e: &KafkaError) -> bool {

@@ -50,6 +50,18 @@ enum Command {
         /// Task manager id.
         id: String,
     },
+    /// Create a Kafka topic (an existing one is left as it is).
+    CreateTopic {
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "WEIR_KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+        bootstrap: String,
+        /// Topic name.
+        #[arg(long)]
+        topic: String,
+        /// Number of partitions.
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+    },
     /// Write deterministic synthetic click events (JSON, keyed by user) to a Kafka topic.
     Produce {
         /// Kafka bootstrap servers.
@@ -205,6 +217,20 @@ fn run(cli: &Cli) -> Result<(), String> {
             }
             let body = read(req.send_empty())?;
             println!("killed ({})", body["method"].as_str().unwrap_or(""));
+        }
+        Command::CreateTopic {
+            bootstrap,
+            topic,
+            partitions,
+        } => {
+            engine::kafka::create_topic(
+                bootstrap,
+                topic,
+                *partitions,
+                true,
+                Duration::from_secs(10),
+            )?;
+            println!("topic '{topic}' is ready");
         }
         Command::Produce {
             bootstrap,
