@@ -8,9 +8,8 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use engine::kafka::{Deliveries, DeliveryContext};
+use engine::kafka::{client_config, Deliveries, DeliveryContext, PRODUCER_TUNING};
 use engine::value::{mix64, Value};
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
@@ -82,13 +81,7 @@ pub struct ProduceOptions {
 /// timestamp; returns when every record is acknowledged. Fails with the broker's message.
 pub fn produce(o: &ProduceOptions) -> Result<u64, String> {
     let deliveries = Arc::new(Deliveries::default());
-    let producer: BaseProducer<DeliveryContext> = ClientConfig::new()
-        .set("bootstrap.servers", &o.bootstrap)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "500000")
-        .set("compression.type", "lz4")
+    let producer: BaseProducer<DeliveryContext> = client_config(&o.bootstrap, PRODUCER_TUNING)
         .set("message.timeout.ms", "30000")
         .create_with_context(DeliveryContext(deliveries.clone()))
         .map_err(|e| format!("cannot create a producer for {}: {e}", o.bootstrap))?;

@@ -33,6 +33,38 @@ pub mod txn;
 /// How long submission waits for the broker unless `params.timeout_ms` says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Producer settings of the Kafka sink (and of anything that writes like it: `weir produce`,
+/// the benchmark's baseline): idempotent, batched, compressed.
+pub const PRODUCER_TUNING: &[(&str, &str)] = &[
+    ("enable.idempotence", "true"),
+    ("partitioner", "murmur2_random"),
+    ("linger.ms", "5"),
+    ("batch.num.messages", "10000"),
+    ("queue.buffering.max.messages", "500000"),
+    ("compression.type", "lz4"),
+];
+
+/// Fetch settings of the Kafka source. Without them librdkafka idles for a second whenever
+/// its queue fills, and waits up to 500 ms for a fetch to fill.
+pub const CONSUMER_TUNING: &[(&str, &str)] = &[
+    ("enable.auto.commit", "false"),
+    ("enable.auto.offset.store", "false"),
+    ("enable.partition.eof", "false"),
+    ("fetch.queue.backoff.ms", "1"),
+    ("fetch.wait.max.ms", "10"),
+    ("queued.min.messages", "200000"),
+];
+
+/// A client configuration for `bootstrap` with `tuning` applied.
+pub fn client_config(bootstrap: &str, tuning: &[(&str, &str)]) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap);
+    for (k, v) in tuning {
+        c.set(*k, *v);
+    }
+    c
+}
+
 /// How a Kafka key or value is turned into a `Value` and back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -132,11 +164,7 @@ impl Connection {
     /// A client configuration: the bootstrap servers, then `defaults`, then the user's
     /// properties (which win).
     pub fn config(&self, defaults: &[(&str, &str)]) -> ClientConfig {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &self.bootstrap);
-        for (k, v) in defaults {
-            c.set(*k, *v);
-        }
+        let mut c = client_config(&self.bootstrap, defaults);
         for (k, v) in &self.properties {
             c.set(k, v);
         }

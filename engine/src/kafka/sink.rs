@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
-use super::{Connection, Deliveries, DeliveryContext, Format};
+use super::{Connection, Deliveries, DeliveryContext, Format, PRODUCER_TUNING};
 use crate::expr::Expr;
 use crate::operator::{
     eval, Instance, Metric, OpError, Operator, OperatorFactory, Params, SubtaskContext,
@@ -127,14 +127,7 @@ impl OperatorFactory for Factory {
         let deliveries = Arc::new(Deliveries::default());
         let producer: BaseProducer<DeliveryContext> = cfg
             .conn
-            .config(&[
-                ("enable.idempotence", "true"),
-                ("partitioner", "murmur2_random"),
-                ("linger.ms", "5"),
-                ("batch.num.messages", "10000"),
-                ("queue.buffering.max.messages", "500000"),
-                ("compression.type", "lz4"),
-            ])
+            .config(PRODUCER_TUNING)
             .create_with_context(DeliveryContext(deliveries.clone()))
             .map_err(|e| {
                 OpError::Io(format!(

@@ -28,7 +28,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 use tracing::warn;
 
-use super::{is_fatal, Connection, Format};
+use super::{is_fatal, Connection, Format, CONSUMER_TUNING};
 use crate::operator::{
     decode_state, encode_state, Instance, Metric, OpError, OperatorFactory, Params, Source,
     SourcePoll, SubtaskContext,
@@ -377,20 +377,17 @@ impl OperatorFactory for Factory {
             })
             .collect();
         let stats = Arc::new(Stats::default());
+        let mut settings = CONSUMER_TUNING.to_vec();
+        settings.extend([
+            ("group.id", cfg.group_id.as_deref().unwrap_or("weir")),
+            ("auto.offset.reset", "error"),
+            // Records of aborted or still open transactions are never read.
+            ("isolation.level", "read_committed"),
+            ("statistics.interval.ms", "1000"),
+        ]);
         let consumer: BaseConsumer<StatsContext> = cfg
             .conn
-            .config(&[
-                ("group.id", cfg.group_id.as_deref().unwrap_or("weir")),
-                ("enable.auto.commit", "false"),
-                ("enable.auto.offset.store", "false"),
-                ("auto.offset.reset", "error"),
-                ("enable.partition.eof", "false"),
-                ("statistics.interval.ms", "1000"),
-                // Without these the client idles for a second whenever its queue fills.
-                ("fetch.queue.backoff.ms", "1"),
-                ("fetch.wait.max.ms", "10"),
-                ("queued.min.messages", "200000"),
-            ])
+            .config(&settings)
             .create_with_context(StatsContext(stats.clone()))
             .map_err(|e| OpError::Io(format!("kafka_source '{}': {e}", ctx.operator)))?;
         Ok(Instance::Source(Box::new(KafkaSource {
