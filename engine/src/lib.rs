@@ -8,8 +8,10 @@
 //! - [`operator`] — the operator trait and the built-in operator library.
 //! - [`runtime`] — subtask actors, credit-based channels, and the in-process executor.
 //! - [`ids`], [`protocol`] — identifiers and the messages between processes.
+//! - [`cache`] — the distributed in-memory cache hosted by the task managers.
 #![warn(missing_docs)]
 
+pub mod cache;
 pub mod codec;
 pub mod error;
 pub mod expr;

@@ -4,12 +4,15 @@
 //!   with a size limit, shared by both conversations.
 //! - [`control`] — task manager <-> job manager (registration, heartbeats, deployment,
 //!   subtask state, collected output).
+//! - [`cache`] — cache operations, replication and the partition table.
 //! - [`data`] — task manager <-> task manager (stream events per logical channel, credits).
 //!
 //! Every message that belongs to a job carries its `JobId` and `Generation`, so a late
 //! message from an earlier deployment is recognised and dropped, never obeyed.
 
 // rkyv derives resolver types for enum variants without docs; our own items are documented.
+#[allow(missing_docs)]
+pub mod cache;
 #[allow(missing_docs)]
 pub mod control;
 #[allow(missing_docs)]

@@ -1,0 +1,622 @@
+//! The cache node every task manager hosts: serves operations for the partitions it is
+//! primary of, applies replication from other primaries, and copies partitions to new
+//! owners when the master asks.
+//!
+//! A write is applied under its partition's lock, and its mutation is queued to every backup
+//! (and to a member receiving a copy of the partition) before the lock is released, so each
+//! backup sees one partition's mutations in the primary's order. The client is answered
+//! when every one of them confirmed; if one fails, the answer is
+//! [`Failure::Replication`]: not acknowledged.
+//!
+//! A request is served only if the node agrees with the partition version the client routed
+//! by: an older version is answered [`Failure::Moved`] with the node's table, a newer one
+//! [`Failure::Behind`]. Replication from a primary with an older version is refused, so a
+//! deposed primary cannot overwrite what its successor accepted.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use rkyv::util::AlignedVec;
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::conn::{Conn, ConnError};
+use super::store::{growth, Partition, Usage};
+use crate::codec::encode;
+use crate::ids::TaskManagerId;
+use crate::protocol::cache::{
+    CacheMsg, CacheStats, Failure, Member, Mutation, Op, OpResult, PartitionTable, Request,
+    Response, LATENCY_BUCKETS_US,
+};
+use crate::protocol::frame::{read_msg, write_frame};
+
+/// How long a primary waits for a backup's confirmation.
+pub const REPLICATION_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Size of the chunks a partition copy is sent in.
+const COPY_CHUNK_BYTES: usize = 1 << 20;
+
+/// A node's settings.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Bytes this member may hold (primary and backup copies); writes beyond fail with
+    /// [`Failure::Full`].
+    pub memory_limit: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            memory_limit: 1 << 30,
+        }
+    }
+}
+
+/// A copy in progress from this primary: forwarded writes go to `target` too.
+#[derive(Clone)]
+struct Forward {
+    target: Member,
+    version: u64,
+}
+
+type Confirmation = oneshot::Receiver<Result<Response, ConnError>>;
+
+/// Operations applied on the primary, waiting for their replicas.
+struct Started {
+    results: Vec<OpResult>,
+    /// Per written operation (by index): the replicas' confirmations.
+    waits: Vec<(usize, Vec<(String, Confirmation)>)>,
+    /// The node's table, when the caller's was stale.
+    table: Option<PartitionTable>,
+    started: Instant,
+}
+
+impl Started {
+    /// Waits for every confirmation; a write whose replica failed is answered
+    /// [`Failure::Replication`].
+    async fn finish(mut self, node: &Node) -> Response {
+        let confirmations = join_all(self.waits.into_iter().map(|(i, pending)| async move {
+            for (addr, rx) in pending {
+                let failure = match tokio::time::timeout(REPLICATION_TIMEOUT, rx).await {
+                    Ok(Ok(Ok(Response::Replicated(Ok(()))))) => continue,
+                    Ok(Ok(Ok(Response::Replicated(Err(f))))) => format!("backup {addr}: {f:?}"),
+                    Ok(Ok(Ok(other))) => format!("backup {addr} answered {other:?}"),
+                    Ok(Ok(Err(e))) => format!("backup {addr}: {e}"),
+                    Ok(Err(_)) => format!("backup {addr}: connection closed"),
+                    Err(_) => format!(
+                        "backup {addr} did not confirm within {} ms",
+                        REPLICATION_TIMEOUT.as_millis()
+                    ),
+                };
+                return Some((i, failure));
+            }
+            None
+        }))
+        .await;
+        for (i, why) in confirmations.into_iter().flatten() {
+            self.results[i] = OpResult::Failed(Failure::Replication(why));
+        }
+        node.record_latency(self.started);
+        Response::Ops(self.results, self.table)
+    }
+}
+
+struct Node {
+    me: TaskManagerId,
+    config: NodeConfig,
+    table: RwLock<Option<Arc<PartitionTable>>>,
+    parts: RwLock<Vec<Arc<Mutex<Partition>>>>,
+    forwards: Mutex<HashMap<u32, Forward>>,
+    peers: Mutex<HashMap<String, Conn>>,
+    used: AtomicU64,
+    map_bytes: AtomicU64,
+    list_bytes: AtomicU64,
+    map_entries: AtomicU64,
+    list_items: AtomicU64,
+    ops: AtomicU64,
+    replicated: AtomicU64,
+    full_rejections: AtomicU64,
+    latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+}
+
+/// Handle to a running cache node. Cheap to clone.
+#[derive(Clone)]
+pub struct CacheNode {
+    node: Arc<Node>,
+    addr: SocketAddr,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn add_signed(a: &AtomicU64, d: i64) {
+    if d >= 0 {
+        a.fetch_add(d as u64, Ordering::Relaxed);
+    } else {
+        a.fetch_sub(d.unsigned_abs(), Ordering::Relaxed);
+    }
+}
+
+impl CacheNode {
+    /// Binds `addr` and serves until the runtime stops. Must run inside a tokio runtime.
+    pub async fn bind(
+        me: TaskManagerId,
+        addr: &str,
+        config: NodeConfig,
+    ) -> std::io::Result<CacheNode> {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        let node = Arc::new(Node {
+            me,
+            config,
+            table: RwLock::new(None),
+            parts: RwLock::new(Vec::new()),
+            forwards: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
+            used: AtomicU64::new(0),
+            map_bytes: AtomicU64::new(0),
+            list_bytes: AtomicU64::new(0),
+            map_entries: AtomicU64::new(0),
+            list_items: AtomicU64::new(0),
+            ops: AtomicU64::new(0),
+            replicated: AtomicU64::new(0),
+            full_rejections: AtomicU64::new(0),
+            latency: Default::default(),
+        });
+        tokio::spawn(accept(listener, node.clone()));
+        tokio::spawn(expire(Arc::downgrade(&node)));
+        info!(tm = %me, addr = %local, "Cache node listening.");
+        Ok(CacheNode { node, addr: local })
+    }
+
+    /// The address it serves on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Adopts `table` if it is newer than the one held.
+    pub fn set_table(&self, table: PartitionTable) {
+        self.node.set_table(table);
+    }
+
+    /// The table held.
+    pub fn table(&self) -> Option<Arc<PartitionTable>> {
+        self.node.table()
+    }
+
+    /// Copies partition `partition` (version `version`) to `target`; while the copy runs and
+    /// until the table names `target` an owner, writes are forwarded to it too.
+    pub async fn copy_to(
+        &self,
+        partition: u32,
+        version: u64,
+        target: Member,
+    ) -> Result<(), String> {
+        self.node.copy_to(partition, version, target).await
+    }
+
+    /// Memory and counters.
+    pub fn stats(&self) -> CacheStats {
+        let n = &self.node;
+        CacheStats {
+            bytes: n.used.load(Ordering::Relaxed),
+            limit: n.config.memory_limit,
+            map_bytes: n.map_bytes.load(Ordering::Relaxed),
+            list_bytes: n.list_bytes.load(Ordering::Relaxed),
+            map_entries: n.map_entries.load(Ordering::Relaxed),
+            list_items: n.list_items.load(Ordering::Relaxed),
+            ops: n.ops.load(Ordering::Relaxed),
+            replicated: n.replicated.load(Ordering::Relaxed),
+            full_rejections: n.full_rejections.load(Ordering::Relaxed),
+            latency_us: n
+                .latency
+                .iter()
+                .map(|a| a.load(Ordering::Relaxed))
+                .collect(),
+        }
+    }
+}
+
+impl Node {
+    fn table(&self) -> Option<Arc<PartitionTable>> {
+        self.table.read().ok().and_then(|t| t.clone())
+    }
+
+    fn set_table(&self, table: PartitionTable) {
+        let Ok(mut held) = self.table.write() else {
+            return;
+        };
+        if held.as_ref().is_some_and(|t| t.epoch >= table.epoch) {
+            return;
+        }
+        if let Ok(mut parts) = self.parts.write() {
+            while parts.len() < table.owners.len() {
+                parts.push(Arc::default());
+            }
+        }
+        let me = table.members.iter().position(|m| m.id == self.me);
+        // Forwards end when the partition changed (the copy was taken or abandoned).
+        if let Ok(mut f) = self.forwards.lock() {
+            f.retain(|p, fw| table.version(*p) == fw.version);
+        }
+        // Drop copies of partitions this member no longer owns (and is not receiving).
+        let parts = self.parts.read().map(|p| p.clone()).unwrap_or_default();
+        if let Some(old) = held.as_ref() {
+            let old_me = old.members.iter().position(|m| m.id == self.me);
+            for (p, part) in parts.iter().enumerate() {
+                let owned_before = old_me.is_some_and(|i| old.owners[p].contains(&(i as u16)));
+                let owned_now = me.is_some_and(|i| table.owners[p].contains(&(i as u16)));
+                if owned_before && !owned_now {
+                    if let Ok(mut part) = part.lock() {
+                        let d = part.apply(Mutation::Clear);
+                        self.account(d);
+                    }
+                }
+            }
+        }
+        debug!(tm = %self.me, epoch = table.epoch, "Cache table updated.");
+        *held = Some(Arc::new(table));
+    }
+
+    fn part(&self, p: u32) -> Option<Arc<Mutex<Partition>>> {
+        self.parts.read().ok()?.get(p as usize).cloned()
+    }
+
+    fn account(&self, d: Usage) {
+        add_signed(&self.used, d.bytes());
+        add_signed(&self.map_bytes, d.map_bytes);
+        add_signed(&self.list_bytes, d.list_bytes);
+        add_signed(&self.map_entries, d.map_entries);
+        add_signed(&self.list_items, d.list_items);
+    }
+
+    fn full(&self, adding: u64) -> Option<Failure> {
+        let used = self.used.load(Ordering::Relaxed);
+        (used + adding > self.config.memory_limit).then(|| {
+            self.full_rejections.fetch_add(1, Ordering::Relaxed);
+            Failure::Full {
+                used,
+                limit: self.config.memory_limit,
+            }
+        })
+    }
+
+    fn peer(&self, addr: &str) -> Conn {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        match peers.get(addr) {
+            Some(c) if !c.is_dead() => c.clone(),
+            _ => {
+                let c = Conn::open(addr, CONNECT_TIMEOUT);
+                peers.insert(addr.to_string(), c.clone());
+                c
+            }
+        }
+    }
+
+    /// Where partition `p`'s mutations must go besides this primary.
+    fn replicas(&self, table: &PartitionTable, p: u32) -> Vec<Member> {
+        let mut out: Vec<Member> = table.backups(p).cloned().collect();
+        if let Some(f) = self.forwards.lock().ok().and_then(|f| f.get(&p).cloned()) {
+            if f.version == table.version(p) && !out.iter().any(|m| m.id == f.target.id) {
+                out.push(f.target);
+            }
+        }
+        out
+    }
+
+    /// Checks that this node may serve an operation on `p` routed at `version`.
+    fn check(&self, table: &PartitionTable, p: u32, version: u64) -> Result<(), Failure> {
+        if p >= table.partitions() {
+            return Err(Failure::Invalid(format!(
+                "partition {p} does not exist (there are {})",
+                table.partitions()
+            )));
+        }
+        let mine = table.version(p);
+        if version > mine {
+            return Err(Failure::Behind);
+        }
+        if version < mine || table.primary(p).map(|m| m.id) != Some(self.me) {
+            return Err(Failure::Moved);
+        }
+        if table.is_lost(p) {
+            return Err(Failure::Lost { partition: p });
+        }
+        Ok(())
+    }
+
+    /// Applies operations in order and queues their replication; [`Started::finish`] waits
+    /// for the confirmations. Synchronous, so one connection's requests apply in order.
+    fn start_ops(&self, ops: Vec<(u32, u64, Op)>) -> Started {
+        let started = Instant::now();
+        let Some(table) = self.table() else {
+            return Started {
+                results: vec![OpResult::Failed(Failure::Behind); ops.len()],
+                waits: Vec::new(),
+                table: None,
+                started,
+            };
+        };
+        let now = now_ms();
+        let mut results = Vec::with_capacity(ops.len());
+        let mut waits = Vec::new();
+        let mut stale = false;
+        for (i, (p, version, op)) in ops.into_iter().enumerate() {
+            if let Err(f) = self.check(&table, p, version) {
+                stale |= f == Failure::Moved;
+                results.push(OpResult::Failed(f));
+                continue;
+            }
+            let Some(part) = self.part(p) else {
+                results.push(OpResult::Failed(Failure::Behind));
+                continue;
+            };
+            let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
+            let (result, mutation) = match part.plan(&op, now) {
+                Ok(x) => x,
+                Err(f) => {
+                    results.push(OpResult::Failed(f));
+                    continue;
+                }
+            };
+            if let Some(m) = mutation {
+                if let Some(f) = self.full(growth(&m)) {
+                    results.push(OpResult::Failed(f));
+                    continue;
+                }
+                let replicas = self.replicas(&table, p);
+                let mut pending = Vec::with_capacity(replicas.len());
+                for r in &replicas {
+                    let rx = self.peer(&r.addr).send(Request::Replicate {
+                        partition: p,
+                        version,
+                        mutations: vec![m.clone()],
+                    });
+                    pending.push((r.addr.clone(), rx));
+                }
+                let d = part.apply(m);
+                self.account(d);
+                if !pending.is_empty() {
+                    waits.push((i, pending));
+                }
+            }
+            results.push(result);
+        }
+        self.ops.fetch_add(results.len() as u64, Ordering::Relaxed);
+        Started {
+            results,
+            waits,
+            table: stale.then(|| (*table).clone()),
+            started,
+        }
+    }
+
+    fn record_latency(&self, started: Instant) {
+        let us = started.elapsed().as_micros() as u64;
+        let bucket = LATENCY_BUCKETS_US
+            .iter()
+            .position(|b| us <= *b)
+            .unwrap_or(LATENCY_BUCKETS_US.len());
+        self.latency[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Applies a primary's mutations, unless the primary's table is older than ours.
+    fn replicate(&self, partition: u32, version: u64, mutations: Vec<Mutation>) -> Response {
+        let table = self.table();
+        if let Some(t) = &table {
+            if partition >= t.partitions() {
+                return Response::Replicated(Err(Failure::Invalid(format!(
+                    "partition {partition} does not exist"
+                ))));
+            }
+            if version < t.version(partition) {
+                return Response::Replicated(Err(Failure::Moved));
+            }
+        }
+        let Some(part) = self.part(partition) else {
+            return Response::Replicated(Err(Failure::Behind));
+        };
+        let adding: u64 = mutations.iter().map(growth).sum();
+        if let Some(f) = self.full(adding) {
+            return Response::Replicated(Err(f));
+        }
+        let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
+        let n = mutations.len() as u64;
+        for m in mutations {
+            let d = part.apply(m);
+            self.account(d);
+        }
+        self.replicated.fetch_add(n, Ordering::Relaxed);
+        Response::Replicated(Ok(()))
+    }
+
+    async fn copy_to(&self, partition: u32, version: u64, target: Member) -> Result<(), String> {
+        let table = self.table().ok_or("no partition table yet")?;
+        if table.version(partition) != version
+            || table.primary(partition).map(|m| m.id) != Some(self.me)
+        {
+            return Err(format!(
+                "not the primary of partition {partition} at version {version}"
+            ));
+        }
+        let part = self.part(partition).ok_or("no such partition")?;
+        let conn = self.peer(&target.addr);
+        let pending = {
+            let part = part.lock().unwrap_or_else(|e| e.into_inner());
+            if let Ok(mut f) = self.forwards.lock() {
+                f.insert(
+                    partition,
+                    Forward {
+                        target: target.clone(),
+                        version,
+                    },
+                );
+            }
+            // Queued under the lock: the copy reaches the target before any write after it.
+            part.copy(COPY_CHUNK_BYTES)
+                .into_iter()
+                .map(|mutations| {
+                    conn.send(Request::Replicate {
+                        partition,
+                        version,
+                        mutations,
+                    })
+                })
+                .collect::<Vec<_>>()
+        };
+        for rx in pending {
+            match tokio::time::timeout(REPLICATION_TIMEOUT * 4, rx).await {
+                Ok(Ok(Ok(Response::Replicated(Ok(()))))) => {}
+                other => {
+                    if let Ok(mut f) = self.forwards.lock() {
+                        f.remove(&partition);
+                    }
+                    return Err(format!(
+                        "copy of partition {partition} to {}: {other:?}",
+                        target.addr
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn keys(&self, prefix: &str, after: Option<String>, limit: u32) -> Response {
+        let Some(table) = self.table() else {
+            return Response::Keys(Vec::new());
+        };
+        let mut out = Vec::new();
+        for p in 0..table.partitions() {
+            if table.primary(p).map(|m| m.id) == Some(self.me) {
+                if let Some(part) = self.part(p) {
+                    part.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .names(prefix, &mut out);
+                }
+            }
+        }
+        out.sort();
+        if let Some(after) = after {
+            out.retain(|(n, _)| *n > after);
+        }
+        out.truncate(limit as usize);
+        Response::Keys(out)
+    }
+}
+
+async fn accept(listener: TcpListener, node: Arc<Node>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, from)) => {
+                let node = node.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve(stream, node).await {
+                        warn!(remote = %from, error = %e, "Cache connection closed.");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "Cache accept failed.");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Removes expired map entries once a second, for as long as the node exists.
+async fn expire(node: std::sync::Weak<Node>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(node) = node.upgrade() else {
+            return;
+        };
+        let parts = node.parts.read().map(|p| p.clone()).unwrap_or_default();
+        let now = now_ms();
+        for part in parts {
+            let d = part.lock().unwrap_or_else(|e| e.into_inner()).expire(now);
+            node.account(d);
+        }
+    }
+}
+
+/// One connection: requests in, responses out (in completion order). A frame that does not
+/// decode closes this connection only.
+async fn serve(stream: TcpStream, node: Arc<Node>) -> Result<(), String> {
+    let _ = stream.set_nodelay(true);
+    let (mut read, write) = stream.into_split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Response)>();
+    let writer = tokio::spawn(async move {
+        let mut out = BufWriter::with_capacity(256 << 10, write);
+        while let Some((id, resp)) = rx.recv().await {
+            let mut next = Some((id, resp));
+            while let Some((id, resp)) = next {
+                let bytes = encode(&CacheMsg::Response(id, resp)).map_err(|e| e.to_string())?;
+                write_frame(&mut out, &bytes)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                next = rx.try_recv().ok();
+            }
+            out.flush().await.map_err(|e| e.to_string())?;
+        }
+        Ok::<(), String>(())
+    });
+    let mut buf = AlignedVec::new();
+    let result = loop {
+        let msg = match read_msg::<_, CacheMsg>(&mut read, &mut buf).await {
+            Ok(Some(m)) => m,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(format!("malformed cache frame: {e}")),
+        };
+        let (id, req) = match msg {
+            CacheMsg::Request(id, req) => (id, req),
+            CacheMsg::Response(..) => break Err("a response sent to a cache node".into()),
+        };
+        match req {
+            Request::Ops(ops) => {
+                // Applied here, in arrival order; confirmations are awaited without holding
+                // up the connection.
+                let started = node.start_ops(ops);
+                if started.waits.is_empty() {
+                    node.record_latency(started.started);
+                    let _ = tx.send((id, Response::Ops(started.results, started.table)));
+                } else {
+                    let (node, tx) = (node.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        let _ = tx.send((id, started.finish(&node).await));
+                    });
+                }
+            }
+            Request::Replicate {
+                partition,
+                version,
+                mutations,
+            } => {
+                // In order: a backup applies one primary's mutations as they arrive.
+                let _ = tx.send((id, node.replicate(partition, version, mutations)));
+            }
+            Request::Table => {
+                let _ = tx.send((id, Response::Table(node.table().map(|t| (*t).clone()))));
+            }
+            Request::Keys {
+                prefix,
+                after,
+                limit,
+            } => {
+                let _ = tx.send((id, node.keys(&prefix, after, limit.min(10_000))));
+            }
+        }
+    };
+    drop(tx);
+    let _ = writer.await;
+    result
+}

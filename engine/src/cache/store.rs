@@ -1,0 +1,620 @@
+//! One partition's data on one member: maps and lists, with byte accounting.
+//!
+//! The primary turns an [`Op`] into an absolute [`Mutation`] ([`Partition::plan`]) and both
+//! primary and backups apply mutations ([`Partition::apply`]), so every replica changes
+//! through the same code and a replayed mutation changes nothing.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::protocol::cache::{Failure, Mutation, Op, OpResult};
+
+/// Bookkeeping bytes charged per map entry and per list item on top of their payload.
+pub const ENTRY_OVERHEAD: u64 = 48;
+/// Bookkeeping bytes charged per list item.
+pub const ITEM_OVERHEAD: u64 = 24;
+
+/// A map entry.
+#[derive(Clone, Debug)]
+struct Entry {
+    value: Vec<u8>,
+    version: u64,
+    expires_ms: Option<u64>,
+}
+
+impl Entry {
+    fn live(&self, now_ms: u64) -> bool {
+        self.expires_ms.is_none_or(|e| e > now_ms)
+    }
+}
+
+/// A list: `items[0]` has index `start`.
+#[derive(Clone, Debug, Default)]
+struct List {
+    start: u64,
+    items: VecDeque<Vec<u8>>,
+}
+
+impl List {
+    fn end(&self) -> u64 {
+        self.start + self.items.len() as u64
+    }
+}
+
+/// Bytes and counts held, by structure.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes in maps.
+    pub map_bytes: i64,
+    /// Bytes in lists.
+    pub list_bytes: i64,
+    /// Map entries.
+    pub map_entries: i64,
+    /// List items.
+    pub list_items: i64,
+}
+
+impl Usage {
+    /// Total bytes.
+    pub fn bytes(&self) -> i64 {
+        self.map_bytes + self.list_bytes
+    }
+
+    fn add(&mut self, o: Usage) {
+        self.map_bytes += o.map_bytes;
+        self.list_bytes += o.list_bytes;
+        self.map_entries += o.map_entries;
+        self.list_items += o.list_items;
+    }
+}
+
+fn entry_bytes(map: &str, key: &[u8], value: &[u8]) -> i64 {
+    (map.len() + key.len() + value.len()) as i64 + ENTRY_OVERHEAD as i64
+}
+
+fn item_bytes(item: &[u8]) -> i64 {
+    item.len() as i64 + ITEM_OVERHEAD as i64
+}
+
+/// The bytes a mutation adds at most (for the memory limit check).
+pub fn growth(m: &Mutation) -> u64 {
+    match m {
+        Mutation::MapSet {
+            map, key, value, ..
+        } => entry_bytes(map, key, value) as u64,
+        Mutation::ListSet { items, .. } => items.iter().map(|i| item_bytes(i) as u64).sum(),
+        _ => 0,
+    }
+}
+
+/// One partition's maps and lists.
+#[derive(Debug, Default)]
+pub struct Partition {
+    maps: HashMap<String, HashMap<Vec<u8>, Entry>>,
+    lists: HashMap<String, List>,
+    usage: Usage,
+}
+
+impl Partition {
+    /// What this partition holds.
+    pub fn usage(&self) -> Usage {
+        self.usage
+    }
+
+    /// Answers a read, or decides the mutation a write makes (not yet applied).
+    pub fn plan(&self, op: &Op, now_ms: u64) -> Result<(OpResult, Option<Mutation>), Failure> {
+        let entry = |map: &str, key: &[u8]| {
+            self.maps
+                .get(map)
+                .and_then(|m| m.get(key))
+                .filter(|e| e.live(now_ms))
+        };
+        Ok(match op {
+            Op::Get { map, key } => (
+                OpResult::Value(entry(map, key).map(|e| (e.value.clone(), e.version))),
+                None,
+            ),
+            Op::Put {
+                map,
+                key,
+                value,
+                ttl_ms,
+            } => {
+                let version = entry(map, key).map_or(0, |e| e.version) + 1;
+                (
+                    OpResult::Version(version),
+                    Some(Mutation::MapSet {
+                        map: map.clone(),
+                        key: key.clone(),
+                        value: value.clone(),
+                        version,
+                        expires_ms: ttl_ms.map(|t| now_ms.saturating_add(t)),
+                    }),
+                )
+            }
+            Op::PutIfVersion {
+                map,
+                key,
+                value,
+                version,
+            } => {
+                let current = entry(map, key).map_or(0, |e| e.version);
+                if current != *version {
+                    (OpResult::Conflict(current), None)
+                } else {
+                    (
+                        OpResult::Version(current + 1),
+                        Some(Mutation::MapSet {
+                            map: map.clone(),
+                            key: key.clone(),
+                            value: value.clone(),
+                            version: current + 1,
+                            expires_ms: None,
+                        }),
+                    )
+                }
+            }
+            Op::Delete { map, key } => match entry(map, key) {
+                Some(_) => (
+                    OpResult::Deleted(true),
+                    Some(Mutation::MapRemove {
+                        map: map.clone(),
+                        key: key.clone(),
+                    }),
+                ),
+                None => (OpResult::Deleted(false), None),
+            },
+            Op::Append { list, items } => {
+                let index = self.lists.get(list).map_or(0, List::end);
+                (
+                    OpResult::Appended(index),
+                    Some(Mutation::ListSet {
+                        list: list.clone(),
+                        index,
+                        items: items.clone(),
+                    }),
+                )
+            }
+            Op::Range { list, from, to } => {
+                if from > to {
+                    return Err(Failure::Invalid(format!(
+                        "range of list '{list}': from {from} is after to {to}"
+                    )));
+                }
+                let items = match self.lists.get(list) {
+                    Some(l) => {
+                        let first = (*from).max(l.start);
+                        let last = (*to).min(l.end()).max(first);
+                        let items = l
+                            .items
+                            .range((first - l.start) as usize..(last - l.start) as usize)
+                            .cloned()
+                            .collect();
+                        (first, items)
+                    }
+                    None => (*from, Vec::new()),
+                };
+                (OpResult::Items(items.0, items.1), None)
+            }
+            Op::TrimPrefix { list, upto } => {
+                let (start, end) = self.lists.get(list).map_or((0, 0), |l| (l.start, l.end()));
+                let upto = (*upto).max(start);
+                (
+                    OpResult::Bounds(upto, end.max(upto)),
+                    (upto > start || end == 0).then(|| Mutation::ListTrim {
+                        list: list.clone(),
+                        upto,
+                    }),
+                )
+            }
+            Op::Len { list } => {
+                let (start, end) = self.lists.get(list).map_or((0, 0), |l| (l.start, l.end()));
+                (OpResult::Bounds(start, end), None)
+            }
+        })
+    }
+
+    /// Applies a mutation; returns the change in usage.
+    pub fn apply(&mut self, m: Mutation) -> Usage {
+        let mut d = Usage::default();
+        match m {
+            Mutation::Clear => {
+                d.map_bytes = -self.usage.map_bytes;
+                d.list_bytes = -self.usage.list_bytes;
+                d.map_entries = -self.usage.map_entries;
+                d.list_items = -self.usage.list_items;
+                self.maps.clear();
+                self.lists.clear();
+            }
+            Mutation::MapSet {
+                map,
+                key,
+                value,
+                version,
+                expires_ms,
+            } => {
+                let added = entry_bytes(&map, &key, &value);
+                let value_len = value.len() as i64;
+                let entries = self.maps.entry(map).or_default();
+                match entries.insert(
+                    key,
+                    Entry {
+                        value,
+                        version,
+                        expires_ms,
+                    },
+                ) {
+                    // Same map and key: only the value's size changes.
+                    Some(old) => d.map_bytes += value_len - old.value.len() as i64,
+                    None => {
+                        d.map_bytes += added;
+                        d.map_entries += 1;
+                    }
+                }
+            }
+            Mutation::MapRemove { map, key } => {
+                if let Some(entries) = self.maps.get_mut(&map) {
+                    if let Some(old) = entries.remove(&key) {
+                        d.map_bytes -= entry_bytes(&map, &key, &old.value);
+                        d.map_entries -= 1;
+                    }
+                    if entries.is_empty() {
+                        self.maps.remove(&map);
+                    }
+                }
+            }
+            Mutation::ListSet { list, index, items } => {
+                let l = self.lists.entry(list).or_default();
+                if l.items.is_empty() || index < l.start {
+                    for old in l.items.drain(..) {
+                        d.list_bytes -= item_bytes(&old);
+                        d.list_items -= 1;
+                    }
+                    l.start = index;
+                }
+                while l.end() > index {
+                    if let Some(old) = l.items.pop_back() {
+                        d.list_bytes -= item_bytes(&old);
+                        d.list_items -= 1;
+                    }
+                }
+                // A gap (the replica missed items) is filled with empty placeholders, which
+                // never happens on an in-order replication stream; it keeps indices true.
+                while l.end() < index {
+                    l.items.push_back(Vec::new());
+                    d.list_bytes += item_bytes(&[]);
+                    d.list_items += 1;
+                }
+                for item in items {
+                    d.list_bytes += item_bytes(&item);
+                    d.list_items += 1;
+                    l.items.push_back(item);
+                }
+            }
+            Mutation::ListTrim { list, upto } => {
+                let l = self.lists.entry(list).or_default();
+                if l.items.is_empty() && upto > l.start {
+                    l.start = upto;
+                }
+                while l.start < upto {
+                    match l.items.pop_front() {
+                        Some(old) => {
+                            d.list_bytes -= item_bytes(&old);
+                            d.list_items -= 1;
+                            l.start += 1;
+                        }
+                        None => l.start = upto,
+                    }
+                }
+            }
+        }
+        self.usage.add(d);
+        d
+    }
+
+    /// Removes expired map entries; returns the change in usage.
+    pub fn expire(&mut self, now_ms: u64) -> Usage {
+        let mut d = Usage::default();
+        for (map, entries) in &mut self.maps {
+            entries.retain(|key, e| {
+                let keep = e.live(now_ms);
+                if !keep {
+                    d.map_bytes -= entry_bytes(map, key, &e.value);
+                    d.map_entries -= 1;
+                }
+                keep
+            });
+        }
+        self.maps.retain(|_, m| !m.is_empty());
+        self.usage.add(d);
+        d
+    }
+
+    /// The whole partition as mutations that rebuild it on an empty replica, in chunks of
+    /// about `chunk_bytes`, the first starting with [`Mutation::Clear`].
+    pub fn copy(&self, chunk_bytes: usize) -> Vec<Vec<Mutation>> {
+        let mut chunks = vec![vec![Mutation::Clear]];
+        let mut size = 0usize;
+        let mut push = |m: Mutation, bytes: usize, chunks: &mut Vec<Vec<Mutation>>| {
+            if size + bytes > chunk_bytes && size > 0 {
+                chunks.push(Vec::new());
+                size = 0;
+            }
+            size += bytes;
+            chunks.last_mut().expect("one chunk").push(m);
+        };
+        for (map, entries) in &self.maps {
+            for (key, e) in entries {
+                let bytes = map.len() + key.len() + e.value.len() + 16;
+                push(
+                    Mutation::MapSet {
+                        map: map.clone(),
+                        key: key.clone(),
+                        value: e.value.clone(),
+                        version: e.version,
+                        expires_ms: e.expires_ms,
+                    },
+                    bytes,
+                    &mut chunks,
+                );
+            }
+        }
+        for (name, l) in &self.lists {
+            push(
+                Mutation::ListTrim {
+                    list: name.clone(),
+                    upto: l.start,
+                },
+                name.len(),
+                &mut chunks,
+            );
+            let mut index = l.start;
+            let mut batch = Vec::new();
+            let mut batch_bytes = 0;
+            for item in &l.items {
+                batch_bytes += item.len() + 8;
+                batch.push(item.clone());
+                if batch_bytes >= chunk_bytes / 4 {
+                    let n = batch.len() as u64;
+                    push(
+                        Mutation::ListSet {
+                            list: name.clone(),
+                            index,
+                            items: std::mem::take(&mut batch),
+                        },
+                        batch_bytes,
+                        &mut chunks,
+                    );
+                    index += n;
+                    batch_bytes = 0;
+                }
+            }
+            if !batch.is_empty() {
+                push(
+                    Mutation::ListSet {
+                        list: name.clone(),
+                        index,
+                        items: batch,
+                    },
+                    batch_bytes,
+                    &mut chunks,
+                );
+            }
+        }
+        chunks
+    }
+
+    /// `map/key` names (keys lossily as UTF-8) with their bytes, for listings.
+    pub fn names(&self, prefix: &str, out: &mut Vec<(String, u64)>) {
+        for (map, entries) in &self.maps {
+            for (key, e) in entries {
+                let name = format!("{map}/{}", String::from_utf8_lossy(key));
+                if name.starts_with(prefix) {
+                    out.push((name, entry_bytes(map, key, &e.value) as u64));
+                }
+            }
+        }
+        for (list, l) in &self.lists {
+            let name = format!("{list}[]");
+            if name.starts_with(prefix) {
+                let bytes: i64 = l.items.iter().map(|i| item_bytes(i)).sum();
+                out.push((name, bytes as u64));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(p: &mut Partition, key: &str, value: &str) -> OpResult {
+        let (r, m) = p
+            .plan(
+                &Op::Put {
+                    map: "m".into(),
+                    key: key.into(),
+                    value: value.into(),
+                    ttl_ms: None,
+                },
+                0,
+            )
+            .unwrap();
+        p.apply(m.unwrap());
+        r
+    }
+
+    fn run(p: &mut Partition, op: Op, now: u64) -> OpResult {
+        let (r, m) = p.plan(&op, now).unwrap();
+        if let Some(m) = m {
+            p.apply(m);
+        }
+        r
+    }
+
+    #[test]
+    fn map_versions_and_compare_and_set() {
+        let mut p = Partition::default();
+        assert_eq!(put(&mut p, "a", "1"), OpResult::Version(1));
+        assert_eq!(put(&mut p, "a", "2"), OpResult::Version(2));
+        let cas = |version| Op::PutIfVersion {
+            map: "m".into(),
+            key: b"a".to_vec(),
+            value: b"3".to_vec(),
+            version,
+        };
+        assert_eq!(run(&mut p, cas(1), 0), OpResult::Conflict(2));
+        assert_eq!(run(&mut p, cas(2), 0), OpResult::Version(3));
+        let get = Op::Get {
+            map: "m".into(),
+            key: b"a".to_vec(),
+        };
+        assert_eq!(
+            run(&mut p, get.clone(), 0),
+            OpResult::Value(Some((b"3".to_vec(), 3)))
+        );
+        let del = Op::Delete {
+            map: "m".into(),
+            key: b"a".to_vec(),
+        };
+        assert_eq!(run(&mut p, del.clone(), 0), OpResult::Deleted(true));
+        assert_eq!(run(&mut p, del, 0), OpResult::Deleted(false));
+        assert_eq!(run(&mut p, get, 0), OpResult::Value(None));
+        assert_eq!(p.usage(), Usage::default(), "accounting returns to zero");
+    }
+
+    #[test]
+    fn ttl_hides_and_expires_entries() {
+        let mut p = Partition::default();
+        run(
+            &mut p,
+            Op::Put {
+                map: "m".into(),
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                ttl_ms: Some(100),
+            },
+            1000,
+        );
+        let get = Op::Get {
+            map: "m".into(),
+            key: b"k".to_vec(),
+        };
+        assert!(matches!(
+            run(&mut p, get.clone(), 1099),
+            OpResult::Value(Some(_))
+        ));
+        assert_eq!(run(&mut p, get, 1100), OpResult::Value(None));
+        p.expire(1100);
+        assert_eq!(p.usage(), Usage::default());
+    }
+
+    #[test]
+    fn lists_append_range_trim_len() {
+        let mut p = Partition::default();
+        let append = |n: u8| Op::Append {
+            list: "l".into(),
+            items: (0..n).map(|i| vec![i]).collect(),
+        };
+        assert_eq!(run(&mut p, append(3), 0), OpResult::Appended(0));
+        assert_eq!(run(&mut p, append(2), 0), OpResult::Appended(3));
+        let range = |from, to| Op::Range {
+            list: "l".into(),
+            from,
+            to,
+        };
+        assert_eq!(
+            run(&mut p, range(2, 4), 0),
+            OpResult::Items(2, vec![vec![2], vec![0]])
+        );
+        assert_eq!(
+            run(
+                &mut p,
+                Op::TrimPrefix {
+                    list: "l".into(),
+                    upto: 2
+                },
+                0
+            ),
+            OpResult::Bounds(2, 5)
+        );
+        assert_eq!(
+            run(&mut p, range(0, 100), 0),
+            OpResult::Items(2, vec![vec![2], vec![0], vec![1]])
+        );
+        assert_eq!(
+            run(&mut p, Op::Len { list: "l".into() }, 0),
+            OpResult::Bounds(2, 5)
+        );
+        assert!(p.plan(&range(3, 1), 0).is_err());
+    }
+
+    #[test]
+    fn mutations_are_idempotent_and_copies_rebuild_the_partition() {
+        let mut p = Partition::default();
+        for i in 0..50u8 {
+            put(&mut p, &format!("k{i}"), "value");
+        }
+        let mut last = None;
+        for _ in 0..20 {
+            let (_, m) = p
+                .plan(
+                    &Op::Append {
+                        list: "log".into(),
+                        items: vec![vec![7; 100]; 10],
+                    },
+                    0,
+                )
+                .unwrap();
+            p.apply(m.clone().unwrap());
+            last = m;
+        }
+        run(
+            &mut p,
+            Op::TrimPrefix {
+                list: "log".into(),
+                upto: 15,
+            },
+            0,
+        );
+        // Re-applying the last append changes nothing.
+        let before = p.usage();
+        p.apply(last.unwrap());
+        assert_eq!(p.usage(), before);
+        let mut replica = Partition::default();
+        replica.apply(Mutation::MapSet {
+            map: "stale".into(),
+            key: b"x".to_vec(),
+            value: b"y".to_vec(),
+            version: 1,
+            expires_ms: None,
+        });
+        for chunk in p.copy(1024) {
+            for m in chunk {
+                replica.apply(m);
+            }
+        }
+        assert_eq!(replica.usage(), p.usage());
+        for op in [
+            Op::Len { list: "log".into() },
+            Op::Range {
+                list: "log".into(),
+                from: 0,
+                to: 1000,
+            },
+            Op::Get {
+                map: "m".into(),
+                key: b"k7".to_vec(),
+            },
+            Op::Get {
+                map: "stale".into(),
+                key: b"x".to_vec(),
+            },
+        ] {
+            assert_eq!(
+                replica.plan(&op, 0).unwrap(),
+                p.plan(&op, 0).unwrap(),
+                "{op:?}"
+            );
+        }
+    }
+}

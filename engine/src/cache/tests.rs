@@ -1,0 +1,247 @@
+//! Nodes and clients in one process, on loopback: replication, promotion, stale routing,
+//! copies, the memory limit and malformed frames. Crashes of real processes are tested in
+//! `tests/tests/cache.rs`.
+
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+
+use super::*;
+use crate::ids::TaskManagerId;
+use crate::protocol::cache::{Request, Response};
+use crate::protocol::frame::{read_msg, write_frame};
+
+struct Cluster {
+    nodes: Vec<(TaskManagerId, CacheNode)>,
+    master: Membership,
+}
+
+impl Cluster {
+    async fn start(n: usize, limit: u64) -> Cluster {
+        let mut master = Membership::new(DEFAULT_PARTITIONS, 1, 64);
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let id = TaskManagerId(i as u128 + 1);
+            let node = CacheNode::bind(
+                id,
+                "127.0.0.1:0",
+                NodeConfig {
+                    memory_limit: limit,
+                },
+            )
+            .await
+            .unwrap();
+            master.join(id, node.local_addr().to_string());
+            nodes.push((id, node));
+        }
+        let mut c = Cluster { nodes, master };
+        c.settle().await;
+        c
+    }
+
+    fn push(&self) {
+        let t = self.master.table();
+        for (_, n) in &self.nodes {
+            n.set_table(t.clone());
+        }
+    }
+
+    /// Runs copies until the table matches the ring, as the job manager does.
+    async fn settle(&mut self) {
+        loop {
+            self.push();
+            let orders = self.master.plan();
+            self.push();
+            if orders.is_empty() {
+                if self.master.progress().misplaced == 0 {
+                    return;
+                }
+                continue;
+            }
+            for o in orders {
+                let src = &self
+                    .nodes
+                    .iter()
+                    .find(|(id, _)| *id == o.source.id)
+                    .unwrap()
+                    .1;
+                let ok = src.copy_to(o.partition, o.version, o.target.clone()).await;
+                assert!(ok.is_ok(), "{ok:?}");
+                self.master
+                    .sync_done(o.partition, o.target.id, o.version, true);
+            }
+        }
+    }
+
+    async fn client(&self) -> CacheClient {
+        CacheClient::connect(
+            &[self.nodes[0].1.local_addr().to_string()],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_reach_backups_and_survive_promotion() {
+    let mut c = Cluster::start(3, 1 << 30).await;
+    let client = c.client().await;
+    let puts = client
+        .put_many(
+            "m",
+            (0..2000u32)
+                .map(|i| (i.to_le_bytes().to_vec(), format!("v{i}").into_bytes()))
+                .collect(),
+        )
+        .await;
+    assert!(
+        puts.iter().all(|r| r == &Ok(1)),
+        "{:?}",
+        puts.iter().find(|r| r.is_err())
+    );
+    let lp = client.list_partition("log");
+    for b in 0..10u8 {
+        let first = client
+            .append(lp, "log", vec![vec![b; 100]; 100])
+            .await
+            .unwrap();
+        assert_eq!(first, b as u64 * 100);
+    }
+    let stats: u64 = c.nodes.iter().map(|(_, n)| n.stats().map_entries).sum();
+    assert_eq!(stats, 4000, "every entry on a primary and one backup");
+    // Node 0 "dies": the master promotes its backups; the node stops being asked.
+    let (dead, _) = c.nodes.remove(0);
+    assert!(c.master.leave(dead).is_empty());
+    c.push();
+    let client = CacheClient::connect(
+        &[c.nodes[0].1.local_addr().to_string()],
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    for i in (0..2000u32).step_by(7) {
+        let v = client.get("m", &i.to_le_bytes()).await.unwrap();
+        assert_eq!(v, Some((format!("v{i}").into_bytes(), 1)), "key {i}");
+    }
+    assert_eq!(client.len(lp, "log").await.unwrap(), (0, 1000));
+    // Re-replication, then the write path works on the new owners.
+    c.settle().await;
+    assert_eq!(client.append(lp, "log", vec![vec![1]]).await.unwrap(), 1000);
+    assert_eq!(client.put("m", b"k", b"x".to_vec(), None).await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_client_is_redirected_not_served_wrongly() {
+    let mut c = Cluster::start(2, 1 << 30).await;
+    let stale = c.client().await;
+    let stale_table = stale.table();
+    // A third member joins; partitions move to it.
+    let id = TaskManagerId(99);
+    let node = CacheNode::bind(id, "127.0.0.1:0", NodeConfig::default())
+        .await
+        .unwrap();
+    c.master.join(id, node.local_addr().to_string());
+    c.nodes.push((id, node));
+    c.settle().await;
+    let fresh = c.client().await;
+    assert!(fresh.table().epoch > stale_table.epoch);
+    // Find a key whose primary moved.
+    let moved = (0..10_000u32)
+        .map(|i| i.to_le_bytes())
+        .find(|k| {
+            let p = fresh.map_partition("m", k);
+            stale_table.primary(p).map(|m| m.id) != fresh.table().primary(p).map(|m| m.id)
+        })
+        .expect("some partition moved to the newcomer");
+    fresh.put("m", &moved, b"new".to_vec(), None).await.unwrap();
+    // The stale client's request goes to the old primary, which redirects it.
+    assert_eq!(
+        stale.get("m", &moved).await.unwrap(),
+        Some((b"new".to_vec(), 1))
+    );
+    assert!(
+        stale.table().epoch > stale_table.epoch,
+        "the client adopted the newer table"
+    );
+    // Direct check: a request at an old version is refused with the node's table.
+    let p = fresh.map_partition("m", &moved);
+    let old_primary = stale_table.primary(p).unwrap().addr.clone();
+    let conn = conn::Conn::open(&old_primary, Duration::from_secs(1));
+    let r = conn
+        .call(
+            Request::Ops(vec![(
+                p,
+                stale_table.version(p),
+                crate::protocol::cache::Op::Get {
+                    map: "m".into(),
+                    key: moved.to_vec(),
+                },
+            )]),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+    match r {
+        Response::Ops(res, Some(t)) => {
+            assert_eq!(
+                res,
+                vec![crate::protocol::cache::OpResult::Failed(
+                    crate::protocol::cache::Failure::Moved
+                )]
+            );
+            assert!(t.epoch > stale_table.epoch);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_member_refuses_writes_and_says_so() {
+    let c = Cluster::start(2, 64 << 10).await;
+    let client = c.client().await;
+    let p = client.list_partition("l");
+    let mut err = None;
+    for _ in 0..100 {
+        match client.append(p, "l", vec![vec![0; 1000]; 8]).await {
+            Ok(_) => {}
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+        }
+    }
+    let err = err.expect("64 KiB fill up");
+    assert!(matches!(err, CacheError::Full { .. }), "{err}");
+    assert!(err.to_string().contains("cache full"), "{err}");
+    // Nothing was evicted: everything acknowledged is still there, and trimming frees room.
+    let (start, end) = client.len(p, "l").await.unwrap();
+    assert_eq!(start, 0);
+    assert!(end >= 8);
+    client.trim_prefix(p, "l", end).await.unwrap();
+    client.append(p, "l", vec![vec![0; 1000]; 8]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_frame_closes_only_that_connection() {
+    let c = Cluster::start(1, 1 << 30).await;
+    let addr = c.nodes[0].1.local_addr();
+    let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+    write_frame(&mut raw, b"definitely not rkyv").await.unwrap();
+    raw.flush().await.unwrap();
+    let mut buf = rkyv::util::AlignedVec::new();
+    let r = tokio::time::timeout(
+        Duration::from_secs(2),
+        read_msg::<_, crate::protocol::cache::CacheMsg>(&mut raw, &mut buf),
+    )
+    .await
+    .expect("the node closes the connection");
+    assert!(matches!(r, Ok(None) | Err(_)), "{r:?}");
+    // A garbage length prefix too.
+    let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+    raw.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
+    // The node still serves others.
+    let client = c.client().await;
+    client.put("m", b"k", b"v".to_vec(), None).await.unwrap();
+    assert_eq!(client.get("m", b"k").await.unwrap().unwrap().0, b"v");
+}
