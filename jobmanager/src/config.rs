@@ -32,6 +32,15 @@ pub struct JmConfig {
     /// Records kept per collect sink of a job (older output beyond this is dropped and counted).
     #[arg(long, env = "WEIR_JM_COLLECT_LIMIT", default_value_t = 2_000_000)]
     pub collect_limit: usize,
+    /// Partitions of the distributed cache.
+    #[arg(long, env = "WEIR_CACHE_PARTITIONS", default_value_t = engine::cache::DEFAULT_PARTITIONS)]
+    pub cache_partitions: u32,
+    /// Backup copies of every cache partition, each on a different task manager.
+    #[arg(long, env = "WEIR_CACHE_BACKUP_COUNT", default_value_t = 1)]
+    pub cache_backup_count: u32,
+    /// Cache partitions copied at once during re-replication and migration (rate limit).
+    #[arg(long, env = "WEIR_CACHE_MAX_COPIES", default_value_t = 8)]
+    pub cache_max_copies: usize,
 }
 
 impl Default for JmConfig {
@@ -44,6 +53,9 @@ impl Default for JmConfig {
             api_token: None,
             max_body_bytes: 1 << 20,
             collect_limit: 2_000_000,
+            cache_partitions: engine::cache::DEFAULT_PARTITIONS,
+            cache_backup_count: 1,
+            cache_max_copies: 8,
         }
     }
 }

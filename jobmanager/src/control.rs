@@ -17,11 +17,17 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 use tracing::{error, warn};
 
+use crate::cache_master::{CacheMaster, CopyEnded, MemberStats, MemberUp};
 use crate::dispatcher::{CollectedOutput, Dispatcher, SubtaskUpdate};
 use crate::resource_manager::{Disconnected, Heartbeat, Register, ResourceManager};
 
 /// Accepts task managers on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, rm: Addr<ResourceManager>, dispatcher: Addr<Dispatcher>) {
+pub async fn serve(
+    listener: TcpListener,
+    rm: Addr<ResourceManager>,
+    dispatcher: Addr<Dispatcher>,
+    cache: Addr<CacheMaster>,
+) {
     let mut serial = 0u64;
     loop {
         let (stream, from) = match listener.accept().await {
@@ -32,11 +38,11 @@ pub async fn serve(listener: TcpListener, rm: Addr<ResourceManager>, dispatcher:
                 continue;
             }
         };
-        let (rm, dispatcher) = (rm.clone(), dispatcher.clone());
+        let (rm, dispatcher, cache) = (rm.clone(), dispatcher.clone(), cache.clone());
         serial += 1;
         let conn = serial;
         actix::spawn(async move {
-            if let Err(e) = connection(stream, conn, rm, dispatcher).await {
+            if let Err(e) = connection(stream, conn, rm, dispatcher, cache).await {
                 error!(remote = %from, error = %e, "Control connection closed.");
             }
         });
@@ -48,6 +54,7 @@ async fn connection(
     conn: u64,
     rm: Addr<ResourceManager>,
     dispatcher: Addr<Dispatcher>,
+    cache: Addr<CacheMaster>,
 ) -> Result<(), String> {
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     let (mut read, mut write) = stream.into_split();
@@ -64,6 +71,7 @@ async fn connection(
         slots,
         data_addr,
         pid,
+        cache_addr,
     }) = first
     else {
         return Err("the first message must be Register".into());
@@ -73,6 +81,11 @@ async fn connection(
         .map_err(|e| e.to_string())?;
     let (tx, mut rx) = mpsc::unbounded_channel::<ToTaskManager>();
     let close = Arc::new(Notify::new());
+    cache.do_send(MemberUp {
+        tm,
+        addr: cache_addr,
+        tx: tx.clone(),
+    });
     rm.do_send(Register {
         tm,
         slots,
@@ -90,7 +103,7 @@ async fn connection(
         }
     });
     let result = tokio::select! {
-        r = relay(&mut read, &mut buf, tm, &rm, &dispatcher) => r,
+        r = relay(&mut read, &mut buf, tm, &rm, &dispatcher, &cache) => r,
         _ = close.notified() => Err(format!("task manager {tm} was declared dead; connection closed")),
     };
     writer.abort();
@@ -104,6 +117,7 @@ async fn relay(
     tm: TaskManagerId,
     rm: &Addr<ResourceManager>,
     dispatcher: &Addr<Dispatcher>,
+    cache: &Addr<CacheMaster>,
 ) -> Result<(), String> {
     loop {
         let msg = match read_msg::<_, ToJobManager>(read, buf).await {
@@ -115,7 +129,24 @@ async fn relay(
             ToJobManager::Register { .. } => {
                 return Err(format!("task manager {tm} registered twice"))
             }
-            ToJobManager::Heartbeat { subtasks } => rm.do_send(Heartbeat { tm, subtasks }),
+            ToJobManager::Heartbeat {
+                subtasks,
+                cache: stats,
+            } => {
+                cache.do_send(MemberStats { tm, stats });
+                rm.do_send(Heartbeat { tm, subtasks })
+            }
+            ToJobManager::CacheCopied {
+                partition,
+                version,
+                target,
+                error,
+            } => cache.do_send(CopyEnded {
+                partition,
+                version,
+                target,
+                error,
+            }),
             ToJobManager::SubtaskState {
                 job,
                 generation,

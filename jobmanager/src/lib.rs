@@ -4,11 +4,13 @@
 //! - [`config`] — flags.
 //! - [`resource_manager`] — task managers, heartbeats, failure detection, kills.
 //! - [`dispatcher`] — jobs: validation, placement, deployment, states, output.
+//! - [`cache_master`] — the distributed cache's membership master (partition table).
 //! - [`control`] — the TCP server task managers connect to.
 //! - [`rest`], [`metrics`] — the HTTP API and Prometheus metrics.
 //! - [`store`] — sled-backed job metadata.
 //! - [`local`] — `jobmanager local`, which starts task manager processes too.
 
+pub mod cache_master;
 pub mod config;
 pub mod control;
 pub mod dispatcher;
@@ -24,6 +26,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use actix_web::{web, App, HttpServer};
 
+use crate::cache_master::CacheMaster;
 use crate::config::JmConfig;
 use crate::dispatcher::Dispatcher;
 use crate::resource_manager::{LocalProcesses, ResourceManager, Subscribe};
@@ -59,8 +62,14 @@ pub async fn start(config: &JmConfig, local: LocalProcesses) -> Result<JobManage
     let rm =
         ResourceManager::new(Duration::from_millis(config.heartbeat_timeout_ms), local).start();
     let dispatcher = Dispatcher::new(rm.clone(), store, config.collect_limit).start();
+    let cache = CacheMaster::new(
+        config.cache_partitions,
+        config.cache_backup_count,
+        config.cache_max_copies,
+    )
+    .start();
     rm.do_send(Subscribe {
-        lost: dispatcher.clone().recipient(),
+        lost: vec![dispatcher.clone().recipient(), cache.clone().recipient()],
         reports: dispatcher.clone().recipient(),
     });
 
@@ -73,11 +82,17 @@ pub async fn start(config: &JmConfig, local: LocalProcesses) -> Result<JobManage
             )
         })?;
     let control_addr = listener.local_addr().map_err(|e| e.to_string())?;
-    actix::spawn(control::serve(listener, rm.clone(), dispatcher.clone()));
+    actix::spawn(control::serve(
+        listener,
+        rm.clone(),
+        dispatcher.clone(),
+        cache.clone(),
+    ));
 
     let state = rest::ApiState {
         rm: rm.clone(),
         dispatcher: dispatcher.clone(),
+        cache: cache.clone(),
         token: config.api_token.clone(),
         max_body: config.max_body_bytes,
     };

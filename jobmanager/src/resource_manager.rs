@@ -90,7 +90,7 @@ pub struct ResourceManager {
     tms: BTreeMap<TaskManagerId, Entry>,
     timeout: Duration,
     events: Vec<ClusterEvent>,
-    lost: Option<Recipient<TaskManagerLost>>,
+    lost: Vec<Recipient<TaskManagerLost>>,
     reports: Option<Recipient<Reports>>,
     local: LocalProcesses,
 }
@@ -102,7 +102,7 @@ impl ResourceManager {
             tms: BTreeMap::new(),
             timeout,
             events: Vec::new(),
-            lost: None,
+            lost: Vec::new(),
             reports: None,
             local,
         }
@@ -150,8 +150,11 @@ impl ResourceManager {
             kind: "LOST",
             detail: reason.clone(),
         });
-        if let Some(lost) = &self.lost {
-            lost.do_send(TaskManagerLost { tm: id, reason });
+        for lost in &self.lost {
+            lost.do_send(TaskManagerLost {
+                tm: id,
+                reason: reason.clone(),
+            });
         }
     }
 }
@@ -182,7 +185,7 @@ impl Actor for ResourceManager {
 #[rtype(result = "()")]
 pub struct Subscribe {
     /// Told about lost task managers.
-    pub lost: Recipient<TaskManagerLost>,
+    pub lost: Vec<Recipient<TaskManagerLost>>,
     /// Given every heartbeat's counters.
     pub reports: Recipient<Reports>,
 }
@@ -190,7 +193,7 @@ pub struct Subscribe {
 impl Handler<Subscribe> for ResourceManager {
     type Result = ();
     fn handle(&mut self, msg: Subscribe, _ctx: &mut Self::Context) {
-        self.lost = Some(msg.lost);
+        self.lost = msg.lost;
         self.reports = Some(msg.reports);
     }
 }

@@ -16,6 +16,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use utoipa::OpenApi;
 
+use crate::cache_master::{CacheMaster, CacheView, ClearLost, GetCache, GetTable};
 use crate::dispatcher::{
     CancelJob, Dispatcher, GetJob, GetOutput, JobDetail, JobState, JobSummary, ListJobs,
     ListOperatorMetrics, OutputPage, SubmitError, SubmitJob,
@@ -31,6 +32,8 @@ pub struct ApiState {
     pub rm: Addr<ResourceManager>,
     /// Jobs.
     pub dispatcher: Addr<Dispatcher>,
+    /// The cache's membership master.
+    pub cache: Addr<CacheMaster>,
     /// Required bearer token for mutating calls.
     pub token: Option<String>,
     /// Largest accepted body.
@@ -428,18 +431,92 @@ pub async fn kill_taskmanager(
     }
 }
 
+/// The distributed cache: members with their partitions (primary/backup), memory and
+/// entry counts, lost partitions, re-replication progress.
+#[utoipa::path(get, path = "/cache", responses((status = 200, body = CacheView)))]
+pub async fn get_cache(state: web::Data<ApiState>) -> HttpResponse {
+    match state.cache.send(GetCache).await {
+        Ok(view) => HttpResponse::Ok().json(view),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// Query of `GET /cache/entries`.
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct EntriesQuery {
+    /// Only names (`map/key`, or `list[]`) starting with this.
+    #[serde(default)]
+    pub prefix: String,
+    /// Continue after this name (the last of the previous page).
+    pub after: Option<String>,
+    /// Page size (default 100, at most 10000).
+    pub limit: Option<u32>,
+}
+
+/// A page of cache entries.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct EntryPage {
+    /// `(name, bytes)` in name order.
+    pub entries: Vec<(String, u64)>,
+    /// Pass as `after` for the next page; absent on the last.
+    pub next: Option<String>,
+}
+
+/// Keys and sizes held in the cache, paged.
+#[utoipa::path(get, path = "/cache/entries", params(EntriesQuery), responses((status = 200, body = EntryPage), (status = 503, body = ErrorBody)))]
+pub async fn cache_entries(
+    query: web::Query<EntriesQuery>,
+    state: web::Data<ApiState>,
+) -> HttpResponse {
+    let table = match state.cache.send(GetTable).await {
+        Ok(t) => t,
+        Err(e) => return unavailable(e),
+    };
+    let limit = query.limit.unwrap_or(100).clamp(1, 10_000);
+    let client = engine::cache::CacheClient::new(table, std::time::Duration::from_secs(5));
+    match client.keys(&query.prefix, query.after.clone(), limit).await {
+        Ok(entries) => {
+            let next = (entries.len() == limit as usize)
+                .then(|| entries.last().map(|(n, _)| n.clone()))
+                .flatten();
+            HttpResponse::Ok().json(EntryPage { entries, next })
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// Partitions whose losses were forgotten.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Cleared {
+    /// The partitions that serve again (empty).
+    pub partitions: Vec<u32>,
+}
+
+/// Forget recorded partition losses: the partitions serve again, empty.
+#[utoipa::path(delete, path = "/cache/lost", responses((status = 200, body = Cleared), (status = 401, body = ErrorBody)))]
+pub async fn clear_cache_losses(req: HttpRequest, state: web::Data<ApiState>) -> HttpResponse {
+    if let Err(r) = authorize(&req, &state) {
+        return r;
+    }
+    match state.cache.send(ClearLost).await {
+        Ok(partitions) => HttpResponse::Ok().json(Cleared { partitions }),
+        Err(e) => unavailable(e),
+    }
+}
+
 /// Prometheus metrics (text format).
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn prometheus_metrics(state: web::Data<ApiState>) -> HttpResponse {
-    let (tms, jobs, operators) = match (
+    let (tms, jobs, operators, cache) = match (
         state.rm.send(ListTaskManagers).await,
         state.dispatcher.send(ListJobs).await,
         state.dispatcher.send(ListOperatorMetrics).await,
+        state.cache.send(GetCache).await,
     ) {
-        (Ok(t), Ok(j), Ok(o)) => (t, j, o),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return unavailable(e),
+        (Ok(t), Ok(j), Ok(o), Ok(c)) => (t, j, o, c),
+        (Err(e), ..) | (_, Err(e), ..) | (_, _, Err(e), _) | (.., Err(e)) => return unavailable(e),
     };
-    match crate::metrics::render(&tms, &jobs, &operators) {
+    match crate::metrics::render(&tms, &jobs, &operators, &cache) {
         Ok(text) => HttpResponse::Ok()
             .content_type("text/plain; version=0.0.4")
             .body(text),
@@ -465,6 +542,9 @@ pub async fn prometheus_metrics(state: web::Data<ApiState>) -> HttpResponse {
         list_taskmanagers,
         get_taskmanager,
         kill_taskmanager,
+        get_cache,
+        cache_entries,
+        clear_cache_losses,
         prometheus_metrics,
         openapi_json
     ),
@@ -478,7 +558,10 @@ pub async fn prometheus_metrics(state: web::Data<ApiState>) -> HttpResponse {
         JobMetrics,
         TaskMetricsView,
         TaskManagerList,
-        Killed
+        Killed,
+        CacheView,
+        EntryPage,
+        Cleared
     ))
 )]
 pub struct ApiDoc;
@@ -508,6 +591,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/taskmanagers", web::get().to(list_taskmanagers))
         .route("/taskmanagers/{id}", web::get().to(get_taskmanager))
         .route("/taskmanagers/{id}/kill", web::post().to(kill_taskmanager))
+        .route("/cache", web::get().to(get_cache))
+        .route("/cache/entries", web::get().to(cache_entries))
+        .route("/cache/lost", web::delete().to(clear_cache_losses))
         .route("/metrics", web::get().to(prometheus_metrics))
         .route("/openapi.json", web::get().to(openapi_json))
         .default_service(web::to(not_found));

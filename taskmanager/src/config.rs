@@ -33,6 +33,14 @@ pub struct Flags {
     /// stopped as soon as the connection drops). Default 10000.
     #[arg(long, env = "WEIR_TM_EXIT_AFTER_DISCONNECT_MS")]
     pub exit_after_disconnect_ms: Option<u64>,
+    /// Address the cache node binds (host:port; port 0 picks a free one). Default
+    /// 127.0.0.1:0.
+    #[arg(long, env = "WEIR_TM_CACHE_ADDR")]
+    pub cache_addr: Option<String>,
+    /// Memory the cache node may hold, in MiB (primary and backup copies); writes beyond it
+    /// fail with "cache full". Default 1024.
+    #[arg(long, env = "WEIR_TM_CACHE_MEMORY_MB")]
+    pub cache_memory_mb: Option<u64>,
     /// TOML file with any of the settings above (keys in kebab-case); flags override it.
     #[arg(long, env = "WEIR_TM_CONFIG")]
     pub config: Option<PathBuf>,
@@ -52,6 +60,10 @@ pub struct TmConfig {
     pub heartbeat_interval_ms: u64,
     /// Give up and exit after this long without the job manager, in ms.
     pub exit_after_disconnect_ms: u64,
+    /// Cache node bind address.
+    pub cache_addr: String,
+    /// Cache memory limit in MiB.
+    pub cache_memory_mb: u64,
 }
 
 impl Default for TmConfig {
@@ -64,6 +76,8 @@ impl Default for TmConfig {
             data_addr: "127.0.0.1:0".into(),
             heartbeat_interval_ms: 100,
             exit_after_disconnect_ms: 10_000,
+            cache_addr: "127.0.0.1:0".into(),
+            cache_memory_mb: 1024,
         }
     }
 }
@@ -94,6 +108,12 @@ impl TmConfig {
         if let Some(v) = flags.exit_after_disconnect_ms {
             c.exit_after_disconnect_ms = v;
         }
+        if let Some(v) = &flags.cache_addr {
+            c.cache_addr = v.clone();
+        }
+        if let Some(v) = flags.cache_memory_mb {
+            c.cache_memory_mb = v;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -102,6 +122,9 @@ impl TmConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.slots == 0 {
             return Err("slots must be at least 1".into());
+        }
+        if self.cache_memory_mb == 0 {
+            return Err("cache-memory-mb must be at least 1".into());
         }
         if self.heartbeat_interval_ms == 0 {
             return Err("heartbeat-interval-ms must be at least 1".into());

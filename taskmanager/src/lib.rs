@@ -1,5 +1,5 @@
 //! The Weir task manager: registers with a job manager, hosts subtask actors in its slots,
-//! serves the data plane, and is one member of the distributed cache (later).
+//! serves the data plane, and hosts a node of the distributed cache.
 //!
 //! - [`config`] — flags and TOML configuration.
 //! - [`task_manager`] — the `TaskManager` actor (deployments, heartbeats).
@@ -13,6 +13,7 @@ pub mod task_manager;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use engine::cache::{CacheNode, NodeConfig};
 use engine::ids::TaskManagerId;
 use engine::net::DataPlane;
 use engine::protocol::control::{ToJobManager, ToTaskManager};
@@ -42,13 +43,28 @@ pub async fn run(config: TmConfig) -> Result<(), String> {
         .map_err(|_| "the data-plane thread stopped".to_string())?
         .map_err(|e| format!("cannot bind the data plane on {}: {e}", config.data_addr))?;
     let data_addr = data.local_addr().to_string();
-    info!(tm = %id, data = %data_addr, slots = config.slots, jobmanager = %config.jobmanager, "Task manager starting.");
-    let tm = TaskManager::new(id, config.clone(), data).start();
+    // The cache node serves other members and clients on a thread of its own.
+    let cache_thread = Arbiter::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let node_config = NodeConfig {
+        memory_limit: config.cache_memory_mb << 20,
+    };
+    let cache_bind = config.cache_addr.clone();
+    cache_thread.spawn(async move {
+        let _ = tx.send(CacheNode::bind(id, &cache_bind, node_config).await);
+    });
+    let cache = rx
+        .await
+        .map_err(|_| "the cache thread stopped".to_string())?
+        .map_err(|e| format!("cannot bind the cache node on {}: {e}", config.cache_addr))?;
+    let cache_addr = cache.local_addr().to_string();
+    info!(tm = %id, data = %data_addr, cache = %cache_addr, slots = config.slots, jobmanager = %config.jobmanager, "Task manager starting.");
+    let tm = TaskManager::new(id, config.clone(), data, cache, cache_thread.handle()).start();
     let give_up = Duration::from_millis(config.exit_after_disconnect_ms);
     let mut unreachable_since = Instant::now();
     let mut attempt = 0u32;
     loop {
-        match session(&config, id, &data_addr, &tm).await {
+        match session(&config, id, &data_addr, &cache_addr, &tm).await {
             Ok(()) => {
                 warn!(tm = %id, "Job manager connection closed.");
                 unreachable_since = Instant::now();
@@ -75,6 +91,7 @@ async fn session(
     config: &TmConfig,
     id: TaskManagerId,
     data_addr: &str,
+    cache_addr: &str,
     tm: &Addr<TaskManager>,
 ) -> Result<(), String> {
     let stream = tokio::time::timeout(
@@ -91,6 +108,7 @@ async fn session(
         slots: config.slots,
         data_addr: data_addr.to_string(),
         pid: std::process::id(),
+        cache_addr: cache_addr.to_string(),
     };
     write_msg(&mut write, &register)
         .await

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use engine::cache::CacheNode;
 use engine::graph::JobGraph;
 use engine::ids::{Generation, JobId, TaskManagerId};
 use engine::net::DataPlane;
@@ -56,6 +57,9 @@ pub struct TaskManager {
     id: TaskManagerId,
     config: TmConfig,
     data: DataPlane,
+    /// This member's cache node, and the thread it runs on (for copies).
+    cache: CacheNode,
+    cache_thread: ArbiterHandle,
     /// Control messages to the job manager (None while disconnected).
     to_jm: Option<mpsc::UnboundedSender<ToJobManager>>,
     /// One arbiter (thread) per slot.
@@ -67,11 +71,19 @@ pub struct TaskManager {
 
 impl TaskManager {
     /// A task manager; no I/O until started.
-    pub fn new(id: TaskManagerId, config: TmConfig, data: DataPlane) -> TaskManager {
+    pub fn new(
+        id: TaskManagerId,
+        config: TmConfig,
+        data: DataPlane,
+        cache: CacheNode,
+        cache_thread: ArbiterHandle,
+    ) -> TaskManager {
         TaskManager {
             id,
             config,
             data,
+            cache,
+            cache_thread,
             to_jm: None,
             slots: Vec::new(),
             deployments: HashMap::new(),
@@ -168,7 +180,10 @@ impl TaskManager {
                     })
             })
             .collect();
-        self.send(ToJobManager::Heartbeat { subtasks });
+        self.send(ToJobManager::Heartbeat {
+            subtasks,
+            cache: self.cache.stats(),
+        });
     }
 
     fn cancel_all(&mut self) {
@@ -222,6 +237,29 @@ impl Handler<FromJobManager> for TaskManager {
                     info!(job = %job, generation = %generation, "Canceling deployment.");
                     r.actor.do_send(CancelDeployment);
                 }
+            }
+            ToTaskManager::CacheTable(table) => self.cache.set_table(table),
+            ToTaskManager::CacheCopy {
+                partition,
+                version,
+                target,
+            } => {
+                let (cache, to_jm) = (self.cache.clone(), self.to_jm.clone());
+                self.cache_thread.spawn(async move {
+                    let target_id = target.id;
+                    let result = cache.copy_to(partition, version, target).await;
+                    if let Err(e) = &result {
+                        warn!(partition, error = %e, "Cache partition copy failed.");
+                    }
+                    if let Some(tx) = to_jm {
+                        let _ = tx.send(ToJobManager::CacheCopied {
+                            partition,
+                            version,
+                            target: target_id,
+                            error: result.err(),
+                        });
+                    }
+                });
             }
             ToTaskManager::Abort => {
                 error!(tm = %self.id, "Abort requested by the job manager: exiting at once.");

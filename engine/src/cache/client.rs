@@ -204,11 +204,8 @@ impl CacheClient {
             let table = self.table();
             let mut groups: HashMap<String, Vec<usize>> = HashMap::new();
             for i in pending {
+                // Losses are the node's to report: its table may say they were cleared.
                 let p = ops[i].0;
-                if table.is_lost(p) {
-                    results[i] = Some(Err(CacheError::Lost { partition: p }));
-                    continue;
-                }
                 match table.primary(p) {
                     Some(m) => groups.entry(m.addr.clone()).or_default().push(i),
                     None if p >= table.partitions() => {
@@ -320,6 +317,34 @@ impl CacheClient {
             OpResult::Value(v) => Ok(v),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Many entries of one map, one request per primary; results in order.
+    pub async fn get_many(
+        &self,
+        map: &str,
+        keys: Vec<Vec<u8>>,
+    ) -> Vec<Result<Option<(Vec<u8>, u64)>, CacheError>> {
+        let ops = keys
+            .into_iter()
+            .map(|key| {
+                (
+                    self.map_partition(map, &key),
+                    Op::Get {
+                        map: map.into(),
+                        key,
+                    },
+                )
+            })
+            .collect();
+        self.run(ops)
+            .await
+            .into_iter()
+            .map(|r| match r? {
+                OpResult::Value(v) => Ok(v),
+                other => Err(unexpected(other)),
+            })
+            .collect()
     }
 
     /// Sets a map entry (with an optional time to live); returns its new version.

@@ -575,7 +575,7 @@ async fn serve(stream: TcpStream, node: Arc<Node>) -> Result<(), String> {
         let msg = match read_msg::<_, CacheMsg>(&mut read, &mut buf).await {
             Ok(Some(m)) => m,
             Ok(None) => break Ok(()),
-            Err(e) => break Err(format!("malformed cache frame: {e}")),
+            Err(e) => break Err(format!("reading a cache frame: {e}")),
         };
         let (id, req) = match msg {
             CacheMsg::Request(id, req) => (id, req),

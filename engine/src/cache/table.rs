@@ -250,9 +250,8 @@ impl Membership {
                 self.versions[p] = self.epoch;
             }
         }
-        self.syncing.retain(|p, (target, _, _)| {
-            *target != id && self.owners[*p as usize].first().is_some()
-        });
+        self.syncing
+            .retain(|p, (target, _, _)| *target != id && !self.owners[*p as usize].is_empty());
         self.place_unowned();
         lost
     }
@@ -288,23 +287,21 @@ impl Membership {
             if current.is_empty() {
                 continue;
             }
+            let copying = self.syncing.contains_key(&(p as u32));
             match target.iter().find(|m| !current.contains(m)) {
-                Some(missing) => {
-                    if !self.syncing.contains_key(&(p as u32))
-                        && self.syncing.len() < self.max_syncs
-                    {
-                        let order = SyncOrder {
-                            partition: p as u32,
-                            version: self.versions[p],
-                            source: self.member(current[0]),
-                            target: self.member(*missing),
-                        };
-                        self.syncing
-                            .insert(p as u32, (*missing, self.versions[p], Instant::now()));
-                        orders.push(order);
-                    }
+                Some(missing) if !copying && self.syncing.len() < self.max_syncs => {
+                    let order = SyncOrder {
+                        partition: p as u32,
+                        version: self.versions[p],
+                        source: self.member(current[0]),
+                        target: self.member(*missing),
+                    };
+                    self.syncing
+                        .insert(p as u32, (*missing, self.versions[p], Instant::now()));
+                    orders.push(order);
                 }
-                None if *current != target && !self.syncing.contains_key(&(p as u32)) => {
+                Some(_) => {}
+                None if *current != target && !copying => {
                     // Every ring owner holds the data: take the ring's order (which may make
                     // a synced backup the primary) and drop the extra copies.
                     self.set_owners(p, target);
@@ -355,11 +352,11 @@ impl Membership {
             synced_total: self.synced_total,
             ..Progress::default()
         };
-        for p in 0..self.owners.len() {
-            if self.owners[p].len() < copies {
+        for (owners, target) in self.owners.iter().zip(&targets) {
+            if owners.len() < copies {
                 pr.under_replicated += 1;
             }
-            if self.owners[p] != targets[p] {
+            if owners != target {
                 pr.misplaced += 1;
             }
         }

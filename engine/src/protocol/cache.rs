@@ -253,7 +253,16 @@ pub enum CacheMsg {
 }
 
 /// A member's memory and contents, reported in heartbeats.
-#[derive(Clone, Debug, Default, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(
+    Clone,
+    Debug,
+    Default,
+    PartialEq,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+    serde::Serialize,
+)]
 pub struct CacheStats {
     /// Bytes held (keys, values, list items, with per-entry overhead).
     pub bytes: u64,

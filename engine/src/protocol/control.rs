@@ -3,10 +3,13 @@
 //! A task manager connects to the job manager's control address, sends `Register`, gets
 //! `Registered`, then heartbeats every `heartbeat.interval_ms`. The job manager deploys and
 //! cancels subtasks over the same connection; the task manager reports subtask state changes
-//! and what `collect` sinks received. A dropped connection means the task manager is dead.
+//! and what `collect` sinks received. The job manager, as the cache's membership master,
+//! pushes partition tables and asks primaries to copy partitions; heartbeats carry each cache
+//! node's memory. A dropped connection means the task manager is dead.
 
 use crate::ids::{Generation, JobId, TaskManagerId};
 use crate::operator::Metric;
+use crate::protocol::cache::{CacheStats, Member, PartitionTable};
 use crate::record::Record;
 
 /// Task manager -> job manager.
@@ -22,11 +25,26 @@ pub enum ToJobManager {
         data_addr: String,
         /// Its process id (lets a local job manager kill it for real).
         pid: u32,
+        /// `host:port` of its cache node.
+        cache_addr: String,
     },
     /// Liveness and live counters.
     Heartbeat {
         /// Counters of every running subtask.
         subtasks: Vec<SubtaskReport>,
+        /// Its cache node's memory and counters.
+        cache: CacheStats,
+    },
+    /// A partition copy the job manager asked for ended.
+    CacheCopied {
+        /// The partition.
+        partition: u32,
+        /// Its version when the copy started.
+        version: u64,
+        /// The member that received it.
+        target: TaskManagerId,
+        /// Why it failed, if it did.
+        error: Option<String>,
     },
     /// A subtask changed state.
     SubtaskState {
@@ -74,6 +92,17 @@ pub enum ToTaskManager {
     },
     /// Exit the process at once, as a crash would (used by "kill task manager").
     Abort,
+    /// The cache's new partition table.
+    CacheTable(PartitionTable),
+    /// As primary of `partition`, copy it to `target` (re-replication or migration).
+    CacheCopy {
+        /// The partition.
+        partition: u32,
+        /// Its version now.
+        version: u64,
+        /// The member to copy to.
+        target: Member,
+    },
 }
 
 /// Everything a task manager needs to run its share of a job.
