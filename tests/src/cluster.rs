@@ -31,6 +31,8 @@ pub struct ClusterOptions {
     pub token: Option<String>,
     /// Reuse this data directory (to test restarts); a fresh one otherwise.
     pub data_dir: Option<PathBuf>,
+    /// Extra `jobmanager serve` flags.
+    pub jobmanager_args: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -41,6 +43,7 @@ impl Default for ClusterOptions {
             heartbeat_timeout_ms: 1000,
             token: None,
             data_dir: None,
+            jobmanager_args: Vec::new(),
         }
     }
 }
@@ -107,6 +110,7 @@ impl Cluster {
         ])
         .arg("--data-dir")
         .arg(&data_dir)
+        .args(&options.jobmanager_args)
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),

@@ -5,6 +5,7 @@
 //! skip is never silent.
 
 use std::io::Write;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
@@ -14,8 +15,31 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::Message;
 
+/// Kafka tests of one test binary take turns: the CI broker (tansu on SQLite, one writer)
+/// answers metadata requests slowly while another test produces a million records.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// A broker's address, held by one test at a time.
+pub struct Broker {
+    addr: String,
+    _turn: MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for Broker {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.addr
+    }
+}
+
+impl std::fmt::Display for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.addr)
+    }
+}
+
 /// The broker address, or `None` after printing why the test `name` is skipped.
-pub fn bootstrap(name: &str) -> Option<String> {
+pub fn bootstrap(name: &str) -> Option<Broker> {
     broker_from(
         "WEIR_KAFKA_BOOTSTRAP",
         name,
@@ -25,9 +49,12 @@ pub fn bootstrap(name: &str) -> Option<String> {
 
 /// The address in environment variable `var`, or `None` after printing (past the test
 /// harness's output capture, so a skip is always seen) that test `name` is skipped and why.
-pub fn broker_from(var: &str, name: &str, how: &str) -> Option<String> {
+pub fn broker_from(var: &str, name: &str, how: &str) -> Option<Broker> {
     match std::env::var(var) {
-        Ok(b) if !b.trim().is_empty() => Some(b),
+        Ok(b) if !b.trim().is_empty() => Some(Broker {
+            addr: b,
+            _turn: ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner()),
+        }),
         _ => {
             let _ = writeln!(
                 std::io::stderr(),

@@ -408,7 +408,7 @@ fn kafka_clicks_example_counts_clicks_per_user_and_window() {
     for op in spec["operators"].as_array_mut().expect("operators") {
         let params = &mut op["params"];
         if params.get("bootstrap_servers").is_some() {
-            params["bootstrap_servers"] = json!(b);
+            params["bootstrap_servers"] = json!(&*b);
         }
         match op["kind"].as_str() {
             Some("kafka_source") => {
@@ -511,7 +511,7 @@ fn kafka_to_keyed_count_to_kafka_on_two_taskmanagers_is_exact() {
     };
     let started = Instant::now();
     jobs::clicks::produce(&jobs::clicks::ProduceOptions {
-        bootstrap: b.clone(),
+        bootstrap: b.to_string(),
         topic: input.clone(),
         rate: 0,
         first: 0,
@@ -538,13 +538,13 @@ fn kafka_to_keyed_count_to_kafka_on_two_taskmanagers_is_exact() {
         "name": "kafka-count",
         "operators": [
             {"id": "clicks", "kind": "kafka_source", "parallelism": 2,
-             "params": {"bootstrap_servers": b, "topic": input, "end": "latest", "ts_field": "ts"}},
+             "params": {"bootstrap_servers": &*b, "topic": input, "end": "latest", "ts_field": "ts"}},
             {"id": "by_user", "kind": "key_by", "input": "clicks", "parallelism": 2,
              "params": {"expr": "value.user"}},
             {"id": "per_10s", "kind": "window_aggregate", "input": "by_user", "parallelism": 2,
              "params": {"window": {"tumbling_ms": 10000}, "aggs": [{"name": "clicks", "agg": "count"}]}},
             {"id": "out", "kind": "kafka_sink", "input": "per_10s", "parallelism": 2,
-             "params": {"bootstrap_servers": b, "topic": output}}
+             "params": {"bootstrap_servers": &*b, "topic": output}}
         ]
     })
     .to_string();
@@ -601,7 +601,7 @@ fn running_source_reports_offsets_and_lag_over_rest_and_prometheus() {
     });
     let spec = json!({"name": "live", "operators": [
         {"id": "in", "kind": "kafka_source", "parallelism": 2,
-         "params": {"bootstrap_servers": b, "topic": topic}},
+         "params": {"bootstrap_servers": &*b, "topic": topic}},
         {"id": "out", "kind": "discard", "input": "in", "parallelism": 2}]})
     .to_string();
     let id = cluster.submit(&spec);

@@ -65,7 +65,7 @@ fn read_committed_sees_exactly_the_committed_transactions() {
     }
 
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &b)
+        .set("bootstrap.servers", &*b)
         .set("group.id", format!("{topic}-reader"))
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")

@@ -1,0 +1,209 @@
+//! `bench_cache`: the distributed cache on 3 real task manager processes, on loopback.
+//!
+//! For `backup_count` 1 (every write confirmed by a backup on another process) and, in the
+//! same run, `backup_count` 0 (no replication: the floor set by one client round trip):
+//!
+//! - **append latency**: one append of a 1,000-record batch (100-byte records) in flight at
+//!   a time; p50/p99 per append.
+//! - **append throughput**: `--appenders` concurrent appenders over 64 lists; records/s
+//!   appended across the cluster, and p50/p99 per append under that load.
+//! - **put latency**: one 100-byte map put in flight at a time; p50/p99.
+//!
+//! Run with `cargo run --release -p weir-tests --bin bench_cache [-- --seconds S
+//! --appenders N]` (build the binaries first: `cargo build --release --bins`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use engine::cache::CacheClient;
+use weir_tests::cluster::{Cluster, ClusterOptions};
+
+const BATCH: usize = 1000;
+const RECORD: usize = 100;
+
+struct Figures {
+    append_p50: Duration,
+    append_p99: Duration,
+    loaded_rate: f64,
+    loaded_p50: Duration,
+    loaded_p99: Duration,
+    put_p50: Duration,
+    put_p99: Duration,
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+fn p50_p99(mut v: Vec<Duration>) -> (Duration, Duration) {
+    v.sort();
+    (percentile(&v, 0.50), percentile(&v, 0.99))
+}
+
+async fn measure(client: &CacheClient, seconds: u64, appenders: usize) -> Figures {
+    let batch: Vec<Vec<u8>> = (0..BATCH).map(|i| vec![(i % 251) as u8; RECORD]).collect();
+    // Warm-up: connections, allocator.
+    for i in 0..50 {
+        let name = format!("warm-{}", i % 8);
+        let p = client.list_partition(&name);
+        client
+            .append(p, &name, batch.clone())
+            .await
+            .expect("append");
+    }
+    let phase = Duration::from_secs(seconds);
+
+    let mut one = Vec::new();
+    let started = Instant::now();
+    let mut n = 0;
+    while started.elapsed() < phase {
+        let name = format!("seq-{}", n % 64);
+        let p = client.list_partition(&name);
+        let t = Instant::now();
+        client
+            .append(p, &name, batch.clone())
+            .await
+            .expect("append");
+        one.push(t.elapsed());
+        n += 1;
+        if n % 200 == 0 {
+            // Keep memory bounded: the benchmark measures appends, not storage.
+            client
+                .trim_prefix(p, &name, u64::MAX / 2)
+                .await
+                .expect("trim");
+        }
+    }
+    let (append_p50, append_p99) = p50_p99(one);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let loaded_started = Instant::now();
+    let tasks: Vec<_> = (0..appenders)
+        .map(|a| {
+            let (client, stop, batch) = (client.clone(), stop.clone(), batch.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut k = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let name = format!("load-{}", (a + k * appenders) % 64);
+                    let p = client.list_partition(&name);
+                    let t = Instant::now();
+                    client
+                        .append(p, &name, batch.clone())
+                        .await
+                        .expect("append");
+                    lat.push(t.elapsed());
+                    k += 1;
+                    if k % 100 == 0 {
+                        client
+                            .trim_prefix(p, &name, u64::MAX / 2)
+                            .await
+                            .expect("trim");
+                    }
+                }
+                lat
+            })
+        })
+        .collect();
+    tokio::time::sleep(phase).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut loaded = Vec::new();
+    for t in tasks {
+        loaded.extend(t.await.expect("appender"));
+    }
+    let elapsed = loaded_started.elapsed().as_secs_f64();
+    let loaded_rate = (loaded.len() * BATCH) as f64 / elapsed;
+    let (loaded_p50, loaded_p99) = p50_p99(loaded);
+
+    let mut puts = Vec::new();
+    let started = Instant::now();
+    let mut i = 0u64;
+    while started.elapsed() < phase {
+        let t = Instant::now();
+        client
+            .put("bench", &i.to_le_bytes(), vec![7; RECORD], None)
+            .await
+            .expect("put");
+        puts.push(t.elapsed());
+        i += 1;
+    }
+    let (put_p50, put_p99) = p50_p99(puts);
+    Figures {
+        append_p50,
+        append_p99,
+        loaded_rate,
+        loaded_p50,
+        loaded_p99,
+        put_p50,
+        put_p99,
+    }
+}
+
+fn run(backups: u32, seconds: u64, appenders: usize) -> Figures {
+    let cluster = Cluster::start(ClusterOptions {
+        taskmanagers: 3,
+        jobmanager_args: vec!["--cache-backup-count".into(), backups.to_string()],
+        ..ClusterOptions::default()
+    });
+    cluster.wait_until(Duration::from_secs(60), "cache settled", |c| {
+        let (_, v) = c.get("/cache");
+        v["members"].as_array().map(Vec::len) == Some(3)
+            && v["progress"]["misplaced"] == 0
+            && v["progress"]["syncing"] == 0
+    });
+    let (_, v) = cluster.get("/cache");
+    let addrs: Vec<String> = v["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["addr"].as_str().map(str::to_string))
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let client = CacheClient::connect(&addrs, Duration::from_secs(20))
+            .await
+            .expect("client");
+        measure(&client, seconds, appenders).await
+    })
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let seconds = weir_tests::arg(&args, "--seconds", 5);
+    let appenders = weir_tests::arg(&args, "--appenders", 8) as usize;
+    println!(
+        "3 task managers on loopback; batches of {BATCH} records of {RECORD} bytes; {seconds} s per phase; {appenders} concurrent appenders"
+    );
+    let replicated = run(1, seconds, appenders);
+    let single = run(0, seconds, appenders);
+    for (name, f) in [("backup_count 1", &replicated), ("backup_count 0", &single)] {
+        println!(
+            "{name}: append p50 {} p99 {} | {appenders} appenders: {:.2} M records/s, append p50 {} p99 {} | put p50 {} p99 {}",
+            ms(f.append_p50),
+            ms(f.append_p99),
+            f.loaded_rate / 1e6,
+            ms(f.loaded_p50),
+            ms(f.loaded_p99),
+            ms(f.put_p50),
+            ms(f.put_p99),
+        );
+    }
+    println!(
+        "replication cost: append p50 x{:.2}, throughput x{:.2}, put p50 x{:.2}",
+        replicated.append_p50.as_secs_f64() / single.append_p50.as_secs_f64().max(1e-9),
+        replicated.loaded_rate / single.loaded_rate.max(1.0),
+        replicated.put_p50.as_secs_f64() / single.put_p50.as_secs_f64().max(1e-9),
+    );
+}
