@@ -70,7 +70,7 @@ async fn measure(client: &CacheClient, seconds: u64, appenders: usize) -> Figure
             .expect("append");
         one.push(t.elapsed());
         n += 1;
-        if n % 200 == 0 {
+        if n.is_multiple_of(200) {
             // Keep memory bounded: the benchmark measures appends, not storage.
             client
                 .trim_prefix(p, &name, u64::MAX / 2)
@@ -98,7 +98,7 @@ async fn measure(client: &CacheClient, seconds: u64, appenders: usize) -> Figure
                         .expect("append");
                     lat.push(t.elapsed());
                     k += 1;
-                    if k % 100 == 0 {
+                    if k.is_multiple_of(100) {
                         client
                             .trim_prefix(p, &name, u64::MAX / 2)
                             .await
