@@ -59,7 +59,7 @@ async fn measure(client: &CacheClient, seconds: u64, appenders: usize) -> Figure
 
     let mut one = Vec::new();
     let started = Instant::now();
-    let mut n = 0;
+    let mut n = 0u64;
     while started.elapsed() < phase {
         let name = format!("seq-{}", n % 64);
         let p = client.list_partition(&name);
