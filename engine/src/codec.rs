@@ -55,10 +55,14 @@ where
     T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>
         + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rancor::Error>>,
 {
-    let mut aligned = AlignedVec::<16>::with_capacity(bytes.len());
-    aligned.extend_from_slice(bytes);
-    rkyv::from_bytes::<T, rancor::Error>(&aligned)
-        .map_err(|e| CodecError(format!("invalid frame: {e}")))
+    let decoded = if (bytes.as_ptr() as usize).is_multiple_of(16) {
+        rkyv::from_bytes::<T, rancor::Error>(bytes)
+    } else {
+        let mut aligned = AlignedVec::<16>::with_capacity(bytes.len());
+        aligned.extend_from_slice(bytes);
+        rkyv::from_bytes::<T, rancor::Error>(&aligned)
+    };
+    decoded.map_err(|e| CodecError(format!("invalid frame: {e}")))
 }
 
 /// Encodes a stream event for the wire.
