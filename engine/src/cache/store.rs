@@ -92,6 +92,8 @@ pub struct Partition {
     maps: HashMap<String, HashMap<Vec<u8>, Entry>>,
     lists: HashMap<String, List>,
     usage: Usage,
+    /// Map entries with a time to live (the expiry sweep skips partitions without any).
+    expiring: usize,
 }
 
 impl Partition {
@@ -224,6 +226,7 @@ impl Partition {
                 d.list_items = -self.usage.list_items;
                 self.maps.clear();
                 self.lists.clear();
+                self.expiring = 0;
             }
             Mutation::MapSet {
                 map,
@@ -234,6 +237,7 @@ impl Partition {
             } => {
                 let added = entry_bytes(&map, &key, &value);
                 let value_len = value.len() as i64;
+                self.expiring += usize::from(expires_ms.is_some());
                 let entries = self.maps.entry(map).or_default();
                 match entries.insert(
                     key,
@@ -244,7 +248,10 @@ impl Partition {
                     },
                 ) {
                     // Same map and key: only the value's size changes.
-                    Some(old) => d.map_bytes += value_len - old.value.len() as i64,
+                    Some(old) => {
+                        self.expiring -= usize::from(old.expires_ms.is_some());
+                        d.map_bytes += value_len - old.value.len() as i64;
+                    }
                     None => {
                         d.map_bytes += added;
                         d.map_entries += 1;
@@ -254,6 +261,7 @@ impl Partition {
             Mutation::MapRemove { map, key } => {
                 if let Some(entries) = self.maps.get_mut(&map) {
                     if let Some(old) = entries.remove(&key) {
+                        self.expiring -= usize::from(old.expires_ms.is_some());
                         d.map_bytes -= entry_bytes(&map, &key, &old.value);
                         d.map_entries -= 1;
                     }
@@ -314,10 +322,15 @@ impl Partition {
     /// Removes expired map entries; returns the change in usage.
     pub fn expire(&mut self, now_ms: u64) -> Usage {
         let mut d = Usage::default();
+        if self.expiring == 0 {
+            return d;
+        }
+        let expiring = &mut self.expiring;
         for (map, entries) in &mut self.maps {
             entries.retain(|key, e| {
                 let keep = e.live(now_ms);
                 if !keep {
+                    *expiring -= 1;
                     d.map_bytes -= entry_bytes(map, key, &e.value);
                     d.map_entries -= 1;
                 }
@@ -504,8 +517,10 @@ mod tests {
             OpResult::Value(Some(_))
         ));
         assert_eq!(run(&mut p, get, 1100), OpResult::Value(None));
+        assert_eq!(p.expiring, 1);
         p.expire(1100);
         assert_eq!(p.usage(), Usage::default());
+        assert_eq!(p.expiring, 0, "nothing left for the sweep");
     }
 
     #[test]

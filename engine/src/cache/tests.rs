@@ -245,3 +245,32 @@ async fn a_malformed_frame_closes_only_that_connection() {
     client.put("m", b"k", b"v".to_vec(), None).await.unwrap();
     assert_eq!(client.get("m", b"k").await.unwrap().unwrap().0, b"v");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placement_hint_keeps_a_list_off_a_member() {
+    let c = Cluster::start(3, 1 << 30).await;
+    let client = c.client().await;
+    let table = client.table();
+    for (avoid, _) in &c.nodes {
+        for i in 0..200 {
+            let name = format!("log-{i}");
+            let p = client.partition_avoiding(&name, *avoid);
+            assert_ne!(table.primary(p).map(|m| m.id), Some(*avoid), "{name}");
+            // Deterministic: the same name and table give the same partition.
+            assert_eq!(p, client.partition_avoiding(&name, *avoid));
+        }
+    }
+    // The hint only moves names whose own partition's primary is the avoided member.
+    let (avoid, _) = c.nodes[0];
+    let name = (0..1000)
+        .map(|i| format!("log-{i}"))
+        .find(|n| table.primary(client.list_partition(n)).map(|m| m.id) != Some(avoid))
+        .unwrap();
+    assert_eq!(
+        client.partition_avoiding(&name, avoid),
+        client.list_partition(&name)
+    );
+    let p = client.partition_avoiding("log-x", avoid);
+    assert_eq!(client.append(p, "log-x", vec![vec![1]]).await.unwrap(), 0);
+    assert_eq!(client.len(p, "log-x").await.unwrap(), (0, 1));
+}
