@@ -362,7 +362,7 @@ impl Node {
                 continue;
             };
             let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
-            let (result, mutation) = match part.plan(&op, now) {
+            let (result, mutation) = match part.plan(op, now) {
                 Ok(x) => x,
                 Err(f) => {
                     results.push(OpResult::Failed(f));

@@ -102,8 +102,9 @@ impl Partition {
         self.usage
     }
 
-    /// Answers a read, or decides the mutation a write makes (not yet applied).
-    pub fn plan(&self, op: &Op, now_ms: u64) -> Result<(OpResult, Option<Mutation>), Failure> {
+    /// Answers a read, or decides the mutation a write makes (not yet applied). Takes the
+    /// operation by value so a write's payload moves into its mutation without a copy.
+    pub fn plan(&self, op: Op, now_ms: u64) -> Result<(OpResult, Option<Mutation>), Failure> {
         let entry = |map: &str, key: &[u8]| {
             self.maps
                 .get(map)
@@ -112,7 +113,7 @@ impl Partition {
         };
         Ok(match op {
             Op::Get { map, key } => (
-                OpResult::Value(entry(map, key).map(|e| (e.value.clone(), e.version))),
+                OpResult::Value(entry(&map, &key).map(|e| (e.value.clone(), e.version))),
                 None,
             ),
             Op::Put {
@@ -121,13 +122,13 @@ impl Partition {
                 value,
                 ttl_ms,
             } => {
-                let version = entry(map, key).map_or(0, |e| e.version) + 1;
+                let version = entry(&map, &key).map_or(0, |e| e.version) + 1;
                 (
                     OpResult::Version(version),
                     Some(Mutation::MapSet {
-                        map: map.clone(),
-                        key: key.clone(),
-                        value: value.clone(),
+                        map,
+                        key,
+                        value,
                         version,
                         expires_ms: ttl_ms.map(|t| now_ms.saturating_add(t)),
                     }),
@@ -139,41 +140,34 @@ impl Partition {
                 value,
                 version,
             } => {
-                let current = entry(map, key).map_or(0, |e| e.version);
-                if current != *version {
+                let current = entry(&map, &key).map_or(0, |e| e.version);
+                if current != version {
                     (OpResult::Conflict(current), None)
                 } else {
                     (
                         OpResult::Version(current + 1),
                         Some(Mutation::MapSet {
-                            map: map.clone(),
-                            key: key.clone(),
-                            value: value.clone(),
+                            map,
+                            key,
+                            value,
                             version: current + 1,
                             expires_ms: None,
                         }),
                     )
                 }
             }
-            Op::Delete { map, key } => match entry(map, key) {
+            Op::Delete { map, key } => match entry(&map, &key) {
                 Some(_) => (
                     OpResult::Deleted(true),
-                    Some(Mutation::MapRemove {
-                        map: map.clone(),
-                        key: key.clone(),
-                    }),
+                    Some(Mutation::MapRemove { map, key }),
                 ),
                 None => (OpResult::Deleted(false), None),
             },
             Op::Append { list, items } => {
-                let index = self.lists.get(list).map_or(0, List::end);
+                let index = self.lists.get(&list).map_or(0, List::end);
                 (
                     OpResult::Appended(index),
-                    Some(Mutation::ListSet {
-                        list: list.clone(),
-                        index,
-                        items: items.clone(),
-                    }),
+                    Some(Mutation::ListSet { list, index, items }),
                 )
             }
             Op::Range { list, from, to } => {
@@ -182,10 +176,10 @@ impl Partition {
                         "range of list '{list}': from {from} is after to {to}"
                     )));
                 }
-                let items = match self.lists.get(list) {
+                let items = match self.lists.get(&list) {
                     Some(l) => {
-                        let first = (*from).max(l.start);
-                        let last = (*to).min(l.end()).max(first);
+                        let first = from.max(l.start);
+                        let last = to.min(l.end()).max(first);
                         let items = l
                             .items
                             .range((first - l.start) as usize..(last - l.start) as usize)
@@ -193,23 +187,20 @@ impl Partition {
                             .collect();
                         (first, items)
                     }
-                    None => (*from, Vec::new()),
+                    None => (from, Vec::new()),
                 };
                 (OpResult::Items(items.0, items.1), None)
             }
             Op::TrimPrefix { list, upto } => {
-                let (start, end) = self.lists.get(list).map_or((0, 0), |l| (l.start, l.end()));
-                let upto = (*upto).max(start);
+                let (start, end) = self.lists.get(&list).map_or((0, 0), |l| (l.start, l.end()));
+                let upto = upto.max(start);
                 (
                     OpResult::Bounds(upto, end.max(upto)),
-                    (upto > start || end == 0).then(|| Mutation::ListTrim {
-                        list: list.clone(),
-                        upto,
-                    }),
+                    (upto > start || end == 0).then_some(Mutation::ListTrim { list, upto }),
                 )
             }
             Op::Len { list } => {
-                let (start, end) = self.lists.get(list).map_or((0, 0), |l| (l.start, l.end()));
+                let (start, end) = self.lists.get(&list).map_or((0, 0), |l| (l.start, l.end()));
                 (OpResult::Bounds(start, end), None)
             }
         })
@@ -443,7 +434,7 @@ mod tests {
     fn put(p: &mut Partition, key: &str, value: &str) -> OpResult {
         let (r, m) = p
             .plan(
-                &Op::Put {
+                Op::Put {
                     map: "m".into(),
                     key: key.into(),
                     value: value.into(),
@@ -457,7 +448,7 @@ mod tests {
     }
 
     fn run(p: &mut Partition, op: Op, now: u64) -> OpResult {
-        let (r, m) = p.plan(&op, now).unwrap();
+        let (r, m) = p.plan(op, now).unwrap();
         if let Some(m) = m {
             p.apply(m);
         }
@@ -560,7 +551,7 @@ mod tests {
             run(&mut p, Op::Len { list: "l".into() }, 0),
             OpResult::Bounds(2, 5)
         );
-        assert!(p.plan(&range(3, 1), 0).is_err());
+        assert!(p.plan(range(3, 1), 0).is_err());
     }
 
     #[test]
@@ -573,7 +564,7 @@ mod tests {
         for _ in 0..20 {
             let (_, m) = p
                 .plan(
-                    &Op::Append {
+                    Op::Append {
                         list: "log".into(),
                         items: vec![vec![7; 100]; 10],
                     },
@@ -626,8 +617,8 @@ mod tests {
             },
         ] {
             assert_eq!(
-                replica.plan(&op, 0).unwrap(),
-                p.plan(&op, 0).unwrap(),
+                replica.plan(op.clone(), 0).unwrap(),
+                p.plan(op.clone(), 0).unwrap(),
                 "{op:?}"
             );
         }
