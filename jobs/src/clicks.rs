@@ -8,9 +8,8 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use engine::kafka::{client_config, Deliveries, DeliveryContext, PRODUCER_TUNING};
+use engine::kafka::{client_config, send_waiting, Deliveries, DeliveryContext, PRODUCER_TUNING};
 use engine::value::{mix64, Value};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
 /// What to generate.
@@ -100,19 +99,12 @@ pub fn produce(o: &ProduceOptions) -> Result<u64, String> {
         let key = o.clicks.user(i);
         payload.clear();
         serde_json::to_writer(&mut payload, &o.clicks.event(i)).map_err(|e| e.to_string())?;
-        loop {
-            let rec = BaseRecord::to(&o.topic)
-                .key(key.as_bytes())
-                .payload(&payload[..])
-                .timestamp(o.clicks.ts(i));
-            match producer.send(rec) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    producer.poll(Duration::from_millis(10));
-                }
-                Err((e, _)) => return Err(format!("producing to '{}': {e}", o.topic)),
-            }
-        }
+        let rec = BaseRecord::to(&o.topic)
+            .key(key.as_bytes())
+            .payload(&payload[..])
+            .timestamp(o.clicks.ts(i));
+        send_waiting(&producer, rec, Duration::from_secs(60))
+            .map_err(|e| format!("producing to '{}' at {}: {e}", o.topic, o.bootstrap))?;
         if let Some(e) = deliveries.first_error() {
             return Err(format!(
                 "producing to '{}' at {}: {e}",

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::Message;
@@ -111,16 +110,8 @@ pub fn produce(bootstrap: &str, topic: &str, records: &[Rec<'_>]) {
         if let Some(ts) = r.ts {
             rec = rec.timestamp(ts);
         }
-        loop {
-            match producer.send(rec) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    producer.poll(Duration::from_millis(10));
-                    rec = back;
-                }
-                Err((e, _)) => panic!("producing to {topic}: {e}"),
-            }
-        }
+        engine::kafka::send_waiting(&producer, rec, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("producing to {topic}: {e}"));
     }
     producer
         .flush(Duration::from_secs(60))

@@ -80,11 +80,6 @@ impl Conn {
         conn
     }
 
-    /// The node's address.
-    pub fn addr(&self) -> &str {
-        &self.addr
-    }
-
     /// Whether the connection failed (a new one must be opened).
     pub fn is_dead(&self) -> bool {
         self.shared.dead.load(Ordering::Acquire)

@@ -189,11 +189,6 @@ impl CacheNode {
         self.node.set_table(table);
     }
 
-    /// The table held.
-    pub fn table(&self) -> Option<Arc<PartitionTable>> {
-        self.node.table()
-    }
-
     /// Copies partition `partition` (version `version`) to `target`; while the copy runs and
     /// until the table names `target` an owner, writes are forwarded to it too.
     pub async fn copy_to(

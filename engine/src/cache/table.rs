@@ -14,7 +14,7 @@
 //! and only when the copy is confirmed does the table name it an owner. When a member is
 //! lost, its partitions' first surviving backup becomes primary in the very next table.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::ids::TaskManagerId;
@@ -378,11 +378,6 @@ impl Membership {
         self.epoch += 1;
         true
     }
-
-    /// Live members.
-    pub fn members(&self) -> BTreeSet<TaskManagerId> {
-        self.members.keys().copied().collect()
-    }
 }
 
 impl PartitionTable {
@@ -410,11 +405,6 @@ impl PartitionTable {
     /// Whether every copy of `p` was lost.
     pub fn is_lost(&self, p: u32) -> bool {
         self.lost.iter().any(|(q, _)| *q == p)
-    }
-
-    /// The member with this id.
-    pub fn member(&self, id: TaskManagerId) -> Option<&Member> {
-        self.members.iter().find(|m| m.id == id)
     }
 
     /// The version of partition `p` (0 when out of range).

@@ -13,12 +13,13 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{DeliveryResult, ProducerContext};
+use rdkafka::message::ToBytes;
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 
@@ -54,6 +55,35 @@ pub const CONSUMER_TUNING: &[(&str, &str)] = &[
     ("fetch.wait.max.ms", "10"),
     ("queued.min.messages", "200000"),
 ];
+
+/// Sends `rec`. While librdkafka's queue is full, serves delivery reports (which frees room)
+/// and tries again, for at most `patience` (measured from the first refusal, so the common
+/// path reads no clock); then the `QueueFull` error is returned. Never drops the record.
+pub fn send_waiting<'a, C, K, P>(
+    producer: &BaseProducer<C>,
+    mut rec: BaseRecord<'a, K, P, C::DeliveryOpaque>,
+    patience: Duration,
+) -> Result<(), KafkaError>
+where
+    C: ProducerContext,
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+{
+    let mut deadline = None;
+    loop {
+        match producer.send(rec) {
+            Ok(()) => return Ok(()),
+            Err((e @ KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                if Instant::now() >= *deadline.get_or_insert_with(|| Instant::now() + patience) {
+                    return Err(e);
+                }
+                producer.poll(Duration::from_millis(10));
+                rec = back;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
 
 /// A client configuration for `bootstrap` with `tuning` applied.
 pub fn client_config(bootstrap: &str, tuning: &[(&str, &str)]) -> ClientConfig {

@@ -12,12 +12,12 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
-use super::{Connection, Deliveries, DeliveryContext, Format, PRODUCER_TUNING};
+use super::{send_waiting, Connection, Deliveries, DeliveryContext, Format, PRODUCER_TUNING};
 use crate::expr::Expr;
 use crate::operator::{
     eval, Instance, Metric, OpError, Operator, OperatorFactory, Params, SubtaskContext,
@@ -175,9 +175,14 @@ impl KafkaSink {
         }
     }
 
+    /// How long the sink waits for acknowledgements before it gives up.
+    fn patience(&self) -> Duration {
+        self.cfg.conn.timeout.max(Duration::from_secs(30))
+    }
+
     /// Waits until every record sent is acknowledged (or failed), then checks.
     fn flush(&mut self) -> Result<(), OpError> {
-        let timeout = self.cfg.conn.timeout.max(Duration::from_secs(30));
+        let timeout = self.patience();
         if let Err(e) = self.producer.flush(timeout) {
             self.check()?;
             let acked = self.deliveries.delivered.load(Ordering::Relaxed);
@@ -215,37 +220,28 @@ impl KafkaSink {
             (Partitioner::Hash, Some(n), Some(k)) => Some((k.stable_hash() % n as u64) as i32),
             _ => None,
         };
-        let mut deadline: Option<Instant> = None;
-        loop {
-            let mut rec: BaseRecord<'_, [u8], [u8]> =
-                BaseRecord::to(&self.cfg.topic).payload(&self.value_buf[..]);
-            if key.as_ref().is_some_and(|k| !k.is_null()) {
-                rec = rec.key(&self.key_buf[..]);
+        let mut rec: BaseRecord<'_, [u8], [u8]> =
+            BaseRecord::to(&self.cfg.topic).payload(&self.value_buf[..]);
+        if key.as_ref().is_some_and(|k| !k.is_null()) {
+            rec = rec.key(&self.key_buf[..]);
+        }
+        if let Some(p) = partition {
+            rec = rec.partition(p);
+        }
+        if r.ts >= 0 {
+            rec = rec.timestamp(r.ts);
+        }
+        // A full client queue means waiting for acknowledgements (backpressure).
+        match send_waiting(&self.producer, rec, self.patience()) {
+            Ok(()) => {
+                self.sent += 1;
+                Ok(())
             }
-            if let Some(p) = partition {
-                rec = rec.partition(p);
+            Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
+                self.check()?;
+                Err(self.io("the producer queue stayed full; is the broker up?"))
             }
-            if r.ts >= 0 {
-                rec = rec.timestamp(r.ts);
-            }
-            match self.producer.send(rec) {
-                Ok(()) => {
-                    self.sent += 1;
-                    return Ok(());
-                }
-                // The client's queue is full: wait for acknowledgements (backpressure).
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    let d = *deadline.get_or_insert_with(|| {
-                        Instant::now() + self.cfg.conn.timeout.max(Duration::from_secs(30))
-                    });
-                    if Instant::now() >= d {
-                        return Err(self.io("the producer queue stayed full; is the broker up?"));
-                    }
-                    self.producer.poll(Duration::from_millis(10));
-                    self.check()?;
-                }
-                Err((e, _)) => return Err(self.io(e)),
-            }
+            Err(e) => Err(self.io(e)),
         }
     }
 }

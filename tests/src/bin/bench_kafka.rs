@@ -19,9 +19,8 @@
 
 use std::time::{Duration, Instant};
 
-use engine::kafka::{client_config, CONSUMER_TUNING, PRODUCER_TUNING};
+use engine::kafka::{client_config, send_waiting, CONSUMER_TUNING, PRODUCER_TUNING};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::Message;
@@ -54,16 +53,8 @@ fn copy_partition(bootstrap: &str, input: &str, output: &str, p: i32, n: i64) {
         if let Some(k) = m.key() {
             rec = rec.key(k);
         }
-        loop {
-            match producer.send(rec) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    producer.poll(Duration::from_millis(1));
-                    rec = back;
-                }
-                Err((e, _)) => panic!("producing to {output}: {e}"),
-            }
-        }
+        send_waiting(&producer, rec, Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("producing to {output}: {e}"));
         producer.poll(Duration::ZERO);
         copied += 1;
     }
