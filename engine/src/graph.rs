@@ -140,6 +140,9 @@ impl JobGraph {
                 "a job needs at least one operator",
             ));
         }
+        if let Some(c) = &spec.checkpointing {
+            c.validate()?;
+        }
         if spec.runtime.batch_size == 0 || spec.runtime.batch_size > 1 << 20 {
             return Err(SpecError::job(
                 "runtime.batch_size",

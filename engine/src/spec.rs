@@ -109,6 +109,55 @@ pub struct CheckpointingSpec {
     /// DCAS: milliseconds between fallback ABS checkpoints to disk.
     #[serde(default)]
     pub fallback_abs_interval_ms: Option<u64>,
+    /// ABS: a checkpoint not complete after this many milliseconds is declared failed.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// ABS: checkpoints in flight at once.
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
+    /// Restarts after failures before the job fails (absent: unlimited).
+    #[serde(default)]
+    pub max_restarts: Option<u32>,
+    /// Milliseconds between a failure and the restart.
+    #[serde(default)]
+    pub restart_delay_ms: Option<u64>,
+}
+
+impl CheckpointingSpec {
+    /// ABS checkpoint interval (default 1 s).
+    pub fn interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.interval_ms.unwrap_or(1000))
+    }
+
+    /// ABS checkpoint timeout (default 60 s, as Flink's 10 minutes is far too long for
+    /// jobs that checkpoint every second).
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.timeout_ms.unwrap_or(60_000))
+    }
+
+    /// Checks the values; `Err` names the field.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let field = |f: &str| format!("checkpointing.{f}");
+        if self.interval_ms.is_some_and(|v| v < 10) {
+            return Err(SpecError::job(field("interval_ms"), "must be at least 10"));
+        }
+        if self.timeout_ms == Some(0) {
+            return Err(SpecError::job(field("timeout_ms"), "must be positive"));
+        }
+        if self.max_concurrent.is_some_and(|v| v == 0 || v > 16) {
+            return Err(SpecError::job(
+                field("max_concurrent"),
+                "must be between 1 and 16",
+            ));
+        }
+        if self.restart_delay_ms.is_some_and(|v| v > 3_600_000) {
+            return Err(SpecError::job(
+                field("restart_delay_ms"),
+                "must be at most one hour",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Batching and flow control of a job's channels.

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, Notify};
 use tracing::{error, warn};
 
 use crate::cache_master::{CacheMaster, CopyEnded, MemberStats, MemberUp};
-use crate::dispatcher::{CollectedOutput, Dispatcher, SubtaskUpdate};
+use crate::dispatcher::{CheckpointAcked, CollectedOutput, Dispatcher, SubtaskUpdate};
 use crate::resource_manager::{Disconnected, Heartbeat, Register, ResourceManager};
 
 /// Accepts task managers on `listener` until the process ends.
@@ -27,6 +27,7 @@ pub async fn serve(
     rm: Addr<ResourceManager>,
     dispatcher: Addr<Dispatcher>,
     cache: Addr<CacheMaster>,
+    heartbeat_timeout: Duration,
 ) {
     let mut serial = 0u64;
     loop {
@@ -42,7 +43,8 @@ pub async fn serve(
         serial += 1;
         let conn = serial;
         actix::spawn(async move {
-            if let Err(e) = connection(stream, conn, rm, dispatcher, cache).await {
+            if let Err(e) = connection(stream, conn, rm, dispatcher, cache, heartbeat_timeout).await
+            {
                 error!(remote = %from, error = %e, "Control connection closed.");
             }
         });
@@ -55,6 +57,7 @@ async fn connection(
     rm: Addr<ResourceManager>,
     dispatcher: Addr<Dispatcher>,
     cache: Addr<CacheMaster>,
+    heartbeat_timeout: Duration,
 ) -> Result<(), String> {
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     let (mut read, mut write) = stream.into_split();
@@ -76,10 +79,14 @@ async fn connection(
     else {
         return Err("the first message must be Register".into());
     };
-    write_msg(&mut write, &ToTaskManager::Registered)
+    let registered = ToTaskManager::Registered {
+        heartbeat_timeout_ms: heartbeat_timeout.as_millis() as u64,
+    };
+    write_msg(&mut write, &registered)
         .await
         .map_err(|e| e.to_string())?;
     let (tx, mut rx) = mpsc::unbounded_channel::<ToTaskManager>();
+    let acks = tx.clone();
     let close = Arc::new(Notify::new());
     cache.do_send(MemberUp {
         tm,
@@ -103,7 +110,7 @@ async fn connection(
         }
     });
     let result = tokio::select! {
-        r = relay(&mut read, &mut buf, tm, &rm, &dispatcher, &cache) => r,
+        r = relay(&mut read, &mut buf, tm, &acks, &rm, &dispatcher, &cache) => r,
         _ = close.notified() => Err(format!("task manager {tm} was declared dead; connection closed")),
     };
     writer.abort();
@@ -115,6 +122,7 @@ async fn relay(
     read: &mut tokio::net::tcp::OwnedReadHalf,
     buf: &mut AlignedVec<16>,
     tm: TaskManagerId,
+    to_tm: &mpsc::UnboundedSender<ToTaskManager>,
     rm: &Addr<ResourceManager>,
     dispatcher: &Addr<Dispatcher>,
     cache: &Addr<CacheMaster>,
@@ -134,7 +142,8 @@ async fn relay(
                 cache: stats,
             } => {
                 cache.do_send(MemberStats { tm, stats });
-                rm.do_send(Heartbeat { tm, subtasks })
+                rm.do_send(Heartbeat { tm, subtasks });
+                let _ = to_tm.send(ToTaskManager::HeartbeatAck);
             }
             ToJobManager::CacheCopied {
                 partition,
@@ -167,13 +176,36 @@ async fn relay(
                 job,
                 generation,
                 operator,
+                subtask,
+                epoch,
                 records,
-                ..
             } => dispatcher.do_send(CollectedOutput {
                 job,
                 generation,
                 operator,
+                subtask,
+                epoch,
                 records,
+            }),
+            ToJobManager::CheckpointAck {
+                job,
+                generation,
+                task,
+                subtask,
+                checkpoint,
+                alignment_ms,
+                sync_ms,
+                operators,
+            } => dispatcher.do_send(CheckpointAcked {
+                tm,
+                job,
+                generation,
+                task,
+                subtask,
+                checkpoint,
+                alignment_ms,
+                sync_ms,
+                operators,
             }),
         }
     }

@@ -1,26 +1,38 @@
 //! `Dispatcher`: every job's lifecycle — validation, scheduling, deployment, subtask
 //! states, collected output, failure and cancellation.
 //!
-//! Receives REST requests (`SubmitJob`, `CancelJob`, queries), `SubtaskUpdate` and
-//! `CollectedOutput` from control connections, `Reports` and `TaskManagerLost` from the
-//! resource manager. Emits `Deploy`/`Cancel` to task managers.
+//! Receives REST requests (`SubmitJob`, `CancelJob`, queries, checkpoint triggers),
+//! `SubtaskUpdate`, `CheckpointAcked` and `CollectedOutput` from control connections,
+//! `Reports` and `TaskManagerLost` from the resource manager. Emits `Deploy`/`Cancel` and
+//! checkpoint triggers and completions to task managers.
+//!
+//! ABS jobs: every 50 ms the dispatcher ticks each job's checkpoint `Coordinator`. A failure
+//! (a subtask failed, a task manager was lost) starts a recovery: checkpoints in flight are
+//! aborted, the deployment is canceled, and once every old subtask stopped (or 5 s passed)
+//! and the restart delay elapsed, the whole job is placed again on the task managers alive
+//! with free slots (waiting, and retrying every second, while there are too few) and
+//! deployed as the next generation, restored from the newest intact completed checkpoint.
+//! Each recovery is a `FailoverEvent` with the time of every phase.
+//!
 //! Invariant: messages of an older deployment generation never change a job; a job in a
 //! terminal state (FINISHED, CANCELED, FAILED) never changes again.
 
-use std::collections::{BTreeMap, HashMap};
-use std::time::Instant;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use engine::graph::JobGraph;
 use engine::ids::{Generation, JobId, TaskManagerId};
 use engine::protocol::control::{
-    Deployment, Placement, SubtaskReport, SubtaskState, ToTaskManager,
+    Deployment, OperatorState, Placement, RestorePoint, SubtaskReport, SubtaskSnapshot,
+    SubtaskState, ToTaskManager,
 };
 use engine::spec::{CheckpointMode, JobSpec, SpecError};
 use engine::Record;
 use serde::Serialize;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
+use crate::checkpoints::{CheckpointsView, Coordinator, Step};
 use crate::now_ms;
 use crate::resource_manager::{Alive, GetAlive, Reports, ResourceManager, TaskManagerLost};
 use crate::store::{JobRecord, Store};
@@ -162,6 +174,8 @@ pub struct JobDetail {
     pub failure: Option<String>,
     /// Deployment generation.
     pub generation: u64,
+    /// Recoveries so far.
+    pub restarts: u32,
     /// Tasks.
     pub vertices: Vec<VertexView>,
     /// Exchanges between tasks.
@@ -209,6 +223,73 @@ struct SubtaskInfo {
     backpressure: f64,
 }
 
+impl SubtaskInfo {
+    fn deploying(tm: TaskManagerId) -> SubtaskInfo {
+        SubtaskInfo {
+            state: SubtaskState::Deploying,
+            tm,
+            last: None,
+            rate_in: 0.0,
+            rate_out: 0.0,
+            backpressure: 0.0,
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        matches!(
+            self.state,
+            SubtaskState::Finished | SubtaskState::Canceled | SubtaskState::Failed
+        )
+    }
+}
+
+/// One recovery of a job, with the time of each phase (ms since the epoch).
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct FailoverEvent {
+    /// 1 for the first recovery of the job, and so on.
+    pub attempt: u32,
+    /// What failed.
+    pub cause: String,
+    /// Mode of the recovery (`abs`: the whole job restarts from a checkpoint).
+    pub mode: String,
+    /// The failure was detected.
+    pub detected_ms: u64,
+    /// Every subtask of the failed deployment stopped (or the cancel timeout passed).
+    pub canceled_ms: Option<u64>,
+    /// The new deployment was sent.
+    pub deployed_ms: Option<u64>,
+    /// Every subtask restored its state and runs.
+    pub restored_ms: Option<u64>,
+    /// The first record was processed after the restore.
+    pub first_record_ms: Option<u64>,
+    /// The sources read at 90% of their rate before the failure again (or, when that rate
+    /// was zero, the first record).
+    pub caught_up_ms: Option<u64>,
+    /// Checkpoint restored from (none: started from scratch).
+    pub checkpoint: Option<u64>,
+    /// Generation deployed.
+    pub generation: Option<u64>,
+    /// Subtasks restarted.
+    pub subtasks_restarted: u32,
+    /// Source records per second before the failure.
+    pub pre_failure_rate: f64,
+    /// Why newer checkpoints could not be restored (corruption), if any.
+    pub restore_errors: Vec<String>,
+}
+
+/// A recovery waiting for its old deployment to stop and its restart delay.
+struct Recovery {
+    since: Instant,
+    delay: Duration,
+    /// Placement requested (waiting for the alive task managers).
+    deploying: bool,
+    /// Not before (after a failed placement).
+    next_try: Instant,
+}
+
+/// Longest wait for a failed deployment's subtasks to report stopped before redeploying.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+
 struct Job {
     id: JobId,
     spec: JobSpec,
@@ -225,6 +306,17 @@ struct Job {
     exceptions: Vec<ExceptionView>,
     /// Task managers running part of the current deployment.
     tms: Vec<Alive>,
+    /// ABS: the checkpoint coordinator.
+    coordinator: Option<Coordinator>,
+    /// Recoveries, oldest first.
+    failovers: Vec<FailoverEvent>,
+    /// Recoveries started.
+    restarts: u32,
+    /// Collect epochs accepted, by (operator, subtask, checkpoint): an exactly-once sink
+    /// delivers an epoch again after a restore, and only the first delivery counts.
+    committed: HashSet<(String, u32, u64)>,
+    /// A recovery in progress (until the new deployment is sent).
+    recovery: Option<Recovery>,
 }
 
 /// The dispatcher actor.
@@ -296,7 +388,8 @@ impl Dispatcher {
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
-        if job.state.is_terminal() {
+        if job.state.is_terminal() || (job.recovery.is_some() && job.state != JobState::Cancelling)
+        {
             return;
         }
         let all = |s: SubtaskState| job.subtasks.values().all(|i| i.state == s);
@@ -320,12 +413,19 @@ impl Dispatcher {
             info!(job = %id, "Job canceled.");
             let job = &self.jobs[&id];
             self.persist(job);
-        } else if job.state == JobState::Created
-            && job
-                .subtasks
-                .values()
-                .all(|i| i.state == SubtaskState::Running)
+        } else if matches!(job.state, JobState::Created | JobState::Restarting)
+            && job.subtasks.values().all(|i| {
+                matches!(
+                    i.state,
+                    SubtaskState::Running | SubtaskState::Finishing | SubtaskState::Finished
+                )
+            })
         {
+            if job.state == JobState::Restarting {
+                if let Some(e) = job.failovers.last_mut() {
+                    e.restored_ms.get_or_insert_with(now_ms);
+                }
+            }
             job.state = JobState::Running;
             info!(job = %id, "Job running.");
             let job = &self.jobs[&id];
@@ -426,6 +526,7 @@ impl Dispatcher {
             summary: self.summary(job),
             failure: job.failure.clone(),
             generation: job.generation.0,
+            restarts: job.restarts,
             vertices,
             edges,
             exceptions: job.exceptions.clone(),
@@ -449,6 +550,306 @@ fn mode(spec: &JobSpec) -> &'static str {
 
 impl Actor for Dispatcher {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(Duration::from_millis(50), |act, ctx| act.tick(ctx));
+    }
+}
+
+/// Checkpoints and recoveries.
+impl Dispatcher {
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        let live: Vec<JobId> = self
+            .jobs
+            .values()
+            .filter(|j| !j.state.is_terminal())
+            .map(|j| j.id)
+            .collect();
+        for id in live {
+            self.tick_recovery(id, ctx);
+            self.tick_checkpoints(id);
+        }
+    }
+
+    fn tick_checkpoints(&mut self, id: JobId) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        if job.recovery.is_some() || job.state == JobState::Cancelling {
+            return;
+        }
+        let Some(coordinator) = &mut job.coordinator else {
+            return;
+        };
+        let subtasks: Vec<(u32, u32)> = job.subtasks.keys().copied().collect();
+        let running = job.state == JobState::Running
+            && job
+                .subtasks
+                .values()
+                .all(|i| i.state == SubtaskState::Running);
+        let finishing = job
+            .subtasks
+            .values()
+            .all(|i| matches!(i.state, SubtaskState::Finishing | SubtaskState::Finished))
+            && job
+                .subtasks
+                .values()
+                .any(|i| i.state == SubtaskState::Finishing);
+        let steps = coordinator.tick(now_ms(), &subtasks, running, finishing);
+        self.apply(id, steps);
+    }
+
+    /// Carries out what the coordinator decided.
+    fn apply(&mut self, id: JobId, steps: Vec<Step>) {
+        for step in steps {
+            let Some(job) = self.jobs.get_mut(&id) else {
+                return;
+            };
+            match step {
+                Step::Trigger { id: n, final_ } => {
+                    // Sources start a barrier checkpoint; a final one is taken by every
+                    // (finishing) subtask.
+                    let sources: HashSet<u32> = (0..job.graph.tasks.len())
+                        .filter(|t| !job.graph.edges.iter().any(|e| e.to == *t))
+                        .map(|t| t as u32)
+                        .collect();
+                    let mut per_tm: HashMap<TaskManagerId, Vec<(u32, u32)>> = HashMap::new();
+                    for (k, i) in &job.subtasks {
+                        let wanted = if final_ {
+                            i.state == SubtaskState::Finishing
+                        } else {
+                            sources.contains(&k.0)
+                        };
+                        if wanted {
+                            per_tm.entry(i.tm).or_default().push(*k);
+                        }
+                    }
+                    debug!(job = %id, checkpoint = n, final_, "Triggering checkpoint.");
+                    for tm in &job.tms {
+                        if let Some(subtasks) = per_tm.remove(&tm.id) {
+                            let _ = tm.tx.send(ToTaskManager::TriggerCheckpoint {
+                                job: id,
+                                generation: job.generation,
+                                checkpoint: n,
+                                subtasks,
+                            });
+                        }
+                    }
+                }
+                Step::Complete(stats) => match self.store.checkpoints().complete(id, &stats) {
+                    Ok(pruned) => {
+                        info!(job = %id, checkpoint = stats.id, duration_ms = stats.duration_ms, alignment_ms = stats.alignment_ms, bytes = stats.state_bytes, pruned = ?pruned, "Checkpoint completed.");
+                        for tm in &job.tms {
+                            let _ = tm.tx.send(ToTaskManager::CheckpointComplete {
+                                job: id,
+                                generation: job.generation,
+                                checkpoint: stats.id,
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        // Not durable, so not complete: sinks never commit it.
+                        error!(job = %id, checkpoint = stats.id, error = %e, "Could not persist a completed checkpoint.");
+                        job.exceptions.push(ExceptionView {
+                            at: now_ms(),
+                            location: "checkpoint storage".into(),
+                            message: format!("checkpoint {} not persisted: {e}", stats.id),
+                        });
+                    }
+                },
+                Step::Failed(n) => {
+                    debug!(job = %id, checkpoint = n, "Checkpoint failed.");
+                    self.store.checkpoints().discard(id, n);
+                }
+            }
+        }
+    }
+
+    /// A failure in a job: recover (ABS) or fail the job.
+    fn fail_over(&mut self, id: JobId, location: String, cause: String) {
+        let pre_rate = match self.jobs.get(&id) {
+            Some(j) => self.summary(j).throughput,
+            None => return,
+        };
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        job.exceptions.push(ExceptionView {
+            at: now_ms(),
+            location: location.clone(),
+            message: cause.clone(),
+        });
+        if job.state.is_terminal() || job.state == JobState::Cancelling {
+            self.settle(id);
+            return;
+        }
+        if job.recovery.is_some() {
+            return; // The deployment that failed again is already being replaced.
+        }
+        let Some(config) = job
+            .spec
+            .checkpointing
+            .clone()
+            .filter(|c| c.mode == CheckpointMode::Abs)
+        else {
+            warn!(job = %id, "Job failed; no fault tolerance configured.");
+            self.end(id, JobState::Failed, Some(format!("{location}: {cause}")));
+            return;
+        };
+        if let Some(max) = config.max_restarts.filter(|m| job.restarts >= *m) {
+            self.end(
+                id,
+                JobState::Failed,
+                Some(format!(
+                    "restart limit ({max}) reached; last failure: {location}: {cause}"
+                )),
+            );
+            return;
+        }
+        job.restarts += 1;
+        warn!(job = %id, attempt = job.restarts, location = %location, cause = %cause, "Job failed; restarting from the last completed checkpoint.");
+        let aborted = job
+            .coordinator
+            .as_mut()
+            .map(|c| c.abort_all("the job is restarting"))
+            .unwrap_or_default();
+        for tm in &job.tms {
+            let _ = tm.tx.send(ToTaskManager::Cancel {
+                job: id,
+                generation: job.generation,
+            });
+        }
+        job.state = JobState::Restarting;
+        job.recovery = Some(Recovery {
+            since: Instant::now(),
+            delay: Duration::from_millis(config.restart_delay_ms.unwrap_or(0)),
+            deploying: false,
+            next_try: Instant::now(),
+        });
+        job.failovers.push(FailoverEvent {
+            attempt: job.restarts,
+            cause: format!("{location}: {cause}"),
+            mode: "abs".into(),
+            detected_ms: now_ms(),
+            canceled_ms: None,
+            deployed_ms: None,
+            restored_ms: None,
+            first_record_ms: None,
+            caught_up_ms: None,
+            checkpoint: None,
+            generation: None,
+            subtasks_restarted: 0,
+            pre_failure_rate: pre_rate,
+            restore_errors: Vec::new(),
+        });
+        for n in aborted {
+            self.store.checkpoints().discard(id, n);
+        }
+        let job = &self.jobs[&id];
+        self.persist(job);
+    }
+
+    fn tick_recovery(&mut self, id: JobId, ctx: &mut Context<Self>) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let Some(r) = &mut job.recovery else {
+            return;
+        };
+        if r.deploying {
+            return;
+        }
+        let stopped = job.subtasks.values().all(SubtaskInfo::stopped);
+        if !stopped && r.since.elapsed() < CANCEL_TIMEOUT {
+            return;
+        }
+        if let Some(e) = job.failovers.last_mut() {
+            e.canceled_ms.get_or_insert_with(now_ms);
+        }
+        if r.since.elapsed() < r.delay || Instant::now() < r.next_try {
+            return;
+        }
+        r.deploying = true;
+        let rm = self.rm.clone();
+        ctx.spawn(
+            async move { rm.send(GetAlive).await.unwrap_or_default() }
+                .into_actor(self)
+                .map(move |alive, act, _| act.redeploy(id, alive)),
+        );
+    }
+
+    /// Deploys a recovering job again, restored from its newest intact checkpoint.
+    fn redeploy(&mut self, id: JobId, alive: Vec<Alive>) {
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
+        if job.recovery.is_none() || job.state != JobState::Restarting {
+            return;
+        }
+        let plan = match self.plan(&job.graph, alive, Some(id)) {
+            Ok(p) => p,
+            Err(reason) => {
+                let Some(job) = self.jobs.get_mut(&id) else {
+                    return;
+                };
+                if let Some(r) = &mut job.recovery {
+                    r.deploying = false;
+                    r.next_try = Instant::now() + Duration::from_secs(1);
+                }
+                let message = format!("cannot restart yet: {reason}");
+                if job.exceptions.last().is_none_or(|e| e.message != message) {
+                    warn!(job = %id, reason = %reason, "Waiting for slots to restart the job.");
+                    job.exceptions.push(ExceptionView {
+                        at: now_ms(),
+                        location: "scheduler".into(),
+                        message,
+                    });
+                }
+                return;
+            }
+        };
+        let subtasks: Vec<(u32, u32)> = job.subtasks.keys().copied().collect();
+        let (loaded, errors) = self.store.checkpoints().load_latest(id, &subtasks);
+        let generation = Generation(job.generation.0 + 1);
+        let spec_json = job.spec_json.clone();
+        let (tms, infos, unreachable) =
+            self.deploy(id, generation, &spec_json, plan, loaded.as_ref());
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let restore_errors: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        for e in &restore_errors {
+            error!(job = %id, error = %e, "Checkpoint not restorable; trying an older one.");
+            job.exceptions.push(ExceptionView {
+                at: now_ms(),
+                location: "checkpoint storage".into(),
+                message: e.clone(),
+            });
+        }
+        let checkpoint = loaded.as_ref().map(|l| l.id);
+        info!(job = %id, generation = %generation, checkpoint = ?checkpoint, subtasks = infos.len(), "Job redeployed.");
+        job.generation = generation;
+        job.subtasks = infos;
+        job.tms = tms;
+        job.recovery = None;
+        if let (Some(c), Some(n)) = (&mut job.coordinator, checkpoint) {
+            c.restored_from(n, now_ms());
+        }
+        if let Some(e) = job.failovers.last_mut() {
+            e.deployed_ms = Some(now_ms());
+            e.checkpoint = checkpoint;
+            e.generation = Some(generation.0);
+            e.subtasks_restarted = job.subtasks.len() as u32;
+            e.restore_errors = restore_errors;
+        }
+        if let Some(tm) = unreachable {
+            self.fail_over(
+                id,
+                format!("task manager {tm}"),
+                "went away during deployment".into(),
+            );
+        }
+    }
 }
 
 /// Why a submission was refused.
@@ -513,19 +914,32 @@ impl Handler<SubmitJob> for Dispatcher {
     }
 }
 
+/// What `deploy` sent: task managers, subtask infos, and a task manager that could not be
+/// reached.
+type Deployed = (
+    Vec<Alive>,
+    BTreeMap<(u32, u32), SubtaskInfo>,
+    Option<TaskManagerId>,
+);
+
+/// Where every subtask of a job goes: slot group `g` (subtask `g` of every task, slot
+/// sharing as Flink) on one task manager, groups spread round-robin over the task managers
+/// with free slots.
+struct Plan {
+    placement: Vec<Placement>,
+    /// Per task manager: its handle and the (task, subtask) pairs it runs.
+    per_tm: Vec<(Alive, Vec<(u32, u32)>)>,
+}
+
 impl Dispatcher {
-    fn start_job(
-        &mut self,
-        spec: JobSpec,
-        spec_json: String,
-        graph: JobGraph,
-        alive: Vec<Alive>,
-    ) -> Result<JobId, SubmitError> {
-        // Slot sharing (as Flink): slot group g holds subtask g of every task, so a job needs
-        // as many slots as its highest parallelism.
-        let groups = graph.tasks.iter().map(|t| t.parallelism).max().unwrap_or(1);
+    /// Slots in use per task manager by every live job other than `except`.
+    fn used_slots(&self, except: Option<JobId>) -> HashMap<TaskManagerId, usize> {
         let mut used: HashMap<TaskManagerId, usize> = HashMap::new();
-        for job in self.jobs.values().filter(|j| !j.state.is_terminal()) {
+        for job in self
+            .jobs
+            .values()
+            .filter(|j| !j.state.is_terminal() && Some(j.id) != except)
+        {
             let mut per_tm: HashMap<TaskManagerId, std::collections::HashSet<u32>> = HashMap::new();
             for ((_, s), i) in &job.subtasks {
                 per_tm.entry(i.tm).or_default().insert(*s);
@@ -534,7 +948,19 @@ impl Dispatcher {
                 *used.entry(tm).or_default() += groups.len();
             }
         }
-        let free: Vec<(Alive, usize)> = alive
+        used
+    }
+
+    /// Places `graph` on the free slots of `alive`; `Err` says how many slots are missing.
+    fn plan(
+        &self,
+        graph: &JobGraph,
+        alive: Vec<Alive>,
+        except: Option<JobId>,
+    ) -> Result<Plan, String> {
+        let groups = graph.tasks.iter().map(|t| t.parallelism).max().unwrap_or(1);
+        let used = self.used_slots(except);
+        let mut free: Vec<(Alive, usize)> = alive
             .into_iter()
             .map(|a| {
                 let f = (a.slots as usize).saturating_sub(used.get(&a.id).copied().unwrap_or(0));
@@ -544,31 +970,26 @@ impl Dispatcher {
             .collect();
         let total: usize = free.iter().map(|(_, f)| f).sum();
         if total < groups {
-            return Err(SubmitError::NoResources(format!(
+            return Err(format!(
                 "the job needs {groups} slots (its highest parallelism) but only {total} are free on {} alive task managers",
                 free.len()
-            )));
+            ));
         }
-        // Spread slot groups evenly: round-robin over task managers with free slots.
-        let mut remaining: Vec<(Alive, usize)> = free;
         let mut group_tm: Vec<usize> = Vec::with_capacity(groups);
         let mut i = 0;
         while group_tm.len() < groups {
-            let k = i % remaining.len();
-            if remaining[k].1 > 0 {
-                remaining[k].1 -= 1;
+            let k = i % free.len();
+            if free[k].1 > 0 {
+                free[k].1 -= 1;
                 group_tm.push(k);
             }
             i += 1;
         }
-        let id = JobId::random();
-        let generation = Generation(1);
         let mut placement = Vec::new();
-        let mut subtasks = BTreeMap::new();
-        let mut per_tm: HashMap<usize, Vec<(u32, u32)>> = HashMap::new();
+        let mut per_tm: BTreeMap<usize, Vec<(u32, u32)>> = BTreeMap::new();
         for (t, task) in graph.tasks.iter().enumerate() {
             for (s, &k) in group_tm.iter().enumerate().take(task.parallelism) {
-                let tm = &remaining[k].0;
+                let tm = &free[k].0;
                 placement.push(Placement {
                     task: t as u32,
                     subtask: s as u32,
@@ -576,36 +997,87 @@ impl Dispatcher {
                     data_addr: tm.data_addr.clone(),
                 });
                 per_tm.entry(k).or_default().push((t as u32, s as u32));
-                subtasks.insert(
-                    (t as u32, s as u32),
-                    SubtaskInfo {
-                        state: SubtaskState::Deploying,
-                        tm: tm.id,
-                        last: None,
-                        rate_in: 0.0,
-                        rate_out: 0.0,
-                        backpressure: 0.0,
-                    },
-                );
             }
         }
+        let per_tm = per_tm
+            .into_iter()
+            .map(|(k, subs)| (free[k].0.clone(), subs))
+            .collect();
+        Ok(Plan { placement, per_tm })
+    }
+
+    /// Sends the deployments of `plan`; returns the task managers and subtask infos, and a
+    /// task manager that could not be reached.
+    fn deploy(
+        &self,
+        job: JobId,
+        generation: Generation,
+        spec_json: &str,
+        plan: Plan,
+        restore: Option<&crate::checkpoints::Loaded>,
+    ) -> Deployed {
         let mut tms = Vec::new();
+        let mut subtasks = BTreeMap::new();
         let mut unreachable = None;
-        for (k, subs) in per_tm {
-            let tm = remaining[k].0.clone();
+        for (tm, subs) in plan.per_tm {
+            for &k in &subs {
+                subtasks.insert(k, SubtaskInfo::deploying(tm.id));
+            }
+            let restore = restore.map(|l| RestorePoint {
+                checkpoint: l.id,
+                subtasks: subs
+                    .iter()
+                    .filter_map(|k| {
+                        l.states.get(k).map(|ops| SubtaskSnapshot {
+                            task: k.0,
+                            subtask: k.1,
+                            operators: ops.clone(),
+                        })
+                    })
+                    .collect(),
+            });
             let d = Deployment {
-                job: id,
+                job,
                 generation,
-                spec: spec_json.clone(),
+                spec: spec_json.to_string(),
                 subtasks: subs,
-                placement: placement.clone(),
+                placement: plan.placement.clone(),
+                restore,
             };
             if tm.tx.send(ToTaskManager::Deploy(d)).is_err() {
                 unreachable = Some(tm.id);
             }
             tms.push(tm);
         }
+        (tms, subtasks, unreachable)
+    }
+
+    fn start_job(
+        &mut self,
+        spec: JobSpec,
+        spec_json: String,
+        graph: JobGraph,
+        alive: Vec<Alive>,
+    ) -> Result<JobId, SubmitError> {
+        let plan = self
+            .plan(&graph, alive, None)
+            .map_err(SubmitError::NoResources)?;
+        let id = JobId::random();
+        let generation = Generation(1);
+        let (tms, subtasks, unreachable) = self.deploy(id, generation, &spec_json, plan, None);
         info!(job = %id, name = %spec.name, subtasks = subtasks.len(), taskmanagers = tms.len(), "Job submitted and deployed.");
+        let coordinator = spec
+            .checkpointing
+            .as_ref()
+            .filter(|c| c.mode == CheckpointMode::Abs)
+            .map(|c| {
+                Coordinator::new(
+                    c.interval(),
+                    c.timeout(),
+                    c.max_concurrent.unwrap_or(1) as usize,
+                    self.store.checkpoints().last_id(id),
+                )
+            });
         let job = Job {
             id,
             spec,
@@ -621,6 +1093,11 @@ impl Dispatcher {
             dropped: 0,
             exceptions: Vec::new(),
             tms,
+            coordinator,
+            failovers: Vec::new(),
+            restarts: 0,
+            committed: HashSet::new(),
+            recovery: None,
         };
         self.persist(&job);
         self.jobs.insert(id, job);
@@ -656,6 +1133,10 @@ impl Handler<CancelJob> for Dispatcher {
         }
         info!(job = %msg.0, "Canceling job.");
         job.state = JobState::Cancelling;
+        job.recovery = None;
+        if let Some(c) = &mut job.coordinator {
+            c.abort_all("the job was canceled");
+        }
         for tm in &job.tms {
             let _ = tm.tx.send(ToTaskManager::Cancel {
                 job: msg.0,
@@ -710,25 +1191,20 @@ impl Handler<SubtaskUpdate> for Dispatcher {
             return;
         }
         info.state = msg.state;
-        if msg.state == SubtaskState::Failed {
-            let location = format!(
-                "subtask {}.{} on task manager {}",
-                msg.task, msg.subtask, msg.tm
-            );
+        let location = format!(
+            "subtask {}.{} on task manager {}",
+            msg.task, msg.subtask, msg.tm
+        );
+        let active = !matches!(job.state, JobState::Cancelling | JobState::Restarting);
+        if msg.state == SubtaskState::Failed && active {
             let message = msg.message.unwrap_or_else(|| "failed".into());
-            job.exceptions.push(ExceptionView {
-                at: now_ms(),
-                location: location.clone(),
-                message: message.clone(),
-            });
-            if !job.state.is_terminal() && job.state != JobState::Cancelling {
-                self.end(
-                    msg.job,
-                    JobState::Failed,
-                    Some(format!("{location} failed: {message}")),
-                );
-                return;
-            }
+            self.fail_over(msg.job, location, format!("failed: {message}"));
+            return;
+        }
+        if msg.state == SubtaskState::Canceled && active && job.coordinator.is_some() {
+            // Stopped by its task manager (self-fencing), not by us.
+            self.fail_over(msg.job, location, "canceled by its task manager".into());
+            return;
         }
         self.settle(msg.job);
     }
@@ -744,6 +1220,10 @@ pub struct CollectedOutput {
     pub generation: Generation,
     /// Collect operator.
     pub operator: String,
+    /// Subtask.
+    pub subtask: u32,
+    /// Committing checkpoint (exactly-once sinks).
+    pub epoch: Option<u64>,
     /// Records.
     pub records: Vec<Record>,
 }
@@ -757,6 +1237,14 @@ impl Handler<CollectedOutput> for Dispatcher {
         };
         if job.generation != msg.generation {
             return;
+        }
+        if let Some(epoch) = msg.epoch {
+            if !job
+                .committed
+                .insert((msg.operator.clone(), msg.subtask, epoch))
+            {
+                return; // delivered again after a restore
+            }
         }
         let out = job.collected.entry(msg.operator).or_default();
         let room = limit.saturating_sub(out.len());
@@ -796,6 +1284,178 @@ impl Handler<Reports> for Dispatcher {
             }
             info.last = Some((now, r));
         }
+        let ids: Vec<JobId> = self.jobs.keys().copied().collect();
+        for id in ids {
+            self.track_recovery(id);
+        }
+    }
+}
+
+impl Dispatcher {
+    /// Marks the first record and the catch-up of the job's latest recovery.
+    fn track_recovery(&mut self, id: JobId) {
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
+        let open = job
+            .failovers
+            .last()
+            .is_some_and(|e| e.deployed_ms.is_some() && e.caught_up_ms.is_none());
+        if !open || job.recovery.is_some() {
+            return;
+        }
+        let rate = self.summary(job).throughput;
+        let processed = job
+            .subtasks
+            .values()
+            .any(|i| i.last.as_ref().is_some_and(|(_, r)| r.records_in > 0));
+        let Some(e) = self.jobs.get_mut(&id).and_then(|j| j.failovers.last_mut()) else {
+            return;
+        };
+        if processed {
+            e.first_record_ms.get_or_insert_with(now_ms);
+        }
+        if e.first_record_ms.is_some() && rate >= 0.9 * e.pre_failure_rate {
+            e.caught_up_ms = Some(now_ms());
+            info!(job = %id, attempt = e.attempt, recovery_ms = e.caught_up_ms.unwrap_or(0).saturating_sub(e.detected_ms), "Job caught up after recovery.");
+        }
+    }
+}
+
+/// A subtask's state for a checkpoint (from a control connection).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CheckpointAcked {
+    /// Reporting task manager.
+    pub tm: TaskManagerId,
+    /// Job.
+    pub job: JobId,
+    /// Deployment.
+    pub generation: Generation,
+    /// Task.
+    pub task: u32,
+    /// Subtask.
+    pub subtask: u32,
+    /// Checkpoint.
+    pub checkpoint: u64,
+    /// Alignment time.
+    pub alignment_ms: u64,
+    /// Synchronous copy time.
+    pub sync_ms: u64,
+    /// The state.
+    pub operators: Vec<OperatorState>,
+}
+
+impl Handler<CheckpointAcked> for Dispatcher {
+    type Result = ();
+    fn handle(&mut self, msg: CheckpointAcked, _ctx: &mut Self::Context) {
+        let store = self.store.checkpoints().clone();
+        let Some(job) = self.jobs.get_mut(&msg.job) else {
+            return;
+        };
+        if job.generation != msg.generation || job.recovery.is_some() {
+            return;
+        }
+        let Some(c) = &mut job.coordinator else {
+            return;
+        };
+        if !c.expects(msg.checkpoint, msg.task, msg.subtask) {
+            return;
+        }
+        let bytes = match store.put_state(
+            msg.job,
+            msg.checkpoint,
+            msg.task,
+            msg.subtask,
+            &msg.operators,
+        ) {
+            Ok(b) => b,
+            Err(e) => {
+                // The checkpoint then expires; the job keeps running.
+                error!(job = %msg.job, checkpoint = msg.checkpoint, error = %e, "Could not store checkpoint state.");
+                return;
+            }
+        };
+        if let Some(step) = c.ack(
+            msg.checkpoint,
+            msg.task,
+            msg.subtask,
+            bytes,
+            msg.alignment_ms,
+            msg.sync_ms,
+        ) {
+            self.apply(msg.job, vec![step]);
+        }
+    }
+}
+
+/// A job's checkpoints; `None` for an unknown job.
+#[derive(Message)]
+#[rtype(result = "Option<CheckpointsView>")]
+pub struct GetCheckpoints(pub JobId);
+
+impl Handler<GetCheckpoints> for Dispatcher {
+    type Result = MessageResult<GetCheckpoints>;
+    fn handle(&mut self, msg: GetCheckpoints, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(self.jobs.get(&msg.0).map(|j| match &j.coordinator {
+            Some(c) => c.view(),
+            None => Coordinator::new(Duration::ZERO, Duration::ZERO, 1, 0).view(),
+        }))
+    }
+}
+
+/// Why a checkpoint cannot be triggered.
+#[derive(Debug)]
+pub enum TriggerError {
+    /// No such job.
+    Unknown,
+    /// The job does not take ABS checkpoints, or is not running.
+    Refused(String),
+}
+
+/// Trigger a checkpoint now (REST).
+#[derive(Message)]
+#[rtype(result = "Result<u64, TriggerError>")]
+pub struct TriggerCheckpoint(pub JobId);
+
+impl Handler<TriggerCheckpoint> for Dispatcher {
+    type Result = Result<u64, TriggerError>;
+    fn handle(&mut self, msg: TriggerCheckpoint, _ctx: &mut Self::Context) -> Self::Result {
+        let job = self.jobs.get_mut(&msg.0).ok_or(TriggerError::Unknown)?;
+        let running = job.state == JobState::Running
+            && job
+                .subtasks
+                .values()
+                .all(|i| i.state == SubtaskState::Running);
+        let subtasks: Vec<(u32, u32)> = job.subtasks.keys().copied().collect();
+        let c = job
+            .coordinator
+            .as_mut()
+            .ok_or_else(|| TriggerError::Refused("the job does not take ABS checkpoints".into()))?;
+        if !running {
+            return Err(TriggerError::Refused(format!(
+                "the job is {:?}, not running with every subtask running",
+                job.state
+            )));
+        }
+        let step = c.trigger(now_ms(), &subtasks, "manual", false);
+        let Step::Trigger { id, .. } = step else {
+            return Err(TriggerError::Refused("not triggered".into()));
+        };
+        self.apply(msg.0, vec![step]);
+        Ok(id)
+    }
+}
+
+/// A job's recoveries; `None` for an unknown job.
+#[derive(Message)]
+#[rtype(result = "Option<Vec<FailoverEvent>>")]
+pub struct GetFailovers(pub JobId);
+
+impl Handler<GetFailovers> for Dispatcher {
+    type Result = MessageResult<GetFailovers>;
+    fn handle(&mut self, msg: GetFailovers, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(self.jobs.get(&msg.0).map(|j| j.failovers.clone()))
     }
 }
 
@@ -818,18 +1478,11 @@ impl Handler<TaskManagerLost> for Dispatcher {
                     info.state = SubtaskState::Failed;
                 }
             }
-            let reason = format!("task manager {} was lost ({})", msg.tm, msg.reason);
-            job.exceptions.push(ExceptionView {
-                at: now_ms(),
-                location: format!("task manager {}", msg.tm),
-                message: msg.reason.clone(),
-            });
-            if job.state == JobState::Cancelling {
-                self.settle(id);
-            } else {
-                warn!(job = %id, tm = %msg.tm, "Job lost a task manager; no fault tolerance configured.");
-                self.end(id, JobState::Failed, Some(reason));
-            }
+            self.fail_over(
+                id,
+                format!("task manager {}", msg.tm),
+                format!("was lost ({})", msg.reason),
+            );
         }
     }
 }

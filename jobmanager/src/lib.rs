@@ -11,6 +11,7 @@
 //! - [`local`] — `jobmanager local`, which starts task manager processes too.
 
 pub mod cache_master;
+pub mod checkpoints;
 pub mod config;
 pub mod control;
 pub mod dispatcher;
@@ -87,6 +88,7 @@ pub async fn start(config: &JmConfig, local: LocalProcesses) -> Result<JobManage
         rm.clone(),
         dispatcher.clone(),
         cache.clone(),
+        Duration::from_millis(config.heartbeat_timeout_ms),
     ));
 
     let state = rest::ApiState {

@@ -17,9 +17,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::OpenApi;
 
 use crate::cache_master::{CacheMaster, CacheView, ClearLost, GetCache, GetTable};
+use crate::checkpoints::CheckpointsView;
 use crate::dispatcher::{
-    CancelJob, Dispatcher, GetJob, GetOutput, JobDetail, JobState, JobSummary, ListJobs,
-    ListOperatorMetrics, OutputPage, SubmitError, SubmitJob,
+    CancelJob, Dispatcher, FailoverEvent, GetCheckpoints, GetFailovers, GetJob, GetOutput,
+    JobDetail, JobState, JobSummary, ListJobs, ListOperatorMetrics, OutputPage, SubmitError,
+    SubmitJob, TriggerCheckpoint, TriggerError,
 };
 use crate::resource_manager::{
     ClusterEvent, GetEvents, KillTaskManager, ListTaskManagers, ResourceManager, TaskManagerView,
@@ -226,12 +228,28 @@ pub async fn submit_job(
 /// One job with its tasks, subtasks and placement.
 #[utoipa::path(get, path = "/jobs/{id}", responses((status = 200, body = JobDetail), (status = 404, body = ErrorBody)))]
 pub async fn get_job(path: web::Path<String>, state: web::Data<ApiState>) -> HttpResponse {
-    let id = match parse_job(&path) {
+    ask_about_job(&path, &state, GetJob, |job| HttpResponse::Ok().json(job)).await
+}
+
+/// Asks the dispatcher a question about the job named in the path: 404 for a malformed id
+/// or an unknown job, `found(answer)` otherwise.
+async fn ask_about_job<M, T>(
+    path: &str,
+    state: &ApiState,
+    question: impl FnOnce(JobId) -> M,
+    found: impl FnOnce(T) -> HttpResponse,
+) -> HttpResponse
+where
+    M: actix::Message<Result = Option<T>> + Send + 'static,
+    T: Send + 'static,
+    Dispatcher: actix::Handler<M>,
+{
+    let id = match parse_job(path) {
         Ok(id) => id,
         Err(r) => return r,
     };
-    match state.dispatcher.send(GetJob(id)).await {
-        Ok(Some(job)) => HttpResponse::Ok().json(job),
+    match state.dispatcher.send(question(id)).await {
+        Ok(Some(answer)) => found(answer),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no job '{id}'")),
         Err(e) => unavailable(e),
     }
@@ -263,6 +281,60 @@ pub async fn cancel_job(
         Ok(Err(())) => error(StatusCode::NOT_FOUND, format!("no job '{id}'")),
         Err(e) => unavailable(e),
     }
+}
+
+/// A job's checkpoints: counts, the latest completed, the latest restore, and the history.
+#[utoipa::path(get, path = "/jobs/{id}/checkpoints", responses((status = 200, body = CheckpointsView), (status = 404, body = ErrorBody)))]
+pub async fn job_checkpoints(path: web::Path<String>, state: web::Data<ApiState>) -> HttpResponse {
+    ask_about_job(&path, &state, GetCheckpoints, |v| {
+        HttpResponse::Ok().json(v)
+    })
+    .await
+}
+
+/// A triggered checkpoint.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Triggered {
+    /// Its id; follow it in `GET /jobs/{id}/checkpoints`.
+    pub id: u64,
+}
+
+/// Trigger a checkpoint now (ABS jobs whose subtasks all run).
+#[utoipa::path(post, path = "/jobs/{id}/checkpoints", responses((status = 202, body = Triggered), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn trigger_checkpoint(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<ApiState>,
+) -> HttpResponse {
+    if let Err(r) = authorize(&req, &state) {
+        return r;
+    }
+    let id = match parse_job(&path) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match state.dispatcher.send(TriggerCheckpoint(id)).await {
+        Ok(Ok(n)) => HttpResponse::Accepted().json(Triggered { id: n }),
+        Ok(Err(TriggerError::Unknown)) => error(StatusCode::NOT_FOUND, format!("no job '{id}'")),
+        Ok(Err(TriggerError::Refused(why))) => error(StatusCode::CONFLICT, why),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// A job's recoveries.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Failovers {
+    /// Oldest first, each with the time of every recovery phase.
+    pub failovers: Vec<FailoverEvent>,
+}
+
+/// A job's recoveries with their phase timings.
+#[utoipa::path(get, path = "/jobs/{id}/failovers", responses((status = 200, body = Failovers), (status = 404, body = ErrorBody)))]
+pub async fn job_failovers(path: web::Path<String>, state: web::Data<ApiState>) -> HttpResponse {
+    ask_about_job(&path, &state, GetFailovers, |failovers| {
+        HttpResponse::Ok().json(Failovers { failovers })
+    })
+    .await
 }
 
 /// Paging of collect output.
@@ -539,6 +611,9 @@ pub async fn prometheus_metrics(state: web::Data<ApiState>) -> HttpResponse {
         cancel_job,
         job_output,
         job_metrics,
+        job_checkpoints,
+        trigger_checkpoint,
+        job_failovers,
         list_taskmanagers,
         get_taskmanager,
         kill_taskmanager,
@@ -554,6 +629,8 @@ pub async fn prometheus_metrics(state: web::Data<ApiState>) -> HttpResponse {
         JobList,
         Submitted,
         CancelResult,
+        Triggered,
+        Failovers,
         Output,
         JobMetrics,
         TaskMetricsView,
@@ -588,6 +665,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/jobs/{id}", web::delete().to(cancel_job))
         .route("/jobs/{id}/output", web::get().to(job_output))
         .route("/jobs/{id}/metrics", web::get().to(job_metrics))
+        .route("/jobs/{id}/checkpoints", web::get().to(job_checkpoints))
+        .route("/jobs/{id}/checkpoints", web::post().to(trigger_checkpoint))
+        .route("/jobs/{id}/failovers", web::get().to(job_failovers))
         .route("/taskmanagers", web::get().to(list_taskmanagers))
         .route("/taskmanagers/{id}", web::get().to(get_taskmanager))
         .route("/taskmanagers/{id}/kill", web::post().to(kill_taskmanager))

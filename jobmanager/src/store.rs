@@ -9,6 +9,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoints::CheckpointStore;
 use crate::dispatcher::JobState;
 
 /// The persisted form of a job.
@@ -32,10 +33,11 @@ pub struct JobRecord {
     pub mode: String,
 }
 
-/// Durable job metadata.
+/// Durable job metadata (and, in the same database, checkpoints).
 #[derive(Clone)]
 pub struct Store {
     jobs: sled::Tree,
+    checkpoints: CheckpointStore,
 }
 
 impl Store {
@@ -44,7 +46,13 @@ impl Store {
         let db = sled::open(dir)
             .map_err(|e| format!("cannot open the metadata store in {}: {e}", dir.display()))?;
         let jobs = db.open_tree("jobs").map_err(|e| e.to_string())?;
-        Ok(Store { jobs })
+        let checkpoints = CheckpointStore::open(&db)?;
+        Ok(Store { jobs, checkpoints })
+    }
+
+    /// The checkpoint storage.
+    pub fn checkpoints(&self) -> &CheckpointStore {
+        &self.checkpoints
     }
 
     /// Writes a job record.

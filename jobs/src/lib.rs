@@ -132,13 +132,15 @@ mod tests {
     fn test_ctx() -> SubtaskContext {
         struct Nowhere;
         impl engine::operator::CollectTarget for Nowhere {
-            fn deliver(&self, _: &str, _: usize, _: Vec<Record>) {}
+            fn deliver(&self, _: &str, _: usize, _: Option<u64>, _: Vec<Record>) {}
         }
         SubtaskContext {
             operator: "t".into(),
             subtask: 0,
             parallelism: 1,
             collect: Arc::new(Nowhere),
+            transactional: false,
+            attempt: 1,
         }
     }
 }

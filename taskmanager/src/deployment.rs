@@ -12,7 +12,7 @@ use engine::ids::{Generation, JobId};
 use engine::net::DataPlane;
 use engine::protocol::control::{SubtaskState, ToJobManager};
 use engine::runtime::task::{
-    CancelSubtask, SubtaskActor, SubtaskEvent, SubtaskId, SubtaskOutcome, SubtaskRunner,
+    Command, SubtaskActor, SubtaskCommand, SubtaskEvent, SubtaskId, SubtaskOutcome, SubtaskRunner,
 };
 use tokio::sync::mpsc;
 use tracing::info;
@@ -31,6 +31,32 @@ pub struct DeploymentEnded {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct CancelDeployment;
+
+/// A command for some subtasks of the deployment (all when `only` is `None`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ToSubtasks {
+    /// What to tell them.
+    pub command: Command,
+    /// (task, subtask) pairs; `None` for every subtask.
+    pub only: Option<Vec<(u32, u32)>>,
+}
+
+impl Handler<ToSubtasks> for DeploymentActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ToSubtasks, _ctx: &mut Self::Context) {
+        for (id, a) in &self.actors {
+            let listed = msg
+                .only
+                .as_ref()
+                .is_none_or(|only| only.contains(&(id.task as u32, id.index as u32)));
+            if listed {
+                a.do_send(SubtaskCommand(msg.command));
+            }
+        }
+    }
+}
 
 /// The subtasks of one deployment.
 pub struct DeploymentActor {
@@ -134,7 +160,7 @@ impl Handler<CancelDeployment> for DeploymentActor {
         // receiver may already be gone) gives up at once instead of never seeing the cancel.
         self.data.release(self.job, self.generation);
         for a in self.actors.values() {
-            a.do_send(CancelSubtask);
+            a.do_send(SubtaskCommand(Command::Cancel));
         }
     }
 }

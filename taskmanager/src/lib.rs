@@ -121,12 +121,18 @@ async fn session(
     .await
     .map_err(|_| "no registration reply".to_string())?
     .map_err(|e| e.to_string())?;
-    if reply != Some(ToTaskManager::Registered) {
+    let Some(ToTaskManager::Registered {
+        heartbeat_timeout_ms,
+    }) = reply
+    else {
         return Err(format!("unexpected registration reply {reply:?}"));
-    }
+    };
     info!(tm = %id, "Registered with the job manager.");
     let (tx, mut rx) = mpsc::unbounded_channel::<ToJobManager>();
-    tm.do_send(Connected(tx));
+    tm.do_send(Connected {
+        to_jm: tx,
+        heartbeat_timeout: Duration::from_millis(heartbeat_timeout_ms),
+    });
     let writer = tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
             if write_msg(&mut write, &msg).await.is_err() {

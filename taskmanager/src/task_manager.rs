@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use engine::cache::CacheNode;
@@ -21,15 +21,17 @@ use engine::protocol::control::{
 };
 use engine::protocol::data::ChannelId;
 use engine::runtime::channel::{channel, InputChannel, OutputChannel};
-use engine::runtime::deploy::{build_runner, edge_sources, edge_targets};
-use engine::runtime::task::{SubtaskMetrics, SubtaskRunner};
-use engine::spec::JobSpec;
+use engine::runtime::deploy::{build_runner, edge_sources, edge_targets, SubtaskEnv};
+use engine::runtime::task::{
+    CheckpointAck, CheckpointReporter, Command, SubtaskId, SubtaskMetrics, SubtaskRunner,
+};
+use engine::spec::{CheckpointMode, JobSpec};
 use engine::Record;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::config::TmConfig;
-use crate::deployment::{CancelDeployment, DeploymentActor, DeploymentEnded};
+use crate::deployment::{CancelDeployment, DeploymentActor, DeploymentEnded, ToSubtasks};
 
 /// A message from the job manager.
 #[derive(Message)]
@@ -39,7 +41,13 @@ pub struct FromJobManager(pub ToTaskManager);
 /// The control connection to the job manager is up (again): send through `to_jm`.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Connected(pub mpsc::UnboundedSender<ToJobManager>);
+pub struct Connected {
+    /// Control messages to the job manager.
+    pub to_jm: mpsc::UnboundedSender<ToJobManager>,
+    /// After this long without a heartbeat acknowledgement the job manager has declared this
+    /// task manager dead: its subtasks must stop.
+    pub heartbeat_timeout: Duration,
+}
 
 /// The control connection dropped.
 #[derive(Message)]
@@ -67,6 +75,11 @@ pub struct TaskManager {
     deployments: HashMap<(JobId, Generation), Running>,
     /// Deployments still being wired, and whether a cancel arrived meanwhile.
     wiring: HashMap<(JobId, Generation), bool>,
+    /// When the job manager last acknowledged a heartbeat.
+    last_ack: Instant,
+    heartbeat_timeout: Duration,
+    /// Subtasks were stopped for want of acknowledgements (until the next one).
+    fenced: bool,
 }
 
 impl TaskManager {
@@ -88,7 +101,26 @@ impl TaskManager {
             slots: Vec::new(),
             deployments: HashMap::new(),
             wiring: HashMap::new(),
+            last_ack: Instant::now(),
+            heartbeat_timeout: Duration::from_secs(1),
+            fenced: false,
         }
+    }
+
+    /// Self-fencing (DESIGN §5): without an acknowledgement for the heartbeat timeout, the
+    /// job manager has declared this task manager dead and restarted its subtasks elsewhere,
+    /// so these must stop before they emit anything more.
+    fn check_fence(&mut self) {
+        if self.fenced
+            || self.to_jm.is_none()
+            || self.deployments.is_empty()
+            || self.last_ack.elapsed() <= self.heartbeat_timeout
+        {
+            return;
+        }
+        self.fenced = true;
+        warn!(tm = %self.id, silent_ms = self.last_ack.elapsed().as_millis() as u64, "No heartbeat acknowledgement within the timeout: stopping every subtask.");
+        self.cancel_all();
     }
 
     fn send(&self, msg: ToJobManager) {
@@ -202,7 +234,10 @@ impl Actor for TaskManager {
             .collect();
         ctx.run_interval(
             Duration::from_millis(self.config.heartbeat_interval_ms),
-            |act, _| act.heartbeat(),
+            |act, _| {
+                act.check_fence();
+                act.heartbeat();
+            },
         );
     }
 
@@ -217,7 +252,9 @@ impl Handler<Connected> for TaskManager {
     type Result = ();
 
     fn handle(&mut self, msg: Connected, _ctx: &mut Self::Context) {
-        self.to_jm = Some(msg.0);
+        self.to_jm = Some(msg.to_jm);
+        self.heartbeat_timeout = msg.heartbeat_timeout;
+        self.last_ack = Instant::now();
         self.heartbeat();
     }
 }
@@ -227,7 +264,36 @@ impl Handler<FromJobManager> for TaskManager {
 
     fn handle(&mut self, msg: FromJobManager, ctx: &mut Self::Context) {
         match msg.0 {
-            ToTaskManager::Registered => {}
+            ToTaskManager::Registered { .. } => {}
+            ToTaskManager::HeartbeatAck => {
+                self.last_ack = Instant::now();
+                self.fenced = false;
+            }
+            ToTaskManager::TriggerCheckpoint {
+                job,
+                generation,
+                checkpoint,
+                subtasks,
+            } => {
+                if let Some(r) = self.deployments.get(&(job, generation)) {
+                    r.actor.do_send(ToSubtasks {
+                        command: Command::Trigger(checkpoint),
+                        only: Some(subtasks),
+                    });
+                }
+            }
+            ToTaskManager::CheckpointComplete {
+                job,
+                generation,
+                checkpoint,
+            } => {
+                if let Some(r) = self.deployments.get(&(job, generation)) {
+                    r.actor.do_send(ToSubtasks {
+                        command: Command::Complete(checkpoint),
+                        only: None,
+                    });
+                }
+            }
             ToTaskManager::Deploy(d) => self.deploy(d, ctx),
             ToTaskManager::Cancel { job, generation } => {
                 if let Some(canceled) = self.wiring.get_mut(&(job, generation)) {
@@ -302,7 +368,13 @@ struct ToJobManagerCollect {
 }
 
 impl CollectTarget for ToJobManagerCollect {
-    fn deliver(&self, operator: &str, subtask: usize, mut records: Vec<Record>) {
+    fn deliver(
+        &self,
+        operator: &str,
+        subtask: usize,
+        epoch: Option<u64>,
+        mut records: Vec<Record>,
+    ) {
         // Keep each control frame small: a chained operator may hand over a huge vector.
         while !records.is_empty() {
             let rest = records.split_off(records.len().min(4096));
@@ -311,10 +383,44 @@ impl CollectTarget for ToJobManagerCollect {
                 generation: self.generation,
                 operator: operator.to_string(),
                 subtask: subtask as u32,
+                epoch,
                 records,
             });
             records = rest;
         }
+    }
+}
+
+/// Ships checkpoint acknowledgements (with the state bytes) to the job manager.
+struct ToJobManagerCheckpoints {
+    job: JobId,
+    generation: Generation,
+    to_jm: mpsc::UnboundedSender<ToJobManager>,
+}
+
+impl CheckpointReporter for ToJobManagerCheckpoints {
+    fn acknowledge(&self, id: &SubtaskId, ack: CheckpointAck) {
+        let _ = self.to_jm.send(ToJobManager::CheckpointAck {
+            job: self.job,
+            generation: self.generation,
+            task: id.task as u32,
+            subtask: id.index as u32,
+            checkpoint: ack.checkpoint,
+            alignment_ms: ack.alignment.as_millis() as u64,
+            sync_ms: ack.sync.as_millis() as u64,
+            operators: ack.operators,
+        });
+    }
+
+    fn finishing(&self, id: &SubtaskId) {
+        let _ = self.to_jm.send(ToJobManager::SubtaskState {
+            job: self.job,
+            generation: self.generation,
+            task: id.task as u32,
+            subtask: id.index as u32,
+            state: SubtaskState::Finishing,
+            message: None,
+        });
     }
 }
 
@@ -368,11 +474,27 @@ async fn wire(
     // Both ends of channels between two local subtasks, taken by whichever is wired first.
     let mut local: HashMap<ChannelId, (Option<OutputChannel>, Option<InputChannel>)> =
         HashMap::new();
-    let collect: Arc<dyn CollectTarget> = Arc::new(ToJobManagerCollect {
-        job: d.job,
-        generation: d.generation,
-        to_jm,
-    });
+    let checkpoints = graph
+        .checkpointing
+        .as_ref()
+        .is_some_and(|c| c.mode == CheckpointMode::Abs)
+        .then(|| {
+            let r: Arc<dyn CheckpointReporter> = Arc::new(ToJobManagerCheckpoints {
+                job: d.job,
+                generation: d.generation,
+                to_jm: to_jm.clone(),
+            });
+            r
+        });
+    let env = SubtaskEnv {
+        collect: Arc::new(ToJobManagerCollect {
+            job: d.job,
+            generation: d.generation,
+            to_jm,
+        }),
+        checkpoints,
+        attempt: d.generation.0,
+    };
     let mut out = Vec::new();
     for &(task, subtask) in &d.subtasks {
         let (t, s) = (task as usize, subtask as usize);
@@ -425,18 +547,25 @@ async fn wire(
             }
             outputs.push(senders);
         }
-        out.push(
-            build_runner(
-                &d.job.to_string(),
-                &graph,
-                t,
-                s,
-                inputs,
-                outputs,
-                collect.clone(),
-            )
-            .map_err(|e| e.to_string())?,
-        );
+        let (mut runner, metrics) =
+            build_runner(&d.job.to_string(), &graph, t, s, inputs, outputs, &env)
+                .map_err(|e| e.to_string())?;
+        if let Some(point) = &d.restore {
+            let state = point
+                .subtasks
+                .iter()
+                .find(|x| x.task == task && x.subtask == subtask)
+                .ok_or_else(|| {
+                    format!(
+                        "checkpoint {} has no state for subtask {t}.{s}",
+                        point.checkpoint
+                    )
+                })?;
+            runner
+                .restore(&state.operators)
+                .map_err(|e| format!("restoring checkpoint {}: {e}", point.checkpoint))?;
+        }
+        out.push((runner, metrics));
     }
     Ok(out)
 }

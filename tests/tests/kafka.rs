@@ -163,7 +163,7 @@ fn start_positions_read_from_the_named_offsets() {
 
 struct Nowhere;
 impl CollectTarget for Nowhere {
-    fn deliver(&self, _: &str, _: usize, _: Vec<Record>) {}
+    fn deliver(&self, _: &str, _: usize, _: Option<u64>, _: Vec<Record>) {}
 }
 
 /// Subtask `s` of 2 of the (resolved) `kafka_source` "in" of `job`.
@@ -178,6 +178,8 @@ fn source_instance(job: &str, s: usize) -> Box<dyn Source> {
         subtask: s,
         parallelism: 2,
         collect: Arc::new(Nowhere),
+        transactional: false,
+        attempt: 1,
     };
     match factory.instantiate(&ctx).expect("instantiate") {
         Instance::Source(src) => src,

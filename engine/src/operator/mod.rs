@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::expr::{EvalError, Expr};
-use crate::record::Record;
+use crate::record::{CheckpointId, Record};
 use crate::spec::{OperatorSpec, SpecError};
 
 pub mod agg;
@@ -91,8 +91,22 @@ pub trait Operator: Send {
         Ok(Vec::new())
     }
 
-    /// Replaces the state with one produced by `snapshot()`.
+    /// Replaces the state with one produced by `snapshot()`. An exactly-once sink also
+    /// commits what the snapshot had staged: a restore point is always a completed checkpoint.
     fn restore(&mut self, _state: &[u8]) -> Result<(), OpError> {
+        Ok(())
+    }
+
+    /// The barrier of checkpoint `n` reached this operator (called just before `snapshot`):
+    /// an exactly-once sink stages what it received since the previous barrier as the output
+    /// of `n`, invisible until `commit(n)`.
+    fn pre_commit(&mut self, _n: CheckpointId) -> Result<(), OpError> {
+        Ok(())
+    }
+
+    /// Checkpoint `n` completed: make the output staged for every checkpoint up to `n`
+    /// visible. Idempotent per checkpoint.
+    fn commit(&mut self, _n: CheckpointId) -> Result<(), OpError> {
         Ok(())
     }
 
@@ -176,8 +190,16 @@ pub enum Instance {
 /// Receives the records of `collect` sinks. Owned by whoever runs the job (the in-process
 /// executor, later the job manager), never global.
 pub trait CollectTarget: Send + Sync {
-    /// Delivers records emitted by subtask `subtask` of collect operator `operator`.
-    fn deliver(&self, operator: &str, subtask: usize, records: Vec<Record>);
+    /// Delivers records emitted by subtask `subtask` of collect operator `operator`; `epoch`
+    /// is the checkpoint that committed them (exactly-once jobs, which may deliver an epoch
+    /// again after a restore: the target keeps the first), `None` otherwise.
+    fn deliver(
+        &self,
+        operator: &str,
+        subtask: usize,
+        epoch: Option<CheckpointId>,
+        records: Vec<Record>,
+    );
 }
 
 /// What an instance knows about where it runs.
@@ -191,6 +213,11 @@ pub struct SubtaskContext {
     pub parallelism: usize,
     /// Where `collect` sinks deliver.
     pub collect: Arc<dyn CollectTarget>,
+    /// Whether the job checkpoints with exactly-once sinks: sinks then make output visible
+    /// only when a checkpoint completes.
+    pub transactional: bool,
+    /// The deployment attempt (generation), so files of an older attempt are never reused.
+    pub attempt: u64,
 }
 
 /// Creates instances of one validated operator.
@@ -511,15 +538,24 @@ pub(crate) mod testing {
 
     /// A collect target that keeps everything in memory.
     #[derive(Default)]
-    pub struct Collected(pub Mutex<Vec<(String, usize, Record)>>);
+    pub struct Collected(pub Mutex<Vec<Delivery>>);
+
+    /// One delivered record: (operator, subtask, epoch, record).
+    pub type Delivery = (String, usize, Option<CheckpointId>, Record);
 
     impl CollectTarget for Collected {
-        fn deliver(&self, operator: &str, subtask: usize, records: Vec<Record>) {
+        fn deliver(
+            &self,
+            operator: &str,
+            subtask: usize,
+            epoch: Option<CheckpointId>,
+            records: Vec<Record>,
+        ) {
             let mut g = self.0.lock().unwrap();
             g.extend(
                 records
                     .into_iter()
-                    .map(|r| (operator.to_string(), subtask, r)),
+                    .map(|r| (operator.to_string(), subtask, epoch, r)),
             );
         }
     }
@@ -548,6 +584,8 @@ pub(crate) mod testing {
             subtask: s,
             parallelism: p,
             collect: Arc::new(Collected::default()),
+            transactional: false,
+            attempt: 1,
         }
     }
 

@@ -61,6 +61,26 @@ pub enum ToJobManager {
         /// Failure reason, when failed.
         message: Option<String>,
     },
+    /// A subtask took its state for a checkpoint (ABS): the state bytes go to the job
+    /// manager's checkpoint storage.
+    CheckpointAck {
+        /// The job.
+        job: JobId,
+        /// The deployment.
+        generation: Generation,
+        /// Task index.
+        task: u32,
+        /// Subtask index.
+        subtask: u32,
+        /// The checkpoint.
+        checkpoint: u64,
+        /// Milliseconds from the first barrier to the last (alignment).
+        alignment_ms: u64,
+        /// Milliseconds to copy the state (processing stopped for this long).
+        sync_ms: u64,
+        /// State of every operator of the chain.
+        operators: Vec<OperatorState>,
+    },
     /// Records received by a `collect` sink.
     Collected {
         /// The job.
@@ -71,6 +91,9 @@ pub enum ToJobManager {
         operator: String,
         /// Subtask index.
         subtask: u32,
+        /// The checkpoint whose completion made the records visible (exactly-once sinks,
+        /// which may deliver an epoch again after a restore); `None` when not transactional.
+        epoch: Option<u64>,
         /// The records.
         records: Vec<Record>,
     },
@@ -79,8 +102,13 @@ pub enum ToJobManager {
 /// Job manager -> task manager.
 #[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum ToTaskManager {
-    /// Registration accepted.
-    Registered,
+    /// Registration accepted. A task manager that hears nothing (`HeartbeatAck`) from the
+    /// job manager for `heartbeat_timeout_ms` stops its subtasks: by then the job manager
+    /// has declared it dead and recovers without it.
+    Registered {
+        /// The job manager's heartbeat timeout.
+        heartbeat_timeout_ms: u64,
+    },
     /// Run these subtasks of a job.
     Deploy(Deployment),
     /// Stop every subtask of a job's deployment.
@@ -92,6 +120,29 @@ pub enum ToTaskManager {
     },
     /// Exit the process at once, as a crash would (used by "kill task manager").
     Abort,
+    /// Take checkpoint `checkpoint`: the listed subtasks (sources, or every subtask for the
+    /// final checkpoint of a job whose inputs all ended) snapshot and emit barriers.
+    TriggerCheckpoint {
+        /// The job.
+        job: JobId,
+        /// The deployment.
+        generation: Generation,
+        /// The checkpoint.
+        checkpoint: u64,
+        /// (task, subtask) pairs to trigger.
+        subtasks: Vec<(u32, u32)>,
+    },
+    /// Checkpoint `checkpoint` is complete: sinks commit what they staged up to it.
+    CheckpointComplete {
+        /// The job.
+        job: JobId,
+        /// The deployment.
+        generation: Generation,
+        /// The checkpoint.
+        checkpoint: u64,
+    },
+    /// Answer to a heartbeat: the job manager still counts this task manager as alive.
+    HeartbeatAck,
     /// The cache's new partition table.
     CacheTable(PartitionTable),
     /// As primary of `partition`, copy it to `target` (re-replication or migration).
@@ -118,6 +169,37 @@ pub struct Deployment {
     pub subtasks: Vec<(u32, u32)>,
     /// Where every subtask of the job runs.
     pub placement: Vec<Placement>,
+    /// State to restore the subtasks deployed here from (a recovery).
+    pub restore: Option<RestorePoint>,
+}
+
+/// The state a recovered deployment starts from.
+#[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct RestorePoint {
+    /// The completed checkpoint.
+    pub checkpoint: u64,
+    /// State per subtask deployed on the receiving task manager.
+    pub subtasks: Vec<SubtaskSnapshot>,
+}
+
+/// One subtask's state in a checkpoint.
+#[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct SubtaskSnapshot {
+    /// Task index.
+    pub task: u32,
+    /// Subtask index.
+    pub subtask: u32,
+    /// Operator states.
+    pub operators: Vec<OperatorState>,
+}
+
+/// One operator's state bytes (from `Operator::snapshot` or `Source::snapshot`).
+#[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct OperatorState {
+    /// Operator id.
+    pub operator: String,
+    /// The bytes.
+    pub state: Vec<u8>,
 }
 
 /// Location of one subtask.
@@ -151,6 +233,9 @@ pub enum SubtaskState {
     Deploying,
     /// Running.
     Running,
+    /// Inputs ended and everything was sent; waits for the final checkpoint to commit its
+    /// output (exactly-once jobs only).
+    Finishing,
     /// Inputs ended and everything was sent.
     Finished,
     /// Failed (see the message).
@@ -202,8 +287,28 @@ mod tests {
                     tm: TaskManagerId::random(),
                     data_addr: "127.0.0.1:1".into(),
                 }],
+                restore: Some(RestorePoint {
+                    checkpoint: 4,
+                    subtasks: vec![SubtaskSnapshot {
+                        task: 0,
+                        subtask: 1,
+                        operators: vec![OperatorState {
+                            operator: "src".into(),
+                            state: vec![1, 2, 3],
+                        }],
+                    }],
+                }),
             }),
             ToTaskManager::Abort,
+            ToTaskManager::Registered {
+                heartbeat_timeout_ms: 1000,
+            },
+            ToTaskManager::TriggerCheckpoint {
+                job: JobId::random(),
+                generation: Generation(2),
+                checkpoint: 7,
+                subtasks: vec![(0, 0), (0, 1)],
+            },
         ];
         for m in msgs {
             assert_eq!(decode::<ToTaskManager>(&encode(&m).unwrap()).unwrap(), m);
@@ -213,6 +318,7 @@ mod tests {
             generation: Generation(1),
             operator: "out".into(),
             subtask: 0,
+            epoch: Some(3),
             records: vec![Record::new(1, Value::str("x"))],
         };
         assert_eq!(decode::<ToJobManager>(&encode(&m).unwrap()).unwrap(), m);

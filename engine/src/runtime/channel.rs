@@ -172,12 +172,38 @@ pub struct InputGate {
     channels: Vec<InputChannel>,
     /// Channel polled first next time (round-robin fairness).
     next: usize,
+    /// Channels held back by barrier alignment: not read until released.
+    blocked: Vec<bool>,
 }
 
 impl InputGate {
     /// A gate over `channels`.
     pub fn new(channels: Vec<InputChannel>) -> InputGate {
-        InputGate { channels, next: 0 }
+        let blocked = vec![false; channels.len()];
+        InputGate {
+            channels,
+            next: 0,
+            blocked,
+        }
+    }
+
+    /// Stops reading channel `i` (it delivered a barrier; its data after the barrier waits
+    /// in the channel, and its sender runs out of credits: backpressure, no buffering).
+    pub fn block(&mut self, i: usize) {
+        self.blocked[i] = true;
+    }
+
+    /// Reads every channel again.
+    pub fn unblock_all(&mut self) {
+        self.blocked.iter_mut().for_each(|b| *b = false);
+    }
+
+    /// True when every channel is blocked or ended (alignment done).
+    pub fn all_blocked_or_ended(&self) -> bool {
+        self.channels
+            .iter()
+            .zip(&self.blocked)
+            .all(|(c, b)| *b || c.ended)
     }
 
     /// Number of channels.
@@ -211,8 +237,8 @@ impl InputGate {
     }
 
     /// The next event of any channel, with the channel index. Already-seen records are
-    /// removed from data batches (a batch left empty is skipped). Waits while every open
-    /// channel is empty; must not be called once all channels ended.
+    /// removed from data batches (a batch left empty is skipped). Waits while every open,
+    /// unblocked channel is empty; must not be called once all channels ended or blocked.
     pub async fn next(&mut self) -> Result<(usize, StreamEvent), ChannelError> {
         loop {
             let (i, event) = poll_fn(|cx| {
@@ -220,7 +246,7 @@ impl InputGate {
                 for k in 0..n {
                     let i = (self.next + k) % n;
                     let ch = &mut self.channels[i];
-                    if ch.ended {
+                    if ch.ended || self.blocked[i] {
                         continue;
                     }
                     match ch.rx.poll_recv(cx) {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::channel::{InputChannel, InputGate, OutputChannel, Route, Router};
-use super::task::{ChainOperator, SubtaskId, SubtaskMetrics, SubtaskRunner};
+use super::task::{ChainOperator, CheckpointReporter, SubtaskId, SubtaskMetrics, SubtaskRunner};
 use crate::error::{EngineError, ErrorKind};
 use crate::graph::{Edge, Exchange, JobGraph};
 use crate::operator::{CollectTarget, Instance, Shape, SubtaskContext};
@@ -32,6 +32,19 @@ pub fn edge_targets(graph: &JobGraph, edge: &Edge, from: usize) -> Vec<usize> {
     }
 }
 
+/// What the subtasks of one deployment share: where `collect` sinks deliver, and, when the
+/// job checkpoints, where acknowledgements go and which attempt this is (sinks are then
+/// exactly-once).
+#[derive(Clone)]
+pub struct SubtaskEnv {
+    /// Where `collect` sinks deliver.
+    pub collect: Arc<dyn CollectTarget>,
+    /// Checkpoint reporter; `None` when the job does not checkpoint.
+    pub checkpoints: Option<Arc<dyn CheckpointReporter>>,
+    /// The deployment attempt (generation).
+    pub attempt: u64,
+}
+
 /// Builds the runner of subtask `subtask` of task `task`.
 ///
 /// `outputs[k]` are the channels of the task's `k`-th outgoing edge (in `graph.edges`
@@ -43,7 +56,7 @@ pub fn build_runner(
     subtask: usize,
     inputs: Vec<InputChannel>,
     outputs: Vec<Vec<OutputChannel>>,
-    collect: Arc<dyn CollectTarget>,
+    env: &SubtaskEnv,
 ) -> Result<(SubtaskRunner, Arc<SubtaskMetrics>), EngineError> {
     let rt = &graph.runtime;
     let t = &graph.tasks[task];
@@ -69,7 +82,9 @@ pub fn build_runner(
             operator: vertex.id.clone(),
             subtask,
             parallelism: t.parallelism,
-            collect: collect.clone(),
+            collect: env.collect.clone(),
+            transactional: env.checkpoints.is_some(),
+            attempt: env.attempt,
         };
         let instance = vertex
             .factory
@@ -105,6 +120,7 @@ pub fn build_runner(
         watermark_interval: Duration::from_millis(rt.watermark_interval_ms),
         metrics: metrics.clone(),
         metrics_published: None,
+        checkpoints: env.checkpoints.clone(),
     };
     Ok((runner, metrics))
 }

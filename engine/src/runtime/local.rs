@@ -18,9 +18,9 @@ use tokio::sync::oneshot;
 use tracing::info;
 
 use super::channel::{channel, InputChannel, OutputChannel};
-use super::deploy::{build_runner, edge_targets};
+use super::deploy::{build_runner, edge_targets, SubtaskEnv};
 use super::task::{
-    CancelSubtask, SubtaskActor, SubtaskEvent, SubtaskId, SubtaskMetrics, SubtaskOutcome,
+    Command, SubtaskActor, SubtaskCommand, SubtaskEvent, SubtaskId, SubtaskMetrics, SubtaskOutcome,
 };
 use crate::error::EngineError;
 use crate::graph::JobGraph;
@@ -34,7 +34,7 @@ pub struct CollectBuffer {
 }
 
 impl CollectTarget for CollectBuffer {
-    fn deliver(&self, operator: &str, _subtask: usize, records: Vec<Record>) {
+    fn deliver(&self, operator: &str, _subtask: usize, _epoch: Option<u64>, records: Vec<Record>) {
         // A poisoned lock means a sink panicked mid-delivery; keep collecting what arrives.
         let mut map = self.records.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(operator.to_string()).or_default().extend(records);
@@ -214,6 +214,12 @@ impl LocalExecutor {
     /// an actix `System`.
     pub fn start(graph: &JobGraph, config: &LocalConfig) -> Result<LocalJob, EngineError> {
         let collect = Arc::new(CollectBuffer::default());
+        // In process nothing fails over: no checkpoints, sinks write at once.
+        let env = SubtaskEnv {
+            collect: collect.clone(),
+            checkpoints: None,
+            attempt: 1,
+        };
         let rt = &graph.runtime;
 
         // Channels: one per (upstream subtask, downstream subtask) pair of each edge.
@@ -265,8 +271,7 @@ impl LocalExecutor {
                 .into_iter()
                 .zip(std::mem::take(&mut inputs[t]));
             for (s, (outs, ins)) in subtask_channels.enumerate() {
-                let (runner, m) =
-                    build_runner(&graph.name, graph, t, s, ins, outs, collect.clone())?;
+                let (runner, m) = build_runner(&graph.name, graph, t, s, ins, outs, &env)?;
                 task_metrics.push(m);
                 runners.push(runner);
             }
@@ -383,7 +388,7 @@ impl Handler<CancelJob> for JobSupervisor {
 impl JobSupervisor {
     fn cancel_all(&self) {
         for a in &self.actors {
-            a.do_send(CancelSubtask);
+            a.do_send(SubtaskCommand(Command::Cancel));
         }
     }
 

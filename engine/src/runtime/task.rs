@@ -1,6 +1,6 @@
 //! `SubtaskActor`: runs one parallel instance (subtask) of an operator chain.
 //!
-//! Receives `CancelSubtask` from whoever deployed it and `StreamEvent`s from its input
+//! Receives `SubtaskCommand`s (cancel, checkpoint trigger and completion) from whoever deployed it and `StreamEvent`s from its input
 //! channels. Emits `StreamEvent`s downstream through its `Router` and one `SubtaskEvent`
 //! (finished or failed) to its supervisor's `Recipient`.
 //!
@@ -12,6 +12,18 @@
 //!
 //! Invariant: output produced from an input is routed before the next input is read, and a
 //! watermark or `EndOfStream` goes downstream only after everything before it.
+//!
+//! Checkpoints (ABS, when the runner has a `CheckpointReporter`): a source subtask told to
+//! trigger checkpoint *n* snapshots its source and chain between two polls and sends
+//! `Barrier(n)` on every output channel. A subtask with inputs aligns: a channel that
+//! delivered `Barrier(n)` is not read again until every other channel delivered it (or
+//! ended); the held channel's sender then runs out of credits, so alignment buffers nothing.
+//! Aligned, it snapshots (sinks stage their output first), forwards the barrier and reads
+//! everything again. A newer barrier abandons an unfinished alignment. State is copied
+//! synchronously and handed to the reporter, which ships it; processing continues. When all
+//! inputs ended, the subtask reports that it is finishing and waits for the final checkpoint
+//! to complete before it ends, so a failure after some sinks finished still restores every
+//! sink from one consistent checkpoint.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,7 +37,8 @@ use super::channel::{ChannelError, InputGate, RouteError, Router, RouterCounters
 use super::credit::CloseCause;
 use crate::error::{EngineError, ErrorKind};
 use crate::operator::{Metric, OpError, Operator, Source, SourcePoll};
-use crate::record::{Record, StreamEvent};
+use crate::protocol::control::OperatorState;
+use crate::record::{CheckpointId, Record, StreamEvent};
 
 /// Identity of a subtask within a job, for logs and events.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -109,13 +122,50 @@ pub struct SubtaskRunner {
     pub metrics: Arc<SubtaskMetrics>,
     /// When operator metrics were last published.
     pub metrics_published: Option<Instant>,
+    /// Where checkpoint acknowledgements go; `None` when the job does not checkpoint.
+    pub checkpoints: Option<Arc<dyn CheckpointReporter>>,
 }
 
-/// Control messages from the actor to its loop.
+/// A subtask's state for one checkpoint.
 #[derive(Debug)]
-enum Control {
-    Cancel,
+pub struct CheckpointAck {
+    /// The checkpoint.
+    pub checkpoint: CheckpointId,
+    /// From the first barrier to the last (zero for sources).
+    pub alignment: Duration,
+    /// Time spent copying the state (processing stopped meanwhile).
+    pub sync: Duration,
+    /// State of every operator of the chain, source first.
+    pub operators: Vec<OperatorState>,
 }
+
+/// Receives what a checkpointing subtask reports; the task manager ships it to the job
+/// manager.
+pub trait CheckpointReporter: Send + Sync {
+    /// The subtask took its state for a checkpoint.
+    fn acknowledge(&self, id: &SubtaskId, ack: CheckpointAck);
+    /// Every input of the subtask ended and everything was sent: it waits for the final
+    /// checkpoint.
+    fn finishing(&self, id: &SubtaskId);
+}
+
+/// What the actor tells its loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Stop at once.
+    Cancel,
+    /// Take checkpoint `n` (sources; every subtask for the final checkpoint).
+    Trigger(CheckpointId),
+    /// Checkpoint `n` completed: sinks commit.
+    Complete(CheckpointId),
+}
+
+/// A command for a subtask.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct SubtaskCommand(pub Command);
+
+type Control = Command;
 
 /// How a subtask ended.
 #[derive(Debug)]
@@ -137,11 +187,6 @@ pub struct SubtaskEvent {
     /// How it ended.
     pub outcome: SubtaskOutcome,
 }
-
-/// Asks a subtask to stop at once.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct CancelSubtask;
 
 /// The actor of one subtask.
 pub struct SubtaskActor {
@@ -187,12 +232,12 @@ impl Actor for SubtaskActor {
     }
 }
 
-impl Handler<CancelSubtask> for SubtaskActor {
+impl Handler<SubtaskCommand> for SubtaskActor {
     type Result = ();
 
-    fn handle(&mut self, _msg: CancelSubtask, _ctx: &mut Self::Context) {
-        // The loop may already have ended; then there is nothing to cancel.
-        let _ = self.control.send(Control::Cancel);
+    fn handle(&mut self, msg: SubtaskCommand, _ctx: &mut Self::Context) {
+        // The loop may already have ended; then there is nothing to do.
+        let _ = self.control.send(msg.0);
     }
 }
 
@@ -203,13 +248,16 @@ enum Stop {
 }
 
 impl SubtaskRunner {
-    async fn run(mut self, control: mpsc::UnboundedReceiver<Control>) -> SubtaskOutcome {
+    async fn run(mut self, mut control: mpsc::UnboundedReceiver<Control>) -> SubtaskOutcome {
         debug!("Subtask started.");
-        let result = if self.source.is_some() {
-            self.run_source(control).await
+        let mut result = if self.source.is_some() {
+            self.run_source(&mut control).await
         } else {
-            self.run_inputs(control).await
+            self.run_inputs(&mut control).await
         };
+        if result.is_ok() {
+            result = self.await_final_checkpoint(&mut control).await;
+        }
         match result {
             Ok(()) => {
                 info!(
@@ -233,14 +281,14 @@ impl SubtaskRunner {
 
     async fn run_source(
         &mut self,
-        mut control: mpsc::UnboundedReceiver<Control>,
+        control: &mut mpsc::UnboundedReceiver<Control>,
     ) -> Result<(), Stop> {
         let mut batch: Vec<Record> = Vec::with_capacity(self.batch_size);
         let mut last_wm_at = tokio::time::Instant::now();
         let mut emitted_wm = i64::MIN;
         loop {
-            if let Ok(Control::Cancel) = control.try_recv() {
-                return Err(Stop::Canceled);
+            while let Ok(cmd) = control.try_recv() {
+                self.command(cmd).await?;
             }
             let (source_id, source) = self.source.as_mut().ok_or(Stop::Canceled)?;
             let poll = source
@@ -264,7 +312,7 @@ impl SubtaskRunner {
                         .unwrap_or(d);
                     tokio::select! {
                         biased;
-                        Some(Control::Cancel) = control.recv() => return Err(Stop::Canceled),
+                        cmd = control.recv() => self.command(cmd.unwrap_or(Command::Cancel)).await?,
                         _ = tokio::time::sleep(d.min(linger)) => {}
                     }
                     if self.linger_expired() {
@@ -290,9 +338,11 @@ impl SubtaskRunner {
 
     async fn run_inputs(
         &mut self,
-        mut control: mpsc::UnboundedReceiver<Control>,
+        control: &mut mpsc::UnboundedReceiver<Control>,
     ) -> Result<(), Stop> {
         let mut emitted_wm = i64::MIN;
+        // The checkpoint being aligned and when its first barrier arrived.
+        let mut aligning: Option<(CheckpointId, Instant)> = None;
         loop {
             let linger_at = self
                 .router
@@ -300,9 +350,10 @@ impl SubtaskRunner {
                 .map(|t| tokio::time::Instant::from_std(t + self.linger));
             let event = tokio::select! {
                 biased;
-                msg = control.recv() => match msg {
-                    Some(Control::Cancel) | None => return Err(Stop::Canceled),
-                },
+                cmd = control.recv() => {
+                    self.command(cmd.unwrap_or(Command::Cancel)).await?;
+                    continue;
+                }
                 _ = sleep_until(linger_at), if linger_at.is_some() => {
                     self.router.flush().await.map_err(|e| self.route_failure(e))?;
                     continue;
@@ -327,6 +378,8 @@ impl SubtaskRunner {
                     }
                 }
                 (_, StreamEvent::EndOfStream) => {
+                    // An ended channel will not deliver the barrier being aligned.
+                    self.try_align(&mut aligning).await?;
                     if self.gate.all_ended() {
                         return self.finish().await;
                     }
@@ -336,14 +389,179 @@ impl SubtaskRunner {
                         self.advance_watermark(wm).await?;
                     }
                 }
-                // Barrier alignment arrives with ABS checkpoints; until then barriers pass through.
-                (_, StreamEvent::Barrier(n)) => self
+                (_, StreamEvent::Barrier(n)) if self.checkpoints.is_none() => self
                     .router
                     .broadcast(StreamEvent::Barrier(n))
                     .await
                     .map_err(|e| self.route_failure(e))?,
+                (ch, StreamEvent::Barrier(n)) => {
+                    match aligning {
+                        Some((current, _)) if n < current => continue, // abandoned earlier
+                        Some((current, _)) if n == current => {}
+                        other => {
+                            if let Some((abandoned, _)) = other {
+                                debug!(checkpoint = abandoned, newer = n, "Alignment abandoned.");
+                                self.gate.unblock_all();
+                            }
+                            aligning = Some((n, Instant::now()));
+                        }
+                    }
+                    self.gate.block(ch);
+                    self.try_align(&mut aligning).await?;
+                }
             }
         }
+    }
+
+    /// Handles a command between two inputs (or polls).
+    async fn command(&mut self, cmd: Command) -> Result<(), Stop> {
+        match cmd {
+            Command::Cancel => Err(Stop::Canceled),
+            // Only sources start checkpoints while running; other subtasks follow barriers.
+            Command::Trigger(n) if self.source.is_some() => {
+                self.take_snapshot(n, Duration::ZERO)?;
+                self.router
+                    .broadcast(StreamEvent::Barrier(n))
+                    .await
+                    .map_err(|e| self.route_failure(e))
+            }
+            Command::Trigger(_) => Ok(()),
+            Command::Complete(n) => self.commit(n),
+        }
+    }
+
+    /// When every channel delivered the barrier being aligned (or ended): snapshot, forward
+    /// the barrier, read every channel again.
+    async fn try_align(
+        &mut self,
+        aligning: &mut Option<(CheckpointId, Instant)>,
+    ) -> Result<(), Stop> {
+        let Some((n, since)) = *aligning else {
+            return Ok(());
+        };
+        if !self.gate.all_blocked_or_ended() {
+            return Ok(());
+        }
+        *aligning = None;
+        self.take_snapshot(n, since.elapsed())?;
+        self.router
+            .broadcast(StreamEvent::Barrier(n))
+            .await
+            .map_err(|e| self.route_failure(e))?;
+        self.gate.unblock_all();
+        Ok(())
+    }
+
+    /// Copies the state of the source and every operator of the chain (sinks stage their
+    /// output first) and hands it to the reporter.
+    fn take_snapshot(&mut self, n: CheckpointId, alignment: Duration) -> Result<(), Stop> {
+        let Some(reporter) = self.checkpoints.clone() else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let mut operators = Vec::with_capacity(self.chain.len() + 1);
+        if let Some((id, source)) = &mut self.source {
+            let state = source
+                .snapshot()
+                .map_err(|e| op_failure(id, self.id.index, e))?;
+            operators.push(OperatorState {
+                operator: id.clone(),
+                state,
+            });
+        }
+        for c in self.chain.iter_mut() {
+            c.op.pre_commit(n)
+                .map_err(|e| op_failure(&c.id, self.id.index, e))?;
+            let state =
+                c.op.snapshot()
+                    .map_err(|e| op_failure(&c.id, self.id.index, e))?;
+            operators.push(OperatorState {
+                operator: c.id.clone(),
+                state,
+            });
+        }
+        debug!(
+            checkpoint = n,
+            alignment_ms = alignment.as_millis() as u64,
+            "Snapshot taken."
+        );
+        reporter.acknowledge(
+            &self.id,
+            CheckpointAck {
+                checkpoint: n,
+                alignment,
+                sync: started.elapsed(),
+                operators,
+            },
+        );
+        Ok(())
+    }
+
+    /// Checkpoint `n` completed: every operator commits.
+    fn commit(&mut self, n: CheckpointId) -> Result<(), Stop> {
+        for c in self.chain.iter_mut() {
+            c.op.commit(n)
+                .map_err(|e| op_failure(&c.id, self.id.index, e))?;
+        }
+        Ok(())
+    }
+
+    /// Every input ended: with checkpoints, report finishing and wait for the final
+    /// checkpoint (taken on `Trigger`) to complete, committing what sinks staged.
+    async fn await_final_checkpoint(
+        &mut self,
+        control: &mut mpsc::UnboundedReceiver<Control>,
+    ) -> Result<(), Stop> {
+        let Some(reporter) = self.checkpoints.clone() else {
+            return Ok(());
+        };
+        reporter.finishing(&self.id);
+        let mut last = None;
+        loop {
+            match control.recv().await.unwrap_or(Command::Cancel) {
+                Command::Cancel => return Err(Stop::Canceled),
+                Command::Trigger(n) => {
+                    self.take_snapshot(n, Duration::ZERO)?;
+                    last = Some(n);
+                }
+                Command::Complete(n) => {
+                    self.commit(n)?;
+                    if last.is_some_and(|f| n >= f) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Restores the source and every operator of the chain from a checkpoint (before the
+    /// subtask runs). Sinks commit what the checkpoint had staged.
+    pub fn restore(&mut self, states: &[OperatorState]) -> Result<(), EngineError> {
+        let find = |id: &str| {
+            states
+                .iter()
+                .find(|s| s.operator == id)
+                .map(|s| s.state.as_slice())
+                .ok_or_else(|| {
+                    EngineError::Internal(format!(
+                        "the checkpoint has no state for operator '{id}' of subtask {}",
+                        self.id
+                    ))
+                })
+        };
+        let failed = |id: &str, e: OpError| EngineError::Operator {
+            operator: id.to_string(),
+            subtask: self.id.index,
+            message: format!("restore failed: {e}"),
+            kind: ErrorKind::Internal,
+        };
+        if let Some((id, source)) = &mut self.source {
+            source.restore(find(id)?).map_err(|e| failed(id, e))?;
+        }
+        for c in &mut self.chain {
+            c.op.restore(find(&c.id)?).map_err(|e| failed(&c.id, e))?;
+        }
+        Ok(())
     }
 
     /// Copies every operator's metrics to `SubtaskMetrics`, at most once per interval.
