@@ -89,6 +89,8 @@ pub struct Vertex {
     pub factory: Arc<dyn OperatorFactory>,
     /// Upstream vertex index and exchange, per input.
     pub inputs: Vec<(usize, Exchange)>,
+    /// Slot sharing group.
+    pub slot_group: String,
 }
 
 /// A chain of operators run by one actor per subtask.
@@ -100,6 +102,8 @@ pub struct Task {
     pub parallelism: usize,
     /// Operator ids joined by " -> ".
     pub name: String,
+    /// Slot sharing group of its operators.
+    pub slot_group: String,
 }
 
 /// A connection between two tasks.
@@ -244,6 +248,19 @@ impl JobGraph {
             let op = &spec.operators[i];
             let info = shapes[i];
             let p = op.parallelism() as usize;
+            let group = op.slot_group();
+            if group.is_empty()
+                || group.len() > 64
+                || !group
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(SpecError::field(
+                    &op.id,
+                    "slot_sharing_group",
+                    "must be 1 to 64 letters, digits, '-' or '_'",
+                ));
+            }
             let mut inputs = Vec::new();
             for up in op.inputs() {
                 let u = index[up];
@@ -273,6 +290,7 @@ impl JobGraph {
                 shape: info.shape,
                 factory,
                 inputs,
+                slot_group: group.to_string(),
             });
         }
 
@@ -285,6 +303,23 @@ impl JobGraph {
             runtime: spec.runtime.clone(),
             checkpointing: spec.checkpointing.clone(),
         })
+    }
+
+    /// The job's slots: (slot sharing group, index) pairs, groups in order of first
+    /// appearance, each as many as its highest parallelism. Subtask `s` of task `t` runs in
+    /// slot `(tasks[t].slot_group, s)`.
+    pub fn slots(&self) -> Vec<(String, usize)> {
+        let mut groups: Vec<(String, usize)> = Vec::new();
+        for t in &self.tasks {
+            match groups.iter_mut().find(|(g, _)| *g == t.slot_group) {
+                Some((_, n)) => *n = (*n).max(t.parallelism),
+                None => groups.push((t.slot_group.clone(), t.parallelism)),
+            }
+        }
+        groups
+            .into_iter()
+            .flat_map(|(g, n)| (0..n).map(move |i| (g.clone(), i)))
+            .collect()
     }
 
     /// Index of the task containing vertex `v`.
@@ -387,6 +422,7 @@ fn chain(vertices: &[Vertex]) -> (Vec<Task>, Vec<Edge>) {
         let chained_to = match v.inputs.as_slice() {
             [(u, Exchange::Forward)]
                 if vertices[*u].parallelism == v.parallelism
+                    && vertices[*u].slot_group == v.slot_group
                     && consumers.get(u) == Some(&1)
                     && vertices[*u].shape != Shape::Sink =>
             {
@@ -406,6 +442,7 @@ fn chain(vertices: &[Vertex]) -> (Vec<Task>, Vec<Edge>) {
                     vertices: vec![i],
                     parallelism: v.parallelism,
                     name: v.id.clone(),
+                    slot_group: v.slot_group.clone(),
                 });
             }
         }
@@ -447,6 +484,38 @@ mod tests {
     }
 
     const SRC: &str = r#"{"id":"src","kind":"generator","parallelism":2,"params":{"count":10}}"#;
+
+    /// Ensures operators of different slot sharing groups are not chained, and that the
+    /// job's slots are each group's highest parallelism, groups in order.
+    #[test]
+    fn slot_sharing_groups_split_chains_and_slots() {
+        let g = build(
+            r#"{"name":"j","operators":[
+            {"id":"src","kind":"generator","parallelism":2},
+            {"id":"m","kind":"map","input":"src","parallelism":2,"params":{"expr":"value"},"slot_sharing_group":"maps"},
+            {"id":"out","kind":"discard","input":"m","parallelism":3}]}"#,
+        )
+        .unwrap();
+        assert_eq!(g.tasks.len(), 3, "{}", g.describe());
+        let slots: Vec<(String, usize)> = g.slots();
+        assert_eq!(
+            slots,
+            vec![
+                ("default".to_string(), 0),
+                ("default".to_string(), 1),
+                ("default".to_string(), 2),
+                ("maps".to_string(), 0),
+                ("maps".to_string(), 1),
+            ]
+        );
+        let e = err(
+            r#"{"name":"j","operators":[{"id":"src","kind":"generator","slot_sharing_group":"a b"}]}"#,
+        );
+        assert_eq!(
+            (e.operator.as_deref(), e.field.as_deref()),
+            (Some("src"), Some("slot_sharing_group"))
+        );
+    }
 
     #[test]
     fn wordcount_chains_and_hashes() {

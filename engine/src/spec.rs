@@ -42,6 +42,11 @@ pub struct OperatorSpec {
     /// operators, `forward` for equal parallelism, else `rebalance`.
     #[serde(default)]
     pub partition: Option<String>,
+    /// Slot sharing group (as Flink's): subtask *i* of every task of a group shares slot *i*
+    /// of that group; operators of different groups are never chained and take separate
+    /// slots. Default: `default`.
+    #[serde(default)]
+    pub slot_sharing_group: Option<String>,
     /// Kind-specific parameters.
     #[serde(default = "empty_params")]
     pub params: serde_json::Value,
@@ -55,6 +60,11 @@ impl OperatorSpec {
     /// The parallelism, defaulting to 1.
     pub fn parallelism(&self) -> u32 {
         self.parallelism.unwrap_or(1)
+    }
+
+    /// The slot sharing group, defaulting to `default`.
+    pub fn slot_group(&self) -> &str {
+        self.slot_sharing_group.as_deref().unwrap_or("default")
     }
 
     /// The input ids in order (empty for sources).

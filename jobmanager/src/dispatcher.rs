@@ -221,6 +221,9 @@ struct SubtaskInfo {
     rate_in: f64,
     rate_out: f64,
     backpressure: f64,
+    /// Records read per second over the last heartbeat interval alone (no smoothing), for
+    /// recovery tracking.
+    raw_rate_in: f64,
 }
 
 impl SubtaskInfo {
@@ -232,6 +235,7 @@ impl SubtaskInfo {
             rate_in: 0.0,
             rate_out: 0.0,
             backpressure: 0.0,
+            raw_rate_in: 0.0,
         }
     }
 
@@ -922,9 +926,9 @@ type Deployed = (
     Option<TaskManagerId>,
 );
 
-/// Where every subtask of a job goes: slot group `g` (subtask `g` of every task, slot
-/// sharing as Flink) on one task manager, groups spread round-robin over the task managers
-/// with free slots.
+/// Where every subtask of a job goes: slot `(group, i)` (subtask `i` of every task of slot
+/// sharing group `group`, as Flink) on one task manager, slots spread round-robin over the
+/// task managers with free slots.
 struct Plan {
     placement: Vec<Placement>,
     /// Per task manager: its handle and the (task, subtask) pairs it runs.
@@ -940,9 +944,10 @@ impl Dispatcher {
             .values()
             .filter(|j| !j.state.is_terminal() && Some(j.id) != except)
         {
-            let mut per_tm: HashMap<TaskManagerId, std::collections::HashSet<u32>> = HashMap::new();
-            for ((_, s), i) in &job.subtasks {
-                per_tm.entry(i.tm).or_default().insert(*s);
+            let mut per_tm: HashMap<TaskManagerId, HashSet<(&str, u32)>> = HashMap::new();
+            for ((t, s), i) in &job.subtasks {
+                let group = job.graph.tasks[*t as usize].slot_group.as_str();
+                per_tm.entry(i.tm).or_default().insert((group, *s));
             }
             for (tm, groups) in per_tm {
                 *used.entry(tm).or_default() += groups.len();
@@ -958,7 +963,8 @@ impl Dispatcher {
         alive: Vec<Alive>,
         except: Option<JobId>,
     ) -> Result<Plan, String> {
-        let groups = graph.tasks.iter().map(|t| t.parallelism).max().unwrap_or(1);
+        let slots = graph.slots();
+        let groups = slots.len();
         let used = self.used_slots(except);
         let mut free: Vec<(Alive, usize)> = alive
             .into_iter()
@@ -971,7 +977,7 @@ impl Dispatcher {
         let total: usize = free.iter().map(|(_, f)| f).sum();
         if total < groups {
             return Err(format!(
-                "the job needs {groups} slots (its highest parallelism) but only {total} are free on {} alive task managers",
+                "the job needs {groups} slots (the highest parallelism of each slot sharing group) but only {total} are free on {} alive task managers",
                 free.len()
             ));
         }
@@ -988,7 +994,12 @@ impl Dispatcher {
         let mut placement = Vec::new();
         let mut per_tm: BTreeMap<usize, Vec<(u32, u32)>> = BTreeMap::new();
         for (t, task) in graph.tasks.iter().enumerate() {
-            for (s, &k) in group_tm.iter().enumerate().take(task.parallelism) {
+            for s in 0..task.parallelism {
+                let slot = slots
+                    .iter()
+                    .position(|(g, i)| *g == task.slot_group && *i == s)
+                    .ok_or_else(|| format!("no slot for subtask {t}.{s}"))?;
+                let k = group_tm[slot];
                 let tm = &free[k].0;
                 placement.push(Placement {
                     task: t as u32,
@@ -1271,6 +1282,7 @@ impl Handler<Reports> for Dispatcher {
                 let dt = now.duration_since(*at).as_secs_f64();
                 if dt > 0.0 {
                     let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / dt;
+                    info.raw_rate_in = rate(r.records_in, prev.records_in);
                     // Smooth over heartbeats so the dashboard does not flicker.
                     info.rate_in = 0.5 * info.rate_in + 0.5 * rate(r.records_in, prev.records_in);
                     info.rate_out =
@@ -1304,7 +1316,12 @@ impl Dispatcher {
         if !open || job.recovery.is_some() {
             return;
         }
-        let rate = self.summary(job).throughput;
+        // Unsmoothed, so catching up is not hidden behind the dashboard's smoothing.
+        let rate: f64 = (0..job.graph.tasks.len())
+            .filter(|t| !job.graph.edges.iter().any(|e| e.to == *t))
+            .flat_map(|t| job.subtasks.range((t as u32, 0)..(t as u32 + 1, 0)))
+            .map(|(_, i)| i.raw_rate_in)
+            .sum();
         let processed = job
             .subtasks
             .values()
