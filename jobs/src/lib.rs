@@ -141,6 +141,7 @@ mod tests {
             collect: Arc::new(Nowhere),
             transactional: false,
             attempt: 1,
+            job: "test-job".into(),
         }
     }
 }

@@ -180,6 +180,7 @@ fn source_instance(job: &str, s: usize) -> Box<dyn Source> {
         collect: Arc::new(Nowhere),
         transactional: false,
         attempt: 1,
+        job: "test-job".into(),
     };
     match factory.instantiate(&ctx).expect("instantiate") {
         Instance::Source(src) => src,

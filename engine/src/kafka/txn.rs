@@ -15,8 +15,10 @@
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::error::KafkaError;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 /// Where a transactional producer is in its protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,21 +155,48 @@ impl TransactionalProducer {
         Ok(())
     }
 
-    /// Queues a record in the open transaction.
-    pub fn send(
-        &mut self,
-        topic: &str,
-        key: Option<&[u8]>,
-        payload: &[u8],
-    ) -> Result<(), TxnError> {
+    /// Queues a record in the open transaction; waits (up to the timeout) while the client's
+    /// queue is full.
+    pub fn send(&mut self, record: BaseRecord<'_, [u8], [u8]>) -> Result<(), TxnError> {
         self.expect("send", &[TxnState::Open])?;
-        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).payload(payload);
-        if let Some(k) = key {
-            record = record.key(k);
+        let deadline = std::time::Instant::now() + self.timeout;
+        let mut record = record;
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
+                    if std::time::Instant::now() < deadline =>
+                {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((e, _)) => return Err(self.fail("send", e)),
+            }
         }
+    }
+
+    /// Records, inside the open transaction, that `epoch` of this producer's output is
+    /// committed: as the committed offset of `marker`'s private consumer group on partition 0
+    /// of `topic`. Kafka commits it atomically with the transaction's records, so after a
+    /// crash [`committed_epoch`] says exactly which epochs reached the topic.
+    pub fn mark_epoch(
+        &mut self,
+        marker: &BaseConsumer,
+        topic: &str,
+        epoch: u64,
+    ) -> Result<(), TxnError> {
+        self.expect("mark", &[TxnState::Open])?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, Offset::Offset(epoch as i64))
+            .map_err(|e| self.fail("mark", e))?;
+        let meta = marker.group_metadata().ok_or_else(|| TxnError::State {
+            id: self.id.clone(),
+            op: "mark (the marker consumer has no group)",
+            state: self.state,
+        })?;
         self.producer
-            .send(record)
-            .map_err(|(e, _)| self.fail("send", e))
+            .send_offsets_to_transaction(&tpl, &meta, self.timeout)
+            .map_err(|e| self.fail("send_offsets_to_transaction", e))
     }
 
     /// Flushes: every record sent in the transaction is acknowledged (first phase).
@@ -199,6 +228,42 @@ impl TransactionalProducer {
         self.state = TxnState::Ready;
         Ok(())
     }
+}
+
+/// A consumer of the private group `<transactional id>-epochs` whose committed offsets mark
+/// the committed epochs (never used to read records).
+pub fn epoch_marker(
+    bootstrap: &str,
+    transactional_id: &str,
+    extra: &[(&str, &str)],
+) -> Result<BaseConsumer, KafkaError> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("{transactional_id}-epochs"))
+        .set("enable.auto.commit", "false")
+        // Offsets of transactions still in flight are not returned (KIP-447).
+        .set("isolation.level", "read_committed");
+    for (k, v) in extra {
+        config.set(*k, *v);
+    }
+    config.create()
+}
+
+/// The newest epoch marked committed on partition 0 of `topic` (see
+/// [`TransactionalProducer::mark_epoch`]); `None` before the first.
+pub fn committed_epoch(
+    marker: &BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Option<u64>, KafkaError> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, 0);
+    let got = marker.committed_offsets(tpl, timeout)?;
+    Ok(got.elements().first().and_then(|e| match e.offset() {
+        Offset::Offset(n) if n >= 0 => Some(n as u64),
+        _ => None,
+    }))
 }
 
 #[cfg(test)]
@@ -244,7 +309,7 @@ mod tests {
         let mut p = TransactionalProducer::open(&bootstrap, "sink-0", T, &[]).unwrap();
         assert_eq!(p.state(), TxnState::Ready);
         assert!(matches!(
-            p.send("out", None, b"x"),
+            p.send(BaseRecord::to("out").payload(&b"x"[..])),
             Err(TxnError::State { op: "send", .. })
         ));
         assert!(matches!(
@@ -254,7 +319,8 @@ mod tests {
         p.begin().unwrap();
         assert!(matches!(p.begin(), Err(TxnError::State { .. })));
         for i in 0..10u8 {
-            p.send("out", Some(&[i]), &[i; 8]).unwrap();
+            p.send(BaseRecord::to("out").key(&[i][..]).payload(&[i; 8][..]))
+                .unwrap();
         }
         assert!(matches!(
             p.commit(),
@@ -270,7 +336,8 @@ mod tests {
         assert_eq!(p.state(), TxnState::Ready);
         // A second transaction, aborted.
         p.begin().unwrap();
-        p.send("out", None, b"aborted").unwrap();
+        p.send(BaseRecord::to("out").payload(&b"aborted"[..]))
+            .unwrap();
         p.abort().unwrap();
         assert_eq!(p.state(), TxnState::Ready);
         // The mock cluster does not hide aborted records from read_committed readers (see
@@ -291,7 +358,8 @@ mod tests {
         let bootstrap = cluster.bootstrap_servers();
         let mut old = TransactionalProducer::open(&bootstrap, "sink-1", T, &[]).unwrap();
         old.begin().unwrap();
-        old.send("out", None, b"from the old incarnation").unwrap();
+        old.send(BaseRecord::to("out").payload(&b"from the old incarnation"[..]))
+            .unwrap();
         old.pre_commit().unwrap();
         cluster.request_errors(
             RDKafkaApiKey::EndTxn,

@@ -218,6 +218,9 @@ pub struct SubtaskContext {
     pub transactional: bool,
     /// The deployment attempt (generation), so files of an older attempt are never reused.
     pub attempt: u64,
+    /// The job's id (names external resources that must not collide between jobs, such as
+    /// Kafka transactional ids).
+    pub job: String,
 }
 
 /// Creates instances of one validated operator.
@@ -586,6 +589,7 @@ pub(crate) mod testing {
             collect: Arc::new(Collected::default()),
             transactional: false,
             attempt: 1,
+            job: "test-job".into(),
         }
     }
 

@@ -85,6 +85,7 @@ pub fn build_runner(
             collect: env.collect.clone(),
             transactional: env.checkpoints.is_some(),
             attempt: env.attempt,
+            job: job.to_string(),
         };
         let instance = vertex
             .factory
