@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod resource_manager;
 pub mod rest;
 pub mod store;
+pub mod ui;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -135,17 +135,22 @@ pub struct Overview {
 /// Cluster overview.
 #[utoipa::path(get, path = "/overview", responses((status = 200, body = Overview)))]
 pub async fn overview(state: web::Data<ApiState>) -> HttpResponse {
-    let (tms, jobs, events) = match (
-        state.rm.send(ListTaskManagers).await,
-        state.dispatcher.send(ListJobs).await,
-        state.rm.send(GetEvents).await,
-    ) {
-        (Ok(t), Ok(j), Ok(e)) => (t, j, e),
-        (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => return unavailable(e),
-    };
+    match overview_of(&state).await {
+        Ok(o) => HttpResponse::Ok().json(o),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// The cluster overview (REST and the dashboard's event stream).
+pub async fn overview_of(state: &ApiState) -> Result<Overview, actix::MailboxError> {
+    let (tms, jobs, events) = (
+        state.rm.send(ListTaskManagers).await?,
+        state.dispatcher.send(ListJobs).await?,
+        state.rm.send(GetEvents).await?,
+    );
     let count = |s: JobState| jobs.iter().filter(|j| j.state == s).count();
     let alive: Vec<&TaskManagerView> = tms.iter().filter(|t| t.state == "ALIVE").collect();
-    HttpResponse::Ok().json(Overview {
+    Ok(Overview {
         taskmanagers: alive.len(),
         taskmanagers_dead: tms.len() - alive.len(),
         slots_total: alive.iter().map(|t| t.slots).sum(),
@@ -614,6 +619,7 @@ pub async fn prometheus_metrics(state: web::Data<ApiState>) -> HttpResponse {
         job_checkpoints,
         trigger_checkpoint,
         job_failovers,
+        crate::ui::examples,
         list_taskmanagers,
         get_taskmanager,
         kill_taskmanager,
@@ -658,7 +664,11 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
 
 /// Registers every route.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/overview", web::get().to(overview))
+    cfg.route("/", web::get().to(crate::ui::index))
+        .route("/ui/{file}", web::get().to(crate::ui::file))
+        .route("/events", web::get().to(crate::ui::events))
+        .route("/examples", web::get().to(crate::ui::examples))
+        .route("/overview", web::get().to(overview))
         .route("/jobs", web::get().to(list_jobs))
         .route("/jobs", web::post().to(submit_job))
         .route("/jobs/{id}", web::get().to(get_job))
