@@ -81,6 +81,7 @@ pub async fn run(
     }
     let url = format!("http://{}", jm.rest_addr);
     println!("Weir is running: {taskmanagers} task managers with {slots} slots each.");
+    println!("  Dashboard:  {url}/");
     println!("  REST API:   {url}  (e.g. curl {url}/overview)");
     println!("  CLI:        weir --url {url} list");
     if let Some(token) = &config.api_token {
