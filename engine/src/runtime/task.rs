@@ -165,8 +165,6 @@ pub enum Command {
 #[rtype(result = "()")]
 pub struct SubtaskCommand(pub Command);
 
-type Control = Command;
-
 /// How a subtask ended.
 #[derive(Debug)]
 pub enum SubtaskOutcome {
@@ -193,8 +191,8 @@ pub struct SubtaskActor {
     id: SubtaskId,
     /// The loop, until `started` spawns it.
     runner: Option<SubtaskRunner>,
-    control: mpsc::UnboundedSender<Control>,
-    control_rx: Option<mpsc::UnboundedReceiver<Control>>,
+    control: mpsc::UnboundedSender<Command>,
+    control_rx: Option<mpsc::UnboundedReceiver<Command>>,
     /// Where the outcome goes.
     report: Recipient<SubtaskEvent>,
 }
@@ -248,7 +246,7 @@ enum Stop {
 }
 
 impl SubtaskRunner {
-    async fn run(mut self, mut control: mpsc::UnboundedReceiver<Control>) -> SubtaskOutcome {
+    async fn run(mut self, mut control: mpsc::UnboundedReceiver<Command>) -> SubtaskOutcome {
         debug!("Subtask started.");
         let mut result = if self.source.is_some() {
             self.run_source(&mut control).await
@@ -281,7 +279,7 @@ impl SubtaskRunner {
 
     async fn run_source(
         &mut self,
-        control: &mut mpsc::UnboundedReceiver<Control>,
+        control: &mut mpsc::UnboundedReceiver<Command>,
     ) -> Result<(), Stop> {
         let mut batch: Vec<Record> = Vec::with_capacity(self.batch_size);
         let mut last_wm_at = tokio::time::Instant::now();
@@ -338,7 +336,7 @@ impl SubtaskRunner {
 
     async fn run_inputs(
         &mut self,
-        control: &mut mpsc::UnboundedReceiver<Control>,
+        control: &mut mpsc::UnboundedReceiver<Command>,
     ) -> Result<(), Stop> {
         let mut emitted_wm = i64::MIN;
         // The checkpoint being aligned and when its first barrier arrived.
@@ -510,7 +508,7 @@ impl SubtaskRunner {
     /// checkpoint (taken on `Trigger`) to complete, committing what sinks staged.
     async fn await_final_checkpoint(
         &mut self,
-        control: &mut mpsc::UnboundedReceiver<Control>,
+        control: &mut mpsc::UnboundedReceiver<Command>,
     ) -> Result<(), Stop> {
         let Some(reporter) = self.checkpoints.clone() else {
             return Ok(());
