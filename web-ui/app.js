@@ -1,4 +1,4 @@
-// Weir dashboard: a hash router over three pages, fed by the job manager's server-sent
+// Weir dashboard: a hash router over four pages, fed by the job manager's server-sent
 // events (`/events`, one snapshot a second) with polling as the fallback when the stream
 // drops. Pages update their parts in place, so forms keep their input and nothing jumps.
 
@@ -80,13 +80,14 @@ function route() {
   const parts = h.split("/").filter(Boolean);
   if (parts[0] === "jobs" && parts[1]) return { name: "job", id: parts[1] };
   if (parts[0] === "jobs") return { name: "jobs" };
+  if (parts[0] === "taskmanagers" && parts[1]) return { name: "tm", id: parts[1] };
   return { name: "overview" };
 }
 
 function render(navigated) {
   const r = route();
   document.querySelectorAll("[data-nav]").forEach((a) =>
-    a.classList.toggle("active", a.dataset.nav === (r.name === "job" ? "jobs" : r.name)));
+    a.classList.toggle("active", a.dataset.nav === ({ job: "jobs", tm: "overview" }[r.name] || r.name)));
   const key = r.name + (r.id || "");
   if (navigated || state.page !== key) {
     state.page = key;
@@ -120,6 +121,13 @@ document.addEventListener("click", async (e) => {
   if (a === "kill-tm") {
     if (!confirm(`Kill task manager ${el.dataset.id}?\n\nIts process exits at once, like a crash; jobs running on it fail over.`)) return;
     const r = await api("POST", `/taskmanagers/${el.dataset.id}/kill`);
+    if (r.status === 401) return askToken();
+    if (r.status >= 400) alert((r.body?.errors || ["failed"]).join("\n"));
+  }
+  if (a === "kill-subtask") {
+    const { job, task, subtask, name, tm } = el.dataset;
+    if (!confirm(`Kill subtask ${name} #${subtask} on task manager ${short(tm)}?\n\nIt fails at once, like a crash; the job recovers as its checkpointing mode says (without checkpoints it fails).`)) return;
+    const r = await api("POST", `/jobs/${job}/tasks/${task}/${subtask}/kill`);
     if (r.status === 401) return askToken();
     if (r.status >= 400) alert((r.body?.errors || ["failed"]).join("\n"));
   }
@@ -171,6 +179,13 @@ const skeleton = {
     <section class="panel"><h2>Checkpoints</h2><div id="checkpoints"></div></section>
     <section class="panel"><h2>Subtasks</h2><div id="subtasks"></div></section>
     <section class="panel"><h2>Exceptions</h2><div id="exceptions"></div></section>`,
+  tm: (r) => `
+    <div class="head" id="tm-head"><h1>Task manager <span class="mono">${esc(short(r.id))}</span></h1></div>
+    <div class="cards" id="tm-cards"></div>
+    <div class="grid2">
+      <section class="panel"><h2>Subtasks</h2><div id="tm-subtasks"></div></section>
+      <section class="panel"><h2>Heartbeats (gap between two, ms)</h2><div id="tm-heartbeats"></div></section>
+    </div>`,
 };
 
 const bind = {
@@ -210,26 +225,26 @@ async function submit() {
 const update = {
   overview: () => {
     const { overview: o, taskmanagers } = state.tick;
-    document.getElementById("cards").innerHTML = `
+    setHtml("cards", `
       <div class="card"><div class="label">Task managers</div><div class="value">${o.taskmanagers} <small>alive · ${o.taskmanagers_dead} dead</small></div></div>
-      <div class="card"><div class="label">Slots</div><div class="value">${o.slots_total}</div></div>
+      <div class="card"><div class="label">Slots</div><div class="value">${o.slots_used} <small>used of ${o.slots_total}</small></div>${meter(o.slots_used, o.slots_total)}</div>
+      <div class="card"><div class="label">Cache memory</div><div class="value">${fmtBytes(o.cache_bytes)} <small>of ${fmtBytes(o.cache_limit)}</small></div>${meter(o.cache_bytes, o.cache_limit)}</div>
       <div class="card"><div class="label">Jobs</div><div class="value">${o.jobs_running} <small>running · ${o.jobs_finished} finished · ${o.jobs_failed} failed</small></div></div>
-      <div class="card"><div class="label">Throughput</div><div class="value">${fmtRate(o.throughput)}</div>${sparkline(state.throughput.map((p) => p[1]))}</div>`;
+      <div class="card"><div class="label">Throughput</div><div class="value">${fmtRate(o.throughput)}</div>${sparkline(state.throughput.map((p) => p[1]))}</div>`);
     const rows = taskmanagers.map((t) => `<tr>
-        <td class="nowrap"><span class="swatch" style="background:${tmColor(state.colors, t.id)}"></span><span class="mono" title="${esc(t.id)}">${esc(short(t.id))}</span></td>
+        <td class="nowrap">${tmLink(t.id)}</td>
         <td>${badge(t.state)}</td>
-        <td class="num">${t.slots}</td>
+        <td class="num">${t.state === "ALIVE" ? `${t.slots_used} / ${t.slots}` : "–"}</td>
+        <td class="num">${t.cache ? `${fmtBytes(t.cache.bytes)} ${meter(t.cache.bytes, t.cache.limit)}` : "–"}</td>
         <td class="num">${t.state === "ALIVE" ? t.heartbeat_age_ms + " ms" : "–"}</td>
-        <td class="mono">${esc(t.data_addr)}</td>
-        <td class="num">${t.pid}</td>
         <td>${t.state === "ALIVE" ? `<button class="danger" data-action="kill-tm" data-id="${esc(t.id)}" ${canMutate() ? "" : "disabled"}>Kill</button>` : esc(t.death_reason || "")}</td>
       </tr>`).join("");
-    document.getElementById("tms").innerHTML = taskmanagers.length
-      ? `<table><thead><tr><th>Id</th><th>State</th><th class="num">Slots</th><th class="num">Heartbeat age</th><th>Data plane</th><th class="num">Pid</th><th></th></tr></thead><tbody>${rows}</tbody></table>${authNote()}`
-      : `<div class="empty">No task manager has registered.</div>`;
-    document.getElementById("events").innerHTML = o.events.length
-      ? `<table><tbody>${o.events.slice(0, 12).map((e) => `<tr><td class="num">${fmtTime(e.at)}</td><td class="nowrap"><span class="swatch" style="background:${tmColor(state.colors, e.taskmanager)}"></span><span class="mono">${esc(short(e.taskmanager))}</span></td><td>${badge(e.kind === "LOST" ? "DEAD" : "ALIVE")}</td><td class="sub">${esc(e.detail)}</td></tr>`).join("")}</tbody></table>`
-      : `<div class="empty">No events yet.</div>`;
+    setHtml("tms", taskmanagers.length
+      ? `<table><thead><tr><th>Id</th><th>State</th><th class="num">Slots used</th><th class="num">Cache memory</th><th class="num">Heartbeat age</th><th></th></tr></thead><tbody>${rows}</tbody></table>${authNote()}`
+      : `<div class="empty">No task manager has registered.</div>`);
+    setHtml("events", o.events.length
+      ? `<table><tbody>${o.events.slice(0, 12).map((e) => `<tr><td class="num">${fmtTime(e.at)}</td><td class="nowrap">${tmLink(e.taskmanager)}</td><td>${badge(e.kind === "LOST" ? "DEAD" : "ALIVE")}</td><td class="sub">${esc(e.detail)}</td></tr>`).join("")}</tbody></table>`
+      : `<div class="empty">No events yet.</div>`);
   },
 
   jobs: () => {
@@ -241,9 +256,9 @@ const update = {
         <td class="num">${fmtDuration(j.duration)}</td>
         <td class="num">${fmtRate(j.throughput)}</td>
       </tr>`).join("");
-    document.getElementById("joblist").innerHTML = state.tick.jobs.length
+    setHtml("joblist", state.tick.jobs.length
       ? `<table><thead><tr><th>Name</th><th>State</th><th>Mode</th><th class="num">Started</th><th class="num">Duration</th><th class="num">Throughput</th></tr></thead><tbody>${rows}</tbody></table>`
-      : `<div class="empty">No jobs yet: submit one below.</div>`;
+      : `<div class="empty">No jobs yet: submit one below.</div>`);
     document.getElementById("submit").disabled = !canMutate();
   },
 
@@ -263,7 +278,86 @@ const update = {
     }
     renderJob(d.body, c.body, f.body?.failovers || []);
   },
+
+  tm: async (r) => {
+    let d;
+    try {
+      d = await api("GET", `/taskmanagers/${r.id}`);
+    } catch (_) {
+      return;
+    }
+    if (state.page !== "tm" + r.id) return;
+    if (d.status !== 200) {
+      main.innerHTML = `<h1>Task manager ${esc(short(r.id))}</h1><div class="error">${esc((d.body?.errors || ["not found"]).join("\n"))}</div>`;
+      return;
+    }
+    renderTaskManager(d.body);
+  },
 };
+
+function renderTaskManager(t) {
+  const alive = t.state === "ALIVE";
+  setHtml("tm-head", `
+    <h1>Task manager <span class="mono">${esc(short(t.id))}</span></h1>${badge(t.state)}
+    <span class="meta"><span class="swatch" style="background:${tmColor(state.colors, t.id)}"></span><span class="mono">${esc(t.id)}</span> · pid ${t.pid} · data plane <span class="mono">${esc(t.data_addr)}</span></span>
+    <span class="spacer" style="flex:1"></span>
+    <div class="actions"><button class="danger" data-action="kill-tm" data-id="${esc(t.id)}" ${alive && canMutate() ? "" : "disabled"}>Kill task manager</button></div>`);
+  const c = t.cache;
+  setHtml("tm-cards", `
+    <div class="card"><div class="label">Slots</div><div class="value">${alive ? t.slots_used : "–"} <small>used of ${t.slots}</small></div>${meter(alive ? t.slots_used : 0, t.slots)}</div>
+    <div class="card"><div class="label">Heartbeat</div><div class="value">${alive ? t.heartbeat_age_ms + " <small>ms ago</small>" : "–"}</div></div>
+    <div class="card"><div class="label">Cache memory</div><div class="value">${c ? fmtBytes(c.bytes) : "–"} <small>${c ? "of " + fmtBytes(c.limit) : ""}</small></div>${c ? meter(c.bytes, c.limit) : ""}</div>
+    <div class="card"><div class="label">Cache partitions</div><div class="value">${c ? c.primaries : "–"} <small>${c ? `primary · ${c.backups} backup` : ""}</small></div></div>
+    <div class="card"><div class="label">Cache entries</div><div class="value">${c ? fmtNum(c.map_entries) : "–"} <small>${c ? `map · ${fmtNum(c.list_items)} list items` : ""}</small></div></div>
+    <div class="card"><div class="label">${alive ? "Registered" : "Died"}</div><div class="value">${fmtTime(alive ? t.registered : t.died)}</div><div class="sub cause" title="${esc(t.death_reason || "")}">${esc(shortIds(t.death_reason || ""))}</div></div>`);
+  const rows = t.subtasks.map((s) => `<tr>
+      <td><a href="#/jobs/${esc(s.job)}">${esc(s.job_name)}</a></td>
+      <td>${esc(s.task_name)} <span class="sub">#${s.subtask}</span></td>
+      <td>${badge(s.state)}</td>
+      <td class="num">${fmtRate(s.records_in_per_sec)}</td>
+      <td>${killSubtask(s.job, s.task, s.task_name, { ...s, taskmanager: t.id }, alive)}</td>
+    </tr>`).join("");
+  setHtml("tm-subtasks", rows
+    ? `<table><thead><tr><th>Job</th><th>Task</th><th>State</th><th class="num">In/s</th><th></th></tr></thead><tbody>${rows}</tbody></table>${authNote()}`
+    : `<div class="empty">${alive ? "No subtask of a running job is placed here." : "Dead: its subtasks were moved."}</div>`);
+  // Heartbeat arrival times, reconstructed backwards from the last one.
+  let at = t.last_heartbeat;
+  const points = t.heartbeat_gaps_ms.slice().reverse().map((g) => { const p = [at, g]; at -= g; return p; }).reverse();
+  const end = alive ? Date.now() : t.last_heartbeat;
+  const span = Math.max(1000, end - (points[0]?.[0] ?? end));
+  setHtml("tm-heartbeats", points.length > 1
+    ? lineChart([{ name: "gap", color: tmColor(state.colors, t.id), values: points }], span, end, { height: 120, fmt: (v) => `${Math.round(v)} ms` })
+      + `<div class="sub">Last ${points.length} gaps: median ${median(t.heartbeat_gaps_ms)} ms, longest ${Math.max(...t.heartbeat_gaps_ms)} ms.</div>`
+    : `<div class="empty">Not enough heartbeats yet.</div>`);
+}
+
+// Replaces an element's content only when it changed: a button under the pointer survives
+// the next tick, and unchanged parts cost nothing.
+const shown = new WeakMap(); // element -> the HTML it shows
+function setHtml(id, html) {
+  const el = document.getElementById(id);
+  if (el && shown.get(el) !== html) {
+    el.innerHTML = html;
+    shown.set(el, html);
+  }
+}
+
+const median = (xs) => xs.slice().sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+
+function killSubtask(job, task, name, s, enabled) {
+  if (s.state !== "RUNNING") return "";
+  return `<button class="danger small" data-action="kill-subtask" data-job="${esc(job)}" data-task="${task}" data-subtask="${s.subtask}"
+    data-name="${esc(name)}" data-tm="${esc(s.taskmanager)}" ${enabled && canMutate() ? "" : "disabled"}>Kill</button>`;
+}
+
+function tmLink(id) {
+  return `<a class="nowrap" href="#/taskmanagers/${esc(id)}" title="${esc(id)}"><span class="swatch" style="background:${tmColor(state.colors, id)}"></span><span class="mono">${esc(short(id))}</span></a>`;
+}
+
+function meter(value, total) {
+  const pct = total > 0 ? Math.min(100, (value / total) * 100) : 0;
+  return `<span class="meter" title="${pct.toFixed(0)}%"><i style="width:${pct.toFixed(1)}%"></i></span>`;
+}
 
 function renderJob(job, cps, failovers) {
   const now = Date.now();
@@ -278,45 +372,46 @@ function renderJob(job, cps, failovers) {
     hist.set(v.id, series.filter((p) => p[0] >= now - HISTORY_MS));
   });
   const running = !["FINISHED", "CANCELED", "FAILED"].includes(job.state);
-  document.getElementById("job-head").innerHTML = `
+  setHtml("job-head", `
     <h1>${esc(job.name)}</h1>${badge(job.state)}
     <span class="meta mono">${esc(job.jid)}</span>
     <span class="spacer" style="flex:1"></span>
     <div class="actions">
       ${job.mode === "abs" ? `<button data-action="checkpoint" data-id="${esc(job.jid)}" ${running && canMutate() ? "" : "disabled"}>Trigger checkpoint</button>` : ""}
       <button class="danger" data-action="cancel-job" data-id="${esc(job.jid)}" ${running && canMutate() ? "" : "disabled"}>Cancel job</button>
-    </div>`;
-  document.getElementById("job-cards").innerHTML = `
+    </div>`);
+  setHtml("job-cards", `
     <div class="card"><div class="label">Mode</div><div class="value">${esc(job.mode.toUpperCase())}</div></div>
     <div class="card"><div class="label">Duration</div><div class="value">${fmtDuration(job.duration)}</div></div>
     <div class="card"><div class="label">Source throughput</div><div class="value">${fmtRate(job.throughput)}</div></div>
     <div class="card"><div class="label">Restarts</div><div class="value">${job.restarts} <small>generation ${job.generation}</small></div></div>
-    <div class="card"><div class="label">Checkpoints</div><div class="value">${cps?.counts?.completed ?? 0} <small>completed · ${cps?.counts?.failed ?? 0} failed</small></div></div>`;
+    <div class="card"><div class="label">Checkpoints</div><div class="value">${cps?.counts?.completed ?? 0} <small>completed · ${cps?.counts?.failed ?? 0} failed</small></div></div>`);
   const tms = [...new Set(job.vertices.flatMap((v) => v.subtasks.map((s) => s.taskmanager)))];
-  document.getElementById("dag-legend").innerHTML = "Subtasks by task manager: " + tms.map((t) =>
-    `<span style="margin-right:12px"><span class="swatch" style="background:${tmColor(state.colors, t)}"></span><span class="mono">${esc(short(t))}</span></span>`).join("");
-  document.getElementById("dag").innerHTML = renderDag(job, state.colors);
+  setHtml("dag-legend", "Subtasks by task manager: " + tms.map((t) =>
+    `<span style="margin-right:12px"><span class="swatch" style="background:${tmColor(state.colors, t)}"></span><span class="mono">${esc(short(t))}</span></span>`).join(""));
+  setHtml("dag", renderDag(job, state.colors));
   const palette = ["#2f6fde", "#f28e2b", "#59a14f", "#b07aa1", "#e15759", "#76b7b2"];
   const series = job.vertices.map((v, i) => ({ name: v.name, color: palette[i % palette.length], values: hist.get(v.id) }));
   // The window grows with the history this page has seen, up to 5 minutes.
   const first = Math.min(now, ...series.map((s) => (s.values[0] || [now])[0]));
   const span = Math.min(HISTORY_MS, Math.max(10000, now - first));
-  document.getElementById("rate-chart").innerHTML = lineChart(series, span, now);
-  document.getElementById("rate-legend").innerHTML = series.map((s) => `<span><span class="swatch" style="background:${s.color}"></span>${esc(s.name)}</span>`).join("");
+  setHtml("rate-chart", lineChart(series, span, now));
+  setHtml("rate-legend", series.map((s) => `<span><span class="swatch" style="background:${s.color}"></span>${esc(s.name)}</span>`).join(""));
   renderCheckpoints(cps);
   renderFailovers(failovers);
   const rows = job.vertices.flatMap((v) => v.subtasks.map((s) => `<tr>
       <td>${esc(v.name)} <span class="sub">#${s.subtask}</span></td>
       <td>${badge(s.state)}</td>
-      <td class="nowrap"><span class="swatch" style="background:${tmColor(state.colors, s.taskmanager)}"></span><span class="mono">${esc(short(s.taskmanager))}</span></td>
+      <td class="nowrap">${tmLink(s.taskmanager)}</td>
       <td class="num">${fmtNum(s.records_in)}</td><td class="num">${fmtRate(s.records_in_per_sec)}</td>
       <td class="num">${fmtNum(s.records_out)}</td><td class="num">${fmtRate(s.records_out_per_sec)}</td>
       <td><span class="bp" title="${(s.backpressure * 100).toFixed(0)}%"><i style="width:${(s.backpressure * 100).toFixed(0)}%"></i></span></td>
+      <td>${killSubtask(job.jid, v.id, v.name, s, running && job.state === "RUNNING")}</td>
     </tr>`)).join("");
-  document.getElementById("subtasks").innerHTML = `<table><thead><tr><th>Task</th><th>State</th><th>Task manager</th><th class="num">In</th><th class="num">In/s</th><th class="num">Out</th><th class="num">Out/s</th><th>Backpressure</th></tr></thead><tbody>${rows}</tbody></table>`;
-  document.getElementById("exceptions").innerHTML = job.exceptions.length || job.failure
+  setHtml("subtasks", `<table><thead><tr><th>Task</th><th>State</th><th>Task manager</th><th class="num">In</th><th class="num">In/s</th><th class="num">Out</th><th class="num">Out/s</th><th>Backpressure</th><th></th></tr></thead><tbody>${rows}</tbody></table>`);
+  setHtml("exceptions", job.exceptions.length || job.failure
     ? `${job.failure ? `<div class="error">${esc(job.failure)}</div>` : ""}<table><tbody>${job.exceptions.slice().reverse().slice(0, 20).map((e) => `<tr><td class="num">${fmtTime(e.at)}</td><td>${esc(e.location)}</td><td class="sub">${esc(shortIds(e.message))}</td></tr>`).join("")}</tbody></table>`
-    : `<div class="empty">None.</div>`;
+    : `<div class="empty">None.</div>`);
 }
 
 function renderCheckpoints(cps) {

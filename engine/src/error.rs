@@ -49,6 +49,9 @@ pub enum EngineError {
     /// The job was canceled.
     #[error("job canceled")]
     Canceled,
+    /// Killed on request (`POST /jobs/{id}/tasks/{task}/{subtask}/kill`, the dashboard).
+    #[error("killed on request")]
+    Killed,
     /// A broken internal invariant (a channel closed unexpectedly, an actor died).
     #[error("internal: {0}")]
     Internal(String),
@@ -62,7 +65,7 @@ impl EngineError {
             EngineError::Operator { kind, .. } => *kind,
             EngineError::Codec(_) | EngineError::Io { .. } => ErrorKind::External,
             EngineError::Canceled => ErrorKind::User,
-            EngineError::Internal(_) => ErrorKind::Internal,
+            EngineError::Internal(_) | EngineError::Killed => ErrorKind::Internal,
         }
     }
 

@@ -1476,6 +1476,135 @@ impl Handler<GetFailovers> for Dispatcher {
     }
 }
 
+/// Why a subtask could not be killed.
+#[derive(Debug)]
+pub enum KillError {
+    /// No such job or subtask (HTTP 404).
+    Unknown(String),
+    /// Not running (HTTP 409).
+    NotRunning(String),
+}
+
+/// Fail one subtask of a running job, as its crash would (REST, dashboard).
+#[derive(Message)]
+#[rtype(result = "Result<TaskManagerId, KillError>")]
+pub struct KillSubtask {
+    /// The job.
+    pub job: JobId,
+    /// The task.
+    pub task: u32,
+    /// The subtask.
+    pub subtask: u32,
+}
+
+impl Handler<KillSubtask> for Dispatcher {
+    type Result = Result<TaskManagerId, KillError>;
+    fn handle(&mut self, msg: KillSubtask, _ctx: &mut Self::Context) -> Self::Result {
+        let job = self
+            .jobs
+            .get(&msg.job)
+            .ok_or_else(|| KillError::Unknown(format!("no running job '{}'", msg.job)))?;
+        let info = job.subtasks.get(&(msg.task, msg.subtask)).ok_or_else(|| {
+            KillError::Unknown(format!(
+                "job '{}' has no subtask {}.{}",
+                msg.job, msg.task, msg.subtask
+            ))
+        })?;
+        if job.state != JobState::Running || info.state != SubtaskState::Running {
+            return Err(KillError::NotRunning(format!(
+                "subtask {}.{} is {:?} in a {:?} job",
+                msg.task, msg.subtask, info.state, job.state
+            )));
+        }
+        let tm =
+            job.tms.iter().find(|t| t.id == info.tm).ok_or_else(|| {
+                KillError::NotRunning(format!("task manager {} is gone", info.tm))
+            })?;
+        warn!(job = %msg.job, task = msg.task, subtask = msg.subtask, tm = %info.tm, "Killing a subtask on request.");
+        let _ = tm.tx.send(ToTaskManager::KillSubtask {
+            job: msg.job,
+            generation: job.generation,
+            task: msg.task,
+            subtask: msg.subtask,
+        });
+        let killed = info.tm;
+        // Recover now, naming the kill as the cause: the reports that follow (the subtask's
+        // own, its neighbours' broken channels) arrive in any order and are only symptoms.
+        self.fail_over(
+            msg.job,
+            format!(
+                "subtask {}.{} on task manager {killed}",
+                msg.task, msg.subtask
+            ),
+            "killed on request".into(),
+        );
+        Ok(killed)
+    }
+}
+
+/// A subtask of a live job and where it runs (task manager pages).
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct PlacedSubtask {
+    /// Job id.
+    pub job: String,
+    /// Job name.
+    pub job_name: String,
+    /// Task index.
+    pub task: u32,
+    /// Task name (its chained operators).
+    pub task_name: String,
+    /// Subtask index.
+    pub subtask: u32,
+    /// DEPLOYING, RUNNING, FINISHED, FAILED or CANCELED.
+    #[schema(value_type = String)]
+    pub state: SubtaskState,
+    /// The task manager it runs on.
+    pub taskmanager: String,
+    /// Records read per second.
+    pub records_in_per_sec: f64,
+}
+
+/// Where the live jobs run.
+#[derive(Default)]
+pub struct Placements {
+    /// Slots in use per task manager.
+    pub used_slots: HashMap<TaskManagerId, usize>,
+    /// Every subtask of every live job.
+    pub subtasks: Vec<PlacedSubtask>,
+}
+
+/// Where the live jobs run (REST).
+#[derive(Message)]
+#[rtype(result = "Placements")]
+pub struct GetPlacements;
+
+impl Handler<GetPlacements> for Dispatcher {
+    type Result = MessageResult<GetPlacements>;
+    fn handle(&mut self, _msg: GetPlacements, _ctx: &mut Self::Context) -> Self::Result {
+        let subtasks = self
+            .jobs
+            .values()
+            .filter(|j| !j.state.is_terminal())
+            .flat_map(|j| {
+                j.subtasks.iter().map(|((t, s), i)| PlacedSubtask {
+                    job: j.id.to_string(),
+                    job_name: j.spec.name.clone(),
+                    task: *t,
+                    task_name: j.graph.tasks[*t as usize].name.clone(),
+                    subtask: *s,
+                    state: i.state,
+                    taskmanager: i.tm.to_string(),
+                    records_in_per_sec: i.rate_in,
+                })
+            })
+            .collect();
+        MessageResult(Placements {
+            used_slots: self.used_slots(None),
+            subtasks,
+        })
+    }
+}
+
 impl Handler<TaskManagerLost> for Dispatcher {
     type Result = ();
     fn handle(&mut self, msg: TaskManagerLost, _ctx: &mut Self::Context) {

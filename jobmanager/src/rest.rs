@@ -16,12 +16,13 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use utoipa::OpenApi;
 
-use crate::cache_master::{CacheMaster, CacheView, ClearLost, GetCache, GetTable};
+use crate::cache_master::{CacheMaster, CacheView, ClearLost, GetCache, GetTable, MemberView};
 use crate::checkpoints::CheckpointsView;
 use crate::dispatcher::{
     CancelJob, Dispatcher, FailoverEvent, GetCheckpoints, GetFailovers, GetJob, GetOutput,
-    JobDetail, JobState, JobSummary, ListJobs, ListOperatorMetrics, OutputPage, SubmitError,
-    SubmitJob, TriggerCheckpoint, TriggerError,
+    GetPlacements, JobDetail, JobState, JobSummary, KillError, KillSubtask, ListJobs,
+    ListOperatorMetrics, OutputPage, PlacedSubtask, SubmitError, SubmitJob, TriggerCheckpoint,
+    TriggerError,
 };
 use crate::resource_manager::{
     ClusterEvent, GetEvents, KillTaskManager, ListTaskManagers, ResourceManager, TaskManagerView,
@@ -116,6 +117,12 @@ pub struct Overview {
     pub taskmanagers_dead: usize,
     /// Slots of alive task managers.
     pub slots_total: u32,
+    /// Slots of alive task managers in use by live jobs.
+    pub slots_used: u32,
+    /// Bytes held by the distributed cache over all members.
+    pub cache_bytes: u64,
+    /// Sum of the members' cache limits.
+    pub cache_limit: u64,
     /// Jobs running (or starting).
     pub jobs_running: usize,
     /// Jobs finished.
@@ -143,17 +150,30 @@ pub async fn overview(state: web::Data<ApiState>) -> HttpResponse {
 
 /// The cluster overview (REST and the dashboard's event stream).
 pub async fn overview_of(state: &ApiState) -> Result<Overview, actix::MailboxError> {
-    let (tms, jobs, events) = (
-        state.rm.send(ListTaskManagers).await?,
+    let (tms, jobs) = (
+        taskmanagers_of(state).await?,
         state.dispatcher.send(ListJobs).await?,
-        state.rm.send(GetEvents).await?,
     );
+    Ok(summarize(&tms, &jobs, state.rm.send(GetEvents).await?))
+}
+
+/// The overview of these task managers and jobs.
+pub fn summarize(
+    tms: &[TaskManagerInfo],
+    jobs: &[JobSummary],
+    events: Vec<ClusterEvent>,
+) -> Overview {
     let count = |s: JobState| jobs.iter().filter(|j| j.state == s).count();
-    let alive: Vec<&TaskManagerView> = tms.iter().filter(|t| t.state == "ALIVE").collect();
-    Ok(Overview {
+    let alive: Vec<&TaskManagerInfo> = tms.iter().filter(|t| t.view.state == "ALIVE").collect();
+    let cache =
+        |f: fn(&CacheUse) -> u64| alive.iter().filter_map(|t| t.cache.as_ref()).map(f).sum();
+    Overview {
         taskmanagers: alive.len(),
         taskmanagers_dead: tms.len() - alive.len(),
-        slots_total: alive.iter().map(|t| t.slots).sum(),
+        slots_total: alive.iter().map(|t| t.view.slots).sum(),
+        slots_used: alive.iter().map(|t| t.slots_used).sum(),
+        cache_bytes: cache(|c| c.bytes),
+        cache_limit: cache(|c| c.limit),
         jobs_running: jobs.iter().filter(|j| !j.state.is_terminal()).count(),
         jobs_finished: count(JobState::Finished),
         jobs_cancelled: count(JobState::Canceled),
@@ -161,7 +181,89 @@ pub async fn overview_of(state: &ApiState) -> Result<Overview, actix::MailboxErr
         throughput: jobs.iter().map(|j| j.throughput).sum(),
         version: env!("CARGO_PKG_VERSION"),
         events: events.into_iter().rev().take(50).collect(),
-    })
+    }
+}
+
+/// A task manager's share of the cache.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct CacheUse {
+    /// Bytes held.
+    pub bytes: u64,
+    /// Its limit.
+    pub limit: u64,
+    /// Partitions it is primary of.
+    pub primaries: u32,
+    /// Partitions it holds a backup of.
+    pub backups: u32,
+    /// Map entries.
+    pub map_entries: u64,
+    /// List items.
+    pub list_items: u64,
+}
+
+impl From<&MemberView> for CacheUse {
+    fn from(m: &MemberView) -> CacheUse {
+        CacheUse {
+            bytes: m.stats.bytes,
+            limit: m.stats.limit,
+            primaries: m.primaries,
+            backups: m.backups,
+            map_entries: m.stats.map_entries,
+            list_items: m.stats.list_items,
+        }
+    }
+}
+
+/// A task manager with what runs on it.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct TaskManagerInfo {
+    /// What the registry knows.
+    #[serde(flatten)]
+    pub view: TaskManagerView,
+    /// Slots in use by live jobs.
+    pub slots_used: u32,
+    /// Its cache share (alive members only).
+    pub cache: Option<CacheUse>,
+}
+
+/// Every task manager with its slot and cache use; `subtasks` gets the subtasks of live
+/// jobs as well.
+async fn task_managers(
+    state: &ApiState,
+) -> Result<(Vec<TaskManagerInfo>, Vec<PlacedSubtask>), actix::MailboxError> {
+    let (tms, placements, cache) = (
+        state.rm.send(ListTaskManagers).await?,
+        state.dispatcher.send(GetPlacements).await?,
+        state.cache.send(GetCache).await?,
+    );
+    let infos = tms
+        .into_iter()
+        .map(|view| {
+            let used = placements
+                .used_slots
+                .iter()
+                .find(|(id, _)| id.to_string() == view.id)
+                .map_or(0, |(_, n)| *n as u32);
+            let cache = cache
+                .members
+                .iter()
+                .find(|m| m.id == view.id)
+                .map(CacheUse::from);
+            TaskManagerInfo {
+                view,
+                slots_used: used,
+                cache,
+            }
+        })
+        .collect();
+    Ok((infos, placements.subtasks))
+}
+
+/// Every task manager with its slot and cache use (REST and the dashboard's event stream).
+pub async fn taskmanagers_of(
+    state: &ApiState,
+) -> Result<Vec<TaskManagerInfo>, actix::MailboxError> {
+    Ok(task_managers(state).await?.0)
 }
 
 /// The job list.
@@ -449,28 +551,44 @@ pub async fn job_metrics(path: web::Path<String>, state: web::Data<ApiState>) ->
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct TaskManagerList {
     /// Every task manager that registered, alive or dead.
-    pub taskmanagers: Vec<TaskManagerView>,
+    pub taskmanagers: Vec<TaskManagerInfo>,
+}
+
+/// One task manager and the subtasks it runs.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct TaskManagerDetail {
+    /// The task manager.
+    #[serde(flatten)]
+    pub info: TaskManagerInfo,
+    /// Subtasks of live jobs placed on it.
+    pub subtasks: Vec<PlacedSubtask>,
 }
 
 /// List task managers.
 #[utoipa::path(get, path = "/taskmanagers", responses((status = 200, body = TaskManagerList)))]
 pub async fn list_taskmanagers(state: web::Data<ApiState>) -> HttpResponse {
-    match state.rm.send(ListTaskManagers).await {
+    match taskmanagers_of(&state).await {
         Ok(taskmanagers) => HttpResponse::Ok().json(TaskManagerList { taskmanagers }),
         Err(e) => unavailable(e),
     }
 }
 
 /// One task manager.
-#[utoipa::path(get, path = "/taskmanagers/{id}", responses((status = 200, body = TaskManagerView), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/taskmanagers/{id}", responses((status = 200, body = TaskManagerDetail), (status = 404, body = ErrorBody)))]
 pub async fn get_taskmanager(path: web::Path<String>, state: web::Data<ApiState>) -> HttpResponse {
     let id = match parse_tm(&path) {
         Ok(id) => id,
         Err(r) => return r,
     };
-    match state.rm.send(ListTaskManagers).await {
-        Ok(tms) => match tms.into_iter().find(|t| t.id == id.to_string()) {
-            Some(t) => HttpResponse::Ok().json(t),
+    match task_managers(&state).await {
+        Ok((tms, subtasks)) => match tms.into_iter().find(|t| t.view.id == id.to_string()) {
+            Some(info) => HttpResponse::Ok().json(TaskManagerDetail {
+                subtasks: subtasks
+                    .into_iter()
+                    .filter(|s| s.taskmanager == info.view.id)
+                    .collect(),
+                info,
+            }),
             None => error(StatusCode::NOT_FOUND, format!("no task manager '{id}'")),
         },
         Err(e) => unavailable(e),
@@ -504,6 +622,49 @@ pub async fn kill_taskmanager(
             error(StatusCode::NOT_FOUND, format!("no task manager '{id}'"))
         }
         Ok(Err(m)) => error(StatusCode::CONFLICT, m),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// Which subtask `POST /jobs/{id}/tasks/{task}/{subtask}/kill` killed.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct SubtaskKilled {
+    /// The task manager it ran on.
+    pub taskmanager: String,
+}
+
+/// Fail one running subtask at once, as its crash would; the job recovers as its
+/// fault-tolerance mode says (ABS: restart from the last checkpoint; none: the job fails).
+#[utoipa::path(post, path = "/jobs/{id}/tasks/{task}/{subtask}/kill", responses((status = 200, body = SubtaskKilled), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn kill_subtask(
+    req: HttpRequest,
+    path: web::Path<(String, String, String)>,
+    state: web::Data<ApiState>,
+) -> HttpResponse {
+    if let Err(r) = authorize(&req, &state) {
+        return r;
+    }
+    let (job, task, subtask) = path.into_inner();
+    let job = match parse_job(&job) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let (Ok(task), Ok(subtask)) = (task.parse(), subtask.parse()) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no subtask '{task}/{subtask}' (task and subtask are indexes)"),
+        );
+    };
+    match state
+        .dispatcher
+        .send(KillSubtask { job, task, subtask })
+        .await
+    {
+        Ok(Ok(tm)) => HttpResponse::Ok().json(SubtaskKilled {
+            taskmanager: tm.to_string(),
+        }),
+        Ok(Err(KillError::Unknown(m))) => error(StatusCode::NOT_FOUND, m),
+        Ok(Err(KillError::NotRunning(m))) => error(StatusCode::CONFLICT, m),
         Err(e) => unavailable(e),
     }
 }
@@ -619,6 +780,7 @@ pub async fn prometheus_metrics(state: web::Data<ApiState>) -> HttpResponse {
         job_checkpoints,
         trigger_checkpoint,
         job_failovers,
+        kill_subtask,
         crate::ui::examples,
         list_taskmanagers,
         get_taskmanager,
@@ -641,7 +803,9 @@ pub async fn prometheus_metrics(state: web::Data<ApiState>) -> HttpResponse {
         JobMetrics,
         TaskMetricsView,
         TaskManagerList,
+        TaskManagerDetail,
         Killed,
+        SubtaskKilled,
         CacheView,
         EntryPage,
         Cleared
@@ -678,6 +842,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/jobs/{id}/checkpoints", web::get().to(job_checkpoints))
         .route("/jobs/{id}/checkpoints", web::post().to(trigger_checkpoint))
         .route("/jobs/{id}/failovers", web::get().to(job_failovers))
+        .route(
+            "/jobs/{id}/tasks/{task}/{subtask}/kill",
+            web::post().to(kill_subtask),
+        )
         .route("/taskmanagers", web::get().to(list_taskmanagers))
         .route("/taskmanagers/{id}", web::get().to(get_taskmanager))
         .route("/taskmanagers/{id}/kill", web::post().to(kill_taskmanager))

@@ -10,7 +10,7 @@ use actix_web::{web, HttpResponse};
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::rest::{overview_of, ApiState, Overview};
+use crate::rest::{ApiState, Overview};
 
 /// (name, content type, contents) of every dashboard file.
 const FILES: &[(&str, &str, &str)] = &[
@@ -96,7 +96,7 @@ pub async fn examples() -> HttpResponse {
 struct Tick {
     overview: Overview,
     jobs: Vec<crate::dispatcher::JobSummary>,
-    taskmanagers: Vec<crate::resource_manager::TaskManagerView>,
+    taskmanagers: Vec<crate::rest::TaskManagerInfo>,
     auth_required: bool,
 }
 
@@ -128,19 +128,19 @@ pub async fn events(state: web::Data<ApiState>) -> HttpResponse {
 }
 
 async fn snapshot(state: &ApiState) -> Option<Tick> {
-    let overview = overview_of(state).await.ok()?;
+    let taskmanagers = crate::rest::taskmanagers_of(state).await.ok()?;
     let jobs = state
         .dispatcher
         .send(crate::dispatcher::ListJobs)
         .await
         .ok()?;
-    let taskmanagers = state
+    let events = state
         .rm
-        .send(crate::resource_manager::ListTaskManagers)
+        .send(crate::resource_manager::GetEvents)
         .await
         .ok()?;
     Some(Tick {
-        overview,
+        overview: crate::rest::summarize(&taskmanagers, &jobs, events),
         jobs,
         taskmanagers,
         auth_required: state.token.is_some(),

@@ -294,6 +294,20 @@ impl Handler<FromJobManager> for TaskManager {
                     });
                 }
             }
+            ToTaskManager::KillSubtask {
+                job,
+                generation,
+                task,
+                subtask,
+            } => {
+                if let Some(r) = self.deployments.get(&(job, generation)) {
+                    warn!(job = %job, generation = %generation, task, subtask, "Killing a subtask on request.");
+                    r.actor.do_send(ToSubtasks {
+                        command: Command::Kill,
+                        only: Some(vec![(task, subtask)]),
+                    });
+                }
+            }
             ToTaskManager::Deploy(d) => self.deploy(d, ctx),
             ToTaskManager::Cancel { job, generation } => {
                 if let Some(canceled) = self.wiring.get_mut(&(job, generation)) {

@@ -81,6 +81,12 @@ impl Browser {
     }
 
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        self.try_call(method, path, body)
+            .unwrap_or_else(|e| panic!("webdriver {method} {path}: {e}"))
+    }
+
+    /// A WebDriver call; `Err` carries the driver's error code and message.
+    fn try_call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
         let url = format!("{}{}", self.base, path);
         let res = match (method, body) {
             ("GET", _) => self.agent.get(&url).call(),
@@ -88,15 +94,12 @@ impl Browser {
             (_, Some(b)) => self.agent.post(&url).send_json(b),
             (_, None) => self.agent.post(&url).send_json(json!({})),
         };
-        let mut res = res.unwrap_or_else(|e| panic!("webdriver {method} {path}: {e}"));
+        let mut res = res.map_err(|e| e.to_string())?;
         let v: Value = res.body_mut().read_json().unwrap_or(Value::Null);
-        if let Some(err) = v["value"]["error"].as_str() {
-            panic!(
-                "webdriver {method} {path}: {err}: {}",
-                v["value"]["message"]
-            );
+        match v["value"]["error"].as_str() {
+            Some(err) => Err(format!("{err}: {}", v["value"]["message"])),
+            None => Ok(v),
         }
-        v
     }
 
     fn session_call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
@@ -151,34 +154,60 @@ impl Browser {
         }
     }
 
-    /// Clicks the first element matching `css`.
+    /// Clicks the first element matching `css`, finding it again if the page replaced it
+    /// between the lookup and the click (live pages re-render).
     pub fn click(&self, css: &str) {
-        let el = self.session_call(
-            "POST",
-            "/element",
-            Some(json!({"using": "css selector", "value": css})),
-        );
-        let id = el
-            .as_object()
-            .and_then(|o| o.values().next())
-            .and_then(Value::as_str)
-            .unwrap_or_else(|| panic!("no element '{css}'"))
-            .to_string();
-        self.session_call("POST", &format!("/element/{id}/click"), None);
+        let mut attempts = 0;
+        loop {
+            let el = self.session_call(
+                "POST",
+                "/element",
+                Some(json!({"using": "css selector", "value": css})),
+            );
+            let id = el
+                .as_object()
+                .and_then(|o| o.values().next())
+                .and_then(Value::as_str)
+                .unwrap_or_else(|| panic!("no element '{css}'"))
+                .to_string();
+            let path = format!("/session/{}/element/{id}/click", self.session);
+            match self.try_call("POST", &path, None) {
+                Ok(_) => return,
+                Err(e) if e.starts_with("stale element") && attempts < 20 => attempts += 1,
+                Err(e) => panic!("click '{css}': {e}"),
+            }
+        }
     }
 
     /// Accepts the open confirmation dialog, returning its text.
     pub fn accept_dialog(&self) -> String {
+        let text = self.wait_dialog();
+        self.session_call("POST", "/alert/accept", None);
+        text
+    }
+
+    /// Types `answer` into the open prompt and accepts it, returning the prompt's text.
+    pub fn answer_prompt(&self, answer: &str) -> String {
+        let text = self.wait_dialog();
+        self.session_call("POST", "/alert/text", Some(json!({ "text": answer })));
+        self.session_call("POST", "/alert/accept", None);
+        text
+    }
+
+    /// Waits up to 5 s for a dialog to open; returns its text.
+    fn wait_dialog(&self) -> String {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let v = self.call(
+            let open = self.try_call(
                 "GET",
                 &format!("/session/{}/alert/text", self.session),
                 None,
             );
-            if let Some(t) = v["value"].as_str() {
-                self.session_call("POST", "/alert/accept", None);
-                return t.to_string();
+            if let Some(t) = open
+                .ok()
+                .and_then(|v| v["value"].as_str().map(str::to_string))
+            {
+                return t;
             }
             assert!(Instant::now() < deadline, "no dialog opened");
             std::thread::sleep(Duration::from_millis(100));

@@ -1,7 +1,9 @@
 //! The dashboard in a real headless Chromium against a real cluster: the overview lists the
 //! task managers, an invalid spec shows the API's error inline, a submitted job shows its
 //! graph and rising counters, and "kill task manager" (confirmed) marks it dead while the job
-//! page shows the failure and the recovery. No console error may appear. Screenshots go to
+//! page shows the failure and the recovery. With an API token: read-only until the token is
+//! given once, the task manager page (subtasks, slots, cache, heartbeats), and "kill subtask"
+//! followed by the job's recovery. No console error may appear. Screenshots go to
 //! `target/dashboard/`.
 
 use std::path::PathBuf;
@@ -171,6 +173,125 @@ fn dashboard_in_a_real_browser() {
         .into_iter()
         .filter(|e| !e.ends_with("/jobs - Failed to load resource: the server responded with a status of 400 (Bad Request)"))
         .collect();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+    let _ = c.request("DELETE", &format!("/jobs/{jid}"), None, None);
+}
+
+/// Polls `script` (returning a boolean) for up to `timeout`; panics naming `what`.
+fn wait_true(b: &Browser, script: &str, timeout: Duration, what: &str) {
+    let deadline = std::time::Instant::now() + timeout;
+    while b.eval(script, vec![]) != json!(true) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn token_taskmanager_page_and_kill_subtask() {
+    let Some(b) = Browser::start("token_taskmanager_page_and_kill_subtask") else {
+        return;
+    };
+    let c = Cluster::start(ClusterOptions {
+        taskmanagers: 3,
+        slots: 2,
+        token: Some("s3cret".into()),
+        ..Default::default()
+    });
+    let dir = shots();
+    let jid = c.submit(&long_wordcount());
+    c.wait_until(Duration::from_secs(20), "the job running", |c| {
+        c.job(&jid)["state"] == "RUNNING"
+    });
+
+    // Read-only until the token is given; then the buttons work for the whole session.
+    b.goto(&c.url);
+    b.wait_text("#tms", Duration::from_secs(10), "task managers", |t| {
+        t.matches("ALIVE").count() == 3
+    });
+    let kill_buttons_enabled = "return [...document.querySelectorAll(\"button[data-action='kill-tm']\")].every((b) => !b.disabled);";
+    assert_eq!(
+        b.eval(kill_buttons_enabled, vec![]),
+        json!(false),
+        "disabled without the token"
+    );
+    assert!(b.text("#tms").contains("Read-only"), "{}", b.text("#tms"));
+    b.click("a[data-action='token']");
+    let prompt = b.answer_prompt("s3cret");
+    assert!(prompt.contains("API token"), "{prompt}");
+    wait_true(
+        &b,
+        kill_buttons_enabled,
+        Duration::from_secs(5),
+        "enabled kill buttons",
+    );
+    let cards = b.wait_text("#cards", Duration::from_secs(10), "slots in use", |t| {
+        !t.contains("0 used of 6")
+    });
+    assert!(cards.contains("used of 6"), "{cards}");
+    // Card labels are upper-cased by the style sheet; innerText shows them so.
+    assert!(cards.to_lowercase().contains("cache memory"), "{cards}");
+
+    // The page of a task manager running the job's source.
+    let victim = c.job(&jid)["vertices"][0]["subtasks"][0]["taskmanager"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    b.click(&format!("#tms a[href='#/taskmanagers/{victim}']"));
+    let subtasks = b.wait_text(
+        "#tm-subtasks",
+        Duration::from_secs(10),
+        "its subtasks",
+        |t| t.contains("RUNNING"),
+    );
+    assert!(subtasks.contains("wordcount"), "{subtasks}");
+    let cards = b.text("#tm-cards").to_lowercase();
+    assert!(
+        cards.contains("used of 2") && cards.contains("cache partitions"),
+        "{cards}"
+    );
+    b.wait_text(
+        "#tm-heartbeats",
+        Duration::from_secs(10),
+        "a heartbeat chart",
+        |t| t.contains("median"),
+    );
+    b.screenshot(&dir.join("taskmanager.png"));
+
+    // Kill subtask: the REST call refuses a wrong token and an unknown subtask...
+    let (status, _) = c.request(
+        "POST",
+        &format!("/jobs/{jid}/tasks/0/0/kill"),
+        None,
+        Some("wrong"),
+    );
+    assert_eq!(status, 401);
+    let (status, body) = c.request("POST", &format!("/jobs/{jid}/tasks/7/0/kill"), None, None);
+    assert_eq!(status, 404, "{body}");
+    // ...and the button (confirmed) fails it; the job recovers from its last checkpoint.
+    wait_true(
+        &b,
+        "return !!document.querySelector(\"#tm-subtasks button[data-action='kill-subtask']:not(:disabled)\");",
+        Duration::from_secs(5),
+        "an enabled kill-subtask button",
+    );
+    b.click("#tm-subtasks button[data-action='kill-subtask']");
+    let question = b.accept_dialog();
+    assert!(
+        question.contains(&victim[..8]),
+        "the dialog names where: {question}"
+    );
+    b.goto(&format!("{}/#/jobs/{jid}", c.url));
+    let failovers = b.wait_text("#failovers", Duration::from_secs(30), "the recovery", |t| {
+        t.contains(" ms") && !t.contains("in progress")
+    });
+    assert!(failovers.contains("killed on request"), "{failovers}");
+    b.wait_text("#job-head", Duration::from_secs(20), "running again", |t| {
+        t.contains("RUNNING")
+    });
+    let errors = b.console_errors();
     assert!(errors.is_empty(), "console errors: {errors:?}");
     let _ = c.request("DELETE", &format!("/jobs/{jid}"), None, None);
 }

@@ -120,6 +120,17 @@ pub enum ToTaskManager {
     },
     /// Exit the process at once, as a crash would (used by "kill task manager").
     Abort,
+    /// Fail one subtask at once, as its crash would (used by "kill subtask").
+    KillSubtask {
+        /// The job.
+        job: JobId,
+        /// The deployment.
+        generation: Generation,
+        /// The task.
+        task: u32,
+        /// The subtask.
+        subtask: u32,
+    },
     /// Take checkpoint `checkpoint`: the listed subtasks (sources, or every subtask for the
     /// final checkpoint of a job whose inputs all ended) snapshot and emit barriers.
     TriggerCheckpoint {
@@ -300,6 +311,12 @@ mod tests {
                 }),
             }),
             ToTaskManager::Abort,
+            ToTaskManager::KillSubtask {
+                job: JobId::random(),
+                generation: Generation(3),
+                task: 1,
+                subtask: 2,
+            },
             ToTaskManager::Registered {
                 heartbeat_timeout_ms: 1000,
             },

@@ -158,6 +158,8 @@ pub enum Command {
     Trigger(CheckpointId),
     /// Checkpoint `n` completed: sinks commit.
     Complete(CheckpointId),
+    /// Fail at once, as a crash of this subtask would (fault injection on request).
+    Kill,
 }
 
 /// A command for a subtask.
@@ -415,6 +417,7 @@ impl SubtaskRunner {
     async fn command(&mut self, cmd: Command) -> Result<(), Stop> {
         match cmd {
             Command::Cancel => Err(Stop::Canceled),
+            Command::Kill => Err(Stop::Failed(EngineError::Killed)),
             // Only sources start checkpoints while running; other subtasks follow barriers.
             Command::Trigger(n) if self.source.is_some() => {
                 self.take_snapshot(n, Duration::ZERO)?;
@@ -518,6 +521,7 @@ impl SubtaskRunner {
         loop {
             match control.recv().await.unwrap_or(Command::Cancel) {
                 Command::Cancel => return Err(Stop::Canceled),
+                Command::Kill => return Err(Stop::Failed(EngineError::Killed)),
                 Command::Trigger(n) => {
                     self.take_snapshot(n, Duration::ZERO)?;
                     last = Some(n);
