@@ -22,4 +22,6 @@ pub use node::{CacheNode, NodeConfig};
 pub use table::{Membership, DEFAULT_PARTITIONS};
 
 #[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
 mod tests;

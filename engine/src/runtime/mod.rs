@@ -3,6 +3,7 @@
 
 pub mod channel;
 pub mod credit;
+pub mod dcas;
 pub mod deploy;
 pub mod local;
 pub mod task;

@@ -1,0 +1,616 @@
+//! DCAS building blocks (DESIGN §7): a subtask's input log `log(t)` and its snapshots
+//! `snap(t)` in the distributed cache, and the output a sender retains until its receivers
+//! have logged it.
+//!
+//! - [`InputLog`] appends every consumed input (channel and event, in consumption order) to
+//!   `log(t)`. Appends are *group-committed*: one append is in flight per subtask and
+//!   everything consumed meanwhile goes in the next one, so the subtask never waits for a
+//!   round trip per input — it waits only before it releases output ([`InputLog::synced`]),
+//!   which is the log-before-release rule. A list append answers the index of its first
+//!   item; the writer checks it against the index it expects, so a log can never silently
+//!   gain a gap or a duplicate.
+//! - [`SnapshotStore`] writes `snap(t)` (state, the log offset it reflects, channel seqs,
+//!   retained output) into a cache map and then trims `log(t)` up to that offset; on restart
+//!   it loads the snapshot and reads the log after it.
+//! - [`RetainedOutput`] keeps, per output channel, the batches sent but not yet known to be in
+//!   the receiver's log; trimmed by the receiver's logged seq.
+//!
+//! Entries are placed with the cache's placement hint so their primary avoids the subtask's
+//! own task manager: a task manager's crash then costs the cache a backup, never the
+//! primary copy of the logs of the subtasks being restarted.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tracing::warn;
+
+use crate::cache::{CacheClient, CacheError};
+use crate::codec::{decode, decode_event, encode, encode_event, CodecError};
+use crate::protocol::cache::{Op, OpResult};
+use crate::protocol::control::OperatorState;
+use crate::record::{Batch, Seq, StreamEvent};
+
+/// Most log entries in one append.
+const MAX_GROUP: usize = 256;
+/// Log entries read per range request on replay.
+const READ_PAGE: u64 = 512;
+/// Wait before retrying an append the cache refused as full (backpressure).
+const FULL_BACKOFF: Duration = Duration::from_millis(20);
+
+/// Errors of the DCAS log and snapshot store.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum DcasError {
+    /// The cache refused or failed an operation.
+    #[error("{what}: {source}")]
+    Cache {
+        /// What was being done.
+        what: String,
+        /// The cache's error.
+        source: CacheError,
+    },
+    /// A log or snapshot entry did not decode.
+    #[error("{what}: {source}")]
+    Codec {
+        /// What was being read.
+        what: String,
+        /// The decoder's error.
+        source: CodecError,
+    },
+    /// The log is not what this subtask wrote (an index gap or overlap).
+    #[error("log {list}: {message}")]
+    Corrupt {
+        /// The list.
+        list: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The log writer stopped (after an earlier error).
+    #[error("log writer of {0} stopped")]
+    Stopped(String),
+}
+
+/// Where one subtask's DCAS entries live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DcasNames {
+    /// The input log list.
+    pub log: String,
+    /// The map holding snapshots.
+    pub map: String,
+    /// This subtask's key in it.
+    pub key: Vec<u8>,
+}
+
+impl DcasNames {
+    /// Names for subtask `subtask` of task `task` of job `job`.
+    pub fn new(job: &str, task: usize, subtask: usize) -> DcasNames {
+        DcasNames {
+            log: format!("dcas/{job}/log/{task}.{subtask}"),
+            map: format!("dcas/{job}/snap"),
+            key: format!("{task}.{subtask}").into_bytes(),
+        }
+    }
+}
+
+/// One consumed input: the input channel (gate index) and the event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogEntry {
+    /// Input channel index in the subtask's gate (sources: 0).
+    pub channel: u32,
+    /// The event as consumed (data with its seqs, or a watermark).
+    pub event: StreamEvent,
+}
+
+impl LogEntry {
+    /// Encodes as the channel (4 bytes, little endian) followed by the wire event.
+    pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        let event = encode_event(&self.event)?;
+        let mut out = Vec::with_capacity(4 + event.len());
+        out.extend_from_slice(&self.channel.to_le_bytes());
+        out.extend_from_slice(&event);
+        Ok(out)
+    }
+
+    /// Decodes what [`LogEntry::encode`] wrote.
+    pub fn decode(bytes: &[u8]) -> Result<LogEntry, CodecError> {
+        let (head, event) = bytes
+            .split_first_chunk::<4>()
+            .ok_or_else(|| CodecError("log entry shorter than its header".into()))?;
+        Ok(LogEntry {
+            channel: u32::from_le_bytes(*head),
+            event: decode_event(event)?,
+        })
+    }
+}
+
+/// The group-committing writer of one subtask's `log(t)`.
+pub struct InputLog {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    /// Index the next pushed entry gets.
+    next: u64,
+    /// Index below which every entry is replicated in the cache (or the writer's error).
+    logged: watch::Receiver<Result<u64, DcasError>>,
+    list: String,
+}
+
+impl InputLog {
+    /// Starts the writer of list `names.log` in partition `partition`, whose next index is
+    /// `next` (0 for a new log; after a restore, the list's end).
+    pub fn start(client: CacheClient, partition: u32, list: String, next: u64) -> InputLog {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (logged_tx, logged) = watch::channel(Ok(next));
+        tokio::spawn(write_log(
+            client,
+            partition,
+            list.clone(),
+            next,
+            rx,
+            logged_tx,
+        ));
+        InputLog {
+            tx,
+            next,
+            logged,
+            list,
+        }
+    }
+
+    /// Queues `entry`; returns its index. Never waits: the append happens in the background.
+    pub fn push(&mut self, entry: &LogEntry) -> Result<u64, DcasError> {
+        let bytes = entry.encode().map_err(|source| DcasError::Codec {
+            what: format!("encoding an entry of {}", self.list),
+            source,
+        })?;
+        self.tx.send(bytes).map_err(|_| self.stopped_error())?;
+        self.next += 1;
+        Ok(self.next - 1)
+    }
+
+    /// Index the next entry gets: every entry below it was pushed.
+    pub fn next_index(&self) -> u64 {
+        self.next
+    }
+
+    /// Index below which every entry is durably (replicated) in the cache.
+    pub fn logged(&self) -> Result<u64, DcasError> {
+        self.logged.borrow().clone()
+    }
+
+    /// Waits until everything pushed so far is in the cache (log before release).
+    pub async fn synced(&mut self) -> Result<(), DcasError> {
+        let target = self.next;
+        let mut logged = self.logged.clone();
+        let result = logged
+            .wait_for(|r| r.as_ref().map_or(true, |&n| n >= target))
+            .await
+            .map(|r| r.clone());
+        match result {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(self.stopped_error()),
+        }
+    }
+
+    fn stopped_error(&self) -> DcasError {
+        match self.logged.borrow().clone() {
+            Err(e) => e,
+            Ok(_) => DcasError::Stopped(self.list.clone()),
+        }
+    }
+}
+
+/// The writer task: one append in flight, everything queued meanwhile in the next.
+async fn write_log(
+    client: CacheClient,
+    partition: u32,
+    list: String,
+    mut next: u64,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    logged: watch::Sender<Result<u64, DcasError>>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut items = vec![first];
+        while items.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(item) => items.push(item),
+                Err(_) => break,
+            }
+        }
+        let n = items.len() as u64;
+        let result = loop {
+            match client.append(partition, &list, items.clone()).await {
+                // Refused, nothing written: wait for trims to free memory (backpressure).
+                Err(CacheError::Full { .. }) if !logged.is_closed() => {
+                    tokio::time::sleep(FULL_BACKOFF).await;
+                }
+                other => break other,
+            }
+        };
+        let outcome = match result {
+            Ok(index) if index == next => {
+                next += n;
+                Ok(next)
+            }
+            Ok(index) => Err(DcasError::Corrupt {
+                list: list.clone(),
+                message: format!("append landed at index {index}, expected {next}"),
+            }),
+            Err(source) => Err(DcasError::Cache {
+                what: format!("appending {n} entries to {list}"),
+                source,
+            }),
+        };
+        let failed = outcome.is_err();
+        if let Err(e) = &outcome {
+            warn!(list = %list, error = %e, "Input log append failed; the log stops here.");
+        }
+        if logged.send(outcome).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// A batch sent on an output channel and not yet known to be in the receiver's log.
+#[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct RetainedBatch {
+    /// Output channel: (route index, target index).
+    pub channel: (u32, u32),
+    /// The batch as sent (`first_seq` set).
+    pub batch: Batch,
+}
+
+/// Output a sender keeps until its receivers logged it (DESIGN §7: "the sender keeps
+/// unacknowledged outputs in a bounded buffer").
+#[derive(Debug, Default)]
+pub struct RetainedOutput {
+    batches: VecDeque<RetainedBatch>,
+    records: usize,
+}
+
+impl RetainedOutput {
+    /// Remembers a sent batch.
+    pub fn push(&mut self, channel: (u32, u32), batch: Batch) {
+        self.records += batch.len();
+        self.batches.push_back(RetainedBatch { channel, batch });
+    }
+
+    /// Forgets what the receiver of `channel` has logged: records with seq below `logged`.
+    pub fn trim(&mut self, channel: (u32, u32), logged: Seq) {
+        let mut records = 0;
+        self.batches.retain_mut(|b| {
+            if b.channel == channel && b.batch.first_seq < logged {
+                let drop = ((logged - b.batch.first_seq) as usize).min(b.batch.len());
+                b.batch.records.drain(..drop);
+                b.batch.first_seq += drop as u64;
+            }
+            records += b.batch.len();
+            !b.batch.is_empty()
+        });
+        self.records = records;
+    }
+
+    /// Records retained.
+    pub fn records(&self) -> usize {
+        self.records
+    }
+
+    /// The retained batches, oldest first.
+    pub fn batches(&self) -> impl Iterator<Item = &RetainedBatch> {
+        self.batches.iter()
+    }
+
+    /// A buffer holding `batches` (restored from a snapshot).
+    pub fn from_batches(batches: Vec<RetainedBatch>) -> RetainedOutput {
+        let records = batches.iter().map(|b| b.batch.len()).sum();
+        RetainedOutput {
+            batches: batches.into(),
+            records,
+        }
+    }
+}
+
+/// `snap(t)`: what a subtask needs to restart without its neighbours restarting.
+#[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct DcasSnapshot {
+    /// Snapshot number (the subtask's micro-window count).
+    pub id: u64,
+    /// Index of the first log entry the state does not reflect: replay starts here.
+    pub log_offset: u64,
+    /// State of the source and of every operator of the chain.
+    pub operators: Vec<OperatorState>,
+    /// Per input channel (gate order): the next seq expected.
+    pub input_seqs: Vec<Seq>,
+    /// Per output channel, (route, target, next seq to assign).
+    pub output_seqs: Vec<(u32, u32, Seq)>,
+    /// Output sent but not yet logged by its receivers.
+    pub retained: Vec<RetainedBatch>,
+}
+
+/// Reads and writes one subtask's `snap(t)` and `log(t)`.
+#[derive(Clone)]
+pub struct SnapshotStore {
+    client: CacheClient,
+    /// The partition of the log and the snapshot (one partition: a snapshot and the trim it
+    /// allows go to the same primary).
+    partition: u32,
+    names: DcasNames,
+}
+
+impl SnapshotStore {
+    /// The store of the subtask named `names`, in `partition`.
+    pub fn new(client: CacheClient, partition: u32, names: DcasNames) -> SnapshotStore {
+        SnapshotStore {
+            client,
+            partition,
+            names,
+        }
+    }
+
+    /// The entries' partition.
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    /// The entries' names.
+    pub fn names(&self) -> &DcasNames {
+        &self.names
+    }
+
+    fn cache_error(&self, what: &str, source: CacheError) -> DcasError {
+        DcasError::Cache {
+            what: format!("{what} of {}", self.names.log),
+            source,
+        }
+    }
+
+    async fn one(&self, what: &str, op: Op) -> Result<OpResult, DcasError> {
+        self.client
+            .run(vec![(self.partition, op)])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(CacheError::Invalid("no result".into())))
+            .map_err(|e| self.cache_error(what, e))
+    }
+
+    /// Stores `snap` (replacing the previous one), then trims the log up to its offset.
+    /// Returns the snapshot's size in bytes.
+    pub async fn store(&self, snap: &DcasSnapshot) -> Result<usize, DcasError> {
+        let value = encode(snap).map_err(|source| DcasError::Codec {
+            what: format!("encoding snapshot {}", snap.id),
+            source,
+        })?;
+        let size = value.len();
+        let put = Op::Put {
+            map: self.names.map.clone(),
+            key: self.names.key.clone(),
+            value: value.to_vec(),
+            ttl_ms: None,
+        };
+        self.one("storing a snapshot", put).await?;
+        let trim = Op::TrimPrefix {
+            list: self.names.log.clone(),
+            upto: snap.log_offset,
+        };
+        self.one("trimming the log", trim).await?;
+        Ok(size)
+    }
+
+    /// The latest stored snapshot, if any.
+    pub async fn load(&self) -> Result<Option<DcasSnapshot>, DcasError> {
+        let get = Op::Get {
+            map: self.names.map.clone(),
+            key: self.names.key.clone(),
+        };
+        match self.one("loading the snapshot", get).await? {
+            OpResult::Value(None) => Ok(None),
+            OpResult::Value(Some((bytes, _))) => {
+                decode(&bytes).map(Some).map_err(|source| DcasError::Codec {
+                    what: format!("snapshot {}", String::from_utf8_lossy(&self.names.key)),
+                    source,
+                })
+            }
+            other => Err(self.cache_error(
+                "loading the snapshot",
+                CacheError::Invalid(format!("unexpected answer {other:?}")),
+            )),
+        }
+    }
+
+    /// Every log entry from index `from` to the end, in order, and the end index.
+    pub async fn read_log(&self, from: u64) -> Result<(Vec<LogEntry>, u64), DcasError> {
+        let mut out = Vec::new();
+        let mut at = from;
+        loop {
+            let range = Op::Range {
+                list: self.names.log.clone(),
+                from: at,
+                to: at + READ_PAGE,
+            };
+            let (first, items) = match self.one("reading the log", range).await? {
+                OpResult::Items(first, items) => (first, items),
+                other => {
+                    return Err(self.cache_error(
+                        "reading the log",
+                        CacheError::Invalid(format!("unexpected answer {other:?}")),
+                    ))
+                }
+            };
+            if first != at && !(items.is_empty() && first <= at) {
+                return Err(DcasError::Corrupt {
+                    list: self.names.log.clone(),
+                    message: format!("entries from {at} are gone (the log starts at {first})"),
+                });
+            }
+            if items.is_empty() {
+                return Ok((out, at));
+            }
+            for item in &items {
+                out.push(LogEntry::decode(item).map_err(|source| DcasError::Codec {
+                    what: format!("log entry {at} of {}", self.names.log),
+                    source,
+                })?);
+                at += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::testing::Cluster;
+    use crate::record::Record;
+    use crate::value::Value;
+
+    fn batch(first_seq: u64, n: usize) -> Batch {
+        Batch {
+            first_seq,
+            records: (0..n)
+                .map(|i| Record::new(i as i64, Value::Int((first_seq as usize + i) as i64)))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn log_entries_round_trip() {
+        for event in [
+            StreamEvent::Data(batch(7, 3)),
+            StreamEvent::Watermark(-5),
+            StreamEvent::EndOfStream,
+        ] {
+            let e = LogEntry { channel: 3, event };
+            assert_eq!(LogEntry::decode(&e.encode().unwrap()).unwrap(), e);
+        }
+        assert!(LogEntry::decode(&[1, 2]).is_err());
+        assert!(LogEntry::decode(&[1, 2, 3, 4, 9, 9]).is_err());
+    }
+
+    #[test]
+    fn retained_output_trims_per_channel_and_inside_batches() {
+        let mut r = RetainedOutput::default();
+        r.push((0, 0), batch(0, 10));
+        r.push((0, 1), batch(0, 5));
+        r.push((0, 0), batch(10, 10));
+        assert_eq!(r.records(), 25);
+        r.trim((0, 0), 15);
+        assert_eq!(r.records(), 10);
+        let left: Vec<_> = r
+            .batches()
+            .map(|b| (b.channel, b.batch.first_seq, b.batch.len()))
+            .collect();
+        assert_eq!(left, vec![((0, 1), 0, 5), ((0, 0), 15, 5)]);
+        r.trim((0, 1), 100);
+        r.trim((0, 0), 20);
+        assert_eq!(r.records(), 0);
+        assert_eq!(r.batches().count(), 0);
+    }
+
+    /// Many entries pushed without waiting reach the cache in order, with dense indexes,
+    /// in fewer appends than entries; `synced` returns once they are replicated.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn log_group_commits_in_order_and_replays() {
+        let c = Cluster::start(3, 1 << 30).await;
+        let client = c.client().await;
+        let names = DcasNames::new("job", 1, 0);
+        let p = client.partition_avoiding(&names.log, c.nodes[0].0);
+        let mut log = InputLog::start(client.clone(), p, names.log.clone(), 0);
+        let mut pushed = Vec::new();
+        for i in 0..2000u64 {
+            let e = LogEntry {
+                channel: (i % 3) as u32,
+                event: if i % 10 == 9 {
+                    StreamEvent::Watermark(i as i64)
+                } else {
+                    StreamEvent::Data(batch(i * 4, 4))
+                },
+            };
+            assert_eq!(log.push(&e).unwrap(), i);
+            pushed.push(e);
+        }
+        log.synced().await.unwrap();
+        assert_eq!(log.logged().unwrap(), 2000);
+        let store = SnapshotStore::new(client.clone(), p, names.clone());
+        let (read, end) = store.read_log(0).await.unwrap();
+        assert_eq!(end, 2000);
+        assert_eq!(read, pushed);
+
+        // A snapshot at offset 1500 trims the log; replay starts there.
+        let snap = DcasSnapshot {
+            id: 1,
+            log_offset: 1500,
+            operators: vec![OperatorState {
+                operator: "count".into(),
+                state: vec![1, 2, 3],
+            }],
+            input_seqs: vec![10, 20, 30],
+            output_seqs: vec![(0, 0, 99)],
+            retained: vec![RetainedBatch {
+                channel: (0, 0),
+                batch: batch(90, 9),
+            }],
+        };
+        assert!(store.store(&snap).await.unwrap() > 0);
+        assert_eq!(store.load().await.unwrap(), Some(snap));
+        let (tail, end) = store.read_log(1500).await.unwrap();
+        assert_eq!((tail.len(), end), (500, 2000));
+        assert_eq!(tail[0], pushed[1500]);
+        let err = store.read_log(10).await.unwrap_err();
+        assert!(err.to_string().contains("gone"), "{err}");
+
+        // A restarted writer continues at the end; a writer that starts at a wrong index
+        // stops with a named error instead of writing a gap.
+        let mut again = InputLog::start(client.clone(), p, names.log.clone(), 2000);
+        again.push(&pushed[0]).unwrap();
+        again.synced().await.unwrap();
+        let mut wrong = InputLog::start(client.clone(), p, names.log.clone(), 5);
+        wrong.push(&pushed[0]).unwrap();
+        let err = wrong.synced().await.unwrap_err();
+        assert!(err.to_string().contains("expected 5"), "{err}");
+        assert!(
+            wrong.push(&pushed[0]).is_err(),
+            "a stopped log refuses entries"
+        );
+    }
+
+    /// A full cache is backpressure: `synced` waits, and completes once memory is freed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn full_cache_delays_the_log_until_trimmed() {
+        let c = Cluster::start(2, 64 * 1024).await;
+        let client = c.client().await;
+        let names = DcasNames::new("job", 0, 0);
+        let p = client.list_partition(&names.log);
+        let store = SnapshotStore::new(client.clone(), p, names.clone());
+        let mut log = InputLog::start(client.clone(), p, names.log.clone(), 0);
+        let mut n = 0;
+        // Fill until an append is refused.
+        loop {
+            log.push(&LogEntry {
+                channel: 0,
+                event: StreamEvent::Data(batch(n * 100, 100)),
+            })
+            .unwrap();
+            n += 1;
+            let synced = tokio::time::timeout(Duration::from_millis(300), log.synced()).await;
+            if synced.is_err() {
+                break;
+            }
+            assert!(n < 10_000, "the limit never applied");
+        }
+        let logged = log.logged().unwrap();
+        assert!(logged < log.next_index(), "the last entry waits");
+        // Trimming frees memory; the waiting entry goes in.
+        let trim = DcasSnapshot {
+            id: 1,
+            log_offset: logged,
+            operators: Vec::new(),
+            input_seqs: Vec::new(),
+            output_seqs: Vec::new(),
+            retained: Vec::new(),
+        };
+        store.store(&trim).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), log.synced())
+            .await
+            .expect("synced after the trim")
+            .unwrap();
+    }
+}
