@@ -8,6 +8,10 @@
 //! - **append throughput**: `--appenders` concurrent appenders over 64 lists; records/s
 //!   appended across the cluster, and p50/p99 per append under that load.
 //! - **put latency**: one 100-byte map put in flight at a time; p50/p99.
+//! - **DCAS input logs** (`backup_count` 1 only): `--appenders` subtasks each logging
+//!   1,000-record input batches through `runtime::dcas::InputLog`, releasing output (waiting
+//!   for the log) after every input batch — one round trip per input — versus after every 8
+//!   (group commit: appends overlap with processing); records/s logged.
 //!
 //! Run with `cargo run --release -p weir-tests --bin bench_cache [-- --seconds S
 //! --appenders N]` (build the binaries first: `cargo build --release --bins`).
@@ -17,10 +21,65 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use engine::cache::CacheClient;
+use engine::record::{Batch, Record, StreamEvent};
+use engine::runtime::dcas::{InputLog, LogEntry};
+use engine::value::Value;
 use weir_tests::cluster::{Cluster, ClusterOptions};
 
 const BATCH: usize = 1000;
 const RECORD: usize = 100;
+
+/// Input batches between two releases of output in the group-commit phase.
+const RELEASE_EVERY: u64 = 8;
+
+/// Records/s logged by `logs` subtasks that wait for their log every `every` input batches.
+async fn input_logs(client: &CacheClient, seconds: u64, logs: usize, every: u64) -> f64 {
+    let text: Arc<str> = "x".repeat(RECORD - 8).into();
+    let records: Vec<Record> = (0..BATCH)
+        .map(|i| Record::new(i as i64, Value::Str(text.clone())))
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..logs)
+        .map(|l| {
+            let (client, stop, records) = (client.clone(), stop.clone(), records.clone());
+            tokio::spawn(async move {
+                let name = format!("dcas-bench-{every}-{l}");
+                let p = client.list_partition(&name);
+                let mut log = InputLog::start(client.clone(), p, name.clone(), 0);
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let entry = LogEntry {
+                        channel: 0,
+                        event: StreamEvent::Data(Batch {
+                            first_seq: n * BATCH as u64,
+                            records: records.clone(),
+                        }),
+                    };
+                    log.push(&entry).expect("push");
+                    n += 1;
+                    if n % every == 0 {
+                        log.synced().await.expect("log");
+                    }
+                    if n % 64 == 0 {
+                        // As a snapshot would: drop what is logged.
+                        log.synced().await.expect("log");
+                        client.trim_prefix(p, &name, n).await.expect("trim");
+                    }
+                }
+                log.synced().await.expect("log");
+                n
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut batches = 0;
+    for t in tasks {
+        batches += t.await.expect("logger");
+    }
+    (batches * BATCH as u64) as f64 / started.elapsed().as_secs_f64()
+}
 
 struct Figures {
     append_p50: Duration,
@@ -30,6 +89,8 @@ struct Figures {
     loaded_p99: Duration,
     put_p50: Duration,
     put_p99: Duration,
+    /// DCAS input logs, records/s: waiting after every batch, and every `RELEASE_EVERY`.
+    log_rates: Option<(f64, f64)>,
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
@@ -52,7 +113,7 @@ async fn trim(client: &CacheClient, p: u32, list: &str, first: u64) {
     }
 }
 
-async fn measure(client: &CacheClient, seconds: u64, appenders: usize) -> Figures {
+async fn measure(client: &CacheClient, seconds: u64, appenders: usize, logs: bool) -> Figures {
     let batch: Vec<Vec<u8>> = (0..BATCH).map(|i| vec![(i % 251) as u8; RECORD]).collect();
     // Warm-up: connections, allocator.
     for i in 0..50 {
@@ -125,6 +186,14 @@ async fn measure(client: &CacheClient, seconds: u64, appenders: usize) -> Figure
         i += 1;
     }
     let (put_p50, put_p99) = p50_p99(puts);
+    let log_rates = if logs {
+        Some((
+            input_logs(client, seconds, appenders, 1).await,
+            input_logs(client, seconds, appenders, RELEASE_EVERY).await,
+        ))
+    } else {
+        None
+    };
     Figures {
         append_p50,
         append_p99,
@@ -133,6 +202,7 @@ async fn measure(client: &CacheClient, seconds: u64, appenders: usize) -> Figure
         loaded_p99,
         put_p50,
         put_p99,
+        log_rates,
     }
 }
 
@@ -164,7 +234,7 @@ fn run(backups: u32, seconds: u64, appenders: usize) -> Figures {
         let client = CacheClient::connect(&addrs, Duration::from_secs(20))
             .await
             .expect("client");
-        measure(&client, seconds, appenders).await
+        measure(&client, seconds, appenders, backups > 0).await
     })
 }
 
@@ -199,4 +269,12 @@ fn main() {
         replicated.loaded_rate / single.loaded_rate.max(1.0),
         replicated.put_p50.as_secs_f64() / single.put_p50.as_secs_f64().max(1e-9),
     );
+    if let Some((each, group)) = replicated.log_rates {
+        println!(
+            "DCAS input logs ({appenders} subtasks, backup_count 1): waiting for the log after every input batch {:.2} M records/s | after every {RELEASE_EVERY} (group commit) {:.2} M records/s | x{:.2}",
+            each / 1e6,
+            group / 1e6,
+            group / each.max(1.0),
+        );
+    }
 }
