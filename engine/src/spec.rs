@@ -133,7 +133,24 @@ pub struct CheckpointingSpec {
     pub restart_delay_ms: Option<u64>,
 }
 
+impl CheckpointMode {
+    /// The mode as specs and the REST API spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckpointMode::None => "none",
+            CheckpointMode::Abs => "abs",
+            CheckpointMode::Dcas => "dcas",
+        }
+    }
+}
+
 impl CheckpointingSpec {
+    /// The settings of `spec` when they ask for ABS checkpoints: the one test of "is this an
+    /// ABS job" for the job manager and the task managers.
+    pub fn abs(spec: Option<&CheckpointingSpec>) -> Option<&CheckpointingSpec> {
+        spec.filter(|c| c.mode == CheckpointMode::Abs)
+    }
+
     /// ABS checkpoint interval (default 1 s).
     pub fn interval(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.interval_ms.unwrap_or(1000))

@@ -27,7 +27,7 @@ use engine::protocol::control::{
     Deployment, OperatorState, Placement, RestorePoint, SubtaskReport, SubtaskSnapshot,
     SubtaskState, ToTaskManager,
 };
-use engine::spec::{CheckpointMode, JobSpec, SpecError};
+use engine::spec::{CheckpointingSpec, JobSpec, SpecError};
 use engine::Record;
 use serde::Serialize;
 use tracing::{debug, error, info, warn};
@@ -540,16 +540,11 @@ impl Dispatcher {
 }
 
 fn mode(spec: &JobSpec) -> &'static str {
-    match spec
-        .checkpointing
+    spec.checkpointing
         .as_ref()
         .map(|c| c.mode)
         .unwrap_or_default()
-    {
-        CheckpointMode::None => "none",
-        CheckpointMode::Abs => "abs",
-        CheckpointMode::Dcas => "dcas",
-    }
+        .as_str()
 }
 
 impl Actor for Dispatcher {
@@ -690,12 +685,7 @@ impl Dispatcher {
         if job.recovery.is_some() {
             return; // The deployment that failed again is already being replaced.
         }
-        let Some(config) = job
-            .spec
-            .checkpointing
-            .clone()
-            .filter(|c| c.mode == CheckpointMode::Abs)
-        else {
+        let Some(config) = CheckpointingSpec::abs(job.spec.checkpointing.as_ref()).cloned() else {
             warn!(job = %id, "Job failed; no fault tolerance configured.");
             self.end(id, JobState::Failed, Some(format!("{location}: {cause}")));
             return;
@@ -1077,18 +1067,14 @@ impl Dispatcher {
         let generation = Generation(1);
         let (tms, subtasks, unreachable) = self.deploy(id, generation, &spec_json, plan, None);
         info!(job = %id, name = %spec.name, subtasks = subtasks.len(), taskmanagers = tms.len(), "Job submitted and deployed.");
-        let coordinator = spec
-            .checkpointing
-            .as_ref()
-            .filter(|c| c.mode == CheckpointMode::Abs)
-            .map(|c| {
-                Coordinator::new(
-                    c.interval(),
-                    c.timeout(),
-                    c.max_concurrent.unwrap_or(1) as usize,
-                    self.store.checkpoints().last_id(id),
-                )
-            });
+        let coordinator = CheckpointingSpec::abs(spec.checkpointing.as_ref()).map(|c| {
+            Coordinator::new(
+                c.interval(),
+                c.timeout(),
+                c.max_concurrent.unwrap_or(1) as usize,
+                self.store.checkpoints().last_id(id),
+            )
+        });
         let job = Job {
             id,
             spec,

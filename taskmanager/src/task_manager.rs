@@ -25,7 +25,7 @@ use engine::runtime::deploy::{build_runner, edge_sources, edge_targets, SubtaskE
 use engine::runtime::task::{
     CheckpointAck, CheckpointReporter, Command, SubtaskId, SubtaskMetrics, SubtaskRunner,
 };
-use engine::spec::{CheckpointMode, JobSpec};
+use engine::spec::{CheckpointingSpec, JobSpec};
 use engine::Record;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -488,10 +488,8 @@ async fn wire(
     // Both ends of channels between two local subtasks, taken by whichever is wired first.
     let mut local: HashMap<ChannelId, (Option<OutputChannel>, Option<InputChannel>)> =
         HashMap::new();
-    let checkpoints = graph
-        .checkpointing
-        .as_ref()
-        .is_some_and(|c| c.mode == CheckpointMode::Abs)
+    let checkpoints = CheckpointingSpec::abs(graph.checkpointing.as_ref())
+        .is_some()
         .then(|| {
             let r: Arc<dyn CheckpointReporter> = Arc::new(ToJobManagerCheckpoints {
                 job: d.job,

@@ -58,10 +58,10 @@ async fn input_logs(client: &CacheClient, seconds: u64, logs: usize, every: u64)
                     };
                     log.push(&entry).expect("push");
                     n += 1;
-                    if n % every == 0 {
+                    if n.is_multiple_of(every) {
                         log.synced().await.expect("log");
                     }
-                    if n % 64 == 0 {
+                    if n.is_multiple_of(64) {
                         // As a snapshot would: drop what is logged.
                         log.synced().await.expect("log");
                         client.trim_prefix(p, &name, n).await.expect("trim");
