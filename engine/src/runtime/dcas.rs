@@ -13,7 +13,9 @@
 //!   retained output) into a cache map and then trims `log(t)` up to that offset; on restart
 //!   it loads the snapshot and reads the log after it.
 //! - [`RetainedOutput`] keeps, per output channel, the batches sent but not yet known to be in
-//!   the receiver's log; trimmed by the receiver's logged seq.
+//!   the receiver's log; trimmed by the receiver's logged seq, which receivers publish and
+//!   senders read through [`ChannelProgress`] (acknowledgements through the cache: no frame
+//!   type on the data plane, and they survive either side's restart).
 //!
 //! Entries are placed with the cache's placement hint so their primary avoids the subtask's
 //! own task manager: a task manager's crash then costs the cache a backup, never the
@@ -455,6 +457,86 @@ impl SnapshotStore {
     }
 }
 
+/// Identity of a channel that outlives deployments: edge and both subtask indexes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ChannelKey {
+    /// Index of the edge in the job graph.
+    pub edge: u32,
+    /// Upstream subtask.
+    pub from: u32,
+    /// Downstream subtask.
+    pub to: u32,
+}
+
+impl ChannelKey {
+    fn bytes(&self) -> Vec<u8> {
+        format!("{}:{}->{}", self.edge, self.from, self.to).into_bytes()
+    }
+}
+
+/// Per channel, the next seq its receiver has logged: receivers publish (after a snapshot,
+/// when everything consumed is logged), senders read to trim their [`RetainedOutput`].
+#[derive(Clone)]
+pub struct ChannelProgress {
+    client: CacheClient,
+    map: String,
+}
+
+impl ChannelProgress {
+    /// Progress of job `job`'s channels.
+    pub fn new(client: CacheClient, job: &str) -> ChannelProgress {
+        ChannelProgress {
+            client,
+            map: format!("dcas/{job}/progress"),
+        }
+    }
+
+    /// Publishes the logged seqs of a receiver's input channels (one request per primary).
+    pub async fn publish(&self, logged: &[(ChannelKey, Seq)]) -> Result<(), DcasError> {
+        let entries = logged
+            .iter()
+            .map(|(c, seq)| (c.bytes(), seq.to_le_bytes().to_vec()))
+            .collect();
+        for r in self.client.put_many(&self.map, entries).await {
+            r.map_err(|source| DcasError::Cache {
+                what: format!("publishing channel progress to {}", self.map),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The logged seq of each channel (0 when its receiver has published nothing yet).
+    pub async fn read(&self, channels: &[ChannelKey]) -> Result<Vec<Seq>, DcasError> {
+        let keys = channels.iter().map(ChannelKey::bytes).collect();
+        let mut out = Vec::with_capacity(channels.len());
+        for (r, c) in self
+            .client
+            .get_many(&self.map, keys)
+            .await
+            .into_iter()
+            .zip(channels)
+        {
+            let value = r.map_err(|source| DcasError::Cache {
+                what: format!("reading channel progress from {}", self.map),
+                source,
+            })?;
+            out.push(match value {
+                None => 0,
+                Some((bytes, _)) => {
+                    let raw: [u8; 8] =
+                        bytes.as_slice().try_into().map_err(|_| DcasError::Codec {
+                            what: format!("progress of channel {c:?}"),
+                            source: CodecError(format!("{} bytes, expected 8", bytes.len())),
+                        })?;
+                    u64::from_le_bytes(raw)
+                }
+            });
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -570,6 +652,47 @@ mod tests {
             wrong.push(&pushed[0]).is_err(),
             "a stopped log refuses entries"
         );
+    }
+
+    /// Receivers publish what they logged; the sender reads it and trims its retained output
+    /// to exactly what is not yet logged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn published_progress_trims_the_senders_retained_output() {
+        let c = Cluster::start(3, 1 << 30).await;
+        let client = c.client().await;
+        let progress = ChannelProgress::new(client.clone(), "job");
+        let to0 = ChannelKey {
+            edge: 0,
+            from: 1,
+            to: 0,
+        };
+        let to1 = ChannelKey {
+            edge: 0,
+            from: 1,
+            to: 1,
+        };
+        assert_eq!(progress.read(&[to0, to1]).await.unwrap(), vec![0, 0]);
+        let mut retained = RetainedOutput::default();
+        for i in 0..4 {
+            retained.push((0, 0), batch(i * 10, 10));
+            retained.push((0, 1), batch(i * 10, 10));
+        }
+        progress.publish(&[(to0, 25)]).await.unwrap();
+        progress.publish(&[(to1, 40)]).await.unwrap();
+        let logged = progress.read(&[to0, to1]).await.unwrap();
+        assert_eq!(logged, vec![25, 40]);
+        retained.trim((0, 0), logged[0]);
+        retained.trim((0, 1), logged[1]);
+        assert_eq!(retained.records(), 15, "seqs 25..40 of the first channel");
+        // A later publication moves it on; a malformed entry is a named error, not a panic.
+        progress.publish(&[(to0, 40)]).await.unwrap();
+        assert_eq!(progress.read(&[to0]).await.unwrap(), vec![40]);
+        client
+            .put("dcas/job/progress", b"0:1->0", vec![1, 2, 3], None)
+            .await
+            .unwrap();
+        let err = progress.read(&[to0]).await.unwrap_err();
+        assert!(err.to_string().contains("3 bytes, expected 8"), "{err}");
     }
 
     /// A full cache is backpressure: `synced` waits, and completes once memory is freed.
