@@ -397,7 +397,7 @@ function renderJob(job, cps, failovers) {
   const span = Math.min(HISTORY_MS, Math.max(10000, now - first));
   setHtml("rate-chart", lineChart(series, span, now));
   setHtml("rate-legend", series.map((s) => `<span><span class="swatch" style="background:${s.color}"></span>${esc(s.name)}</span>`).join(""));
-  renderCheckpoints(cps);
+  renderCheckpoints(cps, job.mode);
   renderFailovers(failovers);
   const rows = job.vertices.flatMap((v) => v.subtasks.map((s) => `<tr>
       <td>${esc(v.name)} <span class="sub">#${s.subtask}</span></td>
@@ -414,7 +414,7 @@ function renderJob(job, cps, failovers) {
     : `<div class="empty">None.</div>`);
 }
 
-function renderCheckpoints(cps) {
+function renderCheckpoints(cps, mode) {
   const el = document.getElementById("checkpoints");
   const h = cps?.history || [];
   if (!h.length) {
@@ -427,8 +427,8 @@ function renderCheckpoints(cps) {
     Math.max(1, done[done.length - 1].trigger_ms - done[0].trigger_ms), done[done.length - 1].trigger_ms,
     { height: 100, fmt: (v) => `${Math.round(v)} ms`, since: `#${done[0].id}` }) : "";
   el.innerHTML = `${chart ? `<div class="sub">Duration (blue) and alignment (amber), ms</div>${chart}` : ""}
-    <table><thead><tr><th class="num">Id</th><th>Status</th><th>Trigger</th><th class="num">At</th><th class="num">Duration</th><th class="num">Alignment</th><th class="num">Size</th><th class="num">Acks</th><th>Failure</th></tr></thead><tbody>
-    ${h.slice(0, 15).map((c) => `<tr><td class="num">${c.id}</td><td>${badge(c.status)}</td><td>${esc(c.trigger)}</td><td class="num">${fmtTime(c.trigger_ms)}</td>
+    <table><thead><tr><th class="num">Id</th><th>Mode</th><th>Status</th><th>Trigger</th><th class="num">At</th><th class="num">Duration</th><th class="num">Alignment</th><th class="num">Size</th><th class="num">Acks</th><th>Failure</th></tr></thead><tbody>
+    ${h.slice(0, 15).map((c) => `<tr><td class="num">${c.id}</td><td>${esc(String(mode).toUpperCase())}</td><td>${badge(c.status)}</td><td>${esc(c.trigger)}</td><td class="num">${fmtTime(c.trigger_ms)}</td>
       <td class="num">${c.duration_ms} ms</td><td class="num">${c.alignment_ms} ms</td><td class="num">${fmtBytes(c.state_bytes)}</td>
       <td class="num">${c.acknowledged}/${c.total}</td><td class="sub">${esc(c.failure || "")}</td></tr>`).join("")}
     </tbody></table>`;

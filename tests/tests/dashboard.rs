@@ -111,11 +111,15 @@ fn dashboard_in_a_real_browser() {
     std::thread::sleep(Duration::from_millis(2500));
     let second = records_in(&b);
     assert!(second > first, "counters rise: {first} -> {second}");
-    b.wait_text(
+    let checkpoints = b.wait_text(
         "#checkpoints",
         Duration::from_secs(20),
         "a checkpoint",
         |t| t.contains("COMPLETED"),
+    );
+    assert!(
+        checkpoints.contains("ABS"),
+        "each row names its mode: {checkpoints}"
     );
     b.screenshot(&dir.join("job.png"));
     let job_url: String = b
