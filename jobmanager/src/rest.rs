@@ -239,11 +239,12 @@ async fn task_managers(
     let infos = tms
         .into_iter()
         .map(|view| {
-            let used = placements
-                .used_slots
-                .iter()
-                .find(|(id, _)| id.to_string() == view.id)
-                .map_or(0, |(_, n)| *n as u32);
+            let used = view
+                .id
+                .parse::<TaskManagerId>()
+                .ok()
+                .and_then(|id| placements.used_slots.get(&id))
+                .map_or(0, |n| *n as u32);
             let cache = cache
                 .members
                 .iter()

@@ -154,6 +154,19 @@ impl Browser {
         }
     }
 
+    /// Polls `script` (returning a boolean) every 100 ms until it returns true; panics
+    /// naming `what` after `timeout`.
+    pub fn wait_true(&self, script: &str, timeout: Duration, what: &str) {
+        let deadline = Instant::now() + timeout;
+        while self.eval(script, vec![]) != json!(true) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Clicks the first element matching `css`, finding it again if the page replaced it
     /// between the lookup and the click (live pages re-render).
     pub fn click(&self, css: &str) {

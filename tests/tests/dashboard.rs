@@ -181,18 +181,6 @@ fn dashboard_in_a_real_browser() {
     let _ = c.request("DELETE", &format!("/jobs/{jid}"), None, None);
 }
 
-/// Polls `script` (returning a boolean) for up to `timeout`; panics naming `what`.
-fn wait_true(b: &Browser, script: &str, timeout: Duration, what: &str) {
-    let deadline = std::time::Instant::now() + timeout;
-    while b.eval(script, vec![]) != json!(true) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn token_taskmanager_page_and_kill_subtask() {
     let Some(b) = Browser::start("token_taskmanager_page_and_kill_subtask") else {
@@ -225,8 +213,7 @@ fn token_taskmanager_page_and_kill_subtask() {
     b.click("a[data-action='token']");
     let prompt = b.answer_prompt("s3cret");
     assert!(prompt.contains("API token"), "{prompt}");
-    wait_true(
-        &b,
+    b.wait_true(
         kill_buttons_enabled,
         Duration::from_secs(5),
         "enabled kill buttons",
@@ -275,8 +262,7 @@ fn token_taskmanager_page_and_kill_subtask() {
     let (status, body) = c.request("POST", &format!("/jobs/{jid}/tasks/7/0/kill"), None, None);
     assert_eq!(status, 404, "{body}");
     // ...and the button (confirmed) fails it; the job recovers from its last checkpoint.
-    wait_true(
-        &b,
+    b.wait_true(
         "return !!document.querySelector(\"#tm-subtasks button[data-action='kill-subtask']:not(:disabled)\");",
         Duration::from_secs(5),
         "an enabled kill-subtask button",

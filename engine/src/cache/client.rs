@@ -303,7 +303,17 @@ impl CacheClient {
 
     /// A map entry's value and version.
     pub async fn get(&self, map: &str, key: &[u8]) -> Result<Option<(Vec<u8>, u64)>, CacheError> {
-        let p = self.map_partition(map, key);
+        self.get_in(self.map_partition(map, key), map, key).await
+    }
+
+    /// A map entry's value and version, the entry living in partition `p` (placed there
+    /// with [`CacheClient::put_in`]).
+    pub async fn get_in(
+        &self,
+        p: u32,
+        map: &str,
+        key: &[u8],
+    ) -> Result<Option<(Vec<u8>, u64)>, CacheError> {
         match self
             .one(
                 p,
@@ -355,7 +365,20 @@ impl CacheClient {
         value: Vec<u8>,
         ttl: Option<Duration>,
     ) -> Result<u64, CacheError> {
-        let p = self.map_partition(map, key);
+        self.put_in(self.map_partition(map, key), map, key, value, ttl)
+            .await
+    }
+
+    /// Sets a map entry in partition `p` instead of its key's (a placement hint, e.g. from
+    /// [`CacheClient::partition_avoiding`]); read it with [`CacheClient::get_in`].
+    pub async fn put_in(
+        &self,
+        p: u32,
+        map: &str,
+        key: &[u8],
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    ) -> Result<u64, CacheError> {
         let op = Op::Put {
             map: map.into(),
             key: key.into(),

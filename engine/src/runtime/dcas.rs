@@ -29,7 +29,6 @@ use tracing::warn;
 
 use crate::cache::{CacheClient, CacheError};
 use crate::codec::{decode, decode_event, encode, encode_event, CodecError};
-use crate::protocol::cache::{Op, OpResult};
 use crate::protocol::control::OperatorState;
 use crate::record::{Batch, Seq, StreamEvent};
 
@@ -365,15 +364,6 @@ impl SnapshotStore {
         }
     }
 
-    async fn one(&self, what: &str, op: Op) -> Result<OpResult, DcasError> {
-        self.client
-            .run(vec![(self.partition, op)])
-            .await
-            .pop()
-            .unwrap_or_else(|| Err(CacheError::Invalid("no result".into())))
-            .map_err(|e| self.cache_error(what, e))
-    }
-
     /// Stores `snap` (replacing the previous one), then trims the log up to its offset.
     /// Returns the snapshot's size in bytes.
     pub async fn store(&self, snap: &DcasSnapshot) -> Result<usize, DcasError> {
@@ -382,40 +372,33 @@ impl SnapshotStore {
             source,
         })?;
         let size = value.len();
-        let put = Op::Put {
-            map: self.names.map.clone(),
-            key: self.names.key.clone(),
-            value: value.to_vec(),
-            ttl_ms: None,
-        };
-        self.one("storing a snapshot", put).await?;
-        let trim = Op::TrimPrefix {
-            list: self.names.log.clone(),
-            upto: snap.log_offset,
-        };
-        self.one("trimming the log", trim).await?;
+        let (p, names) = (self.partition, &self.names);
+        self.client
+            .put_in(p, &names.map, &names.key, value.to_vec(), None)
+            .await
+            .map_err(|e| self.cache_error("storing a snapshot", e))?;
+        self.client
+            .trim_prefix(p, &names.log, snap.log_offset)
+            .await
+            .map_err(|e| self.cache_error("trimming the log", e))?;
         Ok(size)
     }
 
     /// The latest stored snapshot, if any.
     pub async fn load(&self) -> Result<Option<DcasSnapshot>, DcasError> {
-        let get = Op::Get {
-            map: self.names.map.clone(),
-            key: self.names.key.clone(),
+        let names = &self.names;
+        let Some((bytes, _)) = self
+            .client
+            .get_in(self.partition, &names.map, &names.key)
+            .await
+            .map_err(|e| self.cache_error("loading the snapshot", e))?
+        else {
+            return Ok(None);
         };
-        match self.one("loading the snapshot", get).await? {
-            OpResult::Value(None) => Ok(None),
-            OpResult::Value(Some((bytes, _))) => {
-                decode(&bytes).map(Some).map_err(|source| DcasError::Codec {
-                    what: format!("snapshot {}", String::from_utf8_lossy(&self.names.key)),
-                    source,
-                })
-            }
-            other => Err(self.cache_error(
-                "loading the snapshot",
-                CacheError::Invalid(format!("unexpected answer {other:?}")),
-            )),
-        }
+        decode(&bytes).map(Some).map_err(|source| DcasError::Codec {
+            what: format!("snapshot {}", String::from_utf8_lossy(&names.key)),
+            source,
+        })
     }
 
     /// Every log entry from index `from` to the end, in order, and the end index.
@@ -423,20 +406,11 @@ impl SnapshotStore {
         let mut out = Vec::new();
         let mut at = from;
         loop {
-            let range = Op::Range {
-                list: self.names.log.clone(),
-                from: at,
-                to: at + READ_PAGE,
-            };
-            let (first, items) = match self.one("reading the log", range).await? {
-                OpResult::Items(first, items) => (first, items),
-                other => {
-                    return Err(self.cache_error(
-                        "reading the log",
-                        CacheError::Invalid(format!("unexpected answer {other:?}")),
-                    ))
-                }
-            };
+            let (first, items) = self
+                .client
+                .range(self.partition, &self.names.log, at, at + READ_PAGE)
+                .await
+                .map_err(|e| self.cache_error("reading the log", e))?;
             if first != at && !(items.is_empty() && first <= at) {
                 return Err(DcasError::Corrupt {
                     list: self.names.log.clone(),
