@@ -64,6 +64,8 @@ struct Inner {
     peers: Mutex<HashMap<TaskManagerId, watch::Sender<Option<Conn>>>>,
     /// Serializes outbound connection attempts per peer.
     connecting: tokio::sync::Mutex<()>,
+    /// Peers declared dead by the job manager: their frames are refused for good.
+    fenced: Mutex<std::collections::HashSet<TaskManagerId>>,
 }
 
 /// The data plane of one task manager. Cheap to clone.
@@ -104,6 +106,7 @@ impl DataPlane {
                 next_conn: std::sync::atomic::AtomicU64::new(1),
                 peers: Mutex::default(),
                 connecting: tokio::sync::Mutex::new(()),
+                fenced: Mutex::default(),
             }),
         };
         let accepting = plane.clone();
@@ -161,11 +164,7 @@ impl DataPlane {
         peer_addr: &str,
     ) -> Result<RemoteSender, NetError> {
         let conn = self.conn(peer, peer_addr).await?;
-        let credits = lock(&self.inner.outputs)
-            .entry(channel)
-            .or_insert_with(|| (peer, Arc::new(Semaphore::new(0))))
-            .1
-            .clone();
+        let credits = output_credits(&mut lock(&self.inner.outputs), channel, peer);
         Ok(RemoteSender {
             channel,
             credits,
@@ -193,6 +192,24 @@ impl DataPlane {
         });
     }
 
+    /// Stops listening to `peer` for good (the job manager declared it dead; DESIGN §5): its
+    /// channels fail or wait for rewiring, and a frame it sends after resuming from a pause
+    /// closes its connection before reaching any channel.
+    pub fn fence(&self, peer: TaskManagerId) {
+        if !lock(&self.inner.fenced).insert(peer) {
+            return;
+        }
+        warn!(peer = %peer, "Fencing a task manager declared dead.");
+        if let Some(w) = lock(&self.inner.peers).get(&peer) {
+            w.send_replace(None);
+        }
+        self.fail_channels_of(peer);
+    }
+
+    fn is_fenced(&self, peer: TaskManagerId) -> bool {
+        lock(&self.inner.fenced).contains(&peer)
+    }
+
     /// Closes every channel through a connection that ended: receivers see their upstream
     /// disconnect and senders stop waiting for credits, so the job fails instead of stalling.
     fn fail_channels_of(&self, peer: TaskManagerId) {
@@ -218,6 +235,9 @@ impl DataPlane {
             addr: addr.to_string(),
             reason,
         };
+        if self.is_fenced(peer) {
+            return Err(unreachable("declared dead by the job manager".into()));
+        }
         let mut watch = self.peer_watch(peer);
         if let Some(c) = watch.borrow().clone() {
             return Ok(c);
@@ -334,6 +354,12 @@ impl DataPlane {
             ))
         })??;
         match hello {
+            Some(DataFrame::Hello { tm }) if self.is_fenced(tm) => {
+                Err(FrameError::Io(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("task manager {tm} is fenced"),
+                )))
+            }
             Some(DataFrame::Hello { tm }) => {
                 info!(peer = %tm, "Data-plane peer connected.");
                 self.start_conn(stream, tm);
@@ -354,6 +380,12 @@ impl DataPlane {
         let mut buf = AlignedVec::new();
         let mut read = tokio::io::BufReader::with_capacity(1 << 16, read);
         while read_frame(&mut read, &mut buf).await? {
+            if self.is_fenced(peer) {
+                return Err(FrameError::Io(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("task manager {peer} is fenced"),
+                )));
+            }
             // Validate, then convert by hand (see codec::event_from_archived).
             let frame = rkyv::access::<ArchivedDataFrame, rkyv::rancor::Error>(&buf)
                 .map_err(|e| FrameError::Decode(CodecError(format!("invalid frame: {e}"))))?;
@@ -368,11 +400,7 @@ impl DataPlane {
                         continue; // late grant for a finished deployment
                     }
                     // The sender may not have registered yet: the grant waits for it.
-                    let sem = lock(&self.inner.outputs)
-                        .entry(channel)
-                        .or_insert_with(|| (peer, Arc::new(Semaphore::new(0))))
-                        .1
-                        .clone();
+                    let sem = output_credits(&mut lock(&self.inner.outputs), channel, peer);
                     let n = credits.to_native() as usize;
                     if sem.available_permits() + n > Semaphore::MAX_PERMITS / 2 {
                         return Err(FrameError::Io(std::io::Error::new(
@@ -437,6 +465,24 @@ async fn write_loop(
             return;
         }
     }
+}
+
+/// The credits of output channel `channel` to `peer`. A registration for another peer (the
+/// receiver's earlier instance, before a DCAS restart moved it) is replaced, and its waiting
+/// sender gives up.
+fn output_credits(
+    outputs: &mut HashMap<ChannelId, (TaskManagerId, Arc<Semaphore>)>,
+    channel: ChannelId,
+    peer: TaskManagerId,
+) -> Arc<Semaphore> {
+    let entry = outputs
+        .entry(channel)
+        .or_insert_with(|| (peer, Arc::new(Semaphore::new(0))));
+    if entry.0 != peer {
+        entry.1.close();
+        *entry = (peer, Arc::new(Semaphore::new(0)));
+    }
+    entry.1.clone()
 }
 
 fn send_frame(conn: &Conn, frame: &DataFrame) {

@@ -180,6 +180,7 @@ async fn relay(
                 epoch,
                 records,
             } => dispatcher.do_send(CollectedOutput {
+                tm,
                 job,
                 generation,
                 operator,

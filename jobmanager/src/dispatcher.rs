@@ -323,6 +323,9 @@ struct Job {
     recovery: Option<Recovery>,
 }
 
+/// A DCAS restart to place: the job, its subtasks to restart, the task managers lost.
+type PendingRestart = (JobId, Vec<(u32, u32)>, Vec<TaskManagerId>);
+
 /// The dispatcher actor.
 pub struct Dispatcher {
     rm: Addr<ResourceManager>,
@@ -331,6 +334,8 @@ pub struct Dispatcher {
     /// Jobs from earlier job manager runs (listing only).
     archived: Vec<JobRecord>,
     collect_limit: usize,
+    /// DCAS recoveries waiting to be placed (on the next tick).
+    pending_dcas: Vec<PendingRestart>,
 }
 
 impl Dispatcher {
@@ -343,6 +348,7 @@ impl Dispatcher {
             jobs: HashMap::new(),
             archived,
             collect_limit,
+            pending_dcas: Vec::new(),
         }
     }
 
@@ -403,7 +409,13 @@ impl Dispatcher {
                 SubtaskState::Finished | SubtaskState::Canceled | SubtaskState::Failed
             )
         });
-        if all(SubtaskState::Finished) {
+        let dcas_done = CheckpointingSpec::dcas(job.spec.checkpointing.as_ref()).is_some()
+            && job.state != JobState::Restarting
+            && job
+                .subtasks
+                .values()
+                .all(|i| matches!(i.state, SubtaskState::Finishing | SubtaskState::Finished));
+        if all(SubtaskState::Finished) || dcas_done {
             self.end(id, JobState::Finished, None);
         } else if terminal && job.state != JobState::Cancelling {
             self.end(
@@ -568,6 +580,14 @@ impl Dispatcher {
             self.tick_recovery(id, ctx);
             self.tick_checkpoints(id);
         }
+        for (id, lost, lost_tms) in std::mem::take(&mut self.pending_dcas) {
+            let rm = self.rm.clone();
+            ctx.spawn(
+                async move { rm.send(GetAlive).await.unwrap_or_default() }
+                    .into_actor(self)
+                    .map(move |alive, act, _| act.dcas_place(id, lost, lost_tms, alive)),
+            );
+        }
     }
 
     fn tick_checkpoints(&mut self, id: JobId) {
@@ -664,20 +684,46 @@ impl Dispatcher {
         }
     }
 
+    /// Lists a failure among the job's exceptions; returns the job's throughput before it
+    /// (`None` for an unknown job).
+    fn record_failure(&mut self, id: JobId, location: &str, cause: &str) -> Option<f64> {
+        let pre_rate = self.summary(self.jobs.get(&id)?).throughput;
+        self.jobs.get_mut(&id)?.exceptions.push(ExceptionView {
+            at: now_ms(),
+            location: location.to_string(),
+            message: cause.to_string(),
+        });
+        Some(pre_rate)
+    }
+
+    /// Counts a restart of the job and returns it; `None` (and the job failed) when it
+    /// used up its `max_restarts`.
+    fn count_restart(&mut self, id: JobId, location: &str, cause: &str) -> Option<&mut Job> {
+        let job = self.jobs.get(&id)?;
+        let max = job.spec.checkpointing.as_ref().and_then(|c| c.max_restarts);
+        if let Some(max) = max.filter(|m| job.restarts >= *m) {
+            self.end(
+                id,
+                JobState::Failed,
+                Some(format!(
+                    "restart limit ({max}) reached; last failure: {location}: {cause}"
+                )),
+            );
+            return None;
+        }
+        let job = self.jobs.get_mut(&id)?;
+        job.restarts += 1;
+        Some(job)
+    }
+
     /// A failure in a job: recover (ABS) or fail the job.
     fn fail_over(&mut self, id: JobId, location: String, cause: String) {
-        let pre_rate = match self.jobs.get(&id) {
-            Some(j) => self.summary(j).throughput,
-            None => return,
+        let Some(pre_rate) = self.record_failure(id, &location, &cause) else {
+            return;
         };
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
-        job.exceptions.push(ExceptionView {
-            at: now_ms(),
-            location: location.clone(),
-            message: cause.clone(),
-        });
         if job.state.is_terminal() || job.state == JobState::Cancelling {
             self.settle(id);
             return;
@@ -690,17 +736,9 @@ impl Dispatcher {
             self.end(id, JobState::Failed, Some(format!("{location}: {cause}")));
             return;
         };
-        if let Some(max) = config.max_restarts.filter(|m| job.restarts >= *m) {
-            self.end(
-                id,
-                JobState::Failed,
-                Some(format!(
-                    "restart limit ({max}) reached; last failure: {location}: {cause}"
-                )),
-            );
+        let Some(job) = self.count_restart(id, &location, &cause) else {
             return;
-        }
-        job.restarts += 1;
+        };
         warn!(job = %id, attempt = job.restarts, location = %location, cause = %cause, "Job failed; restarting from the last completed checkpoint.");
         let aborted = job
             .coordinator
@@ -741,6 +779,158 @@ impl Dispatcher {
         }
         let job = &self.jobs[&id];
         self.persist(job);
+    }
+
+    /// DCAS: restarts only subtasks `lost` (of task managers `lost_tms`, or failed alone)
+    /// on surviving task managers; the rest of the job keeps running.
+    fn dcas_recover(
+        &mut self,
+        id: JobId,
+        lost: Vec<(u32, u32)>,
+        lost_tms: Vec<TaskManagerId>,
+        location: String,
+        cause: String,
+    ) {
+        let Some(pre_rate) = self.record_failure(id, &location, &cause) else {
+            return;
+        };
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        if job.state.is_terminal() || job.state == JobState::Cancelling || lost.is_empty() {
+            return;
+        }
+        if cause.contains(engine::cache::client::LOST_EVERY_COPY) {
+            // More members failed at once than the cache's backups cover: restarting from
+            // what is left would silently miss data.
+            self.end(
+                id,
+                JobState::Failed,
+                Some(format!(
+                    "DCAS cannot recover: {location}: {cause} (more task managers failed at once than cache.backup_count covers)"
+                )),
+            );
+            return;
+        }
+        let Some(job) = self.count_restart(id, &location, &cause) else {
+            return;
+        };
+        warn!(job = %id, attempt = job.restarts, location = %location, cause = %cause, subtasks = ?lost, "DCAS: restarting only the affected subtasks.");
+        for k in &lost {
+            if let Some(i) = job.subtasks.get_mut(k) {
+                i.state = SubtaskState::Failed;
+            }
+        }
+        job.state = JobState::Restarting;
+        let now = now_ms();
+        job.failovers.push(FailoverEvent {
+            attempt: job.restarts,
+            cause: format!("{location}: {cause}"),
+            mode: "dcas".into(),
+            detected_ms: now,
+            // Nothing is canceled: the rest of the job keeps running.
+            canceled_ms: Some(now),
+            deployed_ms: None,
+            restored_ms: None,
+            first_record_ms: None,
+            caught_up_ms: None,
+            checkpoint: None,
+            generation: Some(job.generation.0),
+            subtasks_restarted: lost.len() as u32,
+            pre_failure_rate: pre_rate,
+            restore_errors: Vec::new(),
+        });
+        let job = &self.jobs[&id];
+        self.persist(job);
+        // Placed on the next tick, once the alive task managers are known.
+        self.pending_dcas.push((id, lost, lost_tms));
+    }
+
+    /// DCAS: places restarted subtasks on the alive task managers, deploys them there and
+    /// rewires every other task manager of the job to them.
+    fn dcas_place(
+        &mut self,
+        id: JobId,
+        lost: Vec<(u32, u32)>,
+        lost_tms: Vec<TaskManagerId>,
+        alive: Vec<Alive>,
+    ) {
+        let used = self.used_slots(None);
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        if job.state.is_terminal() || job.state == JobState::Cancelling {
+            return;
+        }
+        let alive: Vec<Alive> = alive
+            .into_iter()
+            .filter(|a| !lost_tms.contains(&a.id))
+            .collect();
+        if alive.is_empty() {
+            self.end(
+                id,
+                JobState::Failed,
+                Some("DCAS recovery: no task manager is alive".into()),
+            );
+            return;
+        }
+        // Free slots first (most free first), then the least loaded.
+        let mut load: Vec<(Alive, i64)> = alive
+            .into_iter()
+            .map(|a| {
+                let free = a.slots as i64 - used.get(&a.id).copied().unwrap_or(0) as i64;
+                (a, free)
+            })
+            .collect();
+        let mut per_tm: BTreeMap<TaskManagerId, Vec<(u32, u32)>> = BTreeMap::new();
+        for k in &lost {
+            load.sort_by_key(|(_, free)| -free);
+            let (tm, free) = &mut load[0];
+            *free -= 1;
+            per_tm.entry(tm.id).or_default().push(*k);
+            job.subtasks.insert(*k, SubtaskInfo::deploying(tm.id));
+            if !job.tms.iter().any(|t| t.id == tm.id) {
+                job.tms.push(tm.clone());
+            }
+        }
+        let addr: HashMap<TaskManagerId, String> = job
+            .tms
+            .iter()
+            .map(|t| (t.id, t.data_addr.clone()))
+            .collect();
+        let placement: Vec<Placement> = job
+            .subtasks
+            .iter()
+            .map(|((t, s), i)| Placement {
+                task: *t,
+                subtask: *s,
+                tm: i.tm,
+                data_addr: addr.get(&i.tm).cloned().unwrap_or_default(),
+            })
+            .collect();
+        for tm in &job.tms {
+            if let Some(subs) = per_tm.get(&tm.id) {
+                let _ = tm.tx.send(ToTaskManager::Deploy(Deployment {
+                    job: id,
+                    generation: job.generation,
+                    spec: job.spec_json.clone(),
+                    subtasks: subs.clone(),
+                    placement: placement.clone(),
+                    restore: None,
+                }));
+            }
+            let _ = tm.tx.send(ToTaskManager::Rewire {
+                job: id,
+                generation: job.generation,
+                placement: placement.clone(),
+                moved: lost.clone(),
+                lost: lost_tms.clone(),
+            });
+        }
+        info!(job = %id, subtasks = ?lost, on = ?per_tm.keys().collect::<Vec<_>>(), "DCAS: restarted subtasks deployed.");
+        if let Some(e) = job.failovers.last_mut() {
+            e.deployed_ms = Some(now_ms());
+        }
     }
 
     fn tick_recovery(&mut self, id: JobId, ctx: &mut Context<Self>) {
@@ -1193,6 +1383,20 @@ impl Handler<SubtaskUpdate> for Dispatcher {
             msg.task, msg.subtask, msg.tm
         );
         let active = !matches!(job.state, JobState::Cancelling | JobState::Restarting);
+        if msg.state == SubtaskState::Failed
+            && CheckpointingSpec::dcas(job.spec.checkpointing.as_ref()).is_some()
+            && job.state != JobState::Cancelling
+        {
+            let message = msg.message.unwrap_or_else(|| "failed".into());
+            self.dcas_recover(
+                msg.job,
+                vec![(msg.task, msg.subtask)],
+                Vec::new(),
+                location,
+                format!("failed: {message}"),
+            );
+            return;
+        }
         if msg.state == SubtaskState::Failed && active {
             let message = msg.message.unwrap_or_else(|| "failed".into());
             self.fail_over(msg.job, location, format!("failed: {message}"));
@@ -1211,6 +1415,8 @@ impl Handler<SubtaskUpdate> for Dispatcher {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct CollectedOutput {
+    /// Sending task manager.
+    pub tm: TaskManagerId,
     /// Job.
     pub job: JobId,
     /// Deployment.
@@ -1232,7 +1438,9 @@ impl Handler<CollectedOutput> for Dispatcher {
         let Some(job) = self.jobs.get_mut(&msg.job) else {
             return;
         };
-        if job.generation != msg.generation {
+        // A task manager declared dead (and left the job) may still deliver once it resumes:
+        // its subtasks were restarted elsewhere, so its output is fenced off.
+        if job.generation != msg.generation || !job.tms.iter().any(|t| t.id == msg.tm) {
             return;
         }
         if let Some(epoch) = msg.epoch {
@@ -1514,6 +1722,11 @@ impl Handler<KillSubtask> for Dispatcher {
             subtask: msg.subtask,
         });
         let killed = info.tm;
+        if CheckpointingSpec::dcas(job.spec.checkpointing.as_ref()).is_some() {
+            // DCAS restarts only that subtask, when it reports its failure; its neighbours
+            // detach their channels and wait for it.
+            return Ok(killed);
+        }
         // Recover now, naming the kill as the cause: the reports that follow (the subtask's
         // own, its neighbours' broken channels) arrive in any order and are only symptoms.
         self.fail_over(
@@ -1605,6 +1818,22 @@ impl Handler<TaskManagerLost> for Dispatcher {
                 continue;
             };
             job.tms.retain(|t| t.id != msg.tm);
+            if CheckpointingSpec::dcas(job.spec.checkpointing.as_ref()).is_some() {
+                let lost: Vec<(u32, u32)> = job
+                    .subtasks
+                    .iter()
+                    .filter(|(_, i)| i.tm == msg.tm)
+                    .map(|(k, _)| *k)
+                    .collect();
+                self.dcas_recover(
+                    id,
+                    lost,
+                    vec![msg.tm],
+                    format!("task manager {}", msg.tm),
+                    format!("was lost ({})", msg.reason),
+                );
+                continue;
+            }
             for info in job.subtasks.values_mut().filter(|i| i.tm == msg.tm) {
                 if !matches!(info.state, SubtaskState::Finished | SubtaskState::Canceled) {
                     info.state = SubtaskState::Failed;

@@ -12,7 +12,8 @@ use engine::ids::{Generation, JobId};
 use engine::net::DataPlane;
 use engine::protocol::control::{SubtaskState, ToJobManager};
 use engine::runtime::task::{
-    Command, SubtaskActor, SubtaskCommand, SubtaskEvent, SubtaskId, SubtaskOutcome, SubtaskRunner,
+    Command, Rewire, RewireSubtask, SubtaskActor, SubtaskCommand, SubtaskEvent, SubtaskId,
+    SubtaskOutcome, SubtaskRunner,
 };
 use tokio::sync::mpsc;
 use tracing::info;
@@ -58,6 +59,36 @@ impl Handler<ToSubtasks> for DeploymentActor {
     }
 }
 
+/// DCAS: subtasks restarted here join the running deployment.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AddSubtasks(pub Vec<(SubtaskRunner, ArbiterHandle)>);
+
+impl Handler<AddSubtasks> for DeploymentActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: AddSubtasks, ctx: &mut Self::Context) {
+        self.start_runners(msg.0, ctx);
+    }
+}
+
+/// DCAS: new channels for subtasks whose neighbours restarted.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RewireSubtasks(pub Vec<(SubtaskId, Rewire)>);
+
+impl Handler<RewireSubtasks> for DeploymentActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: RewireSubtasks, _ctx: &mut Self::Context) {
+        for (id, rw) in msg.0 {
+            if let Some(a) = self.actors.get(&id) {
+                a.do_send(RewireSubtask(rw));
+            }
+        }
+    }
+}
+
 /// The subtasks of one deployment.
 pub struct DeploymentActor {
     job: JobId,
@@ -93,6 +124,23 @@ impl DeploymentActor {
         }
     }
 
+    fn start_runners(
+        &mut self,
+        runners: Vec<(SubtaskRunner, ArbiterHandle)>,
+        ctx: &mut Context<Self>,
+    ) {
+        let me = ctx.address().recipient();
+        for (runner, arbiter) in runners {
+            let id = runner.id.clone();
+            let report = me.clone();
+            let addr = SubtaskActor::start_in_arbiter(&arbiter, move |_| {
+                SubtaskActor::new(runner, report)
+            });
+            self.report(&id, SubtaskState::Running, None);
+            self.actors.insert(id, addr);
+        }
+    }
+
     fn report(&self, id: &SubtaskId, state: SubtaskState, message: Option<String>) {
         // A closed control channel means the job manager is gone; the task manager is
         // stopping its subtasks anyway.
@@ -111,16 +159,8 @@ impl Actor for DeploymentActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let me = ctx.address().recipient();
-        for (runner, arbiter) in std::mem::take(&mut self.pending) {
-            let id = runner.id.clone();
-            let report = me.clone();
-            let addr = SubtaskActor::start_in_arbiter(&arbiter, move |_| {
-                SubtaskActor::new(runner, report)
-            });
-            self.report(&id, SubtaskState::Running, None);
-            self.actors.insert(id, addr);
-        }
+        let runners = std::mem::take(&mut self.pending);
+        self.start_runners(runners, ctx);
         info!(job = %self.job, generation = %self.generation, subtasks = self.actors.len(), "Deployment started.");
     }
 

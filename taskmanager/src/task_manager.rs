@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use engine::cache::CacheClient;
 use engine::cache::CacheNode;
 use engine::graph::JobGraph;
 use engine::ids::{Generation, JobId, TaskManagerId};
@@ -21,9 +22,10 @@ use engine::protocol::control::{
 };
 use engine::protocol::data::ChannelId;
 use engine::runtime::channel::{channel, InputChannel, OutputChannel};
-use engine::runtime::deploy::{build_runner, edge_sources, edge_targets, SubtaskEnv};
+use engine::runtime::dcas::{ChannelKey, DcasConfig};
+use engine::runtime::deploy::{build_runner, input_keys, output_keys, DcasEnv, SubtaskEnv};
 use engine::runtime::task::{
-    CheckpointAck, CheckpointReporter, Command, SubtaskId, SubtaskMetrics, SubtaskRunner,
+    CheckpointAck, CheckpointReporter, Command, Rewire, SubtaskId, SubtaskMetrics, SubtaskRunner,
 };
 use engine::spec::{CheckpointingSpec, JobSpec};
 use engine::Record;
@@ -31,7 +33,9 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::config::TmConfig;
-use crate::deployment::{CancelDeployment, DeploymentActor, DeploymentEnded, ToSubtasks};
+use crate::deployment::{
+    AddSubtasks, CancelDeployment, DeploymentActor, DeploymentEnded, RewireSubtasks, ToSubtasks,
+};
 
 /// A message from the job manager.
 #[derive(Message)]
@@ -58,6 +62,7 @@ pub struct ConnectionLost;
 struct Running {
     actor: Addr<DeploymentActor>,
     metrics: Vec<(u32, u32, Arc<SubtaskMetrics>)>,
+    graph: Arc<JobGraph>,
 }
 
 /// The task manager actor.
@@ -80,6 +85,10 @@ pub struct TaskManager {
     heartbeat_timeout: Duration,
     /// Subtasks were stopped for want of acknowledgements (until the next one).
     fenced: bool,
+    /// A client of the cache (DCAS logs and snapshots), once the partition table arrived.
+    cache_client: Option<CacheClient>,
+    /// Local channel ends not taken yet.
+    local: LocalChannels,
 }
 
 impl TaskManager {
@@ -104,6 +113,8 @@ impl TaskManager {
             last_ack: Instant::now(),
             heartbeat_timeout: Duration::from_secs(1),
             fenced: false,
+            cache_client: None,
+            local: LocalChannels::default(),
         }
     }
 
@@ -136,13 +147,20 @@ impl TaskManager {
         };
         let (job, generation) = (d.job, d.generation);
         info!(job = %job, generation = %generation, subtasks = d.subtasks.len(), "Deploying.");
-        let wiring = wire(self.id, self.data.clone(), d.clone(), to_jm.clone());
+        let wiring = wire(
+            self.id,
+            self.data.clone(),
+            d.clone(),
+            to_jm.clone(),
+            self.cache_client.clone(),
+            self.local.clone(),
+        );
         ctx.spawn(
             wiring
                 .into_actor(self)
                 .map(move |result, act, ctx| match result {
-                    Ok(runners) => {
-                        let metrics = runners
+                    Ok((graph, runners)) => {
+                        let metrics: Vec<_> = runners
                             .iter()
                             .map(|(r, m)| (r.id.task as u32, r.id.index as u32, m.clone()))
                             .collect();
@@ -156,6 +174,12 @@ impl TaskManager {
                                 (r, slot)
                             })
                             .collect();
+                        // A DCAS restart placed here joins the deployment already running.
+                        if let Some(r) = act.deployments.get_mut(&(job, generation)) {
+                            r.actor.do_send(AddSubtasks(placed));
+                            r.metrics.extend(metrics);
+                            return;
+                        }
                         let actor = DeploymentActor::new(
                             job,
                             generation,
@@ -165,8 +189,14 @@ impl TaskManager {
                             act.data.clone(),
                         )
                         .start();
-                        act.deployments
-                            .insert((job, generation), Running { actor, metrics });
+                        act.deployments.insert(
+                            (job, generation),
+                            Running {
+                                actor,
+                                metrics,
+                                graph,
+                            },
+                        );
                     }
                     Err(message) => {
                         error!(job = %job, error = %message, "Deployment failed.");
@@ -183,6 +213,49 @@ impl TaskManager {
                     }
                 }),
         );
+    }
+
+    /// DCAS: connects this task manager's subtasks of a deployment to their restarted
+    /// neighbours.
+    fn rewire(
+        &mut self,
+        job: JobId,
+        generation: Generation,
+        placement: Vec<engine::protocol::control::Placement>,
+        moved: Vec<(u32, u32)>,
+        lost: Vec<TaskManagerId>,
+        ctx: &mut Context<Self>,
+    ) {
+        for tm in lost {
+            self.data.fence(tm);
+        }
+        let Some(r) = self.deployments.get(&(job, generation)) else {
+            return;
+        };
+        let mine: Vec<(u32, u32)> = r
+            .metrics
+            .iter()
+            .map(|(t, s, _)| (*t, *s))
+            .filter(|k| !moved.contains(k))
+            .collect();
+        let wiring = Wiring::new(
+            self.id,
+            self.data.clone(),
+            job,
+            generation,
+            &r.graph,
+            &placement,
+            self.local.clone(),
+        );
+        let actor = r.actor.clone();
+        let work = rewire(wiring, r.graph.clone(), mine, moved);
+        ctx.spawn(work.into_actor(self).map(move |result, _, _| match result {
+            Ok(rewires) => {
+                info!(job = %job, generation = %generation, subtasks = rewires.len(), "Rewiring to restarted subtasks.");
+                actor.do_send(RewireSubtasks(rewires));
+            }
+            Err(e) => error!(job = %job, error = %e, "Rewiring failed."),
+        }));
     }
 
     fn heartbeat(&self) {
@@ -318,7 +391,23 @@ impl Handler<FromJobManager> for TaskManager {
                     r.actor.do_send(CancelDeployment);
                 }
             }
-            ToTaskManager::CacheTable(table) => self.cache.set_table(table),
+            ToTaskManager::CacheTable(table) => {
+                match &self.cache_client {
+                    Some(c) => c.update_table(table.clone()),
+                    None => {
+                        self.cache_client =
+                            Some(CacheClient::new(table.clone(), Duration::from_secs(5)))
+                    }
+                }
+                self.cache.set_table(table);
+            }
+            ToTaskManager::Rewire {
+                job,
+                generation,
+                placement,
+                moved,
+                lost,
+            } => self.rewire(job, generation, placement, moved, lost, ctx),
             ToTaskManager::CacheCopy {
                 partition,
                 version,
@@ -438,22 +527,119 @@ impl CheckpointReporter for ToJobManagerCheckpoints {
     }
 }
 
-type Wired = Vec<(SubtaskRunner, Arc<SubtaskMetrics>)>;
+type Wired = (Arc<JobGraph>, Vec<(SubtaskRunner, Arc<SubtaskMetrics>)>);
 
 /// Both ends of a channel between two subtasks of this task manager, each taken by the
-/// subtask wired first on its side.
+/// subtask wired first on its side (possibly in different wirings: a DCAS restart placed
+/// here next to a neighbour that kept running).
 type LocalPair = (Option<OutputChannel>, Option<InputChannel>);
 
-fn local_pair(
-    local: &mut HashMap<ChannelId, LocalPair>,
-    id: ChannelId,
+/// Local channel ends not taken yet, shared by every wiring of this task manager.
+type LocalChannels = Arc<std::sync::Mutex<HashMap<ChannelId, LocalPair>>>;
+
+/// How one deployment's channels are opened on this task manager.
+struct Wiring {
+    me: TaskManagerId,
+    data: DataPlane,
+    job: JobId,
+    generation: Generation,
     credits: usize,
-    input: usize,
-) -> &mut LocalPair {
-    local.entry(id).or_insert_with(|| {
-        let (tx, rx) = channel(credits, input);
-        (Some(tx), Some(rx))
-    })
+    place: HashMap<(u32, u32), (TaskManagerId, String)>,
+    local: LocalChannels,
+}
+
+impl Wiring {
+    fn new(
+        me: TaskManagerId,
+        data: DataPlane,
+        job: JobId,
+        generation: Generation,
+        graph: &JobGraph,
+        placement: &[engine::protocol::control::Placement],
+        local: LocalChannels,
+    ) -> Wiring {
+        Wiring {
+            me,
+            data,
+            job,
+            generation,
+            credits: graph.runtime.credits,
+            place: placement
+                .iter()
+                .map(|p| ((p.task, p.subtask), (p.tm, p.data_addr.clone())))
+                .collect(),
+            local,
+        }
+    }
+
+    fn locate(&self, task: usize, subtask: u32) -> Result<(TaskManagerId, String), String> {
+        self.place
+            .get(&(task as u32, subtask))
+            .cloned()
+            .ok_or_else(|| format!("no placement for subtask {task}.{subtask}"))
+    }
+
+    fn id(&self, k: &ChannelKey) -> ChannelId {
+        ChannelId {
+            job: self.job,
+            generation: self.generation,
+            edge: k.edge,
+            from: k.from,
+            to: k.to,
+        }
+    }
+
+    /// Takes one end of a local channel, creating the pair if the other side is not wired
+    /// yet; forgets the pair once both ends are taken.
+    fn local_end<T>(
+        &self,
+        id: ChannelId,
+        input: usize,
+        take: impl FnOnce(&mut LocalPair) -> Option<T>,
+    ) -> Result<T, String> {
+        let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        let pair = local.entry(id).or_insert_with(|| {
+            let (tx, rx) = channel(self.credits, input);
+            (Some(tx), Some(rx))
+        });
+        let end = take(pair).ok_or("local channel wired twice")?;
+        if pair.0.is_none() && pair.1.is_none() {
+            local.remove(&id);
+        }
+        Ok(end)
+    }
+
+    /// The receiving end of channel `k` of `graph`.
+    async fn input(&self, graph: &JobGraph, k: &ChannelKey) -> Result<InputChannel, String> {
+        let e = &graph.edges[k.edge as usize];
+        let (tm, addr) = self.locate(e.from, k.from)?;
+        let id = self.id(k);
+        if tm == self.me {
+            return self.local_end(id, e.input, |p| p.1.take());
+        }
+        let rx = self
+            .data
+            .register_input(id, tm, &addr, self.credits)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(InputChannel::new(rx, e.input))
+    }
+
+    /// The sending end of channel `k` of `graph`.
+    async fn output(&self, graph: &JobGraph, k: &ChannelKey) -> Result<OutputChannel, String> {
+        let e = &graph.edges[k.edge as usize];
+        let (tm, addr) = self.locate(e.to, k.to)?;
+        let id = self.id(k);
+        if tm == self.me {
+            return self.local_end(id, e.input, |p| p.0.take());
+        }
+        let tx = self
+            .data
+            .register_output(id, tm, &addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(OutputChannel::remote(tx))
+    }
 }
 
 /// Builds the runners of this task manager's share of a deployment: local channels between
@@ -463,49 +649,46 @@ async fn wire(
     data: DataPlane,
     d: Deployment,
     to_jm: mpsc::UnboundedSender<ToJobManager>,
+    cache: Option<CacheClient>,
+    local: LocalChannels,
 ) -> Result<Wired, String> {
     let spec = JobSpec::from_json(&d.spec).map_err(|e| e.to_string())?;
     let graph = JobGraph::build(&spec, &jobs::registry()).map_err(|e| e.to_string())?;
-    let place: HashMap<(u32, u32), (TaskManagerId, String)> = d
-        .placement
-        .iter()
-        .map(|p| ((p.task, p.subtask), (p.tm, p.data_addr.clone())))
-        .collect();
-    let locate = |task: usize, subtask: usize| {
-        place
-            .get(&(task as u32, subtask as u32))
-            .cloned()
-            .ok_or_else(|| format!("no placement for subtask {task}.{subtask}"))
+    let wiring = Wiring::new(me, data, d.job, d.generation, &graph, &d.placement, local);
+    let reporter = || {
+        let r: Arc<dyn CheckpointReporter> = Arc::new(ToJobManagerCheckpoints {
+            job: d.job,
+            generation: d.generation,
+            to_jm: to_jm.clone(),
+        });
+        r
     };
-    let credits = graph.runtime.credits;
-    let cid = |edge: usize, from: usize, to: usize| ChannelId {
-        job: d.job,
-        generation: d.generation,
-        edge: edge as u32,
-        from: from as u32,
-        to: to as u32,
-    };
-    // Both ends of channels between two local subtasks, taken by whichever is wired first.
-    let mut local: HashMap<ChannelId, (Option<OutputChannel>, Option<InputChannel>)> =
-        HashMap::new();
     let checkpoints = CheckpointingSpec::abs(graph.checkpointing.as_ref())
         .is_some()
-        .then(|| {
-            let r: Arc<dyn CheckpointReporter> = Arc::new(ToJobManagerCheckpoints {
-                job: d.job,
-                generation: d.generation,
-                to_jm: to_jm.clone(),
-            });
-            r
-        });
+        .then(reporter);
+    let dcas = match CheckpointingSpec::dcas(graph.checkpointing.as_ref()) {
+        None => None,
+        Some(c) => Some(DcasEnv {
+            config: DcasConfig {
+                client: cache.ok_or(
+                    "DCAS needs the cache, and this task manager has no partition table yet",
+                )?,
+                job: d.job.to_string(),
+                every_records: c.snapshot_every(),
+                interval: c.snapshot_interval(),
+            },
+            reporter: reporter(),
+        }),
+    };
     let env = SubtaskEnv {
         collect: Arc::new(ToJobManagerCollect {
             job: d.job,
             generation: d.generation,
-            to_jm,
+            to_jm: to_jm.clone(),
         }),
         checkpoints,
         attempt: d.generation.0,
+        dcas,
     };
     let mut out = Vec::new();
     for &(task, subtask) in &d.subtasks {
@@ -516,46 +699,14 @@ async fn wire(
             ));
         }
         let mut inputs = Vec::new();
-        for (ei, e) in graph.edges.iter().enumerate().filter(|(_, e)| e.to == t) {
-            for u in edge_sources(&graph, e, s) {
-                let (tm, addr) = locate(e.from, u)?;
-                let id = cid(ei, u, s);
-                if tm == me {
-                    inputs.push(
-                        local_pair(&mut local, id, credits, e.input)
-                            .1
-                            .take()
-                            .ok_or("local channel wired twice")?,
-                    );
-                } else {
-                    let rx = data
-                        .register_input(id, tm, &addr, credits)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    inputs.push(InputChannel::new(rx, e.input));
-                }
-            }
+        for k in input_keys(&graph, t, s) {
+            inputs.push(wiring.input(&graph, &k).await?);
         }
         let mut outputs = Vec::new();
-        for (ei, e) in graph.edges.iter().enumerate().filter(|(_, e)| e.from == t) {
+        for route in output_keys(&graph, t, s) {
             let mut senders = Vec::new();
-            for v in edge_targets(&graph, e, s) {
-                let (tm, addr) = locate(e.to, v)?;
-                let id = cid(ei, s, v);
-                if tm == me {
-                    senders.push(
-                        local_pair(&mut local, id, credits, e.input)
-                            .0
-                            .take()
-                            .ok_or("local channel wired twice")?,
-                    );
-                } else {
-                    let tx = data
-                        .register_output(id, tm, &addr)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    senders.push(OutputChannel::remote(tx));
-                }
+            for k in route {
+                senders.push(wiring.output(&graph, &k).await?);
             }
             outputs.push(senders);
         }
@@ -578,6 +729,39 @@ async fn wire(
                 .map_err(|e| format!("restoring checkpoint {}: {e}", point.checkpoint))?;
         }
         out.push((runner, metrics));
+    }
+    Ok((Arc::new(graph), out))
+}
+
+/// DCAS: new channels between this task manager's subtasks `mine` and the restarted
+/// subtasks `moved`, per subtask of `mine` that has any.
+async fn rewire(
+    wiring: Wiring,
+    graph: Arc<JobGraph>,
+    mine: Vec<(u32, u32)>,
+    moved: Vec<(u32, u32)>,
+) -> Result<Vec<(SubtaskId, Rewire)>, String> {
+    let mut out = Vec::new();
+    for (task, subtask) in mine {
+        let (t, s) = (task as usize, subtask as usize);
+        let mut rw = Rewire::default();
+        for (i, k) in input_keys(&graph, t, s).iter().enumerate() {
+            let from = graph.edges[k.edge as usize].from as u32;
+            if moved.contains(&(from, k.from)) {
+                rw.inputs.push((i, wiring.input(&graph, k).await?));
+            }
+        }
+        for (r, route) in output_keys(&graph, t, s).iter().enumerate() {
+            for (ti, k) in route.iter().enumerate() {
+                let to = graph.edges[k.edge as usize].to as u32;
+                if moved.contains(&(to, k.to)) {
+                    rw.outputs.push((r, ti, wiring.output(&graph, k).await?));
+                }
+            }
+        }
+        if !rw.inputs.is_empty() || !rw.outputs.is_empty() {
+            out.push((SubtaskId { task: t, index: s }, rw));
+        }
     }
     Ok(out)
 }

@@ -356,6 +356,22 @@ impl Cluster {
         let _ = self.jm.wait();
     }
 
+    /// Waits until the cache has `members` members and every partition has its backups
+    /// where the ring wants them.
+    pub fn wait_cache_settled(&self, members: usize) {
+        self.wait_until(
+            Duration::from_secs(60),
+            &format!("cache settled on {members} members"),
+            |c| {
+                let (_, v) = c.get("/cache");
+                v["members"].as_array().map(Vec::len) == Some(members)
+                    && v["progress"]["under_replicated"] == 0
+                    && v["progress"]["misplaced"] == 0
+                    && v["progress"]["syncing"] == 0
+            },
+        );
+    }
+
     /// Polls `pred` every 20 ms until it holds; panics with `what` after `timeout`.
     pub fn wait_until(
         &self,

@@ -121,3 +121,43 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
+
+/// The wordcount example named `name`, made to run about `count / rate` seconds, with
+/// `checkpointing` (a JSON object).
+pub fn wordcount_spec(
+    name: &str,
+    checkpointing: serde_json::Value,
+    count: u64,
+    rate: u64,
+) -> serde_json::Value {
+    let text = jobs::EXAMPLES
+        .iter()
+        .find(|(n, _)| *n == "wordcount.json")
+        .expect("wordcount example")
+        .1;
+    let mut spec: serde_json::Value = serde_json::from_str(text).expect("example json");
+    spec["name"] = serde_json::json!(name);
+    spec["checkpointing"] = checkpointing;
+    let params = &mut spec["operators"][0]["params"];
+    params["count"] = serde_json::json!(count);
+    params["rate"] = serde_json::json!(rate);
+    spec
+}
+
+/// (word, window start) -> count from a job's collect sink `op`; panics on a duplicate
+/// result (an exactly-once violation).
+pub fn collected_counts(c: &cluster::Cluster, id: &str, op: &str) -> BTreeMap<(String, i64), i64> {
+    let mut got = BTreeMap::new();
+    for v in c.output(id, op) {
+        let key = (
+            v["key"].as_str().expect("key").to_string(),
+            v["window_start"].as_i64().expect("window_start"),
+        );
+        assert!(
+            got.insert(key, v["count"].as_i64().expect("count"))
+                .is_none(),
+            "duplicate result {v}"
+        );
+    }
+    got
+}

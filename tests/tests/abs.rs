@@ -20,17 +20,12 @@ fn abs_wordcount(
     interval_ms: u64,
     file: Option<&std::path::Path>,
 ) -> String {
-    let text = jobs::EXAMPLES
-        .iter()
-        .find(|(n, _)| *n == "wordcount.json")
-        .expect("wordcount example")
-        .1;
-    let mut spec: Value = serde_json::from_str(text).expect("example json");
-    spec["name"] = json!("wordcount-abs");
-    spec["checkpointing"] = json!({"mode": "abs", "interval_ms": interval_ms});
-    let params = &mut spec["operators"][0]["params"];
-    params["count"] = json!(count);
-    params["rate"] = json!(rate);
+    let mut spec = weir_tests::wordcount_spec(
+        "wordcount-abs",
+        json!({"mode": "abs", "interval_ms": interval_ms}),
+        count,
+        rate,
+    );
     if let Some(path) = file {
         spec["operators"]
             .as_array_mut()
@@ -43,21 +38,8 @@ fn abs_wordcount(
     spec.to_string()
 }
 
-/// (word, window start) -> count from the collect output; panics on a duplicate result.
 fn counts(c: &Cluster, id: &str) -> BTreeMap<(String, i64), i64> {
-    let mut got = BTreeMap::new();
-    for v in c.output(id, "out") {
-        let key = (
-            v["key"].as_str().expect("key").to_string(),
-            v["window_start"].as_i64().expect("window_start"),
-        );
-        assert!(
-            got.insert(key, v["count"].as_i64().expect("count"))
-                .is_none(),
-            "duplicate result {v}"
-        );
-    }
-    got
+    weir_tests::collected_counts(c, id, "out")
 }
 
 /// (word, window start) -> count from the file sink's files; panics on a duplicate.

@@ -18,7 +18,7 @@ fn cluster(taskmanagers: usize) -> Cluster {
         taskmanagers,
         ..ClusterOptions::default()
     });
-    wait_settled(&c, taskmanagers);
+    c.wait_cache_settled(taskmanagers);
     c
 }
 
@@ -26,22 +26,6 @@ fn cache(c: &Cluster) -> Value {
     let (status, body) = c.get("/cache");
     assert_eq!(status, 200, "{body}");
     body
-}
-
-/// Waits until the cache has `members` members and every partition has its backups where
-/// the ring wants them.
-fn wait_settled(c: &Cluster, members: usize) {
-    c.wait_until(
-        Duration::from_secs(60),
-        &format!("cache settled on {members} members"),
-        |c| {
-            let v = cache(c);
-            v["members"].as_array().map(Vec::len) == Some(members)
-                && v["progress"]["under_replicated"] == 0
-                && v["progress"]["misplaced"] == 0
-                && v["progress"]["syncing"] == 0
-        },
-    );
 }
 
 fn member_addrs(c: &Cluster) -> Vec<String> {
@@ -157,7 +141,7 @@ fn acknowledged_writes_survive_two_successive_member_kills() {
     assert_eq!(cache(&c)["lost_partitions"], serde_json::json!([]));
 
     // After re-replication every partition has a backup again: a second kill loses nothing.
-    wait_settled(&c, 3);
+    c.wait_cache_settled(3);
     c.kill_taskmanager(1);
     wait_members(&c, 2);
     rt.block_on(verify_all(&client));
@@ -353,7 +337,7 @@ fn a_joining_member_takes_partitions_while_writers_run() {
     let client = rt.block_on(client(&c));
     let (acked, failed) = with_writers(&mut c, &rt, &client, |c| {
         c.add_taskmanager();
-        wait_settled(c, 4);
+        c.wait_cache_settled(4);
     });
     println!("migration test: {acked} writes acknowledged, {failed} failed");
     assert!(acked > 1000, "writers made progress: {acked}");

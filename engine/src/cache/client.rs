@@ -35,7 +35,7 @@ pub enum CacheError {
         limit: u64,
     },
     /// Every copy of the partition was lost.
-    #[error("cache partition {partition} lost every copy")]
+    #[error("cache partition {partition} {}", LOST_EVERY_COPY)]
     Lost {
         /// The partition.
         partition: u32,
@@ -54,6 +54,10 @@ pub enum CacheError {
     #[error("no cache member reachable: {0}")]
     NoMembers(String),
 }
+
+/// How [`CacheError::Lost`] reads: a failure message containing it (a subtask's, which
+/// reaches the job manager as text) means data is gone.
+pub const LOST_EVERY_COPY: &str = "lost every copy";
 
 /// A routing client. Cheap to clone; all clones share table and connections.
 #[derive(Clone)]

@@ -120,6 +120,22 @@ pub enum ToTaskManager {
     },
     /// Exit the process at once, as a crash would (used by "kill task manager").
     Abort,
+    /// DCAS: subtasks `moved` restarted on other task managers (now in `placement`); the
+    /// receiving task manager connects its own subtasks of the deployment to them, and stops
+    /// listening to the task managers in `lost` (fencing: a paused one that resumes must not
+    /// reach anyone).
+    Rewire {
+        /// The job.
+        job: JobId,
+        /// The deployment.
+        generation: Generation,
+        /// Where every subtask of the job runs now.
+        placement: Vec<Placement>,
+        /// The restarted subtasks.
+        moved: Vec<(u32, u32)>,
+        /// Task managers declared dead.
+        lost: Vec<TaskManagerId>,
+    },
     /// Fail one subtask at once, as its crash would (used by "kill subtask").
     KillSubtask {
         /// The job.

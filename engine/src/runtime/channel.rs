@@ -19,6 +19,7 @@ use std::task::Poll;
 use std::time::Instant;
 
 use super::credit;
+use super::dcas::{RetainedBatch, RetainedOutput};
 use crate::graph::{subtask_for_hash, Exchange};
 use crate::net::RemoteSender;
 use crate::operator::{eval, OpError};
@@ -69,6 +70,7 @@ impl InputChannel {
             next_seq: 0,
             watermark: i64::MIN,
             ended: false,
+            detached: false,
         }
     }
 }
@@ -78,6 +80,9 @@ pub struct OutputChannel {
     tx: Tx,
     /// Seq of the next record sent.
     next_seq: Seq,
+    /// DCAS: the receiver went away; sends are dropped (the router retains them) until the
+    /// channel is rewired to the receiver's restarted instance.
+    detached: bool,
 }
 
 /// Where an output channel's events go: a subtask in this process, or one on another task
@@ -93,6 +98,7 @@ impl OutputChannel {
         OutputChannel {
             tx: Tx::Local(tx),
             next_seq: 0,
+            detached: false,
         }
     }
 
@@ -101,6 +107,7 @@ impl OutputChannel {
         OutputChannel {
             tx: Tx::Remote(tx),
             next_seq: 0,
+            detached: false,
         }
     }
 
@@ -164,6 +171,37 @@ pub struct InputChannel {
     /// Latest watermark received.
     pub watermark: i64,
     /// `EndOfStream` received.
+    pub ended: bool,
+    /// DCAS: the sender went away; not read until rewired to its restarted instance.
+    detached: bool,
+}
+
+/// Where a channel's receiver stands: what a DCAS snapshot keeps of each input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct InputPosition {
+    /// Seq of the next record expected.
+    pub next_seq: Seq,
+    /// Latest watermark received.
+    pub watermark: i64,
+    /// `EndOfStream` received.
+    pub ended: bool,
+}
+
+/// Where a router stands: what a DCAS snapshot keeps of the output side, so a restarted
+/// subtask assigns the same seqs to the same records.
+#[derive(Clone, Debug, Default, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct RouterPosition {
+    /// Per route, per target: the next seq to assign.
+    pub next_seqs: Vec<Vec<Seq>>,
+    /// Per route: the rebalance target receiving the current batch.
+    pub rr: Vec<u32>,
+    /// Records partitioned but not sent yet, per (route, target).
+    pub pending: Vec<RetainedBatch>,
+    /// Output sent but not yet known to be logged by the receivers.
+    pub retained: Vec<RetainedBatch>,
+    /// The last watermark broadcast.
+    pub watermark: i64,
+    /// `EndOfStream` was broadcast.
     pub ended: bool,
 }
 
@@ -246,7 +284,7 @@ impl InputGate {
                 for k in 0..n {
                     let i = (self.next + k) % n;
                     let ch = &mut self.channels[i];
-                    if ch.ended || self.blocked[i] {
+                    if ch.ended || ch.detached || self.blocked[i] {
                         continue;
                     }
                     match ch.rx.poll_recv(cx) {
@@ -266,19 +304,95 @@ impl InputGate {
                 Poll::Pending
             })
             .await?;
-            let ch = &mut self.channels[i];
+            match self.channels[i].accept(event) {
+                Ok(Some(event)) => return Ok((i, event)),
+                Ok(None) => continue,
+                Err((expected, got)) => {
+                    return Err(ChannelError::Gap {
+                        channel: i,
+                        expected,
+                        got,
+                    })
+                }
+            }
+        }
+    }
+
+    /// DCAS: stops reading channel `i` (its sender went away) until it is rewired.
+    pub fn detach(&mut self, i: usize) {
+        if let Some(c) = self.channels.get_mut(i) {
+            c.detached = true;
+        }
+    }
+
+    /// DCAS: channel `i` now receives from `ch` (the restarted sender's channel), keeping
+    /// its position: what the restarted sender sends again is dropped as already seen.
+    pub fn rewire(&mut self, i: usize, ch: InputChannel) {
+        if let Some(c) = self.channels.get_mut(i) {
+            c.rx = ch.rx;
+            c.detached = false;
+        }
+    }
+
+    /// Every channel's position, in gate order.
+    pub fn positions(&self) -> Vec<InputPosition> {
+        self.channels
+            .iter()
+            .map(|c| InputPosition {
+                next_seq: c.next_seq,
+                watermark: c.watermark,
+                ended: c.ended,
+            })
+            .collect()
+    }
+
+    /// Sets every channel's position (a restored snapshot); `Err` when the counts differ.
+    pub fn restore_positions(&mut self, positions: &[InputPosition]) -> Result<(), String> {
+        if positions.len() != self.channels.len() {
+            return Err(format!(
+                "the snapshot has {} input channels, the subtask {}",
+                positions.len(),
+                self.channels.len()
+            ));
+        }
+        for (c, p) in self.channels.iter_mut().zip(positions) {
+            c.next_seq = p.next_seq;
+            c.watermark = p.watermark;
+            c.ended = p.ended;
+        }
+        Ok(())
+    }
+
+    /// Replays a logged event of channel `i` as if it was read now: the channel's position
+    /// moves exactly as it did when the event was first consumed. Returns what reading it
+    /// returned then (`None`: nothing new).
+    pub fn replay(&mut self, i: usize, event: StreamEvent) -> Result<Option<StreamEvent>, String> {
+        let n = self.channels.len();
+        let c = self
+            .channels
+            .get_mut(i)
+            .ok_or_else(|| format!("logged channel {i}, the subtask has {n}"))?;
+        c.accept(event).map_err(|(expected, got)| {
+            format!("logged channel {i} skips from seq {expected} to {got}")
+        })
+    }
+}
+
+impl InputChannel {
+    /// Takes an event read from the channel into its position; drops records already
+    /// seen. `Ok(None)`: a batch with nothing new. `Err` (from [`InputGate::next`] as a
+    /// `Gap`) when records were skipped.
+    fn accept(&mut self, event: StreamEvent) -> Result<Option<StreamEvent>, (Seq, Seq)> {
+        let ch = self;
+        {
             match event {
                 StreamEvent::Data(mut batch) => {
                     if batch.first_seq > ch.next_seq {
-                        return Err(ChannelError::Gap {
-                            channel: i,
-                            expected: ch.next_seq,
-                            got: batch.first_seq,
-                        });
+                        return Err((ch.next_seq, batch.first_seq));
                     }
                     let end = batch.end_seq();
                     if end <= ch.next_seq {
-                        continue; // a replayed batch we already have entirely
+                        return Ok(None); // a resent batch we already have entirely
                     }
                     let seen = (ch.next_seq - batch.first_seq) as usize;
                     if seen > 0 {
@@ -286,13 +400,13 @@ impl InputGate {
                         batch.first_seq = ch.next_seq;
                     }
                     ch.next_seq = end;
-                    return Ok((i, StreamEvent::Data(batch)));
+                    return Ok(Some(StreamEvent::Data(batch)));
                 }
                 StreamEvent::Watermark(w) => ch.watermark = ch.watermark.max(w),
                 StreamEvent::EndOfStream => ch.ended = true,
                 StreamEvent::Barrier(_) => {}
             }
-            return Ok((i, event));
+            Ok(Some(event))
         }
     }
 }
@@ -335,6 +449,13 @@ pub struct Router {
     /// When the oldest unsent record was buffered (for the linger timeout).
     pending_since: Option<Instant>,
     counters: Arc<RouterCounters>,
+    /// DCAS: every batch sent, until its receiver logged it; `None` without DCAS. With it,
+    /// a channel whose receiver went away is detached instead of failing the subtask.
+    retained: Option<RetainedOutput>,
+    /// The last watermark broadcast (sent again to a rewired receiver).
+    watermark: i64,
+    /// `EndOfStream` was broadcast.
+    ended: bool,
 }
 
 impl Router {
@@ -345,7 +466,151 @@ impl Router {
             batch_size: batch_size.max(1),
             pending_since: None,
             counters,
+            retained: None,
+            watermark: i64::MIN,
+            ended: false,
         }
+    }
+
+    /// DCAS: retain every batch sent until its receiver logged it, and detach channels
+    /// whose receiver went away instead of failing.
+    pub fn retain_output(&mut self) {
+        self.retained.get_or_insert_with(RetainedOutput::default);
+    }
+
+    /// Records retained (0 without DCAS).
+    pub fn retained_records(&self) -> usize {
+        self.retained.as_ref().map_or(0, RetainedOutput::records)
+    }
+
+    /// Forgets retained output of channel `(route, target)` below seq `logged`.
+    pub fn trim(&mut self, channel: (u32, u32), logged: Seq) {
+        if let Some(r) = &mut self.retained {
+            r.trim(channel, logged);
+        }
+    }
+
+    /// The router's position: seqs, unsent records, retained output, last broadcast.
+    pub fn position(&self) -> RouterPosition {
+        let mut pending = Vec::new();
+        for (r, route) in self.routes.iter().enumerate() {
+            for (t, buf) in route.buffers.iter().enumerate() {
+                if !buf.is_empty() {
+                    pending.push(RetainedBatch {
+                        channel: (r as u32, t as u32),
+                        batch: Batch {
+                            first_seq: route.targets[t].next_seq,
+                            records: buf.clone(),
+                        },
+                    });
+                }
+            }
+        }
+        RouterPosition {
+            next_seqs: self
+                .routes
+                .iter()
+                .map(|r| r.targets.iter().map(|t| t.next_seq).collect())
+                .collect(),
+            rr: self.routes.iter().map(|r| r.rr as u32).collect(),
+            pending,
+            retained: self
+                .retained
+                .as_ref()
+                .map(|r| r.batches().cloned().collect())
+                .unwrap_or_default(),
+            watermark: self.watermark,
+            ended: self.ended,
+        }
+    }
+
+    /// Restores a position taken by [`Router::position`] on a router of the same shape.
+    pub fn restore_position(&mut self, p: RouterPosition) -> Result<(), String> {
+        let shape: Vec<usize> = self.routes.iter().map(|r| r.targets.len()).collect();
+        let theirs: Vec<usize> = p.next_seqs.iter().map(Vec::len).collect();
+        if shape != theirs || p.rr.len() != shape.len() {
+            return Err(format!(
+                "the snapshot's output channels {theirs:?} do not match the subtask's {shape:?}"
+            ));
+        }
+        for ((route, seqs), rr) in self.routes.iter_mut().zip(&p.next_seqs).zip(&p.rr) {
+            for (t, &seq) in route.targets.iter_mut().zip(seqs) {
+                t.next_seq = seq;
+            }
+            route.rr = *rr as usize % route.targets.len().max(1);
+        }
+        for b in p.pending {
+            let (r, t) = (b.channel.0 as usize, b.channel.1 as usize);
+            let buf = self
+                .routes
+                .get_mut(r)
+                .and_then(|route| route.buffers.get_mut(t))
+                .ok_or_else(|| format!("the snapshot has output for channel {r}.{t}"))?;
+            buf.extend(b.batch.records);
+            self.pending_since.get_or_insert_with(Instant::now);
+        }
+        self.retained = Some(RetainedOutput::from_batches(p.retained));
+        self.watermark = p.watermark;
+        self.ended = p.ended;
+        Ok(())
+    }
+
+    /// DCAS: channel `(route, target)` now goes to `ch` (its receiver's restarted
+    /// instance); everything retained for it is sent again, then the last watermark and
+    /// end of stream. The receiver drops what it already logged.
+    pub async fn rewire(
+        &mut self,
+        route: usize,
+        target: usize,
+        mut ch: OutputChannel,
+    ) -> Result<(), RouteError> {
+        let Some(old) = self
+            .routes
+            .get_mut(route)
+            .and_then(|r| r.targets.get_mut(target))
+        else {
+            return Ok(());
+        };
+        ch.next_seq = old.next_seq;
+        *old = ch;
+        self.resend(route, target).await
+    }
+
+    /// Sends everything retained again on every channel (a restarted subtask's first
+    /// step: its receivers may have missed what it sent before the crash).
+    pub async fn resend_all(&mut self) -> Result<(), RouteError> {
+        for r in 0..self.routes.len() {
+            for t in 0..self.routes[r].targets.len() {
+                self.resend(r, t).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn resend(&mut self, route: usize, target: usize) -> Result<(), RouteError> {
+        let channel = (route as u32, target as u32);
+        let batches: Vec<Batch> = self
+            .retained
+            .as_ref()
+            .map(|r| {
+                r.batches()
+                    .filter(|b| b.channel == channel)
+                    .map(|b| b.batch.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let keep = self.retained.is_some();
+        let ch = &mut self.routes[route].targets[target];
+        for b in batches {
+            deliver(ch, StreamEvent::Data(b), keep).await?;
+        }
+        if self.watermark > i64::MIN {
+            deliver(ch, StreamEvent::Watermark(self.watermark), keep).await?;
+        }
+        if self.ended {
+            deliver(ch, StreamEvent::EndOfStream, keep).await?;
+        }
+        Ok(())
     }
 
     /// When buffered records were first held back, if any are.
@@ -356,6 +621,13 @@ impl Router {
     /// Partitions `records` into the routes' buffers (leaving `records` empty) and sends
     /// every buffer that is full.
     pub async fn push(&mut self, records: &mut Vec<Record>) -> Result<(), RouteError> {
+        self.stage(records)?;
+        self.send_full().await
+    }
+
+    /// Partitions `records` into the routes' buffers (leaving `records` empty) without
+    /// sending anything.
+    pub fn stage(&mut self, records: &mut Vec<Record>) -> Result<(), RouteError> {
         if records.is_empty() {
             return Ok(());
         }
@@ -373,7 +645,7 @@ impl Router {
                 self.push_route(r, records)?;
             }
         }
-        self.send_full().await
+        Ok(())
     }
 
     fn push_route(&mut self, r: usize, records: &mut Vec<Record>) -> Result<(), RouteError> {
@@ -437,13 +709,26 @@ impl Router {
         Ok(())
     }
 
-    async fn send_full(&mut self) -> Result<(), RouteError> {
+    /// True when a buffer is full, so the next [`Router::send_full`] sends.
+    pub fn has_full(&self) -> bool {
+        self.routes
+            .iter()
+            .any(|r| r.buffers.iter().any(|b| b.len() >= self.batch_size))
+    }
+
+    /// Sends every full buffer.
+    pub async fn send_full(&mut self) -> Result<(), RouteError> {
         let size = self.batch_size;
-        for route in self.routes.iter_mut() {
+        for (r, route) in self.routes.iter_mut().enumerate() {
             for (t, buf) in route.buffers.iter_mut().enumerate() {
                 if buf.len() >= size {
                     let records = std::mem::replace(buf, Vec::with_capacity(size));
-                    send_chunked(&mut route.targets[t], records, size, &self.counters).await?;
+                    let out = Out {
+                        channel: (r as u32, t as u32),
+                        counters: &self.counters,
+                        retained: &mut self.retained,
+                    };
+                    send_chunked(&mut route.targets[t], records, size, out).await?;
                 }
             }
         }
@@ -459,17 +744,16 @@ impl Router {
 
     /// Sends every non-empty buffer.
     pub async fn flush(&mut self) -> Result<(), RouteError> {
-        for route in self.routes.iter_mut() {
+        for (r, route) in self.routes.iter_mut().enumerate() {
             for (t, buf) in route.buffers.iter_mut().enumerate() {
                 if !buf.is_empty() {
                     let records = std::mem::take(buf);
-                    send_chunked(
-                        &mut route.targets[t],
-                        records,
-                        self.batch_size,
-                        &self.counters,
-                    )
-                    .await?;
+                    let out = Out {
+                        channel: (r as u32, t as u32),
+                        counters: &self.counters,
+                        retained: &mut self.retained,
+                    };
+                    send_chunked(&mut route.targets[t], records, self.batch_size, out).await?;
                 }
             }
         }
@@ -480,12 +764,15 @@ impl Router {
     /// Flushes, then sends `event` on every channel of every route.
     pub async fn broadcast(&mut self, event: StreamEvent) -> Result<(), RouteError> {
         self.flush().await?;
+        match event {
+            StreamEvent::Watermark(w) => self.watermark = self.watermark.max(w),
+            StreamEvent::EndOfStream => self.ended = true,
+            _ => {}
+        }
+        let keep = self.retained.is_some();
         for route in self.routes.iter_mut() {
             for target in route.targets.iter_mut() {
-                let waited = target
-                    .send(event.clone())
-                    .await
-                    .map_err(RouteError::Channel)?;
+                let waited = deliver(target, event.clone(), keep).await?;
                 self.counters
                     .backpressure_ns
                     .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
@@ -511,32 +798,46 @@ impl Router {
     }
 }
 
+/// Where a sent batch is accounted: its channel, the counters, the retained output.
+struct Out<'a> {
+    channel: (u32, u32),
+    counters: &'a RouterCounters,
+    retained: &'a mut Option<RetainedOutput>,
+}
+
 /// Sends `records` as batches of at most `size` (an operator that multiplies records, such
 /// as `flat_map`, can fill a buffer far past the batch size in one step).
 async fn send_chunked(
     target: &mut OutputChannel,
     mut records: Vec<Record>,
     size: usize,
-    counters: &RouterCounters,
+    mut out: Out<'_>,
 ) -> Result<(), RouteError> {
     while records.len() > size {
         let rest = records.split_off(size);
-        send(target, records, counters).await?;
+        send(target, records, &mut out).await?;
         records = rest;
     }
-    send(target, records, counters).await
+    send(target, records, &mut out).await
 }
 
 async fn send(
     target: &mut OutputChannel,
     records: Vec<Record>,
-    counters: &RouterCounters,
+    out: &mut Out<'_>,
 ) -> Result<(), RouteError> {
     let n = records.len() as u64;
-    let waited = target
-        .send_records(records)
-        .await
-        .map_err(RouteError::Channel)?;
+    let batch = Batch {
+        first_seq: target.next_seq,
+        records,
+    };
+    target.next_seq = batch.end_seq();
+    let keep = out.retained.is_some();
+    if let Some(r) = out.retained.as_mut() {
+        r.push(out.channel, batch.clone());
+    }
+    let waited = deliver(target, StreamEvent::Data(batch), keep).await?;
+    let counters = out.counters;
     counters.records_out.fetch_add(n, Ordering::Relaxed);
     if !waited.is_zero() {
         counters
@@ -544,6 +845,26 @@ async fn send(
             .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
     }
     Ok(())
+}
+
+/// Sends `event` on `target`. With `detach` (DCAS), a channel whose receiver went away
+/// is detached (its output is retained for the receiver's restarted instance) instead of
+/// failing; a detached channel drops what it is given.
+async fn deliver(
+    target: &mut OutputChannel,
+    event: StreamEvent,
+    detach: bool,
+) -> Result<std::time::Duration, RouteError> {
+    if target.detached {
+        return Ok(std::time::Duration::ZERO);
+    }
+    match target.send(event).await {
+        Err(ChannelError::Closed) if detach => {
+            target.detached = true;
+            Ok(std::time::Duration::ZERO)
+        }
+        other => other.map_err(RouteError::Channel),
+    }
 }
 
 /// Error while routing output.

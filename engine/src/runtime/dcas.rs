@@ -24,9 +24,10 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::warn;
 
+use super::channel::{InputPosition, RouterPosition};
 use crate::cache::{CacheClient, CacheError};
 use crate::codec::{decode, decode_event, encode, encode_event, CodecError};
 use crate::protocol::control::OperatorState;
@@ -93,35 +94,81 @@ impl DcasNames {
     }
 }
 
-/// One consumed input: the input channel (gate index) and the event.
+/// Gate index logged for a source's polls (sources have no input channels).
+pub const SOURCE_CHANNEL: u32 = u32::MAX;
+
+/// One consumed input: the input channel (gate index) and the event; for a source's poll,
+/// the records polled and the source's state after the poll (replay restores it, so the
+/// source then continues where the logged polls ended).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LogEntry {
-    /// Input channel index in the subtask's gate (sources: 0).
+    /// Input channel index in the subtask's gate ([`SOURCE_CHANNEL`] for source polls).
     pub channel: u32,
-    /// The event as consumed (data with its seqs, or a watermark).
+    /// The event as consumed (data with its seqs, a watermark, or the end of a channel).
     pub event: StreamEvent,
+    /// A source's state after the poll that produced `event`.
+    pub source_state: Option<Vec<u8>>,
 }
 
 impl LogEntry {
-    /// Encodes as the channel (4 bytes, little endian) followed by the wire event.
+    /// An input consumed from gate channel `channel`.
+    pub fn input(channel: usize, event: StreamEvent) -> LogEntry {
+        LogEntry {
+            channel: channel as u32,
+            event,
+            source_state: None,
+        }
+    }
+
+    /// Encodes as the channel and the event's length (4 bytes each, little endian), the
+    /// wire event, then the source state if any.
     pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
-        let event = encode_event(&self.event)?;
-        let mut out = Vec::with_capacity(4 + event.len());
-        out.extend_from_slice(&self.channel.to_le_bytes());
-        out.extend_from_slice(&event);
-        Ok(out)
+        encode_entry(self.channel, &self.event, self.source_state.as_deref())
     }
 
     /// Decodes what [`LogEntry::encode`] wrote.
     pub fn decode(bytes: &[u8]) -> Result<LogEntry, CodecError> {
-        let (head, event) = bytes
-            .split_first_chunk::<4>()
-            .ok_or_else(|| CodecError("log entry shorter than its header".into()))?;
+        let short = || CodecError("log entry shorter than its header".into());
+        let (head, rest) = bytes.split_first_chunk::<4>().ok_or_else(short)?;
+        let (len, rest) = rest.split_first_chunk::<4>().ok_or_else(short)?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if rest.len() < len {
+            return Err(CodecError(format!(
+                "log entry event of {len} bytes, {} present",
+                rest.len()
+            )));
+        }
+        let (event, tail) = rest.split_at(len);
+        let source_state = match tail.split_first() {
+            None => None,
+            Some((1, state)) => Some(state.to_vec()),
+            Some((tag, _)) => return Err(CodecError(format!("log entry trailer tag {tag}"))),
+        };
         Ok(LogEntry {
             channel: u32::from_le_bytes(*head),
             event: decode_event(event)?,
+            source_state,
         })
     }
+}
+
+/// The encoding of [`LogEntry::encode`], from borrowed parts (no copy of the event).
+fn encode_entry(
+    channel: u32,
+    event: &StreamEvent,
+    source_state: Option<&[u8]>,
+) -> Result<Vec<u8>, CodecError> {
+    let event = encode_event(event)?;
+    let state = source_state.unwrap_or_default();
+    let mut out = Vec::with_capacity(9 + event.len() + state.len());
+    out.extend_from_slice(&channel.to_le_bytes());
+    out.extend_from_slice(&(event.len() as u32).to_le_bytes());
+    out.extend_from_slice(&event);
+    if let Some(state) = source_state {
+        out.push(1);
+        out.extend_from_slice(state);
+    }
+    Ok(out)
 }
 
 /// The group-committing writer of one subtask's `log(t)`.
@@ -158,10 +205,21 @@ impl InputLog {
 
     /// Queues `entry`; returns its index. Never waits: the append happens in the background.
     pub fn push(&mut self, entry: &LogEntry) -> Result<u64, DcasError> {
-        let bytes = entry.encode().map_err(|source| DcasError::Codec {
-            what: format!("encoding an entry of {}", self.list),
-            source,
-        })?;
+        self.push_parts(entry.channel, &entry.event, entry.source_state.as_deref())
+    }
+
+    /// [`InputLog::push`] of an entry given by its parts (the event is not copied).
+    pub fn push_parts(
+        &mut self,
+        channel: u32,
+        event: &StreamEvent,
+        source_state: Option<&[u8]>,
+    ) -> Result<u64, DcasError> {
+        let bytes =
+            encode_entry(channel, event, source_state).map_err(|source| DcasError::Codec {
+                what: format!("encoding an entry of {}", self.list),
+                source,
+            })?;
         self.tx.send(bytes).map_err(|_| self.stopped_error())?;
         self.next += 1;
         Ok(self.next - 1)
@@ -179,16 +237,18 @@ impl InputLog {
 
     /// Waits until everything pushed so far is in the cache (log before release).
     pub async fn synced(&mut self) -> Result<(), DcasError> {
-        let target = self.next;
-        let mut logged = self.logged.clone();
-        let result = logged
-            .wait_for(|r| r.as_ref().map_or(true, |&n| n >= target))
-            .await
-            .map(|r| r.clone());
-        match result {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(self.stopped_error()),
+        if matches!(*self.logged.borrow(), Ok(n) if n >= self.next) {
+            return Ok(());
+        }
+        self.waiter().reached(self.next).await
+    }
+
+    /// A handle that waits for the log to reach an index from another task (the
+    /// asynchronous snapshot waits for the entries it reflects).
+    pub fn waiter(&self) -> LogWaiter {
+        LogWaiter {
+            logged: self.logged.clone(),
+            list: self.list.clone(),
         }
     }
 
@@ -196,6 +256,74 @@ impl InputLog {
         match self.logged.borrow().clone() {
             Err(e) => e,
             Ok(_) => DcasError::Stopped(self.list.clone()),
+        }
+    }
+}
+
+/// Waits for an [`InputLog`] to reach an index.
+#[derive(Clone)]
+pub struct LogWaiter {
+    logged: watch::Receiver<Result<u64, DcasError>>,
+    list: String,
+}
+
+impl LogWaiter {
+    /// Waits until every entry below `index` is in the cache.
+    pub async fn reached(&mut self, index: u64) -> Result<(), DcasError> {
+        let result = self
+            .logged
+            .wait_for(|r| r.as_ref().map_or(true, |&n| n >= index))
+            .await
+            .map(|r| r.clone());
+        match result {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(DcasError::Stopped(self.list.clone())),
+        }
+    }
+}
+
+/// How long an append is retried while the cache recovers from a member's loss (the
+/// partition table moves the primary to a backup within a heartbeat timeout or two).
+const TRANSIENT_RETRY: Duration = Duration::from_secs(20);
+
+/// Appends `items` at index `next`, retrying while the cache is full (backpressure) or
+/// recovering from a member's loss. A retry after an outcome-unknown failure first asks the
+/// list's length, so an append that did land is not written twice.
+async fn append_at(
+    client: &CacheClient,
+    partition: u32,
+    list: &str,
+    next: u64,
+    items: &[Vec<u8>],
+    open: impl Fn() -> bool,
+) -> Result<u64, CacheError> {
+    let started = tokio::time::Instant::now();
+    let mut uncertain = false;
+    loop {
+        if uncertain {
+            match client.len(partition, list).await {
+                Ok((_, end)) if end == next + items.len() as u64 => return Ok(next),
+                Ok(_) => uncertain = false,
+                Err(_) => {
+                    tokio::time::sleep(FULL_BACKOFF).await;
+                    continue;
+                }
+            }
+        }
+        match client.append(partition, list, items.to_vec()).await {
+            // Refused, nothing written: wait for trims to free memory (backpressure).
+            Err(CacheError::Full { .. }) if open() => tokio::time::sleep(FULL_BACKOFF).await,
+            Err(
+                e @ (CacheError::Unacknowledged(_)
+                | CacheError::Timeout(..)
+                | CacheError::NoMembers(_)),
+            ) if open() && started.elapsed() < TRANSIENT_RETRY => {
+                warn!(list = %list, error = %e, "Input log append failed; retrying.");
+                uncertain = true;
+                tokio::time::sleep(FULL_BACKOFF).await;
+            }
+            other => return other,
         }
     }
 }
@@ -218,15 +346,10 @@ async fn write_log(
             }
         }
         let n = items.len() as u64;
-        let result = loop {
-            match client.append(partition, &list, items.clone()).await {
-                // Refused, nothing written: wait for trims to free memory (backpressure).
-                Err(CacheError::Full { .. }) if !logged.is_closed() => {
-                    tokio::time::sleep(FULL_BACKOFF).await;
-                }
-                other => break other,
-            }
-        };
+        let result = append_at(&client, partition, &list, next, &items, || {
+            !logged.is_closed()
+        })
+        .await;
         let outcome = match result {
             Ok(index) if index == next => {
                 next += n;
@@ -319,12 +442,10 @@ pub struct DcasSnapshot {
     pub log_offset: u64,
     /// State of the source and of every operator of the chain.
     pub operators: Vec<OperatorState>,
-    /// Per input channel (gate order): the next seq expected.
-    pub input_seqs: Vec<Seq>,
-    /// Per output channel, (route, target, next seq to assign).
-    pub output_seqs: Vec<(u32, u32, Seq)>,
-    /// Output sent but not yet logged by its receivers.
-    pub retained: Vec<RetainedBatch>,
+    /// Per input channel (gate order): the next seq expected, watermark, end.
+    pub inputs: Vec<InputPosition>,
+    /// The output side: seqs, unsent and retained output, last broadcast.
+    pub router: RouterPosition,
 }
 
 /// Reads and writes one subtask's `snap(t)` and `log(t)`.
@@ -511,6 +632,202 @@ impl ChannelProgress {
     }
 }
 
+/// A snapshot stored in the cache, and what the receivers of the subtask's output had
+/// logged then.
+#[derive(Debug)]
+pub struct Stored {
+    /// The snapshot.
+    pub id: u64,
+    /// Its encoded size.
+    pub bytes: usize,
+    /// Per route, per target: the seq below which the receiver has logged everything.
+    pub logged: Vec<Vec<Seq>>,
+}
+
+/// How a DCAS subtask is configured.
+#[derive(Clone)]
+pub struct DcasConfig {
+    /// The cache.
+    pub client: CacheClient,
+    /// The job (names of entries).
+    pub job: String,
+    /// Snapshot after this many input records…
+    pub every_records: u64,
+    /// …or this long, whichever comes first.
+    pub interval: Duration,
+}
+
+/// One subtask's DCAS machinery: its log writer, snapshot store, channel identities and
+/// the snapshot in flight. Owned by the subtask's loop.
+pub struct DcasSubtask {
+    store: SnapshotStore,
+    progress: ChannelProgress,
+    /// Identity of each input channel (gate order).
+    inputs: Vec<ChannelKey>,
+    /// Identity of each output channel, per route, per target.
+    outputs: Vec<Vec<ChannelKey>>,
+    every_records: u64,
+    interval: Duration,
+    log: Option<InputLog>,
+    records_since: u64,
+    last: std::time::Instant,
+    next_id: u64,
+    in_flight: Option<oneshot::Receiver<Result<Stored, DcasError>>>,
+}
+
+impl DcasSubtask {
+    /// The DCAS side of subtask `subtask` of task `task`, whose channels are `inputs` and
+    /// `outputs`.
+    pub fn new(
+        config: &DcasConfig,
+        task: usize,
+        subtask: usize,
+        inputs: Vec<ChannelKey>,
+        outputs: Vec<Vec<ChannelKey>>,
+    ) -> DcasSubtask {
+        let names = DcasNames::new(&config.job, task, subtask);
+        let partition = config.client.list_partition(&names.log);
+        DcasSubtask {
+            store: SnapshotStore::new(config.client.clone(), partition, names),
+            progress: ChannelProgress::new(config.client.clone(), &config.job),
+            inputs,
+            outputs,
+            every_records: config.every_records.max(1),
+            interval: config.interval,
+            log: None,
+            records_since: 0,
+            last: std::time::Instant::now(),
+            next_id: 1,
+            in_flight: None,
+        }
+    }
+
+    /// Loads the latest snapshot (none for a first start) and the log entries after it,
+    /// and starts the log writer after them.
+    pub async fn load(&mut self) -> Result<(Option<DcasSnapshot>, Vec<LogEntry>), DcasError> {
+        let snap = self.store.load().await?;
+        let from = snap.as_ref().map_or(0, |s| s.log_offset);
+        if let Some(s) = &snap {
+            self.next_id = s.id + 1;
+        }
+        let (entries, end) = self.store.read_log(from).await?;
+        self.log = Some(InputLog::start(
+            self.store.client.clone(),
+            self.store.partition,
+            self.store.names.log.clone(),
+            end,
+        ));
+        Ok((snap, entries))
+    }
+
+    /// The log writer (after [`DcasSubtask::load`]).
+    pub fn log(&mut self) -> Result<&mut InputLog, DcasError> {
+        let list = self.store.names.log.clone();
+        self.log.as_mut().ok_or(DcasError::Stopped(list))
+    }
+
+    /// Counts input records towards the micro-window.
+    pub fn consumed(&mut self, records: usize) {
+        self.records_since += records as u64;
+    }
+
+    /// True when a snapshot is due and none is in flight.
+    pub fn due(&self) -> bool {
+        self.in_flight.is_none()
+            && (self.records_since >= self.every_records
+                || (self.records_since > 0 && self.last.elapsed() >= self.interval))
+    }
+
+    /// When the interval makes the next snapshot due (if input arrived meanwhile).
+    pub fn due_at(&self) -> Option<std::time::Instant> {
+        (self.in_flight.is_none() && self.records_since > 0).then(|| self.last + self.interval)
+    }
+
+    /// The id the next snapshot gets.
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
+    /// Stores a snapshot in the background: once the log holds every entry the state
+    /// reflects, writes `snap(t)`, trims the log, publishes what this subtask has logged per
+    /// input channel and reads what its receivers have. [`DcasSubtask::done`] answers.
+    pub fn start_snapshot(&mut self, snap: DcasSnapshot) -> Result<(), DcasError> {
+        let mut waiter = self.log()?.waiter();
+        self.next_id = snap.id + 1;
+        self.records_since = 0;
+        self.last = std::time::Instant::now();
+        let (store, progress) = (self.store.clone(), self.progress.clone());
+        let published: Vec<(ChannelKey, Seq)> = self
+            .inputs
+            .iter()
+            .zip(&snap.inputs)
+            .map(|(k, p)| (*k, p.next_seq))
+            .collect();
+        let outputs = self.outputs.clone();
+        let (tx, rx) = oneshot::channel();
+        self.in_flight = Some(rx);
+        tokio::spawn(async move {
+            let result = async {
+                waiter.reached(snap.log_offset).await?;
+                let bytes = store.store(&snap).await?;
+                if !published.is_empty() {
+                    progress.publish(&published).await?;
+                }
+                let flat: Vec<ChannelKey> = outputs.iter().flatten().copied().collect();
+                let mut seqs = if flat.is_empty() {
+                    Vec::new()
+                } else {
+                    progress.read(&flat).await?
+                }
+                .into_iter();
+                let logged = outputs
+                    .iter()
+                    .map(|r| r.iter().map(|_| seqs.next().unwrap_or(0)).collect())
+                    .collect();
+                Ok(Stored {
+                    id: snap.id,
+                    bytes,
+                    logged,
+                })
+            }
+            .await;
+            let _ = tx.send(result);
+        });
+        Ok(())
+    }
+
+    /// Waits for the snapshot in flight (never returns when there is none).
+    pub async fn done(&mut self) -> Result<Stored, DcasError> {
+        let Some(rx) = &mut self.in_flight else {
+            return std::future::pending().await;
+        };
+        let result = rx
+            .await
+            .unwrap_or_else(|_| Err(DcasError::Stopped(self.store.names.log.clone())));
+        self.in_flight = None;
+        result
+    }
+
+    /// The snapshot in flight, if it finished.
+    pub fn try_done(&mut self) -> Option<Result<Stored, DcasError>> {
+        let rx = self.in_flight.as_mut()?;
+        let result = match rx.try_recv() {
+            Ok(r) => r,
+            Err(oneshot::error::TryRecvError::Empty) => return None,
+            Err(oneshot::error::TryRecvError::Closed) => {
+                Err(DcasError::Stopped(self.store.names.log.clone()))
+            }
+        };
+        self.in_flight = None;
+        Some(result)
+    }
+
+    /// True while a snapshot is being stored.
+    pub fn in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -534,11 +851,17 @@ mod tests {
             StreamEvent::Watermark(-5),
             StreamEvent::EndOfStream,
         ] {
-            let e = LogEntry { channel: 3, event };
+            let e = LogEntry::input(3, event.clone());
             assert_eq!(LogEntry::decode(&e.encode().unwrap()).unwrap(), e);
+            let polled = LogEntry {
+                channel: SOURCE_CHANNEL,
+                event,
+                source_state: Some(vec![1, 2, 3]),
+            };
+            assert_eq!(LogEntry::decode(&polled.encode().unwrap()).unwrap(), polled);
         }
         assert!(LogEntry::decode(&[1, 2]).is_err());
-        assert!(LogEntry::decode(&[1, 2, 3, 4, 9, 9]).is_err());
+        assert!(LogEntry::decode(&[1, 2, 3, 4, 9, 0, 0, 0, 1]).is_err());
     }
 
     #[test]
@@ -572,14 +895,14 @@ mod tests {
         let mut log = InputLog::start(client.clone(), p, names.log.clone(), 0);
         let mut pushed = Vec::new();
         for i in 0..2000u64 {
-            let e = LogEntry {
-                channel: (i % 3) as u32,
-                event: if i % 10 == 9 {
+            let e = LogEntry::input(
+                (i % 3) as usize,
+                if i % 10 == 9 {
                     StreamEvent::Watermark(i as i64)
                 } else {
                     StreamEvent::Data(batch(i * 4, 4))
                 },
-            };
+            );
             assert_eq!(log.push(&e).unwrap(), i);
             pushed.push(e);
         }
@@ -598,12 +921,22 @@ mod tests {
                 operator: "count".into(),
                 state: vec![1, 2, 3],
             }],
-            input_seqs: vec![10, 20, 30],
-            output_seqs: vec![(0, 0, 99)],
-            retained: vec![RetainedBatch {
-                channel: (0, 0),
-                batch: batch(90, 9),
+            inputs: vec![InputPosition {
+                next_seq: 10,
+                watermark: 5,
+                ended: false,
             }],
+            router: RouterPosition {
+                next_seqs: vec![vec![99]],
+                rr: vec![0],
+                pending: Vec::new(),
+                retained: vec![RetainedBatch {
+                    channel: (0, 0),
+                    batch: batch(90, 9),
+                }],
+                watermark: 4,
+                ended: false,
+            },
         };
         assert!(store.store(&snap).await.unwrap() > 0);
         assert_eq!(store.load().await.unwrap(), Some(snap));
@@ -681,11 +1014,8 @@ mod tests {
         let mut n = 0;
         // Fill until an append is refused.
         loop {
-            log.push(&LogEntry {
-                channel: 0,
-                event: StreamEvent::Data(batch(n * 100, 100)),
-            })
-            .unwrap();
+            log.push(&LogEntry::input(0, StreamEvent::Data(batch(n * 100, 100))))
+                .unwrap();
             n += 1;
             let synced = tokio::time::timeout(Duration::from_millis(300), log.synced()).await;
             if synced.is_err() {
@@ -700,9 +1030,8 @@ mod tests {
             id: 1,
             log_offset: logged,
             operators: Vec::new(),
-            input_seqs: Vec::new(),
-            output_seqs: Vec::new(),
-            retained: Vec::new(),
+            inputs: Vec::new(),
+            router: RouterPosition::default(),
         };
         store.store(&trim).await.unwrap();
         tokio::time::timeout(Duration::from_secs(5), log.synced())

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::channel::{InputChannel, InputGate, OutputChannel, Route, Router};
+use super::dcas::{ChannelKey, DcasConfig, DcasSubtask};
 use super::task::{ChainOperator, CheckpointReporter, SubtaskId, SubtaskMetrics, SubtaskRunner};
 use crate::error::{EngineError, ErrorKind};
 use crate::graph::{Edge, Exchange, JobGraph};
@@ -32,6 +33,53 @@ pub fn edge_targets(graph: &JobGraph, edge: &Edge, from: usize) -> Vec<usize> {
     }
 }
 
+/// The channels into subtask `subtask` of task `task`, in gate order (by edge, then
+/// upstream subtask).
+pub fn input_keys(graph: &JobGraph, task: usize, subtask: usize) -> Vec<ChannelKey> {
+    let mut keys = Vec::new();
+    for (ei, e) in graph.edges.iter().enumerate().filter(|(_, e)| e.to == task) {
+        for u in edge_sources(graph, e, subtask) {
+            keys.push(ChannelKey {
+                edge: ei as u32,
+                from: u as u32,
+                to: subtask as u32,
+            });
+        }
+    }
+    keys
+}
+
+/// The channels out of subtask `subtask` of task `task`: per outgoing edge (a route), per
+/// downstream subtask (a target).
+pub fn output_keys(graph: &JobGraph, task: usize, subtask: usize) -> Vec<Vec<ChannelKey>> {
+    graph
+        .edges
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.from == task)
+        .map(|(ei, e)| {
+            edge_targets(graph, e, subtask)
+                .into_iter()
+                .map(|v| ChannelKey {
+                    edge: ei as u32,
+                    from: subtask as u32,
+                    to: v as u32,
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// DCAS settings of a deployment: the cache configuration, and whom a finished subtask
+/// tells.
+#[derive(Clone)]
+pub struct DcasEnv {
+    /// Cache, job name, micro-window.
+    pub config: DcasConfig,
+    /// Told when a subtask finished.
+    pub reporter: Arc<dyn CheckpointReporter>,
+}
+
 /// What the subtasks of one deployment share: where `collect` sinks deliver, and, when the
 /// job checkpoints, where acknowledgements go and which attempt this is (sinks are then
 /// exactly-once).
@@ -43,6 +91,8 @@ pub struct SubtaskEnv {
     pub checkpoints: Option<Arc<dyn CheckpointReporter>>,
     /// The deployment attempt (generation).
     pub attempt: u64,
+    /// DCAS: input logs and snapshots in the cache; `None` for other modes.
+    pub dcas: Option<DcasEnv>,
 }
 
 /// Builds the runner of subtask `subtask` of task `task`.
@@ -83,7 +133,7 @@ pub fn build_runner(
             subtask,
             parallelism: t.parallelism,
             collect: env.collect.clone(),
-            transactional: env.checkpoints.is_some(),
+            transactional: env.checkpoints.is_some() || env.dcas.is_some(),
             attempt: env.attempt,
             job: job.to_string(),
         };
@@ -105,6 +155,18 @@ pub fn build_runner(
             }),
         }
     }
+    let mut router = Router::new(routes, rt.batch_size, metrics.router.clone());
+    let dcas = env.dcas.as_ref().map(|d| {
+        router.retain_output();
+        let sub = DcasSubtask::new(
+            &d.config,
+            task,
+            subtask,
+            input_keys(graph, task, subtask),
+            output_keys(graph, task, subtask),
+        );
+        (sub, d.reporter.clone())
+    });
     let runner = SubtaskRunner {
         job: job.to_string(),
         id: SubtaskId {
@@ -115,13 +177,16 @@ pub fn build_runner(
         source,
         chain,
         gate: InputGate::new(inputs),
-        router: Router::new(routes, rt.batch_size, metrics.router.clone()),
+        router,
         batch_size: rt.batch_size,
         linger: Duration::from_millis(rt.linger_ms),
         watermark_interval: Duration::from_millis(rt.watermark_interval_ms),
         metrics: metrics.clone(),
         metrics_published: None,
         checkpoints: env.checkpoints.clone(),
+        dcas,
+        emitted_wm: i64::MIN,
+        rewires: tokio::sync::mpsc::unbounded_channel().1,
     };
     Ok((runner, metrics))
 }

@@ -219,6 +219,7 @@ impl LocalExecutor {
             collect: collect.clone(),
             checkpoints: None,
             attempt: 1,
+            dcas: None,
         };
         let rt = &graph.runtime;
 

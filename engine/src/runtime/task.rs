@@ -33,12 +33,15 @@ use actix::prelude::*;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn, Instrument};
 
-use super::channel::{ChannelError, InputGate, RouteError, Router, RouterCounters};
+use super::channel::{
+    ChannelError, InputChannel, InputGate, OutputChannel, RouteError, Router, RouterCounters,
+};
 use super::credit::CloseCause;
+use super::dcas::{DcasError, DcasSnapshot, DcasSubtask, LogEntry, Stored, SOURCE_CHANNEL};
 use crate::error::{EngineError, ErrorKind};
 use crate::operator::{Metric, OpError, Operator, Source, SourcePoll};
 use crate::protocol::control::OperatorState;
-use crate::record::{CheckpointId, Record, StreamEvent};
+use crate::record::{Batch, CheckpointId, Record, StreamEvent};
 
 /// Identity of a subtask within a job, for logs and events.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -66,6 +69,8 @@ pub struct SubtaskMetrics {
     pub records_sunk: AtomicU64,
     /// Current output watermark.
     pub watermark: AtomicI64,
+    /// DCAS: log entries replayed when the subtask (re)started.
+    pub replayed: AtomicU64,
     /// Operator-specific metrics by operator id, refreshed about once a second.
     pub operators: Mutex<Vec<(String, Metric)>>,
 }
@@ -77,6 +82,7 @@ impl Default for SubtaskMetrics {
             router: Arc::default(),
             records_sunk: AtomicU64::new(0),
             watermark: AtomicI64::new(i64::MIN),
+            replayed: AtomicU64::new(0),
             operators: Mutex::new(Vec::new()),
         }
     }
@@ -124,7 +130,28 @@ pub struct SubtaskRunner {
     pub metrics_published: Option<Instant>,
     /// Where checkpoint acknowledgements go; `None` when the job does not checkpoint.
     pub checkpoints: Option<Arc<dyn CheckpointReporter>>,
+    /// DCAS: the input log, snapshots in the cache, and whom to tell the subtask finished.
+    pub dcas: Option<(DcasSubtask, Arc<dyn CheckpointReporter>)>,
+    /// The last watermark this subtask emitted.
+    pub emitted_wm: i64,
+    /// Channels replacing those of a restarted neighbour (DCAS).
+    pub rewires: mpsc::UnboundedReceiver<Rewire>,
 }
+
+/// New channels for a subtask whose neighbour restarted elsewhere (DCAS): each replaces the
+/// channel at the same position, keeping its seqs.
+#[derive(Default)]
+pub struct Rewire {
+    /// (gate index, channel from the restarted sender).
+    pub inputs: Vec<(usize, InputChannel)>,
+    /// (route, target, channel to the restarted receiver).
+    pub outputs: Vec<(usize, usize, OutputChannel)>,
+}
+
+/// Rewire a subtask (DCAS).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RewireSubtask(pub Rewire);
 
 /// A subtask's state for one checkpoint.
 #[derive(Debug)]
@@ -195,19 +222,23 @@ pub struct SubtaskActor {
     runner: Option<SubtaskRunner>,
     control: mpsc::UnboundedSender<Command>,
     control_rx: Option<mpsc::UnboundedReceiver<Command>>,
+    rewires: mpsc::UnboundedSender<Rewire>,
     /// Where the outcome goes.
     report: Recipient<SubtaskEvent>,
 }
 
 impl SubtaskActor {
     /// A subtask actor; nothing runs until it is started.
-    pub fn new(runner: SubtaskRunner, report: Recipient<SubtaskEvent>) -> SubtaskActor {
+    pub fn new(mut runner: SubtaskRunner, report: Recipient<SubtaskEvent>) -> SubtaskActor {
         let (control, control_rx) = mpsc::unbounded_channel();
+        let (rewires, rewires_rx) = mpsc::unbounded_channel();
+        runner.rewires = rewires_rx;
         SubtaskActor {
             id: runner.id.clone(),
             runner: Some(runner),
             control,
             control_rx: Some(control_rx),
+            rewires,
             report,
         }
     }
@@ -241,6 +272,14 @@ impl Handler<SubtaskCommand> for SubtaskActor {
     }
 }
 
+impl Handler<RewireSubtask> for SubtaskActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: RewireSubtask, _ctx: &mut Self::Context) {
+        let _ = self.rewires.send(msg.0);
+    }
+}
+
 /// Why the loop stopped early.
 enum Stop {
     Canceled,
@@ -250,13 +289,17 @@ enum Stop {
 impl SubtaskRunner {
     async fn run(mut self, mut control: mpsc::UnboundedReceiver<Command>) -> SubtaskOutcome {
         debug!("Subtask started.");
-        let mut result = if self.source.is_some() {
-            self.run_source(&mut control).await
-        } else {
-            self.run_inputs(&mut control).await
+        let mut result = match self.resume().await {
+            Ok(true) => Ok(()),
+            Ok(false) if self.source.is_some() => self.run_source(&mut control).await,
+            Ok(false) => self.run_inputs(&mut control).await,
+            Err(stop) => Err(stop),
         };
         if result.is_ok() {
             result = self.await_final_checkpoint(&mut control).await;
+        }
+        if result.is_ok() && self.dcas.is_some() {
+            result = self.linger(&mut control).await;
         }
         match result {
             Ok(()) => {
@@ -285,25 +328,55 @@ impl SubtaskRunner {
     ) -> Result<(), Stop> {
         let mut batch: Vec<Record> = Vec::with_capacity(self.batch_size);
         let mut last_wm_at = tokio::time::Instant::now();
-        let mut emitted_wm = i64::MIN;
         loop {
             while let Ok(cmd) = control.try_recv() {
                 self.command(cmd).await?;
+            }
+            while let Ok(rw) = self.rewires.try_recv() {
+                self.apply_rewire(rw).await?;
+            }
+            if let Some(stored) = self.dcas.as_mut().and_then(|(d, _)| d.try_done()) {
+                self.snapshot_stored(stored)?;
             }
             let (source_id, source) = self.source.as_mut().ok_or(Stop::Canceled)?;
             let poll = source
                 .poll(self.batch_size, &mut batch)
                 .map_err(|e| op_failure(source_id, self.id.index, e))?;
             let wm = source.watermark();
+            // DCAS: the poll is an input like any other: logged with the source's position.
+            let state = match &self.dcas {
+                Some(_) if !batch.is_empty() => Some(
+                    source
+                        .snapshot()
+                        .map_err(|e| op_failure(source_id, self.id.index, e))?,
+                ),
+                _ => None,
+            };
             if !batch.is_empty() {
                 self.metrics
                     .records_in
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                if let Some((d, _)) = &mut self.dcas {
+                    d.consumed(batch.len());
+                    let event = StreamEvent::Data(Batch {
+                        first_seq: 0,
+                        records: std::mem::take(&mut batch),
+                    });
+                    d.log()
+                        .and_then(|l| l.push_parts(SOURCE_CHANNEL, &event, state.as_deref()))
+                        .map_err(|e| self.dcas_failure(e))?;
+                    if let StreamEvent::Data(b) = event {
+                        batch = b.records;
+                    }
+                }
                 self.process(0, &mut batch).await?;
             }
             match poll {
                 SourcePoll::Ready => {}
-                SourcePoll::Finished => return self.finish().await,
+                SourcePoll::Finished => {
+                    self.log_source(StreamEvent::EndOfStream)?;
+                    return self.finish().await;
+                }
                 SourcePoll::Wait(d) => {
                     let linger = self
                         .router
@@ -313,23 +386,23 @@ impl SubtaskRunner {
                     tokio::select! {
                         biased;
                         cmd = control.recv() => self.command(cmd.unwrap_or(Command::Cancel)).await?,
+                        Some(rw) = self.rewires.recv() => self.apply_rewire(rw).await?,
                         _ = tokio::time::sleep(d.min(linger)) => {}
                     }
                     if self.linger_expired() {
-                        self.router
-                            .flush()
-                            .await
-                            .map_err(|e| self.route_failure(e))?;
+                        self.flush().await?;
                     }
                 }
             }
             if let Some(wm) = wm {
-                if wm > emitted_wm && last_wm_at.elapsed() >= self.watermark_interval {
-                    emitted_wm = wm;
+                if wm > self.emitted_wm && last_wm_at.elapsed() >= self.watermark_interval {
+                    self.emitted_wm = wm;
                     last_wm_at = tokio::time::Instant::now();
+                    self.log_source(StreamEvent::Watermark(wm))?;
                     self.advance_watermark(wm).await?;
                 }
             }
+            self.maybe_snapshot(false)?;
             self.publish_operator_metrics();
             // Let co-located subtasks and the control channel run between batches.
             tokio::task::yield_now().await;
@@ -340,7 +413,6 @@ impl SubtaskRunner {
         &mut self,
         control: &mut mpsc::UnboundedReceiver<Command>,
     ) -> Result<(), Stop> {
-        let mut emitted_wm = i64::MIN;
         // The checkpoint being aligned and when its first barrier arrived.
         let mut aligning: Option<(CheckpointId, Instant)> = None;
         loop {
@@ -348,46 +420,67 @@ impl SubtaskRunner {
                 .router
                 .pending_since()
                 .map(|t| tokio::time::Instant::from_std(t + self.linger));
+            let snapshot_at = self
+                .dcas
+                .as_ref()
+                .and_then(|(d, _)| d.due_at())
+                .map(tokio::time::Instant::from_std);
             let event = tokio::select! {
                 biased;
                 cmd = control.recv() => {
                     self.command(cmd.unwrap_or(Command::Cancel)).await?;
                     continue;
                 }
-                _ = sleep_until(linger_at), if linger_at.is_some() => {
-                    self.router.flush().await.map_err(|e| self.route_failure(e))?;
+                Some(rw) = self.rewires.recv() => {
+                    self.apply_rewire(rw).await?;
                     continue;
                 }
-                ev = self.gate.next() => ev.map_err(|e| self.input_failure(e))?,
+                stored = snapshot_done(self.dcas.as_mut().map(|(d, _)| d)) => {
+                    self.snapshot_stored(stored)?;
+                    continue;
+                }
+                _ = sleep_until(linger_at), if linger_at.is_some() => {
+                    self.flush().await?;
+                    continue;
+                }
+                _ = sleep_until(snapshot_at), if snapshot_at.is_some() => {
+                    self.maybe_snapshot(false)?;
+                    continue;
+                }
+                ev = self.gate.next() => match ev {
+                    Ok(ev) => ev,
+                    Err(e) => match self.detachable(&e) {
+                        // DCAS: the sender's task manager died; its restarted instance is
+                        // wired in later and resends what this subtask has not logged.
+                        Some(ch) => {
+                            debug!(channel = ch, error = %e, "Input detached until rewired.");
+                            self.gate.detach(ch);
+                            continue;
+                        }
+                        None => return Err(self.input_failure(e)),
+                    },
+                },
             };
             self.publish_operator_metrics();
+            if let Some((d, _)) = &mut self.dcas {
+                if let (_, StreamEvent::Data(b)) = &event {
+                    d.consumed(b.len());
+                }
+                d.log()
+                    .and_then(|l| l.push_parts(event.0 as u32, &event.1, None))
+                    .map_err(|e| self.dcas_failure(e))?;
+            }
             match event {
-                (ch, StreamEvent::Data(batch)) => {
-                    let input = self.gate.channels()[ch].input;
-                    self.metrics
-                        .records_in
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    let mut records = batch.records;
-                    self.process(input, &mut records).await?;
-                }
-                (_, StreamEvent::Watermark(_)) => {
-                    let wm = self.gate.watermark();
-                    if wm > emitted_wm && wm != i64::MAX {
-                        emitted_wm = wm;
-                        self.advance_watermark(wm).await?;
-                    }
-                }
-                (_, StreamEvent::EndOfStream) => {
+                (ch, StreamEvent::EndOfStream) => {
                     // An ended channel will not deliver the barrier being aligned.
                     self.try_align(&mut aligning).await?;
-                    if self.gate.all_ended() {
-                        return self.finish().await;
+                    if self.on_input(ch, StreamEvent::EndOfStream).await? {
+                        return Ok(());
                     }
-                    let wm = self.gate.watermark();
-                    if wm > emitted_wm && wm != i64::MAX {
-                        emitted_wm = wm;
-                        self.advance_watermark(wm).await?;
-                    }
+                }
+                (ch, ev @ (StreamEvent::Data(_) | StreamEvent::Watermark(_))) => {
+                    self.on_input(ch, ev).await?;
+                    self.maybe_snapshot(false)?;
                 }
                 (_, StreamEvent::Barrier(n)) if self.checkpoints.is_none() => self
                     .router
@@ -460,6 +553,27 @@ impl SubtaskRunner {
             return Ok(());
         };
         let started = Instant::now();
+        let operators = self.copy_state(n)?;
+        debug!(
+            checkpoint = n,
+            alignment_ms = alignment.as_millis() as u64,
+            "Snapshot taken."
+        );
+        reporter.acknowledge(
+            &self.id,
+            CheckpointAck {
+                checkpoint: n,
+                alignment,
+                sync: started.elapsed(),
+                operators,
+            },
+        );
+        Ok(())
+    }
+
+    /// Copies the state of the source and every operator of the chain; sinks first stage
+    /// their output under epoch `n`.
+    fn copy_state(&mut self, n: CheckpointId) -> Result<Vec<OperatorState>, Stop> {
         let mut operators = Vec::with_capacity(self.chain.len() + 1);
         if let Some((id, source)) = &mut self.source {
             let state = source
@@ -481,21 +595,7 @@ impl SubtaskRunner {
                 state,
             });
         }
-        debug!(
-            checkpoint = n,
-            alignment_ms = alignment.as_millis() as u64,
-            "Snapshot taken."
-        );
-        reporter.acknowledge(
-            &self.id,
-            CheckpointAck {
-                checkpoint: n,
-                alignment,
-                sync: started.elapsed(),
-                operators,
-            },
-        );
-        Ok(())
+        Ok(operators)
     }
 
     /// Checkpoint `n` completed: every operator commits.
@@ -612,39 +712,308 @@ impl SubtaskRunner {
             std::mem::swap(records, &mut next);
             input = 0;
         }
+        self.emit(records).await
+    }
+
+    /// Routes `records`. DCAS (log before release): a full batch leaves only once every
+    /// input consumed so far is in the log; the log appends meanwhile, so the wait is at
+    /// most one round trip per output batch, not per input.
+    async fn emit(&mut self, records: &mut Vec<Record>) -> Result<(), Stop> {
+        if self.dcas.is_none() {
+            return self
+                .router
+                .push(records)
+                .await
+                .map_err(|e| self.route_failure(e));
+        }
         self.router
-            .push(records)
+            .stage(records)
+            .map_err(|e| self.route_failure(e))?;
+        if self.router.has_full() {
+            self.log_synced().await?;
+            self.router
+                .send_full()
+                .await
+                .map_err(|e| self.route_failure(e))?;
+        }
+        Ok(())
+    }
+
+    /// Sends every buffered record (after the log caught up, with DCAS).
+    async fn flush(&mut self) -> Result<(), Stop> {
+        self.log_synced().await?;
+        self.router.flush().await.map_err(|e| self.route_failure(e))
+    }
+
+    /// Broadcasts `event` (after the log caught up, with DCAS).
+    async fn broadcast(&mut self, event: StreamEvent) -> Result<(), Stop> {
+        self.log_synced().await?;
+        self.router
+            .broadcast(event)
             .await
             .map_err(|e| self.route_failure(e))
+    }
+
+    /// DCAS: waits until every input consumed so far is in the log.
+    async fn log_synced(&mut self) -> Result<(), Stop> {
+        let Some((d, _)) = &mut self.dcas else {
+            return Ok(());
+        };
+        let synced = match d.log() {
+            Ok(log) => log.synced().await,
+            Err(e) => Err(e),
+        };
+        synced.map_err(|e| self.dcas_failure(e))
+    }
+
+    /// Takes one input (live, or replayed from the log) through the subtask; true when it
+    /// was the last (every input ended and the subtask finished).
+    async fn on_input(&mut self, ch: usize, event: StreamEvent) -> Result<bool, Stop> {
+        match event {
+            StreamEvent::Data(batch) => {
+                let input = self.gate.channels()[ch].input;
+                self.metrics
+                    .records_in
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                let mut records = batch.records;
+                self.process(input, &mut records).await?;
+            }
+            StreamEvent::EndOfStream if self.gate.all_ended() => {
+                self.finish().await?;
+                return Ok(true);
+            }
+            StreamEvent::Watermark(_) | StreamEvent::EndOfStream => {
+                let wm = self.gate.watermark();
+                if wm > self.emitted_wm && wm != i64::MAX {
+                    self.emitted_wm = wm;
+                    self.advance_watermark(wm).await?;
+                }
+            }
+            StreamEvent::Barrier(_) => {}
+        }
+        Ok(false)
+    }
+
+    /// DCAS: logs a source's watermark or end (polled records are logged where polled).
+    fn log_source(&mut self, event: StreamEvent) -> Result<(), Stop> {
+        let Some((d, _)) = &mut self.dcas else {
+            return Ok(());
+        };
+        d.log()
+            .and_then(|l| l.push_parts(SOURCE_CHANNEL, &event, None))
+            .map(|_| ())
+            .map_err(|e| self.dcas_failure(e))
+    }
+
+    /// DCAS, before the loop: restores the latest snapshot, sends the output it retained
+    /// again, and replays the log after it — the same inputs in the same order, so the
+    /// same outputs with the same seqs (receivers drop what they have). True when the
+    /// subtask had finished.
+    async fn resume(&mut self) -> Result<bool, Stop> {
+        let Some((d, _)) = &mut self.dcas else {
+            return Ok(false);
+        };
+        let started = Instant::now();
+        let (snap, entries) = match d.load().await {
+            Ok(loaded) => loaded,
+            Err(e) => return Err(self.dcas_failure(e)),
+        };
+        let restored = snap.as_ref().map(|s| s.id);
+        if let Some(snap) = snap {
+            self.restore(&snap.operators).map_err(Stop::Failed)?;
+            let fail = |e: String| Stop::Failed(EngineError::Internal(format!("restoring: {e}")));
+            self.gate.restore_positions(&snap.inputs).map_err(fail)?;
+            self.emitted_wm = snap.router.watermark;
+            self.router.restore_position(snap.router).map_err(fail)?;
+            self.router
+                .resend_all()
+                .await
+                .map_err(|e| self.route_failure(e))?;
+        }
+        let replayed = entries.len();
+        let mut finished = false;
+        for entry in entries {
+            if finished {
+                break;
+            }
+            finished = self.replay(entry).await?;
+        }
+        self.metrics
+            .replayed
+            .store(replayed as u64, Ordering::Relaxed);
+        if restored.is_some() || replayed > 0 {
+            info!(snapshot = ?restored, replayed, took_ms = started.elapsed().as_millis() as u64, "Subtask restored from the cache.");
+        }
+        Ok(finished)
+    }
+
+    /// Replays one log entry; true when the subtask finished with it.
+    async fn replay(&mut self, entry: LogEntry) -> Result<bool, Stop> {
+        if entry.channel != SOURCE_CHANNEL {
+            let ch = entry.channel as usize;
+            let event = self.gate.replay(ch, entry.event).map_err(|e| {
+                Stop::Failed(EngineError::Internal(format!(
+                    "subtask {}: replay: {e}",
+                    self.id
+                )))
+            })?;
+            return match event {
+                Some(event) => self.on_input(ch, event).await,
+                None => Ok(false),
+            };
+        }
+        match entry.event {
+            StreamEvent::Data(batch) => {
+                self.metrics
+                    .records_in
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                let mut records = batch.records;
+                self.process(0, &mut records).await?;
+                if let (Some((id, source)), Some(state)) = (&mut self.source, entry.source_state) {
+                    source
+                        .restore(&state)
+                        .map_err(|e| op_failure(id, self.id.index, e))?;
+                }
+            }
+            StreamEvent::Watermark(wm) => {
+                self.emitted_wm = wm;
+                self.advance_watermark(wm).await?;
+            }
+            StreamEvent::EndOfStream => {
+                self.finish().await?;
+                return Ok(true);
+            }
+            StreamEvent::Barrier(_) => {}
+        }
+        Ok(false)
+    }
+
+    /// DCAS: starts a snapshot when the micro-window is full (or its interval passed), or
+    /// at once with `force`. The state is copied here; the cache write is asynchronous.
+    fn maybe_snapshot(&mut self, force: bool) -> Result<(), Stop> {
+        let id = match &self.dcas {
+            Some((d, _)) if !d.in_flight() && (force || d.due()) => d.next_id(),
+            _ => return Ok(()),
+        };
+        let operators = self.copy_state(id)?;
+        let inputs = self.gate.positions();
+        let router = self.router.position();
+        let Some((d, _)) = &mut self.dcas else {
+            return Ok(());
+        };
+        let started = d.log().map(|l| l.next_index()).and_then(|log_offset| {
+            d.start_snapshot(DcasSnapshot {
+                id,
+                log_offset,
+                operators,
+                inputs,
+                router,
+            })
+        });
+        started.map_err(|e| self.dcas_failure(e))
+    }
+
+    /// DCAS: a snapshot is in the cache: sinks commit its epoch, and output the receivers
+    /// have logged is forgotten.
+    fn snapshot_stored(&mut self, stored: Result<Stored, DcasError>) -> Result<(), Stop> {
+        let stored = stored.map_err(|e| self.dcas_failure(e))?;
+        self.commit(stored.id)?;
+        for (r, seqs) in stored.logged.iter().enumerate() {
+            for (t, &seq) in seqs.iter().enumerate() {
+                self.router.trim((r as u32, t as u32), seq);
+            }
+        }
+        debug!(
+            snapshot = stored.id,
+            bytes = stored.bytes,
+            retained = self.router.retained_records(),
+            "DCAS snapshot stored."
+        );
+        Ok(())
+    }
+
+    /// DCAS: waits for the snapshot in flight, if any, and completes it.
+    async fn wait_snapshot(&mut self) -> Result<(), Stop> {
+        if let Some((d, _)) = self.dcas.as_mut().filter(|(d, _)| d.in_flight()) {
+            let stored = d.done().await;
+            self.snapshot_stored(stored)?;
+        }
+        Ok(())
+    }
+
+    /// DCAS: swaps in channels to and from a neighbour's restarted instance.
+    async fn apply_rewire(&mut self, rw: Rewire) -> Result<(), Stop> {
+        let (inputs, outputs) = (rw.inputs.len(), rw.outputs.len());
+        for (i, ch) in rw.inputs {
+            self.gate.rewire(i, ch);
+        }
+        for (r, t, ch) in rw.outputs {
+            self.router
+                .rewire(r, t, ch)
+                .await
+                .map_err(|e| self.route_failure(e))?;
+        }
+        info!(inputs, outputs, "Rewired to a restarted neighbour.");
+        Ok(())
+    }
+
+    /// DCAS: the gate channel to detach for an input error caused by the sender going away.
+    fn detachable(&self, e: &ChannelError) -> Option<usize> {
+        match e {
+            ChannelError::Disconnected { channel, cause }
+                if self.dcas.is_some() && *cause != Some(CloseCause::Released) =>
+            {
+                Some(*channel)
+            }
+            _ => None,
+        }
+    }
+
+    fn dcas_failure(&self, e: DcasError) -> Stop {
+        Stop::Failed(EngineError::Internal(format!(
+            "subtask {}: DCAS: {e}",
+            self.id
+        )))
+    }
+
+    /// DCAS, after the subtask finished: a last snapshot commits what sinks hold, then the
+    /// subtask reports finishing and stays (its retained output may be asked for again by
+    /// a restarted receiver) until the job ends.
+    async fn linger(&mut self, control: &mut mpsc::UnboundedReceiver<Command>) -> Result<(), Stop> {
+        let Some(reporter) = self.dcas.as_ref().map(|(_, r)| r.clone()) else {
+            return Ok(());
+        };
+        self.wait_snapshot().await?;
+        self.maybe_snapshot(true)?;
+        self.wait_snapshot().await?;
+        reporter.finishing(&self.id);
+        loop {
+            tokio::select! {
+                cmd = control.recv() => match cmd.unwrap_or(Command::Cancel) {
+                    Command::Cancel => return Err(Stop::Canceled),
+                    Command::Kill => return Err(Stop::Failed(EngineError::Killed)),
+                    Command::Trigger(_) | Command::Complete(_) => {}
+                },
+                Some(rw) = self.rewires.recv() => self.apply_rewire(rw).await?,
+            }
+        }
     }
 
     /// Tells every operator of the chain, in order, that the watermark advanced (feeding what
     /// each fires to the next), then routes the output and forwards the watermark.
     async fn advance_watermark(&mut self, wm: i64) -> Result<(), Stop> {
         let mut out = self.through_chain(|op, out| op.on_watermark(wm, out))?;
-        self.router
-            .push(&mut out)
-            .await
-            .map_err(|e| self.route_failure(e))?;
+        self.emit(&mut out).await?;
         self.metrics.watermark.store(wm, Ordering::Relaxed);
-        self.router
-            .broadcast(StreamEvent::Watermark(wm))
-            .await
-            .map_err(|e| self.route_failure(e))
+        self.broadcast(StreamEvent::Watermark(wm)).await
     }
 
     /// All inputs ended: finishes every operator in order, sends what remains and
     /// `EndOfStream`.
     async fn finish(&mut self) -> Result<(), Stop> {
         let mut out = self.through_chain(|op, out| op.finish(out))?;
-        self.router
-            .push(&mut out)
-            .await
-            .map_err(|e| self.route_failure(e))?;
-        self.router
-            .broadcast(StreamEvent::EndOfStream)
-            .await
-            .map_err(|e| self.route_failure(e))
+        self.emit(&mut out).await?;
+        self.broadcast(StreamEvent::EndOfStream).await
     }
 
     fn through_chain(
@@ -706,6 +1075,14 @@ fn op_failure(operator: &str, subtask: usize, e: OpError) -> Stop {
         message: e.to_string(),
         kind,
     })
+}
+
+/// Waits for the DCAS snapshot in flight (never, without one).
+async fn snapshot_done(dcas: Option<&mut DcasSubtask>) -> Result<Stored, DcasError> {
+    match dcas {
+        Some(d) => d.done().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

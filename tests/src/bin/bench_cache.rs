@@ -49,13 +49,13 @@ async fn input_logs(client: &CacheClient, seconds: u64, logs: usize, every: u64)
                 let mut log = InputLog::start(client.clone(), p, name.clone(), 0);
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    let entry = LogEntry {
-                        channel: 0,
-                        event: StreamEvent::Data(Batch {
+                    let entry = LogEntry::input(
+                        0,
+                        StreamEvent::Data(Batch {
                             first_seq: n * BATCH as u64,
                             records: records.clone(),
                         }),
-                    };
+                    );
                     log.push(&entry).expect("push");
                     n += 1;
                     if n.is_multiple_of(every) {
