@@ -34,6 +34,9 @@ use crate::runtime::credit;
 /// How long to wait for a peer's connection (either direction) before giving up.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often a wait for a peer's connection checks whether the peer was fenced.
+const FENCE_CHECK: Duration = Duration::from_millis(50);
+
 /// A live connection to a peer: frames queued here are written in order by its writer task.
 /// The queue is unbounded, but what it holds is bounded by the credits of the channels that
 /// use it (events) and by events consumed (credit frames).
@@ -206,6 +209,32 @@ impl DataPlane {
         self.fail_channels_of(peer);
     }
 
+    /// Closes the earlier incarnations of `channel` (same ends, another epoch): a sender
+    /// waiting for credits its restarted receiver will never grant gives up (and detaches
+    /// until rewired), and a receiver of a restarted sender sees its end.
+    pub fn retire_older(&self, channel: ChannelId) {
+        let older = |c: &ChannelId| {
+            c.job == channel.job
+                && c.generation == channel.generation
+                && c.edge == channel.edge
+                && c.from == channel.from
+                && c.to == channel.to
+                && c.epoch != channel.epoch
+        };
+        lock(&self.inner.outputs).retain(|c, (_, s)| {
+            if older(c) {
+                s.close();
+            }
+            !older(c)
+        });
+        lock(&self.inner.inputs).retain(|c, (_, tx)| {
+            if older(c) {
+                tx.close(credit::CloseCause::Failed("restarted elsewhere".into()));
+            }
+            !older(c)
+        });
+    }
+
     fn is_fenced(&self, peer: TaskManagerId) -> bool {
         lock(&self.inner.fenced).contains(&peer)
     }
@@ -258,12 +287,43 @@ impl DataPlane {
             send_frame(&conn, &DataFrame::Hello { tm: self.inner.tm });
             return Ok(conn);
         }
-        let waited = tokio::time::timeout(CONNECT_TIMEOUT, watch.wait_for(Option::is_some)).await;
-        match waited {
-            Ok(Ok(c)) => c
-                .clone()
-                .ok_or_else(|| unreachable("connection vanished".into())),
-            _ => Err(unreachable("the peer did not connect in time".into())),
+        // Waits in slices, so a peer fenced meanwhile (declared dead) fails the wait at once.
+        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        loop {
+            let slice = tokio::time::timeout(FENCE_CHECK, watch.wait_for(Option::is_some)).await;
+            match slice {
+                Ok(Ok(c)) => {
+                    return c
+                        .clone()
+                        .ok_or_else(|| unreachable("connection vanished".into()))
+                }
+                Ok(Err(_)) => return Err(unreachable("connection vanished".into())),
+                Err(_) if self.is_fenced(peer) => {
+                    return Err(unreachable("declared dead by the job manager".into()))
+                }
+                Err(_) if tokio::time::Instant::now() >= deadline => {
+                    return Err(unreachable("the peer did not connect in time".into()))
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Opens (in the background) the connections this task manager is the one to open: to
+    /// every peer in `peers` with a larger id. A peer with a smaller id then never waits
+    /// for this side to happen to need a channel first (a DCAS restart can leave one side
+    /// with nothing to wire to the other).
+    pub fn connect_all(&self, peers: impl IntoIterator<Item = (TaskManagerId, String)>) {
+        for (peer, addr) in peers {
+            if peer <= self.inner.tm || self.is_fenced(peer) {
+                continue;
+            }
+            let plane = self.clone();
+            self.inner.rt.spawn(async move {
+                if let Err(e) = plane.conn(peer, &addr).await {
+                    debug!(peer = %peer, error = %e, "Could not connect ahead of wiring.");
+                }
+            });
         }
     }
 
@@ -569,6 +629,7 @@ mod tests {
             edge: 0,
             from: n,
             to: 0,
+            epoch: 0,
         }
     }
 

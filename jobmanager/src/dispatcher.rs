@@ -217,6 +217,8 @@ pub struct OutputPage {
 struct SubtaskInfo {
     state: SubtaskState,
     tm: TaskManagerId,
+    /// DCAS restarts of this subtask within the deployment.
+    attempt: u32,
     last: Option<(Instant, SubtaskReport)>,
     rate_in: f64,
     rate_out: f64,
@@ -231,6 +233,7 @@ impl SubtaskInfo {
         SubtaskInfo {
             state: SubtaskState::Deploying,
             tm,
+            attempt: 0,
             last: None,
             rate_in: 0.0,
             rate_out: 0.0,
@@ -580,7 +583,23 @@ impl Dispatcher {
             self.tick_recovery(id, ctx);
             self.tick_checkpoints(id);
         }
+        // Restarts of one job found in the same tick (task managers lost at once) are
+        // placed together, so no restarted subtask is wired to a neighbour about to move.
+        let mut merged: Vec<PendingRestart> = Vec::new();
         for (id, lost, lost_tms) in std::mem::take(&mut self.pending_dcas) {
+            match merged.iter_mut().find(|m| m.0 == id) {
+                Some(m) => {
+                    for k in lost {
+                        if !m.1.contains(&k) {
+                            m.1.push(k);
+                        }
+                    }
+                    m.2.extend(lost_tms);
+                }
+                None => merged.push((id, lost, lost_tms)),
+            }
+        }
+        for (id, lost, lost_tms) in merged {
             let rm = self.rm.clone();
             ctx.spawn(
                 async move { rm.send(GetAlive).await.unwrap_or_default() }
@@ -888,7 +907,14 @@ impl Dispatcher {
             let (tm, free) = &mut load[0];
             *free -= 1;
             per_tm.entry(tm.id).or_default().push(*k);
-            job.subtasks.insert(*k, SubtaskInfo::deploying(tm.id));
+            let attempt = job.subtasks.get(k).map_or(0, |i| i.attempt) + 1;
+            job.subtasks.insert(
+                *k,
+                SubtaskInfo {
+                    attempt,
+                    ..SubtaskInfo::deploying(tm.id)
+                },
+            );
             if !job.tms.iter().any(|t| t.id == tm.id) {
                 job.tms.push(tm.clone());
             }
@@ -906,6 +932,7 @@ impl Dispatcher {
                 subtask: *s,
                 tm: i.tm,
                 data_addr: addr.get(&i.tm).cloned().unwrap_or_default(),
+                attempt: i.attempt,
             })
             .collect();
         for tm in &job.tms {
@@ -1186,6 +1213,7 @@ impl Dispatcher {
                     subtask: s as u32,
                     tm: tm.id,
                     data_addr: tm.data_addr.clone(),
+                    attempt: 0,
                 });
                 per_tm.entry(k).or_default().push((t as u32, s as u32));
             }

@@ -101,6 +101,9 @@ pub struct DeploymentActor {
     /// Told when the deployment ends.
     ended: Recipient<DeploymentEnded>,
     data: DataPlane,
+    /// DCAS: the deployment outlives its subtasks (a failed one restarts into it, and its
+    /// channels must not be released under the restarted one) until it is canceled.
+    linger: bool,
 }
 
 impl DeploymentActor {
@@ -112,6 +115,7 @@ impl DeploymentActor {
         to_jm: mpsc::UnboundedSender<ToJobManager>,
         ended: Recipient<DeploymentEnded>,
         data: DataPlane,
+        linger: bool,
     ) -> DeploymentActor {
         DeploymentActor {
             job,
@@ -121,6 +125,7 @@ impl DeploymentActor {
             to_jm,
             ended,
             data,
+            linger,
         }
     }
 
@@ -186,7 +191,7 @@ impl Handler<SubtaskEvent> for DeploymentActor {
             SubtaskOutcome::Failed(e) => (SubtaskState::Failed, Some(e.to_string())),
         };
         self.report(&msg.id, state, message);
-        if self.actors.is_empty() {
+        if self.actors.is_empty() && !self.linger {
             ctx.stop();
         }
     }
@@ -195,7 +200,11 @@ impl Handler<SubtaskEvent> for DeploymentActor {
 impl Handler<CancelDeployment> for DeploymentActor {
     type Result = ();
 
-    fn handle(&mut self, _msg: CancelDeployment, _ctx: &mut Self::Context) {
+    fn handle(&mut self, _msg: CancelDeployment, ctx: &mut Self::Context) {
+        self.linger = false;
+        if self.actors.is_empty() {
+            ctx.stop();
+        }
         // Release the network channels first: a subtask waiting for remote credits (whose
         // receiver may already be gone) gives up at once instead of never seeing the cancel.
         self.data.release(self.job, self.generation);

@@ -22,7 +22,7 @@ use engine::protocol::control::{
 };
 use engine::protocol::data::ChannelId;
 use engine::runtime::channel::{channel, InputChannel, OutputChannel};
-use engine::runtime::dcas::{ChannelKey, DcasConfig};
+use engine::runtime::dcas::{ChannelKey, DcasConfig, Lease};
 use engine::runtime::deploy::{build_runner, input_keys, output_keys, DcasEnv, SubtaskEnv};
 use engine::runtime::task::{
     CheckpointAck, CheckpointReporter, Command, Rewire, SubtaskId, SubtaskMetrics, SubtaskRunner,
@@ -89,6 +89,8 @@ pub struct TaskManager {
     cache_client: Option<CacheClient>,
     /// Local channel ends not taken yet.
     local: LocalChannels,
+    /// Renewed by every heartbeat acknowledgement; DCAS logs stop appending once it lapses.
+    lease: Lease,
 }
 
 impl TaskManager {
@@ -115,6 +117,7 @@ impl TaskManager {
             fenced: false,
             cache_client: None,
             local: LocalChannels::default(),
+            lease: Lease::default(),
         }
     }
 
@@ -134,6 +137,12 @@ impl TaskManager {
         self.cancel_all();
     }
 
+    /// How long a heartbeat acknowledgement keeps the lease: shorter than the job
+    /// manager's timeout, which it counts from the heartbeat it received (before the ack).
+    fn lease_span(&self) -> Duration {
+        self.heartbeat_timeout.mul_f64(0.8)
+    }
+
     fn send(&self, msg: ToJobManager) {
         if let Some(tx) = &self.to_jm {
             // Fails only if the connection task ended; ConnectionLost follows.
@@ -147,6 +156,8 @@ impl TaskManager {
         };
         let (job, generation) = (d.job, d.generation);
         info!(job = %job, generation = %generation, subtasks = d.subtasks.len(), "Deploying.");
+        self.data
+            .connect_all(d.placement.iter().map(|p| (p.tm, p.data_addr.clone())));
         let wiring = wire(
             self.id,
             self.data.clone(),
@@ -154,6 +165,7 @@ impl TaskManager {
             to_jm.clone(),
             self.cache_client.clone(),
             self.local.clone(),
+            self.lease.clone(),
         );
         ctx.spawn(
             wiring
@@ -187,6 +199,7 @@ impl TaskManager {
                             to_jm,
                             ctx.address().recipient(),
                             act.data.clone(),
+                            CheckpointingSpec::dcas(graph.checkpointing.as_ref()).is_some(),
                         )
                         .start();
                         act.deployments.insert(
@@ -229,6 +242,8 @@ impl TaskManager {
         for tm in lost {
             self.data.fence(tm);
         }
+        self.data
+            .connect_all(placement.iter().map(|p| (p.tm, p.data_addr.clone())));
         let Some(r) = self.deployments.get(&(job, generation)) else {
             return;
         };
@@ -328,6 +343,7 @@ impl Handler<Connected> for TaskManager {
         self.to_jm = Some(msg.to_jm);
         self.heartbeat_timeout = msg.heartbeat_timeout;
         self.last_ack = Instant::now();
+        self.lease.renew(self.lease_span());
         self.heartbeat();
     }
 }
@@ -340,6 +356,7 @@ impl Handler<FromJobManager> for TaskManager {
             ToTaskManager::Registered { .. } => {}
             ToTaskManager::HeartbeatAck => {
                 self.last_ack = Instant::now();
+                self.lease.renew(self.lease_span());
                 self.fenced = false;
             }
             ToTaskManager::TriggerCheckpoint {
@@ -544,7 +561,7 @@ struct Wiring {
     job: JobId,
     generation: Generation,
     credits: usize,
-    place: HashMap<(u32, u32), (TaskManagerId, String)>,
+    place: HashMap<(u32, u32), (TaskManagerId, String, u32)>,
     local: LocalChannels,
 }
 
@@ -566,7 +583,7 @@ impl Wiring {
             credits: graph.runtime.credits,
             place: placement
                 .iter()
-                .map(|p| ((p.task, p.subtask), (p.tm, p.data_addr.clone())))
+                .map(|p| ((p.task, p.subtask), (p.tm, p.data_addr.clone(), p.attempt)))
                 .collect(),
             local,
         }
@@ -575,17 +592,23 @@ impl Wiring {
     fn locate(&self, task: usize, subtask: u32) -> Result<(TaskManagerId, String), String> {
         self.place
             .get(&(task as u32, subtask))
-            .cloned()
+            .map(|(tm, addr, _)| (*tm, addr.clone()))
             .ok_or_else(|| format!("no placement for subtask {task}.{subtask}"))
     }
 
-    fn id(&self, k: &ChannelKey) -> ChannelId {
+    fn attempt(&self, task: usize, subtask: u32) -> u32 {
+        self.place.get(&(task as u32, subtask)).map_or(0, |p| p.2)
+    }
+
+    fn id(&self, graph: &JobGraph, k: &ChannelKey) -> ChannelId {
+        let e = &graph.edges[k.edge as usize];
         ChannelId {
             job: self.job,
             generation: self.generation,
             edge: k.edge,
             from: k.from,
             to: k.to,
+            epoch: self.attempt(e.from, k.from) + self.attempt(e.to, k.to),
         }
     }
 
@@ -613,7 +636,8 @@ impl Wiring {
     async fn input(&self, graph: &JobGraph, k: &ChannelKey) -> Result<InputChannel, String> {
         let e = &graph.edges[k.edge as usize];
         let (tm, addr) = self.locate(e.from, k.from)?;
-        let id = self.id(k);
+        let id = self.id(graph, k);
+        self.data.retire_older(id);
         if tm == self.me {
             return self.local_end(id, e.input, |p| p.1.take());
         }
@@ -629,7 +653,8 @@ impl Wiring {
     async fn output(&self, graph: &JobGraph, k: &ChannelKey) -> Result<OutputChannel, String> {
         let e = &graph.edges[k.edge as usize];
         let (tm, addr) = self.locate(e.to, k.to)?;
-        let id = self.id(k);
+        let id = self.id(graph, k);
+        self.data.retire_older(id);
         if tm == self.me {
             return self.local_end(id, e.input, |p| p.0.take());
         }
@@ -651,6 +676,7 @@ async fn wire(
     to_jm: mpsc::UnboundedSender<ToJobManager>,
     cache: Option<CacheClient>,
     local: LocalChannels,
+    lease: Lease,
 ) -> Result<Wired, String> {
     let spec = JobSpec::from_json(&d.spec).map_err(|e| e.to_string())?;
     let graph = JobGraph::build(&spec, &jobs::registry()).map_err(|e| e.to_string())?;
@@ -670,6 +696,7 @@ async fn wire(
         None => None,
         Some(c) => Some(DcasEnv {
             config: DcasConfig {
+                lease,
                 client: cache.ok_or(
                     "DCAS needs the cache, and this task manager has no partition table yet",
                 )?,

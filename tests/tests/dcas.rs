@@ -20,41 +20,94 @@ fn dcas_wordcount(count: u64, rate: u64) -> String {
     weir_tests::wordcount_spec("wordcount-dcas", checkpointing, count, rate).to_string()
 }
 
-/// (vertex id, subtask index) -> task manager id.
-fn placement(job: &Value) -> BTreeMap<(String, u64), String> {
+/// (vertex name, subtask index) -> `field` of every subtask of the job.
+fn per_subtask(job: &Value, field: &str) -> BTreeMap<(String, u64), Value> {
     let mut out = BTreeMap::new();
     for v in job["vertices"].as_array().expect("vertices") {
         for s in v["subtasks"].as_array().expect("subtasks") {
-            out.insert(
-                (
-                    v["name"].as_str().unwrap_or_default().to_string(),
-                    s["subtask"].as_u64().unwrap_or(0),
-                ),
-                s["taskmanager"].as_str().expect("tm").to_string(),
-            );
+            let name = v["name"].as_str().unwrap_or_default().to_string();
+            out.insert((name, s["subtask"].as_u64().unwrap_or(0)), s[field].clone());
         }
     }
     out
 }
 
-/// Ensures that killing each task manager running part of a DCAS wordcount in turn (a
-/// fresh one joins after each kill) restarts only that task manager's subtasks — the
-/// others keep their place and the generation never changes — and that the counts are
-/// exactly the ground truth.
-#[test]
-fn dcas_restarts_only_the_lost_subtasks_and_stays_exact() {
-    let mut c = Cluster::start(ClusterOptions {
-        taskmanagers: 3,
-        slots: 2,
+/// (vertex name, subtask index) -> task manager id.
+fn placement(job: &Value) -> BTreeMap<(String, u64), String> {
+    per_subtask(job, "taskmanager")
+        .into_iter()
+        .map(|(k, v)| (k, v.as_str().expect("tm").to_string()))
+        .collect()
+}
+
+/// (vertex name, subtask index) -> records read so far.
+fn records_in(job: &Value) -> BTreeMap<(String, u64), u64> {
+    per_subtask(job, "records_in")
+        .into_iter()
+        .map(|(k, v)| (k, v.as_u64().unwrap_or(0)))
+        .collect()
+}
+
+fn expected(spec: &str) -> BTreeMap<(String, i64), i64> {
+    weir_tests::expected_wordcount(&weir_tests::generator(spec, "lines"), 5000)
+}
+
+/// The job's failover records.
+fn failovers(c: &Cluster, id: &str) -> Vec<Value> {
+    let (status, body) = c.get(&format!("/jobs/{id}/failovers"));
+    assert_eq!(status, 200, "{body}");
+    body["failovers"].as_array().cloned().unwrap_or_default()
+}
+
+/// Waits until the job's `n`-th failover restored every restarted subtask (or the job
+/// finished).
+fn wait_recovered(c: &Cluster, id: &str, n: usize) {
+    c.wait_until(Duration::from_secs(30), "restarted subtasks running", |c| {
+        let restored = failovers(c, id)
+            .get(n.wrapping_sub(1))
+            .is_some_and(|e| e["restored_ms"].as_u64().is_some());
+        let job = c.job(id);
+        restored && job["state"] == "RUNNING" || job["state"] == "FINISHED"
+    });
+}
+
+/// Waits for the job to finish and checks it never redeployed and its counts are exact.
+fn assert_finished_exactly(c: &Cluster, id: &str, spec: &str) {
+    let job = c.wait_for_end(id, Duration::from_secs(120));
+    assert_eq!(job["state"], "FINISHED", "{job}");
+    assert_eq!(job["generation"], 1, "DCAS never redeploys the job: {job}");
+    let got = weir_tests::collected_counts(c, id, "out");
+    let want = expected(spec);
+    assert_eq!(got.len(), want.len(), "number of (word, window) results");
+    assert_eq!(got, want);
+}
+
+/// Starts a cluster of `taskmanagers` (with the job manager's `args`), waits for the cache
+/// to settle, submits `spec` and lets it run three seconds.
+fn started(taskmanagers: usize, slots: u32, args: &[&str], spec: &str) -> (Cluster, String) {
+    let c = Cluster::start(ClusterOptions {
+        taskmanagers,
+        slots,
+        jobmanager_args: args.iter().map(|a| a.to_string()).collect(),
         ..Default::default()
     });
-    c.wait_cache_settled(3);
-    let spec = dcas_wordcount(200_000, 8_000);
-    let id = c.submit(&spec);
+    c.wait_cache_settled(taskmanagers);
+    let id = c.submit(spec);
     c.wait_until(Duration::from_secs(30), "job running", |c| {
         c.job(&id)["state"] == "RUNNING"
     });
     std::thread::sleep(Duration::from_secs(3));
+    (c, id)
+}
+
+/// Ensures that killing each task manager running part of a DCAS wordcount in turn (a
+/// fresh one joins after each kill), then one subtask through the REST kill, restarts
+/// only the lost subtasks — the others keep their place and keep reading, and the
+/// generation never changes — and that the counts are exactly the ground truth.
+#[test]
+fn dcas_restarts_only_the_lost_subtasks_and_stays_exact() {
+    let spec = dcas_wordcount(200_000, 8_000);
+    let (mut c, id) = started(3, 2, &[], &spec);
     let kills = 2;
     for k in 0..kills {
         let job = c.job(&id);
@@ -67,17 +120,11 @@ fn dcas_restarts_only_the_lost_subtasks_and_stays_exact() {
             .map(|(k, _)| k.clone())
             .collect();
         eprintln!("kill {k}: task manager {victim} running {lost:?}");
+        let read_before = records_in(&job);
         let index = c.taskmanager_index(&victim);
         c.kill_taskmanager(index);
         c.add_taskmanager();
-        // The next kill must find every cache partition backed up again.
-        c.wait_cache_settled(3);
-        c.wait_until(Duration::from_secs(30), "restarted subtasks running", |c| {
-            let job = c.job(&id);
-            let failovers = c.get(&format!("/jobs/{id}/failovers")).1;
-            job["state"] == "RUNNING" && failovers["failovers"].as_array().map_or(0, Vec::len) > k
-                || job["state"] == "FINISHED"
-        });
+        wait_recovered(&c, &id, k + 1);
         let job = c.job(&id);
         assert_eq!(job["generation"], 1, "DCAS never redeploys the job: {job}");
         let after = placement(&job);
@@ -88,23 +135,130 @@ fn dcas_restarts_only_the_lost_subtasks_and_stays_exact() {
                     "{sub:?} moved off the dead task manager"
                 );
             } else {
-                assert_eq!(&after[sub], tm, "{sub:?} kept running where it was");
+                assert_eq!(&after[sub], tm, "{sub:?} kept running where it was: {job}");
             }
         }
-        std::thread::sleep(Duration::from_secs(2));
+        // The survivors' counters keep rising (they were never stopped).
+        c.wait_until(Duration::from_secs(10), "survivors still reading", |c| {
+            let job = c.job(&id);
+            let now = records_in(&job);
+            job["state"] == "FINISHED"
+                || read_before
+                    .iter()
+                    .filter(|(sub, _)| !lost.contains(*sub))
+                    .all(|(sub, n)| now[sub] > *n)
+        });
+        // The next kill must find every cache partition backed up again.
+        c.wait_cache_settled(3);
+        std::thread::sleep(Duration::from_secs(1));
     }
-    let job = c.wait_for_end(&id, Duration::from_secs(120));
-    assert_eq!(job["state"], "FINISHED", "{job}");
-    let got = weir_tests::collected_counts(&c, &id, "out");
-    let want = weir_tests::expected_wordcount(&weir_tests::generator(&spec, "lines"), 5000);
-    assert_eq!(got.len(), want.len(), "number of (word, window) results");
-    assert_eq!(got, want);
-    let failovers = c.get(&format!("/jobs/{id}/failovers")).1;
-    let events = failovers["failovers"].as_array().expect("failovers");
-    assert_eq!(events.len(), kills, "{failovers}");
-    for e in events {
+    // The dashboard's kill button: only that subtask restarts.
+    let (status, body) = c.request("POST", &format!("/jobs/{id}/tasks/1/1/kill"), None, None);
+    assert_eq!(status, 200, "{body}");
+    wait_recovered(&c, &id, kills + 1);
+    assert_finished_exactly(&c, &id, &spec);
+    let events = failovers(&c, &id);
+    assert_eq!(events.len(), kills + 1, "{events:?}");
+    for e in &events {
         assert_eq!(e["mode"], "dcas", "{e}");
         assert!(e["restored_ms"].as_u64().is_some(), "{e}");
         assert!(e["subtasks_restarted"].as_u64().unwrap() < 4, "{e}");
     }
+    let killed = &events[kills];
+    assert_eq!(killed["subtasks_restarted"], 1, "{killed}");
+    assert!(
+        killed["cause"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("killed"),
+        "{killed}"
+    );
+}
+
+/// Ensures that two task managers killed at the same moment, and then the task manager
+/// hosting the restarted subtasks killed while they recover, still give exact counts when
+/// the cache keeps three backups (so three losses before re-replication lose no entry).
+#[test]
+fn dcas_survives_two_simultaneous_kills_and_a_kill_during_recovery() {
+    let spec = dcas_wordcount(160_000, 8_000);
+    let (mut c, id) = started(5, 1, &["--cache-backup-count", "3"], &spec);
+    let busy: BTreeSet<String> = placement(&c.job(&id)).into_values().collect();
+    assert_eq!(busy.len(), 2, "{busy:?}");
+    eprintln!("killing {busy:?} at once");
+    let indexes: Vec<usize> = busy.iter().map(|tm| c.taskmanager_index(tm)).collect();
+    for i in indexes {
+        c.kill_taskmanager(i);
+    }
+    // As soon as a restarted subtask is placed somewhere, kill that task manager too.
+    let mut second = None;
+    c.wait_until(Duration::from_secs(30), "a restarted subtask placed", |c| {
+        let now: BTreeSet<String> = placement(&c.job(&id)).into_values().collect();
+        second = now.difference(&busy).next().cloned();
+        second.is_some()
+    });
+    let second = second.expect("placed");
+    eprintln!("killing {second} during the recovery");
+    let index = c.taskmanager_index(&second);
+    c.kill_taskmanager(index);
+    c.add_taskmanager();
+    c.add_taskmanager();
+    assert_finished_exactly(&c, &id, &spec);
+    assert!(failovers(&c, &id).len() >= 3, "{:?}", failovers(&c, &id));
+}
+
+/// Ensures that losing more task managers at once than the cache's backups cover never
+/// gives wrong output: the job either fails with a reason naming a lost partition (when
+/// the lost partitions held its entries) or finishes with exact counts (when they did not).
+#[test]
+fn dcas_loss_beyond_backups_fails_cleanly() {
+    let spec = dcas_wordcount(120_000, 8_000);
+    let (mut c, id) = started(4, 1, &[], &spec);
+    let busy: BTreeSet<String> = placement(&c.job(&id)).into_values().collect();
+    let indexes: Vec<usize> = busy.iter().map(|tm| c.taskmanager_index(tm)).collect();
+    for i in indexes {
+        c.kill_taskmanager(i);
+    }
+    c.add_taskmanager();
+    c.add_taskmanager();
+    let job = c.wait_for_end(&id, Duration::from_secs(120));
+    match job["state"].as_str() {
+        Some("FAILED") => {
+            let failure = job["failure"].as_str().unwrap_or_default();
+            assert!(
+                failure.contains("cache partition") && failure.contains("lost every copy"),
+                "the failure names the lost partition: {job}"
+            );
+        }
+        Some("FINISHED") => {
+            assert_eq!(
+                weir_tests::collected_counts(&c, &id, "out"),
+                expected(&spec)
+            )
+        }
+        other => panic!("unexpected end {other:?}: {job}"),
+    }
+}
+
+/// Ensures that a task manager paused (SIGSTOP) for three heartbeat timeouts is replaced:
+/// only its subtasks restart elsewhere, and when it resumes (SIGCONT) nothing it emits
+/// reaches the output (the data plane and the job manager fence it), so the counts stay
+/// exact.
+#[test]
+fn dcas_paused_taskmanager_is_fenced() {
+    let spec = dcas_wordcount(160_000, 8_000);
+    let (c, id) = started(3, 2, &[], &spec);
+    let victim = placement(&c.job(&id))
+        .into_values()
+        .next()
+        .expect("a subtask");
+    let index = c.taskmanager_index(&victim);
+    c.signal_taskmanager(index, "STOP");
+    wait_recovered(&c, &id, 1);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !placement(&c.job(&id)).values().any(|tm| *tm == victim),
+        "the job runs without the paused task manager"
+    );
+    c.signal_taskmanager(index, "CONT");
+    assert_finished_exactly(&c, &id, &spec);
 }

@@ -240,6 +240,8 @@ pub struct Placement {
     pub tm: TaskManagerId,
     /// That task manager's data-plane address.
     pub data_addr: String,
+    /// Restarts of this subtask within the deployment (DCAS); names its channels' epoch.
+    pub attempt: u32,
 }
 
 /// Lifecycle of a subtask.
@@ -313,6 +315,7 @@ mod tests {
                     subtask: 1,
                     tm: TaskManagerId::random(),
                     data_addr: "127.0.0.1:1".into(),
+                    attempt: 0,
                 }],
                 restore: Some(RestorePoint {
                     checkpoint: 4,

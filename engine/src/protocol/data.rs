@@ -24,6 +24,10 @@ pub struct ChannelId {
     pub from: u32,
     /// Downstream subtask index.
     pub to: u32,
+    /// Incarnation of the channel within the deployment: the sum of both ends' restart
+    /// counts (DCAS restarts one end without a new deployment). A restarted end's channels
+    /// are new channels, so credits granted to or by its earlier instance never mix in.
+    pub epoch: u32,
 }
 
 impl ChannelId {
@@ -35,6 +39,7 @@ impl ChannelId {
             edge: a.edge.to_native(),
             from: a.from.to_native(),
             to: a.to.to_native(),
+            epoch: a.epoch.to_native(),
         }
     }
 }

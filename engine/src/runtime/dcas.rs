@@ -185,6 +185,17 @@ impl InputLog {
     /// Starts the writer of list `names.log` in partition `partition`, whose next index is
     /// `next` (0 for a new log; after a restore, the list's end).
     pub fn start(client: CacheClient, partition: u32, list: String, next: u64) -> InputLog {
+        InputLog::start_leased(client, partition, list, next, Lease::default())
+    }
+
+    /// [`InputLog::start`] for a writer that stops appending once `lease` lapses.
+    pub fn start_leased(
+        client: CacheClient,
+        partition: u32,
+        list: String,
+        next: u64,
+        lease: Lease,
+    ) -> InputLog {
         let (tx, rx) = mpsc::unbounded_channel();
         let (logged_tx, logged) = watch::channel(Ok(next));
         tokio::spawn(write_log(
@@ -194,6 +205,7 @@ impl InputLog {
             next,
             rx,
             logged_tx,
+            lease,
         ));
         InputLog {
             tx,
@@ -287,6 +299,30 @@ impl LogWaiter {
 /// partition table moves the primary to a backup within a heartbeat timeout or two).
 const TRANSIENT_RETRY: Duration = Duration::from_secs(20);
 
+/// Runs an idempotent cache operation, retrying it while the cache recovers from a
+/// member's loss (outcome unknown, timeout, no member reachable) for up to
+/// [`TRANSIENT_RETRY`].
+async fn retrying<T, F, Fut>(what: &str, mut op: F) -> Result<T, CacheError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, CacheError>>,
+{
+    let started = tokio::time::Instant::now();
+    loop {
+        match op().await {
+            Err(
+                e @ (CacheError::Unacknowledged(_)
+                | CacheError::Timeout(..)
+                | CacheError::NoMembers(_)),
+            ) if started.elapsed() < TRANSIENT_RETRY => {
+                warn!(what, error = %e, "Cache operation failed; retrying.");
+                tokio::time::sleep(FULL_BACKOFF).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Appends `items` at index `next`, retrying while the cache is full (backpressure) or
 /// recovering from a member's loss. A retry after an outcome-unknown failure first asks the
 /// list's length, so an append that did land is not written twice.
@@ -336,8 +372,18 @@ async fn write_log(
     mut next: u64,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     logged: watch::Sender<Result<u64, DcasError>>,
+    lease: Lease,
 ) {
     while let Some(first) = rx.recv().await {
+        if !lease.valid() {
+            let e = DcasError::Corrupt {
+                list: list.clone(),
+                message: "the task manager's lease lapsed (it may have been declared dead and the subtask restarted elsewhere): not appending".into(),
+            };
+            warn!(list = %list, error = %e, "Input log fenced.");
+            let _ = logged.send(Err(e));
+            return;
+        }
         let mut items = vec![first];
         while items.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -494,25 +540,29 @@ impl SnapshotStore {
         })?;
         let size = value.len();
         let (p, names) = (self.partition, &self.names);
-        self.client
-            .put_in(p, &names.map, &names.key, value.to_vec(), None)
-            .await
-            .map_err(|e| self.cache_error("storing a snapshot", e))?;
-        self.client
-            .trim_prefix(p, &names.log, snap.log_offset)
-            .await
-            .map_err(|e| self.cache_error("trimming the log", e))?;
+        let value = value.to_vec();
+        retrying("storing a snapshot", || {
+            self.client
+                .put_in(p, &names.map, &names.key, value.clone(), None)
+        })
+        .await
+        .map_err(|e| self.cache_error("storing a snapshot", e))?;
+        retrying("trimming a log", || {
+            self.client.trim_prefix(p, &names.log, snap.log_offset)
+        })
+        .await
+        .map_err(|e| self.cache_error("trimming the log", e))?;
         Ok(size)
     }
 
     /// The latest stored snapshot, if any.
     pub async fn load(&self) -> Result<Option<DcasSnapshot>, DcasError> {
         let names = &self.names;
-        let Some((bytes, _)) = self
-            .client
-            .get_in(self.partition, &names.map, &names.key)
-            .await
-            .map_err(|e| self.cache_error("loading the snapshot", e))?
+        let Some((bytes, _)) = retrying("loading a snapshot", || {
+            self.client.get_in(self.partition, &names.map, &names.key)
+        })
+        .await
+        .map_err(|e| self.cache_error("loading the snapshot", e))?
         else {
             return Ok(None);
         };
@@ -527,11 +577,12 @@ impl SnapshotStore {
         let mut out = Vec::new();
         let mut at = from;
         loop {
-            let (first, items) = self
-                .client
-                .range(self.partition, &self.names.log, at, at + READ_PAGE)
-                .await
-                .map_err(|e| self.cache_error("reading the log", e))?;
+            let (first, items) = retrying("reading a log", || {
+                self.client
+                    .range(self.partition, &self.names.log, at, at + READ_PAGE)
+            })
+            .await
+            .map_err(|e| self.cache_error("reading the log", e))?;
             if first != at && !(items.is_empty() && first <= at) {
                 return Err(DcasError::Corrupt {
                     list: self.names.log.clone(),
@@ -588,34 +639,40 @@ impl ChannelProgress {
 
     /// Publishes the logged seqs of a receiver's input channels (one request per primary).
     pub async fn publish(&self, logged: &[(ChannelKey, Seq)]) -> Result<(), DcasError> {
-        let entries = logged
+        let entries: Vec<(Vec<u8>, Vec<u8>)> = logged
             .iter()
             .map(|(c, seq)| (c.bytes(), seq.to_le_bytes().to_vec()))
             .collect();
-        for r in self.client.put_many(&self.map, entries).await {
-            r.map_err(|source| DcasError::Cache {
-                what: format!("publishing channel progress to {}", self.map),
-                source,
-            })?;
-        }
-        Ok(())
+        retrying("publishing channel progress", || async {
+            for r in self.client.put_many(&self.map, entries.clone()).await {
+                r?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|source| DcasError::Cache {
+            what: format!("publishing channel progress to {}", self.map),
+            source,
+        })
     }
 
     /// The logged seq of each channel (0 when its receiver has published nothing yet).
     pub async fn read(&self, channels: &[ChannelKey]) -> Result<Vec<Seq>, DcasError> {
-        let keys = channels.iter().map(ChannelKey::bytes).collect();
+        let keys: Vec<Vec<u8>> = channels.iter().map(ChannelKey::bytes).collect();
+        let values = retrying("reading channel progress", || async {
+            self.client
+                .get_many(&self.map, keys.clone())
+                .await
+                .into_iter()
+                .collect::<Result<Vec<_>, CacheError>>()
+        })
+        .await
+        .map_err(|source| DcasError::Cache {
+            what: format!("reading channel progress from {}", self.map),
+            source,
+        })?;
         let mut out = Vec::with_capacity(channels.len());
-        for (r, c) in self
-            .client
-            .get_many(&self.map, keys)
-            .await
-            .into_iter()
-            .zip(channels)
-        {
-            let value = r.map_err(|source| DcasError::Cache {
-                what: format!("reading channel progress from {}", self.map),
-                source,
-            })?;
+        for (value, c) in values.into_iter().zip(channels) {
             out.push(match value {
                 None => 0,
                 Some((bytes, _)) => {
@@ -644,9 +701,49 @@ pub struct Stored {
     pub logged: Vec<Vec<Seq>>,
 }
 
+/// The task manager's lease on its subtasks (DESIGN §5, fencing): valid while the job
+/// manager acknowledges its heartbeats. A task manager paused past it may already have been
+/// declared dead and its subtasks restarted elsewhere, so its log writers stop appending
+/// instead of writing after the restarted instance's entries. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Lease {
+    /// Start of the lease clock.
+    origin: std::time::Instant,
+    /// Milliseconds on that clock until which the lease holds.
+    until_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Default for Lease {
+    fn default() -> Lease {
+        Lease {
+            origin: std::time::Instant::now(),
+            until_ms: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
+        }
+    }
+}
+
+impl Lease {
+    /// Extends the lease to `span` from now (on every heartbeat acknowledgement).
+    pub fn renew(&self, span: Duration) {
+        let until = self.origin.elapsed() + span;
+        self.until_ms.store(
+            until.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// True while the lease holds.
+    pub fn valid(&self) -> bool {
+        (self.origin.elapsed().as_millis() as u64)
+            <= self.until_ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// How a DCAS subtask is configured.
 #[derive(Clone)]
 pub struct DcasConfig {
+    /// The task manager's lease; appends stop once it lapses.
+    pub lease: Lease,
     /// The cache.
     pub client: CacheClient,
     /// The job (names of entries).
@@ -668,6 +765,7 @@ pub struct DcasSubtask {
     outputs: Vec<Vec<ChannelKey>>,
     every_records: u64,
     interval: Duration,
+    lease: Lease,
     log: Option<InputLog>,
     records_since: u64,
     last: std::time::Instant,
@@ -694,6 +792,7 @@ impl DcasSubtask {
             outputs,
             every_records: config.every_records.max(1),
             interval: config.interval,
+            lease: config.lease.clone(),
             log: None,
             records_since: 0,
             last: std::time::Instant::now(),
@@ -711,11 +810,12 @@ impl DcasSubtask {
             self.next_id = s.id + 1;
         }
         let (entries, end) = self.store.read_log(from).await?;
-        self.log = Some(InputLog::start(
+        self.log = Some(InputLog::start_leased(
             self.store.client.clone(),
             self.store.partition,
             self.store.names.log.clone(),
             end,
+            self.lease.clone(),
         ));
         Ok((snap, entries))
     }
