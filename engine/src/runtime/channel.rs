@@ -383,31 +383,28 @@ impl InputChannel {
     /// seen. `Ok(None)`: a batch with nothing new. `Err` (from [`InputGate::next`] as a
     /// `Gap`) when records were skipped.
     fn accept(&mut self, event: StreamEvent) -> Result<Option<StreamEvent>, (Seq, Seq)> {
-        let ch = self;
-        {
-            match event {
-                StreamEvent::Data(mut batch) => {
-                    if batch.first_seq > ch.next_seq {
-                        return Err((ch.next_seq, batch.first_seq));
-                    }
-                    let end = batch.end_seq();
-                    if end <= ch.next_seq {
-                        return Ok(None); // a resent batch we already have entirely
-                    }
-                    let seen = (ch.next_seq - batch.first_seq) as usize;
-                    if seen > 0 {
-                        batch.records.drain(..seen);
-                        batch.first_seq = ch.next_seq;
-                    }
-                    ch.next_seq = end;
-                    return Ok(Some(StreamEvent::Data(batch)));
+        match event {
+            StreamEvent::Data(mut batch) => {
+                if batch.first_seq > self.next_seq {
+                    return Err((self.next_seq, batch.first_seq));
                 }
-                StreamEvent::Watermark(w) => ch.watermark = ch.watermark.max(w),
-                StreamEvent::EndOfStream => ch.ended = true,
-                StreamEvent::Barrier(_) => {}
+                let end = batch.end_seq();
+                if end <= self.next_seq {
+                    return Ok(None); // a resent batch we already have entirely
+                }
+                let seen = (self.next_seq - batch.first_seq) as usize;
+                if seen > 0 {
+                    batch.records.drain(..seen);
+                    batch.first_seq = self.next_seq;
+                }
+                self.next_seq = end;
+                return Ok(Some(StreamEvent::Data(batch)));
             }
-            Ok(Some(event))
+            StreamEvent::Watermark(w) => self.watermark = self.watermark.max(w),
+            StreamEvent::EndOfStream => self.ended = true,
+            StreamEvent::Barrier(_) => {}
         }
+        Ok(Some(event))
     }
 }
 
