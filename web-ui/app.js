@@ -437,13 +437,23 @@ function renderCheckpoints(cps, mode) {
 // Ids in running text, shortened to their first 8 characters as everywhere on the page.
 const shortIds = (text) => String(text).replace(/\b([0-9a-f]{8})-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b/g, "$1");
 
-const PHASES = [
-  ["detected_ms", "canceled_ms", "cancel", "#e15759"],
-  ["canceled_ms", "deployed_ms", "redeploy", "#f28e2b"],
-  ["deployed_ms", "restored_ms", "restore", "#b07aa1"],
-  ["restored_ms", "first_record_ms", "first record", "#4e79a7"],
-  ["first_record_ms", "caught_up_ms", "catch up", "#59a14f"],
-];
+// A recovery's phases as [from, to, name, colour]: ABS cancels and redeploys the whole job
+// and restores a checkpoint; DCAS places only the lost subtasks, which restore their
+// snapshots and replay their logs while the rest keeps running.
+const PHASE_COLOURS = { cancel: "#e15759", place: "#f28e2b", start: "#b07aa1", replay: "#9c755f", first: "#4e79a7", catchup: "#59a14f" };
+function phases(f) {
+  const dcas = f.mode === "dcas";
+  const ready = dcas ? "replayed_ms" : "restored_ms";
+  return [
+    ["detected_ms", "canceled_ms", "cancel"],
+    ["canceled_ms", "deployed_ms", "place"],
+    ["deployed_ms", "restored_ms", "start"],
+    ...(dcas ? [["restored_ms", "replayed_ms", "replay"]] : []),
+    [ready, "first_record_ms", "first"],
+    ["first_record_ms", "caught_up_ms", "catchup"],
+  ];
+}
+const PHASE_NAMES = { cancel: "cancel", place: "place / redeploy", start: "start, restore (ABS)", replay: "restore + replay log (DCAS)", first: "first record", catchup: "catch up" };
 
 function renderFailovers(list) {
   const el = document.getElementById("failovers");
@@ -452,18 +462,21 @@ function renderFailovers(list) {
     return;
   }
   const longest = Math.max(1, ...list.map((f) => (f.caught_up_ms || Date.now()) - f.detected_ms));
-  el.innerHTML = `<div class="legend" style="margin-bottom:8px">${PHASES.map((p) => `<span><span class="swatch" style="background:${p[3]}"></span>${p[2]}</span>`).join("")}</div>
+  el.innerHTML = `<div class="legend" style="margin-bottom:8px">${Object.entries(PHASE_NAMES).map(([k, name]) => `<span><span class="swatch" style="background:${PHASE_COLOURS[k]}"></span>${name}</span>`).join("")}</div>
     <table class="fixed"><colgroup><col style="width:30px"><col style="width:76px"><col style="width:56px"><col><col style="width:78px"></colgroup>
     <thead><tr><th>#</th><th class="num">At</th><th>Mode</th><th>Recovery and cause</th><th class="num">Total</th></tr></thead><tbody>
     ${list.slice().reverse().slice(0, 10).map((f) => {
-      const bars = PHASES.map(([a, b, name, color]) => {
+      const bars = phases(f).map(([a, b, key]) => {
         if (f[a] == null) return "";
         const w = ((f[b] ?? Date.now()) - f[a]) / longest * 100;
-        return `<span style="width:${Math.max(w, 0.5)}%;background:${color};opacity:${f[b] == null ? 0.45 : 1}" title="${name}: ${f[b] == null ? "in progress" : (f[b] - f[a]) + " ms"}"></span>`;
+        return `<span style="width:${Math.max(w, 0.5)}%;background:${PHASE_COLOURS[key]};opacity:${f[b] == null ? 0.45 : 1}" title="${PHASE_NAMES[key]}: ${f[b] == null ? "in progress" : (f[b] - f[a]) + " ms"}"></span>`;
       }).join("");
+      const scope = f.mode === "dcas"
+        ? `${f.subtasks_restarted} subtask${f.subtasks_restarted === 1 ? "" : "s"} restarted${f.replayed_ms ? `, ${f.log_replayed} log entries replayed` : ""} · `
+        : "";
       const total = f.caught_up_ms ? (f.caught_up_ms - f.detected_ms) + " ms" : "in progress";
       return `<tr><td class="num">${f.attempt}</td><td class="num">${fmtTime(f.detected_ms)}</td><td>${esc(f.mode.toUpperCase())}</td>
-        <td><div class="bars">${bars}</div><div class="sub cause" title="${esc(f.cause)}">${esc(shortIds(f.cause))}</div></td><td class="num">${total}</td></tr>`;
+        <td><div class="bars">${bars}</div><div class="sub cause" title="${esc(f.cause)}">${scope}${esc(shortIds(f.cause))}</div></td><td class="num">${total}</td></tr>`;
     }).join("")}</tbody></table>`;
 }
 

@@ -257,7 +257,8 @@ pub struct FailoverEvent {
     pub attempt: u32,
     /// What failed.
     pub cause: String,
-    /// Mode of the recovery (`abs`: the whole job restarts from a checkpoint).
+    /// Mode of the recovery (`abs`: the whole job restarts from a checkpoint; `dcas`: only
+    /// the lost subtasks restart, from their cached snapshots and logs).
     pub mode: String,
     /// The failure was detected.
     pub detected_ms: u64,
@@ -265,12 +266,16 @@ pub struct FailoverEvent {
     pub canceled_ms: Option<u64>,
     /// The new deployment was sent.
     pub deployed_ms: Option<u64>,
-    /// Every subtask restored its state and runs.
+    /// Every subtask restarted and runs (ABS: with its state restored).
     pub restored_ms: Option<u64>,
-    /// The first record was processed after the restore.
+    /// DCAS: every restarted subtask restored its snapshot and replayed its log.
+    pub replayed_ms: Option<u64>,
+    /// The first record was processed after the restore (DCAS: the restarted subtasks
+    /// replayed their logs and take live input).
     pub first_record_ms: Option<u64>,
-    /// The sources read at 90% of their rate before the failure again (or, when that rate
-    /// was zero, the first record).
+    /// The sources are as close to their input again as before the failure (within 50 ms
+    /// of input) when they report how far behind they are, else they read at 90% of their
+    /// rate before the failure (or, when that rate was zero, the first record).
     pub caught_up_ms: Option<u64>,
     /// Checkpoint restored from (none: started from scratch).
     pub checkpoint: Option<u64>,
@@ -278,10 +283,25 @@ pub struct FailoverEvent {
     pub generation: Option<u64>,
     /// Subtasks restarted.
     pub subtasks_restarted: u32,
+    /// DCAS: the restarted subtasks, as (task index, subtask index).
+    pub restarted: Vec<(u32, u32)>,
+    /// DCAS: log entries the restarted subtasks replayed.
+    pub log_replayed: u64,
     /// Source records per second before the failure.
     pub pre_failure_rate: f64,
+    /// Records the sources had available but not read before the failure, when every
+    /// source reports it (a generator behind its feed, a consumer behind its log end).
+    pub pre_failure_lag: Option<u64>,
     /// Why newer checkpoints could not be restored (corruption), if any.
     pub restore_errors: Vec<String>,
+}
+
+/// The sources' progress when a failure was detected.
+struct Before {
+    /// Records read per second.
+    rate: f64,
+    /// Records available but not read, when every source knows.
+    lag: Option<u64>,
 }
 
 /// A recovery waiting for its old deployment to stop and its restart delay.
@@ -324,6 +344,26 @@ struct Job {
     committed: HashSet<(String, u32, u64)>,
     /// A recovery in progress (until the new deployment is sent).
     recovery: Option<Recovery>,
+}
+
+impl Job {
+    /// Subtasks of the job's source tasks (tasks without inputs).
+    fn sources(&self) -> impl Iterator<Item = &SubtaskInfo> {
+        (0..self.graph.tasks.len())
+            .filter(|t| !self.graph.edges.iter().any(|e| e.to == *t))
+            .flat_map(|t| self.subtasks.range((t as u32, 0)..(t as u32 + 1, 0)))
+            .map(|(_, i)| i)
+    }
+
+    /// Records the sources have available but not read, when every source reports it.
+    fn source_lag(&self) -> Option<u64> {
+        self.sources()
+            .map(|i| {
+                let (_, r) = i.last.as_ref()?;
+                u64::try_from(r.source_lag).ok()
+            })
+            .sum()
+    }
 }
 
 /// A DCAS restart to place: the job, its subtasks to restart, the task managers lost.
@@ -703,16 +743,20 @@ impl Dispatcher {
         }
     }
 
-    /// Lists a failure among the job's exceptions; returns the job's throughput before it
+    /// Lists a failure among the job's exceptions; returns the sources' progress before it
     /// (`None` for an unknown job).
-    fn record_failure(&mut self, id: JobId, location: &str, cause: &str) -> Option<f64> {
-        let pre_rate = self.summary(self.jobs.get(&id)?).throughput;
+    fn record_failure(&mut self, id: JobId, location: &str, cause: &str) -> Option<Before> {
+        let job = self.jobs.get(&id)?;
+        let before = Before {
+            rate: self.summary(job).throughput,
+            lag: job.source_lag(),
+        };
         self.jobs.get_mut(&id)?.exceptions.push(ExceptionView {
             at: now_ms(),
             location: location.to_string(),
             message: cause.to_string(),
         });
-        Some(pre_rate)
+        Some(before)
     }
 
     /// Counts a restart of the job and returns it; `None` (and the job failed) when it
@@ -737,7 +781,7 @@ impl Dispatcher {
 
     /// A failure in a job: recover (ABS) or fail the job.
     fn fail_over(&mut self, id: JobId, location: String, cause: String) {
-        let Some(pre_rate) = self.record_failure(id, &location, &cause) else {
+        let Some(before) = self.record_failure(id, &location, &cause) else {
             return;
         };
         let Some(job) = self.jobs.get_mut(&id) else {
@@ -785,12 +829,16 @@ impl Dispatcher {
             canceled_ms: None,
             deployed_ms: None,
             restored_ms: None,
+            replayed_ms: None,
             first_record_ms: None,
             caught_up_ms: None,
             checkpoint: None,
             generation: None,
             subtasks_restarted: 0,
-            pre_failure_rate: pre_rate,
+            restarted: Vec::new(),
+            log_replayed: 0,
+            pre_failure_rate: before.rate,
+            pre_failure_lag: before.lag,
             restore_errors: Vec::new(),
         });
         for n in aborted {
@@ -810,7 +858,7 @@ impl Dispatcher {
         location: String,
         cause: String,
     ) {
-        let Some(pre_rate) = self.record_failure(id, &location, &cause) else {
+        let Some(before) = self.record_failure(id, &location, &cause) else {
             return;
         };
         let Some(job) = self.jobs.get_mut(&id) else {
@@ -838,27 +886,53 @@ impl Dispatcher {
         for k in &lost {
             if let Some(i) = job.subtasks.get_mut(k) {
                 i.state = SubtaskState::Failed;
+                // Its last counters are from the lost incarnation.
+                i.last = None;
+                i.raw_rate_in = 0.0;
             }
         }
         job.state = JobState::Restarting;
         let now = now_ms();
-        job.failovers.push(FailoverEvent {
-            attempt: job.restarts,
-            cause: format!("{location}: {cause}"),
-            mode: "dcas".into(),
-            detected_ms: now,
-            // Nothing is canceled: the rest of the job keeps running.
-            canceled_ms: Some(now),
-            deployed_ms: None,
-            restored_ms: None,
-            first_record_ms: None,
-            caught_up_ms: None,
-            checkpoint: None,
-            generation: Some(job.generation.0),
-            subtasks_restarted: lost.len() as u32,
-            pre_failure_rate: pre_rate,
-            restore_errors: Vec::new(),
-        });
+        // A failure while an earlier DCAS recovery is still catching up (a simultaneous
+        // loss, or one during the recovery) joins that recovery: one episode, timed from
+        // its first detection until everything restarted has caught up.
+        if let Some(e) = job
+            .failovers
+            .last_mut()
+            .filter(|e| e.mode == "dcas" && e.caught_up_ms.is_none())
+        {
+            e.cause = format!("{}; {location}: {cause}", e.cause);
+            for k in &lost {
+                if !e.restarted.contains(k) {
+                    e.restarted.push(*k);
+                }
+            }
+            e.subtasks_restarted = e.restarted.len() as u32;
+            (e.deployed_ms, e.restored_ms, e.replayed_ms) = (None, None, None);
+            e.first_record_ms = None;
+        } else {
+            job.failovers.push(FailoverEvent {
+                attempt: job.restarts,
+                cause: format!("{location}: {cause}"),
+                mode: "dcas".into(),
+                detected_ms: now,
+                // Nothing is canceled: the rest of the job keeps running.
+                canceled_ms: Some(now),
+                deployed_ms: None,
+                restored_ms: None,
+                replayed_ms: None,
+                first_record_ms: None,
+                caught_up_ms: None,
+                checkpoint: None,
+                generation: Some(job.generation.0),
+                subtasks_restarted: lost.len() as u32,
+                restarted: lost.clone(),
+                log_replayed: 0,
+                pre_failure_rate: before.rate,
+                pre_failure_lag: before.lag,
+                restore_errors: Vec::new(),
+            });
+        }
         let job = &self.jobs[&id];
         self.persist(job);
         // Placed on the next tick, once the alive task managers are known.
@@ -1539,22 +1613,56 @@ impl Dispatcher {
             return;
         }
         // Unsmoothed, so catching up is not hidden behind the dashboard's smoothing.
-        let rate: f64 = (0..job.graph.tasks.len())
-            .filter(|t| !job.graph.edges.iter().any(|e| e.to == *t))
-            .flat_map(|t| job.subtasks.range((t as u32, 0)..(t as u32 + 1, 0)))
-            .map(|(_, i)| i.raw_rate_in)
-            .sum();
-        let processed = job
-            .subtasks
-            .values()
-            .any(|i| i.last.as_ref().is_some_and(|(_, r)| r.records_in > 0));
+        let rate: f64 = job.sources().map(|i| i.raw_rate_in).sum();
+        let lag = job.source_lag();
+        let Some(last) = job.failovers.last() else {
+            return;
+        };
+        // DCAS: only the restarted subtasks started over; they count once they have
+        // restored their snapshot and replayed their log.
+        let resumed: Vec<&SubtaskReport> = last
+            .restarted
+            .iter()
+            .filter_map(|k| job.subtasks.get(k)?.last.as_ref().map(|(_, r)| r))
+            .filter(|r| r.resumed_ms >= last.detected_ms)
+            .collect();
+        let replayed =
+            (!last.restarted.is_empty() && resumed.len() == last.restarted.len()).then(|| {
+                let at = resumed.iter().map(|r| r.resumed_ms).max().unwrap_or(0);
+                (at, resumed.iter().map(|r| r.replayed).sum::<u64>())
+            });
+        // DCAS: the survivors never stopped; the restarted subtasks process live input once
+        // replayed (a subtask behind a window may see its first record only when the
+        // window fires, which is not part of the recovery).
+        let processed = if last.restarted.is_empty() {
+            job.subtasks
+                .values()
+                .any(|i| i.last.as_ref().is_some_and(|(_, r)| r.records_in > 0))
+        } else {
+            replayed.is_some()
+        };
         let Some(e) = self.jobs.get_mut(&id).and_then(|j| j.failovers.last_mut()) else {
             return;
         };
-        if processed {
-            e.first_record_ms.get_or_insert_with(now_ms);
+        if let (None, Some((at, n))) = (e.replayed_ms, replayed) {
+            e.replayed_ms = Some(at);
+            e.log_replayed = n;
         }
-        if e.first_record_ms.is_some() && rate >= 0.9 * e.pre_failure_rate {
+        if processed {
+            // DCAS: live input flows from the moment the last restarted subtask replayed.
+            let at = e.replayed_ms.unwrap_or_else(now_ms);
+            e.first_record_ms.get_or_insert(at);
+        }
+        // Caught up: the sources are as close to their input as before the failure (within
+        // 50 ms of input) when they tell how far behind they are; otherwise they read at 90%
+        // of their earlier rate.
+        let caught_up = match e.pre_failure_lag {
+            Some(pre) => {
+                lag.is_some_and(|l| l <= (2 * pre).max((0.05 * e.pre_failure_rate) as u64).max(100))
+            }
+            None => rate >= 0.9 * e.pre_failure_rate,
+        };
+        if e.first_record_ms.is_some() && caught_up {
             e.caught_up_ms = Some(now_ms());
             info!(job = %id, attempt = e.attempt, recovery_ms = e.caught_up_ms.unwrap_or(0).saturating_sub(e.detected_ms), "Job caught up after recovery.");
         }

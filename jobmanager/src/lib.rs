@@ -33,13 +33,7 @@ use crate::config::JmConfig;
 use crate::dispatcher::Dispatcher;
 use crate::resource_manager::{LocalProcesses, ResourceManager, Subscribe};
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use engine::telemetry::now_ms;
 
 /// A running job manager.
 pub struct JobManager {

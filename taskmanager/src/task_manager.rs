@@ -296,6 +296,9 @@ impl TaskManager {
                             .load(std::sync::atomic::Ordering::Relaxed)
                             / 1_000_000,
                         watermark: m.watermark.load(std::sync::atomic::Ordering::Relaxed),
+                        replayed: m.replayed.load(std::sync::atomic::Ordering::Relaxed),
+                        resumed_ms: m.resumed_ms.load(std::sync::atomic::Ordering::Relaxed),
+                        source_lag: m.source_lag.load(std::sync::atomic::Ordering::Relaxed),
                         operator_metrics: m.operators.lock().map(|g| g.clone()).unwrap_or_default(),
                     })
             })

@@ -285,3 +285,64 @@ fn token_taskmanager_page_and_kill_subtask() {
     assert!(errors.is_empty(), "console errors: {errors:?}");
     let _ = c.request("DELETE", &format!("/jobs/{jid}"), None, None);
 }
+
+/// Ensures that a DCAS job's recovery is visible: killing a task manager running part of
+/// it from the overview shows, on the job page, a DCAS failover with the subtasks that
+/// restarted, the log entries they replayed and the time to catch up, while the job keeps
+/// its generation (nothing else restarted).
+#[test]
+fn dcas_recovery_in_the_dashboard() {
+    let Some(b) = Browser::start("dcas_recovery_in_the_dashboard") else {
+        return;
+    };
+    let c = Cluster::start(ClusterOptions {
+        taskmanagers: 3,
+        slots: 2,
+        ..Default::default()
+    });
+    c.wait_cache_settled(3);
+    let checkpointing = json!({"mode": "dcas", "snapshot_every_records": 2000});
+    let spec = weir_tests::wordcount_spec("wordcount-dcas", checkpointing, 600_000, 10_000);
+    let jid = c.submit(&spec.to_string());
+    c.wait_until(Duration::from_secs(20), "the job running", |c| {
+        c.job(&jid)["state"] == "RUNNING"
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let victim = c.job(&jid)["vertices"][0]["subtasks"][0]["taskmanager"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    b.goto(&c.url);
+    b.wait_text("#tms", Duration::from_secs(10), "task managers", |t| {
+        t.matches("ALIVE").count() == 3
+    });
+    b.click(&format!(
+        "button[data-action='kill-tm'][data-id='{victim}']"
+    ));
+    b.accept_dialog();
+    b.goto(&format!("{}/#/jobs/{jid}", c.url));
+    let failovers = b.wait_text("#failovers", Duration::from_secs(30), "the recovery", |t| {
+        t.contains("log entries replayed") && !t.contains("in progress")
+    });
+    assert!(failovers.contains("DCAS"), "{failovers}");
+    assert!(failovers.contains("restarted"), "{failovers}");
+    assert!(
+        failovers.contains(&victim[..8]),
+        "the cause names it: {failovers}"
+    );
+    let legend = b.text("#failovers");
+    assert!(legend.contains("restore + replay log"), "{legend}");
+    b.wait_text("#job-head", Duration::from_secs(20), "running", |t| {
+        t.contains("RUNNING")
+    });
+    assert_eq!(
+        c.job(&jid)["generation"],
+        1,
+        "only the lost subtasks restarted"
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    b.screenshot(&shots().join("job-dcas-recovered.png"));
+    let errors = b.console_errors();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+    let _ = c.request("DELETE", &format!("/jobs/{jid}"), None, None);
+}

@@ -35,6 +35,7 @@ use crate::protocol::cache::{
     Response, LATENCY_BUCKETS_US,
 };
 use crate::protocol::frame::{read_msg, write_frame};
+use crate::telemetry::now_ms;
 
 /// How long a primary waits for a backup's confirmation.
 pub const REPLICATION_TIMEOUT: Duration = Duration::from_secs(5);
@@ -130,13 +131,6 @@ struct Node {
 pub struct CacheNode {
     node: Arc<Node>,
     addr: SocketAddr,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn add_signed(a: &AtomicU64, d: i64) {

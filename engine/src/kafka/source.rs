@@ -439,6 +439,12 @@ fn high_watermark(highs: &[(String, i32, i64)], p: &Partition) -> Option<i64> {
         .map(|h| h.2)
 }
 
+/// Records of `p` not read yet (up to its end, if bounded), from the latest statistics.
+fn partition_lag(highs: &[(String, i32, i64)], p: &Partition) -> Option<i64> {
+    let high = high_watermark(highs, p)?;
+    Some((high.min(p.end.unwrap_or(i64::MAX)) - p.next).max(0))
+}
+
 /// One assigned partition's position.
 struct Partition {
     /// `topic/partition`, for metrics and errors.
@@ -691,8 +697,7 @@ impl Source for KafkaSource {
         let mut total_lag = 0;
         for p in &self.pos.parts {
             out.push(Metric::part("offset", p.label.clone(), p.next));
-            if let Some(high) = high_watermark(&highs, p) {
-                let lag = (high.min(p.end.unwrap_or(i64::MAX)) - p.next).max(0);
+            if let Some(lag) = partition_lag(&highs, p) {
                 total_lag += lag;
                 out.push(Metric::part("lag", p.label.clone(), lag));
             }
@@ -700,6 +705,16 @@ impl Source for KafkaSource {
         out.push(Metric::total("lag", total_lag));
         out.push(Metric::total("skipped_records", self.pos.skipped as i64));
         out
+    }
+
+    fn lag(&self) -> Option<u64> {
+        // Known once the client's statistics gave every partition's high watermark.
+        let highs = self.stats.0.lock().ok()?;
+        self.pos
+            .parts
+            .iter()
+            .map(|p| partition_lag(&highs, p).map(|l| l as u64))
+            .sum()
     }
 }
 

@@ -177,6 +177,13 @@ pub trait Source: Send {
     fn metrics(&self) -> Vec<Metric> {
         Vec::new()
     }
+
+    /// Records available to the source but not read yet (a generator behind its feed, a
+    /// consumer behind the end of its log), when the source knows; read after every poll.
+    /// Recovery tracking uses it to tell when a restarted job has caught up.
+    fn lag(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A running instance: a source, or a transform/sink.

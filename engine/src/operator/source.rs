@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{
     decode_state, encode_state, Instance, OpError, OperatorFactory, Params, Source, SourcePoll,
@@ -15,6 +15,7 @@ use super::{
 };
 use crate::record::Record;
 use crate::spec::{OperatorSpec, SpecError};
+use crate::telemetry::now_us;
 use crate::value::{mix64, Value};
 
 /// What the generator's records carry.
@@ -326,8 +327,7 @@ impl OperatorFactory for GeneratorConfig {
             p,
             next: 0,
             max_ts: i64::MIN,
-            started: None,
-            emitted_since_start: 0,
+            feed_start_us: None,
         })))
     }
 }
@@ -344,9 +344,17 @@ struct Generator {
     /// Records per second for this subtask.
     per_second: Option<f64>,
     max_ts: i64,
-    /// Rate limiting clock, reset on restore.
-    started: Option<Instant>,
-    emitted_since_start: u64,
+    /// With a rate: when (µs since the Unix epoch) local record 0 was published by the
+    /// feed the generator stands for; record `i` is published `i / per_second` later. Part
+    /// of the state, so a restored generator finds the records published while it was down
+    /// waiting, as a Kafka consumer would, and reads them as fast as the job takes them.
+    feed_start_us: Option<u64>,
+}
+
+/// Records a feed publishing `rate` per second since `start_us` has published by `now_us`
+/// (the first at `start_us`).
+fn published(start_us: u64, now_us: u64, rate: f64) -> u64 {
+    (now_us.saturating_sub(start_us) as f64 / 1e6 * rate) as u64 + 1
 }
 
 impl Source for Generator {
@@ -359,18 +367,19 @@ impl Source for Generator {
             n = n.min(limit - self.next);
         }
         if let Some(rate) = self.per_second {
-            let started = *self.started.get_or_insert_with(Instant::now);
-            let allowed = (started.elapsed().as_secs_f64() * rate) as u64 + 1;
-            let budget = allowed.saturating_sub(self.emitted_since_start);
+            let now = now_us();
+            let next = self.next;
+            // A fresh generator's feed starts now (with its next record).
+            let start = *self
+                .feed_start_us
+                .get_or_insert_with(|| now.saturating_sub((next as f64 / rate * 1e6) as u64));
+            let budget = published(start, now, rate).saturating_sub(self.next);
             if budget == 0 {
-                let due =
-                    (self.emitted_since_start as f64 / rate) - started.elapsed().as_secs_f64();
-                return Ok(SourcePoll::Wait(Duration::from_secs_f64(
-                    due.clamp(0.0005, 0.1),
-                )));
+                // The next record is published within 1 / rate.
+                let due = (1.0 / rate).clamp(0.0005, 0.1);
+                return Ok(SourcePoll::Wait(Duration::from_secs_f64(due)));
             }
             n = n.min(budget);
-            self.emitted_since_start += n;
         }
         out.reserve(n as usize);
         let mut max_ts = self.max_ts;
@@ -388,14 +397,23 @@ impl Source for Generator {
     }
 
     fn snapshot(&mut self) -> Result<Vec<u8>, OpError> {
-        encode_state(&(self.next, self.max_ts))
+        encode_state(&(self.next, self.max_ts, self.feed_start_us))
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<(), OpError> {
-        (self.next, self.max_ts) = decode_state(state)?;
-        self.started = None;
-        self.emitted_since_start = 0;
+        (self.next, self.max_ts, self.feed_start_us) = decode_state(state)?;
         Ok(())
+    }
+
+    fn lag(&self) -> Option<u64> {
+        let rate = self.per_second?;
+        let start = self.feed_start_us?;
+        let published = published(start, now_us(), rate);
+        Some(
+            self.limit
+                .map_or(published, |l| published.min(l))
+                .saturating_sub(self.next),
+        )
     }
 }
 
@@ -566,6 +584,7 @@ impl Source for FileSource {
 mod tests {
     use super::*;
     use crate::operator::testing::{build_error, source};
+    use std::time::Instant;
 
     fn drain(src: &mut dyn Source, batch: usize) -> Vec<Record> {
         let mut out = Vec::new();
@@ -682,6 +701,26 @@ mod tests {
         // 1000/s for ~0.1 s: far below an unthrottled poll of 1000 per call.
         assert!(out.len() < 400, "{} records", out.len());
         assert!(out.len() >= 50, "{} records", out.len());
+        assert!(g.lag().unwrap() < 50, "keeps up: lag {:?}", g.lag());
+    }
+
+    #[test]
+    fn restored_generator_reads_the_records_published_while_it_was_down() {
+        let spec = r#"{"id":"g","kind":"generator","params":{"rate":10000}}"#;
+        let mut g = source(spec, 0, 1);
+        let mut out = Vec::new();
+        g.poll(10, &mut out).unwrap();
+        let state = g.snapshot().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let mut h = source(spec, 0, 1);
+        h.restore(&state).unwrap();
+        // About 2,000 records were published during the 200 ms: a backlog, read at once.
+        let lag = h.lag().unwrap();
+        assert!((1500..4000).contains(&lag), "lag {lag}");
+        out.clear();
+        assert_eq!(h.poll(1000, &mut out).unwrap(), SourcePoll::Ready);
+        assert_eq!(out.len(), 1000, "a full batch without waiting");
+        assert!(h.lag().unwrap() < lag);
     }
 
     #[test]

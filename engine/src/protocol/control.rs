@@ -292,6 +292,13 @@ pub struct SubtaskReport {
     pub backpressure_ms: u64,
     /// Current output watermark.
     pub watermark: i64,
+    /// DCAS: log entries replayed when the subtask (re)started.
+    pub replayed: u64,
+    /// When the subtask had restored its state (and replayed its log), ms since the epoch;
+    /// 0 before.
+    pub resumed_ms: u64,
+    /// Sources: records available but not read yet; -1 when unknown (or not a source).
+    pub source_lag: i64,
     /// Operator-specific metrics (Kafka offsets and lag, late records), by operator id.
     pub operator_metrics: Vec<(String, Metric)>,
 }

@@ -71,6 +71,11 @@ pub struct SubtaskMetrics {
     pub watermark: AtomicI64,
     /// DCAS: log entries replayed when the subtask (re)started.
     pub replayed: AtomicU64,
+    /// When the subtask had restored its state (and, under DCAS, replayed its log), in ms
+    /// since the epoch; 0 before.
+    pub resumed_ms: AtomicU64,
+    /// Sources: records available but not read yet (`Source::lag`); -1 when unknown.
+    pub source_lag: AtomicI64,
     /// Operator-specific metrics by operator id, refreshed about once a second.
     pub operators: Mutex<Vec<(String, Metric)>>,
 }
@@ -83,6 +88,8 @@ impl Default for SubtaskMetrics {
             records_sunk: AtomicU64::new(0),
             watermark: AtomicI64::new(i64::MIN),
             replayed: AtomicU64::new(0),
+            resumed_ms: AtomicU64::new(0),
+            source_lag: AtomicI64::new(-1),
             operators: Mutex::new(Vec::new()),
         }
     }
@@ -343,6 +350,9 @@ impl SubtaskRunner {
                 .poll(self.batch_size, &mut batch)
                 .map_err(|e| op_failure(source_id, self.id.index, e))?;
             let wm = source.watermark();
+            self.metrics
+                .source_lag
+                .store(source.lag().map_or(-1, |l| l as i64), Ordering::Relaxed);
             // DCAS: the poll is an input like any other: logged with the source's position.
             let state = match &self.dcas {
                 Some(_) if !batch.is_empty() => Some(
@@ -811,6 +821,7 @@ impl SubtaskRunner {
     /// subtask had finished.
     async fn resume(&mut self) -> Result<bool, Stop> {
         let Some((d, _)) = &mut self.dcas else {
+            self.resumed();
             return Ok(false);
         };
         let started = Instant::now();
@@ -841,10 +852,18 @@ impl SubtaskRunner {
         self.metrics
             .replayed
             .store(replayed as u64, Ordering::Relaxed);
+        self.resumed();
         if restored.is_some() || replayed > 0 {
             info!(snapshot = ?restored, replayed, took_ms = started.elapsed().as_millis() as u64, "Subtask restored from the cache.");
         }
         Ok(finished)
+    }
+
+    /// Marks the moment the subtask is ready for live input (for failover timelines).
+    fn resumed(&self) {
+        self.metrics
+            .resumed_ms
+            .store(crate::telemetry::now_ms(), Ordering::Relaxed);
     }
 
     /// Replays one log entry; true when the subtask finished with it.
