@@ -12,6 +12,7 @@
 //! `b.first_seq .. b.end_seq()`. The receiver drops any record whose seq it already took,
 //! and treats a gap as data loss (an error), never silently.
 
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -449,10 +450,22 @@ pub struct Router {
     /// DCAS: every batch sent, until its receiver logged it; `None` without DCAS. With it,
     /// a channel whose receiver went away is detached instead of failing the subtask.
     retained: Option<RetainedOutput>,
+    /// DCAS (log before release): batches cut from the buffers, oldest first, each waiting
+    /// until the input log holds the entries its records came from.
+    sealed: VecDeque<Sealed>,
     /// The last watermark broadcast (sent again to a rewired receiver).
     watermark: i64,
     /// `EndOfStream` was broadcast.
     ended: bool,
+}
+
+/// Output records waiting for the input log (DCAS).
+struct Sealed {
+    /// Log entries (count from the start of the log) that must be logged first.
+    required: u64,
+    /// (route, target).
+    channel: (usize, usize),
+    records: Vec<Record>,
 }
 
 impl Router {
@@ -464,6 +477,7 @@ impl Router {
             pending_since: None,
             counters,
             retained: None,
+            sealed: VecDeque::new(),
             watermark: i64::MIN,
             ended: false,
         }
@@ -489,7 +503,18 @@ impl Router {
 
     /// The router's position: seqs, unsent records, retained output, last broadcast.
     pub fn position(&self) -> RouterPosition {
-        let mut pending = Vec::new();
+        // Unsent records of a channel in order: its sealed batches, then its buffer.
+        let mut pending: Vec<RetainedBatch> = self
+            .sealed
+            .iter()
+            .map(|s| RetainedBatch {
+                channel: (s.channel.0 as u32, s.channel.1 as u32),
+                batch: Batch {
+                    first_seq: self.routes[s.channel.0].targets[s.channel.1].next_seq,
+                    records: s.records.clone(),
+                },
+            })
+            .collect();
         for (r, route) in self.routes.iter().enumerate() {
             for (t, buf) in route.buffers.iter().enumerate() {
                 if !buf.is_empty() {
@@ -546,6 +571,7 @@ impl Router {
             buf.extend(b.batch.records);
             self.pending_since.get_or_insert_with(Instant::now);
         }
+        self.sealed.clear();
         self.retained = Some(RetainedOutput::from_batches(p.retained));
         self.watermark = p.watermark;
         self.ended = p.ended;
@@ -713,6 +739,68 @@ impl Router {
             .any(|r| r.buffers.iter().any(|b| b.len() >= self.batch_size))
     }
 
+    /// DCAS (log before release): cuts every full buffer (with `all`, every non-empty one)
+    /// into a sealed batch that leaves once the input log holds `required` entries — the
+    /// inputs its records came from — so the subtask goes on while the log catches up.
+    pub fn seal(&mut self, required: u64, all: bool) {
+        let size = self.batch_size;
+        for (r, route) in self.routes.iter_mut().enumerate() {
+            for (t, buf) in route.buffers.iter_mut().enumerate() {
+                if buf.len() >= size || all && !buf.is_empty() {
+                    self.sealed.push_back(Sealed {
+                        required,
+                        channel: (r, t),
+                        records: std::mem::replace(buf, Vec::with_capacity(size)),
+                    });
+                }
+            }
+        }
+        if self.buffers_empty() {
+            self.pending_since = None;
+        }
+    }
+
+    /// Sealed batches waiting for the log.
+    pub fn sealed(&self) -> usize {
+        self.sealed.len()
+    }
+
+    /// Log entries the oldest sealed batch waits for, if any waits.
+    pub fn sealed_requires(&self) -> Option<u64> {
+        self.sealed.front().map(|s| s.required)
+    }
+
+    /// Sends, oldest first, every sealed batch whose inputs are among the first `logged`
+    /// log entries.
+    pub async fn send_sealed(&mut self, logged: u64) -> Result<(), RouteError> {
+        while let Some(s) = self.sealed.pop_front() {
+            if s.required > logged {
+                self.sealed.push_front(s);
+                break;
+            }
+            let (r, t) = s.channel;
+            let out = Out {
+                channel: (r as u32, t as u32),
+                counters: &self.counters,
+                retained: &mut self.retained,
+            };
+            send_chunked(
+                &mut self.routes[r].targets[t],
+                s.records,
+                self.batch_size,
+                out,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    fn buffers_empty(&self) -> bool {
+        self.routes
+            .iter()
+            .all(|r| r.buffers.iter().all(Vec::is_empty))
+    }
+
     /// Sends every full buffer.
     pub async fn send_full(&mut self) -> Result<(), RouteError> {
         let size = self.batch_size;
@@ -729,18 +817,16 @@ impl Router {
                 }
             }
         }
-        if self
-            .routes
-            .iter()
-            .all(|r| r.buffers.iter().all(Vec::is_empty))
-        {
+        if self.buffers_empty() {
             self.pending_since = None;
         }
         Ok(())
     }
 
-    /// Sends every non-empty buffer.
+    /// Sends every sealed batch and every non-empty buffer (DCAS: the caller waited for
+    /// the log to hold every input).
     pub async fn flush(&mut self) -> Result<(), RouteError> {
+        self.send_sealed(u64::MAX).await?;
         for (r, route) in self.routes.iter_mut().enumerate() {
             for (t, buf) in route.buffers.iter_mut().enumerate() {
                 if !buf.is_empty() {

@@ -822,8 +822,9 @@ impl DcasSubtask {
 
     /// The log writer (after [`DcasSubtask::load`]).
     pub fn log(&mut self) -> Result<&mut InputLog, DcasError> {
-        let list = self.store.names.log.clone();
-        self.log.as_mut().ok_or(DcasError::Stopped(list))
+        self.log
+            .as_mut()
+            .ok_or_else(|| DcasError::Stopped(self.store.names.log.clone()))
     }
 
     /// Counts input records towards the micro-window.

@@ -37,7 +37,9 @@ use super::channel::{
     ChannelError, InputChannel, InputGate, OutputChannel, RouteError, Router, RouterCounters,
 };
 use super::credit::CloseCause;
-use super::dcas::{DcasError, DcasSnapshot, DcasSubtask, LogEntry, Stored, SOURCE_CHANNEL};
+use super::dcas::{
+    DcasError, DcasSnapshot, DcasSubtask, LogEntry, LogWaiter, Stored, SOURCE_CHANNEL,
+};
 use crate::error::{EngineError, ErrorKind};
 use crate::operator::{Metric, OpError, Operator, Source, SourcePoll};
 use crate::protocol::control::OperatorState;
@@ -94,6 +96,9 @@ impl Default for SubtaskMetrics {
         }
     }
 }
+
+/// DCAS: most output batches waiting for the input log before the subtask waits too.
+const MAX_SEALED: usize = 16;
 
 /// How often a subtask refreshes its operator metrics.
 const OPERATOR_METRICS_INTERVAL: Duration = Duration::from_secs(1);
@@ -400,8 +405,9 @@ impl SubtaskRunner {
                         _ = tokio::time::sleep(d.min(linger)) => {}
                     }
                     if self.linger_expired() {
-                        self.flush().await?;
+                        self.linger_flush().await?;
                     }
+                    self.release().await?;
                 }
             }
             if let Some(wm) = wm {
@@ -435,6 +441,11 @@ impl SubtaskRunner {
                 .as_ref()
                 .and_then(|(d, _)| d.due_at())
                 .map(tokio::time::Instant::from_std);
+            // DCAS: sealed output leaves when the log reaches what it waits for.
+            let mut sealed = match (&mut self.dcas, self.router.sealed_requires()) {
+                (Some((d, _)), Some(required)) => d.log().ok().map(|l| (l.waiter(), required)),
+                _ => None,
+            };
             let event = tokio::select! {
                 biased;
                 cmd = control.recv() => {
@@ -450,7 +461,12 @@ impl SubtaskRunner {
                     continue;
                 }
                 _ = sleep_until(linger_at), if linger_at.is_some() => {
-                    self.flush().await?;
+                    self.linger_flush().await?;
+                    continue;
+                }
+                reached = logged(sealed.as_mut()), if sealed.is_some() => {
+                    reached.map_err(|e| self.dcas_failure(e))?;
+                    self.release().await?;
                     continue;
                 }
                 _ = sleep_until(snapshot_at), if snapshot_at.is_some() => {
@@ -725,28 +741,68 @@ impl SubtaskRunner {
         self.emit(records).await
     }
 
-    /// Routes `records`. DCAS (log before release): a full batch leaves only once every
-    /// input consumed so far is in the log; the log appends meanwhile, so the wait is at
-    /// most one round trip per output batch, not per input.
+    /// Routes `records`. DCAS (log before release): a full batch is sealed with the number
+    /// of inputs consumed so far and leaves once the log holds them; the subtask goes on
+    /// meanwhile (appends are pipelined), and waits only when [`MAX_SEALED`] batches do.
     async fn emit(&mut self, records: &mut Vec<Record>) -> Result<(), Stop> {
-        if self.dcas.is_none() {
+        let Some((d, _)) = &mut self.dcas else {
             return self
                 .router
                 .push(records)
                 .await
                 .map_err(|e| self.route_failure(e));
-        }
+        };
+        let consumed = d.log().map(|l| l.next_index());
+        let consumed = consumed.map_err(|e| self.dcas_failure(e))?;
         self.router
             .stage(records)
             .map_err(|e| self.route_failure(e))?;
         if self.router.has_full() {
-            self.log_synced().await?;
+            self.router.seal(consumed, false);
+        }
+        self.release().await
+    }
+
+    /// DCAS: sends the sealed batches the log covers; waits for the log while more than
+    /// [`MAX_SEALED`] batches wait.
+    async fn release(&mut self) -> Result<(), Stop> {
+        loop {
+            let Some((d, _)) = &mut self.dcas else {
+                return Ok(());
+            };
+            let logged = d.log().and_then(|l| l.logged());
+            let logged = logged.map_err(|e| self.dcas_failure(e))?;
             self.router
-                .send_full()
+                .send_sealed(logged)
                 .await
                 .map_err(|e| self.route_failure(e))?;
+            let Some(required) = self.router.sealed_requires() else {
+                return Ok(());
+            };
+            if self.router.sealed() <= MAX_SEALED {
+                return Ok(());
+            }
+            let Some((d, _)) = &mut self.dcas else {
+                return Ok(());
+            };
+            let reached = match d.log() {
+                Ok(log) => log.waiter().reached(required).await,
+                Err(e) => Err(e),
+            };
+            reached.map_err(|e| self.dcas_failure(e))?;
         }
-        Ok(())
+    }
+
+    /// The linger timeout passed: sends the partial batches (DCAS: seals them, to leave
+    /// once logged, without waiting here).
+    async fn linger_flush(&mut self) -> Result<(), Stop> {
+        let Some((d, _)) = &mut self.dcas else {
+            return self.flush().await;
+        };
+        let consumed = d.log().map(|l| l.next_index());
+        let consumed = consumed.map_err(|e| self.dcas_failure(e))?;
+        self.router.seal(consumed, true);
+        self.release().await
     }
 
     /// Sends every buffered record (after the log caught up, with DCAS).
@@ -1100,6 +1156,14 @@ fn op_failure(operator: &str, subtask: usize, e: OpError) -> Stop {
 async fn snapshot_done(dcas: Option<&mut DcasSubtask>) -> Result<Stored, DcasError> {
     match dcas {
         Some(d) => d.done().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits until the log reached the index (never without one).
+async fn logged(waiting: Option<&mut (LogWaiter, u64)>) -> Result<(), DcasError> {
+    match waiting {
+        Some((w, at)) => w.reached(*at).await,
         None => std::future::pending().await,
     }
 }
