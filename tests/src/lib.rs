@@ -4,6 +4,7 @@
 //! `expected_*` functions compute ground truth straight from the generator's definition,
 //! without the engine.
 
+pub mod bench;
 pub mod browser;
 pub mod cluster;
 pub mod kafka;

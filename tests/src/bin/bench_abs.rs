@@ -14,23 +14,12 @@
 //! `cargo build --release --bins && target/release/bench_abs [--records N --rounds K
 //! --interval-ms I --rate R --kills K --overhead 0|1 --recovery 0|1]`
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use serde_json::Value;
+use engine::telemetry::now_ms;
+use serde_json::{json, Value};
+use weir_tests::bench::{caught_up, keyed_count, phase, run_rate, wait_checkpoints_since_restore};
 use weir_tests::cluster::{Cluster, ClusterOptions};
-
-fn keyed_count(n: u64, interval_ms: Option<u64>) -> String {
-    let checkpointing = interval_ms
-        .map(|i| format!(r#""checkpointing":{{"mode":"abs","interval_ms":{i}}},"#))
-        .unwrap_or_default();
-    format!(
-        r#"{{"name":"keyed-count",{checkpointing}"operators":[
-        {{"id":"g","kind":"generator","parallelism":2,"params":{{"count":{n},"keys":10000,"seed":1,"events_per_second":1000000}}}},
-        {{"id":"k","kind":"key_by","input":"g","parallelism":2,"params":{{"expr":"value"}}}},
-        {{"id":"w","kind":"window_aggregate","input":"k","parallelism":2,"params":{{"window":{{"tumbling_ms":1000}},"agg":"count"}}}},
-        {{"id":"d","kind":"discard","input":"w","parallelism":2}}]}}"#
-    )
-}
 
 fn four_stages(rate: u64) -> String {
     format!(
@@ -41,25 +30,6 @@ fn four_stages(rate: u64) -> String {
         {{"id":"count","kind":"window_aggregate","input":"key","slot_sharing_group":"aggregate","params":{{"window":{{"tumbling_ms":1000}},"agg":"count"}}}},
         {{"id":"sink","kind":"discard","input":"count","slot_sharing_group":"sink"}}]}}"#
     )
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as u64
-}
-
-/// Records per second of a finished job (submission to end, as the job manager records it).
-fn run_rate(c: &Cluster, spec: &str, n: u64) -> (f64, u64) {
-    let id = c.submit(spec);
-    let job = c.wait_for_end(&id, Duration::from_secs(900));
-    assert_eq!(job["state"], "FINISHED", "{job}");
-    let ms = job["duration"].as_u64().expect("duration").max(1);
-    let completed = c.get(&format!("/jobs/{id}/checkpoints")).1["counts"]["completed"]
-        .as_u64()
-        .unwrap_or(0);
-    (n as f64 / (ms as f64 / 1000.0), completed)
 }
 
 fn overhead(args: &[String]) {
@@ -74,8 +44,9 @@ fn overhead(args: &[String]) {
     });
     let (mut plain, mut abs, mut ratios, mut checkpoints) = (vec![], vec![], vec![], vec![]);
     for round in 0..rounds {
-        let (p, _) = run_rate(&c, &keyed_count(n, None), n);
-        let (a, cps) = run_rate(&c, &keyed_count(n, Some(interval)), n);
+        let (p, _) = run_rate(&c, &keyed_count(n, Value::Null), n);
+        let checkpointing = json!({"mode": "abs", "interval_ms": interval});
+        let (a, cps) = run_rate(&c, &keyed_count(n, checkpointing), n);
         eprintln!(
             "round {round}: none {:.2} M/s, ABS {:.2} M/s ({cps} checkpoints)",
             p / 1e6,
@@ -125,23 +96,7 @@ fn recovery(args: &[String]) {
     let id = c.submit(&four_stages(rate));
     let mut phases: Vec<[f64; 7]> = Vec::new();
     for k in 0..kills {
-        c.wait_until(Duration::from_secs(60), "running with 3 checkpoints", |c| {
-            let job = c.job(&id);
-            let cps = c.get(&format!("/jobs/{id}/checkpoints")).1;
-            job["state"] == "RUNNING"
-                && cps["history"]
-                    .as_array()
-                    .map(|h| {
-                        h.iter()
-                            .filter(|c| {
-                                c["status"] == "COMPLETED"
-                                    && c["trigger_ms"].as_u64() > cps["restored"]["at_ms"].as_u64()
-                            })
-                            .count()
-                    })
-                    .unwrap_or(0)
-                    >= 3
-        });
+        wait_checkpoints_since_restore(&c, &id, 3);
         let job = c.job(&id);
         let tms: std::collections::BTreeSet<&str> = job["vertices"]
             .as_array()
@@ -156,24 +111,16 @@ fn recovery(args: &[String]) {
         c.kill_taskmanager(index);
         c.add_taskmanager();
         let started = Instant::now();
-        let mut event = Value::Null;
-        c.wait_until(Duration::from_secs(60), "caught up", |c| {
-            let f = c.get(&format!("/jobs/{id}/failovers")).1;
-            event = f["failovers"]
-                .as_array()
-                .and_then(|a| a.get(k).cloned())
-                .unwrap_or(Value::Null);
-            event["caught_up_ms"].as_u64().is_some()
-        });
-        let at = |name: &str| event[name].as_u64().expect(name) as f64;
+        let event = caught_up(&c, &id, k);
+        let at = |a: &str, b: &str| phase(&event, b, 0) - phase(&event, a, 0);
         let t = [
-            at("detected_ms") - killed as f64,
-            at("canceled_ms") - at("detected_ms"),
-            at("deployed_ms") - at("canceled_ms"),
-            at("restored_ms") - at("deployed_ms"),
-            at("first_record_ms") - at("restored_ms"),
-            at("caught_up_ms") - at("first_record_ms"),
-            at("caught_up_ms") - killed as f64,
+            phase(&event, "detected_ms", killed),
+            at("detected_ms", "canceled_ms"),
+            at("canceled_ms", "deployed_ms"),
+            at("deployed_ms", "restored_ms"),
+            at("restored_ms", "first_record_ms"),
+            at("first_record_ms", "caught_up_ms"),
+            phase(&event, "caught_up_ms", killed),
         ];
         eprintln!(
             "kill {k}: total {:.0} ms ({:?}), waited {:.1?}",
