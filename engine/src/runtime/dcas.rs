@@ -227,6 +227,11 @@ impl InputLog {
         event: &StreamEvent,
         source_state: Option<&[u8]>,
     ) -> Result<u64, DcasError> {
+        // The writer publishes its error before it drops the queue: check both, so a
+        // stopped log refuses entries from the moment it reports the error.
+        if let Err(e) = &*self.logged.borrow() {
+            return Err(e.clone());
+        }
         let bytes =
             encode_entry(channel, event, source_state).map_err(|source| DcasError::Codec {
                 what: format!("encoding an entry of {}", self.list),
