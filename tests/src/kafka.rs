@@ -209,3 +209,117 @@ pub fn commit(bootstrap: &str, group: &str, topic: &str, offsets: &[(i32, i64)])
         .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
         .unwrap_or_else(|e| panic!("commit for {group}: {e}"));
 }
+
+/// A topic of click events being written while a job reads it, with the counts per
+/// (user, 2 s window) a correct job computes from them.
+pub struct ClickFeed {
+    /// The topic.
+    pub topic: String,
+    /// Per partition, the offset the job reads up to (the topic's final size).
+    pub ends: serde_json::Map<String, serde_json::Value>,
+    /// (user, window start) -> clicks.
+    pub expected: std::collections::BTreeMap<(String, i64), i64>,
+    /// The writer; join it before reading the job's result.
+    pub writer: std::thread::JoinHandle<()>,
+}
+
+/// Starts writing `n` click events to a new topic of `partitions` partitions, 2,000 every
+/// 300 ms. Event i goes to partition i % partitions, so each partition is in event-time
+/// order and its final offset is known: a job can read exactly up to it while the writer
+/// still runs.
+pub fn click_feed(bootstrap: &str, prefix: &str, n: u64, partitions: u64) -> ClickFeed {
+    let topic = unique_topic(prefix);
+    create_topic(bootstrap, &topic, partitions as i32);
+    let clicks = jobs::clicks::Clicks {
+        users: 200,
+        spacing_us: 500,
+        ..Default::default()
+    };
+    let ends = (0..partitions)
+        .map(|p| (p.to_string(), serde_json::json!(n / partitions)))
+        .collect();
+    let mut expected = std::collections::BTreeMap::new();
+    for i in 0..n {
+        let ts = clicks.ts(i);
+        *expected
+            .entry((clicks.user(i), ts - ts.rem_euclid(2_000)))
+            .or_default() += 1;
+    }
+    let writer = {
+        let (b, topic) = (bootstrap.to_string(), topic.clone());
+        std::thread::spawn(move || {
+            for chunk in (0..n).collect::<Vec<u64>>().chunks(2_000) {
+                let rows: Vec<(i32, String, String, i64)> = chunk
+                    .iter()
+                    .map(|&i| {
+                        (
+                            (i % partitions) as i32,
+                            clicks.user(i),
+                            serde_json::to_string(&clicks.event(i)).expect("json"),
+                            clicks.ts(i),
+                        )
+                    })
+                    .collect();
+                let recs: Vec<Rec<'_>> = rows
+                    .iter()
+                    .map(|(p, k, v, ts)| Rec {
+                        partition: *p,
+                        key: Some(k.as_bytes()),
+                        payload: v.as_bytes(),
+                        ts: Some(*ts),
+                    })
+                    .collect();
+                produce(&b, &topic, &recs);
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        })
+    };
+    ClickFeed {
+        topic,
+        ends,
+        expected,
+        writer,
+    }
+}
+
+impl ClickFeed {
+    /// Kafka → clicks per user and 2 s window → collect sink `out`, parallelism 2.
+    pub fn count_job(
+        &self,
+        bootstrap: &str,
+        name: &str,
+        checkpointing: serde_json::Value,
+    ) -> String {
+        serde_json::json!({
+            "name": name,
+            "checkpointing": checkpointing,
+            "operators": [
+                {"id": "clicks", "kind": "kafka_source", "parallelism": 2,
+                 "params": {"bootstrap_servers": bootstrap, "topic": self.topic, "ts_field": "ts",
+                            "end": {"offsets": {self.topic.clone(): self.ends}}}},
+                {"id": "by_user", "kind": "key_by", "input": "clicks", "parallelism": 2,
+                 "params": {"expr": "value.user"}},
+                {"id": "per_2s", "kind": "window_aggregate", "input": "by_user", "parallelism": 2,
+                 "params": {"window": {"tumbling_ms": 2000}, "aggs": [{"name": "clicks", "agg": "count"}]}},
+                {"id": "out", "kind": "collect", "input": "per_2s", "parallelism": 2}
+            ]
+        })
+        .to_string()
+    }
+
+    /// Waits for the writer and for job `id` to finish, and checks that its collect sink
+    /// `out` holds exactly the expected counts (no duplicate, none missing). Returns the job.
+    pub fn assert_counted(self, c: &crate::cluster::Cluster, id: &str) -> serde_json::Value {
+        self.writer.join().expect("writer");
+        let job = c.wait_for_end(id, Duration::from_secs(120));
+        assert_eq!(job["state"], "FINISHED", "{job}");
+        let got = crate::collected_windows(c, id, "out", "clicks");
+        assert_eq!(
+            got.len(),
+            self.expected.len(),
+            "number of (user, window) counts"
+        );
+        assert_eq!(got, self.expected);
+        job
+    }
+}

@@ -148,6 +148,17 @@ pub fn wordcount_spec(
 /// (word, window start) -> count from a job's collect sink `op`; panics on a duplicate
 /// result (an exactly-once violation).
 pub fn collected_counts(c: &cluster::Cluster, id: &str, op: &str) -> BTreeMap<(String, i64), i64> {
+    collected_windows(c, id, op, "count")
+}
+
+/// (key, window start) -> `field` of every window result in a job's collect sink `op`;
+/// panics on a duplicate result (an exactly-once violation).
+pub fn collected_windows(
+    c: &cluster::Cluster,
+    id: &str,
+    op: &str,
+    field: &str,
+) -> BTreeMap<(String, i64), i64> {
     let mut got = BTreeMap::new();
     for v in c.output(id, op) {
         let key = (
@@ -155,8 +166,7 @@ pub fn collected_counts(c: &cluster::Cluster, id: &str, op: &str) -> BTreeMap<(S
             v["window_start"].as_i64().expect("window_start"),
         );
         assert!(
-            got.insert(key, v["count"].as_i64().expect("count"))
-                .is_none(),
+            got.insert(key, v[field].as_i64().expect(field)).is_none(),
             "duplicate result {v}"
         );
     }

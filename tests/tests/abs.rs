@@ -310,76 +310,17 @@ fn kafka_source_rewinds_through_kills() {
     let Some(b) = weir_tests::kafka::bootstrap("kafka_source_rewinds_through_kills") else {
         return;
     };
-    const PARTITIONS: u64 = 4;
-    const N: u64 = 120_000;
-    let topic = weir_tests::kafka::unique_topic("abs-clicks");
-    weir_tests::kafka::create_topic(&b, &topic, PARTITIONS as i32);
-    let clicks = jobs::clicks::Clicks {
-        users: 200,
-        spacing_us: 500,
-        ..Default::default()
-    };
-    // Event i goes to partition i % 4, so each partition is in event-time order and its
-    // final offset is known: the job reads exactly up to it while the writer still runs.
-    let ends: serde_json::Map<String, Value> = (0..PARTITIONS)
-        .map(|p| (p.to_string(), json!(N / PARTITIONS)))
-        .collect();
-    let mut expected: BTreeMap<(String, i64), i64> = BTreeMap::new();
-    for i in 0..N {
-        let ts = clicks.ts(i);
-        *expected
-            .entry((clicks.user(i), ts - ts.rem_euclid(2_000)))
-            .or_default() += 1;
-    }
-    let writer = {
-        let (b, topic, clicks) = (b.to_string(), topic.clone(), clicks.clone());
-        std::thread::spawn(move || {
-            for chunk in (0..N).collect::<Vec<u64>>().chunks(2_000) {
-                let rows: Vec<(i32, String, String, i64)> = chunk
-                    .iter()
-                    .map(|&i| {
-                        (
-                            (i % PARTITIONS) as i32,
-                            clicks.user(i),
-                            serde_json::to_string(&clicks.event(i)).expect("json"),
-                            clicks.ts(i),
-                        )
-                    })
-                    .collect();
-                let recs: Vec<weir_tests::kafka::Rec<'_>> = rows
-                    .iter()
-                    .map(|(p, k, v, ts)| weir_tests::kafka::Rec {
-                        partition: *p,
-                        key: Some(k.as_bytes()),
-                        payload: v.as_bytes(),
-                        ts: Some(*ts),
-                    })
-                    .collect();
-                weir_tests::kafka::produce(&b, &topic, &recs);
-                std::thread::sleep(Duration::from_millis(300));
-            }
-        })
-    };
+    let feed = weir_tests::kafka::click_feed(&b, "abs-clicks", 120_000, 4);
     let mut c = Cluster::start(ClusterOptions {
         taskmanagers: 3,
         slots: 2,
         ..Default::default()
     });
-    let spec = json!({
-        "name": "kafka-count-abs",
-        "checkpointing": {"mode": "abs", "interval_ms": 300},
-        "operators": [
-            {"id": "clicks", "kind": "kafka_source", "parallelism": 2,
-             "params": {"bootstrap_servers": &*b, "topic": topic, "ts_field": "ts",
-                        "end": {"offsets": {topic.clone(): ends}}}},
-            {"id": "by_user", "kind": "key_by", "input": "clicks", "parallelism": 2,
-             "params": {"expr": "value.user"}},
-            {"id": "per_2s", "kind": "window_aggregate", "input": "by_user", "parallelism": 2,
-             "params": {"window": {"tumbling_ms": 2000}, "aggs": [{"name": "clicks", "agg": "count"}]}},
-            {"id": "out", "kind": "collect", "input": "per_2s", "parallelism": 2}
-        ]
-    })
-    .to_string();
+    let spec = feed.count_job(
+        &b,
+        "kafka-count-abs",
+        json!({"mode": "abs", "interval_ms": 300}),
+    );
     let id = c.submit(&spec);
     let mut kills = 0;
     for _ in 0..5 {
@@ -399,23 +340,7 @@ fn kafka_source_rewinds_through_kills() {
         kills += 1;
         wait_recovered(&c, &id, generation + 1);
     }
-    writer.join().expect("writer");
-    let job = c.wait_for_end(&id, Duration::from_secs(120));
-    assert_eq!(job["state"], "FINISHED", "{job}");
+    feed.assert_counted(&c, &id);
     assert_eq!(kills, 5, "every kill happened while the job ran");
-    let mut got: BTreeMap<(String, i64), i64> = BTreeMap::new();
-    for v in c.output(&id, "out") {
-        let key = (
-            v["key"].as_str().expect("key").to_string(),
-            v["window_start"].as_i64().expect("window_start"),
-        );
-        assert!(
-            got.insert(key, v["clicks"].as_i64().expect("clicks"))
-                .is_none(),
-            "duplicate result {v}"
-        );
-    }
-    assert_eq!(got.len(), expected.len(), "number of (user, window) counts");
-    assert_eq!(got, expected);
     assert_failovers(&c, &id, kills);
 }

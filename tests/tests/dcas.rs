@@ -337,3 +337,31 @@ fn dcas_paused_taskmanager_is_fenced() {
     c.signal_taskmanager(index, "CONT");
     assert_finished_exactly(&c, &id, &spec);
 }
+
+/// Ensures a Kafka → keyed window count → collect job under DCAS counts exactly the clicks
+/// written although task managers running it are SIGKILLed three times while the topic is
+/// still being written: each restarted source replays its cached polls (with the offsets
+/// after them) and then reads on from the broker, and only the dead task manager's subtasks
+/// restart.
+#[test]
+fn dcas_kafka_source_through_kills() {
+    let Some(b) = weir_tests::kafka::bootstrap("dcas_kafka_source_through_kills") else {
+        return;
+    };
+    let feed = weir_tests::kafka::click_feed(&b, "dcas-clicks", 120_000, 4);
+    let checkpointing = json!({"mode": "dcas", "snapshot_every_records": 2000});
+    let spec = feed.count_job(&b, "kafka-count-dcas", checkpointing);
+    let (mut c, id) = started(3, 2, &[], &spec);
+    let mut kills = 0;
+    for k in 0..3 {
+        if c.job(&id)["state"] != "RUNNING" {
+            break;
+        }
+        kill_and_check(&mut c, &id, k, 3);
+        kills += 1;
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    let job = feed.assert_counted(&c, &id);
+    assert_eq!(job["generation"], 1, "DCAS never redeploys the job: {job}");
+    assert_eq!(kills, 3, "every kill happened while the job ran");
+}
