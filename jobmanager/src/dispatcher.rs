@@ -1656,11 +1656,12 @@ impl Dispatcher {
         // Caught up: the sources are as close to their input as before the failure (within
         // 50 ms of input) when they tell how far behind they are; otherwise they read at 90%
         // of their earlier rate.
-        let caught_up = match e.pre_failure_lag {
-            Some(pre) => {
-                lag.is_some_and(|l| l <= (2 * pre).max((0.05 * e.pre_failure_rate) as u64).max(100))
-            }
-            None => rate >= 0.9 * e.pre_failure_rate,
+        // A source that cannot tell its lag yet (a restarted Kafka consumer before its first
+        // statistics) falls back to the rate rule; a generator knows from its first poll,
+        // when its rate is still zero.
+        let caught_up = match (e.pre_failure_lag, lag) {
+            (Some(pre), Some(l)) => l <= (2 * pre).max((0.05 * e.pre_failure_rate) as u64).max(100),
+            _ => rate >= 0.9 * e.pre_failure_rate,
         };
         if e.first_record_ms.is_some() && caught_up {
             e.caught_up_ms = Some(now_ms());

@@ -8,7 +8,7 @@
 //! shows as a second result for one key and window, or as a higher count.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use weir_tests::cluster::{Cluster, ClusterOptions};
@@ -173,11 +173,21 @@ fn kill_and_check(c: &mut Cluster, id: &str, k: usize, members: usize) {
     });
     // The recovery is over (restore and replay timed, caught up) before the next kill, so
     // that one is a recovery of its own.
-    c.wait_until(Duration::from_secs(10), "caught up", |c| {
-        let e = &failovers(c, id)[k];
-        e["replayed_ms"].as_u64().is_some() && e["caught_up_ms"].as_u64().is_some()
-            || c.job(id)["state"] == "FINISHED"
-    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let e = failovers(c, id)[k].clone();
+        let job = c.job(id);
+        if e["replayed_ms"].as_u64().is_some() && e["caught_up_ms"].as_u64().is_some()
+            || job["state"] == "FINISHED"
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "recovery {k} not caught up within 30 s: {e}\njob: {job}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     c.wait_cache_settled(members);
 }
 
@@ -348,16 +358,32 @@ fn dcas_kafka_source_through_kills() {
     let Some(b) = weir_tests::kafka::bootstrap("dcas_kafka_source_through_kills") else {
         return;
     };
-    let feed = weir_tests::kafka::click_feed(&b, "dcas-clicks", 120_000, 4);
+    let feed = weir_tests::kafka::click_feed(&b, "dcas-clicks", 200_000, 4);
     let checkpointing = json!({"mode": "dcas", "snapshot_every_records": 2000});
     let spec = feed.count_job(&b, "kafka-count-dcas", checkpointing);
     let (mut c, id) = started(3, 2, &[], &spec);
+    // The first kill finds clicks in flight.
+    c.wait_until(Duration::from_secs(30), "clicks read", |c| {
+        let job = c.job(&id);
+        records_in(&job)
+            .iter()
+            .filter(|((task, _), _)| task.starts_with("clicks"))
+            .map(|(_, n)| n)
+            .sum::<u64>()
+            >= 10_000
+    });
     let mut kills = 0;
     for k in 0..3 {
         if c.job(&id)["state"] != "RUNNING" {
             break;
         }
+        let t = Instant::now();
         kill_and_check(&mut c, &id, k, 3);
+        eprintln!(
+            "kill {k} recovered in {:?}: {}",
+            t.elapsed(),
+            failovers(&c, &id)[k]
+        );
         kills += 1;
         std::thread::sleep(Duration::from_millis(1500));
     }
