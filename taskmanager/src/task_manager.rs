@@ -704,6 +704,7 @@ async fn wire(
                     "DCAS needs the cache, and this task manager has no partition table yet",
                 )?,
                 job: d.job.to_string(),
+                me,
                 every_records: c.snapshot_every(),
                 interval: c.snapshot_interval(),
             },

@@ -30,6 +30,7 @@ use tracing::warn;
 use super::channel::{InputPosition, RouterPosition};
 use crate::cache::{CacheClient, CacheError};
 use crate::codec::{decode, decode_event, encode, encode_event, CodecError};
+use crate::ids::TaskManagerId;
 use crate::protocol::control::OperatorState;
 use crate::record::{Batch, Seq, StreamEvent};
 
@@ -79,16 +80,26 @@ pub struct DcasNames {
     pub log: String,
     /// The map holding snapshots.
     pub map: String,
-    /// This subtask's key in it.
+    /// The map recording which partition holds each subtask's log and snapshot.
+    pub placement: String,
+    /// This subtask's key in both maps.
     pub key: Vec<u8>,
 }
 
 impl DcasNames {
+    /// The prefix of every cache entry of job `job` (logs, snapshots, placements, channel
+    /// progress), dropped when the job ends.
+    pub fn job_prefix(job: &str) -> String {
+        format!("dcas/{job}/")
+    }
+
     /// Names for subtask `subtask` of task `task` of job `job`.
     pub fn new(job: &str, task: usize, subtask: usize) -> DcasNames {
+        let prefix = DcasNames::job_prefix(job);
         DcasNames {
-            log: format!("dcas/{job}/log/{task}.{subtask}"),
-            map: format!("dcas/{job}/snap"),
+            log: format!("{prefix}log/{task}.{subtask}"),
+            map: format!("{prefix}snap"),
+            placement: format!("{prefix}placement"),
             key: format!("{task}.{subtask}").into_bytes(),
         }
     }
@@ -524,6 +535,45 @@ impl SnapshotStore {
         self.partition
     }
 
+    /// Finds the partition of the log and the snapshot, choosing and recording it on the
+    /// subtask's first start: one whose primary is not `avoid`, the subtask's own task
+    /// manager, so that losing that task manager does not also take the primary copy of
+    /// the log (the log-placement rule, DESIGN §7). A restarted subtask reads the recorded
+    /// partition, since the table has changed by then. The placement entry itself is in
+    /// its key's hash partition, replicated like every entry.
+    pub async fn place(&mut self, avoid: TaskManagerId) -> Result<u32, DcasError> {
+        let (map, key) = (&self.names.placement, &self.names.key);
+        let chosen = self
+            .client
+            .partition_avoiding(&self.names.log, avoid)
+            .to_le_bytes()
+            .to_vec();
+        let client = &self.client;
+        let recorded = retrying("placing a log", || async {
+            if let Some((v, _)) = client.get(map, key).await? {
+                return Ok(Some(v));
+            }
+            match client.put_if_version(map, key, chosen.clone(), 0).await? {
+                Ok(_) => Ok(Some(chosen.clone())),
+                // Recorded meanwhile (a retried put of ours, or another incarnation).
+                Err(_) => Ok(client.get(map, key).await?.map(|(v, _)| v)),
+            }
+        })
+        .await
+        .map_err(|e| self.cache_error("placing the log", e))?;
+        let partitions = self.client.table().partitions();
+        let partition = recorded
+            .and_then(|v| <[u8; 4]>::try_from(v.as_slice()).ok())
+            .map(u32::from_le_bytes)
+            .filter(|p| *p < partitions)
+            .ok_or_else(|| DcasError::Corrupt {
+                list: self.names.log.clone(),
+                message: format!("no valid partition recorded in {map}"),
+            })?;
+        self.partition = partition;
+        Ok(partition)
+    }
+
     /// The entries' names.
     pub fn names(&self) -> &DcasNames {
         &self.names
@@ -638,7 +688,7 @@ impl ChannelProgress {
     pub fn new(client: CacheClient, job: &str) -> ChannelProgress {
         ChannelProgress {
             client,
-            map: format!("dcas/{job}/progress"),
+            map: format!("{}progress", DcasNames::job_prefix(job)),
         }
     }
 
@@ -753,6 +803,8 @@ pub struct DcasConfig {
     pub client: CacheClient,
     /// The job (names of entries).
     pub job: String,
+    /// The task manager running the subtasks: their logs' primaries avoid it.
+    pub me: TaskManagerId,
     /// Snapshot after this many input records…
     pub every_records: u64,
     /// …or this long, whichever comes first.
@@ -771,6 +823,7 @@ pub struct DcasSubtask {
     every_records: u64,
     interval: Duration,
     lease: Lease,
+    me: TaskManagerId,
     log: Option<InputLog>,
     records_since: u64,
     last: std::time::Instant,
@@ -789,6 +842,7 @@ impl DcasSubtask {
         outputs: Vec<Vec<ChannelKey>>,
     ) -> DcasSubtask {
         let names = DcasNames::new(&config.job, task, subtask);
+        // The partition is known once placed (`load`).
         let partition = config.client.list_partition(&names.log);
         DcasSubtask {
             store: SnapshotStore::new(config.client.clone(), partition, names),
@@ -798,6 +852,7 @@ impl DcasSubtask {
             every_records: config.every_records.max(1),
             interval: config.interval,
             lease: config.lease.clone(),
+            me: config.me,
             log: None,
             records_since: 0,
             last: std::time::Instant::now(),
@@ -806,9 +861,10 @@ impl DcasSubtask {
         }
     }
 
-    /// Loads the latest snapshot (none for a first start) and the log entries after it,
-    /// and starts the log writer after them.
+    /// Places the log ([`SnapshotStore::place`]), loads the latest snapshot (none for a
+    /// first start) and the log entries after it, and starts the log writer after them.
     pub async fn load(&mut self) -> Result<(Option<DcasSnapshot>, Vec<LogEntry>), DcasError> {
+        self.store.place(self.me).await?;
         let snap = self.store.load().await?;
         let from = snap.as_ref().map_or(0, |s| s.log_offset);
         if let Some(s) = &snap {
@@ -1065,6 +1121,39 @@ mod tests {
             wrong.push(&pushed[0]).is_err(),
             "a stopped log refuses entries"
         );
+    }
+
+    /// A subtask's log is placed off its own task manager (even when its name hashes to a
+    /// partition that task manager leads), and a restart on another task manager finds the
+    /// same partition; a malformed placement entry is a named error.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn logs_are_placed_off_the_subtasks_task_manager_and_found_again() {
+        let c = Cluster::start(3, 1 << 30).await;
+        let client = c.client().await;
+        let table = client.table();
+        let primary = |p: u32| table.primary(p).map(|m| m.id);
+        for s in 0..20 {
+            let names = DcasNames::new("job", 0, s);
+            let me = primary(client.list_partition(&names.log)).unwrap();
+            let mut store = SnapshotStore::new(client.clone(), 0, names.clone());
+            let p = store.place(me).await.unwrap();
+            assert_eq!(store.partition(), p);
+            assert_ne!(
+                primary(p),
+                Some(me),
+                "subtask {s}'s log is not on its own member"
+            );
+            let elsewhere = c.nodes.iter().map(|n| n.0).find(|id| *id != me).unwrap();
+            let mut restarted = SnapshotStore::new(client.clone(), 0, names);
+            assert_eq!(restarted.place(elsewhere).await.unwrap(), p);
+        }
+        client
+            .put("dcas/job/placement", b"9.9", vec![1, 2], None)
+            .await
+            .unwrap();
+        let mut bad = SnapshotStore::new(client.clone(), 0, DcasNames::new("job", 9, 9));
+        let err = bad.place(c.nodes[0].0).await.unwrap_err();
+        assert!(err.to_string().contains("no valid partition"), "{err}");
     }
 
     /// Receivers publish what they logged; the sender reads it and trims its retained output
