@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use engine::cache::table::Progress;
-use engine::cache::Membership;
+use engine::cache::{CacheClient, Membership};
 use engine::ids::TaskManagerId;
 use engine::protocol::cache::{CacheStats, PartitionTable, LATENCY_BUCKETS_US};
 use engine::protocol::control::ToTaskManager;
@@ -287,6 +287,34 @@ impl Handler<GetTable> for CacheMaster {
     type Result = MessageResult<GetTable>;
     fn handle(&mut self, _msg: GetTable, _ctx: &mut Self::Context) -> Self::Result {
         MessageResult(self.membership.table())
+    }
+}
+
+/// Drop every cache entry whose name starts with `prefix` (an ended DCAS job's logs,
+/// snapshots and progress), once the job's subtasks have had time to stop.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DropEntries {
+    /// Name prefix of the entries.
+    pub prefix: String,
+}
+
+/// How long after a job ended its cache entries are dropped: canceled subtasks may still
+/// be finishing an append.
+const DROP_DELAY: Duration = Duration::from_secs(2);
+
+impl Handler<DropEntries> for CacheMaster {
+    type Result = ();
+    fn handle(&mut self, msg: DropEntries, ctx: &mut Self::Context) -> Self::Result {
+        ctx.run_later(DROP_DELAY, move |act, _| {
+            let client = CacheClient::new(act.membership.table(), Duration::from_secs(5));
+            actix::spawn(async move {
+                match client.drop_prefix(&msg.prefix).await {
+                    Ok(bytes) => info!(prefix = %msg.prefix, bytes, "Dropped an ended job's cache entries."),
+                    Err(e) => warn!(prefix = %msg.prefix, error = %e, "Could not drop an ended job's cache entries; members that missed it keep them."),
+                }
+            });
+        });
     }
 }
 

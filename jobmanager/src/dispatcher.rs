@@ -27,11 +27,13 @@ use engine::protocol::control::{
     Deployment, OperatorState, Placement, RestorePoint, SubtaskReport, SubtaskSnapshot,
     SubtaskState, ToTaskManager,
 };
+use engine::runtime::dcas::DcasNames;
 use engine::spec::{CheckpointingSpec, JobSpec, SpecError};
 use engine::Record;
 use serde::Serialize;
 use tracing::{debug, error, info, warn};
 
+use crate::cache_master::DropEntries;
 use crate::checkpoints::{CheckpointsView, Coordinator, Step};
 use crate::now_ms;
 use crate::resource_manager::{Alive, GetAlive, Reports, ResourceManager, TaskManagerLost};
@@ -296,6 +298,32 @@ pub struct FailoverEvent {
     pub restore_errors: Vec<String>,
 }
 
+impl FailoverEvent {
+    /// A recovery of `mode` detected now, before any of its phases.
+    fn new(attempt: u32, cause: String, mode: &str, before: Before) -> FailoverEvent {
+        FailoverEvent {
+            attempt,
+            cause,
+            mode: mode.into(),
+            detected_ms: now_ms(),
+            canceled_ms: None,
+            deployed_ms: None,
+            restored_ms: None,
+            replayed_ms: None,
+            first_record_ms: None,
+            caught_up_ms: None,
+            checkpoint: None,
+            generation: None,
+            subtasks_restarted: 0,
+            restarted: Vec::new(),
+            log_replayed: 0,
+            pre_failure_rate: before.rate,
+            pre_failure_lag: before.lag,
+            restore_errors: Vec::new(),
+        }
+    }
+}
+
 /// The sources' progress when a failure was detected.
 struct Before {
     /// Records read per second.
@@ -372,6 +400,8 @@ type PendingRestart = (JobId, Vec<(u32, u32)>, Vec<TaskManagerId>);
 /// The dispatcher actor.
 pub struct Dispatcher {
     rm: Addr<ResourceManager>,
+    /// Drops an ended DCAS job's cache entries.
+    cache: Recipient<DropEntries>,
     store: Store,
     jobs: HashMap<JobId, Job>,
     /// Jobs from earlier job manager runs (listing only).
@@ -383,10 +413,16 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// A dispatcher; previous jobs are loaded from `store`.
-    pub fn new(rm: Addr<ResourceManager>, store: Store, collect_limit: usize) -> Dispatcher {
+    pub fn new(
+        rm: Addr<ResourceManager>,
+        cache: Recipient<DropEntries>,
+        store: Store,
+        collect_limit: usize,
+    ) -> Dispatcher {
         let archived = store.load_and_close_unfinished();
         Dispatcher {
             rm,
+            cache,
             store,
             jobs: HashMap::new(),
             archived,
@@ -430,6 +466,12 @@ impl Dispatcher {
             let _ = tm.tx.send(ToTaskManager::Cancel {
                 job: id,
                 generation: job.generation,
+            });
+        }
+        if CheckpointingSpec::dcas(job.spec.checkpointing.as_ref()).is_some() {
+            // Nothing reads or writes the job's logs and snapshots any more.
+            self.cache.do_send(DropEntries {
+                prefix: DcasNames::job_prefix(&id.to_string()),
             });
         }
         let job = &self.jobs[&id];
@@ -821,26 +863,12 @@ impl Dispatcher {
             deploying: false,
             next_try: Instant::now(),
         });
-        job.failovers.push(FailoverEvent {
-            attempt: job.restarts,
-            cause: format!("{location}: {cause}"),
-            mode: "abs".into(),
-            detected_ms: now_ms(),
-            canceled_ms: None,
-            deployed_ms: None,
-            restored_ms: None,
-            replayed_ms: None,
-            first_record_ms: None,
-            caught_up_ms: None,
-            checkpoint: None,
-            generation: None,
-            subtasks_restarted: 0,
-            restarted: Vec::new(),
-            log_replayed: 0,
-            pre_failure_rate: before.rate,
-            pre_failure_lag: before.lag,
-            restore_errors: Vec::new(),
-        });
+        job.failovers.push(FailoverEvent::new(
+            job.restarts,
+            format!("{location}: {cause}"),
+            "abs",
+            before,
+        ));
         for n in aborted {
             self.store.checkpoints().discard(id, n);
         }
@@ -892,7 +920,6 @@ impl Dispatcher {
             }
         }
         job.state = JobState::Restarting;
-        let now = now_ms();
         // A failure while an earlier DCAS recovery is still catching up (a simultaneous
         // loss, or one during the recovery) joins that recovery: one episode, timed from
         // its first detection until everything restarted has caught up.
@@ -911,26 +938,15 @@ impl Dispatcher {
             (e.deployed_ms, e.restored_ms, e.replayed_ms) = (None, None, None);
             e.first_record_ms = None;
         } else {
+            let e =
+                FailoverEvent::new(job.restarts, format!("{location}: {cause}"), "dcas", before);
             job.failovers.push(FailoverEvent {
-                attempt: job.restarts,
-                cause: format!("{location}: {cause}"),
-                mode: "dcas".into(),
-                detected_ms: now,
                 // Nothing is canceled: the rest of the job keeps running.
-                canceled_ms: Some(now),
-                deployed_ms: None,
-                restored_ms: None,
-                replayed_ms: None,
-                first_record_ms: None,
-                caught_up_ms: None,
-                checkpoint: None,
+                canceled_ms: Some(e.detected_ms),
                 generation: Some(job.generation.0),
                 subtasks_restarted: lost.len() as u32,
                 restarted: lost.clone(),
-                log_replayed: 0,
-                pre_failure_rate: before.rate,
-                pre_failure_lag: before.lag,
-                restore_errors: Vec::new(),
+                ..e
             });
         }
         let job = &self.jobs[&id];

@@ -57,11 +57,17 @@ pub async fn start(config: &JmConfig, local: LocalProcesses) -> Result<JobManage
     let store = store::Store::open(&config.data_dir)?;
     let rm =
         ResourceManager::new(Duration::from_millis(config.heartbeat_timeout_ms), local).start();
-    let dispatcher = Dispatcher::new(rm.clone(), store, config.collect_limit).start();
     let cache = CacheMaster::new(
         config.cache_partitions,
         config.cache_backup_count,
         config.cache_max_copies,
+    )
+    .start();
+    let dispatcher = Dispatcher::new(
+        rm.clone(),
+        cache.clone().recipient(),
+        store,
+        config.collect_limit,
     )
     .start();
     rm.do_send(Subscribe {

@@ -52,6 +52,13 @@ fn expected(spec: &str) -> BTreeMap<(String, i64), i64> {
     weir_tests::expected_wordcount(&weir_tests::generator(spec, "lines"), 5000)
 }
 
+/// Names of the job's entries in the cache.
+fn job_entries(c: &Cluster, id: &str) -> Vec<Value> {
+    let (status, body) = c.get(&format!("/cache/entries?prefix=dcas/{id}/&limit=10000"));
+    assert_eq!(status, 200, "{body}");
+    body["entries"].as_array().cloned().unwrap_or_default()
+}
+
 /// The job's failover records.
 fn failovers(c: &Cluster, id: &str) -> Vec<Value> {
     let (status, body) = c.get(&format!("/jobs/{id}/failovers"));
@@ -199,6 +206,10 @@ fn kill_and_check(c: &mut Cluster, id: &str, k: usize, members: usize) {
 fn dcas_restarts_only_the_lost_subtasks_and_stays_exact() {
     let spec = dcas_wordcount(200_000, 8_000);
     let (mut c, id) = started(3, 2, &[], &spec);
+    assert!(
+        !job_entries(&c, &id).is_empty(),
+        "the job logs to the cache"
+    );
     let kills = 2;
     for k in 0..kills {
         kill_and_check(&mut c, &id, k, 3);
@@ -209,6 +220,12 @@ fn dcas_restarts_only_the_lost_subtasks_and_stays_exact() {
     assert_eq!(status, 200, "{body}");
     wait_recovered(&c, &id, kills + 1);
     assert_finished_exactly(&c, &id, &spec);
+    // An ended job's logs, snapshots and progress leave the cache.
+    c.wait_until(
+        Duration::from_secs(20),
+        "the job's cache entries dropped",
+        |c| job_entries(c, &id).is_empty(),
+    );
     let events = failovers(&c, &id);
     assert_eq!(events.len(), kills + 1, "{events:?}");
     for e in &events {
@@ -253,7 +270,12 @@ fn dcas_survives_two_simultaneous_kills_and_a_kill_during_recovery() {
     let spec = dcas_wordcount(160_000, 8_000);
     let (mut c, id) = started(5, 1, &["--cache-backup-count", "3"], &spec);
     let busy: BTreeSet<String> = placement(&c.job(&id)).into_values().collect();
-    assert_eq!(busy.len(), 2, "{busy:?}");
+    assert_eq!(
+        busy.len(),
+        2,
+        "{busy:?}; failovers before the kills: {:?}",
+        failovers(&c, &id)
+    );
     eprintln!("killing {busy:?} at once");
     let indexes: Vec<usize> = busy.iter().map(|tm| c.taskmanager_index(tm)).collect();
     for i in indexes {

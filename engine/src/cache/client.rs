@@ -526,27 +526,57 @@ impl CacheClient {
         after: Option<String>,
         limit: u32,
     ) -> Result<Vec<(String, u64)>, CacheError> {
-        let table = self.table();
-        let calls = table.members.iter().map(|m| {
-            let conn = self.conn(&m.addr);
-            let req = Request::Keys {
-                prefix: prefix.into(),
-                after: after.clone(),
-                limit,
-            };
-            async move { conn.call(req, Duration::from_secs(5)).await }
-        });
+        let req = Request::Keys {
+            prefix: prefix.into(),
+            after,
+            limit,
+        };
         let mut out = Vec::new();
-        for r in join_all(calls).await {
-            match r {
-                Ok(Response::Keys(k)) => out.extend(k),
-                Ok(other) => return Err(CacheError::Invalid(format!("keys: {other:?}"))),
-                Err(e) => return Err(CacheError::NoMembers(e.to_string())),
+        for r in self.each_member(req).await {
+            match r? {
+                Response::Keys(k) => out.extend(k),
+                other => return Err(CacheError::Invalid(format!("keys: {other:?}"))),
             }
         }
         out.sort();
         out.truncate(limit as usize);
         Ok(out)
+    }
+
+    /// Removes every map and list whose name starts with `prefix` from every member (its
+    /// primaries and backups), for entries nobody writes any more (a finished job's).
+    /// Returns the bytes freed. Members unreachable now keep their copies.
+    pub async fn drop_prefix(&self, prefix: &str) -> Result<u64, CacheError> {
+        if prefix.is_empty() {
+            return Err(CacheError::Invalid(
+                "dropping entries needs a non-empty prefix".into(),
+            ));
+        }
+        let req = Request::DropPrefix {
+            prefix: prefix.into(),
+        };
+        let mut freed = 0;
+        for r in self.each_member(req).await {
+            match r? {
+                Response::Dropped(n) => freed += n,
+                other => return Err(CacheError::Invalid(format!("drop: {other:?}"))),
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Sends `req` to every member of the table at once; their answers.
+    async fn each_member(&self, req: Request) -> Vec<Result<Response, CacheError>> {
+        let table = self.table();
+        let calls = table.members.iter().map(|m| {
+            let (conn, req) = (self.conn(&m.addr), req.clone());
+            async move {
+                conn.call(req, Duration::from_secs(5))
+                    .await
+                    .map_err(|e| CacheError::NoMembers(e.to_string()))
+            }
+        });
+        join_all(calls).await
     }
 }
 

@@ -480,6 +480,29 @@ impl Node {
         Ok(())
     }
 
+    fn drop_prefix(&self, prefix: &str) -> Response {
+        if prefix.is_empty() {
+            return Response::Dropped(0);
+        }
+        let parts: Vec<Arc<Mutex<Partition>>> = match self.parts.read() {
+            Ok(p) => p.clone(),
+            Err(e) => e.into_inner().clone(),
+        };
+        let mut freed = 0;
+        for part in parts {
+            let d = part
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drop_prefix(prefix);
+            self.account(d);
+            freed -= d.bytes();
+        }
+        if freed > 0 {
+            debug!(tm = %self.me, prefix, freed, "Cache entries dropped.");
+        }
+        Response::Dropped(freed.max(0) as u64)
+    }
+
     fn keys(&self, prefix: &str, after: Option<String>, limit: u32) -> Response {
         let Some(table) = self.table() else {
             return Response::Keys(Vec::new());
@@ -602,6 +625,9 @@ async fn serve(stream: TcpStream, node: Arc<Node>) -> Result<(), String> {
                 limit,
             } => {
                 let _ = tx.send((id, node.keys(&prefix, after, limit.min(10_000))));
+            }
+            Request::DropPrefix { prefix } => {
+                let _ = tx.send((id, node.drop_prefix(&prefix)));
             }
         }
     };

@@ -310,6 +310,34 @@ impl Partition {
         d
     }
 
+    /// Removes every map and list whose name starts with `prefix`; returns the change in
+    /// usage.
+    pub fn drop_prefix(&mut self, prefix: &str) -> Usage {
+        let mut d = Usage::default();
+        let expiring = &mut self.expiring;
+        self.maps.retain(|map, entries| {
+            let keep = !map.starts_with(prefix);
+            if !keep {
+                for (key, e) in entries.iter() {
+                    *expiring -= usize::from(e.expires_ms.is_some());
+                    d.map_bytes -= entry_bytes(map, key, &e.value);
+                    d.map_entries -= 1;
+                }
+            }
+            keep
+        });
+        self.lists.retain(|list, l| {
+            let keep = !list.starts_with(prefix);
+            if !keep {
+                d.list_bytes -= l.items.iter().map(|i| item_bytes(i)).sum::<i64>();
+                d.list_items -= l.items.len() as i64;
+            }
+            keep
+        });
+        self.usage.add(d);
+        d
+    }
+
     /// Removes expired map entries; returns the change in usage.
     pub fn expire(&mut self, now_ms: u64) -> Usage {
         let mut d = Usage::default();
@@ -484,6 +512,44 @@ mod tests {
         assert_eq!(run(&mut p, del, 0), OpResult::Deleted(false));
         assert_eq!(run(&mut p, get, 0), OpResult::Value(None));
         assert_eq!(p.usage(), Usage::default(), "accounting returns to zero");
+    }
+
+    /// Dropping a prefix removes exactly the maps and lists named by it, with their bytes.
+    #[test]
+    fn drop_prefix_removes_named_structures_and_their_bytes() {
+        let set = |map: &str, key: &str, ttl_ms| Op::Put {
+            map: map.into(),
+            key: key.into(),
+            value: vec![7; 100],
+            ttl_ms,
+        };
+        let append = |list: &str| Op::Append {
+            list: list.into(),
+            items: vec![vec![1; 50]; 10],
+        };
+        let mut kept = Partition::default();
+        run(&mut kept, set("job/b/snap", "0.0", None), 0);
+        run(&mut kept, append("job/b/log/0.0"), 0);
+        let mut p = Partition::default();
+        for op in [
+            set("job/a/snap", "0.0", None),
+            set("job/a/snap", "0.1", Some(60_000)),
+            set("job/b/snap", "0.0", None),
+            append("job/a/log/0.0"),
+            append("job/b/log/0.0"),
+        ] {
+            run(&mut p, op, 0);
+        }
+        let before = p.usage();
+        let d = p.drop_prefix("job/a/");
+        assert_eq!(p.usage(), kept.usage(), "only job/b's entries are left");
+        assert_eq!(d.bytes(), kept.usage().bytes() - before.bytes());
+        assert_eq!(p.expiring, 0, "the expiring entry went with its map");
+        let len = Op::Len {
+            list: "job/a/log/0.0".into(),
+        };
+        assert_eq!(run(&mut p, len, 0), OpResult::Bounds(0, 0));
+        assert_eq!(p.drop_prefix("job/a/"), Usage::default());
     }
 
     #[test]

@@ -226,6 +226,12 @@ pub enum Request {
         /// At most this many.
         limit: u32,
     },
+    /// Remove every map and list whose name starts with `prefix` from every partition the
+    /// node holds, as primary or backup (a finished job's entries). Not empty.
+    DropPrefix {
+        /// Name prefix.
+        prefix: String,
+    },
 }
 
 /// A response on a cache connection.
@@ -239,6 +245,8 @@ pub enum Response {
     Table(Option<PartitionTable>),
     /// `(name, bytes)` in name order.
     Keys(Vec<(String, u64)>),
+    /// `DropPrefix`: bytes freed.
+    Dropped(u64),
     /// The request could not be served at all.
     Error(Failure),
 }
