@@ -299,22 +299,27 @@ pub struct DropEntries {
     pub prefix: String,
 }
 
-/// How long after a job ended its cache entries are dropped: canceled subtasks may still
-/// be finishing an append.
-const DROP_DELAY: Duration = Duration::from_secs(2);
+/// When, after a job ended, its cache entries are dropped: once canceled subtasks had time
+/// to stop, and again after the longest a stopped subtask's snapshot write may still be
+/// retried (20 s) — the drop is per member, not ordered with replication or partition
+/// copies, so a write or copy in flight can bring an entry back; dropping is idempotent.
+const DROP_AFTER: [Duration; 2] = [Duration::from_secs(2), Duration::from_secs(30)];
 
 impl Handler<DropEntries> for CacheMaster {
     type Result = ();
     fn handle(&mut self, msg: DropEntries, ctx: &mut Self::Context) -> Self::Result {
-        ctx.run_later(DROP_DELAY, move |act, _| {
-            let client = CacheClient::new(act.membership.table(), Duration::from_secs(5));
-            actix::spawn(async move {
-                match client.drop_prefix(&msg.prefix).await {
-                    Ok(bytes) => info!(prefix = %msg.prefix, bytes, "Dropped an ended job's cache entries."),
-                    Err(e) => warn!(prefix = %msg.prefix, error = %e, "Could not drop an ended job's cache entries; members that missed it keep them."),
-                }
+        for delay in DROP_AFTER {
+            let prefix = msg.prefix.clone();
+            ctx.run_later(delay, move |act, _| {
+                let client = CacheClient::new(act.membership.table(), Duration::from_secs(5));
+                actix::spawn(async move {
+                    match client.drop_prefix(&prefix).await {
+                        Ok(bytes) => info!(prefix = %prefix, bytes, "Dropped an ended job's cache entries."),
+                        Err(e) => warn!(prefix = %prefix, error = %e, "Could not drop an ended job's cache entries; members that missed it keep them."),
+                    }
+                });
             });
-        });
+        }
     }
 }
 

@@ -394,6 +394,10 @@ impl Job {
     }
 }
 
+/// How long after a DCAS recovery replayed its logs a source that knew its lag before the
+/// failure may still not know it, before the rate rule decides whether it caught up.
+const LAG_UNKNOWN_GRACE_MS: u64 = 3_000;
+
 /// A DCAS restart to place: the job, its subtasks to restart, the task managers lost.
 type PendingRestart = (JobId, Vec<(u32, u32)>, Vec<TaskManagerId>);
 
@@ -468,14 +472,19 @@ impl Dispatcher {
                 generation: job.generation,
             });
         }
+        let job = &self.jobs[&id];
+        self.drop_cache_entries(job);
+        self.persist(job);
+    }
+
+    /// DCAS: an ended job's logs, snapshots and progress leave the cache (nothing reads or
+    /// writes them any more).
+    fn drop_cache_entries(&self, job: &Job) {
         if CheckpointingSpec::dcas(job.spec.checkpointing.as_ref()).is_some() {
-            // Nothing reads or writes the job's logs and snapshots any more.
             self.cache.do_send(DropEntries {
-                prefix: DcasNames::job_prefix(&id.to_string()),
+                prefix: DcasNames::job_prefix(&job.id.to_string()),
             });
         }
-        let job = &self.jobs[&id];
-        self.persist(job);
     }
 
     /// Recomputes the job state after a subtask update.
@@ -513,6 +522,7 @@ impl Dispatcher {
             job.ended_ms = Some(now_ms());
             info!(job = %id, "Job canceled.");
             let job = &self.jobs[&id];
+            self.drop_cache_entries(job);
             self.persist(job);
         } else if matches!(job.state, JobState::Created | JobState::Restarting)
             && job.subtasks.values().all(|i| {
@@ -1673,11 +1683,16 @@ impl Dispatcher {
         // 50 ms of input) when they tell how far behind they are; otherwise they read at 90%
         // of their earlier rate.
         // A source that cannot tell its lag yet (a restarted Kafka consumer before its first
-        // statistics) falls back to the rate rule; a generator knows from its first poll,
-        // when its rate is still zero.
+        // statistics, a second after it starts) is waited for; past a grace period the rate
+        // rule decides. A generator knows its lag from its first poll.
         let caught_up = match (e.pre_failure_lag, lag) {
             (Some(pre), Some(l)) => l <= (2 * pre).max((0.05 * e.pre_failure_rate) as u64).max(100),
-            _ => rate >= 0.9 * e.pre_failure_rate,
+            (Some(_), None) => {
+                e.replayed_ms
+                    .is_some_and(|r| now_ms() >= r + LAG_UNKNOWN_GRACE_MS)
+                    && rate >= 0.9 * e.pre_failure_rate
+            }
+            (None, _) => rate >= 0.9 * e.pre_failure_rate,
         };
         if e.first_record_ms.is_some() && caught_up {
             e.caught_up_ms = Some(now_ms());

@@ -230,6 +230,11 @@ pub struct ClickFeed {
 pub fn click_feed(bootstrap: &str, prefix: &str, n: u64, partitions: u64) -> ClickFeed {
     let topic = unique_topic(prefix);
     create_topic(bootstrap, &topic, partitions as i32);
+    assert_eq!(
+        n % partitions,
+        0,
+        "the clicks spread evenly over the partitions"
+    );
     let clicks = jobs::clicks::Clicks {
         users: 200,
         spacing_us: 500,

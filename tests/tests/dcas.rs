@@ -245,6 +245,27 @@ fn dcas_restarts_only_the_lost_subtasks_and_stays_exact() {
     );
 }
 
+/// Ensures a canceled DCAS job's logs and snapshots leave the cache, as a finished one's do.
+#[test]
+fn dcas_canceled_job_leaves_the_cache() {
+    let spec = dcas_wordcount(10_000_000, 8_000);
+    let (c, id) = started(3, 2, &[], &spec);
+    assert!(
+        !job_entries(&c, &id).is_empty(),
+        "the job logs to the cache"
+    );
+    let (status, body) = c.request("DELETE", &format!("/jobs/{id}"), None, None);
+    assert_eq!(status, 202, "{body}");
+    c.wait_until(Duration::from_secs(30), "job canceled", |c| {
+        c.job(&id)["state"] == "CANCELED"
+    });
+    c.wait_until(
+        Duration::from_secs(20),
+        "the job's cache entries dropped",
+        |c| job_entries(c, &id).is_empty(),
+    );
+}
+
 /// Ensures that ten kills over two minutes, rotating over the task managers running the
 /// job (a fresh one joins after each), each restart only the dead task manager's
 /// subtasks, and that the counts are still exactly the ground truth at the end.

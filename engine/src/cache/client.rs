@@ -180,7 +180,7 @@ impl CacheClient {
         let first = list_partition(name, n);
         (0..n)
             .map(|i| (first + i) % n)
-            .find(|p| table.primary(*p).is_none_or(|m| m.id != avoid))
+            .find(|p| !table.is_lost(*p) && table.primary(*p).is_some_and(|m| m.id != avoid))
             .unwrap_or(first)
     }
 

@@ -245,10 +245,10 @@ pub enum Response {
     Table(Option<PartitionTable>),
     /// `(name, bytes)` in name order.
     Keys(Vec<(String, u64)>),
-    /// `DropPrefix`: bytes freed.
-    Dropped(u64),
     /// The request could not be served at all.
     Error(Failure),
+    /// `DropPrefix`: bytes freed.
+    Dropped(u64),
 }
 
 /// One frame of a cache connection.
