@@ -350,6 +350,36 @@ impl Cluster {
         );
     }
 
+    /// CPU time (user + system) the live task manager processes have used so far, in ms.
+    /// Linux only (`/proc`); 0 elsewhere.
+    pub fn taskmanagers_cpu_ms(&self) -> u64 {
+        let ticks_per_s = Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(100)
+            .max(1);
+        let ticks: u64 = self
+            .tms
+            .iter()
+            .filter_map(|tm| std::fs::read_to_string(format!("/proc/{}/stat", tm.id())).ok())
+            .filter_map(|stat| {
+                // Fields after the parenthesised command name; utime and stime are the
+                // 14th and 15th fields of the line.
+                let rest = &stat[stat.rfind(')')? + 2..];
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+            })
+            .sum();
+        ticks * 1000 / ticks_per_s
+    }
+
     /// SIGKILLs the job manager.
     pub fn kill_jobmanager(&mut self) {
         let _ = self.jm.kill();

@@ -223,6 +223,80 @@ pub struct ClickFeed {
     pub writer: std::thread::JoinHandle<()>,
 }
 
+/// The click events of the feeds: 200 users, one event every 0.5 ms of event time.
+fn clicks() -> jobs::clicks::Clicks {
+    jobs::clicks::Clicks {
+        users: 200,
+        spacing_us: 500,
+        ..Default::default()
+    }
+}
+
+/// Writes click events `range` to `topic`, event i to partition i % partitions, in chunks
+/// of `chunk`, sleeping `pause` after each.
+fn write_clicks(
+    bootstrap: &str,
+    topic: &str,
+    range: std::ops::Range<u64>,
+    partitions: u64,
+    chunk: u64,
+    pause: Duration,
+) {
+    let clicks = clicks();
+    let mut at = range.start;
+    while at < range.end {
+        let rows: Vec<(i32, String, String, i64)> = (at..(at + chunk).min(range.end))
+            .map(|i| {
+                (
+                    (i % partitions) as i32,
+                    clicks.user(i),
+                    serde_json::to_string(&clicks.event(i)).expect("json"),
+                    clicks.ts(i),
+                )
+            })
+            .collect();
+        let recs: Vec<Rec<'_>> = rows
+            .iter()
+            .map(|(p, k, v, ts)| Rec {
+                partition: *p,
+                key: Some(k.as_bytes()),
+                payload: v.as_bytes(),
+                ts: Some(*ts),
+            })
+            .collect();
+        produce(bootstrap, topic, &recs);
+        at += chunk;
+        std::thread::sleep(pause);
+    }
+}
+
+/// Per partition, the offset after `n` events spread over `partitions` partitions (a
+/// `kafka_source`'s `end.offsets` for the topic).
+fn click_ends(n: u64, partitions: u64) -> serde_json::Map<String, serde_json::Value> {
+    assert_eq!(
+        n % partitions,
+        0,
+        "the clicks spread evenly over the partitions"
+    );
+    (0..partitions)
+        .map(|p| (p.to_string(), serde_json::json!(n / partitions)))
+        .collect()
+}
+
+/// A new topic of `partitions` partitions already holding `n` click events (a benchmark's
+/// input, read by jobs that end at the returned offsets).
+pub fn filled_clicks(
+    bootstrap: &str,
+    prefix: &str,
+    n: u64,
+    partitions: u64,
+) -> (String, serde_json::Map<String, serde_json::Value>) {
+    let topic = unique_topic(prefix);
+    create_topic(bootstrap, &topic, partitions as i32);
+    write_clicks(bootstrap, &topic, 0..n, partitions, 50_000, Duration::ZERO);
+    (topic, click_ends(n, partitions))
+}
+
 /// Starts writing `n` click events to a new topic of `partitions` partitions, 2,000 every
 /// 300 ms. Event i goes to partition i % partitions, so each partition is in event-time
 /// order and its final offset is known: a job can read exactly up to it while the writer
@@ -230,19 +304,8 @@ pub struct ClickFeed {
 pub fn click_feed(bootstrap: &str, prefix: &str, n: u64, partitions: u64) -> ClickFeed {
     let topic = unique_topic(prefix);
     create_topic(bootstrap, &topic, partitions as i32);
-    assert_eq!(
-        n % partitions,
-        0,
-        "the clicks spread evenly over the partitions"
-    );
-    let clicks = jobs::clicks::Clicks {
-        users: 200,
-        spacing_us: 500,
-        ..Default::default()
-    };
-    let ends = (0..partitions)
-        .map(|p| (p.to_string(), serde_json::json!(n / partitions)))
-        .collect();
+    let ends = click_ends(n, partitions);
+    let clicks = clicks();
     let mut expected = std::collections::BTreeMap::new();
     for i in 0..n {
         let ts = clicks.ts(i);
@@ -253,30 +316,14 @@ pub fn click_feed(bootstrap: &str, prefix: &str, n: u64, partitions: u64) -> Cli
     let writer = {
         let (b, topic) = (bootstrap.to_string(), topic.clone());
         std::thread::spawn(move || {
-            for chunk in (0..n).collect::<Vec<u64>>().chunks(2_000) {
-                let rows: Vec<(i32, String, String, i64)> = chunk
-                    .iter()
-                    .map(|&i| {
-                        (
-                            (i % partitions) as i32,
-                            clicks.user(i),
-                            serde_json::to_string(&clicks.event(i)).expect("json"),
-                            clicks.ts(i),
-                        )
-                    })
-                    .collect();
-                let recs: Vec<Rec<'_>> = rows
-                    .iter()
-                    .map(|(p, k, v, ts)| Rec {
-                        partition: *p,
-                        key: Some(k.as_bytes()),
-                        payload: v.as_bytes(),
-                        ts: Some(*ts),
-                    })
-                    .collect();
-                produce(&b, &topic, &recs);
-                std::thread::sleep(Duration::from_millis(300));
-            }
+            write_clicks(
+                &b,
+                &topic,
+                0..n,
+                partitions,
+                2_000,
+                Duration::from_millis(300),
+            );
         })
     };
     ClickFeed {
@@ -287,6 +334,32 @@ pub fn click_feed(bootstrap: &str, prefix: &str, n: u64, partitions: u64) -> Cli
     }
 }
 
+/// Kafka `topic` up to `ends` → clicks per user and 2 s window → sink `out` of `sink`
+/// kind, parallelism 2.
+pub fn click_count_job(
+    bootstrap: &str,
+    name: &str,
+    (topic, ends): (&str, &serde_json::Map<String, serde_json::Value>),
+    checkpointing: serde_json::Value,
+    sink: &str,
+) -> String {
+    serde_json::json!({
+        "name": name,
+        "checkpointing": checkpointing,
+        "operators": [
+            {"id": "clicks", "kind": "kafka_source", "parallelism": 2,
+             "params": {"bootstrap_servers": bootstrap, "topic": topic, "ts_field": "ts",
+                        "end": {"offsets": {topic: ends}}}},
+            {"id": "by_user", "kind": "key_by", "input": "clicks", "parallelism": 2,
+             "params": {"expr": "value.user"}},
+            {"id": "per_2s", "kind": "window_aggregate", "input": "by_user", "parallelism": 2,
+             "params": {"window": {"tumbling_ms": 2000}, "aggs": [{"name": "clicks", "agg": "count"}]}},
+            {"id": "out", "kind": sink, "input": "per_2s", "parallelism": 2}
+        ]
+    })
+    .to_string()
+}
+
 impl ClickFeed {
     /// Kafka → clicks per user and 2 s window → collect sink `out`, parallelism 2.
     pub fn count_job(
@@ -295,21 +368,8 @@ impl ClickFeed {
         name: &str,
         checkpointing: serde_json::Value,
     ) -> String {
-        serde_json::json!({
-            "name": name,
-            "checkpointing": checkpointing,
-            "operators": [
-                {"id": "clicks", "kind": "kafka_source", "parallelism": 2,
-                 "params": {"bootstrap_servers": bootstrap, "topic": self.topic, "ts_field": "ts",
-                            "end": {"offsets": {self.topic.clone(): self.ends}}}},
-                {"id": "by_user", "kind": "key_by", "input": "clicks", "parallelism": 2,
-                 "params": {"expr": "value.user"}},
-                {"id": "per_2s", "kind": "window_aggregate", "input": "by_user", "parallelism": 2,
-                 "params": {"window": {"tumbling_ms": 2000}, "aggs": [{"name": "clicks", "agg": "count"}]}},
-                {"id": "out", "kind": "collect", "input": "per_2s", "parallelism": 2}
-            ]
-        })
-        .to_string()
+        let input = (self.topic.as_str(), &self.ends);
+        click_count_job(bootstrap, name, input, checkpointing, "collect")
     }
 
     /// Waits for the writer and for job `id` to finish, and checks that its collect sink

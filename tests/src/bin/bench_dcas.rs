@@ -13,12 +13,15 @@
 //! - (c) DCAS recovery time (aggregate stage killed) and saturated throughput for
 //!   micro-windows of 100 .. 1600 records and the default;
 //! - (d) saturated throughput of no checkpointing, ABS and DCAS on the keyed-count pipeline
-//!   (parallelism 2 on two task managers), as ratios within one run.
+//!   (parallelism 2 on two task managers), as ratios within one run;
+//! - (e) the same on the paper's Kafka-fed pipeline: a Kafka topic of click events (filled
+//!   once, before the rounds) → key_by user → 2 s window count → discard, each job reading
+//!   the whole topic from the broker named by `WEIR_KAFKA_BOOTSTRAP` (skipped without it).
 //!
 //! (a) is also drawn as an SVG bar chart under `target/bench/`.
 //!
 //! `cargo build --release --bins && target/release/bench_dcas [--rate R --kills K
-//! --records N --rounds K --a 0|1 --b 0|1 --c 0|1 --d 0|1]`
+//! --records N --rounds K --kafka-records N --a 0|1 --b 0|1 --c 0|1 --d 0|1 --e 0|1]`
 
 use std::time::Duration;
 
@@ -287,48 +290,106 @@ fn micro_windows(args: &[String], rate: u64, kills: usize) {
     println!();
 }
 
-fn overhead(args: &[String]) {
-    let arg = |name: &str, default: u64| weir_tests::arg(args, name, default);
-    let n = arg("--records", 20_000_000);
-    let rounds = arg("--rounds", 3).max(1) as usize;
-    let c = Cluster::start(ClusterOptions {
-        taskmanagers: 2,
-        slots: 1,
-        ..Default::default()
-    });
-    let modes = [
+/// The checkpointing modes whose throughput (d) and (e) compare.
+fn overhead_modes() -> [(&'static str, Value); 3] {
+    [
         ("none", Value::Null),
         ("ABS every 1000 ms", mode("abs", 0)),
         (
             "DCAS (default micro-window)",
             mode("dcas", DEFAULT_SNAPSHOT_EVERY_RECORDS),
         ),
-    ];
+    ]
+}
+
+/// Runs `job(mode)` for every mode, `rounds` times; prints records/s and the ratio to no
+/// checkpointing within each round, under `title`.
+fn compare_rates(c: &Cluster, title: &str, n: u64, rounds: usize, job: impl Fn(&Value) -> String) {
+    let modes = overhead_modes();
+    // Per mode: records/s and task manager CPU µs per record, and their ratios to none.
     let mut rates = vec![Vec::new(); modes.len()];
     let mut ratios = vec![Vec::new(); modes.len()];
+    let mut cpus = vec![Vec::new(); modes.len()];
+    let mut cpu_ratios = vec![Vec::new(); modes.len()];
     for round in 0..rounds {
-        let got: Vec<f64> = modes
+        let got: Vec<(f64, f64)> = modes
             .iter()
-            .map(|(_, m)| run_rate(&c, &keyed_count(n, m.clone()), n).0)
+            .map(|(_, m)| {
+                let cpu_before = c.taskmanagers_cpu_ms();
+                let rate = run_rate(c, &job(m), n).0;
+                let cpu_us = (c.taskmanagers_cpu_ms() - cpu_before) as f64 * 1000.0 / n as f64;
+                (rate, cpu_us)
+            })
             .collect();
-        eprintln!("round {round}: {got:?}");
-        for (i, r) in got.iter().enumerate() {
+        eprintln!("round {round}: (records/s, task manager CPU µs/record) {got:?}");
+        for (i, (r, cpu)) in got.iter().enumerate() {
             rates[i].push(*r);
-            ratios[i].push(r / got[0]);
+            ratios[i].push(r / got[0].0);
+            cpus[i].push(*cpu);
+            cpu_ratios[i].push(cpu / got[0].1.max(f64::MIN_POSITIVE));
         }
     }
-    println!("(d) saturated keyed count, {n} records, parallelism 2 on 2 task managers, {rounds} rounds (ratios within each round)");
+    println!("{title}, {rounds} rounds (ratios within each round)");
     println!();
-    println!("| checkpointing | records/s (median) | vs none (median ratio) |");
-    println!("|---|---|---|");
+    println!("| checkpointing | records/s (median) | vs none (median ratio) | task manager CPU per record (median) | vs none |");
+    println!("|---|---|---|---|---|");
     for (i, (name, _)) in modes.iter().enumerate() {
+        let rate = median(rates[i].clone());
+        let rate = if rate >= 1e6 {
+            format!("{:.2} M", rate / 1e6)
+        } else {
+            format!("{:.1} k", rate / 1e3)
+        };
         println!(
-            "| {name} | {:.2} M | {:.1}% |",
-            median(rates[i].clone()) / 1e6,
-            100.0 * median(ratios[i].clone())
+            "| {name} | {rate} | {:.1}% | {:.2} µs | ×{:.2} |",
+            100.0 * median(ratios[i].clone()),
+            median(cpus[i].clone()),
+            median(cpu_ratios[i].clone())
         );
     }
     println!();
+}
+
+/// Two task managers with one slot each (the pipelines have parallelism 2).
+fn two_taskmanagers() -> Cluster {
+    Cluster::start(ClusterOptions {
+        taskmanagers: 2,
+        slots: 1,
+        ..Default::default()
+    })
+}
+
+fn overhead(args: &[String]) {
+    let arg = |name: &str, default: u64| weir_tests::arg(args, name, default);
+    let n = arg("--records", 20_000_000);
+    let rounds = arg("--rounds", 3).max(1) as usize;
+    let title = format!("(d) saturated keyed count, {n} records, parallelism 2 on 2 task managers");
+    compare_rates(&two_taskmanagers(), &title, n, rounds, |m| {
+        keyed_count(n, m.clone())
+    });
+}
+
+fn kafka_overhead(args: &[String]) {
+    let Some(b) = weir_tests::kafka::bootstrap("bench_dcas (e)") else {
+        return;
+    };
+    let arg = |name: &str, default: u64| weir_tests::arg(args, name, default);
+    let n = arg("--kafka-records", 2_000_000);
+    let rounds = arg("--rounds", 3).max(1) as usize;
+    eprintln!("(e) writing {n} click events to the broker");
+    let (topic, ends) = weir_tests::kafka::filled_clicks(&b, "bench-dcas", n, 4);
+    let title = format!(
+        "(e) Kafka-fed click count ({n} events in 4 partitions → key_by user → 2 s window count → discard), parallelism 2 on 2 task managers"
+    );
+    compare_rates(&two_taskmanagers(), &title, n, rounds, |m| {
+        weir_tests::kafka::click_count_job(
+            &b,
+            "kafka-clicks",
+            (&topic, &ends),
+            m.clone(),
+            "discard",
+        )
+    });
 }
 
 /// A grouped bar chart of kill → caught up by failed stage, ABS against DCAS.
@@ -411,5 +472,8 @@ fn main() {
     }
     if arg("--d", 1) == 1 {
         overhead(&args);
+    }
+    if arg("--e", 1) == 1 {
+        kafka_overhead(&args);
     }
 }
