@@ -269,16 +269,23 @@ impl Cluster {
     }
 
     /// Waits until the job reaches a terminal state; returns its JSON.
+    /// On a timeout it panics with the job and its failovers, to tell a stuck job's cause.
     pub fn wait_for_end(&self, id: &str, timeout: Duration) -> Value {
-        let mut last = Value::Null;
-        self.wait_until(timeout, "job ended", |c| {
-            last = c.job(id);
-            matches!(
-                last["state"].as_str(),
+        let deadline = Instant::now() + timeout;
+        loop {
+            let job = self.job(id);
+            if matches!(
+                job["state"].as_str(),
                 Some("FINISHED" | "FAILED" | "CANCELED")
-            )
-        });
-        last
+            ) {
+                return job;
+            }
+            if Instant::now() >= deadline {
+                let failovers = self.get(&format!("/jobs/{id}/failovers")).1;
+                panic!("timed out after {timeout:?} waiting for job {id} to end: {job}\nfailovers: {failovers}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Every collected record of collect operator `op` of a job, as `value` JSON.
