@@ -1685,14 +1685,15 @@ impl Dispatcher {
         // A source that cannot tell its lag yet (a restarted Kafka consumer before its first
         // statistics, a second after it starts) is waited for; past a grace period the rate
         // rule decides. A generator knows its lag from its first poll.
+        let by_rate = rate >= 0.9 * e.pre_failure_rate;
         let caught_up = match (e.pre_failure_lag, lag) {
             (Some(pre), Some(l)) => l <= (2 * pre).max((0.05 * e.pre_failure_rate) as u64).max(100),
             (Some(_), None) => {
-                e.replayed_ms
-                    .is_some_and(|r| now_ms() >= r + LAG_UNKNOWN_GRACE_MS)
-                    && rate >= 0.9 * e.pre_failure_rate
+                by_rate
+                    && e.replayed_ms
+                        .is_some_and(|r| now_ms() >= r + LAG_UNKNOWN_GRACE_MS)
             }
-            (None, _) => rate >= 0.9 * e.pre_failure_rate,
+            (None, _) => by_rate,
         };
         if e.first_record_ms.is_some() && caught_up {
             e.caught_up_ms = Some(now_ms());
