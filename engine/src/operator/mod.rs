@@ -173,6 +173,23 @@ pub trait Source: Send {
     /// Rewinds to a position produced by `snapshot()`.
     fn restore(&mut self, state: &[u8]) -> Result<(), OpError>;
 
+    /// True when the records are a pure function of the position, so that
+    /// [`Source::regenerate`] from a restored position yields exactly what the polls from
+    /// there returned (a generator). DCAS logs such a source's polls as record counts, not
+    /// records: replay derives them again, from memory as well.
+    fn replayable(&self) -> bool {
+        false
+    }
+
+    /// Appends the `n` records from the current position and moves past them, as the poll
+    /// that returned them did, whatever its pace; only for a [`Source::replayable`] source.
+    fn regenerate(&mut self, n: usize, out: &mut Vec<Record>) -> Result<(), OpError> {
+        let _ = (n, out);
+        Err(OpError::State(
+            "this source cannot regenerate its records; its polls are logged whole".into(),
+        ))
+    }
+
     /// Source-specific metrics (positions, lag), read about once a second.
     fn metrics(&self) -> Vec<Metric> {
         Vec::new()

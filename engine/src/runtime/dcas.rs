@@ -29,7 +29,7 @@ use tracing::warn;
 
 use super::channel::{InputPosition, RouterPosition};
 use crate::cache::{CacheClient, CacheError};
-use crate::codec::{decode, decode_event, encode, encode_event, CodecError};
+use crate::codec::{decode, decode_event, encode, encode_event_after, size_hint, CodecError};
 use crate::ids::TaskManagerId;
 use crate::protocol::control::OperatorState;
 use crate::record::{Batch, Seq, StreamEvent};
@@ -110,7 +110,9 @@ pub const SOURCE_CHANNEL: u32 = u32::MAX;
 
 /// One consumed input: the input channel (gate index) and the event; for a source's poll,
 /// the records polled and the source's state after the poll (replay restores it, so the
-/// source then continues where the logged polls ended).
+/// source then continues where the logged polls ended). A replayable source's poll
+/// ([`Source::replayable`](crate::operator::Source::replayable)) is logged as its record
+/// count, with an empty batch: replay regenerates the records.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LogEntry {
     /// Input channel index in the subtask's gate ([`SOURCE_CHANNEL`] for source polls).
@@ -119,6 +121,8 @@ pub struct LogEntry {
     pub event: StreamEvent,
     /// A source's state after the poll that produced `event`.
     pub source_state: Option<Vec<u8>>,
+    /// Records a replayable source polled (not in `event`).
+    pub regenerate: Option<u64>,
 }
 
 impl LogEntry {
@@ -128,13 +132,23 @@ impl LogEntry {
             channel: channel as u32,
             event,
             source_state: None,
+            regenerate: None,
         }
     }
 
     /// Encodes as the channel and the event's length (4 bytes each, little endian), the
-    /// wire event, then the source state if any.
+    /// wire event, then a tail: nothing; 1 and the source state; or 2, the regenerated
+    /// count (8 bytes) and the source state.
     pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
-        encode_entry(self.channel, &self.event, self.source_state.as_deref())
+        encode_entry(self.channel, &self.event, self.tail())
+    }
+
+    fn tail(&self) -> Tail<'_> {
+        match (&self.source_state, self.regenerate) {
+            (None, _) => Tail::None,
+            (Some(state), None) => Tail::State(state),
+            (Some(state), Some(n)) => Tail::Regenerate(n, state),
+        }
     }
 
     /// Decodes what [`LogEntry::encode`] wrote.
@@ -150,34 +164,57 @@ impl LogEntry {
             )));
         }
         let (event, tail) = rest.split_at(len);
-        let source_state = match tail.split_first() {
-            None => None,
-            Some((1, state)) => Some(state.to_vec()),
+        let (source_state, regenerate) = match tail.split_first() {
+            None => (None, None),
+            Some((1, state)) => (Some(state.to_vec()), None),
+            Some((2, rest)) => {
+                let (n, state) = rest
+                    .split_first_chunk::<8>()
+                    .ok_or_else(|| CodecError("log entry count cut short".into()))?;
+                (Some(state.to_vec()), Some(u64::from_le_bytes(*n)))
+            }
             Some((tag, _)) => return Err(CodecError(format!("log entry trailer tag {tag}"))),
         };
         Ok(LogEntry {
             channel: u32::from_le_bytes(*head),
             event: decode_event(event)?,
             source_state,
+            regenerate,
         })
     }
 }
 
-/// The encoding of [`LogEntry::encode`], from borrowed parts (no copy of the event).
-fn encode_entry(
-    channel: u32,
-    event: &StreamEvent,
-    source_state: Option<&[u8]>,
-) -> Result<Vec<u8>, CodecError> {
-    let event = encode_event(event)?;
-    let state = source_state.unwrap_or_default();
-    let mut out = Vec::with_capacity(9 + event.len() + state.len());
+/// What follows a log entry's event.
+#[derive(Clone, Copy)]
+pub enum Tail<'a> {
+    /// Nothing: an input from a channel, a source's watermark or end.
+    None,
+    /// A source's poll: its state after it.
+    State(&'a [u8]),
+    /// A replayable source's poll: the records polled and its state after it.
+    Regenerate(u64, &'a [u8]),
+}
+
+/// The encoding of [`LogEntry::encode`], from borrowed parts, in one buffer: the header,
+/// the event archived straight after it (8 bytes keep its alignment), then the tail.
+fn encode_entry(channel: u32, event: &StreamEvent, tail: Tail<'_>) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(8 + size_hint(event));
     out.extend_from_slice(&channel.to_le_bytes());
-    out.extend_from_slice(&(event.len() as u32).to_le_bytes());
-    out.extend_from_slice(&event);
-    if let Some(state) = source_state {
-        out.push(1);
-        out.extend_from_slice(state);
+    out.extend_from_slice(&[0; 4]);
+    let mut out = encode_event_after(event, out)?;
+    let len = (out.len() - 8) as u32;
+    out[4..8].copy_from_slice(&len.to_le_bytes());
+    match tail {
+        Tail::None => {}
+        Tail::State(state) => {
+            out.push(1);
+            out.extend_from_slice(state);
+        }
+        Tail::Regenerate(n, state) => {
+            out.push(2);
+            out.extend_from_slice(&n.to_le_bytes());
+            out.extend_from_slice(state);
+        }
     }
     Ok(out)
 }
@@ -228,7 +265,7 @@ impl InputLog {
 
     /// Queues `entry`; returns its index. Never waits: the append happens in the background.
     pub fn push(&mut self, entry: &LogEntry) -> Result<u64, DcasError> {
-        self.push_parts(entry.channel, &entry.event, entry.source_state.as_deref())
+        self.push_parts(entry.channel, &entry.event, entry.tail())
     }
 
     /// [`InputLog::push`] of an entry given by its parts (the event is not copied).
@@ -236,18 +273,17 @@ impl InputLog {
         &mut self,
         channel: u32,
         event: &StreamEvent,
-        source_state: Option<&[u8]>,
+        tail: Tail<'_>,
     ) -> Result<u64, DcasError> {
         // The writer publishes its error before it drops the queue: check both, so a
         // stopped log refuses entries from the moment it reports the error.
         if let Err(e) = &*self.logged.borrow() {
             return Err(e.clone());
         }
-        let bytes =
-            encode_entry(channel, event, source_state).map_err(|source| DcasError::Codec {
-                what: format!("encoding an entry of {}", self.list),
-                source,
-            })?;
+        let bytes = encode_entry(channel, event, tail).map_err(|source| DcasError::Codec {
+            what: format!("encoding an entry of {}", self.list),
+            source,
+        })?;
         self.tx.send(bytes).map_err(|_| self.stopped_error())?;
         self.next += 1;
         Ok(self.next - 1)
@@ -515,8 +551,8 @@ pub struct DcasSnapshot {
 pub struct SnapshotStore {
     client: CacheClient,
     /// The partition of the log and the snapshot (one partition: a snapshot and the trim it
-    /// allows go to the same primary).
-    partition: u32,
+    /// allows go to the same primary); `None` until [`SnapshotStore::place`] chose it.
+    partition: Option<u32>,
     names: DcasNames,
 }
 
@@ -525,14 +561,27 @@ impl SnapshotStore {
     pub fn new(client: CacheClient, partition: u32, names: DcasNames) -> SnapshotStore {
         SnapshotStore {
             client,
-            partition,
+            partition: Some(partition),
             names,
         }
     }
 
-    /// The entries' partition.
-    pub fn partition(&self) -> u32 {
-        self.partition
+    /// The store of the subtask named `names`, whose partition [`SnapshotStore::place`]
+    /// will find.
+    pub fn unplaced(client: CacheClient, names: DcasNames) -> SnapshotStore {
+        SnapshotStore {
+            client,
+            partition: None,
+            names,
+        }
+    }
+
+    /// The entries' partition, once placed.
+    pub fn partition(&self) -> Result<u32, DcasError> {
+        self.partition.ok_or_else(|| DcasError::Corrupt {
+            list: self.names.log.clone(),
+            message: "used before the log was placed".into(),
+        })
     }
 
     /// Finds the partition of the log and the snapshot, choosing and recording it on the
@@ -570,7 +619,7 @@ impl SnapshotStore {
                 list: self.names.log.clone(),
                 message: format!("no valid partition recorded in {map}"),
             })?;
-        self.partition = partition;
+        self.partition = Some(partition);
         Ok(partition)
     }
 
@@ -594,7 +643,7 @@ impl SnapshotStore {
             source,
         })?;
         let size = value.len();
-        let (p, names) = (self.partition, &self.names);
+        let (p, names) = (self.partition()?, &self.names);
         let value = value.to_vec();
         retrying("storing a snapshot", || {
             self.client
@@ -612,9 +661,9 @@ impl SnapshotStore {
 
     /// The latest stored snapshot, if any.
     pub async fn load(&self) -> Result<Option<DcasSnapshot>, DcasError> {
-        let names = &self.names;
+        let (p, names) = (self.partition()?, &self.names);
         let Some((bytes, _)) = retrying("loading a snapshot", || {
-            self.client.get_in(self.partition, &names.map, &names.key)
+            self.client.get_in(p, &names.map, &names.key)
         })
         .await
         .map_err(|e| self.cache_error("loading the snapshot", e))?
@@ -629,12 +678,12 @@ impl SnapshotStore {
 
     /// Every log entry from index `from` to the end, in order, and the end index.
     pub async fn read_log(&self, from: u64) -> Result<(Vec<LogEntry>, u64), DcasError> {
+        let p = self.partition()?;
         let mut out = Vec::new();
         let mut at = from;
         loop {
             let (first, items) = retrying("reading a log", || {
-                self.client
-                    .range(self.partition, &self.names.log, at, at + READ_PAGE)
+                self.client.range(p, &self.names.log, at, at + READ_PAGE)
             })
             .await
             .map_err(|e| self.cache_error("reading the log", e))?;
@@ -842,10 +891,9 @@ impl DcasSubtask {
         outputs: Vec<Vec<ChannelKey>>,
     ) -> DcasSubtask {
         let names = DcasNames::new(&config.job, task, subtask);
-        // The partition is known once placed (`load`).
-        let partition = config.client.list_partition(&names.log);
         DcasSubtask {
-            store: SnapshotStore::new(config.client.clone(), partition, names),
+            // Placed by `load`.
+            store: SnapshotStore::unplaced(config.client.clone(), names),
             progress: ChannelProgress::new(config.client.clone(), &config.job),
             inputs,
             outputs,
@@ -864,7 +912,7 @@ impl DcasSubtask {
     /// Places the log ([`SnapshotStore::place`]), loads the latest snapshot (none for a
     /// first start) and the log entries after it, and starts the log writer after them.
     pub async fn load(&mut self) -> Result<(Option<DcasSnapshot>, Vec<LogEntry>), DcasError> {
-        self.store.place(self.me).await?;
+        let partition = self.store.place(self.me).await?;
         let snap = self.store.load().await?;
         let from = snap.as_ref().map_or(0, |s| s.log_offset);
         if let Some(s) = &snap {
@@ -873,7 +921,7 @@ impl DcasSubtask {
         let (entries, end) = self.store.read_log(from).await?;
         self.log = Some(InputLog::start_leased(
             self.store.client.clone(),
-            self.store.partition,
+            partition,
             self.store.names.log.clone(),
             end,
             self.lease.clone(),
@@ -1019,8 +1067,25 @@ mod tests {
                 channel: SOURCE_CHANNEL,
                 event,
                 source_state: Some(vec![1, 2, 3]),
+                regenerate: None,
             };
             assert_eq!(LogEntry::decode(&polled.encode().unwrap()).unwrap(), polled);
+            let counted = LogEntry {
+                regenerate: Some(1 << 40),
+                ..polled
+            };
+            assert_eq!(
+                LogEntry::decode(&counted.encode().unwrap()).unwrap(),
+                counted
+            );
+            let empty_state = LogEntry {
+                source_state: Some(Vec::new()),
+                ..counted
+            };
+            let bytes = empty_state.encode().unwrap();
+            assert_eq!(LogEntry::decode(&bytes).unwrap(), empty_state);
+            let cut = LogEntry::decode(&bytes[..bytes.len() - 3]).unwrap_err();
+            assert!(cut.to_string().contains("count cut short"), "{cut}");
         }
         assert!(LogEntry::decode(&[1, 2]).is_err());
         assert!(LogEntry::decode(&[1, 2, 3, 4, 9, 0, 0, 0, 1]).is_err());
@@ -1137,7 +1202,7 @@ mod tests {
             let me = primary(client.list_partition(&names.log)).unwrap();
             let mut store = SnapshotStore::new(client.clone(), 0, names.clone());
             let p = store.place(me).await.unwrap();
-            assert_eq!(store.partition(), p);
+            assert_eq!(store.partition().unwrap(), p);
             assert_ne!(
                 primary(p),
                 Some(me),

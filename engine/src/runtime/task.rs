@@ -38,7 +38,7 @@ use super::channel::{
 };
 use super::credit::CloseCause;
 use super::dcas::{
-    DcasError, DcasSnapshot, DcasSubtask, LogEntry, LogWaiter, Stored, SOURCE_CHANNEL,
+    DcasError, DcasSnapshot, DcasSubtask, LogEntry, LogWaiter, Stored, Tail, SOURCE_CHANNEL,
 };
 use crate::error::{EngineError, ErrorKind};
 use crate::operator::{Metric, OpError, Operator, Source, SourcePoll};
@@ -371,18 +371,26 @@ impl SubtaskRunner {
                 self.metrics
                     .records_in
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                if let Some((d, _)) = &mut self.dcas {
+                if let (Some((d, _)), Some(state)) = (&mut self.dcas, &state) {
                     d.consumed(batch.len());
+                    // A replayable source's poll is logged as its count.
+                    let (records, tail) = match source.replayable() {
+                        true => (Vec::new(), Tail::Regenerate(batch.len() as u64, state)),
+                        false => (std::mem::take(&mut batch), Tail::State(state)),
+                    };
                     let event = StreamEvent::Data(Batch {
                         first_seq: 0,
-                        records: std::mem::take(&mut batch),
+                        records,
                     });
-                    d.log()
-                        .and_then(|l| l.push_parts(SOURCE_CHANNEL, &event, state.as_deref()))
-                        .map_err(|e| self.dcas_failure(e))?;
+                    let logged = d
+                        .log()
+                        .and_then(|l| l.push_parts(SOURCE_CHANNEL, &event, tail));
                     if let StreamEvent::Data(b) = event {
-                        batch = b.records;
+                        if !b.records.is_empty() {
+                            batch = b.records;
+                        }
                     }
+                    logged.map_err(|e| self.dcas_failure(e))?;
                 }
                 self.process(0, &mut batch).await?;
             }
@@ -493,7 +501,7 @@ impl SubtaskRunner {
                     d.consumed(b.len());
                 }
                 d.log()
-                    .and_then(|l| l.push_parts(event.0 as u32, &event.1, None))
+                    .and_then(|l| l.push_parts(event.0 as u32, &event.1, Tail::None))
                     .map_err(|e| self.dcas_failure(e))?;
             }
             match event {
@@ -866,7 +874,7 @@ impl SubtaskRunner {
             return Ok(());
         };
         d.log()
-            .and_then(|l| l.push_parts(SOURCE_CHANNEL, &event, None))
+            .and_then(|l| l.push_parts(SOURCE_CHANNEL, &event, Tail::None))
             .map(|_| ())
             .map_err(|e| self.dcas_failure(e))
     }
@@ -939,10 +947,15 @@ impl SubtaskRunner {
         }
         match entry.event {
             StreamEvent::Data(batch) => {
+                let mut records = batch.records;
+                if let (Some((id, source)), Some(n)) = (&mut self.source, entry.regenerate) {
+                    source
+                        .regenerate(n as usize, &mut records)
+                        .map_err(|e| op_failure(id, self.id.index, e))?;
+                }
                 self.metrics
                     .records_in
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                let mut records = batch.records;
+                    .fetch_add(records.len() as u64, Ordering::Relaxed);
                 self.process(0, &mut records).await?;
                 if let (Some((id, source)), Some(state)) = (&mut self.source, entry.source_state) {
                     source
