@@ -17,33 +17,80 @@ use crate::value::{ArchivedValue, Value};
 #[error("{0}")]
 pub struct CodecError(pub String);
 
+/// The serializer [`encode`] runs: rkyv's high-level one, into an [`AlignedVec`].
+pub type Serializer<'a> = rkyv::api::high::HighSerializer<
+    AlignedVec,
+    rkyv::ser::allocator::ArenaHandle<'a>,
+    rancor::Error,
+>;
+
 /// Encodes any rkyv-serializable value.
-pub fn encode<T>(value: &T) -> Result<AlignedVec, CodecError>
-where
-    T: for<'a> rkyv::Serialize<
-        rkyv::api::high::HighSerializer<
-            AlignedVec,
-            rkyv::ser::allocator::ArenaHandle<'a>,
-            rancor::Error,
-        >,
-    >,
-{
+pub fn encode<T: for<'a> rkyv::Serialize<Serializer<'a>>>(
+    value: &T,
+) -> Result<AlignedVec, CodecError> {
     encode_sized(value, 0)
 }
 
 /// Encodes into a buffer of `capacity` bytes reserved up front, so a large batch is not
 /// copied again and again while the buffer grows.
-pub fn encode_sized<T>(value: &T, capacity: usize) -> Result<AlignedVec, CodecError>
-where
-    T: for<'a> rkyv::Serialize<
-        rkyv::api::high::HighSerializer<
-            AlignedVec,
-            rkyv::ser::allocator::ArenaHandle<'a>,
-            rancor::Error,
-        >,
-    >,
-{
-    rkyv::api::high::to_bytes_in::<_, rancor::Error>(value, AlignedVec::with_capacity(capacity))
+pub fn encode_sized<T: for<'a> rkyv::Serialize<Serializer<'a>>>(
+    value: &T,
+    capacity: usize,
+) -> Result<AlignedVec, CodecError> {
+    encode_in(value, AlignedVec::with_capacity(capacity))
+}
+
+/// Encodes into `buf`, which is empty.
+fn encode_in<T: for<'a> rkyv::Serialize<Serializer<'a>>>(
+    value: &T,
+    buf: AlignedVec,
+) -> Result<AlignedVec, CodecError> {
+    rkyv::api::high::to_bytes_in::<_, rancor::Error>(value, buf)
+        .map_err(|e| CodecError(format!("encode failed: {e}")))
+}
+
+/// A reusable encoding buffer, one per connection writer: frames are encoded into memory
+/// already faulted in instead of a fresh allocation each. A buffer that grew past
+/// [`Encoder::KEEP`] bytes (a large snapshot) is let go before the next frame.
+#[derive(Default)]
+pub struct Encoder {
+    buf: AlignedVec,
+}
+
+impl Encoder {
+    /// Largest buffer kept between frames.
+    pub const KEEP: usize = 4 << 20;
+
+    /// Encodes `value`; the bytes live until the next call.
+    pub fn encode<T: for<'a> rkyv::Serialize<Serializer<'a>>>(
+        &mut self,
+        value: &T,
+    ) -> Result<&[u8], CodecError> {
+        let mut buf = std::mem::take(&mut self.buf);
+        if buf.capacity() > Self::KEEP {
+            buf = AlignedVec::new();
+        }
+        buf.clear();
+        self.buf = encode_in(value, buf)?;
+        Ok(&self.buf)
+    }
+}
+
+/// Bytes to reserve for `event`'s archive (~48 per flat record), so encoding does not
+/// regrow the buffer.
+pub fn size_hint(event: &StreamEvent) -> usize {
+    match event {
+        StreamEvent::Data(b) => 128 + b.len() * 56,
+        _ => 128,
+    }
+}
+
+/// Encodes a stream event after the bytes already in `out` (a header), without an
+/// intermediate buffer. The event's archive starts at `out.len()`, which must be a
+/// multiple of 8 for it to decode from there (the archive's alignment).
+pub fn encode_event_after(event: &StreamEvent, out: Vec<u8>) -> Result<Vec<u8>, CodecError> {
+    debug_assert!(out.len().is_multiple_of(8));
+    rkyv::api::high::to_bytes_in::<_, rancor::Error>(event, out)
         .map_err(|e| CodecError(format!("encode failed: {e}")))
 }
 
@@ -205,6 +252,28 @@ mod tests {
                 ),
             ],
         }
+    }
+
+    #[test]
+    fn encoder_reuses_its_buffer_and_lets_a_huge_one_go() {
+        let mut enc = Encoder::default();
+        let small = StreamEvent::Data(sample_batch());
+        let huge = StreamEvent::Data(Batch {
+            first_seq: 0,
+            records: vec![Record::new(
+                1,
+                Value::Bytes(vec![7u8; Encoder::KEEP].into()),
+            )],
+        });
+        for ev in [&small, &huge, &small, &StreamEvent::Watermark(3), &small] {
+            let bytes = enc.encode(ev).unwrap().to_vec();
+            assert_eq!(decode_event(&bytes).unwrap(), *ev);
+            assert_eq!(bytes, encode_event(ev).unwrap().as_slice());
+        }
+        assert!(
+            enc.buf.capacity() <= Encoder::KEEP,
+            "the huge buffer was kept"
+        );
     }
 
     #[test]

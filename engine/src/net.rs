@@ -24,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, error, info, warn};
 
-use crate::codec::{encode, encode_sized, event_from_archived, CodecError};
+use crate::codec::{encode, encode_sized, event_from_archived, size_hint, CodecError};
 use crate::ids::{Generation, JobId, TaskManagerId};
 use crate::protocol::data::{ArchivedDataFrame, ChannelId, DataFrame};
 use crate::protocol::frame::{read_frame, read_msg, write_frame, FrameError, MAX_FRAME};
@@ -596,11 +596,7 @@ impl RemoteSender {
     }
 
     fn write(&self, event: StreamEvent) -> Result<(), credit::Disconnected> {
-        // ~48 bytes per flat record on the wire; reserving avoids regrowing the buffer.
-        let capacity = match &event {
-            StreamEvent::Data(b) => 128 + b.len() * 56,
-            _ => 128,
-        };
+        let capacity = size_hint(&event);
         let frame = DataFrame::Event {
             channel: self.channel,
             event,

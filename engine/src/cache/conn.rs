@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
-use crate::codec::encode;
+use crate::codec::Encoder;
 use crate::protocol::cache::{CacheMsg, Request, Response};
 use crate::protocol::frame::{read_msg, write_frame};
 
@@ -172,19 +172,20 @@ async fn run(
         }
     });
     let mut out = BufWriter::with_capacity(256 << 10, write);
+    let mut encoder = Encoder::default();
     let why = loop {
         tokio::select! {
             biased;
             why = &mut reader => break why.unwrap_or_else(|e| e.to_string()),
             msg = rx.recv() => {
                 let Some((id, req)) = msg else { break "closed by its owner".to_string() };
-                if let Err(e) = write_one(&mut out, id, req).await {
+                if let Err(e) = write_one(&mut out, &mut encoder, id, req).await {
                     break format!("writing to {addr}: {e}");
                 }
                 // Batch whatever else is queued into the same flush.
                 let mut failed = None;
                 while let Ok((id, req)) = rx.try_recv() {
-                    if let Err(e) = write_one(&mut out, id, req).await {
+                    if let Err(e) = write_one(&mut out, &mut encoder, id, req).await {
                         failed = Some(format!("writing to {addr}: {e}"));
                         break;
                     }
@@ -206,9 +207,12 @@ async fn run(
 
 async fn write_one(
     out: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    encoder: &mut Encoder,
     id: u64,
     req: Request,
 ) -> Result<(), String> {
-    let bytes = encode(&CacheMsg::Request(id, req)).map_err(|e| e.to_string())?;
-    write_frame(out, &bytes).await.map_err(|e| e.to_string())
+    let bytes = encoder
+        .encode(&CacheMsg::Request(id, req))
+        .map_err(|e| e.to_string())?;
+    write_frame(out, bytes).await.map_err(|e| e.to_string())
 }

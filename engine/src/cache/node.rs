@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 
 use super::conn::{Conn, ConnError};
 use super::store::{growth, Partition, Usage};
-use crate::codec::encode;
+use crate::codec::Encoder;
 use crate::ids::TaskManagerId;
 use crate::protocol::cache::{
     CacheMsg, CacheStats, Failure, Member, Mutation, Op, OpResult, PartitionTable, Request,
@@ -569,11 +569,14 @@ async fn serve(stream: TcpStream, node: Arc<Node>) -> Result<(), String> {
     let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Response)>();
     let writer = tokio::spawn(async move {
         let mut out = BufWriter::with_capacity(256 << 10, write);
+        let mut encoder = Encoder::default();
         while let Some((id, resp)) = rx.recv().await {
             let mut next = Some((id, resp));
             while let Some((id, resp)) = next {
-                let bytes = encode(&CacheMsg::Response(id, resp)).map_err(|e| e.to_string())?;
-                write_frame(&mut out, &bytes)
+                let bytes = encoder
+                    .encode(&CacheMsg::Response(id, resp))
+                    .map_err(|e| e.to_string())?;
+                write_frame(&mut out, bytes)
                     .await
                     .map_err(|e| e.to_string())?;
                 next = rx.try_recv().ok();

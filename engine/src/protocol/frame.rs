@@ -9,7 +9,7 @@ use std::io;
 use rkyv::util::AlignedVec;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::codec::{decode, encode, CodecError};
+use crate::codec::{decode, encode, CodecError, Serializer};
 
 /// Largest accepted payload: 64 MiB.
 pub const MAX_FRAME: usize = 64 << 20;
@@ -32,13 +32,7 @@ pub enum FrameError {
 pub async fn write_msg<W, T>(w: &mut W, msg: &T) -> Result<(), FrameError>
 where
     W: AsyncWrite + Unpin,
-    T: for<'a> rkyv::Serialize<
-        rkyv::api::high::HighSerializer<
-            AlignedVec,
-            rkyv::ser::allocator::ArenaHandle<'a>,
-            rkyv::rancor::Error,
-        >,
-    >,
+    T: for<'a> rkyv::Serialize<Serializer<'a>>,
 {
     let bytes = encode(msg)?;
     write_frame(w, &bytes).await
@@ -72,8 +66,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge(len));
     }
-    buf.clear();
-    buf.reserve(len);
+    // Every byte is read over: only growth beyond the last frame's length is zeroed.
     buf.resize(len, 0);
     r.read_exact(buf.as_mut_slice()).await?;
     Ok(true)

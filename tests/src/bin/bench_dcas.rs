@@ -290,22 +290,40 @@ fn micro_windows(args: &[String], rate: u64, kills: usize) {
     println!();
 }
 
-/// The checkpointing modes whose throughput (d) and (e) compare.
-fn overhead_modes() -> [(&'static str, Value); 3] {
-    [
-        ("none", Value::Null),
-        ("ABS every 1000 ms", mode("abs", 0)),
+/// The checkpointing modes whose throughput (d) and (e) compare: none, ABS, DCAS at the
+/// default micro-window and at each of `windows` (`--windows a,b,...`).
+fn overhead_modes(args: &[String]) -> Vec<(String, Value)> {
+    let mut modes = vec![
+        ("none".to_string(), Value::Null),
+        ("ABS every 1000 ms".to_string(), mode("abs", 0)),
         (
-            "DCAS (default micro-window)",
+            "DCAS (default micro-window)".to_string(),
             mode("dcas", DEFAULT_SNAPSHOT_EVERY_RECORDS),
         ),
-    ]
+    ];
+    let windows = args
+        .iter()
+        .position(|a| a == "--windows")
+        .and_then(|i| args.get(i + 1));
+    for w in windows.into_iter().flat_map(|w| w.split(',')) {
+        let w: u64 = w
+            .parse()
+            .expect("--windows takes record counts, comma-separated");
+        modes.push((format!("DCAS, snapshot every {w} records"), mode("dcas", w)));
+    }
+    modes
 }
 
 /// Runs `job(mode)` for every mode, `rounds` times; prints records/s and the ratio to no
 /// checkpointing within each round, under `title`.
-fn compare_rates(c: &Cluster, title: &str, n: u64, rounds: usize, job: impl Fn(&Value) -> String) {
-    let modes = overhead_modes();
+fn compare_rates(
+    c: &Cluster,
+    modes: &[(String, Value)],
+    title: &str,
+    n: u64,
+    rounds: usize,
+    job: impl Fn(&Value) -> String,
+) {
     // Per mode: records/s and task manager CPU µs per record, and their ratios to none.
     let mut rates = vec![Vec::new(); modes.len()];
     let mut ratios = vec![Vec::new(); modes.len()];
@@ -364,9 +382,14 @@ fn overhead(args: &[String]) {
     let n = arg("--records", 20_000_000);
     let rounds = arg("--rounds", 3).max(1) as usize;
     let title = format!("(d) saturated keyed count, {n} records, parallelism 2 on 2 task managers");
-    compare_rates(&two_taskmanagers(), &title, n, rounds, |m| {
-        keyed_count(n, m.clone())
-    });
+    compare_rates(
+        &two_taskmanagers(),
+        &overhead_modes(args),
+        &title,
+        n,
+        rounds,
+        |m| keyed_count(n, m.clone()),
+    );
 }
 
 fn kafka_overhead(args: &[String]) {
@@ -381,15 +404,22 @@ fn kafka_overhead(args: &[String]) {
     let title = format!(
         "(e) Kafka-fed click count ({n} events in 4 partitions → key_by user → 2 s window count → discard), parallelism 2 on 2 task managers"
     );
-    compare_rates(&two_taskmanagers(), &title, n, rounds, |m| {
-        weir_tests::kafka::click_count_job(
-            &b,
-            "kafka-clicks",
-            (&topic, &ends),
-            m.clone(),
-            "discard",
-        )
-    });
+    compare_rates(
+        &two_taskmanagers(),
+        &overhead_modes(args),
+        &title,
+        n,
+        rounds,
+        |m| {
+            weir_tests::kafka::click_count_job(
+                &b,
+                "kafka-clicks",
+                (&topic, &ends),
+                m.clone(),
+                "discard",
+            )
+        },
+    );
 }
 
 /// A grouped bar chart of kill → caught up by failed stage, ABS against DCAS.
