@@ -176,13 +176,15 @@ pub trait Source: Send {
     /// True when the records are a pure function of the position, so that
     /// [`Source::regenerate`] from a restored position yields exactly what the polls from
     /// there returned (a generator). DCAS logs such a source's polls as record counts, not
-    /// records: replay derives them again, from memory as well.
+    /// records, and replay derives the records again without reading anything.
     fn replayable(&self) -> bool {
         false
     }
 
     /// Appends the `n` records from the current position and moves past them, as the poll
     /// that returned them did, whatever its pace; only for a [`Source::replayable`] source.
+    /// Other state the poll kept (a feed's start time) may differ: DCAS restores the state
+    /// logged after the poll once the records are regenerated.
     fn regenerate(&mut self, n: usize, out: &mut Vec<Record>) -> Result<(), OpError> {
         let _ = (n, out);
         Err(OpError::State(

@@ -405,7 +405,7 @@ impl Source for Generator {
 
     fn regenerate(&mut self, n: usize, out: &mut Vec<Record>) -> Result<(), OpError> {
         let n = n as u64;
-        if let Some(limit) = self.limit.filter(|l| self.next + n > *l) {
+        if let Some(limit) = self.limit.filter(|l| self.next.saturating_add(n) > *l) {
             return Err(OpError::State(format!(
                 "regenerating {n} records from local index {} passes the count {limit}",
                 self.next

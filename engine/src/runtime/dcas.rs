@@ -117,11 +117,13 @@ pub const SOURCE_CHANNEL: u32 = u32::MAX;
 pub struct LogEntry {
     /// Input channel index in the subtask's gate ([`SOURCE_CHANNEL`] for source polls).
     pub channel: u32,
-    /// The event as consumed (data with its seqs, a watermark, or the end of a channel).
+    /// The event as consumed (data with its seqs, a watermark, or the end of a channel); an
+    /// empty batch for a replayable source's poll, whose records `regenerate` counts.
     pub event: StreamEvent,
     /// A source's state after the poll that produced `event`.
     pub source_state: Option<Vec<u8>>,
-    /// Records a replayable source polled (not in `event`).
+    /// The number of records a replayable source polled (not in `event`): replay
+    /// regenerates them.
     pub regenerate: Option<u64>,
 }
 
@@ -145,9 +147,9 @@ impl LogEntry {
 
     fn tail(&self) -> Tail<'_> {
         match (&self.source_state, self.regenerate) {
-            (None, _) => Tail::None,
+            (None, None) => Tail::None,
             (Some(state), None) => Tail::State(state),
-            (Some(state), Some(n)) => Tail::Regenerate(n, state),
+            (state, Some(n)) => Tail::Regenerate(n, state.as_deref().unwrap_or_default()),
         }
     }
 
@@ -760,6 +762,29 @@ impl ChannelProgress {
         })
     }
 
+    /// Publishes `logged` (if any), then reads the logged seq of every channel of
+    /// `outputs` (per route, per target).
+    pub async fn exchange(
+        &self,
+        logged: &[(ChannelKey, Seq)],
+        outputs: &[Vec<ChannelKey>],
+    ) -> Result<Vec<Vec<Seq>>, DcasError> {
+        if !logged.is_empty() {
+            self.publish(logged).await?;
+        }
+        let flat: Vec<ChannelKey> = outputs.iter().flatten().copied().collect();
+        let mut seqs = if flat.is_empty() {
+            Vec::new()
+        } else {
+            self.read(&flat).await?
+        }
+        .into_iter();
+        Ok(outputs
+            .iter()
+            .map(|r| r.iter().map(|_| seqs.next().unwrap_or(0)).collect())
+            .collect())
+    }
+
     /// The logged seq of each channel (0 when its receiver has published nothing yet).
     pub async fn read(&self, channels: &[ChannelKey]) -> Result<Vec<Seq>, DcasError> {
         let keys: Vec<Vec<u8>> = channels.iter().map(ChannelKey::bytes).collect();
@@ -878,6 +903,27 @@ pub struct DcasSubtask {
     last: std::time::Instant,
     next_id: u64,
     in_flight: Option<oneshot::Receiver<Result<Stored, DcasError>>>,
+    acks: Acks,
+}
+
+/// How often a subtask publishes what it has logged and reads what its receivers have,
+/// between snapshots. Retained output (which every snapshot carries) is trimmed this often,
+/// instead of once per snapshot of the receiver.
+const PROGRESS_EVERY: Duration = Duration::from_millis(5);
+
+/// A subtask's side of the acknowledgements between snapshots: which input seqs its log
+/// holds, published as the log grows, and what its receivers have published.
+#[derive(Default)]
+struct Acks {
+    /// Log entries of input data not yet known to be in the cache: (index, gate channel,
+    /// the channel's next seq after the entry).
+    pending: VecDeque<(u64, usize, Seq)>,
+    /// Per input channel, the next seq known to be logged.
+    logged: Vec<Seq>,
+    /// `logged` changed since it was last published.
+    changed: bool,
+    last: Option<std::time::Instant>,
+    in_flight: Option<oneshot::Receiver<Result<Vec<Vec<Seq>>, DcasError>>>,
 }
 
 impl DcasSubtask {
@@ -906,6 +952,7 @@ impl DcasSubtask {
             last: std::time::Instant::now(),
             next_id: 1,
             in_flight: None,
+            acks: Acks::default(),
         }
     }
 
@@ -980,20 +1027,7 @@ impl DcasSubtask {
             let result = async {
                 waiter.reached(snap.log_offset).await?;
                 let bytes = store.store(&snap).await?;
-                if !published.is_empty() {
-                    progress.publish(&published).await?;
-                }
-                let flat: Vec<ChannelKey> = outputs.iter().flatten().copied().collect();
-                let mut seqs = if flat.is_empty() {
-                    Vec::new()
-                } else {
-                    progress.read(&flat).await?
-                }
-                .into_iter();
-                let logged = outputs
-                    .iter()
-                    .map(|r| r.iter().map(|_| seqs.next().unwrap_or(0)).collect())
-                    .collect();
+                let logged = progress.exchange(&published, &outputs).await?;
                 Ok(Stored {
                     id: snap.id,
                     bytes,
@@ -1035,6 +1069,69 @@ impl DcasSubtask {
     /// True while a snapshot is being stored.
     pub fn in_flight(&self) -> bool {
         self.in_flight.is_some()
+    }
+
+    /// Notes that log entry `index` holds input channel `channel`'s seqs below `next`.
+    pub fn input_logged(&mut self, index: u64, channel: usize, next: Seq) {
+        self.acks.pending.push_back((index, channel, next));
+    }
+
+    /// Exchanges progress between snapshots, never waiting: at most every
+    /// [`PROGRESS_EVERY`], publishes the input seqs the log now holds and reads what the
+    /// receivers of every output channel have published. Answers the receivers' progress
+    /// (per route, per target) once a read finished.
+    pub fn exchange_progress(&mut self) -> Result<Option<Vec<Vec<Seq>>>, DcasError> {
+        let mut answer = None;
+        if let Some(rx) = &mut self.acks.in_flight {
+            match rx.try_recv() {
+                Ok(r) => answer = Some(r?),
+                Err(oneshot::error::TryRecvError::Empty) => return Ok(None),
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    return Err(DcasError::Stopped(self.store.names.log.clone()))
+                }
+            }
+            self.acks.in_flight = None;
+        }
+        if self.acks.last.is_some_and(|t| t.elapsed() < PROGRESS_EVERY) {
+            return Ok(answer);
+        }
+        let logged = match &self.log {
+            Some(log) => log.logged()?,
+            None => return Ok(answer),
+        };
+        let acks = &mut self.acks;
+        acks.logged.resize(self.inputs.len(), 0);
+        while let Some(&(index, channel, next)) = acks.pending.front() {
+            if index >= logged {
+                break;
+            }
+            acks.pending.pop_front();
+            if let Some(l) = acks.logged.get_mut(channel).filter(|l| **l < next) {
+                *l = next;
+                acks.changed = true;
+            }
+        }
+        let publish: Vec<(ChannelKey, Seq)> = match acks.changed {
+            true => self
+                .inputs
+                .iter()
+                .copied()
+                .zip(acks.logged.clone())
+                .collect(),
+            false => Vec::new(),
+        };
+        if publish.is_empty() && self.outputs.iter().all(Vec::is_empty) {
+            return Ok(answer);
+        }
+        acks.changed = false;
+        acks.last = Some(std::time::Instant::now());
+        let (progress, outputs) = (self.progress.clone(), self.outputs.clone());
+        let (tx, rx) = oneshot::channel();
+        acks.in_flight = Some(rx);
+        tokio::spawn(async move {
+            let _ = tx.send(progress.exchange(&publish, &outputs).await);
+        });
+        Ok(answer)
     }
 }
 
@@ -1260,6 +1357,54 @@ mod tests {
             .unwrap();
         let err = progress.read(&[to0]).await.unwrap_err();
         assert!(err.to_string().contains("3 bytes, expected 8"), "{err}");
+    }
+
+    /// Between snapshots, a receiver publishes the input seqs its log holds (only those) and
+    /// its sender reads them, so retained output is trimmed as the log grows.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn progress_is_exchanged_between_snapshots_as_the_log_grows() {
+        let c = Cluster::start(3, 1 << 30).await;
+        let config = DcasConfig {
+            lease: Lease::default(),
+            client: c.client().await,
+            job: "job".into(),
+            me: c.nodes[0].0,
+            every_records: 1 << 40,
+            interval: Duration::from_secs(3600),
+        };
+        let k = ChannelKey {
+            edge: 0,
+            from: 0,
+            to: 0,
+        };
+        let mut receiver = DcasSubtask::new(&config, 1, 0, vec![k], Vec::new());
+        let mut sender = DcasSubtask::new(&config, 0, 0, Vec::new(), vec![vec![k]]);
+        receiver.load().await.unwrap();
+        sender.load().await.unwrap();
+        let event = StreamEvent::Data(batch(0, 10));
+        let log = receiver.log().unwrap();
+        let index = log.push_parts(0, &event, Tail::None).unwrap();
+        log.synced().await.unwrap();
+        receiver.input_logged(index, 0, 10);
+        // Never pushed, so never logged: its seqs must not be published.
+        receiver.input_logged(index + 100, 0, 50);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut seen = Vec::new();
+        while std::time::Instant::now() < deadline && seen.last() != Some(&10) {
+            receiver.exchange_progress().unwrap();
+            if let Some(logged) = sender.exchange_progress().unwrap() {
+                seen.push(logged[0][0]);
+            }
+            tokio::time::sleep(PROGRESS_EVERY).await;
+        }
+        assert_eq!(seen.last(), Some(&10), "read {seen:?}");
+        for _ in 0..5 {
+            receiver.exchange_progress().unwrap();
+            tokio::time::sleep(PROGRESS_EVERY * 2).await;
+            if let Some(logged) = sender.exchange_progress().unwrap() {
+                assert_eq!(logged, vec![vec![10]], "only logged seqs are published");
+            }
+        }
     }
 
     /// A full cache is backpressure: `synced` waits, and completes once memory is freed.

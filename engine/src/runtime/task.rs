@@ -43,7 +43,7 @@ use super::dcas::{
 use crate::error::{EngineError, ErrorKind};
 use crate::operator::{Metric, OpError, Operator, Source, SourcePoll};
 use crate::protocol::control::OperatorState;
-use crate::record::{Batch, CheckpointId, Record, StreamEvent};
+use crate::record::{Batch, CheckpointId, Record, Seq, StreamEvent};
 
 /// Identity of a subtask within a job, for logs and events.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -99,6 +99,12 @@ impl Default for SubtaskMetrics {
 
 /// DCAS: most output batches waiting for the input log before the subtask waits too.
 const MAX_SEALED: usize = 16;
+
+/// DCAS: most input entries not yet in the log before the subtask stops taking input. A
+/// subtask with little output (a window, a sink) is not held back by log-before-release,
+/// and without this bound its log falls behind its input without limit, and with it the
+/// output its senders must retain (and carry in every snapshot).
+const MAX_UNLOGGED: u64 = 32;
 
 /// How often a subtask refreshes its operator metrics.
 const OPERATOR_METRICS_INTERVAL: Duration = Duration::from_secs(1);
@@ -350,6 +356,7 @@ impl SubtaskRunner {
             if let Some(stored) = self.dcas.as_mut().and_then(|(d, _)| d.try_done()) {
                 self.snapshot_stored(stored)?;
             }
+            self.exchange_progress()?;
             let (source_id, source) = self.source.as_mut().ok_or(Stop::Canceled)?;
             let poll = source
                 .poll(self.batch_size, &mut batch)
@@ -374,7 +381,8 @@ impl SubtaskRunner {
                 if let (Some((d, _)), Some(state)) = (&mut self.dcas, &state) {
                     d.consumed(batch.len());
                     // A replayable source's poll is logged as its count.
-                    let (records, tail) = match source.replayable() {
+                    let replayable = source.replayable();
+                    let (records, tail) = match replayable {
                         true => (Vec::new(), Tail::Regenerate(batch.len() as u64, state)),
                         false => (std::mem::take(&mut batch), Tail::State(state)),
                     };
@@ -385,10 +393,8 @@ impl SubtaskRunner {
                     let logged = d
                         .log()
                         .and_then(|l| l.push_parts(SOURCE_CHANNEL, &event, tail));
-                    if let StreamEvent::Data(b) = event {
-                        if !b.records.is_empty() {
-                            batch = b.records;
-                        }
+                    if let (false, StreamEvent::Data(b)) = (replayable, event) {
+                        batch = b.records;
                     }
                     logged.map_err(|e| self.dcas_failure(e))?;
                 }
@@ -454,6 +460,15 @@ impl SubtaskRunner {
                 (Some((d, _)), Some(required)) => d.log().ok().map(|l| (l.waiter(), required)),
                 _ => None,
             };
+            // DCAS: input waits while the log is too far behind it.
+            let mut log_behind = match &mut self.dcas {
+                Some((d, _)) => d.log().ok().and_then(|l| {
+                    let next = l.next_index();
+                    let logged = l.logged().unwrap_or(next);
+                    (next - logged > MAX_UNLOGGED).then(|| (l.waiter(), next - MAX_UNLOGGED / 2))
+                }),
+                None => None,
+            };
             let event = tokio::select! {
                 biased;
                 cmd = control.recv() => {
@@ -477,11 +492,16 @@ impl SubtaskRunner {
                     self.release().await?;
                     continue;
                 }
+                reached = logged(log_behind.as_mut()), if log_behind.is_some() => {
+                    reached.map_err(|e| self.dcas_failure(e))?;
+                    self.exchange_progress()?;
+                    continue;
+                }
                 _ = sleep_until(snapshot_at), if snapshot_at.is_some() => {
                     self.maybe_snapshot(false)?;
                     continue;
                 }
-                ev = self.gate.next() => match ev {
+                ev = self.gate.next(), if log_behind.is_none() => match ev {
                     Ok(ev) => ev,
                     Err(e) => match self.detachable(&e) {
                         // DCAS: the sender's task manager died; its restarted instance is
@@ -497,12 +517,18 @@ impl SubtaskRunner {
             };
             self.publish_operator_metrics();
             if let Some((d, _)) = &mut self.dcas {
-                if let (_, StreamEvent::Data(b)) = &event {
-                    d.consumed(b.len());
+                let logged = d
+                    .log()
+                    .and_then(|l| l.push_parts(event.0 as u32, &event.1, Tail::None));
+                match (logged, &event) {
+                    (Ok(index), (ch, StreamEvent::Data(b))) => {
+                        d.consumed(b.len());
+                        d.input_logged(index, *ch, b.end_seq());
+                    }
+                    (Ok(_), _) => {}
+                    (Err(e), _) => return Err(self.dcas_failure(e)),
                 }
-                d.log()
-                    .and_then(|l| l.push_parts(event.0 as u32, &event.1, Tail::None))
-                    .map_err(|e| self.dcas_failure(e))?;
+                self.exchange_progress()?;
             }
             match event {
                 (ch, StreamEvent::EndOfStream) => {
@@ -868,7 +894,7 @@ impl SubtaskRunner {
         Ok(false)
     }
 
-    /// DCAS: logs a source's watermark or end (polled records are logged where polled).
+    /// DCAS: logs a source's watermark or end (polls are logged where polled).
     fn log_source(&mut self, event: StreamEvent) -> Result<(), Stop> {
         let Some((d, _)) = &mut self.dcas else {
             return Ok(());
@@ -948,7 +974,17 @@ impl SubtaskRunner {
         match entry.event {
             StreamEvent::Data(batch) => {
                 let mut records = batch.records;
-                if let (Some((id, source)), Some(n)) = (&mut self.source, entry.regenerate) {
+                if let Some(n) = entry.regenerate {
+                    // A poll returns at most a batch: a larger count is not this log's.
+                    let (Some((id, source)), true) =
+                        (&mut self.source, n <= self.batch_size as u64)
+                    else {
+                        return Err(Stop::Failed(EngineError::Internal(format!(
+                            "subtask {}: replay: a logged poll of {n} records to regenerate, \
+                             but the subtask has no source or polls at most {}",
+                            self.id, self.batch_size
+                        ))));
+                    };
                     source
                         .regenerate(n as usize, &mut records)
                         .map_err(|e| op_failure(id, self.id.index, e))?;
@@ -1006,17 +1042,36 @@ impl SubtaskRunner {
     fn snapshot_stored(&mut self, stored: Result<Stored, DcasError>) -> Result<(), Stop> {
         let stored = stored.map_err(|e| self.dcas_failure(e))?;
         self.commit(stored.id)?;
-        for (r, seqs) in stored.logged.iter().enumerate() {
-            for (t, &seq) in seqs.iter().enumerate() {
-                self.router.trim((r as u32, t as u32), seq);
-            }
-        }
+        self.trim_retained(&stored.logged);
         debug!(
             snapshot = stored.id,
             bytes = stored.bytes,
             retained = self.router.retained_records(),
             "DCAS snapshot stored."
         );
+        Ok(())
+    }
+
+    /// DCAS: forgets retained output its receivers have logged (per route, per target).
+    fn trim_retained(&mut self, logged: &[Vec<Seq>]) {
+        for (r, seqs) in logged.iter().enumerate() {
+            for (t, &seq) in seqs.iter().enumerate() {
+                self.router.trim((r as u32, t as u32), seq);
+            }
+        }
+    }
+
+    /// DCAS, between snapshots: publishes what the log holds and trims retained output by
+    /// what the receivers have published (see [`DcasSubtask::exchange_progress`]).
+    fn exchange_progress(&mut self) -> Result<(), Stop> {
+        let Some((d, _)) = &mut self.dcas else {
+            return Ok(());
+        };
+        match d.exchange_progress() {
+            Ok(Some(logged)) => self.trim_retained(&logged),
+            Ok(None) => {}
+            Err(e) => return Err(self.dcas_failure(e)),
+        }
         Ok(())
     }
 
