@@ -726,8 +726,9 @@ impl ChannelKey {
     }
 }
 
-/// Per channel, the next seq its receiver has logged: receivers publish (after a snapshot,
-/// when everything consumed is logged), senders read to trim their [`RetainedOutput`].
+/// Per channel, the next seq its receiver has logged: receivers publish (as their log
+/// grows, and after each snapshot), senders read to trim their [`RetainedOutput`]. A value
+/// is a lower bound of what the log holds, so one that lands late only delays a trim.
 #[derive(Clone)]
 pub struct ChannelProgress {
     client: CacheClient,
@@ -911,6 +912,9 @@ pub struct DcasSubtask {
 /// instead of once per snapshot of the receiver.
 const PROGRESS_EVERY: Duration = Duration::from_millis(5);
 
+/// How long the exchange pauses after a failed one (a full or recovering cache).
+const PROGRESS_RETRY: Duration = Duration::from_millis(200);
+
 /// A subtask's side of the acknowledgements between snapshots: which input seqs its log
 /// holds, published as the log grows, and what its receivers have published.
 #[derive(Default)]
@@ -920,9 +924,10 @@ struct Acks {
     pending: VecDeque<(u64, usize, Seq)>,
     /// Per input channel, the next seq known to be logged.
     logged: Vec<Seq>,
-    /// `logged` changed since it was last published.
-    changed: bool,
-    last: Option<std::time::Instant>,
+    /// Per input channel, whether `logged` changed since it was last published.
+    changed: Vec<bool>,
+    /// No exchange starts before this.
+    next_at: Option<std::time::Instant>,
     in_flight: Option<oneshot::Receiver<Result<Vec<Vec<Seq>>, DcasError>>>,
 }
 
@@ -1080,27 +1085,49 @@ impl DcasSubtask {
     /// [`PROGRESS_EVERY`], publishes the input seqs the log now holds and reads what the
     /// receivers of every output channel have published. Answers the receivers' progress
     /// (per route, per target) once a read finished.
+    ///
+    /// Best effort: a failed exchange only delays trimming (the snapshot path exchanges
+    /// too), so it is retried after [`PROGRESS_RETRY`]; only a lost partition is an error.
     pub fn exchange_progress(&mut self) -> Result<Option<Vec<Vec<Seq>>>, DcasError> {
+        let acks = &mut self.acks;
         let mut answer = None;
-        if let Some(rx) = &mut self.acks.in_flight {
-            match rx.try_recv() {
-                Ok(r) => answer = Some(r?),
+        if let Some(rx) = &mut acks.in_flight {
+            let failed = match rx.try_recv() {
                 Err(oneshot::error::TryRecvError::Empty) => return Ok(None),
-                Err(oneshot::error::TryRecvError::Closed) => {
-                    return Err(DcasError::Stopped(self.store.names.log.clone()))
+                Ok(Ok(logged)) => {
+                    answer = Some(logged);
+                    None
                 }
+                Ok(Err(e)) => Some(e),
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    Some(DcasError::Stopped(self.store.names.log.clone()))
+                }
+            };
+            acks.in_flight = None;
+            if let Some(e) = failed {
+                if matches!(
+                    &e,
+                    DcasError::Cache {
+                        source: CacheError::Lost { .. },
+                        ..
+                    }
+                ) {
+                    return Err(e);
+                }
+                warn!(log = %self.store.names.log, error = %e, "Progress exchange failed; retrying.");
+                acks.changed.iter_mut().for_each(|c| *c = true);
+                acks.next_at = Some(std::time::Instant::now() + PROGRESS_RETRY);
             }
-            self.acks.in_flight = None;
         }
-        if self.acks.last.is_some_and(|t| t.elapsed() < PROGRESS_EVERY) {
+        if acks.next_at.is_some_and(|t| std::time::Instant::now() < t) {
             return Ok(answer);
         }
-        let logged = match &self.log {
-            Some(log) => log.logged()?,
-            None => return Ok(answer),
+        // A stopped writer reports its error through the subtask's next push.
+        let Some(Ok(logged)) = self.log.as_ref().map(InputLog::logged) else {
+            return Ok(answer);
         };
-        let acks = &mut self.acks;
         acks.logged.resize(self.inputs.len(), 0);
+        acks.changed.resize(self.inputs.len(), false);
         while let Some(&(index, channel, next)) = acks.pending.front() {
             if index >= logged {
                 break;
@@ -1108,23 +1135,18 @@ impl DcasSubtask {
             acks.pending.pop_front();
             if let Some(l) = acks.logged.get_mut(channel).filter(|l| **l < next) {
                 *l = next;
-                acks.changed = true;
+                acks.changed[channel] = true;
             }
         }
-        let publish: Vec<(ChannelKey, Seq)> = match acks.changed {
-            true => self
-                .inputs
-                .iter()
-                .copied()
-                .zip(acks.logged.clone())
-                .collect(),
-            false => Vec::new(),
-        };
+        // Only channels that moved: a restarted receiver does not publish its zeros.
+        let publish: Vec<(ChannelKey, Seq)> = (0..self.inputs.len())
+            .filter(|&i| std::mem::take(&mut acks.changed[i]))
+            .map(|i| (self.inputs[i], acks.logged[i]))
+            .collect();
         if publish.is_empty() && self.outputs.iter().all(Vec::is_empty) {
             return Ok(answer);
         }
-        acks.changed = false;
-        acks.last = Some(std::time::Instant::now());
+        acks.next_at = Some(std::time::Instant::now() + PROGRESS_EVERY);
         let (progress, outputs) = (self.progress.clone(), self.outputs.clone());
         let (tx, rx) = oneshot::channel();
         acks.in_flight = Some(rx);

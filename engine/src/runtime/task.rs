@@ -464,8 +464,11 @@ impl SubtaskRunner {
             let mut log_behind = match &mut self.dcas {
                 Some((d, _)) => d.log().ok().and_then(|l| {
                     let next = l.next_index();
-                    let logged = l.logged().unwrap_or(next);
-                    (next - logged > MAX_UNLOGGED).then(|| (l.waiter(), next - MAX_UNLOGGED / 2))
+                    match l.logged() {
+                        Ok(logged) if next - logged <= MAX_UNLOGGED => None,
+                        // Behind, or stopped: the waiter answers the writer's error.
+                        _ => Some((l.waiter(), next.saturating_sub(MAX_UNLOGGED / 2))),
+                    }
                 }),
                 None => None,
             };

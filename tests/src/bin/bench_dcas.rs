@@ -21,7 +21,8 @@
 //! (a) is also drawn as an SVG bar chart under `target/bench/`.
 //!
 //! `cargo build --release --bins && target/release/bench_dcas [--rate R --kills K
-//! --records N --rounds K --kafka-records N --a 0|1 --b 0|1 --c 0|1 --d 0|1 --e 0|1]`
+//! --records N --rounds K --kafka-records N --windows A,B,... --a 0|1 --b 0|1 --c 0|1 --d 0|1
+//! --e 0|1]`
 
 use std::time::Duration;
 
