@@ -113,6 +113,7 @@ where
 }
 
 /// Encodes a stream event for the wire.
+#[cfg(test)]
 pub fn encode_event(event: &StreamEvent) -> Result<AlignedVec, CodecError> {
     encode(event)
 }

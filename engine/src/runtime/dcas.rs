@@ -108,9 +108,9 @@ impl DcasNames {
 /// Gate index logged for a source's polls (sources have no input channels).
 pub const SOURCE_CHANNEL: u32 = u32::MAX;
 
-/// One consumed input: the input channel (gate index) and the event; for a source's poll,
-/// the records polled and the source's state after the poll (replay restores it, so the
-/// source then continues where the logged polls ended). A replayable source's poll
+/// One consumed input: the input channel (gate index), the event, and for a source's poll
+/// the source's state after it (replay restores it, so the source then continues where the
+/// logged polls ended). A replayable source's poll
 /// ([`Source::replayable`](crate::operator::Source::replayable)) is logged as its record
 /// count, with an empty batch: replay regenerates the records.
 #[derive(Clone, Debug, PartialEq)]
@@ -118,13 +118,10 @@ pub struct LogEntry {
     /// Input channel index in the subtask's gate ([`SOURCE_CHANNEL`] for source polls).
     pub channel: u32,
     /// The event as consumed (data with its seqs, a watermark, or the end of a channel); an
-    /// empty batch for a replayable source's poll, whose records `regenerate` counts.
+    /// empty batch for a replayable source's poll, whose records the tail counts.
     pub event: StreamEvent,
-    /// A source's state after the poll that produced `event`.
-    pub source_state: Option<Vec<u8>>,
-    /// The number of records a replayable source polled (not in `event`): replay
-    /// regenerates them.
-    pub regenerate: Option<u64>,
+    /// What follows the event: nothing, or a source poll's state (and count).
+    pub tail: Tail,
 }
 
 impl LogEntry {
@@ -133,8 +130,7 @@ impl LogEntry {
         LogEntry {
             channel: channel as u32,
             event,
-            source_state: None,
-            regenerate: None,
+            tail: Tail::None,
         }
     }
 
@@ -142,15 +138,7 @@ impl LogEntry {
     /// wire event, then a tail: nothing; 1 and the source state; or 2, the regenerated
     /// count (8 bytes) and the source state.
     pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
-        encode_entry(self.channel, &self.event, self.tail())
-    }
-
-    fn tail(&self) -> Tail<'_> {
-        match (&self.source_state, self.regenerate) {
-            (None, None) => Tail::None,
-            (Some(state), None) => Tail::State(state),
-            (state, Some(n)) => Tail::Regenerate(n, state.as_deref().unwrap_or_default()),
-        }
+        encode_entry(self.channel, &self.event, self.tail.as_ref())
     }
 
     /// Decodes what [`LogEntry::encode`] wrote.
@@ -166,40 +154,63 @@ impl LogEntry {
             )));
         }
         let (event, tail) = rest.split_at(len);
-        let (source_state, regenerate) = match tail.split_first() {
-            None => (None, None),
-            Some((1, state)) => (Some(state.to_vec()), None),
+        let tail = match tail.split_first() {
+            None => Tail::None,
+            Some((1, state)) => Tail::State(state.to_vec()),
             Some((2, rest)) => {
                 let (n, state) = rest
                     .split_first_chunk::<8>()
                     .ok_or_else(|| CodecError("log entry count cut short".into()))?;
-                (Some(state.to_vec()), Some(u64::from_le_bytes(*n)))
+                Tail::Regenerate(u64::from_le_bytes(*n), state.to_vec())
             }
             Some((tag, _)) => return Err(CodecError(format!("log entry trailer tag {tag}"))),
         };
         Ok(LogEntry {
             channel: u32::from_le_bytes(*head),
             event: decode_event(event)?,
-            source_state,
-            regenerate,
+            tail,
         })
     }
 }
 
-/// What follows a log entry's event.
-#[derive(Clone, Copy)]
-pub enum Tail<'a> {
+/// What follows a log entry's event: owned in a [`LogEntry`], borrowed (`Tail<&[u8]>`)
+/// when the subtask logs a poll without copying the source's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tail<S = Vec<u8>> {
     /// Nothing: an input from a channel, a source's watermark or end.
     None,
     /// A source's poll: its state after it.
-    State(&'a [u8]),
+    State(S),
     /// A replayable source's poll: the records polled and its state after it.
-    Regenerate(u64, &'a [u8]),
+    Regenerate(u64, S),
+}
+
+impl<S: AsRef<[u8]>> Tail<S> {
+    /// The tail borrowing its state.
+    pub fn as_ref(&self) -> Tail<&[u8]> {
+        match self {
+            Tail::None => Tail::None,
+            Tail::State(s) => Tail::State(s.as_ref()),
+            Tail::Regenerate(n, s) => Tail::Regenerate(*n, s.as_ref()),
+        }
+    }
+
+    /// The source's state after the logged poll, if the entry is a poll.
+    pub fn state(&self) -> Option<&[u8]> {
+        match self {
+            Tail::None => None,
+            Tail::State(s) | Tail::Regenerate(_, s) => Some(s.as_ref()),
+        }
+    }
 }
 
 /// The encoding of [`LogEntry::encode`], from borrowed parts, in one buffer: the header,
 /// the event archived straight after it (8 bytes keep its alignment), then the tail.
-fn encode_entry(channel: u32, event: &StreamEvent, tail: Tail<'_>) -> Result<Vec<u8>, CodecError> {
+fn encode_entry(
+    channel: u32,
+    event: &StreamEvent,
+    tail: Tail<&[u8]>,
+) -> Result<Vec<u8>, CodecError> {
     let mut out = Vec::with_capacity(8 + size_hint(event));
     out.extend_from_slice(&channel.to_le_bytes());
     out.extend_from_slice(&[0; 4]);
@@ -265,17 +276,19 @@ impl InputLog {
         }
     }
 
-    /// Queues `entry`; returns its index. Never waits: the append happens in the background.
+    /// Queues `entry`; returns its index.
+    #[cfg(test)]
     pub fn push(&mut self, entry: &LogEntry) -> Result<u64, DcasError> {
-        self.push_parts(entry.channel, &entry.event, entry.tail())
+        self.push_parts(entry.channel, &entry.event, entry.tail.as_ref())
     }
 
-    /// [`InputLog::push`] of an entry given by its parts (the event is not copied).
+    /// Queues the entry of an input from `channel`, `event`, and `tail`; returns its index.
+    /// Never waits: the append happens in the background.
     pub fn push_parts(
         &mut self,
         channel: u32,
         event: &StreamEvent,
-        tail: Tail<'_>,
+        tail: Tail<&[u8]>,
     ) -> Result<u64, DcasError> {
         // The writer publishes its error before it drops the queue: check both, so a
         // stopped log refuses entries from the moment it reports the error.
@@ -560,6 +573,7 @@ pub struct SnapshotStore {
 
 impl SnapshotStore {
     /// The store of the subtask named `names`, in `partition`.
+    #[cfg(test)]
     pub fn new(client: CacheClient, partition: u32, names: DcasNames) -> SnapshotStore {
         SnapshotStore {
             client,
@@ -1185,12 +1199,11 @@ mod tests {
             let polled = LogEntry {
                 channel: SOURCE_CHANNEL,
                 event,
-                source_state: Some(vec![1, 2, 3]),
-                regenerate: None,
+                tail: Tail::State(vec![1, 2, 3]),
             };
             assert_eq!(LogEntry::decode(&polled.encode().unwrap()).unwrap(), polled);
             let counted = LogEntry {
-                regenerate: Some(1 << 40),
+                tail: Tail::Regenerate(1 << 40, vec![1, 2, 3]),
                 ..polled
             };
             assert_eq!(
@@ -1198,7 +1211,7 @@ mod tests {
                 counted
             );
             let empty_state = LogEntry {
-                source_state: Some(Vec::new()),
+                tail: Tail::Regenerate(1 << 40, Vec::new()),
                 ..counted
             };
             let bytes = empty_state.encode().unwrap();

@@ -380,22 +380,24 @@ impl SubtaskRunner {
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 if let (Some((d, _)), Some(state)) = (&mut self.dcas, &state) {
                     d.consumed(batch.len());
-                    // A replayable source's poll is logged as its count.
-                    let replayable = source.replayable();
-                    let (records, tail) = match replayable {
-                        true => (Vec::new(), Tail::Regenerate(batch.len() as u64, state)),
-                        false => (std::mem::take(&mut batch), Tail::State(state)),
-                    };
-                    let event = StreamEvent::Data(Batch {
-                        first_seq: 0,
-                        records,
+                    let logged = d.log().and_then(|log| {
+                        if source.replayable() {
+                            // Logged as its count: replay regenerates the records.
+                            let counted = Tail::Regenerate(batch.len() as u64, state.as_slice());
+                            let event = StreamEvent::Data(Batch::default());
+                            return log.push_parts(SOURCE_CHANNEL, &event, counted);
+                        }
+                        let event = StreamEvent::Data(Batch {
+                            first_seq: 0,
+                            records: std::mem::take(&mut batch),
+                        });
+                        let polled = Tail::State(state.as_slice());
+                        let index = log.push_parts(SOURCE_CHANNEL, &event, polled);
+                        if let StreamEvent::Data(b) = event {
+                            batch = b.records;
+                        }
+                        index
                     });
-                    let logged = d
-                        .log()
-                        .and_then(|l| l.push_parts(SOURCE_CHANNEL, &event, tail));
-                    if let (false, StreamEvent::Data(b)) = (replayable, event) {
-                        batch = b.records;
-                    }
                     logged.map_err(|e| self.dcas_failure(e))?;
                 }
                 self.process(0, &mut batch).await?;
@@ -977,7 +979,7 @@ impl SubtaskRunner {
         match entry.event {
             StreamEvent::Data(batch) => {
                 let mut records = batch.records;
-                if let Some(n) = entry.regenerate {
+                if let Tail::Regenerate(n, _) = entry.tail {
                     // A poll returns at most a batch: a larger count is not this log's.
                     let (Some((id, source)), true) =
                         (&mut self.source, n <= self.batch_size as u64)
@@ -996,9 +998,9 @@ impl SubtaskRunner {
                     .records_in
                     .fetch_add(records.len() as u64, Ordering::Relaxed);
                 self.process(0, &mut records).await?;
-                if let (Some((id, source)), Some(state)) = (&mut self.source, entry.source_state) {
+                if let (Some((id, source)), Some(state)) = (&mut self.source, entry.tail.state()) {
                     source
-                        .restore(&state)
+                        .restore(state)
                         .map_err(|e| op_failure(id, self.id.index, e))?;
                 }
             }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use engine::cache::CacheClient;
 use engine::record::{Batch, Record, StreamEvent};
-use engine::runtime::dcas::{InputLog, LogEntry};
+use engine::runtime::dcas::{InputLog, Tail};
 use engine::value::Value;
 use weir_tests::cluster::{Cluster, ClusterOptions};
 
@@ -48,15 +48,16 @@ async fn input_logs(client: &CacheClient, seconds: u64, logs: usize, every: u64)
                 let p = client.list_partition(&name);
                 let mut log = InputLog::start(client.clone(), p, name.clone(), 0);
                 let mut n = 0u64;
+                let mut event = StreamEvent::Data(Batch {
+                    first_seq: 0,
+                    records,
+                });
                 while !stop.load(Ordering::Relaxed) {
-                    let entry = LogEntry::input(
-                        0,
-                        StreamEvent::Data(Batch {
-                            first_seq: n * BATCH as u64,
-                            records: records.clone(),
-                        }),
-                    );
-                    log.push(&entry).expect("push");
+                    // As the subtask does: the entry is encoded from the borrowed event.
+                    if let StreamEvent::Data(b) = &mut event {
+                        b.first_seq = n * BATCH as u64;
+                    }
+                    log.push_parts(0, &event, Tail::None).expect("push");
                     n += 1;
                     if n.is_multiple_of(every) {
                         log.synced().await.expect("log");
