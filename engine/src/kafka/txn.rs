@@ -275,7 +275,9 @@ mod tests {
 
     const T: Duration = Duration::from_secs(10);
 
-    fn count(bootstrap: &str, topic: &str) -> usize {
+    /// Records read from `topic`, polling until `want` arrived or 5 s passed (partitions
+    /// deliver separately, so a pause after the first records does not mean the end).
+    fn count(bootstrap: &str, topic: &str, want: usize) -> usize {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("group.id", "weir-test")
@@ -285,14 +287,13 @@ mod tests {
         consumer.subscribe(&[topic]).unwrap();
         let mut n = 0;
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while std::time::Instant::now() < deadline {
+        while n < want && std::time::Instant::now() < deadline {
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
                     assert!(m.payload().is_some());
                     n += 1;
                 }
                 Some(Err(e)) => panic!("{e}"),
-                None if n > 0 => break,
                 None => {}
             }
         }
@@ -342,7 +343,8 @@ mod tests {
         assert_eq!(p.state(), TxnState::Ready);
         // The mock cluster does not hide aborted records from read_committed readers (see
         // docs/kafka.md), so only the committed ones are counted as a lower bound here.
-        assert!(count(&bootstrap, "out") >= 10);
+        let n = count(&bootstrap, "out", 10);
+        assert!(n >= 10, "{n} of the 10 committed records read");
     }
 
     /// Ensures a fencing answer from the broker (a newer incarnation with the same
