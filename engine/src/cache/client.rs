@@ -473,6 +473,28 @@ impl CacheClient {
         }
     }
 
+    /// Appends a batch to list `list` in partition `p` at `index`
+    /// ([`Op::AppendAt`]: retrying it after an unacknowledged attempt is safe); `Ok(index)`,
+    /// or `Err(end)` when the list ends elsewhere.
+    pub async fn append_at(
+        &self,
+        p: u32,
+        list: &str,
+        index: u64,
+        items: Vec<Vec<u8>>,
+    ) -> Result<Result<u64, u64>, CacheError> {
+        let op = Op::AppendAt {
+            list: list.into(),
+            index,
+            items,
+        };
+        match self.one(p, op).await? {
+            OpResult::Appended(i) => Ok(Ok(i)),
+            OpResult::Conflict(end) => Ok(Err(end)),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Items `from..to` of list `list` in partition `p`: the first index returned and the
     /// items (fewer when the range reaches past the ends).
     pub async fn range(

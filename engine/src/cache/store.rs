@@ -170,6 +170,23 @@ impl Partition {
                     Some(Mutation::ListSet { list, index, items }),
                 )
             }
+            Op::AppendAt { list, index, items } => {
+                let end = self.lists.get(&list).map_or(0, List::end);
+                let landed = || {
+                    let l = self.lists.get(&list)?;
+                    let from = index.checked_sub(l.start)? as usize;
+                    let held = l.items.range(from.min(l.items.len())..);
+                    Some(held.len() == items.len() && held.eq(items.iter()))
+                };
+                if end == index || landed() == Some(true) {
+                    (
+                        OpResult::Appended(index),
+                        Some(Mutation::ListSet { list, index, items }),
+                    )
+                } else {
+                    (OpResult::Conflict(end), None)
+                }
+            }
             Op::Range { list, from, to } => {
                 if from > to {
                     return Err(Failure::Invalid(format!(

@@ -13,15 +13,20 @@ pub(crate) struct Cluster {
 
 impl Cluster {
     pub(crate) async fn start(n: usize, limit: u64) -> Cluster {
+        Cluster::start_with_limits(&vec![limit; n]).await
+    }
+
+    /// A cluster of one node per memory limit.
+    pub(crate) async fn start_with_limits(limits: &[u64]) -> Cluster {
         let mut master = Membership::new(DEFAULT_PARTITIONS, 1, 64);
         let mut nodes = Vec::new();
-        for i in 0..n {
+        for (i, limit) in limits.iter().enumerate() {
             let id = TaskManagerId(i as u128 + 1);
             let node = CacheNode::bind(
                 id,
                 "127.0.0.1:0",
                 NodeConfig {
-                    memory_limit: limit,
+                    memory_limit: *limit,
                 },
             )
             .await

@@ -151,6 +151,43 @@ async fn a_full_member_refuses_writes_and_says_so() {
     client.append(p, "l", vec![vec![0; 1000]; 8]).await.unwrap();
 }
 
+/// A write the primary applied but a backup refused is not acknowledged, and the primary's
+/// length alone does not make it so: retrying the `AppendAt` replicates it again, and once
+/// it succeeds the backup holds it (read after the primary's loss).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_append_at_reaches_the_backup_that_refused_it() {
+    let mut c = Cluster::start_with_limits(&[1 << 30, 64 << 10]).await;
+    let client = c.client().await;
+    let (big, small) = (c.nodes[0].0, c.nodes[1].0);
+    let p = client.partition_avoiding("log", small);
+    let item = |b: u8| vec![vec![b; 40 << 10]];
+    assert_eq!(client.append_at(p, "log", 0, item(0)).await, Ok(Ok(0)));
+    // The backup has no room for a second 40 KiB item; the primary applied it.
+    let err = client.append_at(p, "log", 1, item(1)).await.unwrap_err();
+    assert!(matches!(err, CacheError::Unacknowledged(_)), "{err}");
+    assert!(err.to_string().contains("Full"), "{err}");
+    assert_eq!(client.len(p, "log").await.unwrap(), (0, 2));
+    let err = client.append_at(p, "log", 1, item(1)).await.unwrap_err();
+    assert!(matches!(err, CacheError::Unacknowledged(_)), "{err}");
+    // A trim (replicated) frees the backup; the retry lands there too.
+    client.trim_prefix(p, "log", 1).await.unwrap();
+    assert_eq!(client.append_at(p, "log", 1, item(1)).await, Ok(Ok(1)));
+    // The single writer's guard: other items, or another index, are refused with the end.
+    assert_eq!(client.append_at(p, "log", 1, item(7)).await, Ok(Err(2)));
+    assert_eq!(client.append_at(p, "log", 5, item(1)).await, Ok(Err(2)));
+    // The primary "dies": the backup is promoted and holds the retried item.
+    c.nodes.retain(|(id, _)| *id != big);
+    assert!(c.master.leave(big).is_empty());
+    c.push();
+    let client = CacheClient::connect(
+        &[c.nodes[0].1.local_addr().to_string()],
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(client.range(p, "log", 0, 10).await.unwrap(), (1, item(1)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_frame_closes_only_that_connection() {
     let c = Cluster::start(1, 1 << 30).await;

@@ -85,6 +85,19 @@ pub enum Op {
         /// Items, in order.
         items: Vec<Vec<u8>>,
     },
+    /// Appends items at `index`: the single writer's append, safe to retry. Applied when
+    /// the list ends at `index`; when it ends at `index + items.len()` with these items (an
+    /// earlier attempt landed on the primary), they are replicated again without change, so
+    /// the answer always means every replica holds them. Otherwise refused with
+    /// [`OpResult::Conflict`] and the list's end. Answers `index`.
+    AppendAt {
+        /// List name.
+        list: String,
+        /// Index of the first item.
+        index: u64,
+        /// Items, in order.
+        items: Vec<Vec<u8>>,
+    },
     /// Items `from..to` (clamped to what the list holds).
     Range {
         /// List name.
@@ -115,11 +128,12 @@ pub enum OpResult {
     Value(Option<(Vec<u8>, u64)>),
     /// `Put`, `PutIfVersion`: the entry's version now.
     Version(u64),
-    /// `PutIfVersion` refused: the entry's current version (0: absent).
+    /// `PutIfVersion` refused: the entry's current version (0: absent). `AppendAt`
+    /// refused: the list's end.
     Conflict(u64),
     /// `Delete`: whether an entry was removed.
     Deleted(bool),
-    /// `Append`: the index of the first appended item.
+    /// `Append`, `AppendAt`: the index of the first appended item.
     Appended(u64),
     /// `Range`: the first index returned and the items.
     Items(u64, Vec<Vec<u8>>),

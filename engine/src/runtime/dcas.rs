@@ -390,9 +390,11 @@ where
     }
 }
 
-/// Appends `items` at index `next`, retrying while the cache is full (backpressure) or
-/// recovering from a member's loss. A retry after an outcome-unknown failure first asks the
-/// list's length, so an append that did land is not written twice.
+/// Appends `items` at index `next` ([`Op::AppendAt`](crate::protocol::cache::Op)), retrying
+/// while the cache is full (backpressure) or recovering from a member's loss; `Err(end)`
+/// when the list ends elsewhere. An attempt whose outcome is unknown may have landed on the
+/// primary but not on a backup: its retry replicates the items again, so success always
+/// means every replica holds them (a primary's length alone would not).
 async fn append_at(
     client: &CacheClient,
     partition: u32,
@@ -400,21 +402,13 @@ async fn append_at(
     next: u64,
     items: &[Vec<u8>],
     open: impl Fn() -> bool,
-) -> Result<u64, CacheError> {
+) -> Result<Result<u64, u64>, CacheError> {
     let started = tokio::time::Instant::now();
-    let mut uncertain = false;
     loop {
-        if uncertain {
-            match client.len(partition, list).await {
-                Ok((_, end)) if end == next + items.len() as u64 => return Ok(next),
-                Ok(_) => uncertain = false,
-                Err(_) => {
-                    tokio::time::sleep(FULL_BACKOFF).await;
-                    continue;
-                }
-            }
-        }
-        match client.append(partition, list, items.to_vec()).await {
+        match client
+            .append_at(partition, list, next, items.to_vec())
+            .await
+        {
             // Refused, nothing written: wait for trims to free memory (backpressure).
             Err(CacheError::Full { .. }) if open() => tokio::time::sleep(FULL_BACKOFF).await,
             Err(
@@ -423,7 +417,6 @@ async fn append_at(
                 | CacheError::NoMembers(_)),
             ) if open() && started.elapsed() < TRANSIENT_RETRY => {
                 warn!(list = %list, error = %e, "Input log append failed; retrying.");
-                uncertain = true;
                 tokio::time::sleep(FULL_BACKOFF).await;
             }
             other => return other,
@@ -464,13 +457,13 @@ async fn write_log(
         })
         .await;
         let outcome = match result {
-            Ok(index) if index == next => {
+            Ok(Ok(_)) => {
                 next += n;
                 Ok(next)
             }
-            Ok(index) => Err(DcasError::Corrupt {
+            Ok(Err(end)) => Err(DcasError::Corrupt {
                 list: list.clone(),
-                message: format!("append landed at index {index}, expected {next}"),
+                message: format!("the log ends at index {end}, this writer's next is {next}"),
             }),
             Err(source) => Err(DcasError::Cache {
                 what: format!("appending {n} entries to {list}"),
@@ -1313,7 +1306,8 @@ mod tests {
         let mut wrong = InputLog::start(client.clone(), p, names.log.clone(), 5);
         wrong.push(&pushed[0]).unwrap();
         let err = wrong.synced().await.unwrap_err();
-        assert!(err.to_string().contains("expected 5"), "{err}");
+        assert!(err.to_string().contains("ends at index 2001"), "{err}");
+        assert!(err.to_string().contains("next is 5"), "{err}");
         assert!(
             wrong.push(&pushed[0]).is_err(),
             "a stopped log refuses entries"
