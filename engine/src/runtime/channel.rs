@@ -494,10 +494,10 @@ impl Router {
         self.retained.as_ref().map_or(0, RetainedOutput::records)
     }
 
-    /// Forgets retained output of channel `(route, target)` below seq `logged`.
-    pub fn trim(&mut self, channel: (u32, u32), logged: Seq) {
+    /// Forgets retained output its receivers have logged: below `logged[route][target]`.
+    pub fn trim(&mut self, logged: &[Vec<Seq>]) {
         if let Some(r) = &mut self.retained {
-            r.trim(channel, logged);
+            r.trim(logged);
         }
     }
 

@@ -504,11 +504,16 @@ impl RetainedOutput {
         self.batches.push_back(RetainedBatch { channel, batch });
     }
 
-    /// Forgets what the receiver of `channel` has logged: records with seq below `logged`.
-    pub fn trim(&mut self, channel: (u32, u32), logged: Seq) {
+    /// Forgets what the receivers have logged, in one pass: `logged[route][target]` is the
+    /// seq below which channel `(route, target)`'s receiver has logged every record (a
+    /// channel missing from it keeps everything).
+    pub fn trim(&mut self, logged: &[Vec<Seq>]) {
         let mut records = 0;
         self.batches.retain_mut(|b| {
-            if b.channel == channel && b.batch.first_seq < logged {
+            let (route, target) = (b.channel.0 as usize, b.channel.1 as usize);
+            let logged = logged.get(route).and_then(|r| r.get(target)).copied();
+            let logged = logged.unwrap_or(0);
+            if b.batch.first_seq < logged {
                 let drop = ((logged - b.batch.first_seq) as usize).min(b.batch.len());
                 b.batch.records.drain(..drop);
                 b.batch.first_seq += drop as u64;
@@ -1223,15 +1228,14 @@ mod tests {
         r.push((0, 1), batch(0, 5));
         r.push((0, 0), batch(10, 10));
         assert_eq!(r.records(), 25);
-        r.trim((0, 0), 15);
+        r.trim(&[vec![15]]);
         assert_eq!(r.records(), 10);
         let left: Vec<_> = r
             .batches()
             .map(|b| (b.channel, b.batch.first_seq, b.batch.len()))
             .collect();
         assert_eq!(left, vec![((0, 1), 0, 5), ((0, 0), 15, 5)]);
-        r.trim((0, 1), 100);
-        r.trim((0, 0), 20);
+        r.trim(&[vec![20, 100]]);
         assert_eq!(r.records(), 0);
         assert_eq!(r.batches().count(), 0);
     }
@@ -1374,8 +1378,7 @@ mod tests {
         progress.publish(&[(to1, 40)]).await.unwrap();
         let logged = progress.read(&[to0, to1]).await.unwrap();
         assert_eq!(logged, vec![25, 40]);
-        retained.trim((0, 0), logged[0]);
-        retained.trim((0, 1), logged[1]);
+        retained.trim(&[logged.to_vec()]);
         assert_eq!(retained.records(), 15, "seqs 25..40 of the first channel");
         // A later publication moves it on; a malformed entry is a named error, not a panic.
         progress.publish(&[(to0, 40)]).await.unwrap();

@@ -43,7 +43,7 @@ use super::dcas::{
 use crate::error::{EngineError, ErrorKind};
 use crate::operator::{Metric, OpError, Operator, Source, SourcePoll};
 use crate::protocol::control::OperatorState;
-use crate::record::{Batch, CheckpointId, Record, Seq, StreamEvent};
+use crate::record::{Batch, CheckpointId, Record, StreamEvent};
 
 /// Identity of a subtask within a job, for logs and events.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -100,8 +100,9 @@ impl Default for SubtaskMetrics {
 /// DCAS: most output batches waiting for the input log before the subtask waits too.
 const MAX_SEALED: usize = 16;
 
-/// DCAS: most input entries not yet in the log before the subtask stops taking input. A
-/// subtask with little output (a window, a sink) is not held back by log-before-release,
+/// DCAS: most input entries not yet in the log before the subtask stops taking input (or
+/// polling). A subtask with little output (a window, a sink, a source chained with a
+/// window) is not held back by log-before-release,
 /// and without this bound its log falls behind its input without limit, and with it the
 /// output its senders must retain (and carry in every snapshot).
 const MAX_UNLOGGED: u64 = 32;
@@ -340,6 +341,19 @@ impl SubtaskRunner {
         }
     }
 
+    /// DCAS: input (a poll, or an input batch) waits while more than [`MAX_UNLOGGED`]
+    /// entries are not yet in the log: what to wait for, until half of them are.
+    fn log_behind(&mut self) -> Option<(LogWaiter, u64)> {
+        let (d, _) = self.dcas.as_mut()?;
+        let l = d.log().ok()?;
+        let next = l.next_index();
+        match l.logged() {
+            Ok(logged) if next - logged <= MAX_UNLOGGED => None,
+            // Behind, or stopped: the waiter answers the writer's error.
+            _ => Some((l.waiter(), next.saturating_sub(MAX_UNLOGGED / 2))),
+        }
+    }
+
     async fn run_source(
         &mut self,
         control: &mut mpsc::UnboundedReceiver<Command>,
@@ -357,6 +371,16 @@ impl SubtaskRunner {
                 self.snapshot_stored(stored)?;
             }
             self.exchange_progress()?;
+            if let Some(mut behind) = self.log_behind() {
+                tokio::select! {
+                    biased;
+                    cmd = control.recv() => self.command(cmd.unwrap_or(Command::Cancel)).await?,
+                    reached = logged(Some(&mut behind)) => {
+                        reached.map_err(|e| self.dcas_failure(e))?;
+                    }
+                }
+                continue;
+            }
             let (source_id, source) = self.source.as_mut().ok_or(Stop::Canceled)?;
             let poll = source
                 .poll(self.batch_size, &mut batch)
@@ -462,18 +486,7 @@ impl SubtaskRunner {
                 (Some((d, _)), Some(required)) => d.log().ok().map(|l| (l.waiter(), required)),
                 _ => None,
             };
-            // DCAS: input waits while the log is too far behind it.
-            let mut log_behind = match &mut self.dcas {
-                Some((d, _)) => d.log().ok().and_then(|l| {
-                    let next = l.next_index();
-                    match l.logged() {
-                        Ok(logged) if next - logged <= MAX_UNLOGGED => None,
-                        // Behind, or stopped: the waiter answers the writer's error.
-                        _ => Some((l.waiter(), next.saturating_sub(MAX_UNLOGGED / 2))),
-                    }
-                }),
-                None => None,
-            };
+            let mut log_behind = self.log_behind();
             let event = tokio::select! {
                 biased;
                 cmd = control.recv() => {
@@ -1047,7 +1060,7 @@ impl SubtaskRunner {
     fn snapshot_stored(&mut self, stored: Result<Stored, DcasError>) -> Result<(), Stop> {
         let stored = stored.map_err(|e| self.dcas_failure(e))?;
         self.commit(stored.id)?;
-        self.trim_retained(&stored.logged);
+        self.router.trim(&stored.logged);
         debug!(
             snapshot = stored.id,
             bytes = stored.bytes,
@@ -1057,15 +1070,6 @@ impl SubtaskRunner {
         Ok(())
     }
 
-    /// DCAS: forgets retained output its receivers have logged (per route, per target).
-    fn trim_retained(&mut self, logged: &[Vec<Seq>]) {
-        for (r, seqs) in logged.iter().enumerate() {
-            for (t, &seq) in seqs.iter().enumerate() {
-                self.router.trim((r as u32, t as u32), seq);
-            }
-        }
-    }
-
     /// DCAS, between snapshots: publishes what the log holds and trims retained output by
     /// what the receivers have published (see [`DcasSubtask::exchange_progress`]).
     fn exchange_progress(&mut self) -> Result<(), Stop> {
@@ -1073,7 +1077,7 @@ impl SubtaskRunner {
             return Ok(());
         };
         match d.exchange_progress() {
-            Ok(Some(logged)) => self.trim_retained(&logged),
+            Ok(Some(logged)) => self.router.trim(&logged),
             Ok(None) => {}
             Err(e) => return Err(self.dcas_failure(e)),
         }
