@@ -119,6 +119,10 @@ pub struct CheckpointingSpec {
     /// DCAS: milliseconds between fallback ABS checkpoints to disk.
     #[serde(default)]
     pub fallback_abs_interval_ms: Option<u64>,
+    /// DCAS: whether a snapshot may carry only the state changed since the previous one
+    /// (default true).
+    #[serde(default)]
+    pub incremental: Option<bool>,
     /// ABS: a checkpoint not complete after this many milliseconds is declared failed.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
@@ -176,6 +180,11 @@ impl CheckpointingSpec {
         std::time::Duration::from_millis(self.snapshot_interval_ms.unwrap_or(200))
     }
 
+    /// DCAS: incremental snapshots (default on).
+    pub fn incremental(&self) -> bool {
+        self.incremental.unwrap_or(true)
+    }
+
     /// ABS checkpoint interval (default 1 s).
     pub fn interval(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.interval_ms.unwrap_or(1000))
@@ -222,6 +231,12 @@ impl CheckpointingSpec {
             return Err(SpecError::job(
                 field("fallback_abs_interval_ms"),
                 "the fallback ABS checkpoint of DCAS jobs is not available yet; without it, a loss beyond the cache's backups fails the job naming the lost partitions",
+            ));
+        }
+        if self.mode != CheckpointMode::Dcas && self.incremental.is_some() {
+            return Err(SpecError::job(
+                field("incremental"),
+                "only DCAS takes incremental snapshots (ABS checkpoints are whole)",
             ));
         }
         if self.restart_delay_ms.is_some_and(|v| v > 3_600_000) {
@@ -422,6 +437,10 @@ mod tests {
                 "checkpointing.snapshot_interval_ms",
             ),
             (
+                r#"{"mode":"abs","incremental":true}"#,
+                "checkpointing.incremental",
+            ),
+            (
                 r#"{"mode":"dcas","fallback_abs_interval_ms":1000}"#,
                 "checkpointing.fallback_abs_interval_ms",
             ),
@@ -433,6 +452,7 @@ mod tests {
             check(r#"{"mode":"dcas","snapshot_every_records":400,"snapshot_interval_ms":100}"#),
             Ok(())
         );
+        assert_eq!(check(r#"{"mode":"dcas","incremental":false}"#), Ok(()));
     }
 
     #[test]

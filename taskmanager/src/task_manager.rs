@@ -707,6 +707,7 @@ async fn wire(
                 me,
                 every_records: c.snapshot_every(),
                 interval: c.snapshot_interval(),
+                incremental: c.incremental(),
             },
             reporter: reporter(),
         }),

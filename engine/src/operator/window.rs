@@ -124,6 +124,7 @@ impl OperatorFactory for WindowFactory {
             wm: i64::MIN,
             windows: Vec::new(),
             sessions: FxHashMap::default(),
+            sessions_changed: false,
             late_dropped: 0,
         })))
     }
@@ -137,6 +138,10 @@ struct Window {
     /// Fired once already (so later records are late updates).
     fired: bool,
     keys: FxHashMap<Value, Accs>,
+    /// Changed since the last snapshot (incremental snapshots carry whole changed windows:
+    /// a flag per window costs nothing per record, a set of changed keys would cost a
+    /// lookup).
+    changed: bool,
 }
 
 /// One session of one key.
@@ -163,13 +168,30 @@ impl Session {
 /// Per-key accumulators in key order.
 type KeyedAccs = Vec<(Value, Vec<Acc>)>;
 
-/// What a snapshot holds: everything, in a canonical (sorted) order.
+/// One window in a snapshot: start, end, fired, and its keys.
+type WindowEntry = (i64, i64, bool, KeyedAccs);
+
+/// What an incremental snapshot holds: the windows and sessions changed since the previous
+/// snapshot, and which windows are still open (the others closed meanwhile).
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct WindowChanges {
+    wm: i64,
+    late_dropped: u64,
+    /// Starts of every open window, sorted.
+    open: Vec<i64>,
+    /// The changed windows, whole.
+    windows: Vec<WindowEntry>,
+    /// Every session, if any changed.
+    sessions: Option<Vec<(Value, Vec<Session>)>>,
+}
+
+/// What a snapshot holds: everything, in a canonical (sorted) order.
+#[derive(Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct WindowState {
     wm: i64,
     late_dropped: u64,
-    /// (start, end, fired, keys) per open window.
-    windows: Vec<(i64, i64, bool, KeyedAccs)>,
+    /// Every open window.
+    windows: Vec<WindowEntry>,
     sessions: Vec<(Value, Vec<Session>)>,
 }
 
@@ -184,10 +206,50 @@ struct WindowOperator {
     windows: Vec<Window>,
     /// Open sessions per key, sorted by start, non-overlapping.
     sessions: FxHashMap<Value, Vec<Session>>,
+    /// Sessions changed since the last snapshot.
+    sessions_changed: bool,
     late_dropped: u64,
 }
 
+impl Window {
+    /// The window as a snapshot holds it (keys sorted); it is unchanged from here on.
+    fn take_entry(&mut self) -> WindowEntry {
+        self.changed = false;
+        let mut keys: KeyedAccs = self
+            .keys
+            .iter()
+            .map(|(k, a)| (k.clone(), a.to_vec()))
+            .collect();
+        keys.sort_by(|a, b| a.0.cmp(&b.0));
+        (self.start, self.end, self.fired, keys)
+    }
+
+    fn from_entry((start, end, fired, keys): WindowEntry) -> Window {
+        Window {
+            start,
+            end,
+            fired,
+            keys: keys
+                .into_iter()
+                .map(|(k, a)| (k, Accs::from_vec(a)))
+                .collect(),
+            changed: false,
+        }
+    }
+}
+
 impl WindowOperator {
+    /// Every key's sessions, sorted by key.
+    fn sorted_sessions(&self) -> Vec<(Value, Vec<Session>)> {
+        let mut sessions: Vec<(Value, Vec<Session>)> = self
+            .sessions
+            .iter()
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
+        sessions.sort_by(|a, b| a.0.cmp(&b.0));
+        sessions
+    }
+
     /// Whether a window ending at `end` can no longer take records.
     #[inline]
     fn expired(&self, end: i64) -> bool {
@@ -216,6 +278,7 @@ impl WindowOperator {
                 end,
                 fired: false,
                 keys: FxHashMap::default(),
+                changed: true,
             },
         );
         i
@@ -238,6 +301,7 @@ impl WindowOperator {
     fn add_to(&mut self, i: usize, rec: &Record, out: &mut Vec<Record>) -> Result<(), OpError> {
         let aggs = &self.aggs;
         let w = &mut self.windows[i];
+        w.changed = true;
         let key = rec.key.as_ref().unwrap_or(&Value::Null);
         let accs = match w.keys.get_mut(key) {
             Some(a) => a,
@@ -262,6 +326,7 @@ impl WindowOperator {
             return Ok(());
         }
         let key = rec.key.clone().unwrap_or_default();
+        self.sessions_changed = true;
         let list = self.sessions.entry(key.clone()).or_default();
         // Merge every session overlapping [start, end) into a new one.
         let mut merged = Session::new(start, end, new_accs(&self.aggs));
@@ -303,6 +368,7 @@ impl WindowOperator {
             }
             if !w.fired {
                 w.fired = true;
+                w.changed = true;
                 let mut keys: Vec<(&Value, &Accs)> = w.keys.iter().collect();
                 keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
                 out.extend(
@@ -315,6 +381,7 @@ impl WindowOperator {
         self.windows.retain(|w| w.end - 1 + lateness > wm);
 
         if !self.sessions.is_empty() {
+            self.sessions_changed = true;
             let mut fired: Vec<Record> = Vec::new();
             for (key, list) in self.sessions.iter_mut() {
                 for s in list.iter_mut().filter(|s| !s.fired && s.end - 1 <= wm) {
@@ -410,47 +477,60 @@ impl Operator for WindowOperator {
     }
 
     fn snapshot(&mut self) -> Result<Vec<u8>, OpError> {
-        let sorted = |m: &FxHashMap<Value, Accs>| {
-            let mut v: KeyedAccs = m.iter().map(|(k, a)| (k.clone(), a.to_vec())).collect();
-            v.sort_by(|a, b| a.0.cmp(&b.0));
-            v
-        };
-        let mut sessions: Vec<(Value, Vec<Session>)> = self
-            .sessions
-            .iter()
-            .map(|(k, s)| (k.clone(), s.clone()))
-            .collect();
-        sessions.sort_by(|a, b| a.0.cmp(&b.0));
+        self.sessions_changed = false;
+        let windows = self.windows.iter_mut().map(Window::take_entry).collect();
         encode_state(&WindowState {
             wm: self.wm,
             late_dropped: self.late_dropped,
-            windows: self
-                .windows
-                .iter()
-                .map(|w| (w.start, w.end, w.fired, sorted(&w.keys)))
-                .collect(),
+            windows,
+            sessions: self.sorted_sessions(),
+        })
+    }
+
+    fn snapshot_changes(&mut self) -> Result<Option<Vec<u8>>, OpError> {
+        let sessions = std::mem::take(&mut self.sessions_changed).then(|| self.sorted_sessions());
+        let windows = self
+            .windows
+            .iter_mut()
+            .filter(|w| w.changed)
+            .map(Window::take_entry)
+            .collect();
+        encode_state(&WindowChanges {
+            wm: self.wm,
+            late_dropped: self.late_dropped,
+            open: self.windows.iter().map(|w| w.start).collect(),
+            windows,
             sessions,
         })
+        .map(Some)
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<(), OpError> {
         let s: WindowState = decode_state(state)?;
         self.wm = s.wm;
         self.late_dropped = s.late_dropped;
-        self.windows = s
-            .windows
-            .into_iter()
-            .map(|(start, end, fired, keys)| Window {
-                start,
-                end,
-                fired,
-                keys: keys
-                    .into_iter()
-                    .map(|(k, a)| (k, Accs::from_vec(a)))
-                    .collect(),
-            })
-            .collect();
+        self.windows = s.windows.into_iter().map(Window::from_entry).collect();
         self.sessions = s.sessions.into_iter().collect();
+        self.sessions_changed = false;
+        Ok(())
+    }
+
+    fn restore_changes(&mut self, changes: &[u8]) -> Result<(), OpError> {
+        let c: WindowChanges = decode_state(changes)?;
+        self.wm = c.wm;
+        self.late_dropped = c.late_dropped;
+        self.windows
+            .retain(|w| c.open.binary_search(&w.start).is_ok());
+        for entry in c.windows {
+            let w = Window::from_entry(entry);
+            match self.windows.binary_search_by_key(&w.start, |o| o.start) {
+                Ok(i) => self.windows[i] = w,
+                Err(i) => self.windows.insert(i, w),
+            }
+        }
+        if let Some(sessions) = c.sessions {
+            self.sessions = sessions.into_iter().collect();
+        }
         Ok(())
     }
 
@@ -462,7 +542,9 @@ impl Operator for WindowOperator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operator::testing::{assert_snapshot_equivalence, build_error, operator, run, Step};
+    use crate::operator::testing::{
+        assert_changes_equivalence, assert_snapshot_equivalence, build_error, operator, run, Step,
+    };
 
     fn k(key: &str, ts: i64, v: i64) -> Record {
         Record::keyed(Value::str(key), ts, Value::Int(v))
@@ -639,7 +721,43 @@ mod tests {
                 r#"{{"id":"w","kind":"window_aggregate","params":{{"window":{window},"allowed_lateness_ms":6,"aggs":[{{"agg":"count"}},{{"agg":"sum","field":"value"}},{{"agg":"count_distinct","field":"value"}}]}}}}"#
             );
             assert_snapshot_equivalence(&spec, &steps);
+            assert_changes_equivalence(&spec, &steps, canonical);
         }
+    }
+
+    /// Ensures an incremental snapshot carries the windows records reached since the
+    /// previous one: with a long allowed lateness, late records into one old window leave
+    /// the other open windows out.
+    #[test]
+    fn changes_carry_only_the_windows_that_changed() {
+        let spec = r#"{"id":"w","kind":"window_aggregate","params":{"window":{"tumbling_ms":10},"allowed_lateness_ms":1000,"agg":"count"}}"#;
+        let mut w = operator(spec);
+        let mut out = Vec::new();
+        let mut recs: Vec<Record> = (0..100)
+            .flat_map(|win| (0..50).map(move |key| k(&format!("k{key}"), win * 10, 1)))
+            .collect();
+        w.process(0, &mut recs, &mut out).unwrap();
+        w.on_watermark(995, &mut out).unwrap();
+        let whole = w.snapshot().unwrap();
+        w.process(0, &mut vec![k("k1", 42, 1)], &mut out).unwrap();
+        let changes = w.snapshot_changes().unwrap().unwrap();
+        assert!(
+            changes.len() * 20 < whole.len(),
+            "{} bytes of changes against {} whole",
+            changes.len(),
+            whole.len()
+        );
+        let mut copy = operator(spec);
+        copy.restore(&whole).unwrap();
+        copy.restore_changes(&changes).unwrap();
+        let same = canonical(&copy.snapshot().unwrap()) == canonical(&w.snapshot().unwrap());
+        assert!(same, "the copy holds what the original holds");
+    }
+
+    /// A snapshot's content, comparable (rkyv shares repeated `Arc`s of a key, so equal
+    /// states may encode to different bytes).
+    fn canonical(state: &[u8]) -> String {
+        format!("{:?}", decode_state::<WindowState>(state).unwrap())
     }
 
     #[test]

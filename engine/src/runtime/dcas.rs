@@ -78,8 +78,10 @@ pub enum DcasError {
 pub struct DcasNames {
     /// The input log list.
     pub log: String,
-    /// The map holding snapshots.
+    /// The map holding whole snapshots.
     pub map: String,
+    /// The list of incremental snapshots since the whole one, indexed by snapshot id.
+    pub changes: String,
     /// The map recording which partition holds each subtask's log and snapshot.
     pub placement: String,
     /// This subtask's key in both maps.
@@ -99,6 +101,7 @@ impl DcasNames {
         DcasNames {
             log: format!("{prefix}log/{task}.{subtask}"),
             map: format!("{prefix}snap"),
+            changes: format!("{prefix}snapd/{task}.{subtask}"),
             placement: format!("{prefix}placement"),
             key: format!("{task}.{subtask}").into_bytes(),
         }
@@ -545,10 +548,22 @@ impl RetainedOutput {
 }
 
 /// `snap(t)`: what a subtask needs to restart without its neighbours restarting.
+///
+/// Whole, or incremental: then the operator states marked in `changes` hold only what
+/// changed since snapshot `follows` ([`Operator::snapshot_changes`]), and a restart
+/// applies the chain from the last whole snapshot. Positions (inputs, router, log offset)
+/// are always whole: they are small, and the last snapshot of a chain gives them.
+///
+/// [`Operator::snapshot_changes`]: crate::operator::Operator::snapshot_changes
 #[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct DcasSnapshot {
     /// Snapshot number (the subtask's micro-window count).
     pub id: u64,
+    /// `None` for a whole snapshot; for an incremental one, the snapshot it follows
+    /// (always `id - 1`).
+    pub follows: Option<u64>,
+    /// Per entry of `operators`: whether it holds changes rather than a whole state.
+    pub changes: Vec<bool>,
     /// Index of the first log entry the state does not reflect: replay starts here.
     pub log_offset: u64,
     /// State of the source and of every operator of the chain.
@@ -649,8 +664,9 @@ impl SnapshotStore {
         }
     }
 
-    /// Stores `snap` (replacing the previous one), then trims the log up to its offset.
-    /// Returns the snapshot's size in bytes.
+    /// Stores `snap`, then trims the log up to its offset. A whole snapshot replaces the
+    /// previous one and drops the incremental ones (the list then ends at its id + 1); an
+    /// incremental one is appended to them at its id. Returns the snapshot's size in bytes.
     pub async fn store(&self, snap: &DcasSnapshot) -> Result<usize, DcasError> {
         let value = encode(snap).map_err(|source| DcasError::Codec {
             what: format!("encoding snapshot {}", snap.id),
@@ -659,12 +675,35 @@ impl SnapshotStore {
         let size = value.len();
         let (p, names) = (self.partition()?, &self.names);
         let value = value.to_vec();
-        retrying("storing a snapshot", || {
-            self.client
-                .put_in(p, &names.map, &names.key, value.clone(), None)
-        })
-        .await
-        .map_err(|e| self.cache_error("storing a snapshot", e))?;
+        if snap.follows.is_none() {
+            retrying("storing a snapshot", || {
+                self.client
+                    .put_in(p, &names.map, &names.key, value.clone(), None)
+            })
+            .await
+            .map_err(|e| self.cache_error("storing a snapshot", e))?;
+            retrying("dropping incremental snapshots", || {
+                self.client.trim_prefix(p, &names.changes, snap.id + 1)
+            })
+            .await
+            .map_err(|e| self.cache_error("dropping incremental snapshots", e))?;
+        } else {
+            let appended = retrying("storing an incremental snapshot", || {
+                self.client
+                    .append_at(p, &names.changes, snap.id, vec![value.clone()])
+            })
+            .await
+            .map_err(|e| self.cache_error("storing an incremental snapshot", e))?;
+            if let Err(end) = appended {
+                return Err(DcasError::Corrupt {
+                    list: names.changes.clone(),
+                    message: format!(
+                        "incremental snapshot {} does not follow the stored ones (they end at {end})",
+                        snap.id
+                    ),
+                });
+            }
+        }
         retrying("trimming a log", || {
             self.client.trim_prefix(p, &names.log, snap.log_offset)
         })
@@ -673,8 +712,9 @@ impl SnapshotStore {
         Ok(size)
     }
 
-    /// The latest stored snapshot, if any.
-    pub async fn load(&self) -> Result<Option<DcasSnapshot>, DcasError> {
+    /// The latest stored snapshot: the last whole one and the incremental ones after it,
+    /// oldest first (empty before the first snapshot).
+    pub async fn load(&self) -> Result<Vec<DcasSnapshot>, DcasError> {
         let (p, names) = (self.partition()?, &self.names);
         let Some((bytes, _)) = retrying("loading a snapshot", || {
             self.client.get_in(p, &names.map, &names.key)
@@ -682,12 +722,39 @@ impl SnapshotStore {
         .await
         .map_err(|e| self.cache_error("loading the snapshot", e))?
         else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
-        decode(&bytes).map(Some).map_err(|source| DcasError::Codec {
-            what: format!("snapshot {}", String::from_utf8_lossy(&names.key)),
-            source,
-        })
+        let decoded = |bytes: &[u8], what: String| {
+            decode::<DcasSnapshot>(bytes).map_err(|source| DcasError::Codec { what, source })
+        };
+        let key = String::from_utf8_lossy(&names.key);
+        let mut chain = vec![decoded(&bytes, format!("snapshot {key}"))?];
+        loop {
+            let at = chain[chain.len() - 1].id + 1;
+            let (first, items) = retrying("loading incremental snapshots", || {
+                self.client.range(p, &names.changes, at, at + READ_PAGE)
+            })
+            .await
+            .map_err(|e| self.cache_error("loading incremental snapshots", e))?;
+            if items.is_empty() {
+                return Ok(chain);
+            }
+            for (i, item) in items.iter().enumerate() {
+                let id = first + i as u64;
+                let snap = decoded(item, format!("incremental snapshot {id} of {key}"))?;
+                let prev = chain[chain.len() - 1].id;
+                if first != at || snap.id != id || snap.follows != Some(prev) {
+                    return Err(DcasError::Corrupt {
+                        list: names.changes.clone(),
+                        message: format!(
+                            "entry {id} holds snapshot {} following {:?}, expected {id} following {prev}",
+                            snap.id, snap.follows
+                        ),
+                    });
+                }
+                chain.push(snap);
+            }
+        }
     }
 
     /// Every log entry from index `from` to the end, in order, and the end index.
@@ -837,6 +904,8 @@ impl ChannelProgress {
 pub struct Stored {
     /// The snapshot.
     pub id: u64,
+    /// Whether it was whole (not incremental).
+    pub whole: bool,
     /// Its encoded size.
     pub bytes: usize,
     /// Per route, per target: the seq below which the receiver has logged everything.
@@ -896,6 +965,21 @@ pub struct DcasConfig {
     pub every_records: u64,
     /// …or this long, whichever comes first.
     pub interval: Duration,
+    /// Whether snapshots may carry only what changed since the previous one.
+    pub incremental: bool,
+}
+
+/// Most incremental snapshots after a whole one: a restart applies them all.
+const MAX_CHAIN: u32 = 16;
+
+/// The incremental snapshots stored since the last whole one.
+#[derive(Clone, Copy, Debug, Default)]
+struct Chain {
+    /// Size of the whole snapshot.
+    base_bytes: usize,
+    /// Incremental snapshots after it, and their total size.
+    links: u32,
+    bytes: usize,
 }
 
 /// One subtask's DCAS machinery: its log writer, snapshot store, channel identities and
@@ -909,6 +993,9 @@ pub struct DcasSubtask {
     outputs: Vec<Vec<ChannelKey>>,
     every_records: u64,
     interval: Duration,
+    incremental: bool,
+    /// Set once this incarnation stored a whole snapshot: the next may be incremental.
+    chain: Option<Chain>,
     lease: Lease,
     me: TaskManagerId,
     log: Option<InputLog>,
@@ -962,6 +1049,8 @@ impl DcasSubtask {
             outputs,
             every_records: config.every_records.max(1),
             interval: config.interval,
+            incremental: config.incremental,
+            chain: None,
             lease: config.lease.clone(),
             me: config.me,
             log: None,
@@ -975,11 +1064,11 @@ impl DcasSubtask {
 
     /// Places the log ([`SnapshotStore::place`]), loads the latest snapshot (none for a
     /// first start) and the log entries after it, and starts the log writer after them.
-    pub async fn load(&mut self) -> Result<(Option<DcasSnapshot>, Vec<LogEntry>), DcasError> {
+    pub async fn load(&mut self) -> Result<(Vec<DcasSnapshot>, Vec<LogEntry>), DcasError> {
         let partition = self.store.place(self.me).await?;
         let snap = self.store.load().await?;
-        let from = snap.as_ref().map_or(0, |s| s.log_offset);
-        if let Some(s) = &snap {
+        let from = snap.last().map_or(0, |s| s.log_offset);
+        if let Some(s) = snap.last() {
             self.next_id = s.id + 1;
         }
         let (entries, end) = self.store.read_log(from).await?;
@@ -1022,6 +1111,31 @@ impl DcasSubtask {
         self.next_id
     }
 
+    /// What the next snapshot follows when it may be incremental: the previous snapshot,
+    /// if this incarnation stored a whole one since starting and the chain after it is
+    /// short ([`MAX_CHAIN`]) and smaller than it. `None`: the next snapshot is whole.
+    pub fn follows(&self) -> Option<u64> {
+        let c = self.chain.filter(|_| self.incremental)?;
+        (c.links < MAX_CHAIN && c.bytes < c.base_bytes).then(|| self.next_id - 1)
+    }
+
+    /// Extends the chain by a stored snapshot.
+    fn stored(&mut self, result: &Result<Stored, DcasError>) {
+        if let Ok(s) = result {
+            self.chain = Some(match (s.whole, self.chain) {
+                (false, Some(c)) => Chain {
+                    links: c.links + 1,
+                    bytes: c.bytes + s.bytes,
+                    ..c
+                },
+                _ => Chain {
+                    base_bytes: s.bytes,
+                    ..Chain::default()
+                },
+            });
+        }
+    }
+
     /// Stores a snapshot in the background: once the log holds every entry the state
     /// reflects, writes `snap(t)`, trims the log, publishes what this subtask has logged per
     /// input channel and reads what its receivers have. [`DcasSubtask::done`] answers.
@@ -1047,6 +1161,7 @@ impl DcasSubtask {
                 let logged = progress.exchange(&published, &outputs).await?;
                 Ok(Stored {
                     id: snap.id,
+                    whole: snap.follows.is_none(),
                     bytes,
                     logged,
                 })
@@ -1066,6 +1181,7 @@ impl DcasSubtask {
             .await
             .unwrap_or_else(|_| Err(DcasError::Stopped(self.store.names.log.clone())));
         self.in_flight = None;
+        self.stored(&result);
         result
     }
 
@@ -1080,6 +1196,7 @@ impl DcasSubtask {
             }
         };
         self.in_flight = None;
+        self.stored(&result);
         Some(result)
     }
 
@@ -1272,6 +1389,8 @@ mod tests {
         // A snapshot at offset 1500 trims the log; replay starts there.
         let snap = DcasSnapshot {
             id: 1,
+            follows: None,
+            changes: vec![false],
             log_offset: 1500,
             operators: vec![OperatorState {
                 operator: "count".into(),
@@ -1295,12 +1414,39 @@ mod tests {
             },
         };
         assert!(store.store(&snap).await.unwrap() > 0);
-        assert_eq!(store.load().await.unwrap(), Some(snap));
+        assert_eq!(store.load().await.unwrap(), vec![snap.clone()]);
         let (tail, end) = store.read_log(1500).await.unwrap();
         assert_eq!((tail.len(), end), (500, 2000));
         assert_eq!(tail[0], pushed[1500]);
         let err = store.read_log(10).await.unwrap_err();
         assert!(err.to_string().contains("gone"), "{err}");
+
+        // Incremental snapshots chain after the whole one and load with it; the next whole
+        // one drops them; one that does not follow the stored ones is a named error.
+        let link = |id: u64, log_offset: u64| DcasSnapshot {
+            id,
+            follows: Some(id - 1),
+            changes: vec![true],
+            log_offset,
+            ..snap.clone()
+        };
+        let (second, third) = (link(2, 1600), link(3, 1700));
+        store.store(&second).await.unwrap();
+        store.store(&third).await.unwrap();
+        let chain = vec![snap.clone(), second, third.clone()];
+        assert_eq!(store.load().await.unwrap(), chain);
+        assert_eq!(store.read_log(1700).await.unwrap().0.len(), 300);
+        let err = store.store(&link(7, 1700)).await.unwrap_err();
+        assert!(err.to_string().contains("does not follow"), "{err}");
+        let whole = DcasSnapshot {
+            id: 4,
+            log_offset: 1800,
+            ..snap.clone()
+        };
+        store.store(&whole).await.unwrap();
+        assert_eq!(store.load().await.unwrap(), vec![whole.clone()]);
+        store.store(&link(5, 1900)).await.unwrap();
+        assert_eq!(store.load().await.unwrap(), vec![whole, link(5, 1900)]);
 
         // A restarted writer continues at the end; a writer that starts at a wrong index
         // stops with a named error instead of writing a gap.
@@ -1403,6 +1549,7 @@ mod tests {
             me: c.nodes[0].0,
             every_records: 1 << 40,
             interval: Duration::from_secs(3600),
+            incremental: true,
         };
         let k = ChannelKey {
             edge: 0,
@@ -1465,6 +1612,8 @@ mod tests {
         // Trimming frees memory; the waiting entry goes in.
         let trim = DcasSnapshot {
             id: 1,
+            follows: None,
+            changes: Vec::new(),
             log_offset: logged,
             operators: Vec::new(),
             inputs: Vec::new(),

@@ -631,7 +631,7 @@ impl SubtaskRunner {
             return Ok(());
         };
         let started = Instant::now();
-        let operators = self.copy_state(n)?;
+        let (operators, _) = self.copy_state(n, false)?;
         debug!(
             checkpoint = n,
             alignment_ms = alignment.as_millis() as u64,
@@ -650,9 +650,15 @@ impl SubtaskRunner {
     }
 
     /// Copies the state of the source and every operator of the chain; sinks first stage
-    /// their output under epoch `n`.
-    fn copy_state(&mut self, n: CheckpointId) -> Result<Vec<OperatorState>, Stop> {
+    /// their output under epoch `n`. With `incremental`, operators that can give only what
+    /// changed since their previous snapshot do (marked true in the second vector).
+    fn copy_state(
+        &mut self,
+        n: CheckpointId,
+        incremental: bool,
+    ) -> Result<(Vec<OperatorState>, Vec<bool>), Stop> {
         let mut operators = Vec::with_capacity(self.chain.len() + 1);
+        let mut changes = Vec::with_capacity(self.chain.len() + 1);
         if let Some((id, source)) = &mut self.source {
             let state = source
                 .snapshot()
@@ -661,19 +667,26 @@ impl SubtaskRunner {
                 operator: id.clone(),
                 state,
             });
+            changes.push(false);
         }
         for c in self.chain.iter_mut() {
-            c.op.pre_commit(n)
-                .map_err(|e| op_failure(&c.id, self.id.index, e))?;
-            let state =
-                c.op.snapshot()
-                    .map_err(|e| op_failure(&c.id, self.id.index, e))?;
+            let failed = |e| op_failure(&c.id, self.id.index, e);
+            c.op.pre_commit(n).map_err(failed)?;
+            let changed = match incremental {
+                true => c.op.snapshot_changes().map_err(failed)?,
+                false => None,
+            };
+            changes.push(changed.is_some());
+            let state = match changed {
+                Some(state) => state,
+                None => c.op.snapshot().map_err(failed)?,
+            };
             operators.push(OperatorState {
                 operator: c.id.clone(),
                 state,
             });
         }
-        Ok(operators)
+        Ok((operators, changes))
     }
 
     /// Checkpoint `n` completed: every operator commits.
@@ -717,29 +730,61 @@ impl SubtaskRunner {
     /// Restores the source and every operator of the chain from a checkpoint (before the
     /// subtask runs). Sinks commit what the checkpoint had staged.
     pub fn restore(&mut self, states: &[OperatorState]) -> Result<(), EngineError> {
-        let find = |id: &str| {
-            states
-                .iter()
-                .find(|s| s.operator == id)
-                .map(|s| s.state.as_slice())
-                .ok_or_else(|| {
-                    EngineError::Internal(format!(
-                        "the checkpoint has no state for operator '{id}' of subtask {}",
-                        self.id
-                    ))
-                })
+        self.restore_layers(&[(states, &[])])
+    }
+
+    /// Restores from snapshot layers, oldest first: a whole snapshot, then incremental ones
+    /// (per operator state, whether it holds changes; missing means whole). Each operator
+    /// restores its last whole state and then every later change. Nothing to do without
+    /// layers.
+    fn restore_layers(
+        &mut self,
+        layers: &[(&[OperatorState], &[bool])],
+    ) -> Result<(), EngineError> {
+        let subtask = &self.id;
+        // Per operator: its last whole state and the changes after it.
+        let plan = |id: &str| -> Result<Vec<(&[u8], bool)>, EngineError> {
+            let mut states = Vec::with_capacity(layers.len());
+            for (operators, changes) in layers {
+                let i = operators
+                    .iter()
+                    .position(|s| s.operator == id)
+                    .ok_or_else(|| {
+                        EngineError::Internal(format!(
+                            "the checkpoint has no state for operator '{id}' of subtask {subtask}"
+                        ))
+                    })?;
+                let changed = changes.get(i).copied().unwrap_or(false);
+                states.push((operators[i].state.as_slice(), changed));
+            }
+            let from = states.iter().rposition(|(_, changed)| !changed);
+            match from {
+                Some(from) => Ok(states.split_off(from)),
+                None if states.is_empty() => Ok(states),
+                None => Err(EngineError::Internal(format!(
+                    "the checkpoint has only changes, no whole state, for operator '{id}' of subtask {subtask}"
+                ))),
+            }
         };
         let failed = |id: &str, e: OpError| EngineError::Operator {
             operator: id.to_string(),
-            subtask: self.id.index,
+            subtask: subtask.index,
             message: format!("restore failed: {e}"),
             kind: ErrorKind::Internal,
         };
         if let Some((id, source)) = &mut self.source {
-            source.restore(find(id)?).map_err(|e| failed(id, e))?;
+            for (state, _) in plan(id)? {
+                source.restore(state).map_err(|e| failed(id, e))?;
+            }
         }
         for c in &mut self.chain {
-            c.op.restore(find(&c.id)?).map_err(|e| failed(&c.id, e))?;
+            for (state, changed) in plan(&c.id)? {
+                match changed {
+                    true => c.op.restore_changes(state),
+                    false => c.op.restore(state),
+                }
+                .map_err(|e| failed(&c.id, e))?;
+            }
         }
         Ok(())
     }
@@ -937,9 +982,15 @@ impl SubtaskRunner {
             Ok(loaded) => loaded,
             Err(e) => return Err(self.dcas_failure(e)),
         };
-        let restored = snap.as_ref().map(|s| s.id);
-        if let Some(snap) = snap {
-            self.restore(&snap.operators).map_err(Stop::Failed)?;
+        let restored = snap.last().map(|s| s.id);
+        // Incremental snapshots applied after the whole one.
+        let links = snap.len().saturating_sub(1);
+        let layers: Vec<_> = snap
+            .iter()
+            .map(|s| (s.operators.as_slice(), s.changes.as_slice()))
+            .collect();
+        self.restore_layers(&layers).map_err(Stop::Failed)?;
+        if let Some(snap) = snap.into_iter().last() {
             let fail = |e: String| Stop::Failed(EngineError::Internal(format!("restoring: {e}")));
             self.gate.restore_positions(&snap.inputs).map_err(fail)?;
             self.emitted_wm = snap.router.watermark;
@@ -962,7 +1013,7 @@ impl SubtaskRunner {
             .store(replayed as u64, Ordering::Relaxed);
         self.resumed();
         if restored.is_some() || replayed > 0 {
-            info!(snapshot = ?restored, replayed, took_ms = started.elapsed().as_millis() as u64, "Subtask restored from the cache.");
+            info!(snapshot = ?restored, links, replayed, took_ms = started.elapsed().as_millis() as u64, "Subtask restored from the cache.");
         }
         Ok(finished)
     }
@@ -1033,11 +1084,11 @@ impl SubtaskRunner {
     /// DCAS: starts a snapshot when the micro-window is full (or its interval passed), or
     /// at once with `force`. The state is copied here; the cache write is asynchronous.
     fn maybe_snapshot(&mut self, force: bool) -> Result<(), Stop> {
-        let id = match &self.dcas {
-            Some((d, _)) if !d.in_flight() && (force || d.due()) => d.next_id(),
+        let (id, follows) = match &self.dcas {
+            Some((d, _)) if !d.in_flight() && (force || d.due()) => (d.next_id(), d.follows()),
             _ => return Ok(()),
         };
-        let operators = self.copy_state(id)?;
+        let (operators, changes) = self.copy_state(id, follows.is_some())?;
         let inputs = self.gate.positions();
         let router = self.router.position();
         let Some((d, _)) = &mut self.dcas else {
@@ -1046,6 +1097,8 @@ impl SubtaskRunner {
         let started = d.log().map(|l| l.next_index()).and_then(|log_offset| {
             d.start_snapshot(DcasSnapshot {
                 id,
+                follows,
+                changes,
                 log_offset,
                 operators,
                 inputs,

@@ -16,13 +16,15 @@
 //!   (parallelism 2 on two task managers), as ratios within one run;
 //! - (e) the same on the paper's Kafka-fed pipeline: a Kafka topic of click events (filled
 //!   once, before the rounds) → key_by user → 2 s window count → discard, each job reading
-//!   the whole topic from the broker named by `WEIR_KAFKA_BOOTSTRAP` (skipped without it).
+//!   the whole topic from the broker named by `WEIR_KAFKA_BOOTSTRAP` (skipped without it);
+//! - (f) incremental snapshots against whole ones: a running count over 1,000,000 keys at a
+//!   steady rate, so each snapshot sees updates to a few percent of the state.
 //!
 //! (a) is also drawn as an SVG bar chart under `target/bench/`.
 //!
 //! `cargo build --release --bins && target/release/bench_dcas [--rate R --kills K
-//! --records N --rounds K --kafka-records N --windows A,B,... --a 0|1 --b 0|1 --c 0|1 --d 0|1
-//! --e 0|1]`
+//! --records N --rounds K --kafka-records N --windows A,B,... --f-keys N --f-rate R
+//! --f-records N --a 0|1 --b 0|1 --c 0|1 --d 0|1 --e 0|1 --f 0|1]`
 
 use std::time::Duration;
 
@@ -487,6 +489,44 @@ fn chart(rows: &[[Recovery; 2]]) -> String {
     svg + "</svg>\n"
 }
 
+/// (f) Incremental snapshots: a running count (`reduce`) over `--f-keys` keys, fed at
+/// `--f-rate` records/s, so each 200 ms snapshot sees updates to a small part of a large
+/// state. Whole snapshots copy and replicate every key every time; incremental ones the
+/// keys updated since the previous snapshot.
+fn incremental(args: &[String]) {
+    let arg = |name: &str, default: u64| weir_tests::arg(args, name, default);
+    let keys = arg("--f-keys", 1_000_000);
+    let rate = arg("--f-rate", 200_000);
+    let n = arg("--f-records", 3_000_000);
+    let rounds = arg("--rounds", 3).max(1) as usize;
+    let modes = [
+        ("none".to_string(), Value::Null),
+        (
+            "DCAS, whole snapshots".to_string(),
+            json!({"mode": "dcas", "incremental": false}),
+        ),
+        (
+            "DCAS, incremental snapshots (default)".to_string(),
+            json!({"mode": "dcas"}),
+        ),
+    ];
+    let title = format!(
+        "(f) running count over {keys} keys, {n} records at {rate} records/s, parallelism 2 on 2 task managers"
+    );
+    compare_rates(&two_taskmanagers(), &modes, &title, n, rounds, |m| {
+        let mut spec = json!({"name": "running-count", "operators": [
+            {"id": "g", "kind": "generator", "parallelism": 2,
+             "params": {"count": n, "rate": rate, "keys": keys, "seed": 5}},
+            {"id": "k", "kind": "key_by", "input": "g", "parallelism": 2, "params": {"expr": "value"}},
+            {"id": "r", "kind": "reduce", "input": "k", "parallelism": 2, "params": {"agg": "count"}},
+            {"id": "d", "kind": "discard", "input": "r", "parallelism": 2}]});
+        if !m.is_null() {
+            spec["checkpointing"] = m.clone();
+        }
+        spec.to_string()
+    });
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str, default: u64| weir_tests::arg(&args, name, default);
@@ -506,5 +546,8 @@ fn main() {
     }
     if arg("--e", 1) == 1 {
         kafka_overhead(&args);
+    }
+    if arg("--f", 1) == 1 {
+        incremental(&args);
     }
 }
