@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::conn::{Conn, ConnError};
-use super::store::{growth, Partition, Usage};
+use super::store::{Partition, Usage};
 use crate::codec::Encoder;
 use crate::ids::TaskManagerId;
 use crate::protocol::cache::{
@@ -359,7 +359,7 @@ impl Node {
                 }
             };
             if let Some(m) = mutation {
-                if let Some(f) = self.full(growth(&m)) {
+                if let Some(f) = self.full(part.growth(&m)) {
                     results.push(OpResult::Failed(f));
                     continue;
                 }
@@ -415,11 +415,11 @@ impl Node {
         let Some(part) = self.part(partition) else {
             return Response::Replicated(Err(Failure::Behind));
         };
-        let adding: u64 = mutations.iter().map(growth).sum();
+        let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
+        let adding: u64 = mutations.iter().map(|m| part.growth(m)).sum();
         if let Some(f) = self.full(adding) {
             return Response::Replicated(Err(f));
         }
-        let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
         let n = mutations.len() as u64;
         for m in mutations {
             let d = part.apply(m);

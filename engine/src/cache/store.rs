@@ -76,7 +76,7 @@ fn item_bytes(item: &[u8]) -> i64 {
 }
 
 /// The bytes a mutation adds at most (for the memory limit check).
-pub fn growth(m: &Mutation) -> u64 {
+fn growth(m: &Mutation) -> u64 {
     match m {
         Mutation::MapSet {
             map, key, value, ..
@@ -100,6 +100,24 @@ impl Partition {
     /// What this partition holds.
     pub fn usage(&self) -> Usage {
         self.usage
+    }
+
+    /// Bytes `m` may add (checked against the memory limit before it is applied): what it
+    /// writes, less the list items it replaces, so an `AppendAt` retry whose items are
+    /// already here adds nothing (a full member must not refuse it: the trim that would
+    /// free memory may wait for it). A map entry's old value is not subtracted.
+    pub fn growth(&self, m: &Mutation) -> u64 {
+        let replaced = match m {
+            Mutation::ListSet { list, index, .. } => self.lists.get(list).map_or(0, |l| {
+                let from = index.saturating_sub(l.start).min(l.items.len() as u64);
+                l.items
+                    .range(from as usize..)
+                    .map(|i| item_bytes(i) as u64)
+                    .sum()
+            }),
+            _ => 0,
+        };
+        growth(m).saturating_sub(replaced)
     }
 
     /// Answers a read, or decides the mutation a write makes (not yet applied). Takes the
@@ -175,7 +193,11 @@ impl Partition {
                 let landed = || {
                     let l = self.lists.get(&list)?;
                     let from = index.checked_sub(l.start)? as usize;
-                    let held = l.items.range(from.min(l.items.len())..);
+                    if from > l.items.len() {
+                        // Past the end: nothing of it landed (empty items included).
+                        return Some(false);
+                    }
+                    let held = l.items.range(from..);
                     Some(held.len() == items.len() && held.eq(items.iter()))
                 };
                 if end == index || landed() == Some(true) {
@@ -635,6 +657,38 @@ mod tests {
             OpResult::Bounds(2, 5)
         );
         assert!(p.plan(range(3, 1), 0).is_err());
+    }
+
+    /// `AppendAt` applies at the list's end, re-applies items that already landed there
+    /// (adding no bytes, so a full member still takes the retry), and refuses anything else
+    /// with the end: other items, an index past the end (empty items too) or before it.
+    #[test]
+    fn append_at_is_retry_safe_and_refuses_gaps() {
+        let mut p = Partition::default();
+        let at = |index: u64, items: &[u8]| Op::AppendAt {
+            list: "l".into(),
+            index,
+            items: items.iter().map(|b| vec![*b; 10]).collect(),
+        };
+        assert_eq!(run(&mut p, at(0, &[1, 2]), 0), OpResult::Appended(0));
+        let before = p.usage();
+        let (r, m) = p.plan(at(0, &[1, 2]), 0).unwrap();
+        assert_eq!(r, OpResult::Appended(0), "a landed retry is answered again");
+        let m = m.expect("and replicated again");
+        assert_eq!(p.growth(&m), 0, "adding nothing");
+        p.apply(m);
+        assert_eq!(p.usage(), before);
+        for refused in [
+            at(0, &[1, 3]),
+            at(1, &[1]),
+            at(3, &[]),
+            at(5, &[1]),
+            at(1, &[]),
+        ] {
+            assert_eq!(run(&mut p, refused, 0), OpResult::Conflict(2));
+        }
+        assert_eq!(run(&mut p, at(2, &[3]), 0), OpResult::Appended(2));
+        assert_eq!(p.usage().list_items, 3);
     }
 
     #[test]

@@ -152,6 +152,7 @@ impl OperatorFactory for ReduceFactory {
             aggs: self.aggs.clone(),
             state: FxHashMap::default(),
             changed: Vec::new(),
+            tracking: false,
         })))
     }
 }
@@ -163,6 +164,9 @@ struct Reduce {
     state: FxHashMap<Value, KeyState>,
     /// Keys updated since the last snapshot (each once: its `changed` flag is set).
     changed: Vec<Value>,
+    /// Whether updates are tracked: from the first snapshot on (a job that never
+    /// snapshots keeps no list of its keys).
+    tracking: bool,
 }
 
 /// One key's accumulators, and whether they changed since the last snapshot (a flag in
@@ -176,12 +180,13 @@ struct KeyState {
 type ReduceEntries = Vec<(Value, Vec<Acc>)>;
 
 impl Reduce {
-    /// Encodes `keys`' entries in key order.
+    /// Encodes `entries` in key order.
     fn encode(&self, mut entries: ReduceEntries) -> Result<Vec<u8>, OpError> {
         entries.sort_by(|a, b| a.0.cmp(&b.0));
         encode_state(&entries)
     }
 
+    /// Sets the entries' accumulators (a restored state, or changes on top of one).
     fn insert(&mut self, entries: ReduceEntries) {
         for (k, a) in entries {
             let accs = Accs::from_vec(a);
@@ -209,11 +214,11 @@ impl Operator for Reduce {
                 accs: new_accs(&self.aggs),
                 changed: false,
             });
-            add_all(&mut entry.accs, &self.aggs, &r)?;
-            if !entry.changed {
+            if self.tracking && !entry.changed {
                 entry.changed = true;
                 self.changed.push(key.clone());
             }
+            add_all(&mut entry.accs, &self.aggs, &r)?;
             let value = result_value(&key, &[], &entry.accs, &self.aggs);
             out.push(Record {
                 key: Some(key),
@@ -226,6 +231,7 @@ impl Operator for Reduce {
 
     fn snapshot(&mut self) -> Result<Vec<u8>, OpError> {
         self.changed.clear();
+        self.tracking = true;
         let entries = self
             .state
             .iter_mut()
@@ -238,6 +244,10 @@ impl Operator for Reduce {
     }
 
     fn snapshot_changes(&mut self) -> Result<Option<Vec<u8>>, OpError> {
+        if !self.tracking {
+            // Changes since when? The caller takes a whole snapshot instead.
+            return Ok(None);
+        }
         let mut entries = Vec::with_capacity(self.changed.len());
         for k in std::mem::take(&mut self.changed) {
             if let Some(v) = self.state.get_mut(&k) {
@@ -252,6 +262,8 @@ impl Operator for Reduce {
         let entries: ReduceEntries = decode_state(state)?;
         self.state.clear();
         self.changed.clear();
+        // Changes from here on are relative to this state.
+        self.tracking = true;
         self.insert(entries);
         Ok(())
     }
@@ -384,6 +396,8 @@ mod tests {
         let mut out = Vec::new();
         let all: Vec<Record> = (0..10_000).map(|k| keyed(k, 1)).collect();
         r.process(0, &mut all.clone(), &mut out).unwrap();
+        // Untracked until a first snapshot: a job without checkpoints keeps no key list.
+        assert!(r.snapshot_changes().unwrap().is_none());
         let whole = r.snapshot().unwrap();
         assert_eq!(
             r.snapshot_changes().unwrap().unwrap().len(),

@@ -381,16 +381,19 @@ impl WindowOperator {
         self.windows.retain(|w| w.end - 1 + lateness > wm);
 
         if !self.sessions.is_empty() {
-            self.sessions_changed = true;
             let mut fired: Vec<Record> = Vec::new();
+            let mut closed = false;
             for (key, list) in self.sessions.iter_mut() {
                 for s in list.iter_mut().filter(|s| !s.fired && s.end - 1 <= wm) {
                     s.fired = true;
                     fired.push(emit(key, s.start, s.end, &s.accs, &self.aggs));
                 }
+                let open = list.len();
                 list.retain(|s| s.end - 1 + lateness > wm);
+                closed |= list.len() < open;
             }
             self.sessions.retain(|_, l| !l.is_empty());
+            self.sessions_changed |= closed || !fired.is_empty();
             fired.sort_unstable_by(|a, b| (a.ts, &a.key).cmp(&(b.ts, &b.key)));
             out.extend(fired);
         }

@@ -85,19 +85,6 @@ pub enum Op {
         /// Items, in order.
         items: Vec<Vec<u8>>,
     },
-    /// Appends items at `index`: the single writer's append, safe to retry. Applied when
-    /// the list ends at `index`; when it ends at `index + items.len()` with these items (an
-    /// earlier attempt landed on the primary), they are replicated again without change, so
-    /// the answer always means every replica holds them. Otherwise refused with
-    /// [`OpResult::Conflict`] and the list's end. Answers `index`.
-    AppendAt {
-        /// List name.
-        list: String,
-        /// Index of the first item.
-        index: u64,
-        /// Items, in order.
-        items: Vec<Vec<u8>>,
-    },
     /// Items `from..to` (clamped to what the list holds).
     Range {
         /// List name.
@@ -118,6 +105,19 @@ pub enum Op {
     Len {
         /// List name.
         list: String,
+    },
+    /// Appends items at `index`: the single writer's append, safe to retry. Applied when
+    /// the list ends at `index`; when it ends at `index + items.len()` with these items (an
+    /// earlier attempt landed on the primary), they are replicated again without change, so
+    /// the answer always means every replica holds them. Otherwise refused with
+    /// [`OpResult::Conflict`] and the list's end. Answers `index`.
+    AppendAt {
+        /// List name.
+        list: String,
+        /// Index of the first item.
+        index: u64,
+        /// Items, in order.
+        items: Vec<Vec<u8>>,
     },
 }
 

@@ -560,7 +560,7 @@ pub struct DcasSnapshot {
     /// Snapshot number (the subtask's micro-window count).
     pub id: u64,
     /// `None` for a whole snapshot; for an incremental one, the snapshot it follows
-    /// (always `id - 1`).
+    /// (`id - 1`: [`SnapshotStore::load`] refuses a chain where it is not).
     pub follows: Option<u64>,
     /// Per entry of `operators`: whether it holds changes rather than a whole state.
     pub changes: Vec<bool>,
@@ -1145,6 +1145,7 @@ impl DcasSubtask {
         self.records_since = 0;
         self.last = std::time::Instant::now();
         let (store, progress) = (self.store.clone(), self.progress.clone());
+        let lease = self.lease.clone();
         let published: Vec<(ChannelKey, Seq)> = self
             .inputs
             .iter()
@@ -1157,6 +1158,14 @@ impl DcasSubtask {
         tokio::spawn(async move {
             let result = async {
                 waiter.reached(snap.log_offset).await?;
+                // As the log writer: a task manager whose lease lapsed may have been
+                // replaced, and must not write into its replacement's snapshots.
+                if !lease.valid() {
+                    return Err(DcasError::Corrupt {
+                        list: store.names().changes.clone(),
+                        message: "the task manager's lease lapsed: not storing snapshot".into(),
+                    });
+                }
                 let bytes = store.store(&snap).await?;
                 let logged = progress.exchange(&published, &outputs).await?;
                 Ok(Stored {

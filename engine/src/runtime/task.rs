@@ -375,6 +375,7 @@ impl SubtaskRunner {
                 tokio::select! {
                     biased;
                     cmd = control.recv() => self.command(cmd.unwrap_or(Command::Cancel)).await?,
+                    Some(rw) = self.rewires.recv() => self.apply_rewire(rw).await?,
                     reached = logged(Some(&mut behind)) => {
                         reached.map_err(|e| self.dcas_failure(e))?;
                     }
@@ -1089,6 +1090,8 @@ impl SubtaskRunner {
             _ => return Ok(()),
         };
         let (operators, changes) = self.copy_state(id, follows.is_some())?;
+        // Nothing incremental in it (no operator keeps changes): store it whole.
+        let follows = follows.filter(|_| changes.contains(&true));
         let inputs = self.gate.positions();
         let router = self.router.position();
         let Some((d, _)) = &mut self.dcas else {
