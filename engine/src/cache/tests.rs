@@ -43,12 +43,7 @@ async fn writes_reach_backups_and_survive_promotion() {
     let (dead, _) = c.nodes.remove(0);
     assert!(c.master.leave(dead).is_empty());
     c.push();
-    let client = CacheClient::connect(
-        &[c.nodes[0].1.local_addr().to_string()],
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let client = c.client().await;
     for i in (0..2000u32).step_by(7) {
         let v = client.get("m", &i.to_le_bytes()).await.unwrap();
         assert_eq!(v, Some((format!("v{i}").into_bytes(), 1)), "key {i}");
@@ -179,12 +174,7 @@ async fn a_retried_append_at_reaches_the_backup_that_refused_it() {
     c.nodes.retain(|(id, _)| *id != big);
     assert!(c.master.leave(big).is_empty());
     c.push();
-    let client = CacheClient::connect(
-        &[c.nodes[0].1.local_addr().to_string()],
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let client = c.client().await;
     assert_eq!(client.range(p, "log", 0, 10).await.unwrap(), (1, item(1)));
 }
 

@@ -438,11 +438,7 @@ async fn write_log(
     lease: Lease,
 ) {
     while let Some(first) = rx.recv().await {
-        if !lease.valid() {
-            let e = DcasError::Corrupt {
-                list: list.clone(),
-                message: "the task manager's lease lapsed (it may have been declared dead and the subtask restarted elsewhere): not appending".into(),
-            };
+        if let Err(e) = lease.check(&list, "appending") {
             warn!(list = %list, error = %e, "Input log fenced.");
             let _ = logged.send(Err(e));
             return;
@@ -948,6 +944,21 @@ impl Lease {
         (self.origin.elapsed().as_millis() as u64)
             <= self.until_ms.load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// The fence before every write to the cache (`doing` it to `list`): an error once the
+    /// lease lapsed, since the task manager may have been declared dead and its subtasks
+    /// restarted elsewhere, whose log and snapshots it must not write into.
+    pub fn check(&self, list: &str, doing: &str) -> Result<(), DcasError> {
+        match self.valid() {
+            true => Ok(()),
+            false => Err(DcasError::Corrupt {
+                list: list.to_string(),
+                message: format!(
+                    "the task manager's lease lapsed (it may have been declared dead and the subtask restarted elsewhere): not {doing}"
+                ),
+            }),
+        }
+    }
 }
 
 /// How a DCAS subtask is configured.
@@ -1158,14 +1169,7 @@ impl DcasSubtask {
         tokio::spawn(async move {
             let result = async {
                 waiter.reached(snap.log_offset).await?;
-                // As the log writer: a task manager whose lease lapsed may have been
-                // replaced, and must not write into its replacement's snapshots.
-                if !lease.valid() {
-                    return Err(DcasError::Corrupt {
-                        list: store.names().changes.clone(),
-                        message: "the task manager's lease lapsed: not storing snapshot".into(),
-                    });
-                }
+                lease.check(&store.names().changes, "storing a snapshot")?;
                 let bytes = store.store(&snap).await?;
                 let logged = progress.exchange(&published, &outputs).await?;
                 Ok(Stored {
