@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use super::credit;
 use super::dcas::{RetainedBatch, RetainedOutput};
+use crate::codec::CodecError;
 use crate::graph::{subtask_for_hash, Exchange};
 use crate::net::RemoteSender;
 use crate::operator::{eval, OpError};
@@ -507,24 +508,17 @@ impl Router {
         let mut pending: Vec<RetainedBatch> = self
             .sealed
             .iter()
-            .map(|s| RetainedBatch {
-                channel: (s.channel.0 as u32, s.channel.1 as u32),
-                batch: Batch {
-                    first_seq: self.routes[s.channel.0].targets[s.channel.1].next_seq,
-                    records: s.records.clone(),
-                },
+            .map(|s| {
+                let (r, t) = s.channel;
+                let first_seq = self.routes[r].targets[t].next_seq;
+                RetainedBatch::pack((r as u32, t as u32), first_seq, &s.records)
             })
             .collect();
         for (r, route) in self.routes.iter().enumerate() {
             for (t, buf) in route.buffers.iter().enumerate() {
                 if !buf.is_empty() {
-                    pending.push(RetainedBatch {
-                        channel: (r as u32, t as u32),
-                        batch: Batch {
-                            first_seq: route.targets[t].next_seq,
-                            records: buf.clone(),
-                        },
-                    });
+                    let first_seq = route.targets[t].next_seq;
+                    pending.push(RetainedBatch::pack((r as u32, t as u32), first_seq, buf));
                 }
             }
         }
@@ -563,12 +557,15 @@ impl Router {
         }
         for b in p.pending {
             let (r, t) = (b.channel.0 as usize, b.channel.1 as usize);
+            let batch = b
+                .unpack()
+                .map_err(|e| format!("the snapshot's unsent output for channel {r}.{t}: {e}"))?;
             let buf = self
                 .routes
                 .get_mut(r)
                 .and_then(|route| route.buffers.get_mut(t))
                 .ok_or_else(|| format!("the snapshot has output for channel {r}.{t}"))?;
-            buf.extend(b.batch.records);
+            buf.extend(batch.records);
             self.pending_since.get_or_insert_with(Instant::now);
         }
         self.sealed.clear();
@@ -618,9 +615,10 @@ impl Router {
             .map(|r| {
                 r.batches()
                     .filter(|b| b.channel == channel)
-                    .map(|b| b.batch.clone())
+                    .map(|b| b.unpack().map_err(RouteError::Retained))
                     .collect()
             })
+            .transpose()?
             .unwrap_or_default();
         let keep = self.retained.is_some();
         let ch = &mut self.routes[route].targets[target];
@@ -917,7 +915,7 @@ async fn send(
     target.next_seq = batch.end_seq();
     let keep = out.retained.is_some();
     if let Some(r) = out.retained.as_mut() {
-        r.push(out.channel, batch.clone());
+        r.push(out.channel, &batch);
     }
     let waited = deliver(target, StreamEvent::Data(batch), keep).await?;
     let counters = out.counters;
@@ -959,6 +957,9 @@ pub enum RouteError {
     /// A `hash(<expr>)` partition expression failed on a record.
     #[error("partition {0}")]
     Partition(OpError),
+    /// Retained output could not be read back (damaged bytes).
+    #[error("retained output: {0}")]
+    Retained(CodecError),
 }
 
 #[cfg(test)]

@@ -29,10 +29,10 @@ use tracing::warn;
 
 use super::channel::{InputPosition, RouterPosition};
 use crate::cache::{CacheClient, CacheError};
-use crate::codec::{decode, decode_event, encode, encode_event_after, size_hint, CodecError};
+use crate::codec::{decode, encode, packed, CodecError};
 use crate::ids::TaskManagerId;
 use crate::protocol::control::OperatorState;
-use crate::record::{Batch, Seq, StreamEvent};
+use crate::record::{Batch, Record, Seq, StreamEvent};
 
 /// Most log entries in one append.
 const MAX_GROUP: usize = 256;
@@ -138,7 +138,7 @@ impl LogEntry {
     }
 
     /// Encodes as the channel and the event's length (4 bytes each, little endian), the
-    /// wire event, then a tail: nothing; 1 and the source state; or 2, the regenerated
+    /// [`packed`] event, then a tail: nothing; 1 and the source state; or 2, the regenerated
     /// count (8 bytes) and the source state.
     pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
         encode_entry(self.channel, &self.event, self.tail.as_ref())
@@ -170,7 +170,7 @@ impl LogEntry {
         };
         Ok(LogEntry {
             channel: u32::from_le_bytes(*head),
-            event: decode_event(event)?,
+            event: packed::decode_event(event)?,
             tail,
         })
     }
@@ -208,17 +208,19 @@ impl<S: AsRef<[u8]>> Tail<S> {
 }
 
 /// The encoding of [`LogEntry::encode`], from borrowed parts, in one buffer: the header,
-/// the event archived straight after it (8 bytes keep its alignment), then the tail.
+/// the packed event, then the tail.
 fn encode_entry(
     channel: u32,
     event: &StreamEvent,
     tail: Tail<&[u8]>,
 ) -> Result<Vec<u8>, CodecError> {
-    let mut out = Vec::with_capacity(8 + size_hint(event));
+    let state = tail.state().map_or(0, <[u8]>::len);
+    let mut out = Vec::with_capacity(32 + state + packed::size_hint(event));
     out.extend_from_slice(&channel.to_le_bytes());
     out.extend_from_slice(&[0; 4]);
-    let mut out = encode_event_after(event, out)?;
-    let len = (out.len() - 8) as u32;
+    packed::encode_event(event, &mut out);
+    let len = u32::try_from(out.len() - 8)
+        .map_err(|_| CodecError(format!("a log entry's event of {} bytes", out.len() - 8)))?;
     out[4..8].copy_from_slice(&len.to_le_bytes());
     match tail {
         Tail::None => {}
@@ -479,13 +481,44 @@ async fn write_log(
     }
 }
 
-/// A batch sent on an output channel and not yet known to be in the receiver's log.
+/// A batch sent on an output channel and not yet known to be in the receiver's log, kept
+/// [`packed`]: packing a batch costs less than cloning its records and later dropping them
+/// one by one, and snapshots carry it as it is.
 #[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct RetainedBatch {
     /// Output channel: (route index, target index).
     pub channel: (u32, u32),
-    /// The batch as sent (`first_seq` set).
-    pub batch: Batch,
+    /// Seq of the first record.
+    pub first_seq: Seq,
+    /// Records in it.
+    pub len: u32,
+    /// The batch as sent (`first_seq` set), [`packed::encode_batch`].
+    pub packed: Vec<u8>,
+}
+
+impl RetainedBatch {
+    /// The batch of `records` from seq `first_seq`, sent on `channel`, packed.
+    pub fn pack(channel: (u32, u32), first_seq: Seq, records: &[Record]) -> RetainedBatch {
+        let mut packed = Vec::with_capacity(packed::size_hint_records(records.len()));
+        packed::encode_records(first_seq, records, &mut packed);
+        RetainedBatch {
+            channel,
+            first_seq,
+            len: records.len() as u32,
+            packed,
+        }
+    }
+
+    /// The batch again. An error only when the bytes were damaged (a snapshot's are
+    /// validated when it is read).
+    pub fn unpack(&self) -> Result<Batch, CodecError> {
+        packed::decode_batch(&self.packed)
+    }
+
+    /// Seq after the last record.
+    pub fn end_seq(&self) -> Seq {
+        self.first_seq + u64::from(self.len)
+    }
 }
 
 /// Output a sender keeps until its receivers logged it (DESIGN §7: "the sender keeps
@@ -498,31 +531,36 @@ pub struct RetainedOutput {
 
 impl RetainedOutput {
     /// Remembers a sent batch.
-    pub fn push(&mut self, channel: (u32, u32), batch: Batch) {
+    pub fn push(&mut self, channel: (u32, u32), batch: &Batch) {
         self.records += batch.len();
-        self.batches.push_back(RetainedBatch { channel, batch });
+        let packed = RetainedBatch::pack(channel, batch.first_seq, &batch.records);
+        self.batches.push_back(packed);
     }
 
     /// Forgets what the receivers have logged, in one pass: `logged[route][target]` is the
     /// seq below which channel `(route, target)`'s receiver has logged every record (a
-    /// channel missing from it keeps everything).
+    /// channel missing from it keeps everything). A batch logged in part is packed again
+    /// without its logged records.
     pub fn trim(&mut self, logged: &[Vec<Seq>]) {
         let mut records = 0;
         self.batches.retain_mut(|b| {
             let (route, target) = (b.channel.0 as usize, b.channel.1 as usize);
             let logged = logged.get(route).and_then(|r| r.get(target)).copied();
             let logged = logged.unwrap_or(0);
-            if b.batch.first_seq < logged {
-                let drop = ((logged - b.batch.first_seq) as usize).min(b.batch.len());
-                b.batch.records.drain(..drop);
-                b.batch.first_seq += drop as u64;
+            if b.end_seq() <= logged {
+                return false;
             }
-            records += b.batch.len();
-            !b.batch.is_empty()
+            if b.first_seq < logged {
+                if let Ok(batch) = b.unpack() {
+                    let rest = &batch.records[(logged - b.first_seq) as usize..];
+                    *b = RetainedBatch::pack(b.channel, logged, rest);
+                }
+            }
+            records += b.len as usize;
+            true
         });
         self.records = records;
     }
-
     /// Records retained.
     pub fn records(&self) -> usize {
         self.records
@@ -535,7 +573,7 @@ impl RetainedOutput {
 
     /// A buffer holding `batches` (restored from a snapshot).
     pub fn from_batches(batches: Vec<RetainedBatch>) -> RetainedOutput {
-        let records = batches.iter().map(|b| b.batch.len()).sum();
+        let records = batches.iter().map(|b| b.len as usize).sum();
         RetainedOutput {
             batches: batches.into(),
             records,
@@ -1303,7 +1341,6 @@ impl DcasSubtask {
 mod tests {
     use super::*;
     use crate::cache::testing::Cluster;
-    use crate::record::Record;
     use crate::value::Value;
 
     fn batch(first_seq: u64, n: usize) -> Batch {
@@ -1354,17 +1391,24 @@ mod tests {
     #[test]
     fn retained_output_trims_per_channel_and_inside_batches() {
         let mut r = RetainedOutput::default();
-        r.push((0, 0), batch(0, 10));
-        r.push((0, 1), batch(0, 5));
-        r.push((0, 0), batch(10, 10));
+        r.push((0, 0), &batch(0, 10));
+        r.push((0, 1), &batch(0, 5));
+        r.push((0, 0), &batch(10, 10));
         assert_eq!(r.records(), 25);
         r.trim(&[vec![15]]);
         assert_eq!(r.records(), 10);
         let left: Vec<_> = r
             .batches()
-            .map(|b| (b.channel, b.batch.first_seq, b.batch.len()))
+            .map(|b| (b.channel, b.first_seq, b.len, b.unpack().unwrap().len()))
             .collect();
-        assert_eq!(left, vec![((0, 1), 0, 5), ((0, 0), 15, 5)]);
+        assert_eq!(left, vec![((0, 1), 0, 5, 5), ((0, 0), 15, 5, 5)]);
+        let rest = r.batches().nth(1).unwrap().unpack().unwrap();
+        assert_eq!(rest.first_seq, 15);
+        assert_eq!(
+            rest.records,
+            batch(10, 10).records[5..],
+            "the logged ones are gone"
+        );
         r.trim(&[vec![20, 100]]);
         assert_eq!(r.records(), 0);
         assert_eq!(r.batches().count(), 0);
@@ -1418,10 +1462,7 @@ mod tests {
                 next_seqs: vec![vec![99]],
                 rr: vec![0],
                 pending: Vec::new(),
-                retained: vec![RetainedBatch {
-                    channel: (0, 0),
-                    batch: batch(90, 9),
-                }],
+                retained: vec![RetainedBatch::pack((0, 0), 90, &batch(90, 9).records)],
                 watermark: 4,
                 ended: false,
             },
@@ -1530,8 +1571,8 @@ mod tests {
         assert_eq!(progress.read(&[to0, to1]).await.unwrap(), vec![0, 0]);
         let mut retained = RetainedOutput::default();
         for i in 0..4 {
-            retained.push((0, 0), batch(i * 10, 10));
-            retained.push((0, 1), batch(i * 10, 10));
+            retained.push((0, 0), &batch(i * 10, 10));
+            retained.push((0, 1), &batch(i * 10, 10));
         }
         progress.publish(&[(to0, 25)]).await.unwrap();
         progress.publish(&[(to1, 40)]).await.unwrap();

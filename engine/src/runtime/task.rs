@@ -1267,6 +1267,10 @@ impl SubtaskRunner {
                 message: err.to_string(),
                 kind: ErrorKind::User,
             }),
+            RouteError::Retained(err) => Stop::Failed(EngineError::Internal(format!(
+                "subtask {}: retained output: {err}",
+                self.id
+            ))),
         }
     }
 }

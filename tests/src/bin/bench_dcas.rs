@@ -371,11 +371,13 @@ fn compare_rates(
     println!();
 }
 
-/// Two task managers with one slot each (the pipelines have parallelism 2).
-fn two_taskmanagers() -> Cluster {
+/// Two task managers with one slot each (the pipelines have parallelism 2), the cache
+/// keeping `backups` backups of every partition.
+fn two_taskmanagers(backups: u64) -> Cluster {
     Cluster::start(ClusterOptions {
         taskmanagers: 2,
         slots: 1,
+        jobmanager_args: vec!["--cache-backup-count".into(), backups.to_string()],
         ..Default::default()
     })
 }
@@ -386,7 +388,7 @@ fn overhead(args: &[String]) {
     let rounds = arg("--rounds", 3).max(1) as usize;
     let title = format!("(d) saturated keyed count, {n} records, parallelism 2 on 2 task managers");
     compare_rates(
-        &two_taskmanagers(),
+        &two_taskmanagers(arg("--d-backups", 1)),
         &overhead_modes(args),
         &title,
         n,
@@ -408,7 +410,7 @@ fn kafka_overhead(args: &[String]) {
         "(e) Kafka-fed click count ({n} events in 4 partitions → key_by user → 2 s window count → discard), parallelism 2 on 2 task managers"
     );
     compare_rates(
-        &two_taskmanagers(),
+        &two_taskmanagers(1),
         &overhead_modes(args),
         &title,
         n,
@@ -513,7 +515,7 @@ fn incremental(args: &[String]) {
     let title = format!(
         "(f) running count over {keys} keys, {n} records at {rate} records/s, parallelism 2 on 2 task managers"
     );
-    compare_rates(&two_taskmanagers(), &modes, &title, n, rounds, |m| {
+    compare_rates(&two_taskmanagers(1), &modes, &title, n, rounds, |m| {
         let mut spec = json!({"name": "running-count", "operators": [
             {"id": "g", "kind": "generator", "parallelism": 2,
              "params": {"count": n, "rate": rate, "keys": keys, "seed": 5}},

@@ -1,8 +1,11 @@
-//! rkyv encoding of stream events (wire and cache format) and of operator state.
+//! rkyv encoding of stream events (wire and cache format) and of operator state; the DCAS
+//! input log's [`packed`] batches.
 //!
 //! Encoding happens only at process boundaries and in snapshots, never per record in
 //! process. Decoding validates the bytes first (`bytecheck`), so a corrupted or truncated
 //! frame is an error, never undefined behaviour or a panic.
+
+pub mod packed;
 
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
@@ -83,15 +86,6 @@ pub fn size_hint(event: &StreamEvent) -> usize {
         StreamEvent::Data(b) => 128 + b.len() * 56,
         _ => 128,
     }
-}
-
-/// Encodes a stream event after the bytes already in `out` (a header), without an
-/// intermediate buffer. The event's archive starts at `out.len()`, which must be a
-/// multiple of 8 for it to decode from there (the archive's alignment).
-pub fn encode_event_after(event: &StreamEvent, out: Vec<u8>) -> Result<Vec<u8>, CodecError> {
-    debug_assert!(out.len().is_multiple_of(8));
-    rkyv::api::high::to_bytes_in::<_, rancor::Error>(event, out)
-        .map_err(|e| CodecError(format!("encode failed: {e}")))
 }
 
 /// Validates and decodes bytes produced by [`encode`]. Copies into an aligned buffer when
@@ -232,12 +226,12 @@ pub fn value_from_archived(v: &ArchivedValue, depth: usize) -> Option<Value> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::record::{Batch, Record};
     use crate::value::{mix64, Value};
 
-    fn sample_batch() -> Batch {
+    pub(crate) fn sample_batch() -> Batch {
         Batch {
             first_seq: 41,
             records: vec![
@@ -292,7 +286,7 @@ mod tests {
     }
 
     /// A deterministic random `Value` of bounded depth.
-    fn random_value(state: &mut u64, depth: u32) -> Value {
+    pub(crate) fn random_value(state: &mut u64, depth: u32) -> Value {
         *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let r = mix64(*state);
         let pick = if depth == 0 { r % 6 } else { r % 8 };

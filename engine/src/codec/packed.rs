@@ -1,0 +1,447 @@
+//! A packed encoding of record batches for the DCAS input log: varints, timestamps as
+//! deltas, one tag byte per record for the key's and the value's type.
+//!
+//! The log holds every input a subtask consumes, crosses loopback twice (to the log's primary
+//! and on to its backup) and sits in the cache's memory until the next snapshot. rkyv's
+//! archive gives every record a fixed layout with aligned 8-byte fields: 48 bytes for a
+//! keyed integer count's input, of which about 6 carry information. Packed, that record
+//! takes 4–8 bytes, and every copy, socket write and cached byte shrinks with it. The data
+//! plane keeps rkyv: a receiver reads records straight from the archive there, while the log
+//! is written on every input and read only by a restart.
+//!
+//! An event is a tag byte ([`DATA`], watermark, barrier, end) and its body: a batch, or a
+//! watermark or checkpoint id as a varint. Layout of a batch: `first_seq` and the record count as varints, then per record a tag
+//! byte (key type in the high nibble, [`NO_KEY`] when there is none; value type in the low
+//! one), the timestamp's difference from the previous record's (zigzag varint, from 0), the
+//! key's payload, the value's payload. Payloads: an integer as a zigzag varint, a float as
+//! its 8 bytes, a string or bytes as a varint length and the bytes, a list as a varint
+//! count and tagged values, a map as a varint count and (name, tagged value) pairs.
+//!
+//! Decoding checks every length against the bytes left and nests no deeper than
+//! [`MAX_VALUE_DEPTH`]: malformed input is an error, never a panic or a huge allocation.
+
+use std::sync::Arc;
+
+use super::{CodecError, MAX_VALUE_DEPTH};
+use crate::record::{Batch, Record, StreamEvent};
+use crate::value::Value;
+
+const NULL: u8 = 0;
+const FALSE: u8 = 1;
+const TRUE: u8 = 2;
+const INT: u8 = 3;
+const FLOAT: u8 = 4;
+const STR: u8 = 5;
+const BYTES: u8 = 6;
+const LIST: u8 = 7;
+const MAP: u8 = 8;
+/// Key nibble of a record without a key.
+const NO_KEY: u8 = 0xf;
+
+const DATA: u8 = 0;
+const WATERMARK: u8 = 1;
+const BARRIER: u8 = 2;
+const END: u8 = 3;
+
+/// Bytes to reserve for `event` packed: enough for records of small integers and short
+/// strings, so the common batch never regrows its buffer.
+pub fn size_hint(event: &StreamEvent) -> usize {
+    match event {
+        StreamEvent::Data(b) => size_hint_records(b.len()),
+        _ => 24,
+    }
+}
+
+/// [`size_hint`] of a batch of `n` records.
+pub fn size_hint_records(n: usize) -> usize {
+    24 + n * 8
+}
+
+/// Appends `event`, packed, to `out`.
+pub fn encode_event(event: &StreamEvent, out: &mut Vec<u8>) {
+    match event {
+        StreamEvent::Data(b) => {
+            out.push(DATA);
+            encode_batch(b, out);
+        }
+        StreamEvent::Watermark(w) => {
+            out.push(WATERMARK);
+            put_varint(out, zigzag(*w));
+        }
+        StreamEvent::Barrier(n) => {
+            out.push(BARRIER);
+            put_varint(out, *n);
+        }
+        StreamEvent::EndOfStream => out.push(END),
+    }
+}
+
+/// Decodes an event [`encode_event`] wrote, which must fill `bytes` exactly.
+pub fn decode_event(bytes: &[u8]) -> Result<StreamEvent, CodecError> {
+    let (tag, body) = bytes
+        .split_first()
+        .ok_or_else(|| CodecError("packed event: no bytes".into()))?;
+    let mut r = Reader { bytes: body, at: 0 };
+    let event = match *tag {
+        DATA => return decode_batch(body).map(StreamEvent::Data),
+        WATERMARK => StreamEvent::Watermark(unzigzag(r.varint()?)),
+        BARRIER => StreamEvent::Barrier(r.varint()?),
+        END => StreamEvent::EndOfStream,
+        t => return Err(CodecError(format!("packed event: unknown tag {t}"))),
+    };
+    r.end()?;
+    Ok(event)
+}
+
+/// Appends `batch`, packed, to `out`.
+pub fn encode_batch(batch: &Batch, out: &mut Vec<u8>) {
+    encode_records(batch.first_seq, &batch.records, out);
+}
+
+/// Appends the batch of `records` from seq `first_seq`, packed, to `out`.
+pub fn encode_records(first_seq: u64, records: &[Record], out: &mut Vec<u8>) {
+    put_varint(out, first_seq);
+    put_varint(out, records.len() as u64);
+    let mut prev_ts = 0i64;
+    for r in records {
+        let key = r.key.as_ref().map_or(NO_KEY, tag);
+        out.push(key << 4 | tag(&r.value));
+        put_varint(out, zigzag(r.ts.wrapping_sub(prev_ts)));
+        prev_ts = r.ts;
+        if let Some(k) = &r.key {
+            put_payload(out, k);
+        }
+        put_payload(out, &r.value);
+    }
+}
+
+/// Decodes a batch [`encode_batch`] wrote, which must fill `bytes` exactly.
+pub fn decode_batch(bytes: &[u8]) -> Result<Batch, CodecError> {
+    let mut r = Reader { bytes, at: 0 };
+    let first_seq = r.varint()?;
+    let n = r.count(2)?;
+    let mut records = Vec::with_capacity(n);
+    let mut ts = 0i64;
+    for _ in 0..n {
+        let t = r.byte()?;
+        ts = ts.wrapping_add(unzigzag(r.varint()?));
+        let key = match t >> 4 {
+            NO_KEY => None,
+            k => Some(r.payload(k, 0)?),
+        };
+        let value = r.payload(t & 0xf, 0)?;
+        records.push(Record { key, ts, value });
+    }
+    r.end()?;
+    Ok(Batch { first_seq, records })
+}
+
+fn tag(v: &Value) -> u8 {
+    match v {
+        Value::Null => NULL,
+        Value::Bool(false) => FALSE,
+        Value::Bool(true) => TRUE,
+        Value::Int(_) => INT,
+        Value::Float(_) => FLOAT,
+        Value::Str(_) => STR,
+        Value::Bytes(_) => BYTES,
+        Value::List(_) => LIST,
+        Value::Map(_) => MAP,
+    }
+}
+
+fn put_payload(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::Null | Value::Bool(_) => {}
+        Value::Int(i) => put_varint(out, zigzag(*i)),
+        Value::Float(f) => out.extend_from_slice(&f.to_le_bytes()),
+        Value::Str(s) => put_bytes(out, s.as_bytes()),
+        Value::Bytes(b) => put_bytes(out, b),
+        Value::List(items) => {
+            put_varint(out, items.len() as u64);
+            for i in items.iter() {
+                out.push(tag(i));
+                put_payload(out, i);
+            }
+        }
+        Value::Map(entries) => {
+            put_varint(out, entries.len() as u64);
+            for (name, v) in entries.iter() {
+                put_bytes(out, name.as_bytes());
+                out.push(tag(v));
+                put_payload(out, v);
+            }
+        }
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
+#[inline]
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+#[inline]
+fn zigzag(i: i64) -> u64 {
+    ((i << 1) ^ (i >> 63)) as u64
+}
+
+#[inline]
+fn unzigzag(u: u64) -> i64 {
+    (u >> 1) as i64 ^ -((u & 1) as i64)
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    /// Ensures nothing follows what was read.
+    fn end(&self) -> Result<(), CodecError> {
+        match self.bytes.len() - self.at {
+            0 => Ok(()),
+            n => Err(CodecError(format!("packed batch: {n} bytes after its end"))),
+        }
+    }
+
+    fn short(&self) -> CodecError {
+        CodecError(format!(
+            "packed batch cut short at byte {} of {}",
+            self.at,
+            self.bytes.len()
+        ))
+    }
+
+    #[inline]
+    fn byte(&mut self) -> Result<u8, CodecError> {
+        let b = *self.bytes.get(self.at).ok_or_else(|| self.short())?;
+        self.at += 1;
+        Ok(b)
+    }
+
+    #[inline]
+    fn varint(&mut self) -> Result<u64, CodecError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b < 0x80 {
+                return Ok(v);
+            }
+        }
+        Err(CodecError(format!(
+            "packed batch: varint longer than 10 bytes at byte {}",
+            self.at
+        )))
+    }
+
+    /// A count of items taking at least `min_bytes` each: more than the bytes left can hold
+    /// is an error, so a corrupt count never allocates.
+    fn count(&mut self, min_bytes: usize) -> Result<usize, CodecError> {
+        let n = self.varint()?;
+        let left = (self.bytes.len() - self.at) as u64;
+        if n > left / min_bytes as u64 {
+            return Err(CodecError(format!(
+                "packed batch: {n} items cannot fit in the {left} bytes left"
+            )));
+        }
+        Ok(n as usize)
+    }
+
+    fn take(&mut self, n: usize) -> Result<&[u8], CodecError> {
+        let end = self.at.checked_add(n).filter(|e| *e <= self.bytes.len());
+        let end = end.ok_or_else(|| self.short())?;
+        let s = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+
+    fn sized(&mut self) -> Result<&[u8], CodecError> {
+        let n = self.count(1)?;
+        self.take(n)
+    }
+
+    fn str(&mut self) -> Result<Arc<str>, CodecError> {
+        let at = self.at;
+        std::str::from_utf8(self.sized()?)
+            .map(Arc::from)
+            .map_err(|e| CodecError(format!("packed batch: string at byte {at}: {e}")))
+    }
+
+    fn payload(&mut self, tag: u8, depth: usize) -> Result<Value, CodecError> {
+        if matches!(tag, LIST | MAP) && depth >= MAX_VALUE_DEPTH {
+            return Err(CodecError(format!(
+                "packed batch: value nested deeper than {MAX_VALUE_DEPTH} levels"
+            )));
+        }
+        Ok(match tag {
+            NULL => Value::Null,
+            FALSE => Value::Bool(false),
+            TRUE => Value::Bool(true),
+            INT => Value::Int(unzigzag(self.varint()?)),
+            FLOAT => {
+                let b = self.take(8)?;
+                let mut f = [0; 8];
+                f.copy_from_slice(b);
+                Value::Float(f64::from_le_bytes(f))
+            }
+            STR => Value::Str(self.str()?),
+            BYTES => Value::Bytes(Arc::from(self.sized()?)),
+            LIST => {
+                let n = self.count(1)?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let t = self.byte()?;
+                    items.push(self.payload(t, depth + 1)?);
+                }
+                Value::List(items.into())
+            }
+            MAP => {
+                let n = self.count(2)?;
+                let mut entries = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let name = self.str()?;
+                    let t = self.byte()?;
+                    entries.push((name, self.payload(t, depth + 1)?));
+                }
+                Value::Map(entries.into())
+            }
+            t => {
+                return Err(CodecError(format!(
+                    "packed batch: unknown value tag {t} at byte {}",
+                    self.at
+                )))
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::tests::{random_value, sample_batch};
+    use crate::value::mix64;
+
+    fn round_trip(b: &Batch) -> Batch {
+        let mut out = Vec::new();
+        encode_batch(b, &mut out);
+        decode_batch(&out).unwrap()
+    }
+
+    /// Ensures every kind of value, nesting, and extreme timestamps and seqs survive.
+    #[test]
+    fn batches_round_trip() {
+        let b = sample_batch();
+        assert_eq!(round_trip(&b), b);
+        let extremes = Batch {
+            first_seq: u64::MAX,
+            records: [i64::MIN, i64::MAX, 0, -1, i64::MIN, 1]
+                .into_iter()
+                .map(|ts| Record::keyed(Value::Int(ts), ts, Value::Float(f64::MIN)))
+                .collect(),
+        };
+        assert_eq!(round_trip(&extremes), extremes);
+        assert_eq!(round_trip(&Batch::default()), Batch::default());
+        let mut state = 0x9ac4_u64;
+        for n in 0..300 {
+            let b = Batch {
+                first_seq: mix64(n),
+                records: (0..n % 23)
+                    .map(|i| Record {
+                        key: (i % 3 != 0).then(|| random_value(&mut state, 2)),
+                        ts: mix64(state ^ i) as i64 >> (i % 60),
+                        value: random_value(&mut state, 3),
+                    })
+                    .collect(),
+            };
+            assert_eq!(round_trip(&b), b, "case {n}");
+        }
+    }
+
+    /// Ensures the packed form of a keyed integer count's input is a fraction of rkyv's.
+    #[test]
+    fn flat_records_pack_small() {
+        let b = Batch {
+            first_seq: 1_000_000,
+            records: (0..1000)
+                .map(|i| {
+                    Record::keyed(Value::Int(i % 10_000), 1_700_000_000_000 + i, Value::Int(i))
+                })
+                .collect(),
+        };
+        let mut packed = Vec::new();
+        encode_batch(&b, &mut packed);
+        let archived = crate::codec::encode(&b).unwrap().len();
+        assert!(
+            packed.len() * 5 < archived,
+            "packed {} bytes, archived {archived}",
+            packed.len()
+        );
+        assert!(packed.len() < 7 * 1000, "{} bytes", packed.len());
+    }
+
+    /// Ensures truncated, corrupted or hostile input is an error, never a panic or a huge
+    /// allocation.
+    #[test]
+    fn malformed_input_is_an_error() {
+        let mut bytes = Vec::new();
+        encode_batch(&sample_batch(), &mut bytes);
+        for cut in 0..bytes.len() {
+            assert!(decode_batch(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(decode_batch(&longer).is_err());
+        let mut state = 7u64;
+        for _ in 0..5000 {
+            let mut b = bytes.clone();
+            state = mix64(state + 1);
+            let i = (state as usize) % b.len();
+            b[i] ^= (state >> 8) as u8 | 1;
+            let _ = decode_batch(&b);
+        }
+        // A count of 2^63 records, and a list nested past the limit.
+        let mut huge = Vec::new();
+        put_varint(&mut huge, 0);
+        put_varint(&mut huge, 1 << 63);
+        assert!(decode_batch(&huge).is_err());
+        let mut deep = vec![0, 1, NO_KEY << 4 | LIST, 0];
+        for _ in 0..MAX_VALUE_DEPTH + 1 {
+            deep.extend_from_slice(&[1, LIST]);
+        }
+        deep.push(0);
+        let err = decode_batch(&deep).unwrap_err();
+        assert!(err.0.contains("nested deeper"), "{err}");
+        assert!(decode_batch(&[0, 1, 0x09, 0]).is_err(), "unknown tag");
+        assert!(decode_batch(&[0, 0, 0xff]).is_err(), "trailing byte");
+    }
+
+    /// Ensures every kind of event round-trips, and a bad tag or trailing byte is an error.
+    #[test]
+    fn events_round_trip() {
+        for ev in [
+            StreamEvent::Data(sample_batch()),
+            StreamEvent::Watermark(i64::MIN),
+            StreamEvent::Watermark(-5),
+            StreamEvent::Barrier(u64::MAX),
+            StreamEvent::EndOfStream,
+        ] {
+            let mut out = Vec::new();
+            encode_event(&ev, &mut out);
+            assert_eq!(decode_event(&out).unwrap(), ev);
+            out.push(0);
+            assert!(decode_event(&out).is_err(), "{ev:?} with a trailing byte");
+        }
+        assert!(decode_event(&[]).is_err());
+        assert!(decode_event(&[4]).is_err());
+    }
+}
