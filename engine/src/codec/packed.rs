@@ -105,13 +105,75 @@ pub fn encode_records(first_seq: u64, records: &[Record], out: &mut Vec<u8>) {
     let mut prev_ts = 0i64;
     for r in records {
         let key = r.key.as_ref().map_or(NO_KEY, tag);
-        out.push(key << 4 | tag(&r.value));
-        put_varint(out, zigzag(r.ts.wrapping_sub(prev_ts)));
+        let ts = zigzag(r.ts.wrapping_sub(prev_ts));
         prev_ts = r.ts;
+        // The common record (fixed-size key and value) is packed on the stack and
+        // appended in one copy; strings and nested values take the general path.
+        let mut small = Small {
+            buf: [0; Small::MAX],
+            len: 0,
+        };
+        small.put(key << 4 | tag(&r.value));
+        small.varint(ts);
+        if r.key.as_ref().is_none_or(|k| small.scalar(k)) && small.scalar(&r.value) {
+            out.extend_from_slice(small.bytes());
+            continue;
+        }
+        out.push(key << 4 | tag(&r.value));
+        put_varint(out, ts);
         if let Some(k) = &r.key {
             put_payload(out, k);
         }
         put_payload(out, &r.value);
+    }
+}
+
+/// A record of fixed-size values packed on the stack: a tag, then three varints or
+/// floats, at most 31 of its [`Small::MAX`] bytes (so the index mask never wraps).
+struct Small {
+    buf: [u8; Small::MAX],
+    len: usize,
+}
+
+impl Small {
+    const MAX: usize = 32;
+
+    #[inline]
+    fn put(&mut self, b: u8) {
+        self.buf[self.len & (Self::MAX - 1)] = b;
+        self.len += 1;
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len.min(Self::MAX)]
+    }
+
+    #[inline]
+    fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.put(v as u8 | 0x80);
+            v >>= 7;
+        }
+        self.put(v as u8)
+    }
+
+    /// The payload of a fixed-size value; false for the others.
+    #[inline]
+    fn scalar(&mut self, v: &Value) -> bool {
+        match v {
+            Value::Null | Value::Bool(_) => true,
+            Value::Int(i) => {
+                self.varint(zigzag(*i));
+                true
+            }
+            Value::Float(f) => {
+                for b in f.to_le_bytes() {
+                    self.put(b);
+                }
+                true
+            }
+            Value::Str(_) | Value::Bytes(_) | Value::List(_) | Value::Map(_) => false,
+        }
     }
 }
 
