@@ -107,18 +107,21 @@ pub fn encode_records(first_seq: u64, records: &[Record], out: &mut Vec<u8>) {
         let key = r.key.as_ref().map_or(NO_KEY, tag);
         let ts = zigzag(r.ts.wrapping_sub(prev_ts));
         prev_ts = r.ts;
-        // The common record (fixed-size key and value) is packed on the stack and
-        // appended in one copy; strings and nested values take the general path.
-        let mut small = Small {
-            buf: [0; Small::MAX],
-            len: 0,
-        };
-        small.put(key << 4 | tag(&r.value));
-        small.varint(ts);
-        if r.key.as_ref().is_none_or(|k| small.scalar(k)) && small.scalar(&r.value) {
-            out.extend_from_slice(small.bytes());
-            continue;
+        // The common record (fixed-size key and value) is written in place: no capacity
+        // check per byte, and no copy. Strings and nested values take the general path.
+        let at = out.len();
+        out.resize(at + Small::ROOM, 0);
+        if let Some(room) = out.get_mut(at..).and_then(<[u8]>::first_chunk_mut) {
+            let mut small = Small { room, len: 0 };
+            small.put(key << 4 | tag(&r.value));
+            small.varint(ts);
+            if r.key.as_ref().is_none_or(|k| small.scalar(k)) && small.scalar(&r.value) {
+                let len = small.len;
+                out.truncate(at + len);
+                continue;
+            }
         }
+        out.truncate(at);
         out.push(key << 4 | tag(&r.value));
         put_varint(out, ts);
         if let Some(k) = &r.key {
@@ -128,24 +131,21 @@ pub fn encode_records(first_seq: u64, records: &[Record], out: &mut Vec<u8>) {
     }
 }
 
-/// A record of fixed-size values packed on the stack: a tag, then three varints or
-/// floats, at most 31 of its [`Small::MAX`] bytes (so the index mask never wraps).
-struct Small {
-    buf: [u8; Small::MAX],
+/// A record of fixed-size values packed in place, into room made for its worst case: a
+/// tag, then three varints or floats, at most 31 of [`Small::ROOM`] bytes (so the index
+/// mask never wraps).
+struct Small<'a> {
+    room: &'a mut [u8; Small::ROOM],
     len: usize,
 }
 
-impl Small {
-    const MAX: usize = 32;
+impl Small<'_> {
+    const ROOM: usize = 32;
 
     #[inline]
     fn put(&mut self, b: u8) {
-        self.buf[self.len & (Self::MAX - 1)] = b;
+        self.room[self.len & (Self::ROOM - 1)] = b;
         self.len += 1;
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.buf[..self.len.min(Self::MAX)]
     }
 
     #[inline]
