@@ -102,9 +102,9 @@ const MAX_SEALED: usize = 16;
 
 /// DCAS: most input entries not yet in the log before the subtask stops taking input (or
 /// polling). A subtask with little output (a window, a sink, a source chained with a
-/// window) is not held back by log-before-release,
-/// and without this bound its log falls behind its input without limit, and with it the
-/// output its senders must retain (and carry in every snapshot).
+/// window) is not held back by log-before-release, and without this bound its log falls
+/// behind its input without limit, and with it the output its senders must retain (and
+/// carry in every snapshot).
 const MAX_UNLOGGED: u64 = 32;
 
 /// How often a subtask refreshes its operator metrics.
