@@ -1,5 +1,5 @@
-//! rkyv encoding of stream events (wire and cache format) and of operator state; the DCAS
-//! input log's [`packed`] batches.
+//! rkyv encoding of stream events (wire and cache format) and of operator state; the
+//! [`packed`] batches of what DCAS copies (input log entries, retained output).
 //!
 //! Encoding happens only at process boundaries and in snapshots, never per record in
 //! process. Decoding validates the bytes first (`bytecheck`), so a corrupted or truncated
@@ -113,6 +113,7 @@ pub fn encode_event(event: &StreamEvent) -> Result<AlignedVec, CodecError> {
 }
 
 /// Decodes a stream event from the wire.
+#[cfg(test)]
 pub fn decode_event(bytes: &[u8]) -> Result<StreamEvent, CodecError> {
     let mut aligned = AlignedVec::<16>::with_capacity(bytes.len());
     aligned.extend_from_slice(bytes);

@@ -1,5 +1,6 @@
-//! A packed encoding of record batches for the DCAS input log: varints, timestamps as
-//! deltas, one tag byte per record for the key's and the value's type.
+//! A packed encoding of record batches for what DCAS copies: the input log's entries and a
+//! sender's retained output (also in its snapshots). Varints, timestamps as deltas, one tag
+//! byte per record for the key's and the value's type.
 //!
 //! The log holds every input a subtask consumes, crosses loopback twice (to the log's primary
 //! and on to its backup) and sits in the cache's memory until the next snapshot. rkyv's
@@ -9,16 +10,20 @@
 //! plane keeps rkyv: a receiver reads records straight from the archive there, while the log
 //! is written on every input and read only by a restart.
 //!
-//! An event is a tag byte ([`DATA`], watermark, barrier, end) and its body: a batch, or a
-//! watermark or checkpoint id as a varint. Layout of a batch: `first_seq` and the record count as varints, then per record a tag
-//! byte (key type in the high nibble, [`NO_KEY`] when there is none; value type in the low
-//! one), the timestamp's difference from the previous record's (zigzag varint, from 0), the
-//! key's payload, the value's payload. Payloads: an integer as a zigzag varint, a float as
-//! its 8 bytes, a string or bytes as a varint length and the bytes, a list as a varint
-//! count and tagged values, a map as a varint count and (name, tagged value) pairs.
+//! An event is a tag byte (data, watermark, barrier, end) and its body: a batch, or a
+//! watermark or checkpoint id as a varint. Layout of a batch: `first_seq` and the record
+//! count as varints, then per record a tag byte (key type in the high nibble, 15 when there
+//! is none; value type in the low one), the timestamp's difference from the previous
+//! record's (zigzag varint, from 0), the key's payload, the value's payload. Payloads: an
+//! integer as a zigzag varint, a float as its 8 bytes, a string or bytes as a varint length
+//! and the bytes, a list as a varint count and tagged values, a map as a varint count and
+//! (name, tagged value) pairs.
 //!
-//! Decoding checks every length against the bytes left and nests no deeper than
-//! [`MAX_VALUE_DEPTH`]: malformed input is an error, never a panic or a huge allocation.
+//! Decoding checks every length against the bytes left, reserves at most [`MAX_RESERVE`]
+//! items ahead of reading them, and nests no deeper than [`MAX_VALUE_DEPTH`]: malformed
+//! input is an error, never a panic or a large allocation. The format has no version: it
+//! lives only in the cache's memory and in snapshots there, which do not outlive the task
+//! managers of one build.
 
 use std::sync::Arc;
 
@@ -37,6 +42,9 @@ const LIST: u8 = 7;
 const MAP: u8 = 8;
 /// Key nibble of a record without a key.
 const NO_KEY: u8 = 0xf;
+/// Most items a decoder reserves room for before reading them: a count read from the bytes
+/// is checked against the bytes left, but every nesting level could claim them all.
+pub const MAX_RESERVE: usize = 1024;
 
 const DATA: u8 = 0;
 const WATERMARK: u8 = 1;
@@ -52,9 +60,9 @@ pub fn size_hint(event: &StreamEvent) -> usize {
     }
 }
 
-/// [`size_hint`] of a batch of `n` records.
+/// [`size_hint`] of a batch of `n` records, with the room the last record is packed in.
 pub fn size_hint_records(n: usize) -> usize {
-    24 + n * 8
+    24 + n * 8 + Small::ROOM
 }
 
 /// Appends `event`, packed, to `out`.
@@ -182,7 +190,7 @@ pub fn decode_batch(bytes: &[u8]) -> Result<Batch, CodecError> {
     let mut r = Reader { bytes, at: 0 };
     let first_seq = r.varint()?;
     let n = r.count(2)?;
-    let mut records = Vec::with_capacity(n);
+    let mut records = Vec::with_capacity(n.min(MAX_RESERVE));
     let mut ts = 0i64;
     for _ in 0..n {
         let t = r.byte()?;
@@ -295,13 +303,17 @@ impl Reader<'_> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
             let b = self.byte()?;
+            // The tenth byte holds the top bit only.
+            if shift == 63 && b > 1 {
+                break;
+            }
             v |= u64::from(b & 0x7f) << shift;
             if b < 0x80 {
                 return Ok(v);
             }
         }
         Err(CodecError(format!(
-            "packed batch: varint longer than 10 bytes at byte {}",
+            "packed batch: varint past 64 bits at byte {}",
             self.at
         )))
     }
@@ -360,7 +372,7 @@ impl Reader<'_> {
             BYTES => Value::Bytes(Arc::from(self.sized()?)),
             LIST => {
                 let n = self.count(1)?;
-                let mut items = Vec::with_capacity(n);
+                let mut items = Vec::with_capacity(n.min(MAX_RESERVE));
                 for _ in 0..n {
                     let t = self.byte()?;
                     items.push(self.payload(t, depth + 1)?);
@@ -369,7 +381,7 @@ impl Reader<'_> {
             }
             MAP => {
                 let n = self.count(2)?;
-                let mut entries = Vec::with_capacity(n);
+                let mut entries = Vec::with_capacity(n.min(MAX_RESERVE));
                 for _ in 0..n {
                     let name = self.str()?;
                     let t = self.byte()?;
@@ -393,10 +405,16 @@ mod tests {
     use crate::codec::tests::{random_value, sample_batch};
     use crate::value::mix64;
 
+    /// Decodes `b` packed, and checks that the decoded batch packs to the same bytes (which
+    /// tells apart what `Value`'s equality does not: `Int(1)` and `Float(1.0)`, NaNs).
     fn round_trip(b: &Batch) -> Batch {
         let mut out = Vec::new();
         encode_batch(b, &mut out);
-        decode_batch(&out).unwrap()
+        let decoded = decode_batch(&out).unwrap();
+        let mut again = Vec::new();
+        encode_batch(&decoded, &mut again);
+        assert_eq!(again, out, "{b:?}");
+        decoded
     }
 
     /// Ensures every kind of value, nesting, and extreme timestamps and seqs survive.
@@ -412,6 +430,24 @@ mod tests {
                 .collect(),
         };
         assert_eq!(round_trip(&extremes), extremes);
+        let floats = Batch {
+            first_seq: 0,
+            records: [f64::NAN, -0.0, 0.0, 1.0, f64::INFINITY, -f64::NAN]
+                .into_iter()
+                .map(|f| Record::keyed(Value::Int(1), 0, Value::Float(f)))
+                .chain([Record::keyed(Value::Float(1.0), 0, Value::Int(1))])
+                .collect(),
+        };
+        let decoded = round_trip(&floats);
+        for (got, want) in decoded.records.iter().zip(&floats.records) {
+            match (&got.key, &got.value, &want.key, &want.value) {
+                (Some(Value::Int(_)), Value::Float(a), _, Value::Float(b)) => {
+                    assert_eq!(a.to_bits(), b.to_bits())
+                }
+                (Some(Value::Float(_)), Value::Int(1), Some(Value::Float(_)), _) => {}
+                other => panic!("types changed: {other:?}"),
+            }
+        }
         assert_eq!(round_trip(&Batch::default()), Batch::default());
         let mut state = 0x9ac4_u64;
         for n in 0..300 {
@@ -484,6 +520,17 @@ mod tests {
         let err = decode_batch(&deep).unwrap_err();
         assert!(err.0.contains("nested deeper"), "{err}");
         assert!(decode_batch(&[0, 1, 0x09, 0]).is_err(), "unknown tag");
+        // u64::MAX has a tenth byte of 1; anything above it is past 64 bits.
+        let mut max = Vec::new();
+        put_varint(&mut max, u64::MAX);
+        assert_eq!(max.last(), Some(&1));
+        max.push(0);
+        assert_eq!(decode_batch(&max).unwrap().first_seq, u64::MAX);
+        let over = [
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0,
+        ];
+        let err = decode_batch(&over).unwrap_err();
+        assert!(err.0.contains("past 64 bits"), "{err}");
         assert!(decode_batch(&[0, 0, 0xff]).is_err(), "trailing byte");
     }
 

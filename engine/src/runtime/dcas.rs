@@ -501,6 +501,10 @@ impl RetainedBatch {
     pub fn pack(channel: (u32, u32), first_seq: Seq, records: &[Record]) -> RetainedBatch {
         let mut packed = Vec::with_capacity(packed::size_hint_records(records.len()));
         packed::encode_records(first_seq, records, &mut packed);
+        debug_assert!(
+            u32::try_from(records.len()).is_ok(),
+            "a batch of 2^32 records"
+        );
         RetainedBatch {
             channel,
             first_seq,
@@ -509,15 +513,31 @@ impl RetainedBatch {
         }
     }
 
-    /// The batch again. An error only when the bytes were damaged (a snapshot's are
-    /// validated when it is read).
+    /// The batch again. An error only when the bytes were damaged; a restored snapshot's
+    /// batches pass [`RetainedBatch::check`] first.
     pub fn unpack(&self) -> Result<Batch, CodecError> {
         packed::decode_batch(&self.packed)
     }
 
+    /// Ensures the packed bytes decode to the batch the fields describe (its first seq and
+    /// length), as [`RetainedOutput::trim`] and resending rely on.
+    pub fn check(&self) -> Result<(), CodecError> {
+        let batch = self.unpack()?;
+        if (batch.first_seq, batch.len()) != (self.first_seq, self.len as usize) {
+            return Err(CodecError(format!(
+                "a retained batch described as {} records from seq {} holds {} from seq {}",
+                self.len,
+                self.first_seq,
+                batch.len(),
+                batch.first_seq
+            )));
+        }
+        Ok(())
+    }
+
     /// Seq after the last record.
     pub fn end_seq(&self) -> Seq {
-        self.first_seq + u64::from(self.len)
+        self.first_seq.saturating_add(u64::from(self.len))
     }
 }
 
@@ -551,8 +571,9 @@ impl RetainedOutput {
                 return false;
             }
             if b.first_seq < logged {
-                if let Ok(batch) = b.unpack() {
-                    let rest = &batch.records[(logged - b.first_seq) as usize..];
+                let batch = b.unpack();
+                let skip = (logged - b.first_seq) as usize;
+                if let Some(rest) = batch.as_ref().ok().and_then(|b| b.records.get(skip..)) {
                     *b = RetainedBatch::pack(b.channel, logged, rest);
                 }
             }
@@ -561,6 +582,7 @@ impl RetainedOutput {
         });
         self.records = records;
     }
+
     /// Records retained.
     pub fn records(&self) -> usize {
         self.records
@@ -1162,7 +1184,7 @@ impl DcasSubtask {
 
     /// What the next snapshot follows when it may be incremental: the previous snapshot,
     /// if this incarnation stored a whole one since starting and the chain after it is
-    /// short ([`MAX_CHAIN`]) and smaller than it. `None`: the next snapshot is whole.
+    /// short (`MAX_CHAIN`) and smaller than it. `None`: the next snapshot is whole.
     pub fn follows(&self) -> Option<u64> {
         let c = self.chain.filter(|_| self.incremental)?;
         (c.links < MAX_CHAIN && c.bytes < c.base_bytes).then(|| self.next_id - 1)
@@ -1262,12 +1284,12 @@ impl DcasSubtask {
     }
 
     /// Exchanges progress between snapshots, never waiting: at most every
-    /// [`PROGRESS_EVERY`], publishes the input seqs the log now holds and reads what the
+    /// `PROGRESS_EVERY`, publishes the input seqs the log now holds and reads what the
     /// receivers of every output channel have published. Answers the receivers' progress
     /// (per route, per target) once a read finished.
     ///
     /// Best effort: a failed exchange only delays trimming (the snapshot path exchanges
-    /// too), so it is retried after [`PROGRESS_RETRY`]; only a lost partition is an error.
+    /// too), so it is retried after `PROGRESS_RETRY`; only a lost partition is an error.
     pub fn exchange_progress(&mut self) -> Result<Option<Vec<Vec<Seq>>>, DcasError> {
         let acks = &mut self.acks;
         let mut answer = None;

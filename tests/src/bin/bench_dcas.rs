@@ -23,8 +23,9 @@
 //! (a) is also drawn as an SVG bar chart under `target/bench/`.
 //!
 //! `cargo build --release --bins && target/release/bench_dcas [--rate R --kills K
-//! --records N --rounds K --kafka-records N --windows A,B,... --f-keys N --f-rate R
-//! --f-records N --a 0|1 --b 0|1 --c 0|1 --d 0|1 --e 0|1 --f 0|1]`
+//! --records N --rounds K --kafka-records N --windows A,B,... --d-backups N --f-keys N
+//! --f-rate R --f-records N --a 0|1 --b 0|1 --c 0|1 --d 0|1 --e 0|1 --f 0|1]`
+//! (`--d-backups`: the cache's backup count in (d), default 1)
 
 use std::time::Duration;
 
