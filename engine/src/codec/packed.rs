@@ -112,31 +112,43 @@ pub fn encode_records(first_seq: u64, records: &[Record], out: &mut Vec<u8>) {
     put_varint(out, records.len() as u64);
     let mut prev_ts = 0i64;
     for r in records {
-        let key = r.key.as_ref().map_or(NO_KEY, tag);
+        let head = r.key.as_ref().map_or(NO_KEY, tag) << 4 | tag(&r.value);
         let ts = zigzag(r.ts.wrapping_sub(prev_ts));
         prev_ts = r.ts;
         // The common record (fixed-size key and value) is written in place: no capacity
         // check per byte, and no copy. Strings and nested values take the general path.
-        let at = out.len();
-        out.resize(at + Small::ROOM, 0);
-        if let Some(room) = out.get_mut(at..).and_then(<[u8]>::first_chunk_mut) {
-            let mut small = Small { room, len: 0 };
-            small.put(key << 4 | tag(&r.value));
-            small.varint(ts);
-            if r.key.as_ref().is_none_or(|k| small.scalar(k)) && small.scalar(&r.value) {
+        if r.key.as_ref().is_none_or(fixed_size) && fixed_size(&r.value) {
+            let at = out.len();
+            out.resize(at + Small::ROOM, 0);
+            if let Some(room) = out.get_mut(at..).and_then(<[u8]>::first_chunk_mut) {
+                let mut small = Small { room, len: 0 };
+                small.put(head);
+                small.varint(ts);
+                if let Some(k) = &r.key {
+                    small.payload(k);
+                }
+                small.payload(&r.value);
                 let len = small.len;
                 out.truncate(at + len);
                 continue;
             }
+            out.truncate(at);
         }
-        out.truncate(at);
-        out.push(key << 4 | tag(&r.value));
+        out.push(head);
         put_varint(out, ts);
         if let Some(k) = &r.key {
             put_payload(out, k);
         }
         put_payload(out, &r.value);
     }
+}
+
+/// Whether `v`'s payload has a bounded size (at most 10 bytes): no string, bytes or nesting.
+fn fixed_size(v: &Value) -> bool {
+    matches!(
+        v,
+        Value::Null | Value::Bool(_) | Value::Int(_) | Value::Float(_)
+    )
 }
 
 /// A record of fixed-size values packed in place, into room made for its worst case: a
@@ -165,22 +177,24 @@ impl Small<'_> {
         self.put(v as u8)
     }
 
-    /// The payload of a fixed-size value; false for the others.
+    /// The payload of a [`fixed_size`] value (nothing for the others, which never come
+    /// here).
     #[inline]
-    fn scalar(&mut self, v: &Value) -> bool {
+    fn payload(&mut self, v: &Value) {
         match v {
-            Value::Null | Value::Bool(_) => true,
-            Value::Int(i) => {
-                self.varint(zigzag(*i));
-                true
-            }
+            Value::Int(i) => self.varint(zigzag(*i)),
             Value::Float(f) => {
                 for b in f.to_le_bytes() {
                     self.put(b);
                 }
-                true
             }
-            Value::Str(_) | Value::Bytes(_) | Value::List(_) | Value::Map(_) => false,
+            // The tag says it all; the variable-size ones never come here.
+            Value::Null
+            | Value::Bool(_)
+            | Value::Str(_)
+            | Value::Bytes(_)
+            | Value::List(_)
+            | Value::Map(_) => {}
         }
     }
 }
