@@ -2,7 +2,8 @@
 //!
 //! Every task manager runs one. Between two task managers there is exactly one TCP
 //! connection, opened by the one with the smaller id (the other waits for it), carrying every
-//! logical channel between them in both directions as length-prefixed rkyv `DataFrame`s.
+//! logical channel between them in both directions as length-prefixed rkyv `DataFrame`s,
+//! events inside them [`packed`](crate::codec::packed).
 //!
 //! Flow control is the same credit scheme as in process: the receiving task manager grants
 //! each channel's sender `credits` events when it registers the channel, and announces more
@@ -24,11 +25,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, error, info, warn};
 
-use crate::codec::{encode, encode_sized, event_from_archived, size_hint, CodecError};
+use crate::codec::{encode, encode_sized, packed, CodecError};
 use crate::ids::{Generation, JobId, TaskManagerId};
 use crate::protocol::data::{ArchivedDataFrame, ChannelId, DataFrame};
 use crate::protocol::frame::{read_frame, read_msg, write_frame, FrameError, MAX_FRAME};
-use crate::record::StreamEvent;
+use crate::record::Delivery;
 use crate::runtime::credit;
 
 /// How long to wait for a peer's connection (either direction) before giving up.
@@ -446,12 +447,16 @@ impl DataPlane {
                     format!("task manager {peer} is fenced"),
                 )));
             }
-            // Validate, then convert by hand (see codec::event_from_archived).
             let frame = rkyv::access::<ArchivedDataFrame, rkyv::rancor::Error>(&buf)
                 .map_err(|e| FrameError::Decode(CodecError(format!("invalid frame: {e}"))))?;
             match frame {
-                ArchivedDataFrame::Event { channel, event } => {
-                    let event = event_from_archived(event)?;
+                ArchivedDataFrame::Event { channel, packed } => {
+                    let bytes = packed.as_slice();
+                    let event = Delivery {
+                        event: packed::decode_event(bytes)?,
+                        // Kept for a DCAS receiver to log as it came.
+                        packed: Some(bytes::Bytes::copy_from_slice(bytes)),
+                    };
                     self.deliver(ChannelId::from_archived(channel), event, peer)?
                 }
                 ArchivedDataFrame::Credit { channel, credits } => {
@@ -484,7 +489,7 @@ impl DataPlane {
     fn deliver(
         &self,
         channel: ChannelId,
-        event: StreamEvent,
+        event: Delivery,
         peer: TaskManagerId,
     ) -> Result<(), FrameError> {
         let inputs = lock(&self.inner.inputs);
@@ -570,10 +575,7 @@ pub struct RemoteSender {
 
 impl RemoteSender {
     /// Sends if a credit is free; gives the event back otherwise.
-    pub fn try_send(
-        &self,
-        event: StreamEvent,
-    ) -> Result<Result<(), StreamEvent>, credit::Disconnected> {
+    pub fn try_send(&self, event: Delivery) -> Result<Result<(), Delivery>, credit::Disconnected> {
         match self.credits.try_acquire() {
             Ok(permit) => {
                 permit.forget();
@@ -585,7 +587,7 @@ impl RemoteSender {
     }
 
     /// Sends, waiting for a credit.
-    pub async fn send(&self, event: StreamEvent) -> Result<(), credit::Disconnected> {
+    pub async fn send(&self, event: Delivery) -> Result<(), credit::Disconnected> {
         let permit = self
             .credits
             .acquire()
@@ -595,11 +597,17 @@ impl RemoteSender {
         self.write(event)
     }
 
-    fn write(&self, event: StreamEvent) -> Result<(), credit::Disconnected> {
-        let capacity = size_hint(&event);
+    /// Writes `event` as it was packed, or packs it.
+    fn write(&self, event: Delivery) -> Result<(), credit::Disconnected> {
+        let packed = event.packed.unwrap_or_else(|| {
+            let mut out = Vec::with_capacity(packed::size_hint(&event.event));
+            packed::encode_event(&event.event, &mut out);
+            out.into()
+        });
+        let capacity = packed.len() + 64;
         let frame = DataFrame::Event {
             channel: self.channel,
-            event,
+            packed,
         };
         let bytes = encode_sized(&frame, capacity).map_err(|_| credit::Disconnected)?;
         if bytes.len() > MAX_FRAME {
@@ -615,7 +623,7 @@ impl RemoteSender {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::{Batch, Record};
+    use crate::record::{Batch, Record, StreamEvent};
     use crate::value::Value;
 
     fn channel(n: u32) -> ChannelId {
@@ -661,11 +669,11 @@ mod tests {
                 first_seq: i,
                 records: vec![Record::new(i as i64, Value::Int(i as i64))],
             };
-            send.send(StreamEvent::Data(batch)).await.unwrap();
+            send.send(StreamEvent::Data(batch).into()).await.unwrap();
         }
         let third = tokio::time::timeout(
             Duration::from_millis(100),
-            send.send(StreamEvent::Watermark(5)),
+            send.send(StreamEvent::Watermark(5).into()),
         )
         .await;
         assert!(
@@ -673,16 +681,22 @@ mod tests {
             "no third credit before the receiver consumes"
         );
         for i in 0..2 {
-            match rx.recv().await.unwrap() {
+            let got = rx.recv().await.unwrap();
+            // The receiver keeps the bytes the event came as (a DCAS receiver logs them).
+            let packed = got.packed.expect("the frame's bytes");
+            assert_eq!(packed::decode_event(&packed).unwrap(), got.event);
+            match got.event {
                 StreamEvent::Data(b) => assert_eq!(b.first_seq, i),
                 other => panic!("{other:?}"),
             }
         }
-        tokio::time::timeout(Duration::from_secs(5), send.send(StreamEvent::Watermark(5)))
+        let wm = send.send(StreamEvent::Watermark(5).into());
+        tokio::time::timeout(Duration::from_secs(5), wm)
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(rx.recv().await, Some(StreamEvent::Watermark(5)));
+        let got = rx.recv().await.unwrap();
+        assert_eq!(got.event, StreamEvent::Watermark(5));
     }
 
     /// Ensures garbage on the data-plane port closes that connection only: the server keeps
@@ -702,33 +716,42 @@ mod tests {
             s.write_all(&bytes).await.unwrap();
             drop(s);
         }
-        // A valid hello from an unknown peer, then a corrupted frame on the open connection.
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        let hello = encode(&DataFrame::Hello {
-            tm: TaskManagerId(99),
-        })
-        .unwrap();
-        write_frame(&mut s, &hello).await.unwrap();
-        let mut bad = encode(&DataFrame::Credit {
+        // A valid hello from an unknown peer, then a bad frame on the open connection: a
+        // corrupted one, and a valid frame whose packed event does not decode.
+        let mut corrupted = encode(&DataFrame::Credit {
             channel: channel(7),
             credits: 1,
         })
         .unwrap()
         .to_vec();
-        let n = bad.len();
-        bad[n / 2] ^= 0xff;
-        bad.truncate(n - 1);
-        write_frame(&mut s, &bad).await.unwrap();
-        let mut probe = [0u8; 1];
-        let closed = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio::io::AsyncReadExt::read(&mut s, &mut probe),
-        )
-        .await;
-        assert!(
-            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
-            "the bad connection is closed: {closed:?}"
-        );
+        let n = corrupted.len();
+        corrupted[n / 2] ^= 0xff;
+        corrupted.truncate(n - 1);
+        let garbage_event = encode(&DataFrame::Event {
+            channel: channel(7),
+            packed: bytes::Bytes::from_static(&[0, 5, 200, 1, 0xff]),
+        })
+        .unwrap()
+        .to_vec();
+        for bad in [corrupted, garbage_event] {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let hello = encode(&DataFrame::Hello {
+                tm: TaskManagerId(99),
+            })
+            .unwrap();
+            write_frame(&mut s, &hello).await.unwrap();
+            write_frame(&mut s, &bad).await.unwrap();
+            let mut probe = [0u8; 1];
+            let closed = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::io::AsyncReadExt::read(&mut s, &mut probe),
+            )
+            .await;
+            assert!(
+                matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+                "the bad connection is closed: {closed:?}"
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
         let a_addr = a.local_addr().to_string();
         let b2 = b.clone();
@@ -742,7 +765,7 @@ mod tests {
             .await
             .unwrap();
         let mut rx = recv.await.unwrap();
-        send.send(StreamEvent::EndOfStream).await.unwrap();
-        assert_eq!(rx.recv().await, Some(StreamEvent::EndOfStream));
+        send.send(StreamEvent::EndOfStream.into()).await.unwrap();
+        assert_eq!(rx.recv().await.unwrap().event, StreamEvent::EndOfStream);
     }
 }

@@ -5,6 +5,8 @@
 //! dense and increasing per channel; receivers drop records whose seq they already consumed,
 //! which is what makes replay after a partial recovery exactly-once.
 
+use bytes::Bytes;
+
 use crate::value::Value;
 
 /// One element of a stream.
@@ -85,4 +87,32 @@ pub enum StreamEvent {
     Barrier(CheckpointId),
     /// The sender finished; nothing follows.
     EndOfStream,
+}
+
+/// An event as a channel carries it: with, when its sender had it, the event's
+/// [`packed`](crate::codec::packed) encoding. A DCAS sender packs each batch once, for the
+/// output it retains; the same bytes go on the wire and into the receiver's input log, so
+/// no one packs the records again. The bytes are shared, never copied, in process.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Delivery {
+    /// The event.
+    pub event: StreamEvent,
+    /// [`packed::encode_event`](crate::codec::packed::encode_event) of `event`, when known.
+    pub packed: Option<Bytes>,
+}
+
+impl Delivery {
+    /// An event without its encoding.
+    pub fn new(event: StreamEvent) -> Delivery {
+        Delivery {
+            event,
+            packed: None,
+        }
+    }
+}
+
+impl From<StreamEvent> for Delivery {
+    fn from(event: StreamEvent) -> Delivery {
+        Delivery::new(event)
+    }
 }

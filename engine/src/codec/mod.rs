@@ -1,19 +1,15 @@
-//! rkyv encoding of stream events (wire and cache format) and of operator state; the
-//! [`packed`] batches of what DCAS copies (input log entries, retained output).
+//! rkyv encoding of messages, cache requests and operator state; the [`packed`] encoding of
+//! stream events, which the data plane carries and DCAS logs and retains.
 //!
 //! Encoding happens only at process boundaries and in snapshots, never per record in
-//! process. Decoding validates the bytes first (`bytecheck`), so a corrupted or truncated
-//! frame is an error, never undefined behaviour or a panic.
+//! process. Decoding validates the bytes first (`bytecheck`, or the packed decoder's own
+//! checks), so a corrupted or truncated frame is an error, never undefined behaviour or a
+//! panic.
 
 pub mod packed;
 
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
-
-use std::sync::Arc;
-
-use crate::record::{ArchivedRecord, ArchivedStreamEvent, Batch, Record, StreamEvent};
-use crate::value::{ArchivedValue, Value};
 
 /// A frame or snapshot that could not be encoded or decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -79,15 +75,6 @@ impl Encoder {
     }
 }
 
-/// Bytes to reserve for `event`'s archive (~48 per flat record), so encoding does not
-/// regrow the buffer.
-pub fn size_hint(event: &StreamEvent) -> usize {
-    match event {
-        StreamEvent::Data(b) => 128 + b.len() * 56,
-        _ => 128,
-    }
-}
-
 /// Validates and decodes bytes produced by [`encode`]. Copies into an aligned buffer when
 /// the input is not aligned, so any byte slice is accepted.
 pub fn decode<T>(bytes: &[u8]) -> Result<T, CodecError>
@@ -106,131 +93,22 @@ where
     decoded.map_err(|e| CodecError(format!("invalid frame: {e}")))
 }
 
-/// Encodes a stream event for the wire.
-#[cfg(test)]
-pub fn encode_event(event: &StreamEvent) -> Result<AlignedVec, CodecError> {
-    encode(event)
-}
-
-/// Decodes a stream event from the wire.
-#[cfg(test)]
-pub fn decode_event(bytes: &[u8]) -> Result<StreamEvent, CodecError> {
-    let mut aligned = AlignedVec::<16>::with_capacity(bytes.len());
-    aligned.extend_from_slice(bytes);
-    let archived = rkyv::access::<ArchivedStreamEvent, rancor::Error>(&aligned)
-        .map_err(|e| CodecError(format!("invalid frame: {e}")))?;
-    event_from_archived(archived)
-}
-
 /// Deepest list/map nesting accepted in a decoded value.
 pub const MAX_VALUE_DEPTH: usize = 128;
-
-/// Converts a validated archived event into an owned one.
-///
-/// rkyv's generic deserializer threads a pooling context through every value (for shared
-/// pointers); converting by hand is several times faster for the flat records that make up
-/// most streams, and bounds the nesting depth.
-pub fn event_from_archived(a: &ArchivedStreamEvent) -> Result<StreamEvent, CodecError> {
-    Ok(match a {
-        ArchivedStreamEvent::Data(b) => {
-            let flat = b
-                .records
-                .iter()
-                .all(|r| is_scalar(&r.value) && r.key.as_ref().is_none_or(is_scalar));
-            let records = if flat {
-                // Infallible conversion written straight into the vector (no temporaries).
-                b.records.iter().map(flat_record).collect()
-            } else {
-                let mut records = Vec::with_capacity(b.records.len());
-                for r in b.records.iter() {
-                    records.push(record_from_archived(r)?);
-                }
-                records
-            };
-            StreamEvent::Data(Batch {
-                first_seq: b.first_seq.to_native(),
-                records,
-            })
-        }
-        ArchivedStreamEvent::Watermark(w) => StreamEvent::Watermark(w.to_native()),
-        ArchivedStreamEvent::Barrier(n) => StreamEvent::Barrier(n.to_native()),
-        ArchivedStreamEvent::EndOfStream => StreamEvent::EndOfStream,
-    })
-}
-
-fn is_scalar(v: &ArchivedValue) -> bool {
-    !matches!(v, ArchivedValue::List(_) | ArchivedValue::Map(_))
-}
-
-#[inline]
-fn scalar(v: &ArchivedValue) -> Value {
-    match v {
-        ArchivedValue::Bool(b) => Value::Bool(*b),
-        ArchivedValue::Int(i) => Value::Int(i.to_native()),
-        ArchivedValue::Float(f) => Value::Float(f.to_native()),
-        ArchivedValue::Str(s) => Value::str(s),
-        ArchivedValue::Bytes(b) => Value::Bytes(Arc::from(&b[..])),
-        ArchivedValue::Null | ArchivedValue::List(_) | ArchivedValue::Map(_) => Value::Null,
-    }
-}
-
-/// A record whose key and value are known to be scalars.
-#[inline]
-fn flat_record(r: &ArchivedRecord) -> Record {
-    Record {
-        key: r.key.as_ref().map(scalar),
-        ts: r.ts.to_native(),
-        value: scalar(&r.value),
-    }
-}
-
-#[inline]
-fn record_from_archived(r: &ArchivedRecord) -> Result<Record, CodecError> {
-    let too_deep = || CodecError(format!("value nested deeper than {MAX_VALUE_DEPTH} levels"));
-    Ok(Record {
-        key: match r.key.as_ref() {
-            Some(k) => Some(value_from_archived(k, 0).ok_or_else(too_deep)?),
-            None => None,
-        },
-        ts: r.ts.to_native(),
-        value: value_from_archived(&r.value, 0).ok_or_else(too_deep)?,
-    })
-}
-
-/// Converts an archived value; `None` when it nests deeper than [`MAX_VALUE_DEPTH`].
-/// (`Option` rather than `Result` keeps the return value as small as a `Value`.)
-#[inline]
-pub fn value_from_archived(v: &ArchivedValue, depth: usize) -> Option<Value> {
-    Some(match v {
-        ArchivedValue::Null => Value::Null,
-        ArchivedValue::Bool(b) => Value::Bool(*b),
-        ArchivedValue::Int(i) => Value::Int(i.to_native()),
-        ArchivedValue::Float(f) => Value::Float(f.to_native()),
-        ArchivedValue::Str(s) => Value::str(s),
-        ArchivedValue::Bytes(b) => Value::Bytes(Arc::from(&b[..])),
-        ArchivedValue::List(_) | ArchivedValue::Map(_) if depth >= MAX_VALUE_DEPTH => return None,
-        ArchivedValue::List(items) => {
-            let mut out = Vec::with_capacity(items.len());
-            for i in items.iter() {
-                out.push(value_from_archived(i, depth + 1)?);
-            }
-            Value::List(out.into())
-        }
-        ArchivedValue::Map(entries) => {
-            let mut out: Vec<(Arc<str>, Value)> = Vec::with_capacity(entries.len());
-            for e in entries.iter() {
-                out.push((Arc::from(&*e.0), value_from_archived(&e.1, depth + 1)?));
-            }
-            Value::Map(out.into())
-        }
-    })
-}
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::record::{Batch, Record};
+    use crate::record::{Batch, Record, StreamEvent};
     use crate::value::{mix64, Value};
+
+    fn encode_event(event: &StreamEvent) -> Result<AlignedVec, CodecError> {
+        encode(event)
+    }
+
+    fn decode_event(bytes: &[u8]) -> Result<StreamEvent, CodecError> {
+        decode(bytes)
+    }
 
     pub(crate) fn sample_batch() -> Batch {
         Batch {

@@ -5,8 +5,9 @@
 //! receiver; `Credit` frames flow back and grant the sender more events (credit-based flow
 //! control: the sender starts with none and may only send what it was granted).
 
+use bytes::Bytes;
+
 use crate::ids::{Generation, JobId, TaskManagerId};
-use crate::record::StreamEvent;
 
 /// One logical channel: from one subtask to one subtask over one edge of one deployment.
 #[derive(
@@ -56,8 +57,10 @@ pub enum DataFrame {
     Event {
         /// The channel.
         channel: ChannelId,
-        /// The event.
-        event: StreamEvent,
+        /// The event, [`packed`](crate::codec::packed::encode_event): a sixth of rkyv's
+        /// bytes for small records, and under DCAS the bytes the sender retains and the
+        /// receiver logs, packed once.
+        packed: Bytes,
     },
     /// The receiver of `channel` grants `credits` more events to its sender.
     Credit {

@@ -25,7 +25,7 @@ use crate::codec::CodecError;
 use crate::graph::{subtask_for_hash, Exchange};
 use crate::net::RemoteSender;
 use crate::operator::{eval, OpError};
-use crate::record::{Batch, Record, Seq, StreamEvent};
+use crate::record::{Batch, Delivery, Record, Seq, StreamEvent};
 
 /// Error of a channel: the other side is gone, or the stream broke its seq invariant.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -123,11 +123,11 @@ impl OutputChannel {
             records,
         };
         self.next_seq = batch.end_seq();
-        self.send(StreamEvent::Data(batch)).await
+        self.send(StreamEvent::Data(batch).into()).await
     }
 
     /// Sends an event, waiting for a credit. Returns the time spent waiting.
-    pub async fn send(&mut self, event: StreamEvent) -> Result<std::time::Duration, ChannelError> {
+    pub async fn send(&mut self, event: Delivery) -> Result<std::time::Duration, ChannelError> {
         let tried = match &self.tx {
             Tx::Local(tx) => tx.try_send(event),
             Tx::Remote(tx) => tx.try_send(event),
@@ -277,9 +277,10 @@ impl InputGate {
     }
 
     /// The next event of any channel, with the channel index. Already-seen records are
-    /// removed from data batches (a batch left empty is skipped). Waits while every open,
-    /// unblocked channel is empty; must not be called once all channels ended or blocked.
-    pub async fn next(&mut self) -> Result<(usize, StreamEvent), ChannelError> {
+    /// removed from data batches (a batch left empty is skipped; one left shorter loses the
+    /// encoding it came with). Waits while every open, unblocked channel is empty; must not
+    /// be called once all channels ended or blocked.
+    pub async fn next(&mut self) -> Result<(usize, Delivery), ChannelError> {
         loop {
             let (i, event) = poll_fn(|cx| {
                 let n = self.channels.len();
@@ -374,9 +375,10 @@ impl InputGate {
             .channels
             .get_mut(i)
             .ok_or_else(|| format!("logged channel {i}, the subtask has {n}"))?;
-        c.accept(event).map_err(|(expected, got)| {
+        let accepted = c.accept(Delivery::new(event)).map_err(|(expected, got)| {
             format!("logged channel {i} skips from seq {expected} to {got}")
-        })
+        })?;
+        Ok(accepted.map(|d| d.event))
     }
 }
 
@@ -384,8 +386,8 @@ impl InputChannel {
     /// Takes an event read from the channel into its position; drops records already
     /// seen. `Ok(None)`: a batch with nothing new. `Err` (from [`InputGate::next`] as a
     /// `Gap`) when records were skipped.
-    fn accept(&mut self, event: StreamEvent) -> Result<Option<StreamEvent>, (Seq, Seq)> {
-        match event {
+    fn accept(&mut self, input: Delivery) -> Result<Option<Delivery>, (Seq, Seq)> {
+        match input.event {
             StreamEvent::Data(mut batch) => {
                 if batch.first_seq > self.next_seq {
                     return Err((self.next_seq, batch.first_seq));
@@ -395,18 +397,20 @@ impl InputChannel {
                     return Ok(None); // a resent batch we already have entirely
                 }
                 let seen = (self.next_seq - batch.first_seq) as usize;
-                if seen > 0 {
-                    batch.records.drain(..seen);
-                    batch.first_seq = self.next_seq;
-                }
                 self.next_seq = end;
-                return Ok(Some(StreamEvent::Data(batch)));
+                if seen == 0 {
+                    let event = StreamEvent::Data(batch);
+                    return Ok(Some(Delivery { event, ..input }));
+                }
+                batch.records.drain(..seen);
+                batch.first_seq = end - batch.len() as u64;
+                return Ok(Some(Delivery::new(StreamEvent::Data(batch))));
             }
             StreamEvent::Watermark(w) => self.watermark = self.watermark.max(w),
             StreamEvent::EndOfStream => self.ended = true,
             StreamEvent::Barrier(_) => {}
         }
-        Ok(Some(event))
+        Ok(Some(input))
     }
 }
 
@@ -615,13 +619,13 @@ impl Router {
 
     async fn resend(&mut self, route: usize, target: usize) -> Result<(), RouteError> {
         let channel = (route as u32, target as u32);
-        let batches: Vec<Batch> = self
+        let batches: Vec<Delivery> = self
             .retained
             .as_ref()
             .map(|r| {
                 r.batches()
                     .filter(|b| b.channel == channel)
-                    .map(|b| b.unpack().map_err(RouteError::Retained))
+                    .map(|b| b.delivery().map_err(RouteError::Retained))
                     .collect()
             })
             .transpose()?
@@ -629,13 +633,14 @@ impl Router {
         let keep = self.retained.is_some();
         let ch = &mut self.routes[route].targets[target];
         for b in batches {
-            deliver(ch, StreamEvent::Data(b), keep).await?;
+            deliver(ch, b, keep).await?;
         }
         if self.watermark > i64::MIN {
-            deliver(ch, StreamEvent::Watermark(self.watermark), keep).await?;
+            let wm = StreamEvent::Watermark(self.watermark);
+            deliver(ch, wm.into(), keep).await?;
         }
         if self.ended {
-            deliver(ch, StreamEvent::EndOfStream, keep).await?;
+            deliver(ch, StreamEvent::EndOfStream.into(), keep).await?;
         }
         Ok(())
     }
@@ -859,7 +864,7 @@ impl Router {
         let keep = self.retained.is_some();
         for route in self.routes.iter_mut() {
             for target in route.targets.iter_mut() {
-                let waited = deliver(target, event.clone(), keep).await?;
+                let waited = deliver(target, event.clone().into(), keep).await?;
                 self.counters
                     .backpressure_ns
                     .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
@@ -920,10 +925,10 @@ async fn send(
     };
     target.next_seq = batch.end_seq();
     let keep = out.retained.is_some();
-    if let Some(r) = out.retained.as_mut() {
-        r.push(out.channel, &batch);
-    }
-    let waited = deliver(target, StreamEvent::Data(batch), keep).await?;
+    // DCAS: packed once, kept, and sent as kept (the receiver logs those bytes).
+    let packed = out.retained.as_mut().map(|r| r.push(out.channel, &batch));
+    let event = StreamEvent::Data(batch);
+    let waited = deliver(target, Delivery { event, packed }, keep).await?;
     let counters = out.counters;
     counters.records_out.fetch_add(n, Ordering::Relaxed);
     if !waited.is_zero() {
@@ -939,7 +944,7 @@ async fn send(
 /// failing; a detached channel drops what it is given.
 async fn deliver(
     target: &mut OutputChannel,
-    event: StreamEvent,
+    event: Delivery,
     detach: bool,
 ) -> Result<std::time::Duration, RouteError> {
     if target.detached {
@@ -971,6 +976,7 @@ pub enum RouteError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::packed;
     use crate::value::Value;
 
     fn recs(range: std::ops::Range<i64>) -> Vec<Record> {
@@ -983,30 +989,44 @@ mod tests {
     async fn gate_drops_duplicates_and_detects_gaps() {
         let (mut tx, rx) = channel(8, 0);
         let mut gate = InputGate::new(vec![rx]);
-        tx.send_records(recs(0..3)).await.unwrap();
+        let first = RetainedBatch::pack((0, 0), 0, &recs(0..3));
+        tx.send(first.delivery().unwrap()).await.unwrap();
         // A replay of seqs 1..4: 1 and 2 are dropped, 3 is new.
-        tx.send(StreamEvent::Data(Batch {
-            first_seq: 1,
-            records: recs(1..4),
-        }))
+        tx.send(Delivery {
+            event: StreamEvent::Data(Batch {
+                first_seq: 1,
+                records: recs(1..4),
+            }),
+            packed: Some(bytes::Bytes::from_static(b"stale once cut")),
+        })
         .await
         .unwrap();
-        tx.send(StreamEvent::Data(Batch {
-            first_seq: 0,
-            records: recs(0..2),
-        }))
+        tx.send(
+            StreamEvent::Data(Batch {
+                first_seq: 0,
+                records: recs(0..2),
+            })
+            .into(),
+        )
         .await
         .unwrap();
-        tx.send(StreamEvent::Data(Batch {
-            first_seq: 9,
-            records: recs(9..10),
-        }))
+        tx.send(
+            StreamEvent::Data(Batch {
+                first_seq: 9,
+                records: recs(9..10),
+            })
+            .into(),
+        )
         .await
         .unwrap();
         let (_, a) = gate.next().await.unwrap();
         let (_, b) = gate.next().await.unwrap();
-        assert!(matches!(a, StreamEvent::Data(ref bt) if bt.len() == 3));
-        match b {
+        assert!(matches!(a.event, StreamEvent::Data(ref bt) if bt.len() == 3));
+        // A batch taken whole keeps the bytes it came with, for the log.
+        assert_eq!(a.packed, Some(first.packed));
+        // What is left of a cut batch no longer matches the bytes it came with.
+        assert_eq!(b.packed, None);
+        match b.event {
             StreamEvent::Data(bt) => {
                 assert_eq!(bt.first_seq, 3);
                 assert_eq!(bt.records, recs(3..4));
@@ -1028,16 +1048,16 @@ mod tests {
         let (mut a, ra) = channel(4, 0);
         let (mut b, rb) = channel(4, 0);
         let mut gate = InputGate::new(vec![ra, rb]);
-        a.send(StreamEvent::Watermark(10)).await.unwrap();
+        a.send(StreamEvent::Watermark(10).into()).await.unwrap();
         gate.next().await.unwrap();
         assert_eq!(gate.watermark(), i64::MIN);
-        b.send(StreamEvent::Watermark(5)).await.unwrap();
+        b.send(StreamEvent::Watermark(5).into()).await.unwrap();
         gate.next().await.unwrap();
         assert_eq!(gate.watermark(), 5);
-        b.send(StreamEvent::EndOfStream).await.unwrap();
+        b.send(StreamEvent::EndOfStream.into()).await.unwrap();
         gate.next().await.unwrap();
         assert_eq!(gate.watermark(), 10);
-        a.send(StreamEvent::EndOfStream).await.unwrap();
+        a.send(StreamEvent::EndOfStream.into()).await.unwrap();
         gate.next().await.unwrap();
         assert!(gate.all_ended());
         drop(a);
@@ -1080,7 +1100,7 @@ mod tests {
         let waker = futures::task::noop_waker();
         let mut cx = std::task::Context::from_waker(&waker);
         while let Poll::Ready(Some(ev)) = rx.rx.poll_recv(&mut cx) {
-            if let StreamEvent::Data(b) = ev {
+            if let StreamEvent::Data(b) = ev.event {
                 out.extend(b.records);
             }
         }
@@ -1123,7 +1143,11 @@ mod tests {
         let waker = futures::task::noop_waker();
         let mut cx = std::task::Context::from_waker(&waker);
         let mut sizes = Vec::new();
-        while let Poll::Ready(Some(StreamEvent::Data(b))) = r0.rx.poll_recv(&mut cx) {
+        while let Poll::Ready(Some(Delivery {
+            event: StreamEvent::Data(b),
+            packed: None,
+        })) = r0.rx.poll_recv(&mut cx)
+        {
             sizes.push(b.len());
         }
         assert_eq!(sizes, vec![10, 10, 5]);
@@ -1156,12 +1180,23 @@ mod tests {
         restored.resend_all().await.unwrap();
         let waker = futures::task::noop_waker();
         let mut cx = std::task::Context::from_waker(&waker);
+        // Every batch goes with the bytes it is retained as: those a receiver logs.
         let mut resent = Vec::new();
-        while let Poll::Ready(Some(StreamEvent::Data(b))) = r1.rx.poll_recv(&mut cx) {
+        while let Poll::Ready(Some(d)) = r1.rx.poll_recv(&mut cx) {
+            let packed = d.packed.expect("resent with its packed bytes");
+            let StreamEvent::Data(b) = d.event else {
+                panic!("{:?}", d.event)
+            };
+            assert_eq!(packed::decode_data(&packed).unwrap(), b);
             resent.push((b.first_seq, b.records));
         }
         let mut sent = Vec::new();
-        while let Poll::Ready(Some(StreamEvent::Data(b))) = r0.rx.poll_recv(&mut cx) {
+        while let Poll::Ready(Some(d)) = r0.rx.poll_recv(&mut cx) {
+            let packed = d.packed.expect("sent with its packed bytes");
+            let StreamEvent::Data(b) = d.event else {
+                panic!("{:?}", d.event)
+            };
+            assert_eq!(packed::decode_data(&packed).unwrap(), b);
             sent.extend(b.records);
         }
         assert_eq!(

@@ -16,7 +16,7 @@ use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use crate::record::StreamEvent;
+use crate::record::Delivery;
 
 /// The other side is gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,8 +31,8 @@ pub enum CloseCause {
     Failed(String),
 }
 
-struct State {
-    queue: VecDeque<StreamEvent>,
+struct State<T> {
+    queue: VecDeque<T>,
     /// Credits the sender may use now.
     free: usize,
     /// Credits consumed by the receiver but not yet announced to the sender.
@@ -50,8 +50,8 @@ struct State {
 /// Called with the number of credits announced, for a sender in another process.
 pub type Announcer = Box<dyn Fn(usize) + Send + Sync>;
 
-struct Shared {
-    state: Mutex<State>,
+struct Shared<T> {
+    state: Mutex<State<T>>,
     credits: usize,
     /// Announce held credits once this many accumulated.
     announce_at: usize,
@@ -59,26 +59,26 @@ struct Shared {
     announcer: Option<Announcer>,
 }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
+impl<T> Shared<T> {
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
         // The critical sections never panic, so the lock cannot be poisoned; recover anyway.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 /// Creates a channel granting `credits` events (at least 1).
-pub fn channel(credits: usize) -> (Sender, Receiver) {
+pub fn channel<T>(credits: usize) -> (Sender<T>, Receiver<T>) {
     make(credits, None)
 }
 
 /// Creates a channel whose announcements are also passed to `announcer`: the receiving end
 /// of a network channel, fed by the connection reader through the `Sender`, with the remote
 /// sender's credits mirroring this channel's.
-pub fn channel_with_announcer(credits: usize, announcer: Announcer) -> (Sender, Receiver) {
+pub fn channel_with_announcer<T>(credits: usize, announcer: Announcer) -> (Sender<T>, Receiver<T>) {
     make(credits, Some(announcer))
 }
 
-fn make(credits: usize, announcer: Option<Announcer>) -> (Sender, Receiver) {
+fn make<T>(credits: usize, announcer: Option<Announcer>) -> (Sender<T>, Receiver<T>) {
     let credits = credits.max(1);
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
@@ -103,14 +103,14 @@ fn make(credits: usize, announcer: Option<Announcer>) -> (Sender, Receiver) {
     )
 }
 
-/// Sending half.
-pub struct Sender {
-    shared: Arc<Shared>,
+/// Sending half (of a channel carrying [`Delivery`]s unless said otherwise).
+pub struct Sender<T = Delivery> {
+    shared: Arc<Shared<T>>,
 }
 
-impl Sender {
+impl<T> Sender<T> {
     /// Sends `event` if a credit is free; gives it back otherwise.
-    pub fn try_send(&self, event: StreamEvent) -> Result<Result<(), StreamEvent>, Disconnected> {
+    pub fn try_send(&self, event: T) -> Result<Result<(), T>, Disconnected> {
         let mut st = self.shared.lock();
         if st.receiver_gone {
             return Err(Disconnected);
@@ -129,7 +129,7 @@ impl Sender {
     }
 
     /// Sends `event`, waiting for a credit.
-    pub async fn send(&self, event: StreamEvent) -> Result<(), Disconnected> {
+    pub async fn send(&self, event: T) -> Result<(), Disconnected> {
         let mut event = Some(event);
         poll_fn(|cx| {
             let mut st = self.shared.lock();
@@ -174,7 +174,7 @@ impl Sender {
     }
 }
 
-impl Drop for Sender {
+impl<T> Drop for Sender<T> {
     fn drop(&mut self) {
         let mut st = self.shared.lock();
         st.sender_gone = true;
@@ -187,13 +187,13 @@ impl Drop for Sender {
 }
 
 /// Receiving half.
-pub struct Receiver {
-    shared: Arc<Shared>,
+pub struct Receiver<T = Delivery> {
+    shared: Arc<Shared<T>>,
 }
 
-impl Receiver {
+impl<T> Receiver<T> {
     /// The next event; `Ready(None)` once the sender is gone and the queue is empty.
-    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<StreamEvent>> {
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
         let mut st = self.shared.lock();
         match st.queue.pop_front() {
             Some(ev) => {
@@ -229,12 +229,12 @@ impl Receiver {
     }
 
     /// The next event, waiting for one.
-    pub async fn recv(&mut self) -> Option<StreamEvent> {
+    pub async fn recv(&mut self) -> Option<T> {
         poll_fn(|cx| self.poll_recv(cx)).await
     }
 }
 
-impl Drop for Receiver {
+impl<T> Drop for Receiver<T> {
     fn drop(&mut self) {
         let mut st = self.shared.lock();
         st.receiver_gone = true;
@@ -250,6 +250,7 @@ impl Drop for Receiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::StreamEvent;
     use std::time::Duration;
 
     fn wm(n: i64) -> StreamEvent {

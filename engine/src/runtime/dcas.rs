@@ -24,6 +24,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::warn;
 
@@ -32,7 +33,7 @@ use crate::cache::{CacheClient, CacheError};
 use crate::codec::{decode, encode, packed, CodecError};
 use crate::ids::TaskManagerId;
 use crate::protocol::control::OperatorState;
-use crate::record::{Batch, Record, Seq, StreamEvent};
+use crate::record::{Batch, Delivery, Record, Seq, StreamEvent};
 
 /// Most log entries in one append.
 const MAX_GROUP: usize = 256;
@@ -141,7 +142,7 @@ impl LogEntry {
     /// [`packed`] event, then a tail: nothing; 1 and the source state; or 2, the regenerated
     /// count (8 bytes) and the source state.
     pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
-        encode_entry(self.channel, &self.event, self.tail.as_ref())
+        encode_entry(self.channel, &self.event, None, self.tail.as_ref())
     }
 
     /// Decodes what [`LogEntry::encode`] wrote.
@@ -208,17 +209,22 @@ impl<S: AsRef<[u8]>> Tail<S> {
 }
 
 /// The encoding of [`LogEntry::encode`], from borrowed parts, in one buffer: the header,
-/// the packed event, then the tail.
+/// the packed event (copied when `packed` holds it already), then the tail.
 fn encode_entry(
     channel: u32,
     event: &StreamEvent,
+    packed: Option<&[u8]>,
     tail: Tail<&[u8]>,
 ) -> Result<Vec<u8>, CodecError> {
     let state = tail.state().map_or(0, <[u8]>::len);
-    let mut out = Vec::with_capacity(32 + state + packed::size_hint(event));
+    let event_len = packed.map_or_else(|| packed::size_hint(event), <[u8]>::len);
+    let mut out = Vec::with_capacity(16 + state + event_len);
     out.extend_from_slice(&channel.to_le_bytes());
     out.extend_from_slice(&[0; 4]);
-    packed::encode_event(event, &mut out);
+    match packed {
+        Some(bytes) => out.extend_from_slice(bytes),
+        None => packed::encode_event(event, &mut out),
+    }
     let len = u32::try_from(out.len() - 8)
         .map_err(|_| CodecError(format!("a log entry's event of {} bytes", out.len() - 8)))?;
     out[4..8].copy_from_slice(&len.to_le_bytes());
@@ -295,12 +301,30 @@ impl InputLog {
         event: &StreamEvent,
         tail: Tail<&[u8]>,
     ) -> Result<u64, DcasError> {
+        self.push_encoded(channel, event, None, tail)
+    }
+
+    /// Queues the entry of `input` read from gate channel `channel`, logging the bytes its
+    /// sender packed when it carries them; returns its index.
+    pub fn push_input(&mut self, channel: usize, input: &Delivery) -> Result<u64, DcasError> {
+        let packed = input.packed.as_deref();
+        self.push_encoded(channel as u32, &input.event, packed, Tail::None)
+    }
+
+    fn push_encoded(
+        &mut self,
+        channel: u32,
+        event: &StreamEvent,
+        packed: Option<&[u8]>,
+        tail: Tail<&[u8]>,
+    ) -> Result<u64, DcasError> {
         // The writer publishes its error before it drops the queue: check both, so a
         // stopped log refuses entries from the moment it reports the error.
         if let Err(e) = &*self.logged.borrow() {
             return Err(e.clone());
         }
-        let bytes = encode_entry(channel, event, tail).map_err(|source| DcasError::Codec {
+        let entry = encode_entry(channel, event, packed, tail);
+        let bytes = entry.map_err(|source| DcasError::Codec {
             what: format!("encoding an entry of {}", self.list),
             source,
         })?;
@@ -482,8 +506,9 @@ async fn write_log(
 }
 
 /// A batch sent on an output channel and not yet known to be in the receiver's log, kept
-/// [`packed`]: packing a batch costs less than cloning its records and later dropping them
-/// one by one, and snapshots carry it as it is.
+/// [`packed`]: the bytes that went to the receiver, which it logged as they came (packing a
+/// batch once costs less than cloning its records and later dropping them one by one), and
+/// which snapshots carry as they are.
 #[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct RetainedBatch {
     /// Output channel: (route index, target index).
@@ -492,15 +517,14 @@ pub struct RetainedBatch {
     pub first_seq: Seq,
     /// Records in it.
     pub len: u32,
-    /// The batch as sent (`first_seq` set), [`packed::encode_batch`].
-    pub packed: Vec<u8>,
+    /// The batch's data event as sent (`first_seq` set), [`packed::pack_data`]; shared with
+    /// the delivery that carried it.
+    pub packed: Bytes,
 }
 
 impl RetainedBatch {
     /// The batch of `records` from seq `first_seq`, sent on `channel`, packed.
     pub fn pack(channel: (u32, u32), first_seq: Seq, records: &[Record]) -> RetainedBatch {
-        let mut packed = Vec::with_capacity(packed::size_hint_records(records.len()));
-        packed::encode_records(first_seq, records, &mut packed);
         debug_assert!(
             u32::try_from(records.len()).is_ok(),
             "a batch of 2^32 records"
@@ -509,14 +533,22 @@ impl RetainedBatch {
             channel,
             first_seq,
             len: records.len() as u32,
-            packed,
+            packed: packed::pack_data(first_seq, records).into(),
         }
     }
 
     /// The batch again. An error only when the bytes were damaged; a restored snapshot's
     /// batches pass [`RetainedBatch::check`] first.
     pub fn unpack(&self) -> Result<Batch, CodecError> {
-        packed::decode_batch(&self.packed)
+        packed::decode_data(&self.packed)
+    }
+
+    /// The batch as a delivery: decoded, with the bytes it was sent as.
+    pub fn delivery(&self) -> Result<Delivery, CodecError> {
+        Ok(Delivery {
+            event: StreamEvent::Data(self.unpack()?),
+            packed: Some(self.packed.clone()),
+        })
     }
 
     /// Ensures the packed bytes decode to the batch the fields describe (its first seq and
@@ -550,11 +582,13 @@ pub struct RetainedOutput {
 }
 
 impl RetainedOutput {
-    /// Remembers a sent batch.
-    pub fn push(&mut self, channel: (u32, u32), batch: &Batch) {
+    /// Remembers a batch about to be sent; returns it packed, to send as it is kept.
+    pub fn push(&mut self, channel: (u32, u32), batch: &Batch) -> Bytes {
         self.records += batch.len();
-        let packed = RetainedBatch::pack(channel, batch.first_seq, &batch.records);
-        self.batches.push_back(packed);
+        let retained = RetainedBatch::pack(channel, batch.first_seq, &batch.records);
+        let packed = retained.packed.clone();
+        self.batches.push_back(retained);
+        packed
     }
 
     /// Forgets what the receivers have logged, in one pass: `logged[route][target]` is the
@@ -1408,6 +1442,30 @@ mod tests {
         }
         assert!(LogEntry::decode(&[1, 2]).is_err());
         assert!(LogEntry::decode(&[1, 2, 3, 4, 9, 0, 0, 0, 1]).is_err());
+    }
+
+    /// Ensures the entry logged from the bytes a sender packed (and retained) is the entry
+    /// the receiver would pack itself: it logs what it was sent without packing again.
+    #[test]
+    fn entries_from_sent_bytes_are_the_entries_packed_here() {
+        let retained = RetainedBatch::pack((0, 1), 7, &batch(7, 300).records);
+        let sent = retained.delivery().unwrap();
+        assert_eq!(sent.event, StreamEvent::Data(batch(7, 300)));
+        for event in [
+            sent.event.clone(),
+            StreamEvent::Watermark(-9),
+            StreamEvent::EndOfStream,
+        ] {
+            let mut bytes = Vec::new();
+            packed::encode_event(&event, &mut bytes);
+            let here = encode_entry(4, &event, None, Tail::None).unwrap();
+            let as_sent = encode_entry(4, &event, Some(&bytes), Tail::None).unwrap();
+            assert_eq!(as_sent, here);
+            assert_eq!(LogEntry::decode(&here).unwrap(), LogEntry::input(4, event));
+        }
+        let as_retained = encode_entry(4, &sent.event, sent.packed.as_deref(), Tail::None);
+        let here = encode_entry(4, &sent.event, None, Tail::None);
+        assert_eq!(as_retained.unwrap(), here.unwrap());
     }
 
     #[test]

@@ -535,21 +535,21 @@ impl SubtaskRunner {
                 },
             };
             self.publish_operator_metrics();
+            let (ch, input) = event;
             if let Some((d, _)) = &mut self.dcas {
-                let logged = d
-                    .log()
-                    .and_then(|l| l.push_parts(event.0 as u32, &event.1, Tail::None));
-                match (logged, &event) {
-                    (Ok(index), (ch, StreamEvent::Data(b))) => {
+                // The bytes the sender packed, when they came along: logged as they are.
+                let logged = d.log().and_then(|l| l.push_input(ch, &input));
+                match (logged, &input.event) {
+                    (Ok(index), StreamEvent::Data(b)) => {
                         d.consumed(b.len());
-                        d.input_logged(index, *ch, b.end_seq());
+                        d.input_logged(index, ch, b.end_seq());
                     }
                     (Ok(_), _) => {}
                     (Err(e), _) => return Err(self.dcas_failure(e)),
                 }
                 self.exchange_progress()?;
             }
-            match event {
+            match (ch, input.event) {
                 (ch, StreamEvent::EndOfStream) => {
                     // An ended channel will not deliver the barrier being aligned.
                     self.try_align(&mut aligning).await?;
