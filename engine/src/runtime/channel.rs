@@ -455,6 +455,10 @@ pub struct Router {
     /// DCAS: every batch sent, until its receiver logged it; `None` without DCAS. With it,
     /// a channel whose receiver went away is detached instead of failing the subtask.
     retained: Option<RetainedOutput>,
+    /// Hash routes: buffers that reached the batch size while records were partitioned,
+    /// cut there, oldest first: a buffer never grows past a batch (no reallocation, and no
+    /// split leaving a small batch behind). Sent (or sealed) before the buffers.
+    full: VecDeque<((usize, usize), Vec<Record>)>,
     /// DCAS (log before release): batches cut from the buffers, oldest first, each waiting
     /// until the input log holds the entries its records came from.
     sealed: VecDeque<Sealed>,
@@ -482,6 +486,7 @@ impl Router {
             pending_since: None,
             counters,
             retained: None,
+            full: VecDeque::new(),
             sealed: VecDeque::new(),
             watermark: i64::MIN,
             ended: false,
@@ -518,6 +523,11 @@ impl Router {
                 RetainedBatch::pack((r as u32, t as u32), first_seq, &s.records)
             })
             .collect();
+        for ((r, t), records) in &self.full {
+            let first_seq = self.routes[*r].targets[*t].next_seq;
+            let channel = (*r as u32, *t as u32);
+            pending.push(RetainedBatch::pack(channel, first_seq, records));
+        }
         for (r, route) in self.routes.iter().enumerate() {
             for (t, buf) in route.buffers.iter().enumerate() {
                 if !buf.is_empty() {
@@ -579,6 +589,7 @@ impl Router {
             self.pending_since.get_or_insert_with(Instant::now);
         }
         self.sealed.clear();
+        self.full.clear();
         self.retained = Some(RetainedOutput::from_batches(p.retained));
         self.watermark = p.watermark;
         self.ended = p.ended;
@@ -681,6 +692,8 @@ impl Router {
     }
 
     fn push_route(&mut self, r: usize, records: &mut Vec<Record>) -> Result<(), RouteError> {
+        let size = self.batch_size;
+        let full = &mut self.full;
         let route = &mut self.routes[r];
         match &route.exchange {
             // With one target every exchange but broadcast is a forward: skip hashing.
@@ -718,21 +731,27 @@ impl Router {
             }
             Exchange::Hash(expr) => {
                 let n = route.targets.len();
-                let reserve = records.len() / n + 16;
-                for buf in route.buffers.iter_mut() {
-                    buf.reserve(reserve);
-                }
+                let mut put = |t: usize, rec: Record| {
+                    let buf = &mut route.buffers[t];
+                    if buf.capacity() == 0 {
+                        buf.reserve_exact(size);
+                    }
+                    buf.push(rec);
+                    if buf.len() >= size {
+                        full.push_back(((r, t), std::mem::replace(buf, Vec::with_capacity(size))));
+                    }
+                };
                 match expr {
                     None => {
                         for rec in records.drain(..) {
                             let h = rec.key.as_ref().map_or(0, |k| k.stable_hash());
-                            route.buffers[subtask_for_hash(h, n)].push(rec);
+                            put(subtask_for_hash(h, n), rec);
                         }
                     }
                     Some(e) => {
                         for rec in records.drain(..) {
                             let h = eval(e, &rec).map_err(RouteError::Partition)?.stable_hash();
-                            route.buffers[subtask_for_hash(h, n)].push(rec);
+                            put(subtask_for_hash(h, n), rec);
                         }
                     }
                 }
@@ -743,9 +762,11 @@ impl Router {
 
     /// True when a buffer is full, so the next [`Router::send_full`] sends.
     pub fn has_full(&self) -> bool {
-        self.routes
-            .iter()
-            .any(|r| r.buffers.iter().any(|b| b.len() >= self.batch_size))
+        !self.full.is_empty()
+            || self
+                .routes
+                .iter()
+                .any(|r| r.buffers.iter().any(|b| b.len() >= self.batch_size))
     }
 
     /// DCAS (log before release): cuts every full buffer (with `all`, every non-empty one)
@@ -753,6 +774,12 @@ impl Router {
     /// inputs its records came from — so the subtask goes on while the log catches up.
     pub fn seal(&mut self, required: u64, all: bool) {
         let size = self.batch_size;
+        let cut = self.full.drain(..).map(|(channel, records)| Sealed {
+            required,
+            channel,
+            records,
+        });
+        self.sealed.extend(cut);
         for (r, route) in self.routes.iter_mut().enumerate() {
             for (t, buf) in route.buffers.iter_mut().enumerate() {
                 if buf.len() >= size || all && !buf.is_empty() {
@@ -805,13 +832,30 @@ impl Router {
     }
 
     fn buffers_empty(&self) -> bool {
-        self.routes
-            .iter()
-            .all(|r| r.buffers.iter().all(Vec::is_empty))
+        self.full.is_empty()
+            && self
+                .routes
+                .iter()
+                .all(|r| r.buffers.iter().all(Vec::is_empty))
+    }
+
+    /// Sends the batches cut while partitioning, oldest first.
+    async fn send_cut(&mut self) -> Result<(), RouteError> {
+        while let Some(((r, t), records)) = self.full.pop_front() {
+            let out = Out {
+                channel: (r as u32, t as u32),
+                counters: &self.counters,
+                retained: &mut self.retained,
+            };
+            let target = &mut self.routes[r].targets[t];
+            send_chunked(target, records, self.batch_size, out).await?;
+        }
+        Ok(())
     }
 
     /// Sends every full buffer.
     pub async fn send_full(&mut self) -> Result<(), RouteError> {
+        self.send_cut().await?;
         let size = self.batch_size;
         for (r, route) in self.routes.iter_mut().enumerate() {
             for (t, buf) in route.buffers.iter_mut().enumerate() {
@@ -836,6 +880,7 @@ impl Router {
     /// the log to hold every input).
     pub async fn flush(&mut self) -> Result<(), RouteError> {
         self.send_sealed(u64::MAX).await?;
+        self.send_cut().await?;
         for (r, route) in self.routes.iter_mut().enumerate() {
             for (t, buf) in route.buffers.iter_mut().enumerate() {
                 if !buf.is_empty() {
@@ -1127,6 +1172,43 @@ mod tests {
             .iter()
             .all(|r| subtask_for_hash(r.key.as_ref().unwrap().stable_hash(), 2) == 1));
         assert!(!a.is_empty() && !b.is_empty());
+    }
+
+    /// Ensures a hash route cuts a target's buffer when it reaches the batch size, while
+    /// partitioning: every batch but the flushed last is full, and seqs stay dense.
+    #[tokio::test]
+    async fn hash_route_cuts_full_batches_while_partitioning() {
+        let (t0, mut r0) = channel(64, 0);
+        let (t1, mut r1) = channel(64, 0);
+        let mut router = Router::new(
+            vec![Route::new(Exchange::Hash(None), vec![t0, t1], 0)],
+            10,
+            Default::default(),
+        );
+        for i in 0..7 {
+            router.push(&mut recs(i * 13..i * 13 + 13)).await.unwrap();
+        }
+        router.flush().await.unwrap();
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut total = 0;
+        for rx in [&mut r0, &mut r1] {
+            let mut sizes = Vec::new();
+            let mut next_seq = 0;
+            while let Poll::Ready(Some(d)) = rx.rx.poll_recv(&mut cx) {
+                let StreamEvent::Data(b) = d.event else {
+                    continue;
+                };
+                assert_eq!(b.first_seq, next_seq, "dense seqs");
+                next_seq = b.end_seq();
+                sizes.push(b.len());
+            }
+            let (last, whole) = sizes.split_last().unwrap();
+            assert!(whole.iter().all(|&n| n == 10), "{sizes:?}");
+            assert!(*last <= 10, "{sizes:?}");
+            total += sizes.iter().sum::<usize>();
+        }
+        assert_eq!(total, 91);
     }
 
     /// Ensures a buffer filled past the batch size in one step leaves in batch-sized pieces.
