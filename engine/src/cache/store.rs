@@ -216,6 +216,8 @@ impl Partition {
                     )));
                 }
                 let items = match self.lists.get(&list) {
+                    // A range from past the end holds nothing (and indexes nothing).
+                    Some(l) if from >= l.end() => (from, Vec::new()),
                     Some(l) => {
                         let first = from.max(l.start);
                         let last = to.min(l.end()).max(first);
@@ -657,6 +659,16 @@ mod tests {
             OpResult::Bounds(2, 5)
         );
         assert!(p.plan(range(3, 1), 0).is_err());
+        // From past the end (or the end of a list trimmed whole): nothing, not a panic.
+        assert_eq!(run(&mut p, range(9, 20), 0), OpResult::Items(9, vec![]));
+        let trim = |upto| Op::TrimPrefix {
+            list: "l".into(),
+            upto,
+        };
+        assert_eq!(run(&mut p, trim(7), 0), OpResult::Bounds(7, 7));
+        assert_eq!(run(&mut p, range(7, 9), 0), OpResult::Items(7, vec![]));
+        assert_eq!(run(&mut p, range(8, 9), 0), OpResult::Items(8, vec![]));
+        assert_eq!(run(&mut p, range(0, 9), 0), OpResult::Items(7, vec![]));
     }
 
     /// `AppendAt` applies at the list's end, re-applies items that already landed there
