@@ -130,6 +130,15 @@ pub trait Operator: Send {
     fn metrics(&self) -> Vec<Metric> {
         Vec::new()
     }
+
+    /// True when what the operator emits, and the state it keeps, follow from the records
+    /// it is given and the state restored before them alone: not from watermarks, timers,
+    /// or when records arrive. Running the same records again from a restored state then
+    /// gives the same output. DCAS lets a replayable source's subtask whose whole chain is
+    /// record-driven regenerate its output from its snapshot instead of logging its polls.
+    fn record_driven(&self) -> bool {
+        false
+    }
 }
 
 /// One operator metric: a counter or gauge, optionally for one part of the operator (a Kafka

@@ -503,6 +503,10 @@ impl Operator for Log {
 struct Discard;
 
 impl Operator for Discard {
+    fn record_driven(&self) -> bool {
+        true
+    }
+
     fn process(
         &mut self,
         _input: usize,

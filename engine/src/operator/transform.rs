@@ -74,6 +74,10 @@ impl OperatorFactory for Stateless {
 }
 
 impl Operator for Stateless {
+    fn record_driven(&self) -> bool {
+        true
+    }
+
     fn process(
         &mut self,
         _input: usize,
@@ -202,6 +206,11 @@ impl Reduce {
 }
 
 impl Operator for Reduce {
+    /// Emits after every record, from its per-key state alone.
+    fn record_driven(&self) -> bool {
+        true
+    }
+
     fn process(
         &mut self,
         _input: usize,

@@ -499,6 +499,15 @@ impl Router {
         self.retained.get_or_insert_with(RetainedOutput::default);
     }
 
+    /// True when each record's channel (and so its seq) follows from the records before it
+    /// alone: no route deals records out round-robin over several targets, where a batch
+    /// cut by the linger timeout moves the records after it to another channel.
+    pub fn routes_by_record(&self) -> bool {
+        self.routes
+            .iter()
+            .all(|r| !matches!(r.exchange, Exchange::Rebalance) || r.targets.len() == 1)
+    }
+
     /// Records retained (0 without DCAS).
     pub fn retained_records(&self) -> usize {
         self.retained.as_ref().map_or(0, RetainedOutput::records)
@@ -1293,6 +1302,25 @@ mod tests {
         assert!(err.contains("retained output for channel 0.0"), "{err}");
         damaged.retained[0].packed.truncate(3);
         assert!(restored.restore_position(damaged).is_err());
+    }
+
+    /// Ensures only a round-robin route over several targets makes a record's channel
+    /// depend on more than the records before it (DCAS regenerating sources rely on it).
+    #[test]
+    fn only_rebalancing_over_several_targets_routes_by_batch() {
+        let router = |exchange: Exchange, n: usize| {
+            let targets = (0..n).map(|_| channel(4, 0).0).collect();
+            Router::new(
+                vec![Route::new(exchange, targets, 0)],
+                10,
+                Default::default(),
+            )
+        };
+        assert!(router(Exchange::Hash(None), 3).routes_by_record());
+        assert!(router(Exchange::Broadcast, 3).routes_by_record());
+        assert!(router(Exchange::Forward, 1).routes_by_record());
+        assert!(router(Exchange::Rebalance, 1).routes_by_record());
+        assert!(!router(Exchange::Rebalance, 2).routes_by_record());
     }
 
     #[tokio::test]

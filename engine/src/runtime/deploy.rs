@@ -167,7 +167,7 @@ pub fn build_runner(
         );
         (sub, d.reporter.clone())
     });
-    let runner = SubtaskRunner {
+    let mut runner = SubtaskRunner {
         job: job.to_string(),
         id: SubtaskId {
             task,
@@ -185,8 +185,10 @@ pub fn build_runner(
         metrics_published: None,
         checkpoints: env.checkpoints.clone(),
         dcas,
+        regenerates: false,
         emitted_wm: i64::MIN,
         rewires: tokio::sync::mpsc::unbounded_channel().1,
     };
+    runner.regenerates = runner.regenerable();
     Ok((runner, metrics))
 }

@@ -151,6 +151,9 @@ pub struct SubtaskRunner {
     pub checkpoints: Option<Arc<dyn CheckpointReporter>>,
     /// DCAS: the input log, snapshots in the cache, and whom to tell the subtask finished.
     pub dcas: Option<(DcasSubtask, Arc<dyn CheckpointReporter>)>,
+    /// DCAS: the subtask regenerates its output from its snapshot instead of logging its
+    /// polls ([`SubtaskRunner::regenerable`]); set once, when it is built.
+    pub regenerates: bool,
     /// The last watermark this subtask emitted.
     pub emitted_wm: i64,
     /// Channels replacing those of a restarted neighbour (DCAS).
@@ -306,6 +309,33 @@ enum Stop {
 }
 
 impl SubtaskRunner {
+    /// True when, under DCAS, the subtask needs no input log: its source is replayable
+    /// ([`Source::replayable`]: its records are a function of its position), every operator
+    /// of its chain is [record-driven](crate::operator::Operator::record_driven), and its
+    /// routes send each record to a channel the records before it decide. Restored from
+    /// its snapshot, it then emits again exactly what it emitted after the snapshot, the same
+    /// records with the same seqs, whatever the pace of its polls; so nothing it polls needs
+    /// logging, and its output need not wait for a log (log before release holds trivially).
+    /// Watermarks are not logged either: a receiver keeps the highest it saw, and the source
+    /// derives them from records it emits again.
+    ///
+    /// A Kafka source still logs what it reads: the broker may not serve the same records
+    /// again (retention), and the paper's cached source replays from memory.
+    pub fn regenerable(&self) -> bool {
+        self.dcas.is_some()
+            && self.source.as_ref().is_some_and(|(_, s)| s.replayable())
+            && self.chain.iter().all(|c| c.op.record_driven())
+            && self.router.routes_by_record()
+    }
+
+    /// DCAS with an input log: the subtask's log and snapshots, unless it regenerates.
+    fn logging(&mut self) -> Option<&mut DcasSubtask> {
+        match self.regenerates {
+            true => None,
+            false => self.dcas.as_mut().map(|(d, _)| d),
+        }
+    }
+
     async fn run(mut self, mut control: mpsc::UnboundedReceiver<Command>) -> SubtaskOutcome {
         debug!("Subtask started.");
         let mut result = match self.resume().await {
@@ -390,9 +420,13 @@ impl SubtaskRunner {
             self.metrics
                 .source_lag
                 .store(source.lag().map_or(-1, |l| l as i64), Ordering::Relaxed);
-            // DCAS: the poll is an input like any other: logged with the source's position.
+            // DCAS: the poll is an input like any other: logged with the source's position
+            // (unless the subtask regenerates its output: then it only counts the records).
+            if let (Some((d, _)), true) = (&mut self.dcas, self.regenerates) {
+                d.consumed(batch.len());
+            }
             let state = match &self.dcas {
-                Some(_) if !batch.is_empty() => Some(
+                Some(_) if !batch.is_empty() && !self.regenerates => Some(
                     source
                         .snapshot()
                         .map_err(|e| op_failure(source_id, self.id.index, e))?,
@@ -843,7 +877,7 @@ impl SubtaskRunner {
     /// of inputs consumed so far and leaves once the log holds them; the subtask goes on
     /// meanwhile (appends are pipelined), and waits only when [`MAX_SEALED`] batches do.
     async fn emit(&mut self, records: &mut Vec<Record>) -> Result<(), Stop> {
-        let Some((d, _)) = &mut self.dcas else {
+        let Some(d) = self.logging() else {
             return self
                 .router
                 .push(records)
@@ -865,7 +899,7 @@ impl SubtaskRunner {
     /// [`MAX_SEALED`] batches wait.
     async fn release(&mut self) -> Result<(), Stop> {
         loop {
-            let Some((d, _)) = &mut self.dcas else {
+            let Some(d) = self.logging() else {
                 return Ok(());
             };
             let logged = d.log().and_then(|l| l.logged());
@@ -880,7 +914,7 @@ impl SubtaskRunner {
             if self.router.sealed() <= MAX_SEALED {
                 return Ok(());
             }
-            let Some((d, _)) = &mut self.dcas else {
+            let Some(d) = self.logging() else {
                 return Ok(());
             };
             let reached = match d.log() {
@@ -894,7 +928,7 @@ impl SubtaskRunner {
     /// The linger timeout passed: sends the partial batches (DCAS: seals them, to leave
     /// once logged, without waiting here).
     async fn linger_flush(&mut self) -> Result<(), Stop> {
-        let Some((d, _)) = &mut self.dcas else {
+        let Some(d) = self.logging() else {
             return self.flush().await;
         };
         let consumed = d.log().map(|l| l.next_index());
@@ -920,7 +954,7 @@ impl SubtaskRunner {
 
     /// DCAS: waits until every input consumed so far is in the log.
     async fn log_synced(&mut self) -> Result<(), Stop> {
-        let Some((d, _)) = &mut self.dcas else {
+        let Some(d) = self.logging() else {
             return Ok(());
         };
         let synced = match d.log() {
@@ -960,7 +994,7 @@ impl SubtaskRunner {
 
     /// DCAS: logs a source's watermark or end (polls are logged where polled).
     fn log_source(&mut self, event: StreamEvent) -> Result<(), Stop> {
-        let Some((d, _)) = &mut self.dcas else {
+        let Some(d) = self.logging() else {
             return Ok(());
         };
         d.log()
