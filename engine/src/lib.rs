@@ -1,7 +1,8 @@
 //! Weir engine: the vocabulary and mechanisms shared by the job manager and task managers.
 //!
-//! - [`value`], [`record`] — the data model (`Value`, `Record`, `Batch`, `StreamEvent`).
-//! - [`codec`] — rkyv wire encoding of stream events.
+//! - [`value`], [`record`] — the data model (`Value`, `Record`, `Batch`, `StreamEvent`,
+//!   `Delivery`).
+//! - [`codec`] — rkyv encoding of messages and state; the packed encoding of stream events.
 //! - [`expr`] — the expression language used in job specs, compiled once per operator.
 //! - [`spec`] — job specs (JSON) and their validation.
 //! - [`graph`] — from a spec to tasks (operator chains) and exchanges.

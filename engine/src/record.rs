@@ -1,4 +1,5 @@
-//! `Record`, `Batch` and `StreamEvent`: what flows on a channel between tasks.
+//! `Record`, `Batch` and `StreamEvent`: what flows on a channel between tasks, each event in
+//! a `Delivery` (with its packed bytes when its sender has them).
 //!
 //! Records never travel alone: a `Batch` carries hundreds to thousands of them with the
 //! sequence number of the first, so record `i` of a batch has seq `first_seq + i`. Seqs are

@@ -1,8 +1,8 @@
 //! rkyv encoding of messages, cache requests and operator state; the [`packed`] encoding of
 //! stream events, which the data plane carries and DCAS logs and retains.
 //!
-//! Encoding happens only at process boundaries and in snapshots, never per record in
-//! process. Decoding validates the bytes first (`bytecheck`, or the packed decoder's own
+//! Encoding happens at process boundaries, in snapshots, and (packed) for what DCAS logs
+//! and retains; a job without DCAS never encodes what stays in process. Decoding validates the bytes first (`bytecheck`, or the packed decoder's own
 //! checks), so a corrupted or truncated frame is an error, never undefined behaviour or a
 //! panic.
 

@@ -21,8 +21,8 @@
 //! and the bytes, a list as a varint count and tagged values, a map as a varint count and
 //! (name, tagged value) pairs.
 //!
-//! Decoding checks every length against the bytes left, reserves at most [`MAX_RESERVE`]
-//! values (65,536 records) ahead of reading them, and nests no deeper than
+//! Decoding checks every length against the bytes left, reserves room ahead of reading for
+//! at most [`MAX_RESERVE`] items of a list or map and 65,536 records, and nests no deeper than
 //! [`MAX_VALUE_DEPTH`]: malformed input is an error, never a panic or a large allocation.
 //! The format has no version, like the rest of the data plane: it lives only between the
 //! task managers of one build and in the cache's memory, which does not outlive them.
@@ -319,17 +319,17 @@ impl Reader<'_> {
     fn error(&self, m: Malformed) -> CodecError {
         let (at, len) = (self.at, self.bytes.len());
         CodecError(match m {
-            Malformed::Short => format!("packed batch cut short at byte {at} of {len}"),
-            Malformed::Trailing => format!("packed batch: {} bytes after its end", len - at),
-            Malformed::LongVarint => format!("packed batch: varint past 64 bits at byte {at}"),
+            Malformed::Short => format!("packed event cut short at byte {at} of {len}"),
+            Malformed::Trailing => format!("packed event: {} bytes after its end", len - at),
+            Malformed::LongVarint => format!("packed event: varint past 64 bits at byte {at}"),
             Malformed::Count => {
-                format!("packed batch: a count at byte {at} exceeds the {len} bytes present")
+                format!("packed event: a count at byte {at} exceeds the {len} bytes present")
             }
-            Malformed::Utf8 => format!("packed batch: a string before byte {at} is not UTF-8"),
+            Malformed::Utf8 => format!("packed event: a string before byte {at} is not UTF-8"),
             Malformed::Deep => {
-                format!("packed batch: value nested deeper than {MAX_VALUE_DEPTH} levels")
+                format!("packed event: value nested deeper than {MAX_VALUE_DEPTH} levels")
             }
-            Malformed::Tag(t) => format!("packed batch: unknown value tag {t} at byte {at}"),
+            Malformed::Tag(t) => format!("packed event: unknown value tag {t} at byte {at}"),
         })
     }
 

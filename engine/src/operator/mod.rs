@@ -201,7 +201,9 @@ pub trait Source: Send {
     /// True when the records are a pure function of the position, so that
     /// [`Source::regenerate`] from a restored position yields exactly what the polls from
     /// there returned (a generator). DCAS logs such a source's polls as record counts, not
-    /// records, and replay derives the records again without reading anything.
+    /// records, and replay derives the records again without reading anything; when every
+    /// operator chained after it is [record-driven](Operator::record_driven), it logs
+    /// nothing and a restart regenerates everything after the snapshot.
     fn replayable(&self) -> bool {
         false
     }

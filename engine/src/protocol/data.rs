@@ -57,7 +57,7 @@ pub enum DataFrame {
     Event {
         /// The channel.
         channel: ChannelId,
-        /// The event, [`packed`](crate::codec::packed::encode_event): a sixth of rkyv's
+        /// The event, [`packed`](crate::codec::packed::encode_event): a ninth of rkyv's
         /// bytes for small records, and under DCAS the bytes the sender retains and the
         /// receiver logs, packed once.
         packed: Bytes,

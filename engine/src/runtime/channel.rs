@@ -522,26 +522,31 @@ impl Router {
 
     /// The router's position: seqs, unsent records, retained output, last broadcast.
     pub fn position(&self) -> RouterPosition {
-        // Unsent records of a channel in order: its sealed batches, then its buffer.
-        let mut pending: Vec<RetainedBatch> = self
-            .sealed
+        // Unsent records of a channel in order: its sealed batches, the batches cut while
+        // partitioning, then its buffer; each with the seqs it will be sent with.
+        let mut next: Vec<Vec<Seq>> = self
+            .routes
             .iter()
-            .map(|s| {
-                let (r, t) = s.channel;
-                let first_seq = self.routes[r].targets[t].next_seq;
-                RetainedBatch::pack((r as u32, t as u32), first_seq, &s.records)
-            })
+            .map(|r| r.targets.iter().map(|t| t.next_seq).collect())
             .collect();
-        for ((r, t), records) in &self.full {
-            let first_seq = self.routes[*r].targets[*t].next_seq;
-            let channel = (*r as u32, *t as u32);
-            pending.push(RetainedBatch::pack(channel, first_seq, records));
-        }
+        let mut pack = |(r, t): (usize, usize), records: &[Record]| {
+            let first_seq = next[r][t];
+            next[r][t] += records.len() as u64;
+            RetainedBatch::pack((r as u32, t as u32), first_seq, records)
+        };
+        let sealed = self.sealed.iter().map(|s| (s.channel, &s.records));
+        let cut = self
+            .full
+            .iter()
+            .map(|(channel, records)| (*channel, records));
+        let mut pending: Vec<RetainedBatch> = sealed
+            .chain(cut)
+            .map(|(c, records)| pack(c, records))
+            .collect();
         for (r, route) in self.routes.iter().enumerate() {
             for (t, buf) in route.buffers.iter().enumerate() {
                 if !buf.is_empty() {
-                    let first_seq = route.targets[t].next_seq;
-                    pending.push(RetainedBatch::pack((r as u32, t as u32), first_seq, buf));
+                    pending.push(pack((r, t), buf));
                 }
             }
         }

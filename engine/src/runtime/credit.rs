@@ -1,5 +1,6 @@
-//! `credit::channel`: a single-producer, single-consumer queue of stream events with
-//! credit-based flow control and batched credit announcements.
+//! `credit::channel`: a single-producer, single-consumer queue (of stream events, as
+//! [`Delivery`]s, unless said otherwise) with credit-based flow control and batched credit
+//! announcements.
 //!
 //! The receiver grants `credits` slots; each event sent uses one. Consumed slots are handed
 //! back to the sender in groups of half the credits (or when the queue runs empty), so a

@@ -3,7 +3,8 @@
 //! have logged it.
 //!
 //! - [`InputLog`] appends every consumed input (channel and event, in consumption order) to
-//!   `log(t)`. Appends are *group-committed*: one append is in flight per subtask and
+//!   `log(t)` (a subtask that regenerates its output from its snapshot has nothing to log:
+//!   `SubtaskRunner::regenerable`). Appends are *group-committed*: one append is in flight per subtask and
 //!   everything consumed meanwhile goes in the next one, so the subtask never waits for a
 //!   round trip per input — it waits only before it releases output ([`InputLog::synced`]),
 //!   which is the log-before-release rule. A list append answers the index of its first

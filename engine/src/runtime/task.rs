@@ -570,7 +570,7 @@ impl SubtaskRunner {
             };
             self.publish_operator_metrics();
             let (ch, input) = event;
-            if let Some((d, _)) = &mut self.dcas {
+            if let Some(d) = self.logging() {
                 // The bytes the sender packed, when they came along: logged as they are.
                 let logged = d.log().and_then(|l| l.push_input(ch, &input));
                 match (logged, &input.event) {
