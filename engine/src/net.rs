@@ -284,9 +284,8 @@ impl DataPlane {
             stream
                 .set_nodelay(true)
                 .map_err(|e| unreachable(e.to_string()))?;
-            let conn = self.start_conn(stream, peer);
-            send_frame(&conn, &DataFrame::Hello { tm: self.inner.tm });
-            return Ok(conn);
+            let hello = DataFrame::Hello { tm: self.inner.tm };
+            return Ok(self.start_conn(stream, peer, Some(&hello)));
         }
         // Waits in slices, so a peer fenced meanwhile (declared dead) fails the wait at once.
         let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
@@ -335,8 +334,16 @@ impl DataPlane {
             .subscribe()
     }
 
-    /// Starts reader and writer tasks for a connection and publishes it for `peer`.
-    fn start_conn(&self, stream: TcpStream, peer: TaskManagerId) -> Conn {
+    /// Starts reader and writer tasks for a connection and publishes it for `peer`, with
+    /// `first` (the connecting side's `Hello`) queued before anything another task sends
+    /// once the connection is published: queued after publishing, a credit frame of a
+    /// channel registered meanwhile could go first, and the peer refuses the connection.
+    fn start_conn(
+        &self,
+        stream: TcpStream,
+        peer: TaskManagerId,
+        first: Option<&DataFrame>,
+    ) -> Conn {
         let (read, write) = stream.into_split();
         let (tx, rx) = mpsc::unbounded_channel();
         let id = self
@@ -344,6 +351,9 @@ impl DataPlane {
             .next_conn
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let conn = Conn { id, tx };
+        if let Some(frame) = first {
+            send_frame(&conn, frame);
+        }
         let writer = self.inner.rt.spawn(write_loop(write, rx, peer));
         let reader = self.clone();
         self.inner.rt.spawn(async move {
@@ -423,7 +433,7 @@ impl DataPlane {
             }
             Some(DataFrame::Hello { tm }) => {
                 info!(peer = %tm, "Data-plane peer connected.");
-                self.start_conn(stream, tm);
+                self.start_conn(stream, tm, None);
                 Ok(())
             }
             _ => Err(FrameError::Io(std::io::Error::new(
