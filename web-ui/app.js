@@ -377,7 +377,7 @@ function renderJob(job, cps, failovers) {
     <span class="meta mono">${esc(job.jid)}</span>
     <span class="spacer" style="flex:1"></span>
     <div class="actions">
-      ${job.mode === "abs" ? `<button data-action="checkpoint" data-id="${esc(job.jid)}" ${running && canMutate() ? "" : "disabled"}>Trigger checkpoint</button>` : ""}
+      ${job.mode === "abs" || job.spec?.checkpointing?.fallback_abs_interval_ms ? `<button data-action="checkpoint" data-id="${esc(job.jid)}" ${running && canMutate() ? "" : "disabled"}>Trigger checkpoint</button>` : ""}
       <button class="danger" data-action="cancel-job" data-id="${esc(job.jid)}" ${running && canMutate() ? "" : "disabled"}>Cancel job</button>
     </div>`);
   setHtml("job-cards", `
@@ -463,7 +463,7 @@ function renderFailovers(list) {
   }
   const longest = Math.max(1, ...list.map((f) => (f.caught_up_ms || Date.now()) - f.detected_ms));
   el.innerHTML = `<div class="legend" style="margin-bottom:8px">${Object.entries(PHASE_NAMES).map(([k, name]) => `<span><span class="swatch" style="background:${PHASE_COLOURS[k]}"></span>${name}</span>`).join("")}</div>
-    <table class="fixed"><colgroup><col style="width:30px"><col style="width:76px"><col style="width:56px"><col><col style="width:78px"></colgroup>
+    <table class="fixed"><colgroup><col style="width:30px"><col style="width:76px"><col style="width:76px"><col><col style="width:78px"></colgroup>
     <thead><tr><th>#</th><th class="num">At</th><th>Mode</th><th>Recovery and cause</th><th class="num">Total</th></tr></thead><tbody>
     ${list.slice().reverse().slice(0, 10).map((f) => {
       const bars = phases(f).map(([a, b, key]) => {

@@ -169,6 +169,24 @@ impl CheckpointingSpec {
         spec.filter(|c| c.mode == CheckpointMode::Dcas)
     }
 
+    /// The settings of `spec` when its subtasks take barrier checkpoints to disk: ABS jobs,
+    /// and DCAS jobs with `fallback_abs_interval_ms`.
+    pub fn barriers(spec: Option<&CheckpointingSpec>) -> Option<&CheckpointingSpec> {
+        spec.filter(|c| {
+            c.mode == CheckpointMode::Abs
+                || (c.mode == CheckpointMode::Dcas && c.fallback_abs_interval_ms.is_some())
+        })
+    }
+
+    /// Time between barrier checkpoints: `interval_ms` (ABS, default 1 s), or a DCAS job's
+    /// `fallback_abs_interval_ms`.
+    pub fn barrier_interval(&self) -> std::time::Duration {
+        match (self.mode, self.fallback_abs_interval_ms) {
+            (CheckpointMode::Dcas, Some(ms)) => std::time::Duration::from_millis(ms),
+            _ => self.interval(),
+        }
+    }
+
     /// DCAS micro-window in records (default [`DEFAULT_SNAPSHOT_EVERY_RECORDS`]).
     pub fn snapshot_every(&self) -> u64 {
         self.snapshot_every_records
@@ -225,12 +243,10 @@ impl CheckpointingSpec {
                 return Err(SpecError::job(field(name), "must be at least 10"));
             }
         }
-        if self.mode == CheckpointMode::Dcas && self.fallback_abs_interval_ms.is_some() {
-            // Refused rather than ignored: a job must never run without the safety net it
-            // asked for.
+        if self.mode != CheckpointMode::Dcas && self.fallback_abs_interval_ms.is_some() {
             return Err(SpecError::job(
                 field("fallback_abs_interval_ms"),
-                "the fallback ABS checkpoint of DCAS jobs is not available yet; without it, a loss beyond the cache's backups fails the job naming the lost partitions",
+                "only DCAS jobs take fallback checkpoints (set interval_ms for ABS)",
             ));
         }
         if self.mode != CheckpointMode::Dcas && self.incremental.is_some() {
@@ -408,8 +424,8 @@ mod tests {
         assert_eq!(err.line, Some(1));
     }
 
-    /// Each bad checkpointing value is named by its field; a DCAS fallback (not built yet) is
-    /// refused, never ignored.
+    /// Each bad checkpointing value is named by its field; a fallback interval outside DCAS
+    /// is refused, never ignored.
     #[test]
     fn checkpointing_values_are_checked() {
         let check = |json: &str| {
@@ -441,7 +457,11 @@ mod tests {
                 "checkpointing.incremental",
             ),
             (
-                r#"{"mode":"dcas","fallback_abs_interval_ms":1000}"#,
+                r#"{"mode":"abs","fallback_abs_interval_ms":1000}"#,
+                "checkpointing.fallback_abs_interval_ms",
+            ),
+            (
+                r#"{"mode":"dcas","fallback_abs_interval_ms":5}"#,
                 "checkpointing.fallback_abs_interval_ms",
             ),
         ] {
@@ -450,6 +470,10 @@ mod tests {
         }
         assert_eq!(
             check(r#"{"mode":"dcas","snapshot_every_records":400,"snapshot_interval_ms":100}"#),
+            Ok(())
+        );
+        assert_eq!(
+            check(r#"{"mode":"dcas","fallback_abs_interval_ms":1000}"#),
             Ok(())
         );
         assert_eq!(check(r#"{"mode":"dcas","incremental":false}"#), Ok(()));

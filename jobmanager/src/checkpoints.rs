@@ -294,6 +294,11 @@ impl Coordinator {
         ids
     }
 
+    /// The newest checkpoint triggered (0 before the first).
+    pub fn last_triggered(&self) -> u64 {
+        self.next_id - 1
+    }
+
     /// Records that the job was restored from checkpoint `id`.
     pub fn restored_from(&mut self, id: u64, now_ms: u64) {
         self.restored = Some((id, now_ms));
@@ -760,5 +765,6 @@ mod tests {
                 }
             ]
         );
+        assert_eq!(c.last_triggered(), 11);
     }
 }

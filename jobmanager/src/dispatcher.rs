@@ -28,12 +28,12 @@ use engine::protocol::control::{
     SubtaskState, ToTaskManager,
 };
 use engine::runtime::dcas::DcasNames;
-use engine::spec::{CheckpointingSpec, JobSpec, SpecError};
+use engine::spec::{CheckpointMode, CheckpointingSpec, JobSpec, SpecError};
 use engine::Record;
 use serde::Serialize;
 use tracing::{debug, error, info, warn};
 
-use crate::cache_master::DropEntries;
+use crate::cache_master::{CacheMaster, ClearLost, DropEntries};
 use crate::checkpoints::{CheckpointsView, Coordinator, Step};
 use crate::now_ms;
 use crate::resource_manager::{Alive, GetAlive, Reports, ResourceManager, TaskManagerLost};
@@ -404,8 +404,9 @@ type PendingRestart = (JobId, Vec<(u32, u32)>, Vec<TaskManagerId>);
 /// The dispatcher actor.
 pub struct Dispatcher {
     rm: Addr<ResourceManager>,
-    /// Drops an ended DCAS job's cache entries.
-    cache: Recipient<DropEntries>,
+    /// The cache's membership master: drops an ended DCAS job's entries, forgets losses a
+    /// fallback checkpoint covered.
+    cache: Addr<CacheMaster>,
     store: Store,
     jobs: HashMap<JobId, Job>,
     /// Jobs from earlier job manager runs (listing only).
@@ -419,7 +420,7 @@ impl Dispatcher {
     /// A dispatcher; previous jobs are loaded from `store`.
     pub fn new(
         rm: Addr<ResourceManager>,
-        cache: Recipient<DropEntries>,
+        cache: Addr<CacheMaster>,
         store: Store,
         collect_limit: usize,
     ) -> Dispatcher {
@@ -503,7 +504,10 @@ impl Dispatcher {
                 SubtaskState::Finished | SubtaskState::Canceled | SubtaskState::Failed
             )
         });
+        // With fallback checkpoints, sinks commit only on completed ones: subtasks finish
+        // after the final one, as under ABS.
         let dcas_done = CheckpointingSpec::dcas(job.spec.checkpointing.as_ref()).is_some()
+            && job.coordinator.is_none()
             && job.state != JobState::Restarting
             && job
                 .subtasks
@@ -762,6 +766,7 @@ impl Dispatcher {
                                 generation: job.generation,
                                 checkpoint: n,
                                 subtasks,
+                                final_,
                             });
                         }
                     }
@@ -846,7 +851,8 @@ impl Dispatcher {
         if job.recovery.is_some() {
             return; // The deployment that failed again is already being replaced.
         }
-        let Some(config) = CheckpointingSpec::abs(job.spec.checkpointing.as_ref()).cloned() else {
+        let Some(config) = CheckpointingSpec::barriers(job.spec.checkpointing.as_ref()).cloned()
+        else {
             warn!(job = %id, "Job failed; no fault tolerance configured.");
             self.end(id, JobState::Failed, Some(format!("{location}: {cause}")));
             return;
@@ -873,10 +879,15 @@ impl Dispatcher {
             deploying: false,
             next_try: Instant::now(),
         });
+        // A DCAS job restarts whole only from its fallback checkpoint.
+        let mode = match config.mode {
+            CheckpointMode::Dcas => "fallback",
+            _ => "abs",
+        };
         job.failovers.push(FailoverEvent::new(
             job.restarts,
             format!("{location}: {cause}"),
-            "abs",
+            mode,
             before,
         ));
         for n in aborted {
@@ -902,7 +913,32 @@ impl Dispatcher {
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
-        if job.state.is_terminal() || job.state == JobState::Cancelling || lost.is_empty() {
+        if job.state.is_terminal()
+            || job.state == JobState::Cancelling
+            || lost.is_empty()
+            || job.recovery.is_some()
+        {
+            // A whole-job restart from the fallback checkpoint replaces every subtask.
+            return;
+        }
+        if cause.contains(engine::cache::client::LOST_EVERY_COPY) && job.coordinator.is_some() {
+            warn!(job = %id, location = %location, cause = %cause, "DCAS: cache entries lost; restarting the whole job from its fallback checkpoint.");
+            // The new deployment's entries have new names, so the lost partitions can serve
+            // them; the losses are forgotten unless another DCAS job may have had entries
+            // there (it must still learn of its loss).
+            let others = self.jobs.values().any(|j| {
+                j.id != id
+                    && !j.state.is_terminal()
+                    && CheckpointingSpec::dcas(j.spec.checkpointing.as_ref()).is_some()
+            });
+            if !others {
+                self.cache.do_send(ClearLost);
+            }
+            self.fail_over(
+                id,
+                location,
+                format!("{cause} (more task managers failed at once than cache.backup_count covers; restored from the last fallback checkpoint)"),
+            );
             return;
         }
         if cause.contains(engine::cache::client::LOST_EVERY_COPY) {
@@ -921,6 +957,19 @@ impl Dispatcher {
             return;
         };
         warn!(job = %id, attempt = job.restarts, location = %location, cause = %cause, subtasks = ?lost, "DCAS: restarting only the affected subtasks.");
+        // Fallback checkpoints in flight may never get the restarted subtasks' barriers.
+        let mut aborted = Vec::new();
+        if let Some(c) = &mut job.coordinator {
+            aborted = c.abort_all("a DCAS recovery restarted subtasks");
+            let upto = c.last_triggered();
+            for tm in &job.tms {
+                let _ = tm.tx.send(ToTaskManager::AbortCheckpoints {
+                    job: id,
+                    generation: job.generation,
+                    upto,
+                });
+            }
+        }
         for k in &lost {
             if let Some(i) = job.subtasks.get_mut(k) {
                 i.state = SubtaskState::Failed;
@@ -959,6 +1008,9 @@ impl Dispatcher {
                 ..e
             });
         }
+        for n in aborted {
+            self.store.checkpoints().discard(id, n);
+        }
         let job = &self.jobs[&id];
         self.persist(job);
         // Placed on the next tick, once the alive task managers are known.
@@ -978,13 +1030,19 @@ impl Dispatcher {
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
-        if job.state.is_terminal() || job.state == JobState::Cancelling {
+        if job.state.is_terminal() || job.state == JobState::Cancelling || job.recovery.is_some() {
             return;
         }
         let alive: Vec<Alive> = alive
             .into_iter()
             .filter(|a| !lost_tms.contains(&a.id))
             .collect();
+        if alive.is_empty() && job.coordinator.is_some() {
+            // The fallback checkpoint restarts the job whole once task managers come back.
+            let cause = "no task manager is alive to place restarted subtasks on".to_string();
+            self.fail_over(id, "DCAS recovery".into(), cause);
+            return;
+        }
         if alive.is_empty() {
             self.end(
                 id,
@@ -1053,6 +1111,14 @@ impl Dispatcher {
                 moved: lost.clone(),
                 lost: lost_tms.clone(),
             });
+            // The restarted subtasks ignore barriers of checkpoints aborted before them.
+            if let Some(c) = &job.coordinator {
+                let _ = tm.tx.send(ToTaskManager::AbortCheckpoints {
+                    job: id,
+                    generation: job.generation,
+                    upto: c.last_triggered(),
+                });
+            }
         }
         info!(job = %id, subtasks = ?lost, on = ?per_tm.keys().collect::<Vec<_>>(), "DCAS: restarted subtasks deployed.");
         if let Some(e) = job.failovers.last_mut() {
@@ -1121,6 +1187,12 @@ impl Dispatcher {
         };
         let subtasks: Vec<(u32, u32)> = job.subtasks.keys().copied().collect();
         let (loaded, errors) = self.store.checkpoints().load_latest(id, &subtasks);
+        if CheckpointingSpec::dcas(job.spec.checkpointing.as_ref()).is_some() {
+            // The new deployment's logs and snapshots start clean, under its own names.
+            self.cache.do_send(DropEntries {
+                prefix: DcasNames::job_prefix(&format!("{id}/g{}", job.generation.0)),
+            });
+        }
         let generation = Generation(job.generation.0 + 1);
         let spec_json = job.spec_json.clone();
         let (tms, infos, unreachable) =
@@ -1385,9 +1457,9 @@ impl Dispatcher {
         let generation = Generation(1);
         let (tms, subtasks, unreachable) = self.deploy(id, generation, &spec_json, plan, None);
         info!(job = %id, name = %spec.name, subtasks = subtasks.len(), taskmanagers = tms.len(), "Job submitted and deployed.");
-        let coordinator = CheckpointingSpec::abs(spec.checkpointing.as_ref()).map(|c| {
+        let coordinator = CheckpointingSpec::barriers(spec.checkpointing.as_ref()).map(|c| {
             Coordinator::new(
-                c.interval(),
+                c.barrier_interval(),
                 c.timeout(),
                 c.max_concurrent.unwrap_or(1) as usize,
                 self.store.checkpoints().last_id(id),
@@ -1530,7 +1602,10 @@ impl Handler<SubtaskUpdate> for Dispatcher {
             self.fail_over(msg.job, location, format!("failed: {message}"));
             return;
         }
-        if msg.state == SubtaskState::Canceled && active && job.coordinator.is_some() {
+        if msg.state == SubtaskState::Canceled
+            && active
+            && CheckpointingSpec::abs(job.spec.checkpointing.as_ref()).is_some()
+        {
             // Stopped by its task manager (self-fencing), not by us.
             self.fail_over(msg.job, location, "canceled by its task manager".into());
             return;

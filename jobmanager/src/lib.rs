@@ -63,13 +63,8 @@ pub async fn start(config: &JmConfig, local: LocalProcesses) -> Result<JobManage
         config.cache_max_copies,
     )
     .start();
-    let dispatcher = Dispatcher::new(
-        rm.clone(),
-        cache.clone().recipient(),
-        store,
-        config.collect_limit,
-    )
-    .start();
+    let dispatcher =
+        Dispatcher::new(rm.clone(), cache.clone(), store, config.collect_limit).start();
     rm.do_send(Subscribe {
         lost: vec![dispatcher.clone().recipient(), cache.clone().recipient()],
         reports: dispatcher.clone().recipient(),

@@ -94,6 +94,20 @@ pub struct TaskManager {
 }
 
 impl TaskManager {
+    /// Passes `command` to the subtasks of a deployment running here (`only` these, or
+    /// all); nothing when it runs no longer.
+    fn command(
+        &self,
+        job: JobId,
+        generation: Generation,
+        command: Command,
+        only: Option<Vec<(u32, u32)>>,
+    ) {
+        if let Some(r) = self.deployments.get(&(job, generation)) {
+            r.actor.do_send(ToSubtasks { command, only });
+        }
+    }
+
     /// A task manager; no I/O until started.
     pub fn new(
         id: TaskManagerId,
@@ -367,39 +381,32 @@ impl Handler<FromJobManager> for TaskManager {
                 generation,
                 checkpoint,
                 subtasks,
+                final_,
             } => {
-                if let Some(r) = self.deployments.get(&(job, generation)) {
-                    r.actor.do_send(ToSubtasks {
-                        command: Command::Trigger(checkpoint),
-                        only: Some(subtasks),
-                    });
-                }
+                let command = match final_ {
+                    true => Command::Final(checkpoint),
+                    false => Command::Trigger(checkpoint),
+                };
+                self.command(job, generation, command, Some(subtasks));
             }
             ToTaskManager::CheckpointComplete {
                 job,
                 generation,
                 checkpoint,
-            } => {
-                if let Some(r) = self.deployments.get(&(job, generation)) {
-                    r.actor.do_send(ToSubtasks {
-                        command: Command::Complete(checkpoint),
-                        only: None,
-                    });
-                }
-            }
+            } => self.command(job, generation, Command::Complete(checkpoint), None),
+            ToTaskManager::AbortCheckpoints {
+                job,
+                generation,
+                upto,
+            } => self.command(job, generation, Command::Abort(upto), None),
             ToTaskManager::KillSubtask {
                 job,
                 generation,
                 task,
                 subtask,
             } => {
-                if let Some(r) = self.deployments.get(&(job, generation)) {
-                    warn!(job = %job, generation = %generation, task, subtask, "Killing a subtask on request.");
-                    r.actor.do_send(ToSubtasks {
-                        command: Command::Kill,
-                        only: Some(vec![(task, subtask)]),
-                    });
-                }
+                warn!(job = %job, generation = %generation, task, subtask, "Killing a subtask on request.");
+                self.command(job, generation, Command::Kill, Some(vec![(task, subtask)]));
             }
             ToTaskManager::Deploy(d) => self.deploy(d, ctx),
             ToTaskManager::Cancel { job, generation } => {
@@ -692,7 +699,7 @@ async fn wire(
         });
         r
     };
-    let checkpoints = CheckpointingSpec::abs(graph.checkpointing.as_ref())
+    let checkpoints = CheckpointingSpec::barriers(graph.checkpointing.as_ref())
         .is_some()
         .then(reporter);
     let dcas = match CheckpointingSpec::dcas(graph.checkpointing.as_ref()) {
@@ -703,7 +710,9 @@ async fn wire(
                 client: cache.ok_or(
                     "DCAS needs the cache, and this task manager has no partition table yet",
                 )?,
-                job: d.job.to_string(),
+                // Per deployment: a whole-job restart from a fallback checkpoint starts
+                // clean logs and snapshots (`DcasNames`).
+                job: format!("{}/g{}", d.job, d.generation.0),
                 me,
                 every_records: c.snapshot_every(),
                 interval: c.snapshot_interval(),

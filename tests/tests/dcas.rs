@@ -367,6 +367,88 @@ fn dcas_loss_beyond_backups_fails_cleanly() {
     }
 }
 
+/// The DCAS wordcount of `count` lines at 8,000 a second, with a fallback checkpoint every
+/// `fallback_ms`.
+fn dcas_fallback_wordcount(fallback_ms: u64, count: u64) -> String {
+    let checkpointing = json!({
+        "mode": "dcas",
+        "snapshot_every_records": 2000,
+        "snapshot_interval_ms": 100,
+        "fallback_abs_interval_ms": fallback_ms,
+    });
+    weir_tests::wordcount_spec("wordcount-dcas-fallback", checkpointing, count, 8_000).to_string()
+}
+
+/// Checkpoints the job completed (fallback checkpoints, for DCAS).
+fn completed_checkpoints(c: &Cluster, id: &str) -> u64 {
+    c.get(&format!("/jobs/{id}/checkpoints")).1["counts"]["completed"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Ensures fallback checkpoints (barriers through a DCAS job) leave DCAS recovery as it is:
+/// killing task managers twice restarts only their subtasks (barriers of checkpoints in
+/// flight are aborted, so no survivor waits for a restarted subtask's barrier), fallback
+/// checkpoints complete again after each recovery, and the counts are exact although
+/// sinks commit only on completed fallback checkpoints.
+#[test]
+fn dcas_fallback_checkpoints_through_kills() {
+    let spec = dcas_fallback_wordcount(200, 160_000);
+    let (mut c, id) = started(3, 2, &[], &spec);
+    for k in 0..2 {
+        let before = completed_checkpoints(&c, &id);
+        kill_and_check(&mut c, &id, k, 3);
+        c.wait_until(Duration::from_secs(20), "fallback checkpoints again", |c| {
+            c.job(&id)["state"] == "FINISHED" || completed_checkpoints(c, &id) > before + 1
+        });
+    }
+    assert_finished_exactly(&c, &id, &spec);
+    assert!(failovers(&c, &id).iter().all(|f| f["mode"] == "dcas"));
+}
+
+/// Ensures a DCAS job with fallback checkpoints survives losing every task manager it ran
+/// on at once, and with them every copy of its cache entries: it restarts whole from its
+/// last fallback checkpoint (a failover of mode "fallback", a new deployment) and its counts
+/// are exact — sinks commit only what a completed fallback checkpoint covers, so nothing
+/// the restore replays was visible before.
+#[test]
+fn dcas_fallback_checkpoint_covers_a_loss_beyond_backups() {
+    let spec = dcas_fallback_wordcount(300, 120_000);
+    let (mut c, id) = started(4, 1, &[], &spec);
+    c.wait_until(Duration::from_secs(30), "fallback checkpoints", |c| {
+        completed_checkpoints(c, &id) >= 2
+    });
+    let busy: BTreeSet<String> = placement(&c.job(&id)).into_values().collect();
+    let indexes: Vec<usize> = busy.iter().map(|tm| c.taskmanager_index(tm)).collect();
+    for i in &indexes {
+        c.kill_taskmanager(*i);
+    }
+    for _ in &indexes {
+        c.add_taskmanager();
+    }
+    let job = c.wait_for_end(&id, Duration::from_secs(120));
+    assert_eq!(job["state"], "FINISHED", "{job}");
+    let modes: Vec<String> = failovers(&c, &id)
+        .iter()
+        .map(|f| f["mode"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        modes.iter().any(|m| m == "fallback"),
+        "restored from the fallback checkpoint: {modes:?}"
+    );
+    assert!(job["generation"].as_u64() >= Some(2), "{job}");
+    let restored = failovers(&c, &id)
+        .iter()
+        .filter(|f| f["mode"] == "fallback")
+        .filter_map(|f| f["checkpoint"].as_u64())
+        .count();
+    assert!(restored >= 1, "a fallback restore names its checkpoint");
+    assert_eq!(
+        weir_tests::collected_counts(&c, &id, "out"),
+        expected(&spec)
+    );
+}
+
 /// Ensures that a task manager paused (SIGSTOP) for three heartbeat timeouts is replaced:
 /// only its subtasks restart elsewhere, and when it resumes (SIGCONT) nothing it emits
 /// reaches the output (the data plane and the job manager fence it), so the counts stay

@@ -107,8 +107,11 @@ pub trait Operator: Send {
         ))
     }
 
-    /// Replaces the state with one produced by `snapshot()`. An exactly-once sink also
-    /// commits what the snapshot had staged: a restore point is always a completed checkpoint.
+    /// Replaces the state with one produced by `snapshot()`. An exactly-once sink takes back
+    /// what the snapshot had staged, but commits nothing here: the runtime then calls
+    /// `commit` with what the restore point allows (all of it after an ABS checkpoint or a
+    /// DCAS snapshot; under a DCAS job's fallback checkpoints, only what the last completed
+    /// fallback covers — see `SubtaskRunner::commit_bound`).
     fn restore(&mut self, _state: &[u8]) -> Result<(), OpError> {
         Ok(())
     }

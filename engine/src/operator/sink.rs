@@ -4,10 +4,11 @@
 //! Without checkpoints the sinks write at once. In an exactly-once job (ABS) `collect` and
 //! `file_sink` are two-phase: what arrives between two barriers is staged as the output of
 //! the next checkpoint (`pre_commit`), kept in the snapshot, and made visible only when that
-//! checkpoint completes (`commit`). A restore commits again what the checkpoint had staged —
-//! the restore point is a completed checkpoint whose commit may not have happened — so commits
-//! are idempotent: the collect target keeps an epoch once, and the file sink knows from the
-//! length of its file which staged epochs it already appended.
+//! checkpoint completes (`commit`). A restore takes back what the checkpoint had staged and
+//! the runtime commits it again — the restore point is a completed checkpoint whose commit
+//! may not have happened — so commits are idempotent: the collect target keeps an epoch once,
+//! and the file sink knows from the length of its file which staged epochs it already
+//! appended.
 //!
 //! File layout of an exactly-once `file_sink` (per subtask): `path` holds committed lines
 //! only; `path.g<attempt>.open` the lines since the last barrier; `path.g<attempt>.<n>` the
@@ -180,8 +181,6 @@ impl Operator for Collect {
         };
         st.open.clear();
         st.epochs = decode_state(state)?;
-        // The restore point completed: what it staged is committed now (again, perhaps).
-        self.deliver_epochs(CheckpointId::MAX);
         Ok(())
     }
 }
@@ -451,32 +450,37 @@ impl Operator for TxnFileSink {
         })
     }
 
+    /// Takes back the snapshot's staged epochs. Those whose staged file is gone were
+    /// appended before the failure (a staged file goes only after its append is on disk, and
+    /// epochs commit in order); the file is cut back to the end of them, and the rest stay
+    /// staged for `commit`.
     fn restore(&mut self, state: &[u8]) -> Result<(), OpError> {
         let st: TxnFileState = decode_state(state)?;
         self.fresh = false;
-        let mut file = self.final_file()?;
+        let file = self.final_file()?;
         let on_disk = file.metadata().map_err(|e| self.io("reading", e))?.len();
-        // Epochs whose staged file is gone were appended before the failure.
         let mut at = st.committed_len;
-        for (n, staged, len) in &st.staged {
-            if std::path::Path::new(staged).exists() {
-                append_file(&mut file, at, staged, *len)
-                    .map_err(|e| self.io(&format!("committing checkpoint {n}"), e))?;
-                let _ = std::fs::remove_file(staged);
-            } else if on_disk < at + len {
+        let mut staged = Vec::new();
+        for (n, path, len) in st.staged {
+            let exists = std::path::Path::new(&path).exists();
+            if exists {
+                staged.push((n, path, len));
+            } else if !staged.is_empty() || on_disk < at + len {
                 return Err(OpError::Io(format!(
                     "file_sink '{}': the output of checkpoint {n} is neither staged nor committed ({on_disk} bytes on disk, expected at least {})",
                     self.path,
                     at + len
                 )));
+            } else {
+                at += len;
             }
-            at += len;
         }
         file.set_len(at).map_err(|e| self.io("truncating", e))?;
         file.sync_data().map_err(|e| self.io("syncing", e))?;
         self.committed_len = at;
-        self.staged.clear();
-        self.remove_stale(&[]);
+        let keep: Vec<String> = staged.iter().map(|(_, p, _)| p.clone()).collect();
+        self.staged = staged;
+        self.remove_stale(&keep);
         Ok(())
     }
 }
@@ -560,15 +564,19 @@ mod tests {
         }
     }
 
+    fn file_sink_spec(path: &std::path::Path) -> String {
+        format!(
+            r#"{{"id":"f","kind":"file_sink","params":{{"path":"{}"}}}}"#,
+            path.display()
+        )
+    }
+
     /// Ensures the file sink writes JSON lines and that restore truncates to the snapshot.
     #[test]
     fn file_sink_writes_and_restores() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out-{subtask}.jsonl");
-        let spec = format!(
-            r#"{{"id":"f","kind":"file_sink","params":{{"path":"{}"}}}}"#,
-            path.display()
-        );
+        let spec = file_sink_spec(&path);
         let mut op = operator(&spec);
         op.process(0, &mut recs(2), &mut Vec::new()).unwrap();
         let snap = op.snapshot().unwrap();
@@ -630,6 +638,11 @@ mod tests {
         let again = Arc::new(Collected::default());
         let mut restored = txn_instance(spec, 2, again.clone());
         restored.restore(&snap).unwrap();
+        assert!(
+            delivered(&again).is_empty(),
+            "a restore alone commits nothing"
+        );
+        restored.commit(CheckpointId::MAX).unwrap();
         assert_eq!(delivered(&again), vec![(Some(1), 0), (Some(1), 1)]);
     }
 
@@ -645,10 +658,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.jsonl");
         std::fs::write(&path, "output of an earlier run\n").unwrap();
-        let spec = format!(
-            r#"{{"id":"f","kind":"file_sink","params":{{"path":"{}"}}}}"#,
-            path.display()
-        );
+        let spec = file_sink_spec(&path);
         let none = Arc::new(Collected::default());
         let line = |ts: i64| format!("{{\"key\":null,\"ts\":{ts},\"value\":{ts}}}\n");
 
@@ -674,6 +684,12 @@ mod tests {
         // the record after barrier 2 (ts 9) was never part of a checkpoint.
         let mut second = txn_instance(&spec, 2, none.clone());
         second.restore(&snap2).unwrap();
+        assert_eq!(
+            read(&path),
+            line(0) + &line(1),
+            "a restore alone commits nothing"
+        );
+        second.commit(CheckpointId::MAX).unwrap();
         assert_eq!(read(&path), line(0) + &line(1) + &line(2));
         second
             .process(0, &mut vec![Record::new(3, Value::Int(3))], &mut Vec::new())
@@ -687,6 +703,7 @@ mod tests {
         // again (its staged file is gone), and cuts what came later.
         let mut third = txn_instance(&spec, 3, none);
         third.restore(&snap1).unwrap();
+        third.commit(CheckpointId::MAX).unwrap();
         assert_eq!(read(&path), line(0) + &line(1));
         drop((op, second, third));
         let leftovers: Vec<String> = std::fs::read_dir(dir.path())
@@ -696,6 +713,35 @@ mod tests {
             .filter(|n| n != "out.jsonl" && !n.ends_with(".g3.open"))
             .collect();
         assert!(leftovers.is_empty(), "stale staged files: {leftovers:?}");
+    }
+
+    /// Ensures a restored file sink commits only up to the bound it is given (a DCAS job's
+    /// last completed fallback checkpoint): later staged epochs stay staged, survive the
+    /// restore, and commit in order when a later bound allows them.
+    #[test]
+    fn transactional_file_sink_commits_up_to_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let spec = file_sink_spec(&path);
+        let none = Arc::new(Collected::default());
+        let line = |ts: i64| format!("{{\"key\":null,\"ts\":{ts},\"value\":{ts}}}\n");
+        let mut op = txn_instance(&spec, 1, none.clone());
+        for n in 1..=3 {
+            op.process(0, &mut vec![Record::new(n, Value::Int(n))], &mut Vec::new())
+                .unwrap();
+            op.pre_commit(n as CheckpointId).unwrap();
+        }
+        op.commit(1).unwrap();
+        let snap = op.snapshot().unwrap();
+        drop(op);
+
+        // The same deployment attempt restarts (a DCAS restart keeps the generation).
+        let mut again = txn_instance(&spec, 1, none);
+        again.restore(&snap).unwrap();
+        again.commit(2).unwrap();
+        assert_eq!(read(&path), line(1) + &line(2), "epoch 3 is past the bound");
+        again.commit(3).unwrap();
+        assert_eq!(read(&path), line(1) + &line(2) + &line(3));
     }
 
     #[test]

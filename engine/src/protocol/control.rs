@@ -158,6 +158,8 @@ pub enum ToTaskManager {
         checkpoint: u64,
         /// (task, subtask) pairs to trigger.
         subtasks: Vec<(u32, u32)>,
+        /// The final checkpoint of a job whose inputs all ended.
+        final_: bool,
     },
     /// Checkpoint `checkpoint` is complete: sinks commit what they staged up to it.
     CheckpointComplete {
@@ -167,6 +169,16 @@ pub enum ToTaskManager {
         generation: Generation,
         /// The checkpoint.
         checkpoint: u64,
+    },
+    /// DCAS with fallback checkpoints: checkpoints up to `upto` were aborted (a recovery
+    /// restarted subtasks, whose barriers may never come): subtasks stop aligning them.
+    AbortCheckpoints {
+        /// The job.
+        job: JobId,
+        /// The deployment.
+        generation: Generation,
+        /// The newest aborted checkpoint.
+        upto: u64,
     },
     /// Answer to a heartbeat: the job manager still counts this task manager as alive.
     HeartbeatAck,
@@ -351,6 +363,12 @@ mod tests {
                 generation: Generation(2),
                 checkpoint: 7,
                 subtasks: vec![(0, 0), (0, 1)],
+                final_: true,
+            },
+            ToTaskManager::AbortCheckpoints {
+                job: JobId::random(),
+                generation: Generation(2),
+                upto: 9,
             },
         ];
         for m in msgs {

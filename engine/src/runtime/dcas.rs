@@ -91,8 +91,9 @@ pub struct DcasNames {
 }
 
 impl DcasNames {
-    /// The prefix of every cache entry of job `job` (logs, snapshots, placements, channel
-    /// progress), dropped when the job ends.
+    /// The prefix of every cache entry of `job` (logs, snapshots, placements, channel
+    /// progress): `job` is a job's id (every deployment's entries, dropped when the job
+    /// ends) or `<id>/g<generation>` (one deployment's, see [`DcasConfig::job`]).
     pub fn job_prefix(job: &str) -> String {
         format!("dcas/{job}/")
     }
@@ -663,6 +664,9 @@ pub struct DcasSnapshot {
     pub inputs: Vec<InputPosition>,
     /// The output side: seqs, unsent and retained output, last broadcast.
     pub router: RouterPosition,
+    /// With fallback checkpoints, the newest snapshot id whose staged sink output was
+    /// committed (a restore commits no further); `None`: a restore commits all it staged.
+    pub committed: Option<u64>,
 }
 
 /// Reads and writes one subtask's `snap(t)` and `log(t)`.
@@ -1063,7 +1067,8 @@ pub struct DcasConfig {
     pub lease: Lease,
     /// The cache.
     pub client: CacheClient,
-    /// The job (names of entries).
+    /// Names the entries: the job and its deployment (`<job>/g<generation>`), so a restart
+    /// of the whole job from a fallback checkpoint starts clean.
     pub job: String,
     /// The task manager running the subtasks: their logs' primaries avoid it.
     pub me: TaskManagerId,
@@ -1210,6 +1215,12 @@ impl DcasSubtask {
     /// When the interval makes the next snapshot due (if input arrived meanwhile).
     pub fn due_at(&self) -> Option<std::time::Instant> {
         (self.in_flight.is_none() && self.records_since > 0).then(|| self.last + self.interval)
+    }
+
+    /// Snapshot ids continue after `id` (the DCAS snapshot that held a fallback checkpoint's
+    /// state): sinks stage their output under these ids, so they only grow.
+    pub fn continue_after(&mut self, id: u64) {
+        self.next_id = self.next_id.max(id + 1);
     }
 
     /// The id the next snapshot gets.
@@ -1547,6 +1558,7 @@ mod tests {
                 watermark: 4,
                 ended: false,
             },
+            committed: Some(7),
         };
         assert!(store.store(&snap).await.unwrap() > 0);
         assert_eq!(store.load().await.unwrap(), vec![snap.clone()]);
@@ -1753,6 +1765,7 @@ mod tests {
             operators: Vec::new(),
             inputs: Vec::new(),
             router: RouterPosition::default(),
+            committed: None,
         };
         store.store(&trim).await.unwrap();
         tokio::time::timeout(Duration::from_secs(5), log.synced())

@@ -188,6 +188,7 @@ pub fn build_runner(
         regenerates: false,
         emitted_wm: i64::MIN,
         rewires: tokio::sync::mpsc::unbounded_channel().1,
+        barriers: Default::default(),
     };
     runner.regenerates = runner.regenerable();
     Ok((runner, metrics))

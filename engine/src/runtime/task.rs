@@ -158,6 +158,33 @@ pub struct SubtaskRunner {
     pub emitted_wm: i64,
     /// Channels replacing those of a restarted neighbour (DCAS).
     pub rewires: mpsc::UnboundedReceiver<Rewire>,
+    /// Barrier checkpoints at this subtask.
+    pub barriers: Barriers,
+}
+
+/// Operator id under which a DCAS job's fallback checkpoint stores the id of the DCAS
+/// snapshot that holds its state (not a valid operator id: specs allow no `$`).
+pub const DCAS_SNAPSHOT_STATE: &str = "$dcas.snapshot";
+
+/// Barrier checkpoints (ABS, and a DCAS job's fallback checkpoints) at one subtask.
+#[derive(Debug, Default)]
+pub struct Barriers {
+    /// The checkpoint being aligned and when its first barrier arrived.
+    aligning: Option<(CheckpointId, Instant)>,
+    /// Barriers of checkpoints up to this one are ignored: aligned already, or aborted.
+    floor: CheckpointId,
+    /// DCAS fallback: (checkpoint, the DCAS snapshot holding its state), oldest first, until
+    /// the checkpoint completes. Sinks stage under DCAS snapshot ids, so completing a
+    /// checkpoint commits its snapshot's id.
+    epochs: Vec<(CheckpointId, u64)>,
+    /// DCAS fallback: the newest DCAS snapshot id sinks committed. A DCAS snapshot records
+    /// it: restored from that snapshot, sinks commit this far and no further, since output
+    /// past the last completed fallback checkpoint could be produced again after a restore
+    /// from that checkpoint.
+    committed: u64,
+    /// DCAS fallback: the subtask was restored from a fallback checkpoint and must store it
+    /// as its first DCAS snapshot before it reads anything.
+    restored: bool,
 }
 
 /// New channels for a subtask whose neighbour restarted elsewhere (DCAS): each replaces the
@@ -203,12 +230,17 @@ pub trait CheckpointReporter: Send + Sync {
 pub enum Command {
     /// Stop at once.
     Cancel,
-    /// Take checkpoint `n` (sources; every subtask for the final checkpoint).
+    /// Take checkpoint `n` (sources start its barriers).
     Trigger(CheckpointId),
+    /// Take the final checkpoint `n` (every subtask, once all inputs ended).
+    Final(CheckpointId),
     /// Checkpoint `n` completed: sinks commit.
     Complete(CheckpointId),
     /// Fail at once, as a crash of this subtask would (fault injection on request).
     Kill,
+    /// Checkpoints up to `n` were aborted (DCAS: a recovery restarted subtasks, so their
+    /// barriers may never all arrive): stop aligning them and ignore their barriers.
+    Abort(CheckpointId),
 }
 
 /// A command for a subtask.
@@ -344,7 +376,7 @@ impl SubtaskRunner {
             Ok(false) => self.run_inputs(&mut control).await,
             Err(stop) => Err(stop),
         };
-        if result.is_ok() {
+        if result.is_ok() && self.dcas.is_none() {
             result = self.await_final_checkpoint(&mut control).await;
         }
         if result.is_ok() && self.dcas.is_some() {
@@ -504,8 +536,6 @@ impl SubtaskRunner {
         &mut self,
         control: &mut mpsc::UnboundedReceiver<Command>,
     ) -> Result<(), Stop> {
-        // The checkpoint being aligned and when its first barrier arrived.
-        let mut aligning: Option<(CheckpointId, Instant)> = None;
         loop {
             let linger_at = self
                 .router
@@ -586,7 +616,7 @@ impl SubtaskRunner {
             match (ch, input.event) {
                 (ch, StreamEvent::EndOfStream) => {
                     // An ended channel will not deliver the barrier being aligned.
-                    self.try_align(&mut aligning).await?;
+                    self.try_align().await?;
                     if self.on_input(ch, StreamEvent::EndOfStream).await? {
                         return Ok(());
                     }
@@ -595,25 +625,29 @@ impl SubtaskRunner {
                     self.on_input(ch, ev).await?;
                     self.maybe_snapshot(false)?;
                 }
-                (_, StreamEvent::Barrier(n)) if self.checkpoints.is_none() => self
-                    .router
-                    .broadcast(StreamEvent::Barrier(n))
-                    .await
-                    .map_err(|e| self.route_failure(e))?,
+                (_, StreamEvent::Barrier(n)) if self.checkpoints.is_none() => {
+                    self.broadcast(StreamEvent::Barrier(n)).await?
+                }
+                // Aligned already, aborted, or abandoned for a newer one.
+                (_, StreamEvent::Barrier(n)) if n <= self.barriers.floor => {}
+                (_, StreamEvent::Barrier(n))
+                    if self
+                        .barriers
+                        .aligning
+                        .is_some_and(|(current, _)| n < current) => {}
                 (ch, StreamEvent::Barrier(n)) => {
-                    match aligning {
-                        Some((current, _)) if n < current => continue, // abandoned earlier
+                    match self.barriers.aligning {
                         Some((current, _)) if n == current => {}
                         other => {
                             if let Some((abandoned, _)) = other {
                                 debug!(checkpoint = abandoned, newer = n, "Alignment abandoned.");
                                 self.gate.unblock_all();
                             }
-                            aligning = Some((n, Instant::now()));
+                            self.barriers.aligning = Some((n, Instant::now()));
                         }
                     }
                     self.gate.block(ch);
-                    self.try_align(&mut aligning).await?;
+                    self.try_align().await?;
                 }
             }
         }
@@ -626,47 +660,79 @@ impl SubtaskRunner {
             Command::Kill => Err(Stop::Failed(EngineError::Killed)),
             // Only sources start checkpoints while running; other subtasks follow barriers.
             Command::Trigger(n) if self.source.is_some() => {
-                self.take_snapshot(n, Duration::ZERO)?;
-                self.router
-                    .broadcast(StreamEvent::Barrier(n))
-                    .await
-                    .map_err(|e| self.route_failure(e))
+                self.take_snapshot(n, Duration::ZERO).await?;
+                self.broadcast(StreamEvent::Barrier(n)).await
             }
-            Command::Trigger(_) => Ok(()),
-            Command::Complete(n) => self.commit(n),
+            Command::Trigger(_) | Command::Final(_) => Ok(()),
+            Command::Complete(n) => self.complete(n),
+            Command::Abort(n) => {
+                self.abort(n);
+                Ok(())
+            }
         }
+    }
+
+    /// Checkpoints up to `n` were aborted: an alignment of one of them ends, and their
+    /// barriers are ignored from now on.
+    fn abort(&mut self, n: CheckpointId) {
+        self.barriers.floor = self.barriers.floor.max(n);
+        if let Some((current, _)) = self.barriers.aligning.filter(|(c, _)| *c <= n) {
+            debug!(checkpoint = current, "Alignment aborted.");
+            self.barriers.aligning = None;
+            self.gate.unblock_all();
+        }
+        self.barriers.epochs.retain(|(c, _)| *c > n);
+    }
+
+    /// A DCAS job with fallback checkpoints: barrier checkpoints to disk besides the DCAS
+    /// snapshots in the cache.
+    fn fallback(&self) -> bool {
+        self.dcas.is_some() && self.checkpoints.is_some()
+    }
+
+    /// Checkpoint `n` completed: sinks commit its output (under DCAS fallback checkpoints,
+    /// the output staged up to the DCAS snapshot that holds `n`'s state).
+    fn complete(&mut self, n: CheckpointId) -> Result<(), Stop> {
+        if !self.fallback() {
+            return self.commit(n);
+        }
+        let done = self.barriers.epochs.partition_point(|(c, _)| *c <= n);
+        let Some(&(_, k)) = self.barriers.epochs[..done].last() else {
+            return Ok(());
+        };
+        self.barriers.epochs.drain(..done);
+        self.barriers.committed = self.barriers.committed.max(k);
+        self.commit(k)
     }
 
     /// When every channel delivered the barrier being aligned (or ended): snapshot, forward
     /// the barrier, read every channel again.
-    async fn try_align(
-        &mut self,
-        aligning: &mut Option<(CheckpointId, Instant)>,
-    ) -> Result<(), Stop> {
-        let Some((n, since)) = *aligning else {
+    async fn try_align(&mut self) -> Result<(), Stop> {
+        let Some((n, since)) = self.barriers.aligning else {
             return Ok(());
         };
         if !self.gate.all_blocked_or_ended() {
             return Ok(());
         }
-        *aligning = None;
-        self.take_snapshot(n, since.elapsed())?;
-        self.router
-            .broadcast(StreamEvent::Barrier(n))
-            .await
-            .map_err(|e| self.route_failure(e))?;
+        self.barriers.aligning = None;
+        self.barriers.floor = n;
+        self.take_snapshot(n, since.elapsed()).await?;
+        self.broadcast(StreamEvent::Barrier(n)).await?;
         self.gate.unblock_all();
         Ok(())
     }
 
     /// Copies the state of the source and every operator of the chain (sinks stage their
     /// output first) and hands it to the reporter.
-    fn take_snapshot(&mut self, n: CheckpointId, alignment: Duration) -> Result<(), Stop> {
+    async fn take_snapshot(&mut self, n: CheckpointId, alignment: Duration) -> Result<(), Stop> {
         let Some(reporter) = self.checkpoints.clone() else {
             return Ok(());
         };
         let started = Instant::now();
-        let (operators, _) = self.copy_state(n, false)?;
+        let operators = match self.dcas.is_some() {
+            false => self.copy_state(n, false)?.0,
+            true => self.fallback_state(n).await?,
+        };
         debug!(
             checkpoint = n,
             alignment_ms = alignment.as_millis() as u64,
@@ -748,12 +814,13 @@ impl SubtaskRunner {
             match control.recv().await.unwrap_or(Command::Cancel) {
                 Command::Cancel => return Err(Stop::Canceled),
                 Command::Kill => return Err(Stop::Failed(EngineError::Killed)),
-                Command::Trigger(n) => {
-                    self.take_snapshot(n, Duration::ZERO)?;
+                Command::Trigger(n) | Command::Final(n) => {
+                    self.take_snapshot(n, Duration::ZERO).await?;
                     last = Some(n);
                 }
+                Command::Abort(n) => self.abort(n),
                 Command::Complete(n) => {
-                    self.commit(n)?;
+                    self.complete(n)?;
                     if last.is_some_and(|f| n >= f) {
                         return Ok(());
                     }
@@ -763,9 +830,25 @@ impl SubtaskRunner {
     }
 
     /// Restores the source and every operator of the chain from a checkpoint (before the
-    /// subtask runs). Sinks commit what the checkpoint had staged.
+    /// subtask runs). Sinks commit what the checkpoint had staged. A DCAS job restored from
+    /// a fallback checkpoint continues its DCAS snapshot ids after the one that held the
+    /// state (sinks staged under them) and stores the state as its first DCAS snapshot.
     pub fn restore(&mut self, states: &[OperatorState]) -> Result<(), EngineError> {
-        self.restore_layers(&[(states, &[])])
+        self.restore_layers(&[(states, &[])])?;
+        let snapshot = states
+            .iter()
+            .find(|s| s.operator == DCAS_SNAPSHOT_STATE)
+            .and_then(|s| <[u8; 8]>::try_from(s.state.as_slice()).ok())
+            .map(u64::from_le_bytes);
+        if let (Some((d, _)), Some(k)) = (&mut self.dcas, snapshot) {
+            d.continue_after(k);
+            self.barriers.committed = k;
+            self.barriers.restored = true;
+        }
+        self.commit(CheckpointId::MAX).map_err(|stop| match stop {
+            Stop::Failed(e) => e,
+            Stop::Canceled => EngineError::Internal("canceled while restoring".into()),
+        })
     }
 
     /// Restores from snapshot layers, oldest first: a whole snapshot, then incremental ones
@@ -1025,6 +1108,15 @@ impl SubtaskRunner {
             .map(|s| (s.operators.as_slice(), s.changes.as_slice()))
             .collect();
         self.restore_layers(&layers).map_err(Stop::Failed)?;
+        if let Some(s) = snap.last() {
+            // What a DCAS snapshot staged is committed, unless fallback checkpoints decide.
+            let bound = s.committed.unwrap_or(CheckpointId::MAX);
+            self.barriers.committed = s.committed.unwrap_or(s.id);
+            self.commit(bound)?;
+        } else if std::mem::take(&mut self.barriers.restored) {
+            self.dcas_snapshot(true)?;
+            self.wait_snapshot().await?;
+        }
         if let Some(snap) = snap.into_iter().last() {
             let fail = |e: String| Stop::Failed(EngineError::Internal(format!("restoring: {e}")));
             self.gate.restore_positions(&snap.inputs).map_err(fail)?;
@@ -1119,17 +1211,30 @@ impl SubtaskRunner {
     /// DCAS: starts a snapshot when the micro-window is full (or its interval passed), or
     /// at once with `force`. The state is copied here; the cache write is asynchronous.
     fn maybe_snapshot(&mut self, force: bool) -> Result<(), Stop> {
+        match &self.dcas {
+            Some((d, _)) if !d.in_flight() && (force || d.due()) => {
+                self.dcas_snapshot(false).map(|_| ())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// DCAS: starts snapshot `next_id` (none may be in flight). With `whole`, it is a whole
+    /// snapshot and its id and operator states are answered too.
+    fn dcas_snapshot(&mut self, whole: bool) -> Result<Option<(u64, Vec<OperatorState>)>, Stop> {
         let (id, follows) = match &self.dcas {
-            Some((d, _)) if !d.in_flight() && (force || d.due()) => (d.next_id(), d.follows()),
-            _ => return Ok(()),
+            Some((d, _)) => (d.next_id(), d.follows().filter(|_| !whole)),
+            None => return Ok(None),
         };
         let (operators, changes) = self.copy_state(id, follows.is_some())?;
         // Nothing incremental in it (no operator keeps changes): store it whole.
         let follows = follows.filter(|_| changes.contains(&true));
         let inputs = self.gate.positions();
         let router = self.router.position();
+        let committed = self.fallback().then_some(self.barriers.committed);
+        let kept = whole.then(|| (id, operators.clone()));
         let Some((d, _)) = &mut self.dcas else {
-            return Ok(());
+            return Ok(None);
         };
         let started = d.log().map(|l| l.next_index()).and_then(|log_offset| {
             d.start_snapshot(DcasSnapshot {
@@ -1140,16 +1245,38 @@ impl SubtaskRunner {
                 operators,
                 inputs,
                 router,
+                committed,
             })
         });
-        started.map_err(|e| self.dcas_failure(e))
+        started.map_err(|e| self.dcas_failure(e))?;
+        Ok(kept)
+    }
+
+    /// DCAS fallback checkpoint `n`: its state is a whole DCAS snapshot, stored in the cache
+    /// before `n` is acknowledged, so no later DCAS restart goes back behind what `n`'s
+    /// completion commits. The operator states carry the snapshot's id
+    /// ([`DCAS_SNAPSHOT_STATE`]).
+    async fn fallback_state(&mut self, n: CheckpointId) -> Result<Vec<OperatorState>, Stop> {
+        self.wait_snapshot().await?;
+        let Some((k, mut operators)) = self.dcas_snapshot(true)? else {
+            return Ok(Vec::new());
+        };
+        self.wait_snapshot().await?;
+        self.barriers.epochs.push((n, k));
+        operators.push(OperatorState {
+            operator: DCAS_SNAPSHOT_STATE.to_string(),
+            state: k.to_le_bytes().to_vec(),
+        });
+        Ok(operators)
     }
 
     /// DCAS: a snapshot is in the cache: sinks commit its epoch, and output the receivers
     /// have logged is forgotten.
     fn snapshot_stored(&mut self, stored: Result<Stored, DcasError>) -> Result<(), Stop> {
         let stored = stored.map_err(|e| self.dcas_failure(e))?;
-        self.commit(stored.id)?;
+        if !self.fallback() {
+            self.commit(stored.id)?;
+        }
         self.router.trim(&stored.logged);
         debug!(
             snapshot = stored.id,
@@ -1229,12 +1356,27 @@ impl SubtaskRunner {
         self.maybe_snapshot(true)?;
         self.wait_snapshot().await?;
         reporter.finishing(&self.id);
+        // Fallback checkpoints: the final one is taken here, and once it completed (sinks
+        // committed everything) the subtask ends.
+        let mut last = None;
         loop {
             tokio::select! {
                 cmd = control.recv() => match cmd.unwrap_or(Command::Cancel) {
                     Command::Cancel => return Err(Stop::Canceled),
                     Command::Kill => return Err(Stop::Failed(EngineError::Killed)),
-                    Command::Trigger(_) | Command::Complete(_) => {}
+                    // A periodic one that raced the end of the input.
+                    Command::Trigger(n) => self.take_snapshot(n, Duration::ZERO).await?,
+                    Command::Final(n) => {
+                        self.take_snapshot(n, Duration::ZERO).await?;
+                        last = Some(n);
+                    }
+                    Command::Complete(n) => {
+                        self.complete(n)?;
+                        if last.is_some_and(|f| n >= f) {
+                            return Ok(());
+                        }
+                    }
+                    Command::Abort(n) => self.abort(n),
                 },
                 Some(rw) = self.rewires.recv() => self.apply_rewire(rw).await?,
             }
