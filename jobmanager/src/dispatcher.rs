@@ -372,6 +372,10 @@ struct Job {
     committed: HashSet<(String, u32, u64)>,
     /// A recovery in progress (until the new deployment is sent).
     recovery: Option<Recovery>,
+    /// DCAS with fallback checkpoints: the checkpoint this deployment was restored from. A
+    /// subtask restarted (DCAS) before it stored its first snapshot in the cache must start
+    /// from it too, so every DCAS restart of the deployment carries it.
+    restored_from: Option<u64>,
 }
 
 impl Job {
@@ -398,8 +402,9 @@ impl Job {
 /// failure may still not know it, before the rate rule decides whether it caught up.
 const LAG_UNKNOWN_GRACE_MS: u64 = 3_000;
 
-/// A DCAS restart to place: the job, its subtasks to restart, the task managers lost.
-type PendingRestart = (JobId, Vec<(u32, u32)>, Vec<TaskManagerId>);
+/// A DCAS restart to place: the job and its deployment, its subtasks to restart, the task
+/// managers lost.
+type PendingRestart = (JobId, Generation, Vec<(u32, u32)>, Vec<TaskManagerId>);
 
 /// The dispatcher actor.
 pub struct Dispatcher {
@@ -506,6 +511,9 @@ impl Dispatcher {
         });
         // With fallback checkpoints, sinks commit only on completed ones: subtasks finish
         // after the final one, as under ABS.
+        // Under DCAS, subtasks marked failed are being restarted.
+        let dcas_restarting = CheckpointingSpec::dcas(job.spec.checkpointing.as_ref()).is_some()
+            && job.state == JobState::Restarting;
         let dcas_done = CheckpointingSpec::dcas(job.spec.checkpointing.as_ref()).is_some()
             && job.coordinator.is_none()
             && job.state != JobState::Restarting
@@ -515,7 +523,7 @@ impl Dispatcher {
                 .all(|i| matches!(i.state, SubtaskState::Finishing | SubtaskState::Finished));
         if all(SubtaskState::Finished) || dcas_done {
             self.end(id, JobState::Finished, None);
-        } else if terminal && job.state != JobState::Cancelling {
+        } else if terminal && job.state != JobState::Cancelling && !dcas_restarting {
             self.end(
                 id,
                 JobState::Failed,
@@ -682,25 +690,27 @@ impl Dispatcher {
         // Restarts of one job found in the same tick (task managers lost at once) are
         // placed together, so no restarted subtask is wired to a neighbour about to move.
         let mut merged: Vec<PendingRestart> = Vec::new();
-        for (id, lost, lost_tms) in std::mem::take(&mut self.pending_dcas) {
-            match merged.iter_mut().find(|m| m.0 == id) {
+        for (id, generation, lost, lost_tms) in std::mem::take(&mut self.pending_dcas) {
+            match merged.iter_mut().find(|m| m.0 == id && m.1 == generation) {
                 Some(m) => {
                     for k in lost {
-                        if !m.1.contains(&k) {
-                            m.1.push(k);
+                        if !m.2.contains(&k) {
+                            m.2.push(k);
                         }
                     }
-                    m.2.extend(lost_tms);
+                    m.3.extend(lost_tms);
                 }
-                None => merged.push((id, lost, lost_tms)),
+                None => merged.push((id, generation, lost, lost_tms)),
             }
         }
-        for (id, lost, lost_tms) in merged {
+        for (id, generation, lost, lost_tms) in merged {
             let rm = self.rm.clone();
             ctx.spawn(
                 async move { rm.send(GetAlive).await.unwrap_or_default() }
                     .into_actor(self)
-                    .map(move |alive, act, _| act.dcas_place(id, lost, lost_tms, alive)),
+                    .map(move |alive, act, _| {
+                        act.dcas_place(id, generation, lost, lost_tms, alive)
+                    }),
             );
         }
     }
@@ -715,7 +725,14 @@ impl Dispatcher {
         let Some(coordinator) = &mut job.coordinator else {
             return;
         };
-        let subtasks: Vec<(u32, u32)> = job.subtasks.keys().copied().collect();
+        // Subtasks that finished (after a final checkpoint, under DCAS while a restarted
+        // one still finishes) take no further checkpoints.
+        let subtasks: Vec<(u32, u32)> = job
+            .subtasks
+            .iter()
+            .filter(|(_, i)| i.state != SubtaskState::Finished)
+            .map(|(k, _)| *k)
+            .collect();
         let running = job.state == JobState::Running
             && job
                 .subtasks
@@ -913,12 +930,17 @@ impl Dispatcher {
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
-        if job.state.is_terminal()
-            || job.state == JobState::Cancelling
-            || lost.is_empty()
-            || job.recovery.is_some()
-        {
-            // A whole-job restart from the fallback checkpoint replaces every subtask.
+        if job.recovery.is_some() {
+            // A whole-job restart from the fallback checkpoint replaces every subtask; the
+            // lost ones are stopped already.
+            for k in &lost {
+                if let Some(i) = job.subtasks.get_mut(k) {
+                    i.state = SubtaskState::Failed;
+                }
+            }
+            return;
+        }
+        if job.state.is_terminal() || job.state == JobState::Cancelling || lost.is_empty() {
             return;
         }
         if cause.contains(engine::cache::client::LOST_EVERY_COPY) && job.coordinator.is_some() {
@@ -1014,7 +1036,7 @@ impl Dispatcher {
         let job = &self.jobs[&id];
         self.persist(job);
         // Placed on the next tick, once the alive task managers are known.
-        self.pending_dcas.push((id, lost, lost_tms));
+        self.pending_dcas.push((id, job.generation, lost, lost_tms));
     }
 
     /// DCAS: places restarted subtasks on the alive task managers, deploys them there and
@@ -1022,6 +1044,7 @@ impl Dispatcher {
     fn dcas_place(
         &mut self,
         id: JobId,
+        generation: Generation,
         lost: Vec<(u32, u32)>,
         lost_tms: Vec<TaskManagerId>,
         alive: Vec<Alive>,
@@ -1030,7 +1053,12 @@ impl Dispatcher {
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
-        if job.state.is_terminal() || job.state == JobState::Cancelling || job.recovery.is_some() {
+        if job.state.is_terminal()
+            || job.state == JobState::Cancelling
+            || job.recovery.is_some()
+            || job.generation != generation
+        {
+            // Replaced meanwhile by a whole-job restart.
             return;
         }
         let alive: Vec<Alive> = alive
@@ -1093,6 +1121,38 @@ impl Dispatcher {
                 attempt: i.attempt,
             })
             .collect();
+        let restored = job
+            .restored_from
+            .map(|n| (n, self.store.checkpoints().load(id, n, &lost)));
+        let restore_point = |subs: &[(u32, u32)]| {
+            let Some((n, Ok(loaded))) = &restored else {
+                return None;
+            };
+            let subtasks = subs
+                .iter()
+                .filter_map(|k| {
+                    loaded.states.get(k).map(|ops| SubtaskSnapshot {
+                        task: k.0,
+                        subtask: k.1,
+                        operators: ops.clone(),
+                    })
+                })
+                .collect();
+            Some(RestorePoint {
+                checkpoint: *n,
+                subtasks,
+            })
+        };
+        if let Some((n, Err(e))) = &restored {
+            let reason = format!(
+                "DCAS recovery: the deployment's fallback checkpoint {n} cannot be read: {e}"
+            );
+            self.fail_over(id, "checkpoint storage".into(), reason);
+            return;
+        }
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
         for tm in &job.tms {
             if let Some(subs) = per_tm.get(&tm.id) {
                 let _ = tm.tx.send(ToTaskManager::Deploy(Deployment {
@@ -1101,7 +1161,7 @@ impl Dispatcher {
                     spec: job.spec_json.clone(),
                     subtasks: subs.clone(),
                     placement: placement.clone(),
-                    restore: None,
+                    restore: restore_point(subs),
                 }));
             }
             let _ = tm.tx.send(ToTaskManager::Rewire {
@@ -1111,14 +1171,6 @@ impl Dispatcher {
                 moved: lost.clone(),
                 lost: lost_tms.clone(),
             });
-            // The restarted subtasks ignore barriers of checkpoints aborted before them.
-            if let Some(c) = &job.coordinator {
-                let _ = tm.tx.send(ToTaskManager::AbortCheckpoints {
-                    job: id,
-                    generation: job.generation,
-                    upto: c.last_triggered(),
-                });
-            }
         }
         info!(job = %id, subtasks = ?lost, on = ?per_tm.keys().collect::<Vec<_>>(), "DCAS: restarted subtasks deployed.");
         if let Some(e) = job.failovers.last_mut() {
@@ -1215,6 +1267,9 @@ impl Dispatcher {
         job.subtasks = infos;
         job.tms = tms;
         job.recovery = None;
+        if CheckpointingSpec::dcas(job.spec.checkpointing.as_ref()).is_some() {
+            job.restored_from = checkpoint;
+        }
         if let (Some(c), Some(n)) = (&mut job.coordinator, checkpoint) {
             c.restored_from(n, now_ms());
         }
@@ -1485,6 +1540,7 @@ impl Dispatcher {
             restarts: 0,
             committed: HashSet::new(),
             recovery: None,
+            restored_from: None,
         };
         self.persist(&job);
         self.jobs.insert(id, job);
@@ -2063,10 +2119,11 @@ impl Handler<TaskManagerLost> for Dispatcher {
             };
             job.tms.retain(|t| t.id != msg.tm);
             if CheckpointingSpec::dcas(job.spec.checkpointing.as_ref()).is_some() {
+                // A finished subtask (after the final fallback checkpoint) is done.
                 let lost: Vec<(u32, u32)> = job
                     .subtasks
                     .iter()
-                    .filter(|(_, i)| i.tm == msg.tm)
+                    .filter(|(_, i)| i.tm == msg.tm && i.state != SubtaskState::Finished)
                     .map(|(k, _)| *k)
                     .collect();
                 self.dcas_recover(

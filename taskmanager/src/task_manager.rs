@@ -717,6 +717,7 @@ async fn wire(
                 every_records: c.snapshot_every(),
                 interval: c.snapshot_interval(),
                 incremental: c.incremental(),
+                generation: d.generation.0,
             },
             reporter: reporter(),
         }),

@@ -426,6 +426,17 @@ fn dcas_fallback_checkpoint_covers_a_loss_beyond_backups() {
     for _ in &indexes {
         c.add_taskmanager();
     }
+    // A DCAS restart in the restored deployment starts from the fallback checkpoint when
+    // the subtask had not stored a snapshot of its own yet, from its snapshot otherwise.
+    c.wait_until(Duration::from_secs(60), "restored from the fallback", |c| {
+        let job = c.job(&id);
+        job["generation"].as_u64() >= Some(2) && job["state"] == "RUNNING"
+            || job["state"] == "FINISHED"
+    });
+    if c.job(&id)["state"] == "RUNNING" {
+        let (status, body) = c.request("POST", &format!("/jobs/{id}/tasks/1/1/kill"), None, None);
+        assert_eq!(status, 200, "{body}");
+    }
     let job = c.wait_for_end(&id, Duration::from_secs(120));
     assert_eq!(job["state"], "FINISHED", "{job}");
     let modes: Vec<String> = failovers(&c, &id)

@@ -171,9 +171,11 @@ fn exactly_once_sink_restores_without_loss_or_duplicates() {
     drop(first);
     let mut second = exactly_once_sink(&b, &topic, 2);
     second.restore(&snap2).expect("restore 2");
+    second.commit(u64::MAX).expect("commit after restore 2");
     drop(second);
     let mut third = exactly_once_sink(&b, &topic, 3);
     third.restore(&snap1).expect("restore 1");
+    third.commit(u64::MAX).expect("commit after restore 1");
     drop(third);
     let expected: Vec<String> = (0..15).map(|i| i.to_string()).collect();
     assert_eq!(read_committed(&b, &topic, 15), expected);

@@ -111,7 +111,7 @@ pub trait Operator: Send {
     /// what the snapshot had staged, but commits nothing here: the runtime then calls
     /// `commit` with what the restore point allows (all of it after an ABS checkpoint or a
     /// DCAS snapshot; under a DCAS job's fallback checkpoints, only what the last completed
-    /// fallback covers — see `SubtaskRunner::commit_bound`).
+    /// fallback covers, which the DCAS snapshot records).
     fn restore(&mut self, _state: &[u8]) -> Result<(), OpError> {
         Ok(())
     }

@@ -1078,6 +1078,15 @@ pub struct DcasConfig {
     pub interval: Duration,
     /// Whether snapshots may carry only what changed since the previous one.
     pub incremental: bool,
+    /// The deployment's generation: its snapshot ids start at [`first_snapshot_id`].
+    pub generation: u64,
+}
+
+/// The first DCAS snapshot id of deployment `generation`: each generation's ids lie above
+/// every earlier one's (2^40 apart), so sinks' epochs (snapshot ids) only grow across
+/// whole-job restarts, even one from an older fallback checkpoint than the newest.
+pub fn first_snapshot_id(generation: u64) -> u64 {
+    (generation.saturating_sub(1) << 40) + 1
 }
 
 /// Most incremental snapshots after a whole one: a restart applies them all.
@@ -1167,7 +1176,7 @@ impl DcasSubtask {
             log: None,
             records_since: 0,
             last: std::time::Instant::now(),
-            next_id: 1,
+            next_id: first_snapshot_id(config.generation),
             in_flight: None,
             acks: Acks::default(),
         }
@@ -1697,6 +1706,7 @@ mod tests {
             every_records: 1 << 40,
             interval: Duration::from_secs(3600),
             incremental: true,
+            generation: 1,
         };
         let k = ChannelKey {
             edge: 0,

@@ -1128,7 +1128,9 @@ impl SubtaskRunner {
                 .map_err(|e| self.route_failure(e))?;
         }
         let replayed = entries.len();
-        let mut finished = false;
+        // Restored from a snapshot taken after every input ended: it finished before.
+        let mut finished =
+            self.source.is_none() && !self.gate.channels().is_empty() && self.gate.all_ended();
         for entry in entries {
             if finished {
                 break;
@@ -1270,7 +1272,8 @@ impl SubtaskRunner {
         Ok(operators)
     }
 
-    /// DCAS: a snapshot is in the cache: sinks commit its epoch, and output the receivers
+    /// DCAS: a snapshot is in the cache: sinks commit its epoch (with fallback checkpoints,
+    /// only a completed one commits: [`SubtaskRunner::complete`]), and output the receivers
     /// have logged is forgotten.
     fn snapshot_stored(&mut self, stored: Result<Stored, DcasError>) -> Result<(), Stop> {
         let stored = stored.map_err(|e| self.dcas_failure(e))?;
@@ -1347,7 +1350,9 @@ impl SubtaskRunner {
 
     /// DCAS, after the subtask finished: a last snapshot commits what sinks hold, then the
     /// subtask reports finishing and stays (its retained output may be asked for again by
-    /// a restarted receiver) until the job ends.
+    /// a restarted receiver) until the job ends. With fallback checkpoints the last snapshot
+    /// commits nothing: the subtask takes the final checkpoint here and ends once it
+    /// completed (its sinks committed everything).
     async fn linger(&mut self, control: &mut mpsc::UnboundedReceiver<Command>) -> Result<(), Stop> {
         let Some(reporter) = self.dcas.as_ref().map(|(_, r)| r.clone()) else {
             return Ok(());
