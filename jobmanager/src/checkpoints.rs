@@ -510,6 +510,32 @@ impl CheckpointStore {
         Ok(pruned)
     }
 
+    /// Gives checkpoint `id` the state of each of `subtasks` it has none of, from the newest
+    /// completed checkpoint: a DCAS job's final checkpoint taken again after a restart
+    /// covers only the unfinished subtasks, and the finished ones' state has not changed
+    /// since. The checkpoint then restores the whole job. Errors name a missing state.
+    pub fn inherit_missing(
+        &self,
+        job: JobId,
+        id: u64,
+        subtasks: &[(u32, u32)],
+    ) -> Result<(), String> {
+        let from = self.completed_ids(job)?.into_iter().rfind(|&c| c < id);
+        for &(task, subtask) in subtasks {
+            let key = state_key(job, id, task, subtask);
+            if self.state.contains_key(&key).map_err(|e| e.to_string())? {
+                continue;
+            }
+            let blob = from
+                .and_then(|f| self.raw_state(job, f, task, subtask))
+                .ok_or_else(|| {
+                    format!("checkpoint {id} has no state for subtask {task}.{subtask} and no earlier one to take it from")
+                })?;
+            self.state.insert(key, blob).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     /// Deletes the state blobs of a checkpoint that will never complete.
     pub fn discard(&self, job: JobId, id: u64) {
         for key in self
@@ -612,7 +638,7 @@ impl CheckpointStore {
             .collect()
     }
 
-    /// Raw access for fault-injection tests: the stored blob of one subtask's state.
+    /// The stored blob of one subtask's state (also raw access for fault-injection tests).
     pub fn raw_state(&self, job: JobId, id: u64, task: u32, subtask: u32) -> Option<Vec<u8>> {
         self.state
             .get(state_key(job, id, task, subtask))
@@ -694,6 +720,24 @@ mod tests {
             errors[0].to_string(),
             "checkpoint 2: the state of subtask 1.0 is corrupted (checksum mismatch)"
         );
+    }
+
+    /// Ensures a checkpoint that covers only some subtasks takes the others' state from the
+    /// newest completed one and then loads whole, and that a state found nowhere is named.
+    #[test]
+    fn missing_states_are_inherited_from_the_previous_checkpoint() {
+        let (_dir, store, job) = store_with(&[4]);
+        store.put_state(job, 6, 1, 0, &ops(9)).unwrap();
+        store.inherit_missing(job, 6, &[(0, 0), (1, 0)]).unwrap();
+        store.complete(job, &stats(6)).unwrap();
+        let loaded = store.load(job, 6, &[(0, 0), (1, 0)]).unwrap();
+        assert_eq!(loaded.states[&(1, 0)], ops(9), "its own state stays");
+        assert_eq!(
+            loaded.states[&(0, 0)],
+            store.load(job, 4, &[(0, 0)]).unwrap().states[&(0, 0)]
+        );
+        let err = store.inherit_missing(job, 7, &[(5, 5)]).unwrap_err();
+        assert!(err.contains("subtask 5.5"), "{err}");
     }
 
     #[test]

@@ -788,8 +788,19 @@ impl Dispatcher {
                         }
                     }
                 }
-                Step::Complete(stats) => match self.store.checkpoints().complete(id, &stats) {
+                Step::Complete(stats) => match self
+                    .store
+                    .checkpoints()
+                    .inherit_missing(
+                        id,
+                        stats.id,
+                        &job.subtasks.keys().copied().collect::<Vec<_>>(),
+                    )
+                    .and_then(|()| self.store.checkpoints().complete(id, &stats))
+                {
                     Ok(pruned) => {
+                        // Every subtask stored a DCAS snapshot of its own (before its ack).
+                        job.restored_from = None;
                         info!(job = %id, checkpoint = stats.id, duration_ms = stats.duration_ms, alignment_ms = stats.alignment_ms, bytes = stats.state_bytes, pruned = ?pruned, "Checkpoint completed.");
                         for tm in &job.tms {
                             let _ = tm.tx.send(ToTaskManager::CheckpointComplete {

@@ -670,6 +670,11 @@ impl Router {
         Ok(())
     }
 
+    /// Whether `EndOfStream` was sent (the subtask finished).
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
     /// When buffered records were first held back, if any are.
     pub fn pending_since(&self) -> Option<Instant> {
         self.pending_since

@@ -182,9 +182,10 @@ pub struct Barriers {
     /// past the last completed fallback checkpoint could be produced again after a restore
     /// from that checkpoint.
     committed: u64,
-    /// DCAS fallback: the subtask was restored from a fallback checkpoint and must store it
-    /// as its first DCAS snapshot before it reads anything.
-    restored: bool,
+    /// DCAS fallback: the checkpoint the deployment was restored from. It is the subtask's
+    /// starting state when the cache has no snapshot of its own (a first start, or a restart
+    /// before its first snapshot, which then replays its log from the start).
+    restore_point: Option<Vec<OperatorState>>,
 }
 
 /// New channels for a subtask whose neighbour restarted elsewhere (DCAS): each replaces the
@@ -830,11 +831,26 @@ impl SubtaskRunner {
     }
 
     /// Restores the source and every operator of the chain from a checkpoint (before the
-    /// subtask runs). Sinks commit what the checkpoint had staged. A DCAS job restored from
-    /// a fallback checkpoint continues its DCAS snapshot ids after the one that held the
-    /// state (sinks staged under them) and stores the state as its first DCAS snapshot.
+    /// subtask runs). Sinks commit what the checkpoint had staged. Under DCAS the
+    /// checkpoint (a fallback one) is kept, and applied only when the cache holds no
+    /// snapshot of the subtask (a first start, or a restart before its first snapshot).
     pub fn restore(&mut self, states: &[OperatorState]) -> Result<(), EngineError> {
-        self.restore_layers(&[(states, &[])])?;
+        if self.dcas.is_some() {
+            self.barriers.restore_point = Some(states.to_vec());
+            return Ok(());
+        }
+        self.restore_checkpoint(states).map_err(|stop| match stop {
+            Stop::Failed(e) => e,
+            Stop::Canceled => EngineError::Internal("canceled while restoring".into()),
+        })
+    }
+
+    /// Restores a checkpoint's states, and sinks commit what it staged. A DCAS job's
+    /// fallback checkpoint also names the DCAS snapshot that held the state: snapshot ids
+    /// (sinks stage under them) continue after it.
+    fn restore_checkpoint(&mut self, states: &[OperatorState]) -> Result<(), Stop> {
+        self.restore_layers(&[(states, &[])])
+            .map_err(Stop::Failed)?;
         let snapshot = states
             .iter()
             .find(|s| s.operator == DCAS_SNAPSHOT_STATE)
@@ -843,12 +859,8 @@ impl SubtaskRunner {
         if let (Some((d, _)), Some(k)) = (&mut self.dcas, snapshot) {
             d.continue_after(k);
             self.barriers.committed = k;
-            self.barriers.restored = true;
         }
-        self.commit(CheckpointId::MAX).map_err(|stop| match stop {
-            Stop::Failed(e) => e,
-            Stop::Canceled => EngineError::Internal("canceled while restoring".into()),
-        })
+        self.commit(CheckpointId::MAX)
     }
 
     /// Restores from snapshot layers, oldest first: a whole snapshot, then incremental ones
@@ -1108,14 +1120,14 @@ impl SubtaskRunner {
             .map(|s| (s.operators.as_slice(), s.changes.as_slice()))
             .collect();
         self.restore_layers(&layers).map_err(Stop::Failed)?;
+        let restore_point = self.barriers.restore_point.take();
         if let Some(s) = snap.last() {
             // What a DCAS snapshot staged is committed, unless fallback checkpoints decide.
             let bound = s.committed.unwrap_or(CheckpointId::MAX);
             self.barriers.committed = s.committed.unwrap_or(s.id);
             self.commit(bound)?;
-        } else if std::mem::take(&mut self.barriers.restored) {
-            self.dcas_snapshot(true)?;
-            self.wait_snapshot().await?;
+        } else if let Some(states) = restore_point {
+            self.restore_checkpoint(&states)?;
         }
         if let Some(snap) = snap.into_iter().last() {
             let fail = |e: String| Stop::Failed(EngineError::Internal(format!("restoring: {e}")));
@@ -1128,9 +1140,8 @@ impl SubtaskRunner {
                 .map_err(|e| self.route_failure(e))?;
         }
         let replayed = entries.len();
-        // Restored from a snapshot taken after every input ended: it finished before.
-        let mut finished =
-            self.source.is_none() && !self.gate.channels().is_empty() && self.gate.all_ended();
+        // Restored from a snapshot taken after it finished (sent `EndOfStream`).
+        let mut finished = self.source.is_none() && self.router.ended();
         for entry in entries {
             if finished {
                 break;
