@@ -315,6 +315,16 @@ fn overhead_modes(args: &[String]) -> Vec<(String, Value)> {
             .expect("--windows takes record counts, comma-separated");
         modes.push((format!("DCAS, snapshot every {w} records"), mode("dcas", w)));
     }
+    // `--fallback <ms>`: DCAS with fallback checkpoints to disk that often as well.
+    let fallback = weir_tests::arg(args, "--fallback", 0);
+    if fallback > 0 {
+        let mut m = mode("dcas", DEFAULT_SNAPSHOT_EVERY_RECORDS);
+        m["fallback_abs_interval_ms"] = json!(fallback);
+        modes.push((
+            format!("DCAS + fallback checkpoints every {fallback} ms"),
+            m,
+        ));
+    }
     modes
 }
 
