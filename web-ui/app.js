@@ -461,20 +461,20 @@ function renderFailovers(list) {
     el.innerHTML = `<div class="empty">No failure so far.</div>`;
     return;
   }
-  const longest = Math.max(1, ...list.map((f) => (f.caught_up_ms || Date.now()) - f.detected_ms));
+  const longest = Math.max(1, ...list.map((f) => (f.caught_up_ms || f.superseded_ms || Date.now()) - f.detected_ms));
   el.innerHTML = `<div class="legend" style="margin-bottom:8px">${Object.entries(PHASE_NAMES).map(([k, name]) => `<span><span class="swatch" style="background:${PHASE_COLOURS[k]}"></span>${name}</span>`).join("")}</div>
-    <table class="fixed"><colgroup><col style="width:30px"><col style="width:76px"><col style="width:76px"><col><col style="width:78px"></colgroup>
+    <table class="fixed"><colgroup><col style="width:30px"><col style="width:76px"><col style="width:76px"><col><col style="width:92px"></colgroup>
     <thead><tr><th>#</th><th class="num">At</th><th>Mode</th><th>Recovery and cause</th><th class="num">Total</th></tr></thead><tbody>
     ${list.slice().reverse().slice(0, 10).map((f) => {
       const bars = phases(f).map(([a, b, key]) => {
         if (f[a] == null) return "";
-        const w = ((f[b] ?? Date.now()) - f[a]) / longest * 100;
+        const w = ((f[b] ?? f.superseded_ms ?? Date.now()) - f[a]) / longest * 100;
         return `<span style="width:${Math.max(w, 0.5)}%;background:${PHASE_COLOURS[key]};opacity:${f[b] == null ? 0.45 : 1}" title="${PHASE_NAMES[key]}: ${f[b] == null ? "in progress" : (f[b] - f[a]) + " ms"}"></span>`;
       }).join("");
       const scope = f.mode === "dcas"
         ? `${f.subtasks_restarted} subtask${f.subtasks_restarted === 1 ? "" : "s"} restarted${f.replayed_ms ? `, ${f.log_replayed} log entries replayed` : ""} · `
         : "";
-      const total = f.caught_up_ms ? (f.caught_up_ms - f.detected_ms) + " ms" : "in progress";
+      const total = f.caught_up_ms ? (f.caught_up_ms - f.detected_ms) + " ms" : f.superseded_ms ? "superseded" : "in progress";
       return `<tr><td class="num">${f.attempt}</td><td class="num">${fmtTime(f.detected_ms)}</td><td>${esc(f.mode.toUpperCase())}</td>
         <td><div class="bars">${bars}</div><div class="sub cause" title="${esc(f.cause)}">${scope}${esc(shortIds(f.cause))}</div></td><td class="num">${total}</td></tr>`;
     }).join("")}</tbody></table>`;

@@ -296,6 +296,9 @@ pub struct FailoverEvent {
     pub pre_failure_lag: Option<u64>,
     /// Why newer checkpoints could not be restored (corruption), if any.
     pub restore_errors: Vec<String>,
+    /// A later recovery started before this one caught up (a whole-job restart from a DCAS
+    /// job's fallback checkpoint replaces it; a new failure ends its timing).
+    pub superseded_ms: Option<u64>,
 }
 
 impl FailoverEvent {
@@ -320,6 +323,7 @@ impl FailoverEvent {
             pre_failure_rate: before.rate,
             pre_failure_lag: before.lag,
             restore_errors: Vec::new(),
+            superseded_ms: None,
         }
     }
 }
@@ -907,6 +911,13 @@ impl Dispatcher {
             deploying: false,
             next_try: Instant::now(),
         });
+        for e in job
+            .failovers
+            .iter_mut()
+            .filter(|e| e.caught_up_ms.is_none())
+        {
+            e.superseded_ms.get_or_insert_with(now_ms);
+        }
         // A DCAS job restarts whole only from its fallback checkpoint.
         let mode = match config.mode {
             CheckpointMode::Dcas => "fallback",
@@ -1030,6 +1041,13 @@ impl Dispatcher {
             (e.deployed_ms, e.restored_ms, e.replayed_ms) = (None, None, None);
             e.first_record_ms = None;
         } else {
+            for e in job
+                .failovers
+                .iter_mut()
+                .filter(|e| e.caught_up_ms.is_none())
+            {
+                e.superseded_ms.get_or_insert_with(now_ms);
+            }
             let e =
                 FailoverEvent::new(job.restarts, format!("{location}: {cause}"), "dcas", before);
             job.failovers.push(FailoverEvent {

@@ -447,6 +447,14 @@ fn dcas_fallback_checkpoint_covers_a_loss_beyond_backups() {
         modes.iter().any(|m| m == "fallback"),
         "restored from the fallback checkpoint: {modes:?}"
     );
+    // The DCAS recoveries the whole-job restart replaced are over, not left in progress.
+    let events = failovers(&c, &id);
+    for e in &events[..events.len() - 1] {
+        assert!(
+            e["caught_up_ms"].as_u64().is_some() || e["superseded_ms"].as_u64().is_some(),
+            "{e}"
+        );
+    }
     assert!(job["generation"].as_u64() >= Some(2), "{job}");
     let restored = failovers(&c, &id)
         .iter()
