@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use engine::codec::{decode, encode};
 use engine::ids::JobId;
-use engine::protocol::control::OperatorState;
+use engine::protocol::control::{OperatorState, RestorePoint, SubtaskSnapshot};
 use serde::{Deserialize, Serialize};
 
 /// Completed checkpoints kept per job.
@@ -419,6 +419,25 @@ pub struct Loaded {
     pub id: u64,
     /// State per (task, subtask).
     pub states: HashMap<(u32, u32), Vec<OperatorState>>,
+}
+
+impl Loaded {
+    /// What a deployment of `subtasks` restores from this checkpoint.
+    pub fn restore_point(&self, subtasks: &[(u32, u32)]) -> RestorePoint {
+        RestorePoint {
+            checkpoint: self.id,
+            subtasks: subtasks
+                .iter()
+                .filter_map(|k| {
+                    self.states.get(k).map(|ops| SubtaskSnapshot {
+                        task: k.0,
+                        subtask: k.1,
+                        operators: ops.clone(),
+                    })
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Durable checkpoint storage in the job manager's sled database.

@@ -24,8 +24,7 @@ use actix::prelude::*;
 use engine::graph::JobGraph;
 use engine::ids::{Generation, JobId, TaskManagerId};
 use engine::protocol::control::{
-    Deployment, OperatorState, Placement, RestorePoint, SubtaskReport, SubtaskSnapshot,
-    SubtaskState, ToTaskManager,
+    Deployment, OperatorState, Placement, SubtaskReport, SubtaskState, ToTaskManager,
 };
 use engine::runtime::dcas::DcasNames;
 use engine::spec::{CheckpointMode, CheckpointingSpec, JobSpec, SpecError};
@@ -1150,35 +1149,19 @@ impl Dispatcher {
                 attempt: i.attempt,
             })
             .collect();
-        let restored = job
-            .restored_from
-            .map(|n| (n, self.store.checkpoints().load(id, n, &lost)));
-        let restore_point = |subs: &[(u32, u32)]| {
-            let Some((n, Ok(loaded))) = &restored else {
-                return None;
-            };
-            let subtasks = subs
-                .iter()
-                .filter_map(|k| {
-                    loaded.states.get(k).map(|ops| SubtaskSnapshot {
-                        task: k.0,
-                        subtask: k.1,
-                        operators: ops.clone(),
-                    })
-                })
-                .collect();
-            Some(RestorePoint {
-                checkpoint: *n,
-                subtasks,
-            })
+        let restored = match job.restored_from {
+            Some(n) => match self.store.checkpoints().load(id, n, &lost) {
+                Ok(loaded) => Some(loaded),
+                Err(e) => {
+                    let reason = format!(
+                        "DCAS recovery: the deployment's fallback checkpoint {n} cannot be read: {e}"
+                    );
+                    self.fail_over(id, "checkpoint storage".into(), reason);
+                    return;
+                }
+            },
+            None => None,
         };
-        if let Some((n, Err(e))) = &restored {
-            let reason = format!(
-                "DCAS recovery: the deployment's fallback checkpoint {n} cannot be read: {e}"
-            );
-            self.fail_over(id, "checkpoint storage".into(), reason);
-            return;
-        }
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
@@ -1190,7 +1173,7 @@ impl Dispatcher {
                     spec: job.spec_json.clone(),
                     subtasks: subs.clone(),
                     placement: placement.clone(),
-                    restore: restore_point(subs),
+                    restore: restored.as_ref().map(|l| l.restore_point(subs)),
                 }));
             }
             let _ = tm.tx.send(ToTaskManager::Rewire {
@@ -1498,19 +1481,7 @@ impl Dispatcher {
             for &k in &subs {
                 subtasks.insert(k, SubtaskInfo::deploying(tm.id));
             }
-            let restore = restore.map(|l| RestorePoint {
-                checkpoint: l.id,
-                subtasks: subs
-                    .iter()
-                    .filter_map(|k| {
-                        l.states.get(k).map(|ops| SubtaskSnapshot {
-                            task: k.0,
-                            subtask: k.1,
-                            operators: ops.clone(),
-                        })
-                    })
-                    .collect(),
-            });
+            let restore = restore.map(|l| l.restore_point(&subs));
             let d = Deployment {
                 job,
                 generation,

@@ -166,6 +166,22 @@ pub struct SubtaskRunner {
 /// snapshot that holds its state (not a valid operator id: specs allow no `$`).
 pub const DCAS_SNAPSHOT_STATE: &str = "$dcas.snapshot";
 
+/// The [`DCAS_SNAPSHOT_STATE`] entry naming DCAS snapshot `id`.
+fn dcas_snapshot_state(id: u64) -> OperatorState {
+    OperatorState {
+        operator: DCAS_SNAPSHOT_STATE.to_string(),
+        state: id.to_le_bytes().to_vec(),
+    }
+}
+
+/// The DCAS snapshot a fallback checkpoint's states name, if they name one.
+fn dcas_snapshot_of(states: &[OperatorState]) -> Option<u64> {
+    let s = states.iter().find(|s| s.operator == DCAS_SNAPSHOT_STATE)?;
+    <[u8; 8]>::try_from(s.state.as_slice())
+        .ok()
+        .map(u64::from_le_bytes)
+}
+
 /// Barrier checkpoints (ABS, and a DCAS job's fallback checkpoints) at one subtask.
 #[derive(Debug, Default)]
 pub struct Barriers {
@@ -851,12 +867,7 @@ impl SubtaskRunner {
     fn restore_checkpoint(&mut self, states: &[OperatorState]) -> Result<(), Stop> {
         self.restore_layers(&[(states, &[])])
             .map_err(Stop::Failed)?;
-        let snapshot = states
-            .iter()
-            .find(|s| s.operator == DCAS_SNAPSHOT_STATE)
-            .and_then(|s| <[u8; 8]>::try_from(s.state.as_slice()).ok())
-            .map(u64::from_le_bytes);
-        if let (Some((d, _)), Some(k)) = (&mut self.dcas, snapshot) {
+        if let (Some((d, _)), Some(k)) = (&mut self.dcas, dcas_snapshot_of(states)) {
             d.continue_after(k);
             self.barriers.committed = k;
         }
@@ -1276,10 +1287,7 @@ impl SubtaskRunner {
         };
         self.wait_snapshot().await?;
         self.barriers.epochs.push((n, k));
-        operators.push(OperatorState {
-            operator: DCAS_SNAPSHOT_STATE.to_string(),
-            state: k.to_le_bytes().to_vec(),
-        });
+        operators.push(dcas_snapshot_state(k));
         Ok(operators)
     }
 
