@@ -178,6 +178,7 @@ async fn relay(
                 operator,
                 subtask,
                 epoch,
+                part,
                 records,
             } => dispatcher.do_send(CollectedOutput {
                 tm,
@@ -186,6 +187,7 @@ async fn relay(
                 operator,
                 subtask,
                 epoch,
+                part,
                 records,
             }),
             ToJobManager::CheckpointAck {

@@ -497,6 +497,9 @@ struct ToJobManagerCollect {
     to_jm: mpsc::UnboundedSender<ToJobManager>,
 }
 
+/// Records per control message of collected output.
+const COLLECT_PART: usize = 4096;
+
 impl CollectTarget for ToJobManagerCollect {
     fn deliver(
         &self,
@@ -506,17 +509,20 @@ impl CollectTarget for ToJobManagerCollect {
         mut records: Vec<Record>,
     ) {
         // Keep each control frame small: a chained operator may hand over a huge vector.
+        let mut part = 0;
         while !records.is_empty() {
-            let rest = records.split_off(records.len().min(4096));
+            let rest = records.split_off(records.len().min(COLLECT_PART));
             let _ = self.to_jm.send(ToJobManager::Collected {
                 job: self.job,
                 generation: self.generation,
                 operator: operator.to_string(),
                 subtask: subtask as u32,
                 epoch,
+                part,
                 records,
             });
             records = rest;
+            part += 1;
         }
     }
 }

@@ -94,6 +94,10 @@ pub enum ToJobManager {
         /// The checkpoint whose completion made the records visible (exactly-once sinks,
         /// which may deliver an epoch again after a restore); `None` when not transactional.
         epoch: Option<u64>,
+        /// Which part of the delivery this is (0, 1, ...): a task manager sends a large one
+        /// in parts, in order, so that an epoch delivered again is told apart from the rest
+        /// of its first delivery.
+        part: u32,
         /// The records.
         records: Vec<Record>,
     },
@@ -380,6 +384,7 @@ mod tests {
             operator: "out".into(),
             subtask: 0,
             epoch: Some(3),
+            part: 2,
             records: vec![Record::new(1, Value::str("x"))],
         };
         assert_eq!(decode::<ToJobManager>(&encode(&m).unwrap()).unwrap(), m);
