@@ -4,6 +4,10 @@
 //! watermark passes the window's end, every (left, right) pair with equal keys is emitted as
 //! `{key, window_start, window_end, left, right}` with `ts = end - 1`, keys in order and pairs
 //! in arrival order. Records for a window that already fired are dropped and counted.
+//!
+//! The buffers only grow until their window fires, so an incremental snapshot carries the
+//! records appended since the previous snapshot, per window, side and key: its size follows
+//! the input since then, not the records buffered.
 
 use std::sync::Arc;
 
@@ -48,13 +52,36 @@ impl OperatorFactory for JoinFactory {
 #[derive(Default)]
 struct JoinWindow {
     start: i64,
-    sides: [FxHashMap<Value, Vec<Record>>; 2],
+    sides: [FxHashMap<Value, Buffer>; 2],
+    /// Per side, the keys with records appended since the last snapshot.
+    appended: [Vec<Value>; 2],
 }
 
+/// One key's records on one side of a window.
+#[derive(Default)]
+struct Buffer {
+    records: Vec<Record>,
+    /// How many of them the last snapshot holds.
+    snapshotted: usize,
+}
+
+/// Per key (sorted), records of one side.
 type SideState = Vec<(Value, Vec<Record>)>;
 
-/// Snapshot form: windows with sides sorted by key.
+/// What an incremental snapshot holds: the records appended since the previous snapshot,
+/// and which windows are still open (the others fired meanwhile).
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct JoinChanges {
+    wm: i64,
+    late_dropped: u64,
+    /// Starts of every open window, sorted.
+    open: Vec<i64>,
+    /// Per window with new records: its start and the records appended to each side.
+    windows: Vec<(i64, SideState, SideState)>,
+}
+
+/// Snapshot form: windows with sides sorted by key.
+#[derive(Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct JoinState {
     wm: i64,
     late_dropped: u64,
@@ -68,6 +95,55 @@ struct Join {
     /// Open windows sorted by start.
     windows: Vec<JoinWindow>,
     late_dropped: u64,
+}
+
+impl JoinWindow {
+    /// The window as a snapshot holds it; it is unchanged from here on.
+    fn take_all(&mut self) -> (i64, SideState, SideState) {
+        let [left, right] = self.sides.each_mut().map(|side| {
+            let mut v: SideState = side
+                .iter_mut()
+                .map(|(k, b)| {
+                    b.snapshotted = b.records.len();
+                    (k.clone(), b.records.clone())
+                })
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        });
+        self.appended = Default::default();
+        (self.start, left, right)
+    }
+
+    /// The records appended since the last snapshot, per side and key (sorted); they are
+    /// in a snapshot from here on.
+    fn take_appended(&mut self) -> (i64, SideState, SideState) {
+        let sides = &mut self.sides;
+        let [left, right] = [0, 1].map(|side| {
+            let mut keys = std::mem::take(&mut self.appended[side]);
+            keys.sort_unstable();
+            keys.into_iter()
+                .filter_map(|k| {
+                    let b = sides[side].get_mut(&k)?;
+                    let new = b.records[b.snapshotted..].to_vec();
+                    b.snapshotted = b.records.len();
+                    Some((k, new))
+                })
+                .collect()
+        });
+        (self.start, left, right)
+    }
+
+    /// Appends restored records, as in a snapshot from here on.
+    fn append(&mut self, left: SideState, right: SideState) {
+        for (side, records) in [left, right].into_iter().enumerate() {
+            for (key, records) in records {
+                let b = self.sides[side].entry(key).or_default();
+                b.records.extend(records);
+                b.snapshotted = b.records.len();
+            }
+        }
+    }
 }
 
 impl Operator for Join {
@@ -97,8 +173,13 @@ impl Operator for Join {
                     i
                 }
             };
+            let w = &mut self.windows[i];
             let key = r.key.clone().unwrap_or_default();
-            self.windows[i].sides[side].entry(key).or_default().push(r);
+            let buffer = w.sides[side].entry(key.clone()).or_default();
+            if buffer.records.len() == buffer.snapshotted {
+                w.appended[side].push(key);
+            }
+            buffer.records.push(r);
         }
         Ok(())
     }
@@ -114,12 +195,12 @@ impl Operator for Join {
         for w in self.windows.drain(..ready) {
             let end = w.start + self.size;
             let [left, right] = w.sides;
-            let mut keys: Vec<(Value, Vec<Record>)> = left.into_iter().collect();
+            let mut keys: Vec<(Value, Buffer)> = left.into_iter().collect();
             keys.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             for (key, ls) in keys {
                 let Some(rs) = right.get(&key) else { continue };
-                for l in &ls {
-                    for r in rs {
+                for l in &ls.records {
+                    for r in &rs.records {
                         let value = Value::map([
                             ("key", key.clone()),
                             ("window_start", Value::Int(w.start)),
@@ -144,20 +225,27 @@ impl Operator for Join {
     }
 
     fn snapshot(&mut self) -> Result<Vec<u8>, OpError> {
-        let sorted = |m: &FxHashMap<Value, Vec<Record>>| {
-            let mut v: SideState = m.iter().map(|(k, r)| (k.clone(), r.clone())).collect();
-            v.sort_by(|a, b| a.0.cmp(&b.0));
-            v
-        };
         encode_state(&JoinState {
             wm: self.wm,
             late_dropped: self.late_dropped,
-            windows: self
-                .windows
-                .iter()
-                .map(|w| (w.start, sorted(&w.sides[0]), sorted(&w.sides[1])))
-                .collect(),
+            windows: self.windows.iter_mut().map(JoinWindow::take_all).collect(),
         })
+    }
+
+    fn snapshot_changes(&mut self) -> Result<Option<Vec<u8>>, OpError> {
+        let windows = self
+            .windows
+            .iter_mut()
+            .filter(|w| w.appended.iter().any(|a| !a.is_empty()))
+            .map(JoinWindow::take_appended)
+            .collect();
+        encode_state(&JoinChanges {
+            wm: self.wm,
+            late_dropped: self.late_dropped,
+            open: self.windows.iter().map(|w| w.start).collect(),
+            windows,
+        })
+        .map(Some)
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<(), OpError> {
@@ -167,11 +255,38 @@ impl Operator for Join {
         self.windows = s
             .windows
             .into_iter()
-            .map(|(start, l, r)| JoinWindow {
-                start,
-                sides: [l.into_iter().collect(), r.into_iter().collect()],
+            .map(|(start, left, right)| {
+                let mut w = JoinWindow {
+                    start,
+                    ..Default::default()
+                };
+                w.append(left, right);
+                w
             })
             .collect();
+        Ok(())
+    }
+
+    fn restore_changes(&mut self, changes: &[u8]) -> Result<(), OpError> {
+        let c: JoinChanges = decode_state(changes)?;
+        self.wm = c.wm;
+        self.late_dropped = c.late_dropped;
+        self.windows
+            .retain(|w| c.open.binary_search(&w.start).is_ok());
+        for (start, left, right) in c.windows {
+            let i = match self.windows.binary_search_by_key(&start, |w| w.start) {
+                Ok(i) => i,
+                Err(i) => {
+                    let w = JoinWindow {
+                        start,
+                        ..Default::default()
+                    };
+                    self.windows.insert(i, w);
+                    i
+                }
+            };
+            self.windows[i].append(left, right);
+        }
         Ok(())
     }
 
@@ -183,7 +298,9 @@ impl Operator for Join {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operator::testing::{assert_snapshot_equivalence, build_error, operator, run, Step};
+    use crate::operator::testing::{
+        assert_changes_equivalence, assert_snapshot_equivalence, build_error, operator, run, Step,
+    };
 
     fn k(key: i64, ts: i64, v: &str) -> Record {
         Record::keyed(Value::Int(key), ts, Value::str(v))
@@ -228,10 +345,58 @@ mod tests {
                 ]
             })
             .collect();
-        assert_snapshot_equivalence(
-            r#"{"id":"j","kind":"join","params":{"window":{"tumbling_ms":8}}}"#,
-            &steps,
+        let spec = r#"{"id":"j","kind":"join","params":{"window":{"tumbling_ms":8}}}"#;
+        assert_snapshot_equivalence(spec, &steps);
+        assert_changes_equivalence(spec, &steps, canonical);
+    }
+
+    /// Ensures an incremental snapshot carries the records appended since the previous one,
+    /// not the records buffered.
+    #[test]
+    fn changes_carry_only_the_appended_records() {
+        let spec = r#"{"id":"j","kind":"join","params":{"window":{"tumbling_ms":1000}}}"#;
+        let mut j = operator(spec);
+        let mut out = Vec::new();
+        for side in 0..2 {
+            let mut recs: Vec<Record> = (0..5000).map(|i| k(i % 500, i % 1000, "v")).collect();
+            j.process(side, &mut recs, &mut out).unwrap();
+        }
+        let whole = j.snapshot().unwrap();
+        j.process(
+            0,
+            &mut vec![k(3, 10, "new"), k(3, 1500, "next window")],
+            &mut out,
+        )
+        .unwrap();
+        j.process(1, &mut vec![k(3, 20, "new")], &mut out).unwrap();
+        let changes = j.snapshot_changes().unwrap().unwrap();
+        assert!(
+            changes.len() * 100 < whole.len(),
+            "{} bytes of changes against {} whole",
+            changes.len(),
+            whole.len()
         );
+        let mut copy = operator(spec);
+        copy.restore(&whole).unwrap();
+        copy.restore_changes(&changes).unwrap();
+        assert_eq!(
+            canonical(&copy.snapshot().unwrap()),
+            canonical(&j.snapshot().unwrap())
+        );
+
+        // The first window fires: the next changes drop it from the copy.
+        j.on_watermark(999, &mut out).unwrap();
+        copy.restore_changes(&j.snapshot_changes().unwrap().unwrap())
+            .unwrap();
+        let state = j.snapshot().unwrap();
+        assert_eq!(canonical(&copy.snapshot().unwrap()), canonical(&state));
+        assert_eq!(decode_state::<JoinState>(&state).unwrap().windows.len(), 1);
+    }
+
+    /// A snapshot's content, comparable (rkyv shares repeated `Arc`s of a key, so equal
+    /// states may encode to different bytes).
+    fn canonical(state: &[u8]) -> String {
+        format!("{:?}", decode_state::<JoinState>(state).unwrap())
     }
 
     #[test]

@@ -124,7 +124,8 @@ impl OperatorFactory for WindowFactory {
             wm: i64::MIN,
             windows: Vec::new(),
             sessions: FxHashMap::default(),
-            sessions_changed: false,
+            changed_keys: Vec::new(),
+            tracking: false,
             late_dropped: 0,
         })))
     }
@@ -165,14 +166,33 @@ impl Session {
     }
 }
 
+/// The open sessions of one key.
+#[derive(Debug, Clone, Default)]
+struct KeySessions {
+    /// Sorted by start, non-overlapping.
+    list: Vec<Session>,
+    /// Changed since the last snapshot (the key is then in `changed_keys`).
+    changed: bool,
+}
+
+impl KeySessions {
+    /// Restored sessions, unchanged since.
+    fn new(list: Vec<Session>) -> KeySessions {
+        KeySessions {
+            list,
+            changed: false,
+        }
+    }
+}
+
 /// Per-key accumulators in key order.
 type KeyedAccs = Vec<(Value, Vec<Acc>)>;
 
 /// One window in a snapshot: start, end, fired, and its keys.
 type WindowEntry = (i64, i64, bool, KeyedAccs);
 
-/// What an incremental snapshot holds: the windows and sessions changed since the previous
-/// snapshot, and which windows are still open (the others closed meanwhile).
+/// What an incremental snapshot holds: the windows and the keys' sessions changed since the
+/// previous snapshot, and which windows are still open (the others closed meanwhile).
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct WindowChanges {
     wm: i64,
@@ -181,8 +201,9 @@ struct WindowChanges {
     open: Vec<i64>,
     /// The changed windows, whole.
     windows: Vec<WindowEntry>,
-    /// Every session, if any changed.
-    sessions: Option<Vec<(Value, Vec<Session>)>>,
+    /// The sessions of every key whose sessions changed, sorted by key; an empty list for
+    /// a key whose sessions all closed.
+    sessions: Vec<(Value, Vec<Session>)>,
 }
 
 /// What a snapshot holds: everything, in a canonical (sorted) order.
@@ -204,10 +225,14 @@ struct WindowOperator {
     wm: i64,
     /// Open fixed windows, sorted by start.
     windows: Vec<Window>,
-    /// Open sessions per key, sorted by start, non-overlapping.
-    sessions: FxHashMap<Value, Vec<Session>>,
-    /// Sessions changed since the last snapshot.
-    sessions_changed: bool,
+    /// Open sessions per key.
+    sessions: FxHashMap<Value, KeySessions>,
+    /// Keys whose sessions changed since the last snapshot (maybe repeated, when a key's
+    /// sessions closed and it opened new ones); kept only while `tracking`.
+    changed_keys: Vec<Value>,
+    /// A snapshot was taken or restored, so changes are relative to something (without
+    /// one, `changed_keys` would grow with every key ever seen).
+    tracking: bool,
     late_dropped: u64,
 }
 
@@ -239,15 +264,39 @@ impl Window {
 }
 
 impl WindowOperator {
-    /// Every key's sessions, sorted by key.
-    fn sorted_sessions(&self) -> Vec<(Value, Vec<Session>)> {
+    /// Every key's sessions, sorted by key; they are unchanged from here on.
+    fn take_sessions(&mut self) -> Vec<(Value, Vec<Session>)> {
+        self.changed_keys.clear();
         let mut sessions: Vec<(Value, Vec<Session>)> = self
             .sessions
-            .iter()
-            .map(|(k, s)| (k.clone(), s.clone()))
+            .iter_mut()
+            .map(|(k, s)| {
+                s.changed = false;
+                (k.clone(), s.list.clone())
+            })
             .collect();
         sessions.sort_by(|a, b| a.0.cmp(&b.0));
         sessions
+    }
+
+    /// The sessions of every key changed since the last snapshot, sorted by key (an empty
+    /// list for a key with none open); they are unchanged from here on.
+    fn take_changed_sessions(&mut self) -> Vec<(Value, Vec<Session>)> {
+        let mut keys = std::mem::take(&mut self.changed_keys);
+        keys.sort_unstable();
+        keys.dedup();
+        keys.into_iter()
+            .map(|k| {
+                let list = match self.sessions.get_mut(&k) {
+                    Some(s) => {
+                        s.changed = false;
+                        s.list.clone()
+                    }
+                    None => Vec::new(),
+                };
+                (k, list)
+            })
+            .collect()
     }
 
     /// Whether a window ending at `end` can no longer take records.
@@ -326,8 +375,12 @@ impl WindowOperator {
             return Ok(());
         }
         let key = rec.key.clone().unwrap_or_default();
-        self.sessions_changed = true;
-        let list = self.sessions.entry(key.clone()).or_default();
+        let entry = self.sessions.entry(key.clone()).or_default();
+        if self.tracking && !entry.changed {
+            entry.changed = true;
+            self.changed_keys.push(key.clone());
+        }
+        let list = &mut entry.list;
         // Merge every session overlapping [start, end) into a new one.
         let mut merged = Session::new(start, end, new_accs(&self.aggs));
         add_all(&mut merged.accs, &self.aggs, rec)?;
@@ -382,18 +435,19 @@ impl WindowOperator {
 
         if !self.sessions.is_empty() {
             let mut fired: Vec<Record> = Vec::new();
-            let mut closed = false;
-            for (key, list) in self.sessions.iter_mut() {
-                for s in list.iter_mut().filter(|s| !s.fired && s.end - 1 <= wm) {
+            for (key, ks) in self.sessions.iter_mut() {
+                let before = (fired.len(), ks.list.len());
+                for s in ks.list.iter_mut().filter(|s| !s.fired && s.end - 1 <= wm) {
                     s.fired = true;
                     fired.push(emit(key, s.start, s.end, &s.accs, &self.aggs));
                 }
-                let open = list.len();
-                list.retain(|s| s.end - 1 + lateness > wm);
-                closed |= list.len() < open;
+                ks.list.retain(|s| s.end - 1 + lateness > wm);
+                if self.tracking && !ks.changed && before != (fired.len(), ks.list.len()) {
+                    ks.changed = true;
+                    self.changed_keys.push(key.clone());
+                }
             }
-            self.sessions.retain(|_, l| !l.is_empty());
-            self.sessions_changed |= closed || !fired.is_empty();
+            self.sessions.retain(|_, s| !s.list.is_empty());
             fired.sort_unstable_by(|a, b| (a.ts, &a.key).cmp(&(b.ts, &b.key)));
             out.extend(fired);
         }
@@ -480,18 +534,22 @@ impl Operator for WindowOperator {
     }
 
     fn snapshot(&mut self) -> Result<Vec<u8>, OpError> {
-        self.sessions_changed = false;
+        self.tracking = true;
         let windows = self.windows.iter_mut().map(Window::take_entry).collect();
         encode_state(&WindowState {
             wm: self.wm,
             late_dropped: self.late_dropped,
             windows,
-            sessions: self.sorted_sessions(),
+            sessions: self.take_sessions(),
         })
     }
 
     fn snapshot_changes(&mut self) -> Result<Option<Vec<u8>>, OpError> {
-        let sessions = std::mem::take(&mut self.sessions_changed).then(|| self.sorted_sessions());
+        if !self.tracking {
+            // Changes since when? The caller takes a whole snapshot instead.
+            return Ok(None);
+        }
+        let sessions = self.take_changed_sessions();
         let windows = self
             .windows
             .iter_mut()
@@ -513,8 +571,14 @@ impl Operator for WindowOperator {
         self.wm = s.wm;
         self.late_dropped = s.late_dropped;
         self.windows = s.windows.into_iter().map(Window::from_entry).collect();
-        self.sessions = s.sessions.into_iter().collect();
-        self.sessions_changed = false;
+        self.sessions = s
+            .sessions
+            .into_iter()
+            .map(|(k, list)| (k, KeySessions::new(list)))
+            .collect();
+        self.changed_keys.clear();
+        // Changes from here on are relative to this state.
+        self.tracking = true;
         Ok(())
     }
 
@@ -531,8 +595,11 @@ impl Operator for WindowOperator {
                 Err(i) => self.windows.insert(i, w),
             }
         }
-        if let Some(sessions) = c.sessions {
-            self.sessions = sessions.into_iter().collect();
+        for (key, list) in c.sessions {
+            match list.is_empty() {
+                true => self.sessions.remove(&key),
+                false => self.sessions.insert(key, KeySessions::new(list)),
+            };
         }
         Ok(())
     }
@@ -755,6 +822,48 @@ mod tests {
         copy.restore_changes(&changes).unwrap();
         let same = canonical(&copy.snapshot().unwrap()) == canonical(&w.snapshot().unwrap());
         assert!(same, "the copy holds what the original holds");
+    }
+
+    /// Ensures an incremental snapshot carries the sessions of the keys records reached
+    /// since the previous one, and tells a copy which keys' sessions closed.
+    #[test]
+    fn changes_carry_only_the_keys_whose_sessions_changed() {
+        let spec = r#"{"id":"w","kind":"window_aggregate","params":{"window":{"session_gap_ms":100},"agg":"count"}}"#;
+        let mut w = operator(spec);
+        let mut out = Vec::new();
+        let mut recs: Vec<Record> = (0..2000).map(|key| k(&format!("k{key}"), 1, 1)).collect();
+        w.process(0, &mut recs, &mut out).unwrap();
+        let whole = w.snapshot().unwrap();
+        w.process(0, &mut vec![k("k1", 50, 1), k("k7", 300, 1)], &mut out)
+            .unwrap();
+        let changes = w.snapshot_changes().unwrap().unwrap();
+        assert!(
+            changes.len() * 100 < whole.len(),
+            "{} bytes of changes against {} whole",
+            changes.len(),
+            whole.len()
+        );
+        let mut copy = operator(spec);
+        copy.restore(&whole).unwrap();
+        copy.restore_changes(&changes).unwrap();
+        assert_eq!(
+            canonical(&copy.snapshot().unwrap()),
+            canonical(&w.snapshot().unwrap())
+        );
+
+        // Every session but k7's second one fires and closes: the changes say so.
+        w.on_watermark(250, &mut out).unwrap();
+        let closed = w.snapshot_changes().unwrap().unwrap();
+        copy.restore_changes(&closed).unwrap();
+        let state = canonical(&w.snapshot().unwrap());
+        assert_eq!(canonical(&copy.snapshot().unwrap()), state);
+        assert_eq!(
+            decode_state::<WindowState>(&w.snapshot().unwrap())
+                .unwrap()
+                .sessions
+                .len(),
+            1
+        );
     }
 
     /// A snapshot's content, comparable (rkyv shares repeated `Arc`s of a key, so equal
