@@ -471,12 +471,18 @@ function renderFailovers(list) {
         const w = ((f[b] ?? f.superseded_ms ?? Date.now()) - f[a]) / longest * 100;
         return `<span style="width:${Math.max(w, 0.5)}%;background:${PHASE_COLOURS[key]};opacity:${f[b] == null ? 0.45 : 1}" title="${PHASE_NAMES[key]}: ${f[b] == null ? "in progress" : (f[b] - f[a]) + " ms"}"></span>`;
       }).join("");
+      // DCAS: what restarted and what it read back, on a line of its own (it wraps).
+      const count = (n, one, many) => `${n} ${n === 1 ? one : many}`;
       const scope = f.mode === "dcas"
-        ? `${f.subtasks_restarted} subtask${f.subtasks_restarted === 1 ? "" : "s"} restarted${f.replayed_ms ? `, ${f.log_replayed} log entries replayed` : ""} · `
+        ? `<div class="sub scope">${[
+          `${count(f.subtasks_restarted, "subtask", "subtasks")} restarted`,
+          ...(f.replayed_ms ? [`${count(f.log_replayed, "log entry", "log entries")} replayed`] : []),
+          ...(f.snapshot_links ? [`${count(f.snapshot_links, "incremental snapshot", "incremental snapshots")} applied`] : []),
+        ].join(" · ")}</div>`
         : "";
       const total = f.caught_up_ms ? (f.caught_up_ms - f.detected_ms) + " ms" : f.superseded_ms ? "superseded" : "in progress";
       return `<tr><td class="num">${f.attempt}</td><td class="num">${fmtTime(f.detected_ms)}</td><td>${esc(f.mode.toUpperCase())}</td>
-        <td><div class="bars">${bars}</div><div class="sub cause" title="${esc(f.cause)}">${scope}${esc(shortIds(f.cause))}</div></td><td class="num">${total}</td></tr>`;
+        <td><div class="bars">${bars}</div>${scope}<div class="sub cause" title="${esc(f.cause)}">${esc(shortIds(f.cause))}</div></td><td class="num">${total}</td></tr>`;
     }).join("")}</tbody></table>`;
 }
 

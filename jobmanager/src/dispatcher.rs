@@ -288,6 +288,8 @@ pub struct FailoverEvent {
     pub restarted: Vec<(u32, u32)>,
     /// DCAS: log entries the restarted subtasks replayed.
     pub log_replayed: u64,
+    /// DCAS: incremental snapshots the restarted subtasks applied after their whole ones.
+    pub snapshot_links: u64,
     /// Source records per second before the failure.
     pub pre_failure_rate: f64,
     /// Records the sources had available but not read before the failure, when every
@@ -319,6 +321,7 @@ impl FailoverEvent {
             subtasks_restarted: 0,
             restarted: Vec::new(),
             log_replayed: 0,
+            snapshot_links: 0,
             pre_failure_rate: before.rate,
             pre_failure_lag: before.lag,
             restore_errors: Vec::new(),
@@ -1808,7 +1811,8 @@ impl Dispatcher {
         let replayed =
             (!last.restarted.is_empty() && resumed.len() == last.restarted.len()).then(|| {
                 let at = resumed.iter().map(|r| r.resumed_ms).max().unwrap_or(0);
-                (at, resumed.iter().map(|r| r.replayed).sum::<u64>())
+                let sum = |f: fn(&SubtaskReport) -> u64| resumed.iter().map(|r| f(r)).sum::<u64>();
+                (at, sum(|r| r.replayed), sum(|r| r.snapshot_links))
             });
         // DCAS: the survivors never stopped; the restarted subtasks process live input once
         // replayed (a subtask behind a window may see its first record only when the
@@ -1823,9 +1827,10 @@ impl Dispatcher {
         let Some(e) = self.jobs.get_mut(&id).and_then(|j| j.failovers.last_mut()) else {
             return;
         };
-        if let (None, Some((at, n))) = (e.replayed_ms, replayed) {
+        if let (None, Some((at, n, links))) = (e.replayed_ms, replayed) {
             e.replayed_ms = Some(at);
             e.log_replayed = n;
+            e.snapshot_links = links;
         }
         if processed {
             // DCAS: live input flows from the moment the last restarted subtask replayed.

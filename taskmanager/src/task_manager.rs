@@ -311,6 +311,7 @@ impl TaskManager {
                             / 1_000_000,
                         watermark: m.watermark.load(std::sync::atomic::Ordering::Relaxed),
                         replayed: m.replayed.load(std::sync::atomic::Ordering::Relaxed),
+                        snapshot_links: m.snapshot_links.load(std::sync::atomic::Ordering::Relaxed),
                         resumed_ms: m.resumed_ms.load(std::sync::atomic::Ordering::Relaxed),
                         source_lag: m.source_lag.load(std::sync::atomic::Ordering::Relaxed),
                         operator_metrics: m.operators.lock().map(|g| g.clone()).unwrap_or_default(),

@@ -322,7 +322,7 @@ fn dcas_recovery_in_the_dashboard() {
     b.accept_dialog();
     b.goto(&format!("{}/#/jobs/{jid}", c.url));
     let failovers = b.wait_text("#failovers", Duration::from_secs(30), "the recovery", |t| {
-        t.contains("log entries replayed") && !t.contains("in progress")
+        t.contains(" replayed") && !t.contains("in progress")
     });
     assert!(failovers.contains("DCAS"), "{failovers}");
     assert!(failovers.contains("restarted"), "{failovers}");

@@ -310,6 +310,9 @@ pub struct SubtaskReport {
     pub watermark: i64,
     /// DCAS: log entries replayed when the subtask (re)started.
     pub replayed: u64,
+    /// DCAS: incremental snapshots applied after the whole one when the subtask
+    /// (re)started.
+    pub snapshot_links: u64,
     /// When the subtask had restored its state (and replayed its log), ms since the epoch;
     /// 0 before.
     pub resumed_ms: u64,

@@ -73,6 +73,9 @@ pub struct SubtaskMetrics {
     pub watermark: AtomicI64,
     /// DCAS: log entries replayed when the subtask (re)started.
     pub replayed: AtomicU64,
+    /// DCAS: incremental snapshots applied after the whole one when the subtask
+    /// (re)started.
+    pub snapshot_links: AtomicU64,
     /// When the subtask had restored its state (and, under DCAS, replayed its log), in ms
     /// since the epoch; 0 before.
     pub resumed_ms: AtomicU64,
@@ -90,6 +93,7 @@ impl Default for SubtaskMetrics {
             records_sunk: AtomicU64::new(0),
             watermark: AtomicI64::new(i64::MIN),
             replayed: AtomicU64::new(0),
+            snapshot_links: AtomicU64::new(0),
             resumed_ms: AtomicU64::new(0),
             source_lag: AtomicI64::new(-1),
             operators: Mutex::new(Vec::new()),
@@ -1162,6 +1166,9 @@ impl SubtaskRunner {
         self.metrics
             .replayed
             .store(replayed as u64, Ordering::Relaxed);
+        self.metrics
+            .snapshot_links
+            .store(links as u64, Ordering::Relaxed);
         self.resumed();
         if restored.is_some() || replayed > 0 {
             info!(snapshot = ?restored, links, replayed, took_ms = started.elapsed().as_millis() as u64, "Subtask restored from the cache.");
