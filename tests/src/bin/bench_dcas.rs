@@ -17,14 +17,16 @@
 //! - (e) the same on the paper's Kafka-fed pipeline: a Kafka topic of click events (filled
 //!   once, before the rounds) → key_by user → 2 s window count → discard, each job reading
 //!   the whole topic from the broker named by `WEIR_KAFKA_BOOTSTRAP` (skipped without it);
-//! - (f) incremental snapshots against whole ones: a running count over 1,000,000 keys at a
-//!   steady rate, so each snapshot sees updates to a few percent of the state.
+//! - (f) incremental snapshots against whole ones: a running count, a session count and a
+//!   windowed join over 1,000,000 keys at a steady rate, so each snapshot sees a few
+//!   percent of the state change.
 //!
 //! (a) is also drawn as an SVG bar chart under `target/bench/`.
 //!
 //! `cargo build --release --bins && target/release/bench_dcas [--rate R --kills K
 //! --records N --rounds K --kafka-records N --windows A,B,... --d-backups N --f-keys N
-//! --f-rate R --f-records N --a 0|1 --b 0|1 --c 0|1 --d 0|1 --e 0|1 --f 0|1]`
+//! --f-rate R --f-records N --f-reduce 0|1 --f-session 0|1 --f-join 0|1
+//! --a 0|1 --b 0|1 --c 0|1 --d 0|1 --e 0|1 --f 0|1]`
 //! (`--d-backups`: the cache's backup count in (d), default 1)
 
 use std::time::Duration;
@@ -502,10 +504,15 @@ fn chart(rows: &[[Recovery; 2]]) -> String {
     svg + "</svg>\n"
 }
 
-/// (f) Incremental snapshots: a running count (`reduce`) over `--f-keys` keys, fed at
-/// `--f-rate` records/s, so each 200 ms snapshot sees updates to a small part of a large
-/// state. Whole snapshots copy and replicate every key every time; incremental ones the
-/// keys updated since the previous snapshot.
+/// (f) Incremental snapshots against whole ones, on three operators whose state is large
+/// beside what each 200 ms snapshot sees change (`--f-keys` keys, `--f-records` records at
+/// `--f-rate` records/s, event time at the rate of input):
+/// - `--f-reduce`: a running count (`reduce`); whole snapshots copy every key, incremental
+///   ones the keys updated since the previous snapshot;
+/// - `--f-session`: a session count with a 60 s gap (no session closes during the run);
+///   incremental snapshots copy the sessions of the keys updated;
+/// - `--f-join`: two generators, each keyed, joined in 10 s tumbling windows; incremental
+///   snapshots copy the records appended, whole ones every record buffered.
 fn incremental(args: &[String]) {
     let arg = |name: &str, default: u64| weir_tests::arg(args, name, default);
     let keys = arg("--f-keys", 1_000_000);
@@ -523,21 +530,58 @@ fn incremental(args: &[String]) {
             json!({"mode": "dcas"}),
         ),
     ];
-    let title = format!(
-        "(f) running count over {keys} keys, {n} records at {rate} records/s, parallelism 2 on 2 task managers"
-    );
-    compare_rates(&two_taskmanagers(1), &modes, &title, n, rounds, |m| {
-        let mut spec = json!({"name": "running-count", "operators": [
-            {"id": "g", "kind": "generator", "parallelism": 2,
-             "params": {"count": n, "rate": rate, "keys": keys, "seed": 5}},
-            {"id": "k", "kind": "key_by", "input": "g", "parallelism": 2, "params": {"expr": "value"}},
-            {"id": "r", "kind": "reduce", "input": "k", "parallelism": 2, "params": {"agg": "count"}},
-            {"id": "d", "kind": "discard", "input": "r", "parallelism": 2}]});
-        if !m.is_null() {
-            spec["checkpointing"] = m.clone();
+    let generator = |id: &str, records: u64, rate: u64, seed: u64| {
+        json!({"id": id, "kind": "generator", "parallelism": 2,
+               "params": {"count": records, "rate": rate, "keys": keys, "seed": seed,
+                          "events_per_second": rate}})
+    };
+    let keyed = |id: &str, input: &str| {
+        json!({"id": id, "kind": "key_by", "input": input, "parallelism": 2,
+               "params": {"expr": "value"}})
+    };
+    let discard =
+        |input: &str| json!({"id": "d", "kind": "discard", "input": input, "parallelism": 2});
+    let jobs = [
+        (
+            "--f-reduce",
+            "running count",
+            json!([generator("g", n, rate, 5), keyed("k", "g"),
+                {"id": "r", "kind": "reduce", "input": "k", "parallelism": 2, "params": {"agg": "count"}},
+                discard("r")]),
+        ),
+        (
+            "--f-session",
+            "session count (60 s gap)",
+            json!([generator("g", n, rate, 5), keyed("k", "g"),
+                {"id": "s", "kind": "window_aggregate", "input": "k", "parallelism": 2,
+                 "params": {"window": {"session_gap_ms": 60_000}, "agg": "count"}},
+                discard("s")]),
+        ),
+        (
+            "--f-join",
+            "join of two keyed streams (10 s tumbling windows)",
+            json!([generator("l", n / 2, rate / 2, 5), keyed("kl", "l"),
+                generator("r", n / 2, rate / 2, 6), keyed("kr", "r"),
+                {"id": "j", "kind": "join", "input": ["kl", "kr"], "parallelism": 2,
+                 "params": {"window": {"tumbling_ms": 10_000}}},
+                discard("j")]),
+        ),
+    ];
+    for (flag, what, operators) in jobs {
+        if arg(flag, 1) == 0 {
+            continue;
         }
-        spec.to_string()
-    });
+        let title = format!(
+            "(f) {what} over {keys} keys, {n} records at {rate} records/s, parallelism 2 on 2 task managers"
+        );
+        compare_rates(&two_taskmanagers(1), &modes, &title, n, rounds, |m| {
+            let mut spec = json!({"name": "incremental", "operators": operators});
+            if !m.is_null() {
+                spec["checkpointing"] = m.clone();
+            }
+            spec.to_string()
+        });
+    }
 }
 
 fn main() {
