@@ -292,9 +292,11 @@ impl TaskManager {
             .deployments
             .iter()
             .flat_map(|((job, generation), r)| {
-                r.metrics
-                    .iter()
-                    .map(move |(task, subtask, m)| SubtaskReport {
+                r.metrics.iter().map(move |(task, subtask, m)| {
+                    // First, with Acquire: the counts of a restart are stored before it
+                    // (Release), so a report with its time carries its counts too.
+                    let resumed_ms = m.resumed_ms.load(std::sync::atomic::Ordering::Acquire);
+                    SubtaskReport {
                         job: *job,
                         generation: *generation,
                         task: *task,
@@ -312,10 +314,11 @@ impl TaskManager {
                         watermark: m.watermark.load(std::sync::atomic::Ordering::Relaxed),
                         replayed: m.replayed.load(std::sync::atomic::Ordering::Relaxed),
                         snapshot_links: m.snapshot_links.load(std::sync::atomic::Ordering::Relaxed),
-                        resumed_ms: m.resumed_ms.load(std::sync::atomic::Ordering::Relaxed),
+                        resumed_ms,
                         source_lag: m.source_lag.load(std::sync::atomic::Ordering::Relaxed),
                         operator_metrics: m.operators.lock().map(|g| g.clone()).unwrap_or_default(),
-                    })
+                    }
+                })
             })
             .collect();
         self.send(ToJobManager::Heartbeat {

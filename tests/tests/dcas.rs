@@ -245,14 +245,14 @@ fn dcas_restarts_only_the_lost_subtasks_and_stays_exact() {
     );
 }
 
-/// Two event streams of 60,000 user events each (20,000 users, 15 s at 4,000 a second,
+/// Two event streams of 100,000 user events each (20,000 users, 25 s at 4,000 a second,
 /// event time at that pace too): per user, session counts (10 s gap) of the first, and the
 /// pairs of both joined in 3 s windows, into collect sinks `sessions` and `pairs`. Their
 /// state grows through the run while each 100 ms sees a little of it change (per key for
 /// sessions, appended records for the join), so DCAS snapshots them incrementally.
 fn sessions_and_join(checkpointing: Option<Value>) -> String {
     let events = |id: &str, seed: u64| {
-        let mut params = json!({"count": 60_000, "payload": "events", "keys": 20_000,
+        let mut params = json!({"count": 100_000, "payload": "events", "keys": 20_000,
                                 "seed": seed, "events_per_second": 4000});
         if checkpointing.is_some() {
             params["rate"] = json!(4000);
@@ -279,9 +279,10 @@ fn sessions_and_join(checkpointing: Option<Value>) -> String {
 }
 
 /// Ensures that session windows and a join, whose DCAS snapshots carry only the keys and
-/// records that changed, restore exactly through two task manager kills: the restarted
-/// subtasks apply incremental snapshots, and each sink's output equals, as a multiset, the
-/// output of the same job run in process without a failure.
+/// records that changed, restore exactly through two task manager kills: restarted
+/// subtasks apply incremental snapshots (counted over both recoveries), and each sink's
+/// output equals, as a multiset, the output of the same job run in process without a
+/// failure.
 #[test]
 fn dcas_sessions_and_join_stay_exact_through_kills() {
     let reference = weir_tests::run_graph(
@@ -296,7 +297,7 @@ fn dcas_sessions_and_join_stay_exact_through_kills() {
     let (mut c, id) = started(3, 2, &[], &spec);
     for k in 0..2 {
         kill_and_check(&mut c, &id, k, 3);
-        std::thread::sleep(Duration::from_secs(2));
+        std::thread::sleep(Duration::from_secs(1));
     }
     let job = c.wait_for_end(&id, Duration::from_secs(120));
     assert_eq!(job["state"], "FINISHED", "{job}");

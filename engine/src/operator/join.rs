@@ -175,7 +175,11 @@ impl Operator for Join {
             };
             let w = &mut self.windows[i];
             let key = r.key.clone().unwrap_or_default();
-            let buffer = w.sides[side].entry(key.clone()).or_default();
+            let buffers = &mut w.sides[side];
+            let buffer = match buffers.get_mut(&key) {
+                Some(b) => b,
+                None => buffers.entry(key.clone()).or_default(),
+            };
             if buffer.records.len() == buffer.snapshotted {
                 w.appended[side].push(key);
             }

@@ -1177,10 +1177,12 @@ impl SubtaskRunner {
     }
 
     /// Marks the moment the subtask is ready for live input (for failover timelines).
+    /// Release: what the restart counted (`replayed`, `snapshot_links`) is stored before, and
+    /// a reader that sees this time sees those counts.
     fn resumed(&self) {
         self.metrics
             .resumed_ms
-            .store(crate::telemetry::now_ms(), Ordering::Relaxed);
+            .store(crate::telemetry::now_ms(), Ordering::Release);
     }
 
     /// Replays one log entry; true when the subtask finished with it.
