@@ -715,6 +715,34 @@ pub(crate) mod testing {
         }
     }
 
+    /// Asserts that an operator restored from `whole` and then given `changes` holds what
+    /// `original` holds, and that `changes` is over `factor` times smaller than `whole`;
+    /// returns that copy.
+    pub fn assert_small_changes(
+        json: &str,
+        original: &mut dyn Operator,
+        whole: &[u8],
+        changes: &[u8],
+        factor: usize,
+        canonical: fn(&[u8]) -> String,
+    ) -> Box<dyn Operator> {
+        assert!(
+            changes.len() * factor < whole.len(),
+            "{} bytes of changes against {} whole",
+            changes.len(),
+            whole.len()
+        );
+        let mut copy = operator(json);
+        copy.restore(whole).unwrap();
+        copy.restore_changes(changes).unwrap();
+        assert_eq!(
+            canonical(&copy.snapshot().unwrap()),
+            canonical(&original.snapshot().unwrap()),
+            "the copy holds what the original holds"
+        );
+        copy
+    }
+
     /// Ensures incremental snapshots rebuild the state: a copy restored from a whole
     /// snapshot and then given each step's (or every second step's) changes holds what the
     /// original holds at every point (equal whole snapshots, compared as `canonical` reads

@@ -288,7 +288,8 @@ impl Operator for Reduce {
 mod tests {
     use super::*;
     use crate::operator::testing::{
-        assert_changes_equivalence, assert_snapshot_equivalence, build_error, operator, run, Step,
+        assert_changes_equivalence, assert_small_changes, assert_snapshot_equivalence, build_error,
+        operator, run, Step,
     };
 
     fn recs(vals: &[i64]) -> Vec<Record> {
@@ -416,19 +417,7 @@ mod tests {
         r.process(0, &mut vec![keyed(7, 2), keyed(7, 3)], &mut out)
             .unwrap();
         let changes = r.snapshot_changes().unwrap().unwrap();
-        assert!(
-            changes.len() * 1000 < whole.len(),
-            "{} bytes of changes against {} whole",
-            changes.len(),
-            whole.len()
-        );
-        let mut copy = operator(spec);
-        copy.restore(&whole).unwrap();
-        copy.restore_changes(&changes).unwrap();
-        assert_eq!(
-            canonical(&copy.snapshot().unwrap()),
-            canonical(&r.snapshot().unwrap())
-        );
+        let mut copy = assert_small_changes(spec, r.as_mut(), &whole, &changes, 1000, canonical);
         let err = copy.restore_changes(b"not rkyv").unwrap_err();
         assert!(matches!(err, OpError::State(_)), "{err}");
     }

@@ -613,7 +613,8 @@ impl Operator for WindowOperator {
 mod tests {
     use super::*;
     use crate::operator::testing::{
-        assert_changes_equivalence, assert_snapshot_equivalence, build_error, operator, run, Step,
+        assert_changes_equivalence, assert_small_changes, assert_snapshot_equivalence, build_error,
+        operator, run, Step,
     };
 
     fn k(key: &str, ts: i64, v: i64) -> Record {
@@ -811,17 +812,7 @@ mod tests {
         let whole = w.snapshot().unwrap();
         w.process(0, &mut vec![k("k1", 42, 1)], &mut out).unwrap();
         let changes = w.snapshot_changes().unwrap().unwrap();
-        assert!(
-            changes.len() * 20 < whole.len(),
-            "{} bytes of changes against {} whole",
-            changes.len(),
-            whole.len()
-        );
-        let mut copy = operator(spec);
-        copy.restore(&whole).unwrap();
-        copy.restore_changes(&changes).unwrap();
-        let same = canonical(&copy.snapshot().unwrap()) == canonical(&w.snapshot().unwrap());
-        assert!(same, "the copy holds what the original holds");
+        assert_small_changes(spec, w.as_mut(), &whole, &changes, 20, canonical);
     }
 
     /// Ensures an incremental snapshot carries the sessions of the keys records reached
@@ -837,19 +828,7 @@ mod tests {
         w.process(0, &mut vec![k("k1", 50, 1), k("k7", 300, 1)], &mut out)
             .unwrap();
         let changes = w.snapshot_changes().unwrap().unwrap();
-        assert!(
-            changes.len() * 100 < whole.len(),
-            "{} bytes of changes against {} whole",
-            changes.len(),
-            whole.len()
-        );
-        let mut copy = operator(spec);
-        copy.restore(&whole).unwrap();
-        copy.restore_changes(&changes).unwrap();
-        assert_eq!(
-            canonical(&copy.snapshot().unwrap()),
-            canonical(&w.snapshot().unwrap())
-        );
+        let mut copy = assert_small_changes(spec, w.as_mut(), &whole, &changes, 100, canonical);
 
         // Every session but k7's second one fires and closes: the changes say so.
         w.on_watermark(250, &mut out).unwrap();
