@@ -179,6 +179,7 @@ async fn relay(
                 subtask,
                 epoch,
                 part,
+                last,
                 records,
             } => dispatcher.do_send(CollectedOutput {
                 tm,
@@ -188,6 +189,7 @@ async fn relay(
                 subtask,
                 epoch,
                 part,
+                last,
                 records,
             }),
             ToJobManager::CheckpointAck {

@@ -1692,23 +1692,37 @@ pub struct CollectedOutput {
     pub epoch: Option<u64>,
     /// Part of the delivery (0, 1, ...; parts arrive in order).
     pub part: u32,
+    /// The delivery's final part.
+    pub last: bool,
     /// Records.
     pub records: Vec<Record>,
 }
 
-/// Whether part `part` of an epoch's collected output is new, given `parts` accepted so
-/// far (counted up when it is). An epoch delivered again after a restore comes in the same
-/// parts, so those already accepted are dropped and the rest of an interrupted delivery is
-/// taken; a part beyond the next would mean one was lost, which an in-order connection does
-/// not do.
-fn first_delivery(parts: &mut u32, part: u32) -> bool {
-    let new = part == *parts;
-    // Not `*parts += u32::from(new)`: rustc 1.95 at opt-level 2 drops that increment once
+/// What becomes of one part of an epoch's collected output.
+#[derive(Debug, PartialEq)]
+struct PartFate {
+    /// Its records are new: add them.
+    take: bool,
+    /// It ends the delivery and every part is here: tell the sink it may forget the epoch.
+    confirm: bool,
+}
+
+/// The fate of part `part` (`last`: the delivery's final one) of an epoch's collected
+/// output, given `parts` taken so far (counted up when it is taken). An epoch delivered
+/// again after a restore comes in the same parts, so those already taken are dropped and
+/// the rest of an interrupted delivery is taken; a part beyond the next would mean one was
+/// lost, which an in-order connection does not do, and is neither taken nor confirmed.
+fn accept_part(parts: &mut u32, part: u32, last: bool) -> PartFate {
+    let take = part == *parts;
+    // Not `*parts += u32::from(take)`: rustc 1.95 at opt-level 2 drops that increment once
     // inlined (rust-lang/rust#158206, seen here in this function's test).
-    if new {
+    if take {
         *parts += 1;
     }
-    new
+    PartFate {
+        take,
+        confirm: last && part < *parts,
+    }
 }
 
 impl Handler<CollectedOutput> for Dispatcher {
@@ -1723,22 +1737,37 @@ impl Handler<CollectedOutput> for Dispatcher {
         if job.generation != msg.generation || !job.tms.iter().any(|t| t.id == msg.tm) {
             return;
         }
+        let mut records = msg.records;
         if let Some(epoch) = msg.epoch {
             let parts = job
                 .committed
                 .entry((msg.operator.clone(), msg.subtask, epoch))
                 .or_default();
-            if !first_delivery(parts, msg.part) {
-                if msg.part > *parts {
-                    warn!(job = %msg.job, operator = %msg.operator, subtask = msg.subtask, epoch, part = msg.part, expected = *parts, "Collected output out of order dropped.");
-                }
+            let expected = *parts;
+            let fate = accept_part(parts, msg.part, msg.last);
+            if msg.part > expected {
+                warn!(job = %msg.job, operator = %msg.operator, subtask = msg.subtask, epoch, part = msg.part, expected, "Collected output out of order dropped.");
                 return;
+            }
+            if !fate.take {
+                records.clear();
+            }
+            if fate.confirm {
+                if let Some(tm) = job.tms.iter().find(|t| t.id == msg.tm) {
+                    let _ = tm.tx.send(ToTaskManager::CollectTaken {
+                        job: msg.job,
+                        generation: msg.generation,
+                        operator: msg.operator.clone(),
+                        subtask: msg.subtask,
+                        epoch,
+                    });
+                }
             }
         }
         let out = job.collected.entry(msg.operator).or_default();
         let room = limit.saturating_sub(out.len());
-        job.dropped += msg.records.len().saturating_sub(room) as u64;
-        out.extend(msg.records.into_iter().take(room));
+        job.dropped += records.len().saturating_sub(room) as u64;
+        out.extend(records.into_iter().take(room));
     }
 }
 
@@ -2303,36 +2332,52 @@ impl Handler<GetOutput> for Dispatcher {
 
 #[cfg(test)]
 mod tests {
-    use super::first_delivery;
+    use super::{accept_part, PartFate};
 
-    /// Ensures an epoch's parts are each taken once: a large first delivery whole, a repeat
-    /// after a restore not at all, and the rest of an interrupted one from where it stopped.
+    fn fates(parts: &mut u32, delivery: &[(u32, bool)]) -> Vec<PartFate> {
+        delivery
+            .iter()
+            .map(|&(part, last)| accept_part(parts, part, last))
+            .collect()
+    }
+
+    const fn fate(take: bool, confirm: bool) -> PartFate {
+        PartFate { take, confirm }
+    }
+
+    /// Ensures an epoch's parts are each taken once — a large first delivery whole, a repeat
+    /// after a restore not at all, the rest of an interrupted one from where it stopped —
+    /// and that the final part is confirmed whenever every part is in (a repeat too, whose
+    /// first confirmation may have been lost), never across a gap.
     #[test]
     fn collected_parts_are_taken_once() {
+        let delivery = [(0, false), (1, false), (2, true)];
         let mut parts = 0;
-        let first: Vec<bool> = (0..3).map(|p| first_delivery(&mut parts, p)).collect();
         assert_eq!(
-            first,
-            [true, true, true],
-            "every part of a large epoch counts"
+            fates(&mut parts, &delivery),
+            [fate(true, false), fate(true, false), fate(true, true)],
+            "every part of a large epoch counts, the last confirms it"
         );
-        let again: Vec<bool> = (0..3).map(|p| first_delivery(&mut parts, p)).collect();
         assert_eq!(
-            again,
-            [false, false, false],
-            "a repeated epoch counts nothing"
+            fates(&mut parts, &delivery),
+            [fate(false, false), fate(false, false), fate(false, true)],
+            "a repeated epoch counts nothing, and is confirmed again"
         );
 
         let mut interrupted = 0;
-        assert!(first_delivery(&mut interrupted, 0));
-        let resumed: Vec<bool> = (0..3)
-            .map(|p| first_delivery(&mut interrupted, p))
-            .collect();
+        assert_eq!(accept_part(&mut interrupted, 0, false), fate(true, false));
         assert_eq!(
-            resumed,
-            [false, true, true],
+            fates(&mut interrupted, &delivery),
+            [fate(false, false), fate(true, false), fate(true, true)],
             "the rest of an interrupted delivery"
         );
-        assert!(!first_delivery(&mut interrupted, 5), "a gap is not filled");
+
+        let mut gap = 0;
+        assert_eq!(
+            accept_part(&mut gap, 2, true),
+            fate(false, false),
+            "a gap is neither filled nor confirmed"
+        );
+        assert_eq!(gap, 0);
     }
 }

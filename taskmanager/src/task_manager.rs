@@ -7,7 +7,7 @@
 //! manager the job manager gave up on never keeps producing output.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -78,6 +78,9 @@ pub struct TaskManager {
     /// One arbiter (thread) per slot.
     slots: Vec<Arbiter>,
     deployments: HashMap<(JobId, Generation), Running>,
+    /// Where each deployment's collect sinks deliver, shared by its subtasks placed here
+    /// (restarted ones too) so the job manager's receipts reach every sink.
+    collects: HashMap<(JobId, Generation), Arc<ToJobManagerCollect>>,
     /// Deployments still being wired, and whether a cancel arrived meanwhile.
     wiring: HashMap<(JobId, Generation), bool>,
     /// When the job manager last acknowledged a heartbeat.
@@ -125,6 +128,7 @@ impl TaskManager {
             to_jm: None,
             slots: Vec::new(),
             deployments: HashMap::new(),
+            collects: HashMap::new(),
             wiring: HashMap::new(),
             last_ack: Instant::now(),
             heartbeat_timeout: Duration::from_secs(1),
@@ -172,11 +176,25 @@ impl TaskManager {
         info!(job = %job, generation = %generation, subtasks = d.subtasks.len(), "Deploying.");
         self.data
             .connect_all(d.placement.iter().map(|p| (p.tm, p.data_addr.clone())));
+        // One target per deployment and connection: a DCAS restart placed here shares it.
+        let collect = match self.collects.get(&(job, generation)) {
+            Some(c) if c.to_jm.same_channel(&to_jm) => c.clone(),
+            _ => {
+                let c = Arc::new(ToJobManagerCollect {
+                    job,
+                    generation,
+                    to_jm: to_jm.clone(),
+                    taken: Mutex::default(),
+                });
+                self.collects.insert((job, generation), c.clone());
+                c
+            }
+        };
         let wiring = wire(
             self.id,
             self.data.clone(),
             d.clone(),
-            to_jm.clone(),
+            collect,
             self.cache_client.clone(),
             self.local.clone(),
             self.lease.clone(),
@@ -227,6 +245,15 @@ impl TaskManager {
                     }
                     Err(message) => {
                         error!(job = %job, error = %message, "Deployment failed.");
+                        // Unless another wiring or a running subtask still delivers through it
+                        // (this one's reference went with its future).
+                        if act
+                            .collects
+                            .get(&(job, generation))
+                            .is_some_and(|c| Arc::strong_count(c) == 1)
+                        {
+                            act.collects.remove(&(job, generation));
+                        }
                         for (task, subtask) in d.subtasks {
                             act.send(ToJobManager::SubtaskState {
                                 job,
@@ -403,6 +430,17 @@ impl Handler<FromJobManager> for TaskManager {
                 generation,
                 upto,
             } => self.command(job, generation, Command::Abort(upto), None),
+            ToTaskManager::CollectTaken {
+                job,
+                generation,
+                operator,
+                subtask,
+                epoch,
+            } => {
+                if let Some(c) = self.collects.get(&(job, generation)) {
+                    c.took(operator, subtask as usize, epoch);
+                }
+            }
             ToTaskManager::KillSubtask {
                 job,
                 generation,
@@ -491,14 +529,26 @@ impl Handler<DeploymentEnded> for TaskManager {
         // One last report so the job manager sees the final counters.
         self.heartbeat();
         self.deployments.remove(&(msg.job, msg.generation));
+        self.collects.remove(&(msg.job, msg.generation));
     }
 }
 
-/// Delivers `collect` output to the job manager.
+/// Delivers `collect` output to the job manager, and keeps its receipts.
 struct ToJobManagerCollect {
     job: JobId,
     generation: Generation,
     to_jm: mpsc::UnboundedSender<ToJobManager>,
+    /// The newest epoch the job manager took whole, per (collect operator, subtask).
+    taken: Mutex<HashMap<(String, usize), u64>>,
+}
+
+impl ToJobManagerCollect {
+    /// The job manager took epoch `epoch` of `operator`'s subtask `subtask` whole.
+    fn took(&self, operator: String, subtask: usize, epoch: u64) {
+        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        let newest = taken.entry((operator, subtask)).or_default();
+        *newest = (*newest).max(epoch);
+    }
 }
 
 /// Records per control message of collected output.
@@ -523,11 +573,21 @@ impl CollectTarget for ToJobManagerCollect {
                 subtask: subtask as u32,
                 epoch,
                 part,
+                last: rest.is_empty(),
                 records,
             });
             records = rest;
             part += 1;
         }
+    }
+
+    fn taken(&self, operator: &str, subtask: usize) -> Option<u64> {
+        let taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        // Lookup by borrowed parts; the map is small (one entry per collect subtask here).
+        taken
+            .iter()
+            .find(|((op, s), _)| op == operator && *s == subtask)
+            .map(|(_, n)| *n)
     }
 }
 
@@ -688,12 +748,13 @@ impl Wiring {
 }
 
 /// Builds the runners of this task manager's share of a deployment: local channels between
-/// subtasks placed here, data-plane channels to and from the others.
+/// subtasks placed here, data-plane channels to and from the others. Checkpoint reports
+/// go to the job manager on the connection `collect` delivers on.
 async fn wire(
     me: TaskManagerId,
     data: DataPlane,
     d: Deployment,
-    to_jm: mpsc::UnboundedSender<ToJobManager>,
+    collect: Arc<ToJobManagerCollect>,
     cache: Option<CacheClient>,
     local: LocalChannels,
     lease: Lease,
@@ -705,7 +766,7 @@ async fn wire(
         let r: Arc<dyn CheckpointReporter> = Arc::new(ToJobManagerCheckpoints {
             job: d.job,
             generation: d.generation,
-            to_jm: to_jm.clone(),
+            to_jm: collect.to_jm.clone(),
         });
         r
     };
@@ -733,11 +794,7 @@ async fn wire(
         }),
     };
     let env = SubtaskEnv {
-        collect: Arc::new(ToJobManagerCollect {
-            job: d.job,
-            generation: d.generation,
-            to_jm: to_jm.clone(),
-        }),
+        collect,
         checkpoints,
         attempt: d.generation.0,
         dcas,

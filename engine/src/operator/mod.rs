@@ -256,6 +256,15 @@ pub trait CollectTarget: Send + Sync {
         epoch: Option<CheckpointId>,
         records: Vec<Record>,
     );
+
+    /// An epoch of subtask `subtask` of `operator` up to which the target holds every
+    /// epoch delivered to it, whole (`None`: none yet). A delivery may still be on its way
+    /// (to another process) after `deliver` returns, and a crash then loses it unless the
+    /// sink's snapshots keep it until the target has it. `Some(CheckpointId::MAX)`, the
+    /// default, is a target that takes deliveries in `deliver`: sinks keep nothing.
+    fn taken(&self, _operator: &str, _subtask: usize) -> Option<CheckpointId> {
+        Some(CheckpointId::MAX)
+    }
 }
 
 /// What an instance knows about where it runs.

@@ -8,7 +8,9 @@
 //! the runtime commits it again — the restore point is a completed checkpoint whose commit
 //! may not have happened — so commits are idempotent: the collect target keeps an epoch once,
 //! and the file sink knows from the length of its file which staged epochs it already
-//! appended.
+//! appended. A collect target in another process may not hold an epoch yet when `deliver`
+//! returns, so `collect` keeps every delivered epoch in its snapshots until the target says
+//! it took it ([`CollectTarget::taken`]).
 //!
 //! File layout of an exactly-once `file_sink` (per subtask): `path` holds committed lines
 //! only; `path.g<attempt>.open` the lines since the last barrier; `path.g<attempt>.<n>` the
@@ -116,13 +118,18 @@ struct Collect {
     staged: Option<Staged>,
 }
 
-/// A two-phase collect sink's uncommitted records.
+/// A two-phase collect sink's uncommitted records, and the delivered ones its target may
+/// not hold yet.
 #[derive(Default)]
 struct Staged {
     /// Since the last barrier.
     open: Vec<Record>,
     /// Staged per checkpoint, oldest first (only non-empty epochs).
     epochs: Vec<(CheckpointId, Vec<Record>)>,
+    /// Delivered, oldest first, kept until the target has taken them
+    /// ([`CollectTarget::taken`]): a snapshot taken before that keeps them, so a restore
+    /// from it delivers them again (the target keeps the first copy).
+    delivered: Vec<(CheckpointId, Vec<Record>)>,
 }
 
 impl Collect {
@@ -131,10 +138,26 @@ impl Collect {
             return;
         };
         let keep = st.epochs.partition_point(|(n, _)| *n <= upto);
+        let unsure = self.target.taken(&self.operator, self.subtask) != Some(CheckpointId::MAX);
         for (n, records) in st.epochs.drain(..keep) {
+            if unsure {
+                st.delivered.push((n, records.clone()));
+            }
             self.target
                 .deliver(&self.operator, self.subtask, Some(n), records);
         }
+    }
+
+    /// Forgets the delivered epochs the target has taken.
+    fn forget_taken(&mut self) {
+        let Some(st) = &mut self.staged else {
+            return;
+        };
+        let Some(taken) = self.target.taken(&self.operator, self.subtask) else {
+            return;
+        };
+        let done = st.delivered.partition_point(|(n, _)| *n <= taken);
+        st.delivered.drain(..done);
     }
 }
 
@@ -164,15 +187,26 @@ impl Operator for Collect {
     }
 
     fn commit(&mut self, n: CheckpointId) -> Result<(), OpError> {
+        self.forget_taken();
         self.deliver_epochs(n);
         Ok(())
     }
 
     fn snapshot(&mut self) -> Result<Vec<u8>, OpError> {
-        match &self.staged {
-            Some(st) => encode_state(&st.epochs),
-            None => Ok(Vec::new()),
+        self.forget_taken();
+        let Some(st) = &mut self.staged else {
+            return Ok(Vec::new());
+        };
+        // Delivered epochs precede staged ones in one list: a restore stages them all
+        // again, and its first commit delivers them in order.
+        if st.delivered.is_empty() {
+            return encode_state(&st.epochs);
         }
+        let delivered = st.delivered.len();
+        st.delivered.append(&mut st.epochs);
+        let state = encode_state(&st.delivered);
+        st.epochs = st.delivered.split_off(delivered);
+        state
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<(), OpError> {
@@ -180,6 +214,7 @@ impl Operator for Collect {
             return Ok(());
         };
         st.open.clear();
+        st.delivered.clear();
         st.epochs = decode_state(state)?;
         Ok(())
     }
@@ -596,7 +631,7 @@ mod tests {
         );
     }
 
-    fn txn_instance(json: &str, attempt: u64, target: Arc<Collected>) -> Box<dyn Operator> {
+    fn txn_instance(json: &str, attempt: u64, target: Arc<dyn CollectTarget>) -> Box<dyn Operator> {
         let mut c = ctx(0, 1);
         c.collect = target;
         c.operator = "out".into();
@@ -644,6 +679,63 @@ mod tests {
         );
         restored.commit(CheckpointId::MAX).unwrap();
         assert_eq!(delivered(&again), vec![(Some(1), 0), (Some(1), 1)]);
+    }
+
+    /// A collect target in another process: it holds an epoch only once it says so.
+    #[derive(Default)]
+    struct Remote {
+        got: Collected,
+        taken: std::sync::Mutex<Option<CheckpointId>>,
+    }
+
+    impl CollectTarget for Remote {
+        fn deliver(&self, op: &str, subtask: usize, epoch: Option<u64>, records: Vec<Record>) {
+            self.got.deliver(op, subtask, epoch, records);
+        }
+
+        fn taken(&self, _operator: &str, _subtask: usize) -> Option<CheckpointId> {
+            *self.taken.lock().unwrap()
+        }
+    }
+
+    /// Ensures a delivered epoch stays in the collect sink's snapshots until its target has
+    /// taken it: a restore from a snapshot taken in between delivers it again (its first
+    /// delivery may have died with the process), and one taken after does not.
+    #[test]
+    fn collect_keeps_delivered_epochs_until_taken() {
+        let spec = r#"{"id":"out","kind":"collect"}"#;
+        let target = Arc::new(Remote::default());
+        let mut op = txn_instance(spec, 1, target.clone());
+        op.process(0, &mut recs(2), &mut Vec::new()).unwrap();
+        op.pre_commit(1).unwrap();
+        op.commit(1).unwrap();
+        assert_eq!(delivered(&target.got), vec![(Some(1), 0), (Some(1), 1)]);
+        op.process(0, &mut vec![Record::new(5, Value::Int(5))], &mut Vec::new())
+            .unwrap();
+        op.pre_commit(2).unwrap();
+        let before = op.snapshot().unwrap();
+        *target.taken.lock().unwrap() = Some(1);
+        let after = op.snapshot().unwrap();
+
+        let restore = |snap: &[u8]| {
+            let again = Arc::new(Collected::default());
+            let mut restored = txn_instance(spec, 2, again.clone());
+            restored.restore(snap).unwrap();
+            restored.commit(CheckpointId::MAX).unwrap();
+            delivered(&again)
+        };
+        assert_eq!(
+            restore(&before),
+            vec![(Some(1), 0), (Some(1), 1), (Some(2), 5)],
+            "an epoch not taken yet is delivered again, before the staged one"
+        );
+        assert_eq!(restore(&after), vec![(Some(2), 5)]);
+        op.commit(2).unwrap();
+        assert_eq!(
+            delivered(&target.got).len(),
+            3,
+            "no epoch twice from one run"
+        );
     }
 
     fn read(path: &std::path::Path) -> String {

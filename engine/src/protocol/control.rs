@@ -98,6 +98,9 @@ pub enum ToJobManager {
         /// in parts, in order, so that an epoch delivered again is told apart from the rest
         /// of its first delivery.
         part: u32,
+        /// The delivery's final part: the job manager answers it with
+        /// [`ToTaskManager::CollectTaken`] (exactly-once sinks).
+        last: bool,
         /// The records.
         records: Vec<Record>,
     },
@@ -183,6 +186,20 @@ pub enum ToTaskManager {
         generation: Generation,
         /// The newest aborted checkpoint.
         upto: u64,
+    },
+    /// The job manager holds every part of epoch `epoch` of a collect sink's subtask, so
+    /// the sink's snapshots need not keep that epoch's records any longer.
+    CollectTaken {
+        /// The job.
+        job: JobId,
+        /// The deployment.
+        generation: Generation,
+        /// Collect operator id.
+        operator: String,
+        /// Subtask index.
+        subtask: u32,
+        /// The epoch (checkpoint or DCAS snapshot id).
+        epoch: u64,
     },
     /// Answer to a heartbeat: the job manager still counts this task manager as alive.
     HeartbeatAck,
@@ -377,6 +394,13 @@ mod tests {
                 generation: Generation(2),
                 upto: 9,
             },
+            ToTaskManager::CollectTaken {
+                job: JobId::random(),
+                generation: Generation(2),
+                operator: "out".into(),
+                subtask: 1,
+                epoch: 12,
+            },
         ];
         for m in msgs {
             assert_eq!(decode::<ToTaskManager>(&encode(&m).unwrap()).unwrap(), m);
@@ -388,6 +412,7 @@ mod tests {
             subtask: 0,
             epoch: Some(3),
             part: 2,
+            last: true,
             records: vec![Record::new(1, Value::str("x"))],
         };
         assert_eq!(decode::<ToJobManager>(&encode(&m).unwrap()).unwrap(), m);
