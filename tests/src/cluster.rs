@@ -172,10 +172,16 @@ impl Cluster {
 
     /// Starts one more task manager process (not waiting for its registration).
     pub fn add_taskmanager(&mut self) {
+        self.add_taskmanager_via(&self.control.clone());
+    }
+
+    /// Starts one more task manager process that reaches the job manager's control port at
+    /// `control` (a [`crate::proxy::Link`] to it, say), not waiting for its registration.
+    pub fn add_taskmanager_via(&mut self, control: &str) {
         let child = Command::new(binary("taskmanager"))
             .args([
                 "--jobmanager",
-                &self.control,
+                control,
                 "--slots",
                 &self.options.slots.to_string(),
             ])

@@ -8,6 +8,7 @@ pub mod bench;
 pub mod browser;
 pub mod cluster;
 pub mod kafka;
+pub mod proxy;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -285,12 +285,7 @@ fn sessions_and_join(checkpointing: Option<Value>) -> String {
 /// failure.
 #[test]
 fn dcas_sessions_and_join_stay_exact_through_kills() {
-    let reference = weir_tests::run_graph(
-        &weir_tests::graph(&sessions_and_join(None)),
-        2,
-        Duration::from_secs(120),
-    );
-    reference.result.expect("the reference run finishes");
+    let reference = run_without_failures(&sessions_and_join(None), 2);
     let checkpointing =
         json!({"mode": "dcas", "snapshot_every_records": 2000, "snapshot_interval_ms": 100});
     let spec = sessions_and_join(Some(checkpointing));
@@ -309,29 +304,141 @@ fn dcas_sessions_and_join_stay_exact_through_kills() {
         .sum();
     assert!(links > 0, "restored from incremental snapshots: {events:?}");
     for sink in ["sessions", "pairs"] {
-        let sorted = |mut v: Vec<String>| {
-            v.sort_unstable();
-            v
-        };
-        let want = sorted(
-            reference.collected[sink]
-                .iter()
-                .map(|r| serde_json::to_value(&r.value).expect("json").to_string())
-                .collect(),
-        );
-        let got = sorted(
-            c.output(&id, sink)
-                .iter()
-                .map(|v| serde_json::to_string(v).expect("json"))
-                .collect(),
-        );
+        let want = &reference[sink];
+        let got = output_multiset(&c, &id, sink);
         assert!(want.len() > 10_000, "{sink}: {} results", want.len());
         assert_eq!(got.len(), want.len(), "number of {sink} results");
         assert!(
-            got == want,
+            got == *want,
             "{sink}: the results differ from the run without failures"
         );
     }
+}
+
+/// Generated events straight into a collect sink, three subtasks each (one per task
+/// manager of a three-member cluster), so every snapshot interval delivers output.
+fn events_to_collect(checkpointing: Option<Value>) -> String {
+    let mut params = json!({"count": 36_000, "payload": "events", "keys": 1000, "seed": 5,
+                            "events_per_second": 3000});
+    let mut spec = json!({"name": "collect-receipts", "operators": []});
+    if let Some(c) = checkpointing {
+        params["rate"] = json!(3000);
+        spec["checkpointing"] = c;
+    }
+    spec["operators"] = json!([
+        {"id": "events", "kind": "generator", "parallelism": 3, "params": params},
+        {"id": "out", "kind": "collect", "input": "events", "parallelism": 3}]);
+    spec.to_string()
+}
+
+/// The job's collect output `op`, as sorted JSON texts (a multiset).
+fn output_multiset(c: &Cluster, id: &str, op: &str) -> Vec<String> {
+    let mut v: Vec<String> = c.output(id, op).iter().map(Value::to_string).collect();
+    v.sort_unstable();
+    v
+}
+
+/// Runs `spec` in process on `slots` arbiters to its end: what each collect sink received,
+/// as [`output_multiset`] gives it.
+fn run_without_failures(spec: &str, slots: usize) -> BTreeMap<String, Vec<String>> {
+    let run = weir_tests::run_graph(&weir_tests::graph(spec), slots, Duration::from_secs(120));
+    run.result.expect("the reference run finishes");
+    run.collected
+        .into_iter()
+        .map(|(sink, records)| {
+            let mut v: Vec<String> = records
+                .iter()
+                .map(|r| serde_json::to_value(&r.value).expect("json").to_string())
+                .collect();
+            v.sort_unstable();
+            (sink, v)
+        })
+        .collect()
+}
+
+/// Ensures collect output a task manager had sent but the job manager never received is
+/// not lost: the task manager's control connection is stalled for a second (its output and
+/// heartbeats held in a proxy, while its snapshots still reach the cache), then it is
+/// SIGKILLed and the held bytes dropped. The restarted sink's snapshot still holds every
+/// epoch the job manager had not confirmed and delivers it again, so the output equals,
+/// as a multiset, that of the job run in process without a failure.
+#[test]
+fn dcas_collect_output_in_flight_survives_a_crash() {
+    let want = run_without_failures(&events_to_collect(None), 3)
+        .remove("out")
+        .expect("out");
+    // A heartbeat timeout well above the stall, so the job manager does not act on the
+    // silence: the kill is what it sees.
+    let mut c = Cluster::start(ClusterOptions {
+        taskmanagers: 2,
+        heartbeat_timeout_ms: 4000,
+        ..Default::default()
+    });
+    let link = weir_tests::proxy::Link::start(&c.control);
+    c.add_taskmanager_via(&link.addr);
+    c.wait_until(Duration::from_secs(30), "three task managers", |c| {
+        c.alive_taskmanagers().len() == 3
+    });
+    c.wait_cache_settled(3);
+    let checkpointing =
+        json!({"mode": "dcas", "snapshot_every_records": 2000, "snapshot_interval_ms": 100});
+    let spec = events_to_collect(Some(checkpointing));
+    let id = c.submit(&spec);
+    c.wait_until(Duration::from_secs(30), "job running", |c| {
+        c.job(&id)["state"] == "RUNNING"
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let victim = c.taskmanager_id(2);
+    let ran: Vec<_> = placement(&c.job(&id))
+        .into_iter()
+        .filter(|(_, tm)| *tm == victim)
+        .map(|(sub, _)| sub)
+        .collect();
+    assert!(
+        ran.iter().any(|(name, _)| name.contains("out")),
+        "the proxied task manager runs a collect subtask: {ran:?}"
+    );
+    // The job manager confirms each epoch it took, so a sink's snapshot keeps about one
+    // interval's output (~100 records, 18 KB), not all it ever delivered (~3,000 records,
+    // over 500 KB by now). The bound leaves room for a second of stalled snapshots.
+    let snapshots: Vec<(String, u64)> = job_entries(&c, &id)
+        .iter()
+        .map(|e| {
+            (
+                e[0].as_str().unwrap_or_default().to_string(),
+                e[1].as_u64().unwrap_or(0),
+            )
+        })
+        .filter(|(name, _)| name.contains("/snap/"))
+        .collect();
+    eprintln!("snapshots: {snapshots:?}");
+    assert!(!snapshots.is_empty(), "snapshots in the cache");
+    assert!(
+        snapshots.iter().all(|(_, bytes)| *bytes < 256 * 1024),
+        "collect snapshots keep only output not yet confirmed: {snapshots:?}"
+    );
+    let before = c.output(&id, "out").len();
+    assert!(before < want.len(), "the stall comes before the end");
+    link.hold();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        c.job(&id)["state"],
+        "RUNNING",
+        "the stall comes before the end"
+    );
+    c.kill_taskmanager(2);
+    link.cut();
+    eprintln!("killed {victim} running {ran:?} after a 1 s stall; {before} results before");
+    wait_recovered(&c, &id, 1);
+    let job = c.wait_for_end(&id, Duration::from_secs(60));
+    assert_eq!(job["state"], "FINISHED", "{job}");
+    assert_eq!(job["generation"], 1, "DCAS never redeploys the job: {job}");
+    let got = output_multiset(&c, &id, "out");
+    assert_eq!(got.len(), want.len(), "number of results");
+    assert!(
+        got == want,
+        "the results differ from the run without failures"
+    );
 }
 
 /// Ensures a canceled DCAS job's logs and snapshots leave the cache, as a finished one's do.
