@@ -221,40 +221,64 @@ impl Node {
         self.table.read().ok().and_then(|t| t.clone())
     }
 
+    /// Adopts `table` if it is newer. Callers are serialized (the task manager's actor).
+    ///
+    /// The table is swapped first and the partitions are changed after, each under its own
+    /// lock, never while holding the table's lock: a write holds its partition's lock while
+    /// it reads the table again ([`Node::start_ops`]), so it either ran under the old table
+    /// with everything that table's copies need (a forward still in place), or sees the new
+    /// one and is refused.
     fn set_table(&self, table: PartitionTable) {
-        let Ok(mut held) = self.table.write() else {
-            return;
-        };
-        if held.as_ref().is_some_and(|t| t.epoch >= table.epoch) {
-            return;
-        }
-        if let Ok(mut parts) = self.parts.write() {
-            while parts.len() < table.owners.len() {
-                parts.push(Arc::default());
+        let table = Arc::new(table);
+        let old = {
+            let Ok(mut held) = self.table.write() else {
+                return;
+            };
+            if held.as_ref().is_some_and(|t| t.epoch >= table.epoch) {
+                return;
             }
-        }
-        let me = table.members.iter().position(|m| m.id == self.me);
-        // Forwards end when the partition changed (the copy was taken or abandoned).
-        if let Ok(mut f) = self.forwards.lock() {
-            f.retain(|p, fw| table.version(*p) == fw.version);
-        }
-        // Drop copies of partitions this member no longer owns (and is not receiving).
-        let parts = self.parts.read().map(|p| p.clone()).unwrap_or_default();
-        if let Some(old) = held.as_ref() {
-            let old_me = old.members.iter().position(|m| m.id == self.me);
-            for (p, part) in parts.iter().enumerate() {
-                let owned_before = old_me.is_some_and(|i| old.owners[p].contains(&(i as u16)));
-                let owned_now = me.is_some_and(|i| table.owners[p].contains(&(i as u16)));
-                if owned_before && !owned_now {
-                    if let Ok(mut part) = part.lock() {
-                        let d = part.apply(Mutation::Clear);
-                        self.account(d);
-                    }
+            if let Ok(mut parts) = self.parts.write() {
+                while parts.len() < table.owners.len() {
+                    parts.push(Arc::default());
                 }
             }
-        }
+            held.replace(table.clone())
+        };
         debug!(tm = %self.me, epoch = table.epoch, "Cache table updated.");
-        *held = Some(Arc::new(table));
+        let me = table.members.iter().position(|m| m.id == self.me);
+        let old_me = old
+            .as_ref()
+            .and_then(|o| o.members.iter().position(|m| m.id == self.me));
+        let parts = self.parts.read().map(|p| p.clone()).unwrap_or_default();
+        for (p, part) in parts.iter().enumerate() {
+            let ended = self
+                .forwards
+                .lock()
+                .ok()
+                .and_then(|f| f.get(&(p as u32)).map(|fw| fw.version))
+                .is_some_and(|v| v != table.version(p as u32));
+            let owned_before = old
+                .as_ref()
+                .zip(old_me)
+                .is_some_and(|(o, i)| o.owners[p].contains(&(i as u16)));
+            let owned_now = me.is_some_and(|i| table.owners[p].contains(&(i as u16)));
+            let drop_copy = owned_before && !owned_now;
+            if !ended && !drop_copy {
+                continue;
+            }
+            let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
+            // A forward ends when the partition changed (the copy was taken or abandoned).
+            if ended {
+                if let Ok(mut f) = self.forwards.lock() {
+                    f.retain(|q, fw| *q != p as u32 || fw.version == table.version(*q));
+                }
+            }
+            // Drop copies of partitions this member no longer owns.
+            if drop_copy {
+                let d = part.apply(Mutation::Clear);
+                self.account(d);
+            }
+        }
     }
 
     fn part(&self, p: u32) -> Option<Arc<Mutex<Partition>>> {
@@ -351,6 +375,16 @@ impl Node {
                 continue;
             };
             let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
+            // Checked again under the partition's lock: a new table may have come meanwhile,
+            // and with it the end of a copy's forward (see `set_table`).
+            let table = match self.table() {
+                Some(t) if t.version(p) == version => t,
+                _ => {
+                    stale = true;
+                    results.push(OpResult::Failed(Failure::Moved));
+                    continue;
+                }
+            };
             let (result, mutation) = match part.plan(op, now) {
                 Ok(x) => x,
                 Err(f) => {
@@ -385,7 +419,8 @@ impl Node {
         Started {
             results,
             waits,
-            table: stale.then(|| (*table).clone()),
+            // The newest table, which may have come while these ran.
+            table: stale.then(|| self.table().map(|t| (*t).clone())).flatten(),
             started,
         }
     }
