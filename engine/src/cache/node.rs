@@ -64,6 +64,8 @@ impl Default for NodeConfig {
 struct Forward {
     target: Member,
     version: u64,
+    /// Which `copy_to` call set it (a copy planned again may overlap the first).
+    copy: u64,
 }
 
 type Confirmation = oneshot::Receiver<Result<Response, ConnError>>;
@@ -121,6 +123,8 @@ struct Node {
     map_entries: AtomicU64,
     list_items: AtomicU64,
     ops: AtomicU64,
+    /// Copies started (ids for their forwards).
+    copies: AtomicU64,
     replicated: AtomicU64,
     full_rejections: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
@@ -163,6 +167,7 @@ impl CacheNode {
             map_entries: AtomicU64::new(0),
             list_items: AtomicU64::new(0),
             ops: AtomicU64::new(0),
+            copies: AtomicU64::new(0),
             replicated: AtomicU64::new(0),
             full_rejections: AtomicU64::new(0),
             latency: Default::default(),
@@ -250,13 +255,18 @@ impl Node {
             .as_ref()
             .and_then(|o| o.members.iter().position(|m| m.id == self.me));
         let parts = self.parts.read().map(|p| p.clone()).unwrap_or_default();
+        // A forward ends when the partition changed (the copy was taken or abandoned) or its
+        // target left.
+        let stale = |p: u32, fw: &Forward| {
+            fw.version != table.version(p) || !table.members.iter().any(|m| m.id == fw.target.id)
+        };
         for (p, part) in parts.iter().enumerate() {
             let ended = self
                 .forwards
                 .lock()
                 .ok()
-                .and_then(|f| f.get(&(p as u32)).map(|fw| fw.version))
-                .is_some_and(|v| v != table.version(p as u32));
+                .and_then(|f| f.get(&(p as u32)).map(|fw| stale(p as u32, fw)))
+                .unwrap_or(false);
             let owned_before = old
                 .as_ref()
                 .zip(old_me)
@@ -267,10 +277,9 @@ impl Node {
                 continue;
             }
             let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
-            // A forward ends when the partition changed (the copy was taken or abandoned).
             if ended {
                 if let Ok(mut f) = self.forwards.lock() {
-                    f.retain(|q, fw| *q != p as u32 || fw.version == table.version(*q));
+                    f.retain(|q, fw| *q != p as u32 || !stale(*q, fw));
                 }
             }
             // Drop copies of partitions this member no longer owns.
@@ -451,6 +460,11 @@ impl Node {
             return Response::Replicated(Err(Failure::Behind));
         };
         let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
+        // Again under the partition's lock: a newer table may have come while this waited,
+        // and with it a new primary whose writes must not be overwritten by the old one's.
+        if self.table().is_some_and(|t| version < t.version(partition)) {
+            return Response::Replicated(Err(Failure::Moved));
+        }
         let adding: u64 = mutations.iter().map(|m| part.growth(m)).sum();
         if let Some(f) = self.full(adding) {
             return Response::Replicated(Err(f));
@@ -475,6 +489,7 @@ impl Node {
         }
         let part = self.part(partition).ok_or("no such partition")?;
         let conn = self.peer(&target.addr);
+        let copy = self.copies.fetch_add(1, Ordering::Relaxed);
         let pending = {
             let part = part.lock().unwrap_or_else(|e| e.into_inner());
             if let Ok(mut f) = self.forwards.lock() {
@@ -483,6 +498,7 @@ impl Node {
                     Forward {
                         target: target.clone(),
                         version,
+                        copy,
                     },
                 );
             }
@@ -502,8 +518,12 @@ impl Node {
             match tokio::time::timeout(REPLICATION_TIMEOUT * 4, rx).await {
                 Ok(Ok(Ok(Response::Replicated(Ok(()))))) => {}
                 other => {
+                    // Only this copy's forward: the master may have planned the copy again.
+                    let _held = part.lock().unwrap_or_else(|e| e.into_inner());
                     if let Ok(mut f) = self.forwards.lock() {
-                        f.remove(&partition);
+                        if f.get(&partition).is_some_and(|fw| fw.copy == copy) {
+                            f.remove(&partition);
+                        }
                     }
                     return Err(format!(
                         "copy of partition {partition} to {}: {other:?}",
