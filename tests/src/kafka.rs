@@ -1,4 +1,4 @@
-//! Helpers for tests against a real Kafka-protocol broker.
+//! Helpers for tests against a real Kafka-protocol broker (and librdkafka's mock cluster).
 //!
 //! The broker's address comes from `WEIR_KAFKA_BOOTSTRAP` (`scripts/test` starts one and
 //! sets it). When it is unset, [`bootstrap`] prints that the test was skipped and why, so a
@@ -61,6 +61,36 @@ pub fn broker_from(var: &str, name: &str, how: &str) -> Option<Broker> {
             );
             None
         }
+    }
+}
+
+/// librdkafka's mock cluster, served on loopback from this process while the value lives:
+/// it speaks the transaction protocol (init, begin, commit, abort, fencing) but shows
+/// aborted records to `read_committed` readers too, and does not answer the admin
+/// CreateTopics call, so topics are made up front.
+pub struct MockBroker(
+    rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+);
+
+impl MockBroker {
+    /// A one-broker mock cluster with `topic` in `partitions` partitions.
+    pub fn with_topic(topic: &str, partitions: i32) -> MockBroker {
+        let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+        cluster
+            .create_topic(topic, partitions, 1)
+            .expect("mock topic");
+        MockBroker(cluster)
+    }
+
+    pub fn bootstrap(&self) -> String {
+        self.0.bootstrap_servers()
+    }
+
+    /// Delays every response of the broker by `rtt` from now on (zero: none).
+    pub fn round_trip(&self, rtt: Duration) {
+        self.0
+            .broker_round_trip_time(1, rtt)
+            .expect("mock broker round trip");
     }
 }
 
@@ -158,6 +188,59 @@ pub fn consumer(bootstrap: &str, group: &str) -> BaseConsumer {
         .set("fetch.wait.max.ms", "10")
         .create()
         .expect("consumer")
+}
+
+/// Every record of `topic` a `read_committed` reader sees, from the start to the high
+/// watermarks at the time of the call (which it passes once the transaction markers and
+/// aborted records before them are skipped; a transaction still open holds it back until
+/// `timeout`).
+pub fn read_committed_all(bootstrap: &str, topic: &str, timeout: Duration) -> Vec<ReadBack> {
+    let highs = high_watermarks(bootstrap, topic);
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "weir-test-committed-reader")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..highs.len() as i32 {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("tpl");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let passed = |c: &BaseConsumer| {
+        let at = c.position().expect("position");
+        highs.iter().enumerate().all(|(p, high)| {
+            *high == 0
+                || matches!(at.find_partition(topic, p as i32).map(|e| e.offset()),
+                            Some(Offset::Offset(o)) if o >= *high)
+        })
+    };
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while !passed(&consumer) {
+        assert!(
+            Instant::now() < deadline,
+            "read_committed: not past the high watermarks {highs:?} of {topic} within {timeout:?} ({} records read)",
+            out.len()
+        );
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) if m.offset() < highs[m.partition() as usize] => {
+                out.push(ReadBack {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                });
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    out.sort();
+    out
 }
 
 /// Every record of `topic`, from the start to the high watermarks at the time of the call.
