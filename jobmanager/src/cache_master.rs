@@ -110,6 +110,7 @@ impl CacheMaster {
             match self.txs.get(&order.source.id) {
                 Some(tx) => {
                     let _ = tx.send(ToTaskManager::CacheCopy {
+                        copy: order.copy,
                         partition: order.partition,
                         version: order.version,
                         target: order.target,
@@ -222,6 +223,8 @@ impl Handler<TaskManagerLost> for CacheMaster {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct CopyEnded {
+    /// The master's id of the copy.
+    pub copy: u64,
     /// The partition.
     pub partition: u32,
     /// Its version when the copy started.
@@ -236,11 +239,11 @@ impl Handler<CopyEnded> for CacheMaster {
     type Result = ();
     fn handle(&mut self, msg: CopyEnded, _ctx: &mut Self::Context) {
         if let Some(e) = &msg.error {
-            warn!(partition = msg.partition, target = %msg.target, error = %e, "Cache copy failed.");
+            warn!(copy = msg.copy, partition = msg.partition, version = msg.version, target = %msg.target, error = %e, "Cache copy failed.");
         }
         if self
             .membership
-            .sync_done(msg.partition, msg.target, msg.version, msg.error.is_none())
+            .sync_done(msg.partition, msg.copy, msg.error.is_none())
         {
             self.publish();
         }

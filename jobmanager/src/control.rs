@@ -146,11 +146,13 @@ async fn relay(
                 let _ = to_tm.send(ToTaskManager::HeartbeatAck);
             }
             ToJobManager::CacheCopied {
+                copy,
                 partition,
                 version,
                 target,
                 error,
             } => cache.do_send(CopyEnded {
+                copy,
                 partition,
                 version,
                 target,

@@ -478,6 +478,7 @@ impl Handler<FromJobManager> for TaskManager {
                 lost,
             } => self.rewire(job, generation, placement, moved, lost, ctx),
             ToTaskManager::CacheCopy {
+                copy,
                 partition,
                 version,
                 target,
@@ -491,6 +492,7 @@ impl Handler<FromJobManager> for TaskManager {
                     }
                     if let Some(tx) = to_jm {
                         let _ = tx.send(ToJobManager::CacheCopied {
+                            copy,
                             partition,
                             version,
                             target: target_id,

@@ -235,7 +235,7 @@ impl Node {
     /// one and is refused.
     fn set_table(&self, table: PartitionTable) {
         let table = Arc::new(table);
-        let old = {
+        {
             let Ok(mut held) = self.table.write() else {
                 return;
             };
@@ -247,13 +247,10 @@ impl Node {
                     parts.push(Arc::default());
                 }
             }
-            held.replace(table.clone())
-        };
+            held.replace(table.clone());
+        }
         debug!(tm = %self.me, epoch = table.epoch, "Cache table updated.");
         let me = table.members.iter().position(|m| m.id == self.me);
-        let old_me = old
-            .as_ref()
-            .and_then(|o| o.members.iter().position(|m| m.id == self.me));
         let parts = self.parts.read().map(|p| p.clone()).unwrap_or_default();
         // A forward ends when the partition changed (the copy was taken or abandoned) or its
         // target left.
@@ -267,13 +264,8 @@ impl Node {
                 .ok()
                 .and_then(|f| f.get(&(p as u32)).map(|fw| stale(p as u32, fw)))
                 .unwrap_or(false);
-            let owned_before = old
-                .as_ref()
-                .zip(old_me)
-                .is_some_and(|(o, i)| o.owners[p].contains(&(i as u16)));
-            let owned_now = me.is_some_and(|i| table.owners[p].contains(&(i as u16)));
-            let drop_copy = owned_before && !owned_now;
-            if !ended && !drop_copy {
+            let owned = me.is_some_and(|i| table.owners[p].contains(&(i as u16)));
+            if !ended && owned {
                 continue;
             }
             let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
@@ -282,8 +274,10 @@ impl Node {
                     f.retain(|q, fw| *q != p as u32 || !stale(*q, fw));
                 }
             }
-            // Drop copies of partitions this member no longer owns.
-            if drop_copy {
+            // Drop what this member holds of a partition it does not own, unless it was
+            // written at the partition's current version: then it is a copy arriving (sent
+            // before this member learnt of the table that asked for it), not a leftover.
+            if !owned && !part.is_empty() && part.version() < table.version(p as u32) {
                 let d = part.apply(Mutation::Clear);
                 self.account(d);
             }
@@ -416,6 +410,7 @@ impl Node {
                     });
                     pending.push((r.addr.clone(), rx));
                 }
+                part.written_at(version);
                 let d = part.apply(m);
                 self.account(d);
                 if !pending.is_empty() {
@@ -470,6 +465,7 @@ impl Node {
             return Response::Replicated(Err(f));
         }
         let n = mutations.len() as u64;
+        part.written_at(version);
         for m in mutations {
             let d = part.apply(m);
             self.account(d);

@@ -94,9 +94,27 @@ pub struct Partition {
     usage: Usage,
     /// Map entries with a time to live (the expiry sweep skips partitions without any).
     expiring: usize,
+    /// The newest partition version a write was applied under, here or by the primary
+    /// that replicated it (0 before any).
+    version: u64,
 }
 
 impl Partition {
+    /// The newest partition version a write was applied under.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Notes that writes of partition version `version` are being applied.
+    pub fn written_at(&mut self, version: u64) {
+        self.version = self.version.max(version);
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.maps.is_empty() && self.lists.is_empty()
+    }
+
     /// What this partition holds.
     pub fn usage(&self) -> Usage {
         self.usage

@@ -116,9 +116,13 @@ impl Ring {
 const LOAD_BOUND: f64 = 1.1;
 
 /// A copy the master asked for: `source` (the primary) sends partition `partition` to
-/// `target`, which becomes an owner when the copy is confirmed at the same `version`.
+/// `target`, which becomes an owner when copy `copy` is confirmed at the same `version`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SyncOrder {
+    /// Which copy this is: the outcome of a copy planned again after [`SYNC_TIMEOUT`] names
+    /// the new one, so the first one's late success cannot promote a target that the
+    /// second is still sending to.
+    pub copy: u64,
     /// The partition.
     pub partition: u32,
     /// Its version when the copy started.
@@ -151,8 +155,18 @@ pub struct Membership {
     owners: Vec<Vec<TaskManagerId>>,
     versions: Vec<u64>,
     lost: BTreeMap<u32, u64>,
-    syncing: BTreeMap<u32, (TaskManagerId, u64, Instant)>,
+    syncing: BTreeMap<u32, Sync>,
     synced_total: u64,
+    /// Id of the last copy planned.
+    copies: u64,
+}
+
+/// A copy in flight.
+struct Sync {
+    copy: u64,
+    target: TaskManagerId,
+    version: u64,
+    started: Instant,
 }
 
 impl Membership {
@@ -168,6 +182,7 @@ impl Membership {
             lost: BTreeMap::new(),
             syncing: BTreeMap::new(),
             synced_total: 0,
+            copies: 0,
         }
     }
 
@@ -251,7 +266,7 @@ impl Membership {
             }
         }
         self.syncing
-            .retain(|p, (target, _, _)| *target != id && !self.owners[*p as usize].is_empty());
+            .retain(|p, sync| sync.target != id && !self.owners[*p as usize].is_empty());
         self.place_unowned();
         lost
     }
@@ -277,10 +292,15 @@ impl Membership {
     /// Copies to start now (at most `max_syncs` in flight), after promoting partitions whose
     /// ring owners already hold the data. Returns the orders to send to the primaries.
     pub fn plan(&mut self) -> Vec<SyncOrder> {
+        self.plan_at(Instant::now())
+    }
+
+    /// [`Membership::plan`] at time `now`.
+    fn plan_at(&mut self, now: Instant) -> Vec<SyncOrder> {
         // A copy whose outcome never arrived (its primary died mid-way, a message was lost)
-        // is forgotten after a while and planned again.
+        // is forgotten after a while and planned again, under a new id.
         self.syncing
-            .retain(|_, (_, _, started)| started.elapsed() < SYNC_TIMEOUT);
+            .retain(|_, sync| now.saturating_duration_since(sync.started) < SYNC_TIMEOUT);
         let mut orders = Vec::new();
         for (p, target) in self.targets().into_iter().enumerate() {
             let current = &self.owners[p];
@@ -290,14 +310,21 @@ impl Membership {
             let copying = self.syncing.contains_key(&(p as u32));
             match target.iter().find(|m| !current.contains(m)) {
                 Some(missing) if !copying && self.syncing.len() < self.max_syncs => {
+                    self.copies += 1;
                     let order = SyncOrder {
+                        copy: self.copies,
                         partition: p as u32,
                         version: self.versions[p],
                         source: self.member(current[0]),
                         target: self.member(*missing),
                     };
-                    self.syncing
-                        .insert(p as u32, (*missing, self.versions[p], Instant::now()));
+                    let sync = Sync {
+                        copy: self.copies,
+                        target: *missing,
+                        version: self.versions[p],
+                        started: now,
+                    };
+                    self.syncing.insert(p as u32, sync);
                     orders.push(order);
                 }
                 Some(_) => {}
@@ -312,24 +339,24 @@ impl Membership {
         orders
     }
 
-    /// A copy ended. On success, and if nothing changed the partition meanwhile, the target
-    /// becomes its newest backup. Returns whether the table changed.
-    pub fn sync_done(
-        &mut self,
-        partition: u32,
-        target: TaskManagerId,
-        version: u64,
-        ok: bool,
-    ) -> bool {
+    /// Copy `copy` of `partition` ended. On success, if it is the partition's copy in flight
+    /// and nothing changed the partition meanwhile, the target becomes its newest backup.
+    /// Returns whether the table changed.
+    pub fn sync_done(&mut self, partition: u32, copy: u64, ok: bool) -> bool {
         let p = partition as usize;
         if self
             .syncing
             .get(&partition)
-            .is_none_or(|(t, v, _)| (*t, *v) != (target, version))
+            .is_none_or(|sync| sync.copy != copy)
         {
             return false;
         }
-        self.syncing.remove(&partition);
+        let Some(Sync {
+            target, version, ..
+        }) = self.syncing.remove(&partition)
+        else {
+            return false;
+        };
         if !ok || p >= self.owners.len() || self.versions[p] != version {
             return false;
         }
@@ -440,7 +467,7 @@ mod tests {
                 return;
             }
             for o in orders {
-                m.sync_done(o.partition, o.target.id, o.version, true);
+                m.sync_done(o.partition, o.copy, true);
             }
         }
         panic!("placement did not settle: {:?}", m.progress());
@@ -584,13 +611,13 @@ mod tests {
         }
         // A copy that fails or races with a change is not taken.
         let o = &orders[0];
-        assert!(!m.sync_done(o.partition, newcomer, o.version, false));
+        assert!(!m.sync_done(o.partition, o.copy, false));
         assert!(
-            !m.sync_done(o.partition, newcomer, o.version, true),
+            !m.sync_done(o.partition, o.copy, true),
             "no longer in flight"
         );
         for o in &orders[1..] {
-            assert!(m.sync_done(o.partition, newcomer, o.version, true));
+            assert!(m.sync_done(o.partition, o.copy, true));
         }
         settle(&mut m);
         let t = m.table();
@@ -600,5 +627,35 @@ mod tests {
             owned > 271 * 2 / 3 / 2,
             "the newcomer owns its share: {owned}"
         );
+    }
+
+    /// Ensures a copy planned again after its timeout is the one whose outcome counts: the
+    /// first copy's late success must not promote the target while the second one (which
+    /// starts with clearing the target's copy) is still arriving.
+    #[test]
+    fn only_the_latest_copy_of_a_partition_promotes_its_target() {
+        let (mut m, _) = joined(2, 1);
+        settle(&mut m);
+        m.join(TaskManagerId(99), "127.0.0.1:9999".into());
+        let first = m.plan()[0].clone();
+        let later = Instant::now() + SYNC_TIMEOUT + Duration::from_secs(1);
+        let again = m
+            .plan_at(later)
+            .into_iter()
+            .find(|o| o.partition == first.partition)
+            .expect("planned again after the timeout");
+        assert_eq!(
+            (again.target.id, again.version),
+            (first.target.id, first.version),
+            "the same copy, planned again"
+        );
+        assert_ne!(again.copy, first.copy);
+        let owners_before = m.table().owners[first.partition as usize].clone();
+        assert!(
+            !m.sync_done(first.partition, first.copy, true),
+            "superseded"
+        );
+        assert_eq!(m.table().owners[first.partition as usize], owners_before);
+        assert!(m.sync_done(again.partition, again.copy, true));
     }
 }

@@ -67,8 +67,7 @@ impl Cluster {
                     .1;
                 let ok = src.copy_to(o.partition, o.version, o.target.clone()).await;
                 assert!(ok.is_ok(), "{ok:?}");
-                self.master
-                    .sync_done(o.partition, o.target.id, o.version, true);
+                self.master.sync_done(o.partition, o.copy, true);
             }
         }
     }

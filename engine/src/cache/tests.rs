@@ -9,7 +9,7 @@ use tokio::io::AsyncWriteExt;
 use super::testing::Cluster;
 use super::*;
 use crate::ids::TaskManagerId;
-use crate::protocol::cache::{Request, Response};
+use crate::protocol::cache::{PartitionTable, Request, Response};
 use crate::protocol::frame::{read_msg, write_frame};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,4 +229,63 @@ async fn a_placement_hint_keeps_a_list_off_a_member() {
     let p = client.partition_avoiding("log-x", avoid);
     assert_eq!(client.append(p, "log-x", vec![vec![1]]).await.unwrap(), 0);
     assert_eq!(client.len(p, "log-x").await.unwrap(), (0, 1));
+}
+
+/// Ensures a member keeps a copy that reached it before the table that dropped it from the
+/// partition (the master dropped it, then chose it again for a copy at the new version),
+/// while a member that leaves a partition drops what it held there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_arrives_before_its_table_is_kept() {
+    let c = Cluster::start(2, 1 << 30).await;
+    let client = c.client().await;
+    assert_eq!(client.put("m", b"k", b"v".to_vec(), None).await.unwrap(), 1);
+    let t1 = client.table();
+    let p = client.map_partition("m", b"k");
+    let [a, b] = [0, 1].map(|i| t1.owners[p as usize][i]);
+    let node = |i: u16| {
+        let id = t1.members[i as usize].id;
+        &c.nodes.iter().find(|(n, _)| *n == id).expect("node").1
+    };
+    // The next table as the master would write it: partition `p` owned by `owners`.
+    let next = |t: &PartitionTable, owners: Vec<u16>| {
+        let mut t = t.clone();
+        t.epoch += 1;
+        t.owners[p as usize] = owners;
+        t.versions[p as usize] = t.epoch;
+        t
+    };
+    // The master drops the backup from `p` and copies `p` to it again; the copy arrives
+    // before the table that dropped it.
+    let t2 = next(&t1, vec![a]);
+    node(a).set_table(t2.clone());
+    let target = t1.members[b as usize].clone();
+    node(a)
+        .copy_to(p, t2.version(p), target)
+        .await
+        .expect("copy");
+    node(b).set_table(t2.clone());
+    assert_eq!(node(b).stats().map_entries, 1, "the copy is kept");
+    // The copy is confirmed: the target becomes a backup; then the primary is lost.
+    let t3 = next(&t2, vec![a, b]);
+    node(a).set_table(t3.clone());
+    node(b).set_table(t3.clone());
+    let t4 = next(&t3, vec![b]);
+    node(a).set_table(t4.clone());
+    node(b).set_table(t4.clone());
+    assert_eq!(
+        node(a).stats().map_entries,
+        0,
+        "a member that left `p` drops it"
+    );
+    let survivor = CacheClient::connect(
+        &[t4.members[b as usize].addr.clone()],
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        survivor.get("m", b"k").await.unwrap(),
+        Some((b"v".to_vec(), 1)),
+        "the promoted copy holds the write"
+    );
 }

@@ -37,6 +37,8 @@ pub enum ToJobManager {
     },
     /// A partition copy the job manager asked for ended.
     CacheCopied {
+        /// The copy's id, from [`ToTaskManager::CacheCopy`].
+        copy: u64,
         /// The partition.
         partition: u32,
         /// Its version when the copy started.
@@ -207,6 +209,8 @@ pub enum ToTaskManager {
     CacheTable(PartitionTable),
     /// As primary of `partition`, copy it to `target` (re-replication or migration).
     CacheCopy {
+        /// The master's id of this copy, answered in [`ToJobManager::CacheCopied`].
+        copy: u64,
         /// The partition.
         partition: u32,
         /// Its version now.
