@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::Message;
@@ -82,6 +83,7 @@ impl MockBroker {
         MockBroker(cluster)
     }
 
+    /// The address clients connect to.
     pub fn bootstrap(&self) -> String {
         self.0.bootstrap_servers()
     }
@@ -190,16 +192,18 @@ pub fn consumer(bootstrap: &str, group: &str) -> BaseConsumer {
         .expect("consumer")
 }
 
-/// Every record of `topic` a `read_committed` reader sees, from the start to the high
-/// watermarks at the time of the call (which it passes once the transaction markers and
-/// aborted records before them are skipped; a transaction still open holds it back until
-/// `timeout`).
+/// Every record of `topic` a `read_committed` reader sees, from the start to the end of
+/// each partition at the time of the call: the reader stops at each partition's end of
+/// file (its last stable offset) or once its position passes the high watermark, which
+/// counts the transaction markers it skips. Call it when no transaction is open any more:
+/// an open one holds the end back until `timeout`.
 pub fn read_committed_all(bootstrap: &str, topic: &str, timeout: Duration) -> Vec<ReadBack> {
     let highs = high_watermarks(bootstrap, topic);
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "weir-test-committed-reader")
         .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed")
         .create()
         .expect("consumer");
@@ -209,20 +213,21 @@ pub fn read_committed_all(bootstrap: &str, topic: &str, timeout: Duration) -> Ve
             .expect("tpl");
     }
     consumer.assign(&tpl).expect("assign");
-    let passed = |c: &BaseConsumer| {
+    let mut at_end: Vec<bool> = highs.iter().map(|h| *h == 0).collect();
+    let passed = |c: &BaseConsumer, at_end: &[bool]| {
         let at = c.position().expect("position");
         highs.iter().enumerate().all(|(p, high)| {
-            *high == 0
+            at_end[p]
                 || matches!(at.find_partition(topic, p as i32).map(|e| e.offset()),
                             Some(Offset::Offset(o)) if o >= *high)
         })
     };
     let mut out = Vec::new();
     let deadline = Instant::now() + timeout;
-    while !passed(&consumer) {
+    while !passed(&consumer, &at_end) {
         assert!(
             Instant::now() < deadline,
-            "read_committed: not past the high watermarks {highs:?} of {topic} within {timeout:?} ({} records read)",
+            "read_committed: not at the end of {topic} (high watermarks {highs:?}) within {timeout:?} ({} records read)",
             out.len()
         );
         match consumer.poll(Duration::from_millis(100)) {
@@ -235,6 +240,7 @@ pub fn read_committed_all(bootstrap: &str, topic: &str, timeout: Duration) -> Ve
                 });
             }
             Some(Ok(_)) => {}
+            Some(Err(KafkaError::PartitionEOF(p))) => at_end[p as usize] = true,
             Some(Err(e)) => panic!("reading {topic}: {e}"),
             None => {}
         }

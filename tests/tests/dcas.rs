@@ -746,11 +746,14 @@ fn dcas_kafka_sink_is_exactly_once_through_kills() {
 }
 
 /// Ensures the same job against librdkafka's mock cluster, in this process, loses no result
-/// and writes no wrong count: every epoch a killed sink had not committed is written again
-/// after its restart, through `init_transactions`, abort and commit against a broker that
-/// speaks the transaction protocol. The mock shows aborted records to `read_committed`
-/// readers too, so a result read twice is allowed here when both copies are equal (an
-/// aborted epoch replayed); the real-Kafka test above refuses any.
+/// and writes no wrong count when the first kill lands inside the sink's transactions
+/// (the broker's round trips are slowed meanwhile): a restored sink writes again the epochs
+/// of its snapshot, through `init_transactions`, abort and commit against a broker that
+/// speaks the transaction protocol. What the mock cannot show: it keeps no epoch marker, so
+/// a restored sink writes every epoch of its snapshot again, committed or not; and it shows
+/// aborted records to `read_committed` readers. So a result may be read twice here (both
+/// copies must be equal), and an epoch whose records reached the broker before the kill
+/// counts as present; the real-Kafka test above refuses any repeat.
 #[test]
 fn dcas_kafka_sink_transactions_lose_nothing_through_kills() {
     let mock = weir_tests::kafka::MockBroker::with_topic("dcas-eos", 2);
@@ -812,7 +815,7 @@ fn kafka_sink_through_kills(b: &str, topic: &str, duplicates: Duplicates, slow: 
         }
     }
     if repeated > 0 {
-        eprintln!("{repeated} results read twice (aborted epochs the mock broker shows)");
+        eprintln!("{repeated} results read twice (epochs written again, or aborted ones shown)");
     }
     let want = expected(&spec);
     assert_eq!(got.len(), want.len(), "number of (word, window) results");

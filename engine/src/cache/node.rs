@@ -265,7 +265,8 @@ impl Node {
                 .and_then(|f| f.get(&(p as u32)).map(|fw| stale(p as u32, fw)))
                 .unwrap_or(false);
             let owned = me.is_some_and(|i| table.owners[p].contains(&(i as u16)));
-            if !ended && owned {
+            let lost = table.is_lost(p as u32);
+            if !ended && owned && !lost {
                 continue;
             }
             let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
@@ -276,8 +277,10 @@ impl Node {
             }
             // Drop what this member holds of a partition it does not own, unless it was
             // written at the partition's current version: then it is a copy arriving (sent
-            // before this member learnt of the table that asked for it), not a leftover.
-            if !owned && !part.is_empty() && part.version() < table.version(p as u32) {
+            // before this member learnt of the table that asked for it), not a leftover. A
+            // partition that lost every copy holds nothing, whoever owns it now.
+            let leftover = !owned && part.version() < table.version(p as u32);
+            if (leftover || lost) && !part.is_empty() {
                 let d = part.apply(Mutation::Clear);
                 self.account(d);
             }
@@ -388,6 +391,13 @@ impl Node {
                     continue;
                 }
             };
+            // Data written at a newer version (a copy from the partition's next primary)
+            // takes no writes of an older one.
+            if part.version() > version {
+                stale = true;
+                results.push(OpResult::Failed(Failure::Moved));
+                continue;
+            }
             let (result, mutation) = match part.plan(op, now) {
                 Ok(x) => x,
                 Err(f) => {
@@ -457,7 +467,10 @@ impl Node {
         let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
         // Again under the partition's lock: a newer table may have come while this waited,
         // and with it a new primary whose writes must not be overwritten by the old one's.
-        if self.table().is_some_and(|t| version < t.version(partition)) {
+        // Nor over data written at a newer version (a copy from the next primary that came
+        // before the table naming it).
+        if part.version() > version || self.table().is_some_and(|t| version < t.version(partition))
+        {
             return Response::Replicated(Err(Failure::Moved));
         }
         let adding: u64 = mutations.iter().map(|m| part.growth(m)).sum();

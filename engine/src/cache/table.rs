@@ -155,14 +155,14 @@ pub struct Membership {
     owners: Vec<Vec<TaskManagerId>>,
     versions: Vec<u64>,
     lost: BTreeMap<u32, u64>,
-    syncing: BTreeMap<u32, Sync>,
+    syncing: BTreeMap<u32, CopyInFlight>,
     synced_total: u64,
     /// Id of the last copy planned.
     copies: u64,
 }
 
 /// A copy in flight.
-struct Sync {
+struct CopyInFlight {
     copy: u64,
     target: TaskManagerId,
     version: u64,
@@ -297,10 +297,14 @@ impl Membership {
 
     /// [`Membership::plan`] at time `now`.
     fn plan_at(&mut self, now: Instant) -> Vec<SyncOrder> {
-        // A copy whose outcome never arrived (its primary died mid-way, a message was lost)
-        // is forgotten after a while and planned again, under a new id.
-        self.syncing
-            .retain(|_, sync| now.saturating_duration_since(sync.started) < SYNC_TIMEOUT);
+        // A copy whose outcome never arrived (a message was lost) is forgotten after a while
+        // and planned again, under a new id; one of a partition that changed meanwhile (its
+        // primary died) cannot succeed and is planned again at once.
+        let versions = &self.versions;
+        self.syncing.retain(|p, sync| {
+            versions[*p as usize] == sync.version
+                && now.saturating_duration_since(sync.started) < SYNC_TIMEOUT
+        });
         let mut orders = Vec::new();
         for (p, target) in self.targets().into_iter().enumerate() {
             let current = &self.owners[p];
@@ -318,7 +322,7 @@ impl Membership {
                         source: self.member(current[0]),
                         target: self.member(*missing),
                     };
-                    let sync = Sync {
+                    let sync = CopyInFlight {
                         copy: self.copies,
                         target: *missing,
                         version: self.versions[p],
@@ -340,8 +344,9 @@ impl Membership {
     }
 
     /// Copy `copy` of `partition` ended. On success, if it is the partition's copy in flight
-    /// and nothing changed the partition meanwhile, the target becomes its newest backup.
-    /// Returns whether the table changed.
+    /// and nothing changed the partition meanwhile, the target becomes its newest backup. On
+    /// failure the partition's version moves on, so the target drops what it received of
+    /// the copy. Returns whether the table changed.
     pub fn sync_done(&mut self, partition: u32, copy: u64, ok: bool) -> bool {
         let p = partition as usize;
         if self
@@ -351,14 +356,18 @@ impl Membership {
         {
             return false;
         }
-        let Some(Sync {
+        let Some(CopyInFlight {
             target, version, ..
         }) = self.syncing.remove(&partition)
         else {
             return false;
         };
-        if !ok || p >= self.owners.len() || self.versions[p] != version {
+        if p >= self.owners.len() || self.versions[p] != version {
             return false;
+        }
+        if !ok {
+            self.set_owners(p, self.owners[p].clone());
+            return true;
         }
         if !self.members.contains_key(&target) || self.owners[p].contains(&target) {
             return false;
@@ -611,7 +620,12 @@ mod tests {
         }
         // A copy that fails or races with a change is not taken.
         let o = &orders[0];
-        assert!(!m.sync_done(o.partition, o.copy, false));
+        let version = m.table().version(o.partition);
+        assert!(
+            m.sync_done(o.partition, o.copy, false),
+            "a failed copy moves the version"
+        );
+        assert!(m.table().version(o.partition) > version);
         assert!(
             !m.sync_done(o.partition, o.copy, true),
             "no longer in flight"

@@ -9,7 +9,7 @@ use tokio::io::AsyncWriteExt;
 use super::testing::Cluster;
 use super::*;
 use crate::ids::TaskManagerId;
-use crate::protocol::cache::{PartitionTable, Request, Response};
+use crate::protocol::cache::{Failure, Mutation, PartitionTable, Request, Response};
 use crate::protocol::frame::{read_msg, write_frame};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,10 +259,34 @@ async fn a_copy_that_arrives_before_its_table_is_kept() {
     let t2 = next(&t1, vec![a]);
     node(a).set_table(t2.clone());
     let target = t1.members[b as usize].clone();
+    let target_addr = target.addr.clone();
     node(a)
         .copy_to(p, t2.version(p), target)
         .await
         .expect("copy");
+    // The backup, still on the old table, refuses a write of the old version over the copy
+    // (a deposed primary's).
+    let conn = conn::Conn::open(&target_addr, Duration::from_secs(2));
+    let r = conn
+        .call(
+            Request::Replicate {
+                partition: p,
+                version: t1.version(p),
+                mutations: vec![Mutation::MapSet {
+                    map: "m".into(),
+                    key: b"k".to_vec(),
+                    value: b"stale".to_vec(),
+                    version: 2,
+                    expires_ms: None,
+                }],
+            },
+            Duration::from_secs(2),
+        )
+        .await;
+    assert!(
+        matches!(r, Ok(Response::Replicated(Err(Failure::Moved)))),
+        "an old version's write over a newer copy: {r:?}"
+    );
     node(b).set_table(t2.clone());
     assert_eq!(node(b).stats().map_entries, 1, "the copy is kept");
     // The copy is confirmed: the target becomes a backup; then the primary is lost.
