@@ -373,10 +373,10 @@ struct Job {
     failovers: Vec<FailoverEvent>,
     /// Recoveries started.
     restarts: u32,
-    /// Parts of collect epochs accepted, by (operator, subtask, checkpoint): an
+    /// What was taken of each collect subtask's epochs, by (operator, subtask): an
     /// exactly-once sink delivers an epoch again after a restore (the same records in the
     /// same parts), and only the first delivery of each part counts.
-    committed: HashMap<(String, u32, u64), u32>,
+    collects: HashMap<(String, u32), CollectProgress>,
     /// A recovery in progress (until the new deployment is sent).
     recovery: Option<Recovery>,
     /// DCAS with fallback checkpoints: the checkpoint this deployment was restored from. A
@@ -1542,7 +1542,7 @@ impl Dispatcher {
             coordinator,
             failovers: Vec::new(),
             restarts: 0,
-            committed: HashMap::new(),
+            collects: HashMap::new(),
             recovery: None,
             restored_from: None,
         };
@@ -1707,6 +1707,47 @@ struct PartFate {
     confirm: bool,
 }
 
+/// What the job manager took of one collect subtask's epochs, which it delivers in order:
+/// every epoch up to `done` whole, and the parts of the one being delivered. Its size stays
+/// fixed however long the job runs.
+#[derive(Debug, Default)]
+struct CollectProgress {
+    /// Every epoch up to this one was taken whole.
+    done: Option<u64>,
+    /// The epoch being delivered and how many of its parts were taken.
+    open: Option<(u64, u32)>,
+}
+
+impl CollectProgress {
+    /// The fate of part `part` of epoch `epoch` (`last`: the delivery's final part), or
+    /// `None` when it is out of order (neither taken nor confirmed): a part beyond the next,
+    /// or another epoch while one is only partly taken. A restored sink delivers its epochs
+    /// again from its snapshot, oldest first, so neither happens on in-order connections.
+    fn accept(&mut self, epoch: u64, part: u32, last: bool) -> Option<PartFate> {
+        if self.done.is_some_and(|d| epoch <= d) {
+            // Taken whole before; its confirmation may have been lost.
+            return Some(PartFate {
+                take: false,
+                confirm: last,
+            });
+        }
+        let parts = match &mut self.open {
+            Some((e, parts)) if *e == epoch => parts,
+            Some(_) => return None,
+            None => &mut self.open.insert((epoch, 0)).1,
+        };
+        if part > *parts {
+            return None;
+        }
+        let fate = accept_part(parts, part, last);
+        if fate.confirm {
+            self.done = Some(epoch);
+            self.open = None;
+        }
+        Some(fate)
+    }
+}
+
 /// The fate of part `part` (`last`: the delivery's final one) of an epoch's collected
 /// output, given `parts` taken so far (counted up when it is taken). An epoch delivered
 /// again after a restore comes in the same parts, so those already taken are dropped and
@@ -1739,16 +1780,14 @@ impl Handler<CollectedOutput> for Dispatcher {
         }
         let mut records = msg.records;
         if let Some(epoch) = msg.epoch {
-            let parts = job
-                .committed
-                .entry((msg.operator.clone(), msg.subtask, epoch))
+            let progress = job
+                .collects
+                .entry((msg.operator.clone(), msg.subtask))
                 .or_default();
-            let expected = *parts;
-            let fate = accept_part(parts, msg.part, msg.last);
-            if msg.part > expected {
-                warn!(job = %msg.job, operator = %msg.operator, subtask = msg.subtask, epoch, part = msg.part, expected, "Collected output out of order dropped.");
+            let Some(fate) = progress.accept(epoch, msg.part, msg.last) else {
+                warn!(job = %msg.job, operator = %msg.operator, subtask = msg.subtask, epoch, part = msg.part, ?progress, "Collected output out of order dropped.");
                 return;
-            }
+            };
             if !fate.take {
                 records.clear();
             }
@@ -2332,7 +2371,7 @@ impl Handler<GetOutput> for Dispatcher {
 
 #[cfg(test)]
 mod tests {
-    use super::{accept_part, PartFate};
+    use super::{accept_part, CollectProgress, PartFate};
 
     fn fates(parts: &mut u32, delivery: &[(u32, bool)]) -> Vec<PartFate> {
         delivery
@@ -2379,5 +2418,26 @@ mod tests {
             "a gap is neither filled nor confirmed"
         );
         assert_eq!(gap, 0);
+    }
+
+    /// Ensures a collect subtask's progress keeps one open epoch and a watermark: epochs
+    /// taken whole are dropped (and confirmed again) when a restored sink delivers them
+    /// again, an interrupted one continues where it stopped, and nothing out of order is
+    /// taken.
+    #[test]
+    fn collect_progress_is_a_watermark() {
+        let mut c = CollectProgress::default();
+        assert_eq!(c.accept(3, 0, true), Some(fate(true, true)));
+        assert_eq!(c.accept(5, 0, false), Some(fate(true, false)));
+        assert_eq!(c.accept(5, 1, false), Some(fate(true, false)));
+        assert_eq!(c.accept(6, 0, true), None, "epoch 5 is not whole yet");
+        assert_eq!(c.accept(5, 3, true), None, "part 2 is missing");
+        // The sink restarts and delivers its snapshot's epochs again, oldest first.
+        assert_eq!(c.accept(3, 0, true), Some(fate(false, true)));
+        assert_eq!(c.accept(5, 0, false), Some(fate(false, false)));
+        assert_eq!(c.accept(5, 1, false), Some(fate(false, false)));
+        assert_eq!(c.accept(5, 2, true), Some(fate(true, true)));
+        assert_eq!(c.accept(6, 0, true), Some(fate(true, true)));
+        assert_eq!((c.done, c.open), (Some(6), None));
     }
 }
