@@ -192,6 +192,26 @@ pub fn consumer(bootstrap: &str, group: &str) -> BaseConsumer {
         .expect("consumer")
 }
 
+/// Assigns `consumer` every one of the `partitions` partitions of `topic`, from the start.
+fn assign_from_start(consumer: &BaseConsumer, topic: &str, partitions: usize) {
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("tpl");
+    }
+    consumer.assign(&tpl).expect("assign");
+}
+
+/// A record read back, copied out of the consumer's buffer.
+fn read_back(m: &rdkafka::message::BorrowedMessage<'_>) -> ReadBack {
+    ReadBack {
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().unwrap_or_default().to_vec(),
+    }
+}
+
 /// Every record of `topic` a `read_committed` reader sees, from the start to the end of
 /// each partition at the time of the call: the reader stops at each partition's end of
 /// file (its last stable offset) or once its position passes the high watermark, which
@@ -207,12 +227,7 @@ pub fn read_committed_all(bootstrap: &str, topic: &str, timeout: Duration) -> Ve
         .set("isolation.level", "read_committed")
         .create()
         .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..highs.len() as i32 {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .expect("tpl");
-    }
-    consumer.assign(&tpl).expect("assign");
+    assign_from_start(&consumer, topic, highs.len());
     let mut at_end: Vec<bool> = highs.iter().map(|h| *h == 0).collect();
     let passed = |c: &BaseConsumer, at_end: &[bool]| {
         let at = c.position().expect("position");
@@ -231,14 +246,7 @@ pub fn read_committed_all(bootstrap: &str, topic: &str, timeout: Duration) -> Ve
             out.len()
         );
         match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) if m.offset() < highs[m.partition() as usize] => {
-                out.push(ReadBack {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    payload: m.payload().unwrap_or_default().to_vec(),
-                });
-            }
+            Some(Ok(m)) if m.offset() < highs[m.partition() as usize] => out.push(read_back(&m)),
             Some(Ok(_)) => {}
             Some(Err(KafkaError::PartitionEOF(p))) => at_end[p as usize] = true,
             Some(Err(e)) => panic!("reading {topic}: {e}"),
@@ -254,12 +262,7 @@ pub fn read_all(bootstrap: &str, topic: &str, timeout: Duration) -> Vec<ReadBack
     let highs = high_watermarks(bootstrap, topic);
     let total: i64 = highs.iter().sum();
     let consumer = consumer(bootstrap, "weir-test-reader");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..highs.len() as i32 {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .expect("tpl");
-    }
-    consumer.assign(&tpl).expect("assign");
+    assign_from_start(&consumer, topic, highs.len());
     let mut out = Vec::with_capacity(total as usize);
     let deadline = Instant::now() + timeout;
     while (out.len() as i64) < total {
@@ -269,14 +272,7 @@ pub fn read_all(bootstrap: &str, topic: &str, timeout: Duration) -> Vec<ReadBack
             out.len()
         );
         match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) if m.offset() < highs[m.partition() as usize] => {
-                out.push(ReadBack {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    payload: m.payload().unwrap_or_default().to_vec(),
-                });
-            }
+            Some(Ok(m)) if m.offset() < highs[m.partition() as usize] => out.push(read_back(&m)),
             Some(Ok(_)) => {}
             Some(Err(e)) => panic!("reading {topic}: {e}"),
             None => {}

@@ -382,22 +382,17 @@ impl Node {
             };
             let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
             // Checked again under the partition's lock: a new table may have come meanwhile,
-            // and with it the end of a copy's forward (see `set_table`).
+            // and with it the end of a copy's forward (see `set_table`). And data written at
+            // a newer version (a copy from the partition's next primary) takes no writes of
+            // an older one.
             let table = match self.table() {
-                Some(t) if t.version(p) == version => t,
+                Some(t) if t.version(p) == version && part.version() <= version => t,
                 _ => {
                     stale = true;
                     results.push(OpResult::Failed(Failure::Moved));
                     continue;
                 }
             };
-            // Data written at a newer version (a copy from the partition's next primary)
-            // takes no writes of an older one.
-            if part.version() > version {
-                stale = true;
-                results.push(OpResult::Failed(Failure::Moved));
-                continue;
-            }
             let (result, mutation) = match part.plan(op, now) {
                 Ok(x) => x,
                 Err(f) => {

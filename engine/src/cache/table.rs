@@ -14,6 +14,7 @@
 //! and only when the copy is confirmed does the table name it an owner. When a member is
 //! lost, its partitions' first surviving backup becomes primary in the very next table.
 
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -349,18 +350,11 @@ impl Membership {
     /// the copy. Returns whether the table changed.
     pub fn sync_done(&mut self, partition: u32, copy: u64, ok: bool) -> bool {
         let p = partition as usize;
-        if self
-            .syncing
-            .get(&partition)
-            .is_none_or(|sync| sync.copy != copy)
-        {
-            return false;
-        }
-        let Some(CopyInFlight {
+        let CopyInFlight {
             target, version, ..
-        }) = self.syncing.remove(&partition)
-        else {
-            return false;
+        } = match self.syncing.entry(partition) {
+            Entry::Occupied(sync) if sync.get().copy == copy => sync.remove(),
+            _ => return false,
         };
         if p >= self.owners.len() || self.versions[p] != version {
             return false;
