@@ -27,16 +27,93 @@ impl Entry {
     }
 }
 
-/// A list: `items[0]` has index `start`.
+/// A list, held as the batches it was appended in: one append moves its items in whole, so
+/// a list's growth never copies the items it holds, and a trim drops whole batches.
 #[derive(Clone, Debug, Default)]
 struct List {
+    /// Index of the first item held; the next index when none is.
     start: u64,
-    items: VecDeque<Vec<u8>>,
+    /// Items held.
+    len: u64,
+    /// Non-empty batches in index order, each with the index of its first item.
+    chunks: VecDeque<(u64, Vec<Vec<u8>>)>,
 }
 
 impl List {
     fn end(&self) -> u64 {
-        self.start + self.items.len() as u64
+        self.start + self.len
+    }
+
+    /// Items from index `from` (clamped to what is held) to the end.
+    fn items_from(&self, from: u64) -> impl Iterator<Item = &Vec<u8>> {
+        let from = from.max(self.start);
+        // The chunk holding `from`: the last one starting at or before it.
+        let c = self.chunks.partition_point(|(first, _)| *first <= from);
+        let skip = match c {
+            0 => 0,
+            c => (from - self.chunks[c - 1].0) as usize,
+        };
+        self.chunks
+            .range(c.saturating_sub(1)..)
+            .flat_map(|(_, items)| items)
+            .skip(skip)
+    }
+
+    fn items(&self) -> impl Iterator<Item = &Vec<u8>> {
+        self.chunks.iter().flat_map(|(_, items)| items)
+    }
+
+    /// Appends `items` at the end.
+    fn push(&mut self, items: Vec<Vec<u8>>, d: &mut Usage) {
+        if items.is_empty() {
+            return;
+        }
+        for item in &items {
+            d.list_bytes += item_bytes(item);
+        }
+        d.list_items += items.len() as i64;
+        self.len += items.len() as u64;
+        self.chunks
+            .push_back((self.end() - items.len() as u64, items));
+    }
+
+    /// Drops the items from index `index` on.
+    fn truncate(&mut self, index: u64, d: &mut Usage) {
+        while self.end() > index {
+            let Some((first, items)) = self.chunks.back_mut() else {
+                break;
+            };
+            let keep = index.saturating_sub(*first) as usize;
+            for old in items.drain(keep..) {
+                d.list_bytes -= item_bytes(&old);
+                d.list_items -= 1;
+                self.len -= 1;
+            }
+            if items.is_empty() {
+                self.chunks.pop_back();
+            }
+        }
+    }
+
+    /// Drops the items before index `upto`; an empty list moves its start to `upto`.
+    fn trim(&mut self, upto: u64, d: &mut Usage) {
+        while self.start < upto {
+            let Some((first, items)) = self.chunks.front_mut() else {
+                self.start = upto;
+                break;
+            };
+            let n = (upto - *first).min(items.len() as u64) as usize;
+            for old in items.drain(..n) {
+                d.list_bytes -= item_bytes(&old);
+                d.list_items -= 1;
+            }
+            *first += n as u64;
+            self.start += n as u64;
+            self.len -= n as u64;
+            if items.is_empty() {
+                self.chunks.pop_front();
+            }
+        }
     }
 }
 
@@ -127,11 +204,7 @@ impl Partition {
     pub fn growth(&self, m: &Mutation) -> u64 {
         let replaced = match m {
             Mutation::ListSet { list, index, .. } => self.lists.get(list).map_or(0, |l| {
-                let from = index.saturating_sub(l.start).min(l.items.len() as u64);
-                l.items
-                    .range(from as usize..)
-                    .map(|i| item_bytes(i) as u64)
-                    .sum()
+                l.items_from(*index).map(|i| item_bytes(i) as u64).sum()
             }),
             _ => 0,
         };
@@ -210,13 +283,14 @@ impl Partition {
                 let end = self.lists.get(&list).map_or(0, List::end);
                 let landed = || {
                     let l = self.lists.get(&list)?;
-                    let from = index.checked_sub(l.start)? as usize;
-                    if from > l.items.len() {
+                    if index < l.start || index > l.end() {
                         // Past the end: nothing of it landed (empty items included).
                         return Some(false);
                     }
-                    let held = l.items.range(from..);
-                    Some(held.len() == items.len() && held.eq(items.iter()))
+                    Some(
+                        l.end() - index == items.len() as u64
+                            && l.items_from(index).eq(items.iter()),
+                    )
                 };
                 if end == index || landed() == Some(true) {
                     (
@@ -240,8 +314,8 @@ impl Partition {
                         let first = from.max(l.start);
                         let last = to.min(l.end()).max(first);
                         let items = l
-                            .items
-                            .range((first - l.start) as usize..(last - l.start) as usize)
+                            .items_from(first)
+                            .take((last - first) as usize)
                             .cloned()
                             .collect();
                         (first, items)
@@ -322,47 +396,19 @@ impl Partition {
             }
             Mutation::ListSet { list, index, items } => {
                 let l = self.lists.entry(list).or_default();
-                if l.items.is_empty() || index < l.start {
-                    for old in l.items.drain(..) {
-                        d.list_bytes -= item_bytes(&old);
-                        d.list_items -= 1;
-                    }
+                if l.len == 0 || index < l.start {
+                    l.truncate(l.start, &mut d);
                     l.start = index;
                 }
-                while l.end() > index {
-                    if let Some(old) = l.items.pop_back() {
-                        d.list_bytes -= item_bytes(&old);
-                        d.list_items -= 1;
-                    }
-                }
+                l.truncate(index, &mut d);
                 // A gap (the replica missed items) is filled with empty placeholders, which
                 // never happens on an in-order replication stream; it keeps indices true.
-                while l.end() < index {
-                    l.items.push_back(Vec::new());
-                    d.list_bytes += item_bytes(&[]);
-                    d.list_items += 1;
-                }
-                for item in items {
-                    d.list_bytes += item_bytes(&item);
-                    d.list_items += 1;
-                    l.items.push_back(item);
-                }
+                let gap = index - l.end();
+                l.push(vec![Vec::new(); gap as usize], &mut d);
+                l.push(items, &mut d);
             }
             Mutation::ListTrim { list, upto } => {
-                let l = self.lists.entry(list).or_default();
-                if l.items.is_empty() && upto > l.start {
-                    l.start = upto;
-                }
-                while l.start < upto {
-                    match l.items.pop_front() {
-                        Some(old) => {
-                            d.list_bytes -= item_bytes(&old);
-                            d.list_items -= 1;
-                            l.start += 1;
-                        }
-                        None => l.start = upto,
-                    }
-                }
+                self.lists.entry(list).or_default().trim(upto, &mut d);
             }
         }
         self.usage.add(d);
@@ -388,8 +434,8 @@ impl Partition {
         self.lists.retain(|list, l| {
             let keep = !list.starts_with(prefix);
             if !keep {
-                d.list_bytes -= l.items.iter().map(|i| item_bytes(i)).sum::<i64>();
-                d.list_items -= l.items.len() as i64;
+                d.list_bytes -= l.items().map(|i| item_bytes(i)).sum::<i64>();
+                d.list_items -= l.len as i64;
             }
             keep
         });
@@ -461,7 +507,7 @@ impl Partition {
             let mut index = l.start;
             let mut batch = Vec::new();
             let mut batch_bytes = 0;
-            for item in &l.items {
+            for item in l.items() {
                 batch_bytes += item.len() + 8;
                 batch.push(item.clone());
                 if batch_bytes >= chunk_bytes / 4 {
@@ -507,7 +553,7 @@ impl Partition {
         for (list, l) in &self.lists {
             let name = format!("{list}[]");
             if name.starts_with(prefix) {
-                let bytes: i64 = l.items.iter().map(|i| item_bytes(i)).sum();
+                let bytes: i64 = l.items().map(|i| item_bytes(i)).sum();
                 out.push((name, bytes as u64));
             }
         }
@@ -788,6 +834,87 @@ mod tests {
                 p.plan(op.clone(), 0).unwrap(),
                 "{op:?}"
             );
+        }
+    }
+
+    /// A list held in append batches behaves as one flat sequence: random appends, replayed
+    /// writes at earlier indices, writes past the end, trims inside and past batches, and
+    /// ranges across batches agree with a plain vector, bytes and counts included.
+    #[test]
+    fn a_list_of_batches_behaves_as_one_sequence() {
+        let mut p = Partition::default();
+        // The model: first index held, and the items from there.
+        let (mut start, mut model) = (0u64, Vec::<Vec<u8>>::new());
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for step in 0..2000u64 {
+            let end = start + model.len() as u64;
+            let items: Vec<Vec<u8>> = (0..next(5)).map(|i| vec![step as u8; i as usize]).collect();
+            match next(4) {
+                0 | 1 => {
+                    // A write at the end, a replayed one before it, or one past it (a gap). An
+                    // empty list starts where it is written.
+                    let index = (end + 3).saturating_sub(next(8)).max(start);
+                    if model.is_empty() {
+                        start = index;
+                    }
+                    p.apply(Mutation::ListSet {
+                        list: "l".into(),
+                        index,
+                        items: items.clone(),
+                    });
+                    model.truncate(index.min(end).saturating_sub(start) as usize);
+                    model.resize((index - start) as usize, Vec::new());
+                    model.extend(items);
+                }
+                2 => {
+                    let upto = start + next(model.len() as u64 + 3);
+                    run(
+                        &mut p,
+                        Op::TrimPrefix {
+                            list: "l".into(),
+                            upto,
+                        },
+                        0,
+                    );
+                    let n = (upto.max(start) - start).min(model.len() as u64) as usize;
+                    model.drain(..n);
+                    start = start.max(upto);
+                }
+                _ => {
+                    let from = start.saturating_sub(2) + next(model.len() as u64 + 4);
+                    let to = from + next(10);
+                    let first = from.max(start);
+                    let want: Vec<Vec<u8>> = model
+                        .iter()
+                        .skip((first - start) as usize)
+                        .take(to.saturating_sub(first) as usize)
+                        .cloned()
+                        .collect();
+                    let range = Op::Range {
+                        list: "l".into(),
+                        from,
+                        to,
+                    };
+                    let got = run(&mut p, range, 0);
+                    if from < start + model.len() as u64 {
+                        assert_eq!(got, OpResult::Items(first, want), "step {step}");
+                    } else {
+                        assert_eq!(got, OpResult::Items(from, Vec::new()), "step {step}");
+                    }
+                }
+            }
+            let len = Op::Len { list: "l".into() };
+            let bounds = OpResult::Bounds(start, start + model.len() as u64);
+            assert_eq!(run(&mut p, len, 0), bounds, "step {step}");
+            let bytes: i64 = model.iter().map(|i| item_bytes(i)).sum();
+            assert_eq!(p.usage().list_bytes, bytes, "step {step}");
+            assert_eq!(p.usage().list_items, model.len() as i64, "step {step}");
         }
     }
 }
