@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::conn::{Conn, ConnError};
-use super::store::{Partition, Usage};
+use super::store::{self, Partition, Usage};
 use crate::codec::Encoder;
 use crate::ids::TaskManagerId;
 use crate::protocol::cache::{
@@ -301,7 +301,7 @@ impl Node {
 
     fn full(&self, adding: u64) -> Option<Failure> {
         let used = self.used.load(Ordering::Relaxed);
-        (used + adding > self.config.memory_limit).then(|| {
+        (used.saturating_add(adding) > self.config.memory_limit).then(|| {
             self.full_rejections.fetch_add(1, Ordering::Relaxed);
             Failure::Full {
                 used,
@@ -468,17 +468,21 @@ impl Node {
         {
             return Response::Replicated(Err(Failure::Moved));
         }
-        let adding: u64 = mutations.iter().map(|m| part.growth(m)).sum();
-        if let Some(f) = self.full(adding) {
-            return Response::Replicated(Err(f));
-        }
-        let n = mutations.len() as u64;
-        part.written_at(version);
         for m in mutations {
+            // Each checked against the partition as the ones before it left it, so a gap
+            // past a list's end counts what filling it takes. A refusal midway fails the
+            // message: a write carries one mutation, and a copy that fails is dropped.
+            if let Err(f) = store::check(&m) {
+                return Response::Replicated(Err(f));
+            }
+            if let Some(f) = self.full(part.growth(&m)) {
+                return Response::Replicated(Err(f));
+            }
+            part.written_at(version);
             let d = part.apply(m);
             self.account(d);
+            self.replicated.fetch_add(1, Ordering::Relaxed);
         }
-        self.replicated.fetch_add(n, Ordering::Relaxed);
         Response::Replicated(Ok(()))
     }
 

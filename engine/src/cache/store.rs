@@ -152,6 +152,23 @@ fn item_bytes(item: &[u8]) -> i64 {
     item.len() as i64 + ITEM_OVERHEAD as i64
 }
 
+/// Refuses a mutation that cannot be held: list items whose indices would pass `u64::MAX`
+/// (after a trim up to there). Clients' appends are checked when planned, a primary's
+/// mutations again on each replica.
+pub fn check(m: &Mutation) -> Result<(), Failure> {
+    match m {
+        Mutation::ListSet { list, index, items }
+            if index.checked_add(items.len() as u64).is_none() =>
+        {
+            Err(Failure::Invalid(format!(
+                "list '{list}': {} items at index {index} run past the last index",
+                items.len()
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The bytes a mutation adds at most (for the memory limit check).
 fn growth(m: &Mutation) -> u64 {
     match m {
@@ -200,15 +217,23 @@ impl Partition {
     /// Bytes `m` may add (checked against the memory limit before it is applied): what it
     /// writes, less the list items it replaces, so an `AppendAt` retry whose items are
     /// already here adds nothing (a full member must not refuse it: the trim that would
-    /// free memory may wait for it). A map entry's old value is not subtracted.
+    /// free memory may wait for it). A map entry's old value is not subtracted. A write past
+    /// a list's end counts the placeholders that fill the gap, so a replication message
+    /// naming an absurd index is refused as full instead of allocating them.
     pub fn growth(&self, m: &Mutation) -> u64 {
-        let replaced = match m {
-            Mutation::ListSet { list, index, .. } => self.lists.get(list).map_or(0, |l| {
-                l.items_from(*index).map(|i| item_bytes(i) as u64).sum()
+        let (replaced, gap) = match m {
+            Mutation::ListSet { list, index, .. } => self.lists.get(list).map_or((0, 0), |l| {
+                let replaced = l.items_from(*index).map(|i| item_bytes(i) as u64).sum();
+                let gap = if l.len > 0 {
+                    index.saturating_sub(l.end())
+                } else {
+                    0
+                };
+                (replaced, gap.saturating_mul(ITEM_OVERHEAD))
             }),
-            _ => 0,
+            _ => (0, 0),
         };
-        growth(m).saturating_sub(replaced)
+        growth(m).saturating_add(gap).saturating_sub(replaced)
     }
 
     /// Answers a read, or decides the mutation a write makes (not yet applied). Takes the
@@ -220,7 +245,7 @@ impl Partition {
                 .and_then(|m| m.get(key))
                 .filter(|e| e.live(now_ms))
         };
-        Ok(match op {
+        let planned = match op {
             Op::Get { map, key } => (
                 OpResult::Value(entry(&map, &key).map(|e| (e.value.clone(), e.version))),
                 None,
@@ -336,7 +361,11 @@ impl Partition {
                 let (start, end) = self.lists.get(&list).map_or((0, 0), |l| (l.start, l.end()));
                 (OpResult::Bounds(start, end), None)
             }
-        })
+        };
+        if let Some(m) = &planned.1 {
+            check(m)?;
+        }
+        Ok(planned)
     }
 
     /// Applies a mutation; returns the change in usage.
@@ -857,17 +886,23 @@ mod tests {
             let items: Vec<Vec<u8>> = (0..next(5)).map(|i| vec![step as u8; i as usize]).collect();
             match next(4) {
                 0 | 1 => {
-                    // A write at the end, a replayed one before it, or one past it (a gap). An
-                    // empty list starts where it is written.
-                    let index = (end + 3).saturating_sub(next(8)).max(start);
-                    if model.is_empty() {
+                    // A write at the end, a replayed one before it, one past it (a gap), or
+                    // one before the start (which replaces the list). An empty list starts
+                    // where it is written.
+                    let index = (end + 3).saturating_sub(next(model.len() as u64 + 8));
+                    if model.is_empty() || index < start {
+                        model.clear();
                         start = index;
                     }
-                    p.apply(Mutation::ListSet {
+                    let m = Mutation::ListSet {
                         list: "l".into(),
                         index,
                         items: items.clone(),
-                    });
+                    };
+                    let (before, growth) = (p.usage().list_bytes, p.growth(&m));
+                    p.apply(m);
+                    let added = p.usage().list_bytes - before;
+                    assert_eq!(growth, added.max(0) as u64, "growth, step {step}");
                     model.truncate(index.min(end).saturating_sub(start) as usize);
                     model.resize((index - start) as usize, Vec::new());
                     model.extend(items);
@@ -916,5 +951,32 @@ mod tests {
             assert_eq!(p.usage().list_bytes, bytes, "step {step}");
             assert_eq!(p.usage().list_items, model.len() as i64, "step {step}");
         }
+    }
+
+    /// A list trimmed up to the last index takes no items that would run past it.
+    #[test]
+    fn list_indices_never_overflow() {
+        let mut p = Partition::default();
+        let trim = Op::TrimPrefix {
+            list: "l".into(),
+            upto: u64::MAX,
+        };
+        assert_eq!(run(&mut p, trim, 0), OpResult::Bounds(u64::MAX, u64::MAX));
+        let append = Op::Append {
+            list: "l".into(),
+            items: vec![vec![1]],
+        };
+        assert!(matches!(p.plan(append, 0), Err(Failure::Invalid(_))));
+        let overflowing = Mutation::ListSet {
+            list: "l".into(),
+            index: u64::MAX - 1,
+            items: vec![vec![1]; 2],
+        };
+        assert!(check(&overflowing).is_err());
+        let empty = Op::Append {
+            list: "l".into(),
+            items: vec![],
+        };
+        assert_eq!(run(&mut p, empty, 0), OpResult::Appended(u64::MAX));
     }
 }

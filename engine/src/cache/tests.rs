@@ -200,6 +200,26 @@ async fn a_malformed_frame_closes_only_that_connection() {
     let client = c.client().await;
     client.put("m", b"k", b"v".to_vec(), None).await.unwrap();
     assert_eq!(client.get("m", b"k").await.unwrap().unwrap().0, b"v");
+    // A well-formed replication message naming an index far past a list's end would fill
+    // the gap with placeholders: it is refused as full, not allocated.
+    let p = client.list_partition("l");
+    client.append(p, "l", vec![vec![1]]).await.unwrap();
+    let conn = conn::Conn::open(&addr.to_string(), Duration::from_secs(1));
+    let absurd = Request::Replicate {
+        partition: p,
+        version: client.table().version(p),
+        mutations: vec![Mutation::ListSet {
+            list: "l".into(),
+            index: u64::MAX / 2,
+            items: vec![vec![2]],
+        }],
+    };
+    let r = conn.call(absurd, Duration::from_secs(2)).await;
+    assert!(
+        matches!(r, Ok(Response::Replicated(Err(Failure::Full { .. })))),
+        "{r:?}"
+    );
+    assert_eq!(client.len(p, "l").await.unwrap(), (0, 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
