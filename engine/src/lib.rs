@@ -32,10 +32,11 @@ pub use error::EngineError;
 pub use record::{Batch, Record, StreamEvent};
 pub use value::Value;
 
-/// Every Weir process (and test) allocates with jemalloc. The cache takes a log's records
-/// as thousands of small buffers per append and frees as many at each trim; glibc's malloc
-/// then stalls the next large allocation for about a millisecond while it consolidates
-/// them, which alone set the p99 of a replicated append (BENCHMARKS.md, "Distributed
-/// cache"). mimalloc was tried too: it paused for 6 ms every ~200 ms under the same load.
+/// Every Weir process (and test) allocates with jemalloc (librdkafka's C code keeps the
+/// system malloc). The cache takes a log's records as thousands of small buffers per append
+/// and frees as many at each trim; glibc's malloc then stalls the next large allocation for
+/// about a millisecond while it consolidates them, which alone set the p99 of a replicated
+/// append (BENCHMARKS.md, "Distributed cache"). mimalloc was tried too: it paused for 6 ms
+/// every ~200 ms under the same load.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
