@@ -169,6 +169,14 @@ pub fn check(m: &Mutation) -> Result<(), Failure> {
     }
 }
 
+/// The version a map entry at `current` is written at next; only a forged replica write
+/// can have brought an entry to the last one.
+fn next_version(current: u64) -> Result<u64, Failure> {
+    current
+        .checked_add(1)
+        .ok_or_else(|| Failure::Invalid(format!("entry version {current} cannot grow")))
+}
+
 /// The bytes a mutation adds at most (for the memory limit check).
 fn growth(m: &Mutation) -> u64 {
     match m {
@@ -256,7 +264,7 @@ impl Partition {
                 value,
                 ttl_ms,
             } => {
-                let version = entry(&map, &key).map_or(0, |e| e.version) + 1;
+                let version = next_version(entry(&map, &key).map_or(0, |e| e.version))?;
                 (
                     OpResult::Version(version),
                     Some(Mutation::MapSet {
@@ -278,13 +286,14 @@ impl Partition {
                 if current != version {
                     (OpResult::Conflict(current), None)
                 } else {
+                    let version = next_version(current)?;
                     (
-                        OpResult::Version(current + 1),
+                        OpResult::Version(version),
                         Some(Mutation::MapSet {
                             map,
                             key,
                             value,
-                            version: current + 1,
+                            version,
                             expires_ms: None,
                         }),
                     )
@@ -978,5 +987,33 @@ mod tests {
             items: vec![],
         };
         assert_eq!(run(&mut p, empty, 0), OpResult::Appended(u64::MAX));
+    }
+
+    /// An entry at the last version (only a forged replica write gets there) refuses writes
+    /// instead of wrapping its version.
+    #[test]
+    fn entry_versions_never_overflow() {
+        let mut p = Partition::default();
+        p.apply(Mutation::MapSet {
+            map: "m".into(),
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            version: u64::MAX,
+            expires_ms: None,
+        });
+        let put = Op::Put {
+            map: "m".into(),
+            key: b"k".to_vec(),
+            value: b"w".to_vec(),
+            ttl_ms: None,
+        };
+        assert!(matches!(p.plan(put, 0), Err(Failure::Invalid(_))));
+        let cas = Op::PutIfVersion {
+            map: "m".into(),
+            key: b"k".to_vec(),
+            value: b"w".to_vec(),
+            version: u64::MAX,
+        };
+        assert!(matches!(p.plan(cas, 0), Err(Failure::Invalid(_))));
     }
 }
