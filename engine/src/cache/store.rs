@@ -84,11 +84,7 @@ impl List {
                 break;
             };
             let keep = index.saturating_sub(*first) as usize;
-            for old in items.drain(keep..) {
-                d.list_bytes -= item_bytes(&old);
-                d.list_items -= 1;
-                self.len -= 1;
-            }
+            self.len -= released(items.drain(keep..), d);
             if items.is_empty() {
                 self.chunks.pop_back();
             }
@@ -103,18 +99,26 @@ impl List {
                 break;
             };
             let n = (upto - *first).min(items.len() as u64) as usize;
-            for old in items.drain(..n) {
-                d.list_bytes -= item_bytes(&old);
-                d.list_items -= 1;
-            }
-            *first += n as u64;
-            self.start += n as u64;
-            self.len -= n as u64;
+            let n = released(items.drain(..n), d);
+            *first += n;
+            self.start += n;
+            self.len -= n;
             if items.is_empty() {
                 self.chunks.pop_front();
             }
         }
     }
+}
+
+/// Takes list items dropped from a list out of `d`; returns how many there were.
+fn released(old: impl Iterator<Item = Vec<u8>>, d: &mut Usage) -> u64 {
+    let mut n = 0;
+    for item in old {
+        d.list_bytes -= item_bytes(&item);
+        n += 1;
+    }
+    d.list_items -= n as i64;
+    n
 }
 
 /// Bytes and counts held, by structure.
