@@ -42,6 +42,10 @@ const MAX_GROUP: usize = 256;
 const READ_PAGE: u64 = 512;
 /// Wait before retrying an append the cache refused as full (backpressure).
 const FULL_BACKOFF: Duration = Duration::from_millis(20);
+/// First wait before retrying an append whose member went away (doubling up to
+/// [`FULL_BACKOFF`]): the master promotes its backups within milliseconds, and every
+/// subtask whose log lived there waits for the retry, with its output held back.
+const TRANSIENT_BACKOFF: Duration = Duration::from_millis(1);
 
 /// Errors of the DCAS log and snapshot store.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -406,6 +410,7 @@ where
     Fut: std::future::Future<Output = Result<T, CacheError>>,
 {
     let started = tokio::time::Instant::now();
+    let mut backoff = TRANSIENT_BACKOFF;
     loop {
         match op().await {
             Err(
@@ -413,8 +418,9 @@ where
                 | CacheError::Timeout(..)
                 | CacheError::NoMembers(_)),
             ) if started.elapsed() < TRANSIENT_RETRY => {
-                warn!(what, error = %e, "Cache operation failed; retrying.");
-                tokio::time::sleep(FULL_BACKOFF).await;
+                warn!(what, error = %e, retry_in_ms = backoff.as_millis() as u64, "Cache operation failed; retrying.");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(FULL_BACKOFF);
             }
             other => return other,
         }
@@ -435,6 +441,7 @@ async fn append_at(
     open: impl Fn() -> bool,
 ) -> Result<Result<u64, u64>, CacheError> {
     let started = tokio::time::Instant::now();
+    let mut backoff = TRANSIENT_BACKOFF;
     loop {
         match client
             .append_at(partition, list, next, items.to_vec())
@@ -447,8 +454,9 @@ async fn append_at(
                 | CacheError::Timeout(..)
                 | CacheError::NoMembers(_)),
             ) if open() && started.elapsed() < TRANSIENT_RETRY => {
-                warn!(list = %list, error = %e, "Input log append failed; retrying.");
-                tokio::time::sleep(FULL_BACKOFF).await;
+                warn!(list = %list, error = %e, retry_in_ms = backoff.as_millis() as u64, "Input log append failed; retrying.");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(FULL_BACKOFF);
             }
             other => return other,
         }
@@ -1131,7 +1139,7 @@ pub struct DcasSubtask {
 /// instead of once per snapshot of the receiver.
 const PROGRESS_EVERY: Duration = Duration::from_millis(5);
 
-/// How long the exchange pauses after a failed one (a full or recovering cache).
+/// Longest pause of the exchange after failed ones (a full or recovering cache).
 const PROGRESS_RETRY: Duration = Duration::from_millis(200);
 
 /// A subtask's side of the acknowledgements between snapshots: which input seqs its log
@@ -1147,6 +1155,8 @@ struct Acks {
     changed: Vec<bool>,
     /// No exchange starts before this.
     next_at: Option<std::time::Instant>,
+    /// Exchanges failed in a row (each doubles the pause before the next).
+    failures: u32,
     in_flight: Option<oneshot::Receiver<Result<Vec<Vec<Seq>>, DcasError>>>,
 }
 
@@ -1344,7 +1354,7 @@ impl DcasSubtask {
     /// (per route, per target) once a read finished.
     ///
     /// Best effort: a failed exchange only delays trimming (the snapshot path exchanges
-    /// too), so it is retried after `PROGRESS_RETRY`; only a lost partition is an error.
+    /// too), so it is retried after a pause that doubles, up to `PROGRESS_RETRY`; only a lost partition is an error.
     pub fn exchange_progress(&mut self) -> Result<Option<Vec<Vec<Seq>>>, DcasError> {
         let acks = &mut self.acks;
         let mut answer = None;
@@ -1353,6 +1363,7 @@ impl DcasSubtask {
                 Err(oneshot::error::TryRecvError::Empty) => return Ok(None),
                 Ok(Ok(logged)) => {
                     answer = Some(logged);
+                    acks.failures = 0;
                     None
                 }
                 Ok(Err(e)) => Some(e),
@@ -1371,9 +1382,13 @@ impl DcasSubtask {
                 ) {
                     return Err(e);
                 }
-                warn!(log = %self.store.names.log, error = %e, "Progress exchange failed; retrying.");
+                // From a few ms (a member lost, its backups promoted at once) up to
+                // PROGRESS_RETRY (a full cache).
+                let pause = (PROGRESS_EVERY * 2u32.pow(acks.failures.min(8))).min(PROGRESS_RETRY);
+                acks.failures += 1;
+                warn!(log = %self.store.names.log, error = %e, retry_in_ms = pause.as_millis() as u64, "Progress exchange failed; retrying.");
                 acks.changed.iter_mut().for_each(|c| *c = true);
-                acks.next_at = Some(std::time::Instant::now() + PROGRESS_RETRY);
+                acks.next_at = Some(std::time::Instant::now() + pause);
             }
         }
         if acks.next_at.is_some_and(|t| std::time::Instant::now() < t) {
