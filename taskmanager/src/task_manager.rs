@@ -343,6 +343,11 @@ impl TaskManager {
                         snapshot_links: m.snapshot_links.load(std::sync::atomic::Ordering::Relaxed),
                         resumed_ms,
                         source_lag: m.source_lag.load(std::sync::atomic::Ordering::Relaxed),
+                        lag_samples: m.take_lag_samples(),
+                        receivers_caught_up_ms: m
+                            .router
+                            .receivers_caught_up_ms
+                            .load(std::sync::atomic::Ordering::Relaxed),
                         operator_metrics: m.operators.lock().map(|g| g.clone()).unwrap_or_default(),
                     }
                 })

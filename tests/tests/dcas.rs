@@ -220,9 +220,19 @@ fn check_recovery(c: &mut Cluster, id: &str, k: usize, members: usize, killed: K
     loop {
         let e = failovers(c, id)[k].clone();
         let job = c.job(id);
-        if e["replayed_ms"].as_u64().is_some() && e["caught_up_ms"].as_u64().is_some()
-            || job["state"] == "FINISHED"
+        if let (Some(replayed), Some(caught_up)) =
+            (e["replayed_ms"].as_u64(), e["caught_up_ms"].as_u64())
         {
+            // Timed where it happened: after the detection, and caught up once replayed
+            // and the backlog the survivors kept for the restarted subtasks is logged.
+            let detected = e["detected_ms"].as_u64().expect("detected");
+            assert!(
+                detected <= replayed && replayed <= caught_up,
+                "recovery {k} phases out of order: {e}"
+            );
+            break;
+        }
+        if job["state"] == "FINISHED" {
             break;
         }
         assert!(

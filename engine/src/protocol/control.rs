@@ -339,6 +339,12 @@ pub struct SubtaskReport {
     pub resumed_ms: u64,
     /// Sources: records available but not read yet; -1 when unknown (or not a source).
     pub source_lag: i64,
+    /// Sources: the lag sampled since the previous report, as (ms since the epoch,
+    /// records), oldest first.
+    pub lag_samples: Vec<(u64, u64)>,
+    /// DCAS: when every receiver rewired to its restarted instance had logged its backlog
+    /// (what this subtask sent it before the rewire), ms since the epoch; 0 before.
+    pub receivers_caught_up_ms: u64,
     /// Operator-specific metrics (Kafka offsets and lag, late records), by operator id.
     pub operator_metrics: Vec<(String, Metric)>,
 }

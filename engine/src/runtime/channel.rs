@@ -421,6 +421,9 @@ pub struct RouterCounters {
     pub records_out: AtomicU64,
     /// Nanoseconds spent waiting for credits (backpressure).
     pub backpressure_ns: AtomicU64,
+    /// DCAS: when every receiver rewired to its restarted instance had logged what was sent
+    /// to it before the rewire (its backlog), in ms since the epoch; 0 before any rewire.
+    pub receivers_caught_up_ms: AtomicU64,
 }
 
 /// One outgoing edge: its exchange, channels (one per target subtask) and pending batches.
@@ -466,6 +469,9 @@ pub struct Router {
     watermark: i64,
     /// `EndOfStream` was broadcast.
     ended: bool,
+    /// DCAS: rewired channels whose restarted receiver has not yet logged everything sent
+    /// before the rewire, with the seq it must reach.
+    backlogs: Vec<((usize, usize), Seq)>,
 }
 
 /// Output records waiting for the input log (DCAS).
@@ -490,6 +496,7 @@ impl Router {
             sealed: VecDeque::new(),
             watermark: i64::MIN,
             ended: false,
+            backlogs: Vec::new(),
         }
     }
 
@@ -514,9 +521,21 @@ impl Router {
     }
 
     /// Forgets retained output its receivers have logged: below `logged[route][target]`.
+    /// Marks the time when the last rewired receiver's backlog is logged.
     pub fn trim(&mut self, logged: &[Vec<Seq>]) {
         if let Some(r) = &mut self.retained {
             r.trim(logged);
+        }
+        if self.backlogs.is_empty() {
+            return;
+        }
+        let at = |(r, t): (usize, usize)| logged.get(r).and_then(|l| l.get(t)).copied();
+        self.backlogs
+            .retain(|&(channel, end)| at(channel).is_none_or(|seq| seq < end));
+        if self.backlogs.is_empty() {
+            self.counters
+                .receivers_caught_up_ms
+                .store(crate::telemetry::now_ms(), Ordering::Relaxed);
         }
     }
 
@@ -628,6 +647,8 @@ impl Router {
         };
         ch.next_seq = old.next_seq;
         *old = ch;
+        self.backlogs.retain(|&(c, _)| c != (route, target));
+        self.backlogs.push(((route, target), old.next_seq));
         self.resend(route, target).await
     }
 
@@ -1312,6 +1333,56 @@ mod tests {
         assert!(err.contains("retained output for channel 0.0"), "{err}");
         damaged.retained[0].packed.truncate(3);
         assert!(restored.restore_position(damaged).is_err());
+    }
+
+    /// A rewired receiver's backlog is what was sent before the rewire: the router marks
+    /// the time when its receivers have logged all of it, and not before; a later rewire
+    /// waits again.
+    #[tokio::test]
+    async fn rewired_receivers_catch_up_when_their_backlog_is_logged() {
+        let (t0, _r0) = channel(64, 0);
+        let (t1, _r1) = channel(64, 0);
+        let counters: Arc<RouterCounters> = Arc::default();
+        let mut router = Router::new(
+            vec![Route::new(Exchange::Hash(None), vec![t0, t1], 0)],
+            10,
+            counters.clone(),
+        );
+        router.retain_output();
+        let caught_up = || counters.receivers_caught_up_ms.load(Ordering::Relaxed);
+        router.push(&mut recs(0..40)).await.unwrap();
+        router.flush().await.unwrap();
+        let sent: Vec<Seq> = router.routes[0]
+            .targets
+            .iter()
+            .map(|t| t.next_seq)
+            .collect();
+        assert!(sent.iter().all(|&n| n > 0), "{sent:?}");
+        router.trim(&[vec![0, 0]]);
+        assert_eq!(caught_up(), 0, "no rewire yet");
+
+        let (t1, _r1) = channel(64, 0);
+        router.rewire(0, 1, t1).await.unwrap();
+        router.push(&mut recs(40..60)).await.unwrap();
+        router.flush().await.unwrap();
+        router.trim(&[vec![sent[0], sent[1] - 1]]);
+        assert_eq!(caught_up(), 0, "one record of the backlog not logged");
+        let before = crate::telemetry::now_ms();
+        router.trim(&[vec![sent[0], sent[1]]]);
+        let at = caught_up();
+        assert!(at >= before, "the backlog logged: {at} >= {before}");
+
+        let (t0, _r0) = channel(64, 0);
+        router.rewire(0, 0, t0).await.unwrap();
+        let now: Vec<Seq> = router.routes[0]
+            .targets
+            .iter()
+            .map(|t| t.next_seq)
+            .collect();
+        router.trim(&[vec![now[0] - 1, now[1]]]);
+        assert_eq!(caught_up(), at, "the second rewire's backlog not logged");
+        router.trim(&[now]);
+        assert!(caught_up() >= at);
     }
 
     /// Ensures only a round-robin route over several targets makes a record's channel

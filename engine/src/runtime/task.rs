@@ -81,6 +81,11 @@ pub struct SubtaskMetrics {
     pub resumed_ms: AtomicU64,
     /// Sources: records available but not read yet (`Source::lag`); -1 when unknown.
     pub source_lag: AtomicI64,
+    /// Sources: the lag as it was at each poll, at most one sample per
+    /// [`LAG_SAMPLE_EVERY_MS`], the newest [`LAG_SAMPLES`] until reported: (ms since the
+    /// epoch, records). Tells when a source caught up to within a few ms, where reports
+    /// come every heartbeat.
+    pub lag_samples: Mutex<std::collections::VecDeque<(u64, u64)>>,
     /// Operator-specific metrics by operator id, refreshed about once a second.
     pub operators: Mutex<Vec<(String, Metric)>>,
 }
@@ -96,8 +101,46 @@ impl Default for SubtaskMetrics {
             snapshot_links: AtomicU64::new(0),
             resumed_ms: AtomicU64::new(0),
             source_lag: AtomicI64::new(-1),
+            lag_samples: Mutex::default(),
             operators: Mutex::new(Vec::new()),
         }
+    }
+}
+
+/// Shortest time between two samples of a source's lag.
+pub const LAG_SAMPLE_EVERY_MS: u64 = 2;
+
+/// Most lag samples kept between two reports (the oldest go first).
+pub const LAG_SAMPLES: usize = 256;
+
+impl SubtaskMetrics {
+    /// Records a source's lag after a poll, and samples it unless the last sample is
+    /// younger than [`LAG_SAMPLE_EVERY_MS`].
+    fn source_polled(&self, lag: Option<u64>) {
+        self.source_lag
+            .store(lag.map_or(-1, |l| l as i64), Ordering::Relaxed);
+        let (Some(lag), Ok(mut samples)) = (lag, self.lag_samples.lock()) else {
+            return;
+        };
+        let now = crate::telemetry::now_ms();
+        if samples
+            .back()
+            .is_some_and(|&(at, _)| now < at + LAG_SAMPLE_EVERY_MS)
+        {
+            return;
+        }
+        if samples.len() == LAG_SAMPLES {
+            samples.pop_front();
+        }
+        samples.push_back((now, lag));
+    }
+
+    /// The lag samples since the last call.
+    pub fn take_lag_samples(&self) -> Vec<(u64, u64)> {
+        self.lag_samples
+            .lock()
+            .map(|mut s| s.drain(..).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -470,9 +513,7 @@ impl SubtaskRunner {
                 .poll(self.batch_size, &mut batch)
                 .map_err(|e| op_failure(source_id, self.id.index, e))?;
             let wm = source.watermark();
-            self.metrics
-                .source_lag
-                .store(source.lag().map_or(-1, |l| l as i64), Ordering::Relaxed);
+            self.metrics.source_polled(source.lag());
             // DCAS: the poll is an input like any other: logged with the source's position
             // (unless the subtask regenerates its output: then it only counts the records).
             if let (Some((d, _)), true) = (&mut self.dcas, self.regenerates) {
