@@ -277,11 +277,15 @@ pub struct FailoverEvent {
     /// DCAS: every restarted subtask restored its snapshot and replayed its log.
     pub replayed_ms: Option<u64>,
     /// The first record was processed after the restore (DCAS: the restarted subtasks
-    /// replayed their logs and take live input).
+    /// replayed their logs and take live input; ABS: the sources' first poll when they tell
+    /// their lag, else the first report of a record read).
     pub first_record_ms: Option<u64>,
     /// The sources are as close to their input again as before the failure (within 50 ms
     /// of input) when they report how far behind they are, else they read at 90% of their
-    /// rate before the failure (or, when that rate was zero, the first record).
+    /// rate before the failure (or, when that rate was zero, the first record); and (DCAS)
+    /// every restarted subtask logged the backlog its surviving senders kept for it. Timed
+    /// by the task managers' clocks where they tell (the sources' lag samples, the senders'
+    /// rewired channels), so the machines' clocks must agree.
     pub caught_up_ms: Option<u64>,
     /// Checkpoint restored from (none: started from scratch).
     pub checkpoint: Option<u64>,
@@ -305,6 +309,11 @@ pub struct FailoverEvent {
     /// A later recovery started before this one caught up (a whole-job restart from a DCAS
     /// job's fallback checkpoint replaces it; a new failure ends its timing).
     pub superseded_ms: Option<u64>,
+    /// DCAS: the surviving senders of the restarted subtasks, each with the time the job
+    /// manager sent the rewire to its latest restarted receiver: the backlog it kept counts
+    /// once it applied a rewire after that and saw its receivers log it.
+    #[serde(skip)]
+    senders: BTreeMap<(u32, u32), u64>,
 }
 
 impl FailoverEvent {
@@ -331,6 +340,7 @@ impl FailoverEvent {
             pre_failure_lag: before.lag,
             restore_errors: Vec::new(),
             superseded_ms: None,
+            senders: BTreeMap::new(),
         }
     }
 }
@@ -399,28 +409,21 @@ impl Job {
             .map(|(_, i)| i)
     }
 
-    /// DCAS: when every surviving sender of the `restarted` subtasks had seen its rewired
-    /// receivers log the backlog it kept for them, by its reports since `since`; `None`
-    /// until each has. Nothing restarted (ABS), or no surviving sender: 0.
-    fn backlogs_logged(&self, restarted: &[(u32, u32)], since: u64) -> Option<u64> {
-        let mut senders = BTreeSet::new();
-        for &(t, s) in restarted {
-            for e in self.graph.edges.iter().filter(|e| e.to == t as usize) {
-                for from in edge_sources(&self.graph, e, s as usize) {
-                    senders.insert((e.from as u32, from as u32));
-                }
+    /// DCAS: when every surviving sender of the restarted subtasks (`senders`, with the
+    /// time its latest rewire was sent) applied that rewire and saw its receivers log the
+    /// backlog it kept for them; `None` until each has. None to wait for (ABS): 0.
+    fn backlogs_logged(&self, senders: &BTreeMap<(u32, u32), u64>) -> Option<u64> {
+        senders.iter().try_fold(0, |latest, (k, &sent)| {
+            let Some(i) = self.subtasks.get(k) else {
+                return Some(latest);
+            };
+            if matches!(i.state, SubtaskState::Finishing | SubtaskState::Finished) {
+                return Some(latest);
             }
-        }
-        senders
-            .iter()
-            .filter(|k| !restarted.contains(k))
-            .filter_map(|k| self.subtasks.get(k))
-            .filter(|i| !matches!(i.state, SubtaskState::Finishing | SubtaskState::Finished))
-            .try_fold(0, |latest, i| {
-                let (_, r) = i.last.as_ref()?;
-                let at = r.receivers_caught_up_ms;
-                (at >= since).then_some(latest.max(at))
-            })
+            let (_, r) = i.last.as_ref()?;
+            let logged = r.rewired_ms >= sent && r.receivers_caught_up_ms >= r.rewired_ms;
+            logged.then_some(latest.max(r.receivers_caught_up_ms))
+        })
     }
 
     /// Records the sources have available but not read, when every source reports it.
@@ -1259,8 +1262,16 @@ impl Dispatcher {
             });
         }
         info!(job = %id, subtasks = ?lost, on = ?per_tm.keys().collect::<Vec<_>>(), "DCAS: restarted subtasks deployed.");
+        let senders = senders_of(&job.graph, &lost);
         if let Some(e) = job.failovers.last_mut() {
-            e.deployed_ms = Some(now_ms());
+            let now = now_ms();
+            e.deployed_ms = Some(now);
+            // A restarted subtask sends everything it retained again on its own; a survivor
+            // rewired to a restarted one waits for its backlog to be logged.
+            e.senders.retain(|k, _| !lost.contains(k));
+            for k in senders.into_iter().filter(|k| !lost.contains(k)) {
+                e.senders.insert(k, now);
+            }
         }
     }
 
@@ -1981,7 +1992,7 @@ impl Dispatcher {
                 .max(100)
         });
         let within = threshold.and_then(|t| within_lag(&sources, since, t));
-        let backlogs = job.backlogs_logged(&last.restarted, since);
+        let backlogs = job.backlogs_logged(&last.senders);
         // The first record after the restore. DCAS: the survivors never stopped; the
         // restarted subtasks process live input once replayed (a subtask behind a window
         // may see its first record only when the window fires, which is not part of the
@@ -1989,7 +2000,7 @@ impl Dispatcher {
         // first report of a record read.
         let first_record = if !last.restarted.is_empty() {
             replayed.map(|(at, _, _)| at)
-        } else if last.pre_failure_lag.is_some() {
+        } else if last.pre_failure_lag.is_some() && !sources.is_empty() {
             first_poll
         } else {
             let read = |i: &SubtaskInfo| i.last.as_ref().is_some_and(|(_, r)| r.records_in > 0);
@@ -2031,6 +2042,19 @@ impl Dispatcher {
     }
 }
 
+/// The subtasks that send to any of `subtasks` (over any edge into their tasks).
+fn senders_of(graph: &JobGraph, subtasks: &[(u32, u32)]) -> BTreeSet<(u32, u32)> {
+    let mut senders = BTreeSet::new();
+    for &(t, s) in subtasks {
+        for e in graph.edges.iter().filter(|e| e.to == t as usize) {
+            for from in edge_sources(graph, e, s as usize) {
+                senders.insert((e.from as u32, from as u32));
+            }
+        }
+    }
+    senders
+}
+
 /// When the sources, their lags summed, came within `threshold` records of their input
 /// after `since` and stayed there, by their lag samples (ms since the epoch, records);
 /// `None` while a source has no sample since then or they are further behind. No sources:
@@ -2047,14 +2071,18 @@ fn within_lag(sources: &[&VecDeque<(u64, u64)>], since: u64, threshold: u64) -> 
         .collect();
     samples.sort_unstable();
     let mut latest: Vec<Option<u64>> = vec![None; sources.len()];
+    let (mut sum, mut known) = (0u64, 0);
     let mut within = sources.is_empty().then_some(since);
     for (at, i, lag) in samples {
-        latest[i] = Some(lag);
-        match latest.iter().copied().sum::<Option<u64>>() {
-            Some(sum) if sum <= threshold => {
-                within.get_or_insert(at);
-            }
-            _ => within = None,
+        match latest[i].replace(lag) {
+            Some(before) => sum -= before,
+            None => known += 1,
+        }
+        sum += lag;
+        if known == sources.len() && sum <= threshold {
+            within.get_or_insert(at);
+        } else {
+            within = None;
         }
     }
     within
@@ -2534,6 +2562,9 @@ mod tests {
         // The sample before the failure does not count: within from the first one after.
         assert_eq!(within_lag(&[&a], 95, 60), None);
         assert_eq!(within_lag(&[&a], 95, 1_000), Some(100));
+        // Samples before the failure are not counted, even within the threshold.
+        let early: VecDeque<(u64, u64)> = [(90, 0), (100, 0)].into();
+        assert_eq!(within_lag(&[&early], 95, 10), Some(100));
         // A source without a sample since the failure is waited for.
         let quiet: VecDeque<(u64, u64)> = [(80, 0)].into();
         assert_eq!(within_lag(&[&a, &quiet], 100, 1_000), None);

@@ -344,6 +344,10 @@ impl TaskManager {
                         resumed_ms,
                         source_lag: m.source_lag.load(std::sync::atomic::Ordering::Relaxed),
                         lag_samples: m.take_lag_samples(),
+                        rewired_ms: m
+                            .router
+                            .rewired_ms
+                            .load(std::sync::atomic::Ordering::Relaxed),
                         receivers_caught_up_ms: m
                             .router
                             .receivers_caught_up_ms

@@ -557,6 +557,23 @@ fn dcas_survives_two_simultaneous_kills_and_a_kill_during_recovery() {
     c.kill_taskmanager(index);
     c.add_taskmanager();
     c.add_taskmanager();
+    // The joined recovery ends: every restarted subtask replayed, and the backlogs the
+    // survivors kept for them (rewired twice for some) logged.
+    c.wait_until(
+        Duration::from_secs(30),
+        "the joined recovery caught up",
+        |c| {
+            let last = failovers(c, &id).last().cloned().unwrap_or_default();
+            last["caught_up_ms"].as_u64().is_some() || c.job(&id)["state"] == "FINISHED"
+        },
+    );
+    let last = failovers(&c, &id).last().cloned().unwrap_or_default();
+    if let Some(caught_up) = last["caught_up_ms"].as_u64() {
+        let replayed = last["replayed_ms"]
+            .as_u64()
+            .expect("replayed before caught up");
+        assert!(replayed <= caught_up, "{last}");
+    }
     assert_finished_exactly(&c, &id, &spec);
     // Losses during a recovery join it: its record names every subtask restarted.
     let events = failovers(&c, &id);

@@ -342,6 +342,9 @@ pub struct SubtaskReport {
     /// Sources: the lag sampled since the previous report, as (ms since the epoch,
     /// records), oldest first.
     pub lag_samples: Vec<(u64, u64)>,
+    /// DCAS: when this subtask applied its latest rewire to a restarted receiver, ms since
+    /// the epoch; 0 before.
+    pub rewired_ms: u64,
     /// DCAS: when every receiver rewired to its restarted instance had logged its backlog
     /// (what this subtask sent it before the rewire), ms since the epoch; 0 before.
     pub receivers_caught_up_ms: u64,

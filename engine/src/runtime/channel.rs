@@ -421,8 +421,12 @@ pub struct RouterCounters {
     pub records_out: AtomicU64,
     /// Nanoseconds spent waiting for credits (backpressure).
     pub backpressure_ns: AtomicU64,
+    /// DCAS: when the latest rewire to a restarted receiver was applied, in ms since the
+    /// epoch; 0 before any.
+    pub rewired_ms: AtomicU64,
     /// DCAS: when every receiver rewired to its restarted instance had logged what was sent
     /// to it before the rewire (its backlog), in ms since the epoch; 0 before any rewire.
+    /// Earlier than `rewired_ms` while the latest rewire's backlog is not logged.
     pub receivers_caught_up_ms: AtomicU64,
 }
 
@@ -513,6 +517,11 @@ impl Router {
         self.routes
             .iter()
             .all(|r| !matches!(r.exchange, Exchange::Rebalance) || r.targets.len() == 1)
+    }
+
+    /// DCAS: whether a rewired receiver has yet to log its backlog.
+    pub fn awaits_backlogs(&self) -> bool {
+        !self.backlogs.is_empty()
     }
 
     /// Records retained (0 without DCAS).
@@ -649,6 +658,9 @@ impl Router {
         *old = ch;
         self.backlogs.retain(|&(c, _)| c != (route, target));
         self.backlogs.push(((route, target), old.next_seq));
+        self.counters
+            .rewired_ms
+            .store(crate::telemetry::now_ms(), Ordering::Relaxed);
         self.resend(route, target).await
     }
 
@@ -1372,8 +1384,15 @@ mod tests {
         let at = caught_up();
         assert!(at >= before, "the backlog logged: {at} >= {before}");
 
+        assert!(!router.awaits_backlogs());
         let (t0, _r0) = channel(64, 0);
         router.rewire(0, 0, t0).await.unwrap();
+        assert!(
+            router.awaits_backlogs(),
+            "the second rewire's backlog counts"
+        );
+        let rewired = counters.rewired_ms.load(Ordering::Relaxed);
+        assert!(rewired >= at);
         let now: Vec<Seq> = router.routes[0]
             .targets
             .iter()
@@ -1381,8 +1400,10 @@ mod tests {
             .collect();
         router.trim(&[vec![now[0] - 1, now[1]]]);
         assert_eq!(caught_up(), at, "the second rewire's backlog not logged");
+        assert!(router.awaits_backlogs());
         router.trim(&[now]);
-        assert!(caught_up() >= at);
+        assert!(!router.awaits_backlogs());
+        assert!(caught_up() >= rewired, "caught up after the second rewire");
     }
 
     /// Ensures only a round-robin route over several targets makes a record's channel
