@@ -1139,6 +1139,13 @@ pub struct DcasSubtask {
 /// instead of once per snapshot of the receiver.
 const PROGRESS_EVERY: Duration = Duration::from_millis(5);
 
+/// How often a subtask waiting for an exchange without input looks at it, and how often
+/// it exchanges while it hurries.
+const PROGRESS_POLL: Duration = Duration::from_millis(1);
+
+/// How long a recovery's neighbours exchange progress every [`PROGRESS_POLL`].
+const RECOVERY_HURRY: Duration = Duration::from_millis(200);
+
 /// Longest pause of the exchange after failed ones (a full or recovering cache).
 const PROGRESS_RETRY: Duration = Duration::from_millis(200);
 
@@ -1157,6 +1164,10 @@ struct Acks {
     next_at: Option<std::time::Instant>,
     /// Exchanges failed in a row (each doubles the pause before the next).
     failures: u32,
+    /// Restored positions not yet published ([`DcasSubtask::inputs_restored`]).
+    republish: bool,
+    /// Until then the exchange runs every [`PROGRESS_POLL`] ([`DcasSubtask::hurry`]).
+    hurry_until: Option<std::time::Instant>,
     in_flight: Option<oneshot::Receiver<Result<Vec<Vec<Seq>>, DcasError>>>,
 }
 
@@ -1348,13 +1359,49 @@ impl DcasSubtask {
         self.acks.pending.push_back((index, channel, next));
     }
 
+    /// A restarted subtask restored and replayed: its log holds its input up to `next_seqs`
+    /// (per input channel), which it publishes once even where no new input comes, so a
+    /// sender whose backlog its predecessor had logged, unpublished, learns it.
+    pub fn inputs_restored(&mut self, next_seqs: &[Seq]) {
+        let acks = &mut self.acks;
+        acks.logged.resize(self.inputs.len(), 0);
+        acks.changed.resize(self.inputs.len(), false);
+        for (i, &next) in next_seqs.iter().enumerate().take(self.inputs.len()) {
+            if acks.logged[i] < next {
+                acks.logged[i] = next;
+                acks.changed[i] = true;
+            }
+        }
+        acks.republish = acks.changed.iter().any(|c| *c);
+    }
+
+    /// Exchanges progress every millisecond instead of every 5 for the next 200 ms: a
+    /// recovery's neighbours (a restarted subtask, a sender rewired to one) learn what the
+    /// other logged within a millisecond or two.
+    pub fn hurry(&mut self) {
+        self.acks.hurry_until = Some(std::time::Instant::now() + RECOVERY_HURRY);
+        self.acks.next_at = None;
+    }
+
+    /// When the progress exchange must run though no input arrives (else it runs as input
+    /// is logged): while restored positions wait to be published, or while `waiting` (the
+    /// subtask's rewired receivers have a backlog to log); `None` otherwise.
+    pub fn progress_due(&self, waiting: bool) -> Option<std::time::Instant> {
+        if !(waiting || self.acks.republish) {
+            return None;
+        }
+        let soon = std::time::Instant::now() + PROGRESS_POLL;
+        Some(self.acks.next_at.map_or(soon, |t| t.max(soon)))
+    }
+
     /// Exchanges progress between snapshots, never waiting: at most every
     /// `PROGRESS_EVERY`, publishes the input seqs the log now holds and reads what the
     /// receivers of every output channel have published. Answers the receivers' progress
     /// (per route, per target) once a read finished.
     ///
     /// Best effort: a failed exchange only delays trimming (the snapshot path exchanges
-    /// too), so it is retried after a pause that doubles, up to `PROGRESS_RETRY`; only a lost partition is an error.
+    /// too), so it is retried after a pause that doubles, up to `PROGRESS_RETRY`; only a
+    /// lost partition is an error.
     pub fn exchange_progress(&mut self) -> Result<Option<Vec<Vec<Seq>>>, DcasError> {
         let acks = &mut self.acks;
         let mut answer = None;
@@ -1418,7 +1465,13 @@ impl DcasSubtask {
         if publish.is_empty() && self.outputs.iter().all(Vec::is_empty) {
             return Ok(answer);
         }
-        acks.next_at = Some(std::time::Instant::now() + PROGRESS_EVERY);
+        let now = std::time::Instant::now();
+        let every = match acks.hurry_until {
+            Some(until) if now < until => PROGRESS_POLL,
+            _ => PROGRESS_EVERY,
+        };
+        acks.next_at = Some(now + every);
+        acks.republish = false;
         let (progress, outputs) = (self.progress.clone(), self.outputs.clone());
         let (tx, rx) = oneshot::channel();
         acks.in_flight = Some(rx);

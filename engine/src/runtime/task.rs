@@ -43,7 +43,7 @@ use super::dcas::{
 use crate::error::{EngineError, ErrorKind};
 use crate::operator::{Metric, OpError, Operator, Source, SourcePoll};
 use crate::protocol::control::OperatorState;
-use crate::record::{Batch, CheckpointId, Record, StreamEvent};
+use crate::record::{Batch, CheckpointId, Record, Seq, StreamEvent};
 
 /// Identity of a subtask within a job, for logs and events.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -614,6 +614,12 @@ impl SubtaskRunner {
                 _ => None,
             };
             let mut log_behind = self.log_behind();
+            // DCAS: progress exchanged without input, while a recovery waits for it.
+            let progress_at = self
+                .dcas
+                .as_ref()
+                .and_then(|(d, _)| d.progress_due(self.router.awaits_backlogs()))
+                .map(tokio::time::Instant::from_std);
             let event = tokio::select! {
                 biased;
                 cmd = control.recv() => {
@@ -644,6 +650,10 @@ impl SubtaskRunner {
                 }
                 _ = sleep_until(snapshot_at), if snapshot_at.is_some() => {
                     self.maybe_snapshot(false)?;
+                    continue;
+                }
+                _ = sleep_until(progress_at), if progress_at.is_some() => {
+                    self.exchange_progress()?;
                     continue;
                 }
                 ev = self.gate.next(), if log_behind.is_none() => match ev {
@@ -1204,6 +1214,14 @@ impl SubtaskRunner {
             }
             finished = self.replay(entry).await?;
         }
+        let positions: Vec<Seq> = self.gate.positions().iter().map(|p| p.next_seq).collect();
+        if let Some(d) = self.logging() {
+            d.inputs_restored(&positions);
+        }
+        // A restart (not a first start): its senders wait for it to log their backlog.
+        if let (Some((d, _)), true) = (&mut self.dcas, restored.is_some() || replayed > 0) {
+            d.hurry();
+        }
         self.metrics
             .replayed
             .store(replayed as u64, Ordering::Relaxed);
@@ -1393,6 +1411,9 @@ impl SubtaskRunner {
                 .rewire(r, t, ch)
                 .await
                 .map_err(|e| self.route_failure(e))?;
+        }
+        if let Some((d, _)) = &mut self.dcas {
+            d.hurry();
         }
         info!(inputs, outputs, "Rewired to a restarted neighbour.");
         Ok(())
