@@ -309,9 +309,9 @@ pub struct FailoverEvent {
     /// A later recovery started before this one caught up (a whole-job restart from a DCAS
     /// job's fallback checkpoint replaces it; a new failure ends its timing).
     pub superseded_ms: Option<u64>,
-    /// DCAS: the surviving senders of the restarted subtasks, each with the time the job
-    /// manager sent the rewire to its latest restarted receiver: the backlog it kept counts
-    /// once it applied a rewire after that and saw its receivers log it.
+    /// DCAS: the surviving senders of the restarted subtasks, each with the number of the
+    /// rewire to its latest restarted receiver: the backlog it kept counts once it reports
+    /// that rewire's receivers (and every earlier one's) logged it.
     #[serde(skip)]
     senders: BTreeMap<(u32, u32), u64>,
 }
@@ -410,10 +410,10 @@ impl Job {
     }
 
     /// DCAS: when every surviving sender of the restarted subtasks (`senders`, with the
-    /// time its latest rewire was sent) applied that rewire and saw its receivers log the
-    /// backlog it kept for them; `None` until each has. None to wait for (ABS): 0.
+    /// number of its latest rewire) saw its receivers of that rewire log the backlog it
+    /// kept for them; `None` until each has. None to wait for (ABS): 0.
     fn backlogs_logged(&self, senders: &BTreeMap<(u32, u32), u64>) -> Option<u64> {
-        senders.iter().try_fold(0, |latest, (k, &sent)| {
+        senders.iter().try_fold(0, |latest, (k, &rewire)| {
             let Some(i) = self.subtasks.get(k) else {
                 return Some(latest);
             };
@@ -421,8 +421,7 @@ impl Job {
                 return Some(latest);
             }
             let (_, r) = i.last.as_ref()?;
-            let logged = r.rewired_ms >= sent && r.receivers_caught_up_ms >= r.rewired_ms;
-            logged.then_some(latest.max(r.receivers_caught_up_ms))
+            (r.receivers_caught_up >= rewire).then_some(latest.max(r.receivers_caught_up_ms))
         })
     }
 
@@ -466,6 +465,8 @@ pub struct Dispatcher {
     collect_limit: usize,
     /// DCAS recoveries waiting to be placed (on the next tick).
     pending_dcas: Vec<PendingRestart>,
+    /// Number of the latest DCAS rewire sent (rising over every job).
+    rewires: u64,
     /// A recovery step is scheduled sooner than the next tick (see
     /// [`Dispatcher::recover_soon`]).
     recovering_soon: bool,
@@ -488,6 +489,7 @@ impl Dispatcher {
             archived,
             collect_limit,
             pending_dcas: Vec::new(),
+            rewires: 0,
             recovering_soon: false,
         }
     }
@@ -1239,6 +1241,8 @@ impl Dispatcher {
             },
             None => None,
         };
+        self.rewires += 1;
+        let rewire = self.rewires;
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
@@ -1259,18 +1263,18 @@ impl Dispatcher {
                 placement: placement.clone(),
                 moved: lost.clone(),
                 lost: lost_tms.clone(),
+                seq: rewire,
             });
         }
         info!(job = %id, subtasks = ?lost, on = ?per_tm.keys().collect::<Vec<_>>(), "DCAS: restarted subtasks deployed.");
         let senders = senders_of(&job.graph, &lost);
         if let Some(e) = job.failovers.last_mut() {
-            let now = now_ms();
-            e.deployed_ms = Some(now);
+            e.deployed_ms = Some(now_ms());
             // A restarted subtask sends everything it retained again on its own; a survivor
             // rewired to a restarted one waits for its backlog to be logged.
             e.senders.retain(|k, _| !lost.contains(k));
             for k in senders.into_iter().filter(|k| !lost.contains(k)) {
-                e.senders.insert(k, now);
+                e.senders.insert(k, rewire);
             }
         }
     }

@@ -270,19 +270,16 @@ impl TaskManager {
     }
 
     /// DCAS: connects this task manager's subtasks of a deployment to their restarted
-    /// neighbours.
+    /// neighbours (the job manager's rewire number `seq`).
     fn rewire(
         &mut self,
         job: JobId,
         generation: Generation,
         placement: Vec<engine::protocol::control::Placement>,
         moved: Vec<(u32, u32)>,
-        lost: Vec<TaskManagerId>,
+        seq: u64,
         ctx: &mut Context<Self>,
     ) {
-        for tm in lost {
-            self.data.fence(tm);
-        }
         self.data
             .connect_all(placement.iter().map(|p| (p.tm, p.data_addr.clone())));
         let Some(r) = self.deployments.get(&(job, generation)) else {
@@ -304,7 +301,7 @@ impl TaskManager {
             self.local.clone(),
         );
         let actor = r.actor.clone();
-        let work = rewire(wiring, r.graph.clone(), mine, moved);
+        let work = rewire(wiring, r.graph.clone(), mine, moved, seq);
         ctx.spawn(work.into_actor(self).map(move |result, _, _| match result {
             Ok(rewires) => {
                 info!(job = %job, generation = %generation, subtasks = rewires.len(), "Rewiring to restarted subtasks.");
@@ -344,10 +341,11 @@ impl TaskManager {
                         resumed_ms,
                         source_lag: m.source_lag.load(std::sync::atomic::Ordering::Relaxed),
                         lag_samples: m.take_lag_samples(),
-                        rewired_ms: m
+                        // First, with Acquire: the time stored before it is as new.
+                        receivers_caught_up: m
                             .router
-                            .rewired_ms
-                            .load(std::sync::atomic::Ordering::Relaxed),
+                            .receivers_caught_up
+                            .load(std::sync::atomic::Ordering::Acquire),
                         receivers_caught_up_ms: m
                             .router
                             .receivers_caught_up_ms
@@ -485,7 +483,13 @@ impl Handler<FromJobManager> for TaskManager {
                 placement,
                 moved,
                 lost,
-            } => self.rewire(job, generation, placement, moved, lost, ctx),
+                seq,
+            } => {
+                for tm in lost {
+                    self.data.fence(tm);
+                }
+                self.rewire(job, generation, placement, moved, seq, ctx)
+            }
             ToTaskManager::CacheCopy {
                 copy,
                 partition,
@@ -860,11 +864,15 @@ async fn rewire(
     graph: Arc<JobGraph>,
     mine: Vec<(u32, u32)>,
     moved: Vec<(u32, u32)>,
+    seq: u64,
 ) -> Result<Vec<(SubtaskId, Rewire)>, String> {
     let mut out = Vec::new();
     for (task, subtask) in mine {
         let (t, s) = (task as usize, subtask as usize);
-        let mut rw = Rewire::default();
+        let mut rw = Rewire {
+            seq,
+            ..Rewire::default()
+        };
         for (i, k) in input_keys(&graph, t, s).iter().enumerate() {
             let from = graph.edges[k.edge as usize].from as u32;
             if moved.contains(&(from, k.from)) {

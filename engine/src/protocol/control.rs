@@ -144,6 +144,9 @@ pub enum ToTaskManager {
         moved: Vec<(u32, u32)>,
         /// Task managers declared dead.
         lost: Vec<TaskManagerId>,
+        /// The job manager's number of this rewire (rising): a subtask reports the latest
+        /// whose backlogs its receivers logged.
+        seq: u64,
     },
     /// Fail one subtask at once, as its crash would (used by "kill subtask").
     KillSubtask {
@@ -342,11 +345,10 @@ pub struct SubtaskReport {
     /// Sources: the lag sampled since the previous report, as (ms since the epoch,
     /// records), oldest first.
     pub lag_samples: Vec<(u64, u64)>,
-    /// DCAS: when this subtask applied its latest rewire to a restarted receiver, ms since
-    /// the epoch; 0 before.
-    pub rewired_ms: u64,
-    /// DCAS: when every receiver rewired to its restarted instance had logged its backlog
-    /// (what this subtask sent it before the rewire), ms since the epoch; 0 before.
+    /// DCAS: the latest rewire (its number) whose restarted receivers, and every earlier
+    /// one's, logged the backlog this subtask kept for them; 0 before.
+    pub receivers_caught_up: u64,
+    /// DCAS: when they had, ms since the epoch; 0 before.
     pub receivers_caught_up_ms: u64,
     /// Operator-specific metrics (Kafka offsets and lag, late records), by operator id.
     pub operator_metrics: Vec<(String, Metric)>,

@@ -421,12 +421,12 @@ pub struct RouterCounters {
     pub records_out: AtomicU64,
     /// Nanoseconds spent waiting for credits (backpressure).
     pub backpressure_ns: AtomicU64,
-    /// DCAS: when the latest rewire to a restarted receiver was applied, in ms since the
-    /// epoch; 0 before any.
-    pub rewired_ms: AtomicU64,
-    /// DCAS: when every receiver rewired to its restarted instance had logged what was sent
-    /// to it before the rewire (its backlog), in ms since the epoch; 0 before any rewire.
-    /// Earlier than `rewired_ms` while the latest rewire's backlog is not logged.
+    /// DCAS: the latest rewire (the job manager's number) after which every receiver
+    /// rewired to its restarted instance had logged what was sent to it before (its
+    /// backlog); 0 before any. Stored after `receivers_caught_up_ms` (Release): a reader
+    /// that loads it first (Acquire) reads that time or a later one.
+    pub receivers_caught_up: AtomicU64,
+    /// DCAS: when they had, in ms since the epoch; 0 before any rewire.
     pub receivers_caught_up_ms: AtomicU64,
 }
 
@@ -476,6 +476,8 @@ pub struct Router {
     /// DCAS: rewired channels whose restarted receiver has not yet logged everything sent
     /// before the rewire, with the seq it must reach.
     backlogs: Vec<((usize, usize), Seq)>,
+    /// DCAS: the number of the latest rewire applied.
+    rewire: u64,
 }
 
 /// Output records waiting for the input log (DCAS).
@@ -501,6 +503,7 @@ impl Router {
             watermark: i64::MIN,
             ended: false,
             backlogs: Vec::new(),
+            rewire: 0,
         }
     }
 
@@ -545,6 +548,9 @@ impl Router {
             self.counters
                 .receivers_caught_up_ms
                 .store(crate::telemetry::now_ms(), Ordering::Relaxed);
+            self.counters
+                .receivers_caught_up
+                .store(self.rewire, Ordering::Release);
         }
     }
 
@@ -639,13 +645,15 @@ impl Router {
     }
 
     /// DCAS: channel `(route, target)` now goes to `ch` (its receiver's restarted
-    /// instance); everything retained for it is sent again, then the last watermark and
-    /// end of stream. The receiver drops what it already logged.
+    /// instance), by the job manager's rewire number `seq`; everything retained for it is
+    /// sent again, then the last watermark and end of stream. The receiver drops what it
+    /// already logged.
     pub async fn rewire(
         &mut self,
         route: usize,
         target: usize,
         mut ch: OutputChannel,
+        seq: u64,
     ) -> Result<(), RouteError> {
         let Some(old) = self
             .routes
@@ -658,9 +666,7 @@ impl Router {
         *old = ch;
         self.backlogs.retain(|&(c, _)| c != (route, target));
         self.backlogs.push(((route, target), old.next_seq));
-        self.counters
-            .rewired_ms
-            .store(crate::telemetry::now_ms(), Ordering::Relaxed);
+        self.rewire = self.rewire.max(seq);
         self.resend(route, target).await
     }
 
@@ -1361,7 +1367,7 @@ mod tests {
             counters.clone(),
         );
         router.retain_output();
-        let caught_up = || counters.receivers_caught_up_ms.load(Ordering::Relaxed);
+        let caught_up = || counters.receivers_caught_up.load(Ordering::Acquire);
         router.push(&mut recs(0..40)).await.unwrap();
         router.flush().await.unwrap();
         let sent: Vec<Seq> = router.routes[0]
@@ -1374,36 +1380,34 @@ mod tests {
         assert_eq!(caught_up(), 0, "no rewire yet");
 
         let (t1, _r1) = channel(64, 0);
-        router.rewire(0, 1, t1).await.unwrap();
+        router.rewire(0, 1, t1, 3).await.unwrap();
         router.push(&mut recs(40..60)).await.unwrap();
         router.flush().await.unwrap();
         router.trim(&[vec![sent[0], sent[1] - 1]]);
         assert_eq!(caught_up(), 0, "one record of the backlog not logged");
         let before = crate::telemetry::now_ms();
         router.trim(&[vec![sent[0], sent[1]]]);
-        let at = caught_up();
-        assert!(at >= before, "the backlog logged: {at} >= {before}");
+        assert_eq!(caught_up(), 3, "the backlog of rewire 3 logged");
+        assert!(counters.receivers_caught_up_ms.load(Ordering::Relaxed) >= before);
 
         assert!(!router.awaits_backlogs());
         let (t0, _r0) = channel(64, 0);
-        router.rewire(0, 0, t0).await.unwrap();
+        router.rewire(0, 0, t0, 5).await.unwrap();
         assert!(
             router.awaits_backlogs(),
             "the second rewire's backlog counts"
         );
-        let rewired = counters.rewired_ms.load(Ordering::Relaxed);
-        assert!(rewired >= at);
         let now: Vec<Seq> = router.routes[0]
             .targets
             .iter()
             .map(|t| t.next_seq)
             .collect();
         router.trim(&[vec![now[0] - 1, now[1]]]);
-        assert_eq!(caught_up(), at, "the second rewire's backlog not logged");
+        assert_eq!(caught_up(), 3, "the backlog of rewire 5 not logged");
         assert!(router.awaits_backlogs());
         router.trim(&[now]);
         assert!(!router.awaits_backlogs());
-        assert!(caught_up() >= rewired, "caught up after the second rewire");
+        assert_eq!(caught_up(), 5, "the backlog of rewire 5 logged");
     }
 
     /// Ensures only a round-robin route over several targets makes a record's channel

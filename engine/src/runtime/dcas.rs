@@ -1166,6 +1166,8 @@ struct Acks {
     failures: u32,
     /// Restored positions not yet published ([`DcasSubtask::inputs_restored`]).
     republish: bool,
+    /// The exchange in flight publishes restored positions (again due if it fails).
+    republishing: bool,
     /// Until then the exchange runs every [`PROGRESS_POLL`] ([`DcasSubtask::hurry`]).
     hurry_until: Option<std::time::Instant>,
     in_flight: Option<oneshot::Receiver<Result<Vec<Vec<Seq>>, DcasError>>>,
@@ -1411,6 +1413,7 @@ impl DcasSubtask {
                 Ok(Ok(logged)) => {
                     answer = Some(logged);
                     acks.failures = 0;
+                    acks.republishing = false;
                     None
                 }
                 Ok(Err(e)) => Some(e),
@@ -1435,6 +1438,7 @@ impl DcasSubtask {
                 acks.failures += 1;
                 warn!(log = %self.store.names.log, error = %e, retry_in_ms = pause.as_millis() as u64, "Progress exchange failed; retrying.");
                 acks.changed.iter_mut().for_each(|c| *c = true);
+                acks.republish |= std::mem::take(&mut acks.republishing);
                 acks.next_at = Some(std::time::Instant::now() + pause);
             }
         }
@@ -1471,7 +1475,7 @@ impl DcasSubtask {
             _ => PROGRESS_EVERY,
         };
         acks.next_at = Some(now + every);
-        acks.republish = false;
+        acks.republishing = std::mem::take(&mut acks.republish);
         let (progress, outputs) = (self.progress.clone(), self.outputs.clone());
         let (tx, rx) = oneshot::channel();
         acks.in_flight = Some(rx);

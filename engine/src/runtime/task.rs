@@ -259,6 +259,8 @@ pub struct Rewire {
     pub inputs: Vec<(usize, InputChannel)>,
     /// (route, target, channel to the restarted receiver).
     pub outputs: Vec<(usize, usize, OutputChannel)>,
+    /// The job manager's number of the rewire.
+    pub seq: u64,
 }
 
 /// Rewire a subtask (DCAS).
@@ -567,11 +569,18 @@ impl SubtaskRunner {
                         .pending_since()
                         .map(|_| self.linger)
                         .unwrap_or(d);
+                    // DCAS: a recovery waiting for the progress exchange does not wait for
+                    // a slow feed.
+                    let progress = self
+                        .dcas
+                        .as_ref()
+                        .and_then(|(dcas, _)| dcas.progress_due(self.router.awaits_backlogs()))
+                        .map_or(d, |at| at.saturating_duration_since(Instant::now()));
                     tokio::select! {
                         biased;
                         cmd = control.recv() => self.command(cmd.unwrap_or(Command::Cancel)).await?,
                         Some(rw) = self.rewires.recv() => self.apply_rewire(rw).await?,
-                        _ = tokio::time::sleep(d.min(linger)) => {}
+                        _ = tokio::time::sleep(d.min(linger).min(progress)) => {}
                     }
                     if self.linger_expired() {
                         self.linger_flush().await?;
@@ -1408,7 +1417,7 @@ impl SubtaskRunner {
         }
         for (r, t, ch) in rw.outputs {
             self.router
-                .rewire(r, t, ch)
+                .rewire(r, t, ch, rw.seq)
                 .await
                 .map_err(|e| self.route_failure(e))?;
         }
