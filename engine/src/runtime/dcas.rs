@@ -47,6 +47,26 @@ const FULL_BACKOFF: Duration = Duration::from_millis(20);
 /// subtask whose log lived there waits for the retry, with its output held back.
 const TRANSIENT_BACKOFF: Duration = Duration::from_millis(1);
 
+/// A pause before a retry that doubles, from `next` up to `max`, with each failure in a row.
+#[derive(Clone, Copy, Debug)]
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    const fn new(first: Duration, max: Duration) -> Backoff {
+        Backoff { next: first, max }
+    }
+
+    /// The pause before this retry; the next one is twice as long (up to the max).
+    fn pause(&mut self) -> Duration {
+        let pause = self.next;
+        self.next = (pause * 2).min(self.max);
+        pause
+    }
+}
+
 /// Errors of the DCAS log and snapshot store.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum DcasError {
@@ -410,7 +430,7 @@ where
     Fut: std::future::Future<Output = Result<T, CacheError>>,
 {
     let started = tokio::time::Instant::now();
-    let mut backoff = TRANSIENT_BACKOFF;
+    let mut backoff = Backoff::new(TRANSIENT_BACKOFF, FULL_BACKOFF);
     loop {
         match op().await {
             Err(
@@ -418,9 +438,9 @@ where
                 | CacheError::Timeout(..)
                 | CacheError::NoMembers(_)),
             ) if started.elapsed() < TRANSIENT_RETRY => {
-                warn!(what, error = %e, retry_in_ms = backoff.as_millis() as u64, "Cache operation failed; retrying.");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(FULL_BACKOFF);
+                let pause = backoff.pause();
+                warn!(what, error = %e, retry_in_ms = pause.as_millis() as u64, "Cache operation failed; retrying.");
+                tokio::time::sleep(pause).await;
             }
             other => return other,
         }
@@ -441,7 +461,7 @@ async fn append_at(
     open: impl Fn() -> bool,
 ) -> Result<Result<u64, u64>, CacheError> {
     let started = tokio::time::Instant::now();
-    let mut backoff = TRANSIENT_BACKOFF;
+    let mut backoff = Backoff::new(TRANSIENT_BACKOFF, FULL_BACKOFF);
     loop {
         match client
             .append_at(partition, list, next, items.to_vec())
@@ -454,9 +474,9 @@ async fn append_at(
                 | CacheError::Timeout(..)
                 | CacheError::NoMembers(_)),
             ) if open() && started.elapsed() < TRANSIENT_RETRY => {
-                warn!(list = %list, error = %e, retry_in_ms = backoff.as_millis() as u64, "Input log append failed; retrying.");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(FULL_BACKOFF);
+                let pause = backoff.pause();
+                warn!(list = %list, error = %e, retry_in_ms = pause.as_millis() as u64, "Input log append failed; retrying.");
+                tokio::time::sleep(pause).await;
             }
             other => return other,
         }
@@ -1162,8 +1182,8 @@ struct Acks {
     changed: Vec<bool>,
     /// No exchange starts before this.
     next_at: Option<std::time::Instant>,
-    /// Exchanges failed in a row (each doubles the pause before the next).
-    failures: u32,
+    /// The pause after the exchanges that failed in a row; `None` after a success.
+    retry: Option<Backoff>,
     /// Restored positions not yet published ([`DcasSubtask::inputs_restored`]).
     republish: bool,
     /// The exchange in flight publishes restored positions (again due if it fails).
@@ -1412,7 +1432,7 @@ impl DcasSubtask {
                 Err(oneshot::error::TryRecvError::Empty) => return Ok(None),
                 Ok(Ok(logged)) => {
                     answer = Some(logged);
-                    acks.failures = 0;
+                    acks.retry = None;
                     acks.republishing = false;
                     None
                 }
@@ -1434,8 +1454,10 @@ impl DcasSubtask {
                 }
                 // From a few ms (a member lost, its backups promoted at once) up to
                 // PROGRESS_RETRY (a full cache).
-                let pause = (PROGRESS_EVERY * 2u32.pow(acks.failures.min(8))).min(PROGRESS_RETRY);
-                acks.failures += 1;
+                let retry = acks
+                    .retry
+                    .get_or_insert(Backoff::new(PROGRESS_EVERY, PROGRESS_RETRY));
+                let pause = retry.pause();
                 warn!(log = %self.store.names.log, error = %e, retry_in_ms = pause.as_millis() as u64, "Progress exchange failed; retrying.");
                 acks.changed.iter_mut().for_each(|c| *c = true);
                 acks.republish |= std::mem::take(&mut acks.republishing);
@@ -1491,6 +1513,15 @@ mod tests {
     use super::*;
     use crate::cache::testing::Cluster;
     use crate::value::Value;
+
+    /// Ensures a backoff doubles from its first pause and stays at its max.
+    #[test]
+    fn backoff_doubles_up_to_its_max() {
+        let ms = Duration::from_millis;
+        let mut b = Backoff::new(ms(5), ms(30));
+        let pauses: Vec<Duration> = (0..5).map(|_| b.pause()).collect();
+        assert_eq!(pauses, [ms(5), ms(10), ms(20), ms(30), ms(30)]);
+    }
 
     fn batch(first_seq: u64, n: usize) -> Batch {
         Batch {
