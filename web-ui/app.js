@@ -359,6 +359,12 @@ function meter(value, total) {
   return `<span class="meter" title="${pct.toFixed(0)}%"><i style="width:${pct.toFixed(1)}%"></i></span>`;
 }
 
+// The sinks' end-to-end latency (the slowest sink's), from their latest latency markers.
+function latency(job) {
+  const ms = job.vertices.flatMap((v) => v.subtasks.map((s) => s.latency_ms)).filter((l) => l != null);
+  return ms.length ? `${Math.max(...ms)} <small>ms</small>` : "–";
+}
+
 function renderJob(job, cps, failovers) {
   const now = Date.now();
   const hist = state.opRates.get(job.jid) || new Map();
@@ -384,6 +390,7 @@ function renderJob(job, cps, failovers) {
     <div class="card"><div class="label">Mode</div><div class="value">${esc(job.mode.toUpperCase())}</div></div>
     <div class="card"><div class="label">Duration</div><div class="value">${fmtDuration(job.duration)}</div></div>
     <div class="card"><div class="label">Source throughput</div><div class="value">${fmtRate(job.throughput)}</div></div>
+    <div class="card" title="How old the latest latency marker from the sources was when it reached a sink (the slowest sink)"><div class="label">End-to-end latency</div><div class="value">${latency(job)}</div></div>
     <div class="card"><div class="label">Restarts</div><div class="value">${job.restarts} <small>generation ${job.generation}</small></div></div>
     <div class="card"><div class="label">Checkpoints</div><div class="value">${cps?.counts?.completed ?? 0} <small>completed · ${cps?.counts?.failed ?? 0} failed</small></div></div>`);
   const tms = [...new Set(job.vertices.flatMap((v) => v.subtasks.map((s) => s.taskmanager)))];
@@ -440,7 +447,7 @@ const shortIds = (text) => String(text).replace(/\b([0-9a-f]{8})-[0-9a-f]{4}-[0-
 // A recovery's phases as [from, to, name, colour]: ABS cancels and redeploys the whole job
 // and restores a checkpoint; DCAS places only the lost subtasks, which restore their
 // snapshots and replay their logs while the rest keeps running.
-const PHASE_COLOURS = { cancel: "#e15759", place: "#f28e2b", start: "#b07aa1", replay: "#9c755f", first: "#4e79a7", catchup: "#59a14f" };
+const PHASE_COLOURS = { cancel: "#e15759", place: "#f28e2b", start: "#b07aa1", replay: "#9c755f", first: "#4e79a7", catchup: "#59a14f", drain: "#8cd17d" };
 function phases(f) {
   const dcas = f.mode === "dcas";
   const ready = dcas ? "replayed_ms" : "restored_ms";
@@ -450,10 +457,11 @@ function phases(f) {
     ["deployed_ms", "restored_ms", "start"],
     ...(dcas ? [["restored_ms", "replayed_ms", "replay"]] : []),
     [ready, "first_record_ms", "first"],
-    ["first_record_ms", "caught_up_ms", "catchup"],
+    ["first_record_ms", "inputs_caught_up_ms", "catchup"],
+    ["inputs_caught_up_ms", "caught_up_ms", "drain"],
   ];
 }
-const PHASE_NAMES = { cancel: "cancel", place: "place / redeploy", start: "start, restore (ABS)", replay: "restore + replay log (DCAS)", first: "first record", catchup: "catch up" };
+const PHASE_NAMES = { cancel: "cancel", place: "place / redeploy", start: "start, restore (ABS)", replay: "restore + replay log (DCAS)", first: "first record", catchup: "sources catch up", drain: "latency back to normal" };
 
 function renderFailovers(list) {
   const el = document.getElementById("failovers");

@@ -86,6 +86,13 @@ pub enum StreamEvent {
     Watermark(i64),
     /// Checkpoint barrier: everything before it belongs to checkpoint `n`.
     Barrier(CheckpointId),
+    /// Latency marker: every source upstream had emitted, by this wall-clock time (ms since
+    /// the epoch), everything that arrives before the marker. A subtask forwards the oldest
+    /// marker of its open inputs once every input delivered one newer, behind the records
+    /// it had sent; so where a marker arrives, the time since its origin is how stale the
+    /// data is end to end, queues included. Never logged or snapshotted (DCAS): it carries
+    /// no data, and a replay regenerates none.
+    Marker(i64),
     /// The sender finished; nothing follows.
     EndOfStream,
 }

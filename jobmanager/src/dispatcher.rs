@@ -93,6 +93,9 @@ pub struct SubtaskView {
     pub backpressure: f64,
     /// Output watermark (null before the first).
     pub watermark: Option<i64>,
+    /// Subtasks without outputs (sinks): how old the latest latency marker was when it
+    /// arrived, in ms — the end-to-end latency from the sources (null before the first).
+    pub latency_ms: Option<i64>,
     /// Operator-specific metrics: Kafka offsets and lag per partition, late records, ...
     pub metrics: Vec<OperatorMetricView>,
 }
@@ -231,6 +234,9 @@ struct SubtaskInfo {
     /// Sources: the lag samples of the latest reports, oldest first, at most
     /// [`LAG_SAMPLES_KEPT`]: (ms since the epoch at the task manager, records).
     lag_samples: VecDeque<(u64, u64)>,
+    /// Sinks: the latency markers of the latest reports, oldest first, at most
+    /// [`LAG_SAMPLES_KEPT`]: (ms since the epoch at the task manager, the marker's origin).
+    marker_samples: VecDeque<(u64, u64)>,
 }
 
 impl SubtaskInfo {
@@ -245,6 +251,7 @@ impl SubtaskInfo {
             backpressure: 0.0,
             raw_rate_in: 0.0,
             lag_samples: VecDeque::new(),
+            marker_samples: VecDeque::new(),
         }
     }
 
@@ -286,6 +293,11 @@ pub struct FailoverEvent {
     /// every restarted subtask logged the backlog its surviving senders kept for it. Timed
     /// by the task managers' clocks where they tell (the sources' lag samples, the senders'
     /// rewired channels), so the machines' clocks must agree.
+    pub inputs_caught_up_ms: Option<u64>,
+    /// The inputs caught up, and a latency marker the sources sent after that reached
+    /// every sink: what the sources had read by then went through every queue of the job,
+    /// channel buffers included (the sources of an ABS recovery read their backlog into
+    /// them). The end of the recovery.
     pub caught_up_ms: Option<u64>,
     /// Checkpoint restored from (none: started from scratch).
     pub checkpoint: Option<u64>,
@@ -304,6 +316,10 @@ pub struct FailoverEvent {
     /// Records the sources had available but not read before the failure, when every
     /// source reports it (a generator behind its feed, a consumer behind its log end).
     pub pre_failure_lag: Option<u64>,
+    /// The sinks' end-to-end latency before the failure, in ms: the median age of the
+    /// latency markers that reached each sink in the second before it, the highest over
+    /// sinks (none when no marker did).
+    pub pre_failure_latency_ms: Option<u64>,
     /// Why newer checkpoints could not be restored (corruption), if any.
     pub restore_errors: Vec<String>,
     /// A later recovery started before this one caught up (a whole-job restart from a DCAS
@@ -329,6 +345,7 @@ impl FailoverEvent {
             restored_ms: None,
             replayed_ms: None,
             first_record_ms: None,
+            inputs_caught_up_ms: None,
             caught_up_ms: None,
             checkpoint: None,
             generation: None,
@@ -338,6 +355,7 @@ impl FailoverEvent {
             snapshot_links: 0,
             pre_failure_rate: before.rate,
             pre_failure_lag: before.lag,
+            pre_failure_latency_ms: before.latency,
             restore_errors: Vec::new(),
             superseded_ms: None,
             senders: BTreeMap::new(),
@@ -351,6 +369,8 @@ struct Before {
     rate: f64,
     /// Records available but not read, when every source knows.
     lag: Option<u64>,
+    /// The sinks' end-to-end latency (see [`Job::sink_latency`]).
+    latency: Option<u64>,
 }
 
 /// A recovery waiting for its old deployment to stop and its restart delay.
@@ -409,6 +429,35 @@ impl Job {
             .map(|(_, i)| i)
     }
 
+    /// The latency markers of the running subtasks without outputs (sinks).
+    fn sink_markers(&self) -> Vec<&VecDeque<(u64, u64)>> {
+        (0..self.graph.tasks.len())
+            .filter(|t| !self.graph.edges.iter().any(|e| e.from == *t))
+            .flat_map(|t| self.subtasks.range((t as u32, 0)..(t as u32 + 1, 0)))
+            .map(|(_, i)| i)
+            .filter(|i| !matches!(i.state, SubtaskState::Finishing | SubtaskState::Finished))
+            .map(|i| &i.marker_samples)
+            .collect()
+    }
+
+    /// The sinks' end-to-end latency in the second before `at`: per sink, the median age
+    /// of the markers that arrived then; the highest over sinks. `None` when none arrived.
+    fn sink_latency(&self, at: u64) -> Option<u64> {
+        let since = at.saturating_sub(1_000);
+        self.sink_markers()
+            .into_iter()
+            .filter_map(|samples| {
+                let mut ages: Vec<u64> = samples
+                    .iter()
+                    .filter(|&&(arrived, _)| (since..at).contains(&arrived))
+                    .map(|&(arrived, origin)| arrived.saturating_sub(origin))
+                    .collect();
+                ages.sort_unstable();
+                ages.get(ages.len() / 2).copied()
+            })
+            .max()
+    }
+
     /// DCAS: when every surviving sender of the restarted subtasks (`senders`, with the
     /// number of its latest rewire) saw its receivers of that rewire log the backlog it
     /// kept for them; `None` until each has. None to wait for (ABS): 0.
@@ -445,8 +494,16 @@ const LAG_UNKNOWN_GRACE_MS: u64 = 3_000;
 /// together to be placed together.
 const RECOVERY_COALESCE: Duration = Duration::from_millis(3);
 
-/// Most lag samples kept per source subtask: two seconds at one sample every 2 ms.
+/// Most lag samples kept per source subtask: two seconds at one sample every 2 ms (and
+/// five seconds of latency markers per sink, at one every 5 ms).
 const LAG_SAMPLES_KEPT: usize = 1024;
+
+/// Appends `new` samples to `kept`, keeping the newest [`LAG_SAMPLES_KEPT`].
+fn keep_newest(kept: &mut VecDeque<(u64, u64)>, new: &[(u64, u64)]) {
+    kept.extend(new.iter().copied());
+    let excess = kept.len().saturating_sub(LAG_SAMPLES_KEPT);
+    kept.drain(..excess);
+}
 
 /// A DCAS restart to place: the job and its deployment, its subtasks to restart, the task
 /// managers lost.
@@ -670,6 +727,7 @@ impl Dispatcher {
                             backpressure_ms: r.map_or(0, |r| r.backpressure_ms),
                             backpressure: i.backpressure,
                             watermark: r.map(|r| r.watermark).filter(|w| *w != i64::MIN),
+                            latency_ms: r.map(|r| r.latency_ms).filter(|l| *l >= 0),
                             metrics: r
                                 .map(|r| {
                                     r.operator_metrics
@@ -917,6 +975,7 @@ impl Dispatcher {
         let before = Before {
             rate: self.summary(job).throughput,
             lag: job.source_lag(),
+            latency: job.sink_latency(now_ms()),
         };
         self.jobs.get_mut(&id)?.exceptions.push(ExceptionView {
             at: now_ms(),
@@ -1933,12 +1992,8 @@ impl Handler<Reports> for Dispatcher {
                     info.backpressure = 0.5 * info.backpressure + 0.5 * bp;
                 }
             }
-            if info.lag_samples.len() + r.lag_samples.len() > LAG_SAMPLES_KEPT {
-                let excess = (info.lag_samples.len() + r.lag_samples.len() - LAG_SAMPLES_KEPT)
-                    .min(info.lag_samples.len());
-                info.lag_samples.drain(..excess);
-            }
-            info.lag_samples.extend(r.lag_samples.iter().copied());
+            keep_newest(&mut info.lag_samples, &r.lag_samples);
+            keep_newest(&mut info.marker_samples, &r.marker_samples);
             info.last = Some((now, r));
         }
         let ids: Vec<JobId> = self.jobs.keys().copied().collect();
@@ -2036,13 +2091,35 @@ impl Dispatcher {
             }),
             (None, _) => by_rate,
         };
-        if let (Some(first), Some(sources_at), Some(backlogs)) =
-            (e.first_record_ms, sources_at, backlogs)
-        {
-            let at = first.max(sources_at).max(backlogs);
-            e.caught_up_ms = Some(at);
-            info!(job = %id, attempt = e.attempt, recovery_ms = at.saturating_sub(e.detected_ms), "Job caught up after recovery.");
+        if let (None, Some(first), Some(sources_at), Some(backlogs)) = (
+            e.inputs_caught_up_ms,
+            e.first_record_ms,
+            sources_at,
+            backlogs,
+        ) {
+            e.inputs_caught_up_ms = Some(first.max(sources_at).max(backlogs));
         }
+        // Then the data read from then on goes through every queue to every sink as fast
+        // as before the failure: twice its latency then, plus the markers' spacing.
+        let Some(inputs) = e.inputs_caught_up_ms else {
+            return;
+        };
+        let normal = e
+            .pre_failure_latency_ms
+            .map(|l| 2 * l + engine::runtime::task::MARKER_EVERY_MS);
+        let sinks = self
+            .jobs
+            .get(&id)
+            .map(Job::sink_markers)
+            .unwrap_or_default();
+        let Some(at) = latency_normal(&sinks, inputs, normal) else {
+            return;
+        };
+        let Some(e) = self.jobs.get_mut(&id).and_then(|j| j.failovers.last_mut()) else {
+            return;
+        };
+        e.caught_up_ms = Some(at);
+        info!(job = %id, attempt = e.attempt, recovery_ms = at.saturating_sub(e.detected_ms), inputs_ms = inputs.saturating_sub(e.detected_ms), "Job caught up after recovery.");
     }
 }
 
@@ -2057,6 +2134,22 @@ fn senders_of(graph: &JobGraph, subtasks: &[(u32, u32)]) -> BTreeSet<(u32, u32)>
         }
     }
     senders
+}
+
+/// From when the sinks' latency was back to normal, by their latency markers (arrival,
+/// origin; ms since the epoch): per sink, the first marker sent at `since` or later that
+/// arrived within `normal` ms — the data behind it went through every queue of the job as
+/// fast as before the failure — and the latest such origin over sinks. With no latency to
+/// compare with, the first marker sent at `since` or later counts when it arrived. `None`
+/// while a sink has none; no sinks: `since`.
+fn latency_normal(sinks: &[&VecDeque<(u64, u64)>], since: u64, normal: Option<u64>) -> Option<u64> {
+    sinks.iter().try_fold(since, |latest, samples| {
+        let within = |&&(at, origin): &&(u64, u64)| {
+            origin >= since && normal.is_none_or(|n| at.saturating_sub(origin) <= n)
+        };
+        let &(at, origin) = samples.iter().find(within)?;
+        Some(latest.max(if normal.is_some() { origin } else { at }))
+    })
 }
 
 /// When the sources, their lags summed, came within `threshold` records of their input
@@ -2545,7 +2638,10 @@ impl Handler<GetOutput> for Dispatcher {
 mod tests {
     use std::collections::VecDeque;
 
-    use super::{accept_part, within_lag, CollectProgress, PartFate};
+    use super::{
+        accept_part, keep_newest, latency_normal, within_lag, CollectProgress, PartFate,
+        LAG_SAMPLES_KEPT,
+    };
 
     /// The sources caught up at the first sample after the last one where their summed lag
     /// was over the threshold, counting only samples since the failure, and only once each
@@ -2573,6 +2669,40 @@ mod tests {
         let quiet: VecDeque<(u64, u64)> = [(80, 0)].into();
         assert_eq!(within_lag(&[&a, &quiet], 100, 1_000), None);
         assert_eq!(within_lag(&[], 100, 1_000), Some(100));
+    }
+
+    /// Ensures a recovery ends from the first marker sent after its inputs caught up that
+    /// went through as fast as before the failure, at every sink: not an earlier marker
+    /// (it waited behind less than the backlog), not a slow one (it waited behind the
+    /// backlog), and not before the slowest sink; without a latency to compare with, at the
+    /// arrival of the first marker sent after the inputs caught up.
+    #[test]
+    fn recovery_ends_when_the_latency_is_normal_at_every_sink() {
+        let fast: VecDeque<(u64, u64)> = [(98, 90), (104, 95), (106, 100), (111, 105)].into();
+        // The backlog drained at 154: the markers waiting behind it arrive together.
+        let slow: VecDeque<(u64, u64)> =
+            [(99, 90), (140, 95), (150, 100), (154, 145), (158, 150)].into();
+        assert_eq!(latency_normal(&[&fast], 100, Some(10)), Some(100));
+        assert_eq!(latency_normal(&[&fast, &slow], 100, Some(10)), Some(145));
+        assert_eq!(latency_normal(&[&fast, &slow], 100, Some(50)), Some(100));
+        assert_eq!(
+            latency_normal(&[&fast, &slow], 100, Some(5)),
+            None,
+            "slow is not yet"
+        );
+        assert_eq!(latency_normal(&[&fast, &slow], 100, None), Some(150));
+        assert_eq!(latency_normal(&[&fast], 106, None), None, "none sent since");
+        assert_eq!(latency_normal(&[], 100, Some(10)), Some(100));
+    }
+
+    /// Ensures kept samples are the newest, oldest first.
+    #[test]
+    fn the_newest_samples_are_kept() {
+        let mut kept: VecDeque<(u64, u64)> = (0..LAG_SAMPLES_KEPT as u64).map(|i| (i, i)).collect();
+        keep_newest(&mut kept, &[(5_000, 1), (5_001, 2)]);
+        assert_eq!(kept.len(), LAG_SAMPLES_KEPT);
+        assert_eq!(kept.front(), Some(&(2, 2)));
+        assert_eq!(kept.back(), Some(&(5_001, 2)));
     }
 
     fn fates(parts: &mut u32, delivery: &[(u32, bool)]) -> Vec<PartFate> {

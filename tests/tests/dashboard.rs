@@ -332,6 +332,19 @@ fn dcas_recovery_in_the_dashboard() {
     );
     let legend = b.text("#failovers");
     assert!(legend.contains("restore + replay log"), "{legend}");
+    assert!(legend.contains("latency back to normal"), "{legend}");
+    // The sinks' latency markers: a figure in ms, not the dash shown before the first.
+    b.wait_text(
+        "#job-cards",
+        Duration::from_secs(10),
+        "the end-to-end latency",
+        |t| {
+            let t = t.to_lowercase();
+            t.split("end-to-end latency")
+                .nth(1)
+                .is_some_and(|rest| rest.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        },
+    );
     b.wait_text("#job-head", Duration::from_secs(20), "running", |t| {
         t.contains("RUNNING")
     });

@@ -156,6 +156,35 @@ fn slow_sink_bounds_the_queue() {
     );
 }
 
+/// Ensures latency markers reach a sink through a stage that drops every record, and that
+/// they wait behind the records queued ahead of them: a sink taking 20 ms per batch, with
+/// the batches the credits let through queued before each marker, sees markers at least a
+/// batch's time old.
+#[test]
+fn latency_markers_pass_idle_stages_and_wait_behind_records() {
+    let mut registry = jobs::registry();
+    registry.register("slow", KindInfo::new(Shape::Sink, false, build_slow));
+    let spec = job(r#"{"id":"g","kind":"generator","params":{"rate":20000}},
+           {"id":"none","kind":"filter","input":"g","partition":"rebalance","params":{"expr":"value < 0"}},
+           {"id":"idle","kind":"discard","input":"none","partition":"rebalance"},
+           {"id":"m","kind":"map","input":"g","partition":"rebalance","params":{"expr":"value"}},
+           {"id":"s","kind":"slow","input":"m","partition":"rebalance","params":{"delay_ms":20}}"#);
+    let graph = graph_with(&spec, &registry);
+    let outcome = run_graph(&graph, 2, Duration::from_millis(1500));
+    let latency = |task: &str| {
+        let m = outcome.metrics.iter().find(|m| m.name.starts_with(task));
+        m.unwrap_or_else(|| panic!("task {task} in {:?}", outcome.metrics))
+            .latency_ms
+    };
+    let idle = latency("idle").expect("markers reach a sink that gets no record");
+    assert!((0..500).contains(&idle), "idle sink latency {idle} ms");
+    let slow = latency("s").expect("markers reach the slow sink");
+    assert!(
+        slow >= 20,
+        "the slow sink's markers waited behind a batch: {slow} ms"
+    );
+}
+
 /// Ensures a runtime error in one subtask fails the job with a message naming the operator
 /// and cancels the other subtasks.
 #[test]

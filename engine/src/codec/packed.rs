@@ -52,6 +52,7 @@ const DATA: u8 = 0;
 const WATERMARK: u8 = 1;
 const BARRIER: u8 = 2;
 const END: u8 = 3;
+const MARKER: u8 = 4;
 
 /// Bytes to reserve for `event` packed: enough for records of small integers and short
 /// strings, so the common batch never regrows its buffer.
@@ -83,6 +84,10 @@ pub fn encode_event(event: &StreamEvent, out: &mut Vec<u8>) {
             put_varint(out, *n);
         }
         StreamEvent::EndOfStream => out.push(END),
+        StreamEvent::Marker(at) => {
+            out.push(MARKER);
+            put_varint(out, zigzag(*at));
+        }
     }
 }
 
@@ -97,6 +102,7 @@ pub fn decode_event(bytes: &[u8]) -> Result<StreamEvent, CodecError> {
         WATERMARK => r.varint().map(|w| StreamEvent::Watermark(unzigzag(w))),
         BARRIER => r.varint().map(StreamEvent::Barrier),
         END => Ok(StreamEvent::EndOfStream),
+        MARKER => r.varint().map(|at| StreamEvent::Marker(unzigzag(at))),
         t => return Err(CodecError(format!("packed event: unknown tag {t}"))),
     };
     let event = event.and_then(|e| r.end().map(|()| e));
@@ -682,6 +688,7 @@ mod tests {
             StreamEvent::Watermark(-5),
             StreamEvent::Barrier(u64::MAX),
             StreamEvent::EndOfStream,
+            StreamEvent::Marker(1_764_000_000_000),
         ] {
             let mut out = Vec::new();
             encode_event(&ev, &mut out);

@@ -71,6 +71,7 @@ impl InputChannel {
             input,
             next_seq: 0,
             watermark: i64::MIN,
+            marker: i64::MIN,
             ended: false,
             detached: false,
         }
@@ -172,6 +173,8 @@ pub struct InputChannel {
     next_seq: Seq,
     /// Latest watermark received.
     pub watermark: i64,
+    /// Origin of the latest latency marker received (`i64::MIN`: none yet).
+    marker: i64,
     /// `EndOfStream` received.
     pub ended: bool,
     /// DCAS: the sender went away; not read until rewired to its restarted instance.
@@ -274,6 +277,14 @@ impl InputGate {
             .map(|c| c.watermark)
             .min()
             .unwrap_or(i64::MAX)
+    }
+
+    /// The oldest latency marker over channels still open, once each delivered one (ended
+    /// channels do not hold it back); `None` before, or when every channel ended. A
+    /// detached channel holds it back: nothing from its sender gets through.
+    pub fn marker(&self) -> Option<i64> {
+        let open = self.channels.iter().filter(|c| !c.ended);
+        open.map(|c| c.marker).min().filter(|&m| m != i64::MIN)
     }
 
     /// The next event of any channel, with the channel index. Already-seen records are
@@ -408,6 +419,7 @@ impl InputChannel {
             }
             StreamEvent::Watermark(w) => self.watermark = self.watermark.max(w),
             StreamEvent::EndOfStream => self.ended = true,
+            StreamEvent::Marker(at) => self.marker = self.marker.max(at),
             StreamEvent::Barrier(_) => {}
         }
         Ok(Some(input))
@@ -478,15 +490,24 @@ pub struct Router {
     backlogs: Vec<((usize, usize), Seq)>,
     /// DCAS: the number of the latest rewire applied.
     rewire: u64,
+    /// A latency marker waiting for the records buffered before it to leave.
+    marker: Option<i64>,
 }
 
-/// Output records waiting for the input log (DCAS).
+/// Output waiting for the input log (DCAS), or a latency marker behind such output.
 struct Sealed {
-    /// Log entries (count from the start of the log) that must be logged first.
+    /// Log entries (count from the start of the log) that must be logged first; a marker
+    /// waits for nothing but the output ahead of it.
     required: u64,
-    /// (route, target).
-    channel: (usize, usize),
-    records: Vec<Record>,
+    what: Held,
+}
+
+/// What a [`Sealed`] holds.
+enum Held {
+    /// Records for (route, target).
+    Records((usize, usize), Vec<Record>),
+    /// A latency marker for every channel.
+    Marker(i64),
 }
 
 impl Router {
@@ -504,6 +525,7 @@ impl Router {
             ended: false,
             backlogs: Vec::new(),
             rewire: 0,
+            marker: None,
         }
     }
 
@@ -520,6 +542,12 @@ impl Router {
         self.routes
             .iter()
             .all(|r| !matches!(r.exchange, Exchange::Rebalance) || r.targets.len() == 1)
+    }
+
+    /// True when the router has somewhere to send (a subtask without routes ends in
+    /// sinks).
+    pub fn has_routes(&self) -> bool {
+        !self.routes.is_empty()
     }
 
     /// DCAS: whether a rewired receiver has yet to log its backlog.
@@ -568,7 +596,10 @@ impl Router {
             next[r][t] += records.len() as u64;
             RetainedBatch::pack((r as u32, t as u32), first_seq, records)
         };
-        let sealed = self.sealed.iter().map(|s| (s.channel, &s.records));
+        let sealed = self.sealed.iter().filter_map(|s| match &s.what {
+            Held::Records(channel, records) => Some((*channel, records)),
+            Held::Marker(_) => None,
+        });
         let cut = self
             .full
             .iter()
@@ -638,6 +669,7 @@ impl Router {
         }
         self.sealed.clear();
         self.full.clear();
+        self.marker = None;
         self.retained = Some(RetainedOutput::from_batches(p.retained));
         self.watermark = p.watermark;
         self.ended = p.ended;
@@ -834,17 +866,16 @@ impl Router {
         let size = self.batch_size;
         let cut = self.full.drain(..).map(|(channel, records)| Sealed {
             required,
-            channel,
-            records,
+            what: Held::Records(channel, records),
         });
         self.sealed.extend(cut);
         for (r, route) in self.routes.iter_mut().enumerate() {
             for (t, buf) in route.buffers.iter_mut().enumerate() {
                 if buf.len() >= size || all && !buf.is_empty() {
+                    let records = std::mem::replace(buf, Vec::with_capacity(size));
                     self.sealed.push_back(Sealed {
                         required,
-                        channel: (r, t),
-                        records: std::mem::replace(buf, Vec::with_capacity(size)),
+                        what: Held::Records((r, t), records),
                     });
                 }
             }
@@ -852,6 +883,54 @@ impl Router {
         if self.buffers_empty() {
             self.pending_since = None;
         }
+        self.queue_marker();
+    }
+
+    /// Sends a latency marker from `at` on every channel, behind every record buffered so
+    /// far: at once when none is, else when the last of them leaves (or is sealed; then it
+    /// leaves right after the last sealed batch). A newer marker replaces one still
+    /// waiting. Records buffered before a marker leave within the linger time, so a marker
+    /// waits no longer than they do.
+    pub async fn mark(&mut self, at: i64) -> Result<(), RouteError> {
+        self.marker = self.marker.max(Some(at));
+        self.queue_marker();
+        self.send_markers().await
+    }
+
+    /// Queues the waiting marker behind the sealed output once no record is buffered.
+    fn queue_marker(&mut self) {
+        if !self.buffers_empty() {
+            return;
+        }
+        if let Some(at) = self.marker.take() {
+            let what = Held::Marker(at);
+            self.sealed.push_back(Sealed { required: 0, what });
+        }
+    }
+
+    /// Sends the markers at the head of the sealed output.
+    async fn send_markers(&mut self) -> Result<(), RouteError> {
+        while let Some(&Sealed {
+            what: Held::Marker(at),
+            ..
+        }) = self.sealed.front()
+        {
+            self.sealed.pop_front();
+            self.send_marker(at).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends a latency marker on every channel.
+    async fn send_marker(&mut self, at: i64) -> Result<(), RouteError> {
+        let keep = self.retained.is_some();
+        for target in self.routes.iter_mut().flat_map(|r| r.targets.iter_mut()) {
+            let waited = deliver(target, StreamEvent::Marker(at).into(), keep).await?;
+            self.counters
+                .backpressure_ns
+                .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Sealed batches waiting for the log.
@@ -865,14 +944,20 @@ impl Router {
     }
 
     /// Sends, oldest first, every sealed batch whose inputs are among the first `logged`
-    /// log entries.
+    /// log entries, and the markers behind them.
     pub async fn send_sealed(&mut self, logged: u64) -> Result<(), RouteError> {
         while let Some(s) = self.sealed.pop_front() {
-            if s.required > logged {
-                self.sealed.push_front(s);
-                break;
-            }
-            let (r, t) = s.channel;
+            let ((r, t), records) = match s.what {
+                Held::Marker(at) => {
+                    self.send_marker(at).await?;
+                    continue;
+                }
+                Held::Records(..) if s.required > logged => {
+                    self.sealed.push_front(s);
+                    break;
+                }
+                Held::Records(channel, records) => (channel, records),
+            };
             let out = Out {
                 channel: (r as u32, t as u32),
                 counters: &self.counters,
@@ -880,7 +965,7 @@ impl Router {
             };
             send_chunked(
                 &mut self.routes[r].targets[t],
-                s.records,
+                records,
                 self.batch_size,
                 out,
             )
@@ -931,7 +1016,8 @@ impl Router {
         if self.buffers_empty() {
             self.pending_since = None;
         }
-        Ok(())
+        self.queue_marker();
+        self.send_markers().await
     }
 
     /// Sends every sealed batch and every non-empty buffer (DCAS: the caller waited for
@@ -953,7 +1039,8 @@ impl Router {
             }
         }
         self.pending_since = None;
-        Ok(())
+        self.queue_marker();
+        self.send_markers().await
     }
 
     /// Flushes, then sends `event` on every channel of every route.
@@ -1164,6 +1251,97 @@ mod tests {
         gate.next().await.unwrap();
         assert!(gate.all_ended());
         drop(a);
+    }
+
+    /// Ensures the gate's marker is the oldest over open channels once each delivered one.
+    #[tokio::test]
+    async fn gate_marker_is_oldest_of_open_channels() {
+        let (mut a, ra) = channel(4, 0);
+        let (mut b, rb) = channel(4, 0);
+        let mut gate = InputGate::new(vec![ra, rb]);
+        a.send(StreamEvent::Marker(10).into()).await.unwrap();
+        gate.next().await.unwrap();
+        assert_eq!(gate.marker(), None, "b delivered none yet");
+        b.send(StreamEvent::Marker(5).into()).await.unwrap();
+        gate.next().await.unwrap();
+        assert_eq!(gate.marker(), Some(5));
+        b.send(StreamEvent::EndOfStream.into()).await.unwrap();
+        gate.next().await.unwrap();
+        assert_eq!(
+            gate.marker(),
+            Some(10),
+            "an ended channel holds nothing back"
+        );
+        a.send(StreamEvent::EndOfStream.into()).await.unwrap();
+        gate.next().await.unwrap();
+        assert_eq!(gate.marker(), None);
+    }
+
+    /// What arrived on `rx` so far: `d<first seq>+<records>` or `m<origin>`.
+    fn arrived(rx: &mut InputChannel) -> Vec<String> {
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut out = Vec::new();
+        while let Poll::Ready(Some(d)) = rx.rx.poll_recv(&mut cx) {
+            out.push(match d.event {
+                StreamEvent::Data(b) => format!("d{}+{}", b.first_seq, b.len()),
+                StreamEvent::Marker(at) => format!("m{at}"),
+                other => format!("{other:?}"),
+            });
+        }
+        out
+    }
+
+    /// Ensures a latency marker never overtakes a record routed before it: it waits for a
+    /// partly filled buffer to leave, and (DCAS) behind the batches sealed for the log; a
+    /// newer marker replaces one still waiting.
+    #[tokio::test]
+    async fn markers_go_behind_the_records_before_them() {
+        let (t, mut rx) = channel(64, 0);
+        let mut router = Router::new(
+            vec![Route::new(Exchange::Forward, vec![t], 0)],
+            10,
+            Default::default(),
+        );
+        router.mark(1).await.unwrap();
+        assert_eq!(arrived(&mut rx), ["m1"], "nothing buffered: at once");
+        router.push(&mut recs(0..5)).await.unwrap();
+        router.mark(2).await.unwrap();
+        assert_eq!(
+            arrived(&mut rx),
+            Vec::<String>::new(),
+            "behind 5 buffered records"
+        );
+        router.push(&mut recs(5..10)).await.unwrap();
+        assert_eq!(arrived(&mut rx), ["d0+10", "m2"]);
+        router.push(&mut recs(10..13)).await.unwrap();
+        router.mark(3).await.unwrap();
+        router.mark(4).await.unwrap();
+        router.flush().await.unwrap();
+        assert_eq!(arrived(&mut rx), ["d10+3", "m4"]);
+
+        // DCAS: sealed output leaves when the log holds its inputs; the marker behind it.
+        router.retain_output();
+        router.stage(&mut recs(0..10)).unwrap();
+        router.seal(3, false);
+        router.mark(5).await.unwrap();
+        router.send_sealed(2).await.unwrap();
+        assert_eq!(
+            arrived(&mut rx),
+            Vec::<String>::new(),
+            "the log holds 2 of 3"
+        );
+        router.stage(&mut recs(10..14)).unwrap();
+        router.mark(6).await.unwrap();
+        router.seal(4, true);
+        router.send_sealed(3).await.unwrap();
+        assert_eq!(
+            arrived(&mut rx),
+            ["d13+10", "m5"],
+            "m6 waits for the second batch"
+        );
+        router.send_sealed(4).await.unwrap();
+        assert_eq!(arrived(&mut rx), ["d23+4", "m6"]);
     }
 
     #[tokio::test]

@@ -187,6 +187,7 @@ pub fn build_runner(
         dcas,
         regenerates: false,
         emitted_wm: i64::MIN,
+        emitted_marker: 0,
         rewires: tokio::sync::mpsc::unbounded_channel().1,
         barriers: Default::default(),
     };

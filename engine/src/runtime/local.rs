@@ -74,6 +74,9 @@ pub struct TaskMetrics {
     pub records_sunk: u64,
     /// Time its subtasks waited for credits, in ms.
     pub backpressure_ms: u64,
+    /// A task without outputs (sinks): the highest end-to-end latency of its subtasks by
+    /// their latest latency markers, in ms; `None` before the first marker.
+    pub latency_ms: Option<i64>,
 }
 
 /// Settings of the in-process executor.
@@ -202,6 +205,11 @@ fn summarize(metrics: &[(String, Vec<Arc<SubtaskMetrics>>)]) -> Vec<TaskMetrics>
                 .map(|m| m.router.backpressure_ns.load(Ordering::Relaxed))
                 .sum::<u64>()
                 / 1_000_000,
+            latency_ms: subs
+                .iter()
+                .map(|m| m.latency_ms.load(Ordering::Relaxed))
+                .filter(|&l| l >= 0)
+                .max(),
         })
         .collect()
 }

@@ -86,6 +86,12 @@ pub struct SubtaskMetrics {
     /// epoch, records). Tells when a source caught up to within a few ms, where reports
     /// come every heartbeat.
     pub lag_samples: Mutex<std::collections::VecDeque<(u64, u64)>>,
+    /// Subtasks without outputs (sinks): the latency markers that arrived, the newest
+    /// [`LAG_SAMPLES`] until reported: (ms since the epoch when it arrived, its origin).
+    pub marker_samples: Mutex<std::collections::VecDeque<(u64, u64)>>,
+    /// Subtasks without outputs: how old the latest latency marker was when it arrived,
+    /// in ms (end-to-end latency); -1 before the first.
+    pub latency_ms: AtomicI64,
     /// Operator-specific metrics by operator id, refreshed about once a second.
     pub operators: Mutex<Vec<(String, Metric)>>,
 }
@@ -102,6 +108,8 @@ impl Default for SubtaskMetrics {
             resumed_ms: AtomicU64::new(0),
             source_lag: AtomicI64::new(-1),
             lag_samples: Mutex::default(),
+            marker_samples: Mutex::default(),
+            latency_ms: AtomicI64::new(-1),
             operators: Mutex::new(Vec::new()),
         }
     }
@@ -129,20 +137,51 @@ impl SubtaskMetrics {
         {
             return;
         }
-        if samples.len() == LAG_SAMPLES {
-            samples.pop_front();
-        }
-        samples.push_back((now, lag));
+        push_sample(&mut samples, (now, lag));
     }
 
     /// The lag samples since the last call.
     pub fn take_lag_samples(&self) -> Vec<(u64, u64)> {
-        self.lag_samples
-            .lock()
-            .map(|mut s| s.drain(..).collect())
-            .unwrap_or_default()
+        take_samples(&self.lag_samples)
+    }
+
+    /// Records a latency marker from `origin` arriving at a subtask without outputs.
+    fn marker_arrived(&self, origin: i64) {
+        let now = crate::telemetry::now_ms();
+        let origin = origin.max(0) as u64;
+        self.latency_ms
+            .store(now.saturating_sub(origin) as i64, Ordering::Relaxed);
+        if let Ok(mut samples) = self.marker_samples.lock() {
+            push_sample(&mut samples, (now, origin));
+        }
+    }
+
+    /// The latency markers that arrived since the last call: (when, origin).
+    pub fn take_marker_samples(&self) -> Vec<(u64, u64)> {
+        take_samples(&self.marker_samples)
     }
 }
+
+/// Appends `sample`, dropping the oldest when [`LAG_SAMPLES`] are kept.
+fn push_sample(samples: &mut std::collections::VecDeque<(u64, u64)>, sample: (u64, u64)) {
+    if samples.len() == LAG_SAMPLES {
+        samples.pop_front();
+    }
+    samples.push_back(sample);
+}
+
+/// Empties `samples`, returning what they held.
+fn take_samples(samples: &Mutex<std::collections::VecDeque<(u64, u64)>>) -> Vec<(u64, u64)> {
+    samples
+        .lock()
+        .map(|mut s| s.drain(..).collect())
+        .unwrap_or_default()
+}
+
+/// How often sources send latency markers, in ms. A marker's origin is the wall clock
+/// rounded down to a multiple of this, so markers from every source carry the same
+/// origins and a subtask merging several forwards one per interval.
+pub const MARKER_EVERY_MS: u64 = 5;
 
 /// DCAS: most output batches waiting for the input log before the subtask waits too.
 const MAX_SEALED: usize = 16;
@@ -203,6 +242,8 @@ pub struct SubtaskRunner {
     pub regenerates: bool,
     /// The last watermark this subtask emitted.
     pub emitted_wm: i64,
+    /// The origin of the last latency marker this subtask sent (0 before the first).
+    pub emitted_marker: i64,
     /// Channels replacing those of a restarted neighbour (DCAS).
     pub rewires: mpsc::UnboundedReceiver<Rewire>,
     /// Barrier checkpoints at this subtask.
@@ -576,11 +617,13 @@ impl SubtaskRunner {
                         .as_ref()
                         .and_then(|(dcas, _)| dcas.progress_due(self.router.awaits_backlogs()))
                         .map_or(d, |at| at.saturating_duration_since(Instant::now()));
+                    // An idle source still sends its latency markers.
+                    let marker = Duration::from_millis(MARKER_EVERY_MS);
                     tokio::select! {
                         biased;
                         cmd = control.recv() => self.command(cmd.unwrap_or(Command::Cancel)).await?,
                         Some(rw) = self.rewires.recv() => self.apply_rewire(rw).await?,
-                        _ = tokio::time::sleep(d.min(linger).min(progress)) => {}
+                        _ = tokio::time::sleep(d.min(linger).min(progress).min(marker)) => {}
                     }
                     if self.linger_expired() {
                         self.linger_flush().await?;
@@ -595,6 +638,12 @@ impl SubtaskRunner {
                     self.log_source(StreamEvent::Watermark(wm))?;
                     self.advance_watermark(wm).await?;
                 }
+            }
+            let now = crate::telemetry::now_ms();
+            let at = (now - now % MARKER_EVERY_MS) as i64;
+            if at > self.emitted_marker {
+                self.emitted_marker = at;
+                self.mark(at).await?;
             }
             self.maybe_snapshot(false)?;
             self.publish_operator_metrics();
@@ -681,7 +730,9 @@ impl SubtaskRunner {
             };
             self.publish_operator_metrics();
             let (ch, input) = event;
-            if let Some(d) = self.logging() {
+            // Markers carry no data: nothing to log, and a replay regenerates none.
+            let marker = matches!(input.event, StreamEvent::Marker(_));
+            if let (false, Some(d)) = (marker, self.logging()) {
                 // The bytes the sender packed, when they came along: logged as they are.
                 let logged = d.log().and_then(|l| l.push_input(ch, &input));
                 match (logged, &input.event) {
@@ -705,6 +756,9 @@ impl SubtaskRunner {
                 (ch, ev @ (StreamEvent::Data(_) | StreamEvent::Watermark(_))) => {
                     self.on_input(ch, ev).await?;
                     self.maybe_snapshot(false)?;
+                }
+                (ch, ev @ StreamEvent::Marker(_)) => {
+                    self.on_input(ch, ev).await?;
                 }
                 (_, StreamEvent::Barrier(n)) if self.checkpoints.is_none() => {
                     self.broadcast(StreamEvent::Barrier(n)).await?
@@ -1156,10 +1210,37 @@ impl SubtaskRunner {
                     self.emitted_wm = wm;
                     self.advance_watermark(wm).await?;
                 }
+                // An ended channel no longer holds the markers back.
+                self.forward_marker().await?;
             }
+            StreamEvent::Marker(_) => self.forward_marker().await?,
             StreamEvent::Barrier(_) => {}
         }
         Ok(false)
+    }
+
+    /// Sends the oldest latency marker of the inputs on, once it is newer than the last.
+    async fn forward_marker(&mut self) -> Result<(), Stop> {
+        match self.gate.marker() {
+            Some(at) if at > self.emitted_marker => {
+                self.emitted_marker = at;
+                self.mark(at).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Sends a latency marker from `at` behind the output so far; a subtask without
+    /// outputs (a sink) records its arrival instead.
+    async fn mark(&mut self, at: i64) -> Result<(), Stop> {
+        if !self.router.has_routes() {
+            self.metrics.marker_arrived(at);
+            return Ok(());
+        }
+        self.router
+            .mark(at)
+            .await
+            .map_err(|e| self.route_failure(e))
     }
 
     /// DCAS: logs a source's watermark or end (polls are logged where polled).
@@ -1304,7 +1385,8 @@ impl SubtaskRunner {
                 self.finish().await?;
                 return Ok(true);
             }
-            StreamEvent::Barrier(_) => {}
+            // Never logged.
+            StreamEvent::Barrier(_) | StreamEvent::Marker(_) => {}
         }
         Ok(false)
     }
