@@ -94,8 +94,9 @@ pub struct SubtaskView {
     /// Output watermark (null before the first).
     pub watermark: Option<i64>,
     /// Subtasks without outputs (sinks): how old the latest latency marker was when it
-    /// arrived, in ms — the end-to-end latency from the sources (null before the first).
-    pub latency_ms: Option<i64>,
+    /// arrived, in ms — the end-to-end latency from the sources; once none came for a
+    /// second (a stalled path), how old it is now (null before the first).
+    pub latency_ms: Option<u64>,
     /// Operator-specific metrics: Kafka offsets and lag per partition, late records, ...
     pub metrics: Vec<OperatorMetricView>,
 }
@@ -255,6 +256,13 @@ impl SubtaskInfo {
         }
     }
 
+    /// Sinks: the end-to-end latency by the latest marker (see [`SubtaskView::latency_ms`]).
+    fn latency_ms(&self, now: u64) -> Option<u64> {
+        let &(at, origin) = self.marker_samples.back()?;
+        let stalled = self.state == SubtaskState::Running && now > at + LATENCY_WINDOW_MS;
+        Some(if stalled { now } else { at }.saturating_sub(origin))
+    }
+
     fn stopped(&self) -> bool {
         matches!(
             self.state,
@@ -294,10 +302,12 @@ pub struct FailoverEvent {
     /// by the task managers' clocks where they tell (the sources' lag samples, the senders'
     /// rewired channels), so the machines' clocks must agree.
     pub inputs_caught_up_ms: Option<u64>,
-    /// The inputs caught up, and a latency marker the sources sent after that reached
-    /// every sink: what the sources had read by then went through every queue of the job,
-    /// channel buffers included (the sources of an ABS recovery read their backlog into
-    /// them). The end of the recovery.
+    /// The end of the recovery: from then on, the data the sources send goes through
+    /// every queue of the job (channel buffers included, where the sources of an ABS
+    /// recovery read their backlog) to every sink about as fast as before the failure. Per
+    /// sink, the origin of the first latency marker sent after the inputs caught up that
+    /// arrived within twice the usual latency plus the markers' spacing; the latest over
+    /// sinks.
     pub caught_up_ms: Option<u64>,
     /// Checkpoint restored from (none: started from scratch).
     pub checkpoint: Option<u64>,
@@ -317,8 +327,8 @@ pub struct FailoverEvent {
     /// source reports it (a generator behind its feed, a consumer behind its log end).
     pub pre_failure_lag: Option<u64>,
     /// The sinks' end-to-end latency before the failure, in ms: the median age of the
-    /// latency markers that reached each sink in the second before it, the highest over
-    /// sinks (none when no marker did).
+    /// latency markers over the last second each sink got before the failure was handled,
+    /// the highest over sinks (none when no marker had arrived).
     pub pre_failure_latency_ms: Option<u64>,
     /// Why newer checkpoints could not be restored (corruption), if any.
     pub restore_errors: Vec<String>,
@@ -440,20 +450,20 @@ impl Job {
             .collect()
     }
 
-    /// The sinks' end-to-end latency in the second before `at`: per sink, the median age
-    /// of the markers that arrived then; the highest over sinks. `None` when none arrived.
-    fn sink_latency(&self, at: u64) -> Option<u64> {
-        let since = at.saturating_sub(1_000);
+    /// The sinks' end-to-end latency: per sink, the median age of the markers that arrived
+    /// in the second before its last one (a sink cut off by a failure stops receiving them,
+    /// so this is its latency before the failure, however late the loss is detected); the
+    /// highest over sinks. `None` when no sink had a marker.
+    fn sink_latency(&self) -> Option<u64> {
         self.sink_markers()
             .into_iter()
             .filter_map(|samples| {
-                let mut ages: Vec<u64> = samples
+                let &(last, _) = samples.back()?;
+                let recent = samples
                     .iter()
-                    .filter(|&&(arrived, _)| (since..at).contains(&arrived))
-                    .map(|&(arrived, origin)| arrived.saturating_sub(origin))
-                    .collect();
-                ages.sort_unstable();
-                ages.get(ages.len() / 2).copied()
+                    .filter(|&&(at, _)| at + LATENCY_WINDOW_MS > last)
+                    .map(|&(at, origin)| at.saturating_sub(origin));
+                median(recent.collect())
             })
             .max()
     }
@@ -727,7 +737,7 @@ impl Dispatcher {
                             backpressure_ms: r.map_or(0, |r| r.backpressure_ms),
                             backpressure: i.backpressure,
                             watermark: r.map(|r| r.watermark).filter(|w| *w != i64::MIN),
-                            latency_ms: r.map(|r| r.latency_ms).filter(|l| *l >= 0),
+                            latency_ms: i.latency_ms(now_ms()),
                             metrics: r
                                 .map(|r| {
                                     r.operator_metrics
@@ -975,7 +985,7 @@ impl Dispatcher {
         let before = Before {
             rate: self.summary(job).throughput,
             lag: job.source_lag(),
-            latency: job.sink_latency(now_ms()),
+            latency: job.sink_latency(),
         };
         self.jobs.get_mut(&id)?.exceptions.push(ExceptionView {
             at: now_ms(),
@@ -1176,7 +1186,7 @@ impl Dispatcher {
             }
             e.subtasks_restarted = e.restarted.len() as u32;
             (e.deployed_ms, e.restored_ms, e.replayed_ms) = (None, None, None);
-            e.first_record_ms = None;
+            (e.first_record_ms, e.inputs_caught_up_ms) = (None, None);
         } else {
             for e in job
                 .failovers
@@ -2099,20 +2109,17 @@ impl Dispatcher {
         ) {
             e.inputs_caught_up_ms = Some(first.max(sources_at).max(backlogs));
         }
-        // Then the data read from then on goes through every queue to every sink as fast
-        // as before the failure: twice its latency then, plus the markers' spacing.
-        let Some(inputs) = e.inputs_caught_up_ms else {
+        // Then the data sent from then on goes through every queue to every sink about as
+        // fast as before the failure.
+        let (Some(inputs), before) = (e.inputs_caught_up_ms, e.pre_failure_latency_ms) else {
             return;
         };
-        let normal = e
-            .pre_failure_latency_ms
-            .map(|l| 2 * l + engine::runtime::task::MARKER_EVERY_MS);
         let sinks = self
             .jobs
             .get(&id)
             .map(Job::sink_markers)
             .unwrap_or_default();
-        let Some(at) = latency_normal(&sinks, inputs, normal) else {
+        let Some(at) = latency_normal(&sinks, inputs, before) else {
             return;
         };
         let Some(e) = self.jobs.get_mut(&id).and_then(|j| j.failovers.last_mut()) else {
@@ -2136,17 +2143,54 @@ fn senders_of(graph: &JobGraph, subtasks: &[(u32, u32)]) -> BTreeSet<(u32, u32)>
     senders
 }
 
+/// The span of latency markers a sink's latency is taken over.
+const LATENCY_WINDOW_MS: u64 = 1_000;
+
+/// The median of `values`; `None` when empty.
+fn median(mut values: Vec<u64>) -> Option<u64> {
+    values.sort_unstable();
+    values.get(values.len() / 2).copied()
+}
+
+/// The level a sink's latency settled at, by its markers sent at `from` or later
+/// (arrival, origin): the median age over the latest [`LATENCY_WINDOW_MS`] of them, once
+/// they span two such windows and the latest is no lower than the one before (the latency
+/// stopped falling: no backlog still drains). `None` before.
+fn settled_latency(samples: &VecDeque<(u64, u64)>, from: u64) -> Option<u64> {
+    let sent: Vec<(u64, u64)> = samples
+        .iter()
+        .filter(|&&(_, origin)| origin >= from)
+        .map(|&(at, origin)| (origin, at.saturating_sub(origin)))
+        .collect();
+    let &(last, _) = sent.last()?;
+    let (first, _) = sent[0];
+    if last < first + 2 * LATENCY_WINDOW_MS {
+        return None;
+    }
+    let window = |lo: u64, hi: u64| {
+        let ages = sent.iter().filter(|&&(o, _)| o > lo && o <= hi);
+        median(ages.map(|&(_, age)| age).collect())
+    };
+    let latest = window(last - LATENCY_WINDOW_MS, last)?;
+    let before = window(last - 2 * LATENCY_WINDOW_MS, last - LATENCY_WINDOW_MS)?;
+    (latest + engine::runtime::task::MARKER_EVERY_MS >= before).then_some(latest)
+}
+
 /// From when the sinks' latency was back to normal, by their latency markers (arrival,
 /// origin; ms since the epoch): per sink, the first marker sent at `since` or later that
-/// arrived within `normal` ms — the data behind it went through every queue of the job as
-/// fast as before the failure — and the latest such origin over sinks. With no latency to
-/// compare with, the first marker sent at `since` or later counts when it arrived. `None`
-/// while a sink has none; no sinks: `since`.
-fn latency_normal(sinks: &[&VecDeque<(u64, u64)>], since: u64, normal: Option<u64>) -> Option<u64> {
+/// arrived within twice the normal latency plus the markers' spacing — the data behind it
+/// went through every queue of the job about as fast as usual — and the latest such origin
+/// over sinks. Normal is `before` (the sinks' latency before the failure) or, when higher,
+/// the level the sink's latency settled at after `since` ([`settled_latency`]: a restarted
+/// subtask whose channels now cross the network). With neither, the first marker sent at
+/// `since` or later counts when it arrived. `None` while a sink has none; no sinks:
+/// `since`.
+fn latency_normal(sinks: &[&VecDeque<(u64, u64)>], since: u64, before: Option<u64>) -> Option<u64> {
+    let age = |&(at, origin): &(u64, u64)| at.saturating_sub(origin);
     sinks.iter().try_fold(since, |latest, samples| {
-        let within = |&&(at, origin): &&(u64, u64)| {
-            origin >= since && normal.is_none_or(|n| at.saturating_sub(origin) <= n)
-        };
+        let normal = before.max(settled_latency(samples, since));
+        let bound = normal.map(|n| 2 * n + engine::runtime::task::MARKER_EVERY_MS);
+        let within = |s: &&(u64, u64)| s.1 >= since && bound.is_none_or(|b| age(s) <= b);
         let &(at, origin) = samples.iter().find(within)?;
         Some(latest.max(if normal.is_some() { origin } else { at }))
     })
@@ -2686,13 +2730,25 @@ mod tests {
         assert_eq!(latency_normal(&[&fast, &slow], 100, Some(10)), Some(145));
         assert_eq!(latency_normal(&[&fast, &slow], 100, Some(50)), Some(100));
         assert_eq!(
-            latency_normal(&[&fast, &slow], 100, Some(5)),
+            latency_normal(&[&fast, &slow], 100, Some(1)),
             None,
             "slow is not yet"
         );
         assert_eq!(latency_normal(&[&fast, &slow], 100, None), Some(150));
         assert_eq!(latency_normal(&[&fast], 106, None), None, "none sent since");
         assert_eq!(latency_normal(&[], 100, Some(10)), Some(100));
+        // The latency settled at 20 ms, not the 2 ms from before: normal from the marker
+        // sent at 300, once two seconds of markers show it steady.
+        let mut settles: VecDeque<(u64, u64)> = [(160, 100), (260, 200)].into();
+        settles.extend((3..=13).map(|i| (i * 100 + 20, i * 100)));
+        assert_eq!(latency_normal(&[&settles], 100, Some(2)), None);
+        settles.extend((14..=23).map(|i| (i * 100 + 20, i * 100)));
+        assert_eq!(latency_normal(&[&settles], 100, Some(2)), Some(300));
+        // A backlog still draining (the latency falling throughout) is not a new level.
+        let draining: VecDeque<(u64, u64)> = (1..=30)
+            .map(|i| (i * 100 + 400 - i * 10, i * 100))
+            .collect();
+        assert_eq!(latency_normal(&[&draining], 100, Some(2)), None);
     }
 
     /// Ensures kept samples are the newest, oldest first.

@@ -342,7 +342,6 @@ impl TaskManager {
                         source_lag: m.source_lag.load(std::sync::atomic::Ordering::Relaxed),
                         lag_samples: m.take_lag_samples(),
                         marker_samples: m.take_marker_samples(),
-                        latency_ms: m.latency_ms.load(std::sync::atomic::Ordering::Relaxed),
                         // First, with Acquire: the time stored before it is as new.
                         receivers_caught_up: m
                             .router

@@ -348,9 +348,6 @@ pub struct SubtaskReport {
     /// Subtasks without outputs (sinks): the latency markers that arrived since the
     /// previous report, as (ms since the epoch, the marker's origin), oldest first.
     pub marker_samples: Vec<(u64, u64)>,
-    /// Subtasks without outputs: the age of the latest latency marker when it arrived,
-    /// in ms (end-to-end latency); -1 before the first.
-    pub latency_ms: i64,
     /// DCAS: the latest rewire (its number) whose restarted receivers, and every earlier
     /// one's, logged the backlog this subtask kept for them; 0 before.
     pub receivers_caught_up: u64,

@@ -897,14 +897,24 @@ impl Router {
         self.send_markers().await
     }
 
-    /// Queues the waiting marker behind the sealed output once no record is buffered.
+    /// Queues the waiting marker behind the sealed output once no record is buffered (a
+    /// marker already last in the queue is moved on instead: nothing follows it).
     fn queue_marker(&mut self) {
         if !self.buffers_empty() {
             return;
         }
-        if let Some(at) = self.marker.take() {
-            let what = Held::Marker(at);
-            self.sealed.push_back(Sealed { required: 0, what });
+        let Some(at) = self.marker.take() else {
+            return;
+        };
+        match self.sealed.back_mut() {
+            Some(Sealed {
+                what: Held::Marker(last),
+                ..
+            }) => *last = (*last).max(at),
+            _ => {
+                let what = Held::Marker(at);
+                self.sealed.push_back(Sealed { required: 0, what });
+            }
         }
     }
 
@@ -935,7 +945,10 @@ impl Router {
 
     /// Sealed batches waiting for the log.
     pub fn sealed(&self) -> usize {
-        self.sealed.len()
+        let batches = self.sealed.iter();
+        batches
+            .filter(|s| matches!(s.what, Held::Records(..)))
+            .count()
     }
 
     /// Log entries the oldest sealed batch waits for, if any waits.
@@ -1325,6 +1338,8 @@ mod tests {
         router.stage(&mut recs(0..10)).unwrap();
         router.seal(3, false);
         router.mark(5).await.unwrap();
+        router.mark(7).await.unwrap();
+        assert_eq!(router.sealed(), 1, "markers merge, and only batches count");
         router.send_sealed(2).await.unwrap();
         assert_eq!(
             arrived(&mut rx),
@@ -1337,7 +1352,7 @@ mod tests {
         router.send_sealed(3).await.unwrap();
         assert_eq!(
             arrived(&mut rx),
-            ["d13+10", "m5"],
+            ["d13+10", "m7"],
             "m6 waits for the second batch"
         );
         router.send_sealed(4).await.unwrap();

@@ -625,11 +625,13 @@ impl SubtaskRunner {
                         Some(rw) = self.rewires.recv() => self.apply_rewire(rw).await?,
                         _ = tokio::time::sleep(d.min(linger).min(progress).min(marker)) => {}
                     }
-                    if self.linger_expired() {
-                        self.linger_flush().await?;
-                    }
                     self.release().await?;
                 }
+            }
+            // Also while the source is busy: a hash route's buffers may never all empty
+            // together, and a latency marker waits for that.
+            if self.linger_expired() {
+                self.linger_flush().await?;
             }
             if let Some(wm) = wm {
                 if wm > self.emitted_wm && last_wm_at.elapsed() >= self.watermark_interval {

@@ -71,10 +71,12 @@ fn pipeline(rate: u64, checkpointing: Value) -> String {
 }
 
 /// One recovery: kill → every restarted subtask running with its state (DCAS: and its log
-/// replayed), kill → caught up, log entries replayed.
+/// replayed), kill → the inputs caught up, kill → caught up (the sinks' latency back to
+/// normal), log entries replayed.
 #[derive(Clone, Copy, Default)]
 struct Recovery {
     running: f64,
+    inputs: f64,
     caught_up: f64,
     replayed: f64,
 }
@@ -143,14 +145,16 @@ impl Victim {
         };
         let r = Recovery {
             running: phase(&event, running, killed),
+            inputs: phase(&event, "inputs_caught_up_ms", killed),
             caught_up: phase(&event, "caught_up_ms", killed),
             replayed: event["log_replayed"].as_f64().unwrap_or(0.0),
         };
         eprintln!(
-            "{} kill {:?}: running after {:.0} ms, caught up after {:.0} ms, {} log entries replayed: {event}",
+            "{} kill {:?}: running after {:.0} ms, inputs caught up after {:.0} ms, caught up after {:.0} ms, {} log entries replayed: {event}",
             if self.dcas { "DCAS" } else { "ABS" },
             stages.iter().map(|&s| STAGES[s]).collect::<Vec<_>>(),
             r.running,
+            r.inputs,
             r.caught_up,
             r.replayed
         );
@@ -168,6 +172,7 @@ fn medians(runs: &[Recovery]) -> Recovery {
     let m = |f: fn(&Recovery) -> f64| median(runs.iter().map(f).collect());
     Recovery {
         running: m(|r| r.running),
+        inputs: m(|r| r.inputs),
         caught_up: m(|r| r.caught_up),
         replayed: m(|r| r.replayed),
     }
@@ -195,16 +200,18 @@ fn abs_vs_dcas(c: &mut Cluster, rate: u64, kills: usize, stages: &[usize]) -> [R
 }
 
 fn print_header(first: &str) {
-    println!("| {first} | ABS running | ABS caught up | DCAS running | DCAS caught up | log entries replayed | ABS / DCAS (caught up) |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| {first} | ABS running | ABS inputs caught up | ABS caught up | DCAS running | DCAS inputs caught up | DCAS caught up | log entries replayed | ABS / DCAS (caught up) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
 }
 
 fn print_row(name: &str, [abs, dcas]: &[Recovery; 2]) {
     println!(
-        "| {name} | {:.0} | {:.0} | {:.0} | **{:.0}** | {:.0} | {:.1}× |",
+        "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | **{:.0}** | {:.0} | {:.1}× |",
         abs.running,
+        abs.inputs,
         abs.caught_up,
         dcas.running,
+        dcas.inputs,
         dcas.caught_up,
         dcas.replayed,
         abs.caught_up / dcas.caught_up.max(1.0)
