@@ -433,18 +433,23 @@ struct Job {
 impl Job {
     /// Subtasks of the job's source tasks (tasks without inputs).
     fn sources(&self) -> impl Iterator<Item = &SubtaskInfo> {
+        self.subtasks_of_tasks(|t| !self.graph.edges.iter().any(|e| e.to == t))
+    }
+
+    /// Subtasks of the tasks `keep` selects (by task index).
+    fn subtasks_of_tasks(
+        &self,
+        keep: impl Fn(usize) -> bool,
+    ) -> impl Iterator<Item = &SubtaskInfo> {
         (0..self.graph.tasks.len())
-            .filter(|t| !self.graph.edges.iter().any(|e| e.to == *t))
+            .filter(move |&t| keep(t))
             .flat_map(|t| self.subtasks.range((t as u32, 0)..(t as u32 + 1, 0)))
             .map(|(_, i)| i)
     }
 
     /// The latency markers of the running subtasks without outputs (sinks).
     fn sink_markers(&self) -> Vec<&VecDeque<(u64, u64)>> {
-        (0..self.graph.tasks.len())
-            .filter(|t| !self.graph.edges.iter().any(|e| e.from == *t))
-            .flat_map(|t| self.subtasks.range((t as u32, 0)..(t as u32 + 1, 0)))
-            .map(|(_, i)| i)
+        self.subtasks_of_tasks(|t| !self.graph.edges.iter().any(|e| e.from == t))
             .filter(|i| !matches!(i.state, SubtaskState::Finishing | SubtaskState::Finished))
             .map(|i| &i.marker_samples)
             .collect()

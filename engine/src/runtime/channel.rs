@@ -926,19 +926,7 @@ impl Router {
         }) = self.sealed.front()
         {
             self.sealed.pop_front();
-            self.send_marker(at).await?;
-        }
-        Ok(())
-    }
-
-    /// Sends a latency marker on every channel.
-    async fn send_marker(&mut self, at: i64) -> Result<(), RouteError> {
-        let keep = self.retained.is_some();
-        for target in self.routes.iter_mut().flat_map(|r| r.targets.iter_mut()) {
-            let waited = deliver(target, StreamEvent::Marker(at).into(), keep).await?;
-            self.counters
-                .backpressure_ns
-                .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+            self.deliver_all(StreamEvent::Marker(at)).await?;
         }
         Ok(())
     }
@@ -962,7 +950,7 @@ impl Router {
         while let Some(s) = self.sealed.pop_front() {
             let ((r, t), records) = match s.what {
                 Held::Marker(at) => {
-                    self.send_marker(at).await?;
+                    self.deliver_all(StreamEvent::Marker(at)).await?;
                     continue;
                 }
                 Held::Records(..) if s.required > logged => {
@@ -1064,14 +1052,17 @@ impl Router {
             StreamEvent::EndOfStream => self.ended = true,
             _ => {}
         }
+        self.deliver_all(event).await
+    }
+
+    /// Sends `event` on every channel of every route, as it is (nothing flushed first).
+    async fn deliver_all(&mut self, event: StreamEvent) -> Result<(), RouteError> {
         let keep = self.retained.is_some();
-        for route in self.routes.iter_mut() {
-            for target in route.targets.iter_mut() {
-                let waited = deliver(target, event.clone().into(), keep).await?;
-                self.counters
-                    .backpressure_ns
-                    .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
-            }
+        for target in self.routes.iter_mut().flat_map(|r| r.targets.iter_mut()) {
+            let waited = deliver(target, event.clone().into(), keep).await?;
+            self.counters
+                .backpressure_ns
+                .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
         }
         Ok(())
     }
