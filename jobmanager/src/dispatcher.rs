@@ -1833,8 +1833,11 @@ impl Dispatcher {
             && active
             && CheckpointingSpec::abs(job.spec.checkpointing.as_ref()).is_some()
         {
-            // Stopped by its task manager (self-fencing), not by us.
-            self.fail_over(msg.job, location, "canceled by its task manager".into());
+            // Stopped by its task manager (self-fencing), or by a neighbour gone away; not
+            // by us.
+            let why = msg.message.as_deref().unwrap_or("no reason given");
+            let cause = format!("canceled by its task manager ({why})");
+            self.fail_over(msg.job, location, cause);
             return;
         }
         self.settle(msg.job);

@@ -187,7 +187,7 @@ impl Handler<SubtaskEvent> for DeploymentActor {
         }
         let (state, message) = match msg.outcome {
             SubtaskOutcome::Finished => (SubtaskState::Finished, None),
-            SubtaskOutcome::Canceled => (SubtaskState::Canceled, None),
+            SubtaskOutcome::Canceled(why) => (SubtaskState::Canceled, Some(why.to_string())),
             SubtaskOutcome::Failed(e) => (SubtaskState::Failed, Some(e.to_string())),
         };
         self.report(&msg.id, state, message);

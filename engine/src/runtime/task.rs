@@ -360,8 +360,8 @@ pub struct SubtaskCommand(pub Command);
 pub enum SubtaskOutcome {
     /// Its inputs ended and everything was sent.
     Finished,
-    /// It was canceled.
-    Canceled,
+    /// It was canceled; why (on request, or stopped by a neighbour that went away).
+    Canceled(&'static str),
     /// It failed.
     Failed(EngineError),
 }
@@ -441,9 +441,13 @@ impl Handler<RewireSubtask> for SubtaskActor {
     }
 }
 
+/// Why a subtask told to stop was canceled.
+const ON_REQUEST: &str = "on request";
+
 /// Why the loop stopped early.
 enum Stop {
-    Canceled,
+    /// Canceled, and why.
+    Canceled(&'static str),
     Failed(EngineError),
 }
 
@@ -497,11 +501,15 @@ impl SubtaskRunner {
                 );
                 SubtaskOutcome::Finished
             }
-            Err(Stop::Canceled) => {
-                debug!("Subtask canceled.");
+            Err(Stop::Canceled(why)) => {
+                if why == ON_REQUEST {
+                    debug!(why, "Subtask canceled.");
+                } else {
+                    info!(why, "Subtask canceled.");
+                }
                 // Downstream subtasks in this process then stop as canceled, not failed.
                 self.router.close(CloseCause::Released);
-                SubtaskOutcome::Canceled
+                SubtaskOutcome::Canceled(why)
             }
             Err(Stop::Failed(e)) => {
                 warn!(error = %e, "Subtask failed.");
@@ -551,7 +559,7 @@ impl SubtaskRunner {
                 }
                 continue;
             }
-            let (source_id, source) = self.source.as_mut().ok_or(Stop::Canceled)?;
+            let (source_id, source) = self.source.as_mut().ok_or(Stop::Canceled("no source"))?;
             let poll = source
                 .poll(self.batch_size, &mut batch)
                 .map_err(|e| op_failure(source_id, self.id.index, e))?;
@@ -793,7 +801,7 @@ impl SubtaskRunner {
     /// Handles a command between two inputs (or polls).
     async fn command(&mut self, cmd: Command) -> Result<(), Stop> {
         match cmd {
-            Command::Cancel => Err(Stop::Canceled),
+            Command::Cancel => Err(Stop::Canceled(ON_REQUEST)),
             Command::Kill => Err(Stop::Failed(EngineError::Killed)),
             // Only sources start checkpoints while running; other subtasks follow barriers.
             Command::Trigger(n) if self.source.is_some() => {
@@ -949,7 +957,7 @@ impl SubtaskRunner {
         let mut last = None;
         loop {
             match control.recv().await.unwrap_or(Command::Cancel) {
-                Command::Cancel => return Err(Stop::Canceled),
+                Command::Cancel => return Err(Stop::Canceled(ON_REQUEST)),
                 Command::Kill => return Err(Stop::Failed(EngineError::Killed)),
                 Command::Trigger(n) | Command::Final(n) => {
                     self.take_snapshot(n, Duration::ZERO).await?;
@@ -977,7 +985,7 @@ impl SubtaskRunner {
         }
         self.restore_checkpoint(states).map_err(|stop| match stop {
             Stop::Failed(e) => e,
-            Stop::Canceled => EngineError::Internal("canceled while restoring".into()),
+            Stop::Canceled(_) => EngineError::Internal("canceled while restoring".into()),
         })
     }
 
@@ -1550,7 +1558,7 @@ impl SubtaskRunner {
         loop {
             tokio::select! {
                 cmd = control.recv() => match cmd.unwrap_or(Command::Cancel) {
-                    Command::Cancel => return Err(Stop::Canceled),
+                    Command::Cancel => return Err(Stop::Canceled(ON_REQUEST)),
                     Command::Kill => return Err(Stop::Failed(EngineError::Killed)),
                     // A periodic one that raced the end of the input.
                     Command::Trigger(n) => self.take_snapshot(n, Duration::ZERO).await?,
@@ -1616,7 +1624,7 @@ impl SubtaskRunner {
             ChannelError::Disconnected {
                 cause: Some(CloseCause::Released),
                 ..
-            } => Stop::Canceled,
+            } => Stop::Canceled("an upstream subtask was canceled"),
             e => Stop::Failed(EngineError::Internal(format!("subtask {}: {e}", self.id))),
         }
     }
@@ -1624,7 +1632,7 @@ impl SubtaskRunner {
     fn route_failure(&self, e: RouteError) -> Stop {
         match e {
             // A downstream subtask went away: it was canceled or failed, and reports that itself.
-            RouteError::Channel(_) => Stop::Canceled,
+            RouteError::Channel(_) => Stop::Canceled("a downstream channel closed"),
             RouteError::Partition(err) => Stop::Failed(EngineError::Operator {
                 operator: self.name.clone(),
                 subtask: self.id.index,
