@@ -1230,7 +1230,9 @@ impl Dispatcher {
         lost_tms: Vec<TaskManagerId>,
         alive: Vec<Alive>,
     ) {
-        let used = self.used_slots(None);
+        // The restarted subtasks' own slots are free: one restarted because it failed (a
+        // neighbour it was wired to was lost too) may take its slot again.
+        let used = self.used_slots(|job, k| job == id && lost.contains(&k));
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
@@ -1260,19 +1262,19 @@ impl Dispatcher {
             );
             return;
         }
-        // Free slots first (most free first), then the least loaded.
-        let mut load: Vec<(Alive, i64)> = alive
-            .into_iter()
+        let free = alive
+            .iter()
             .map(|a| {
                 let free = a.slots as i64 - used.get(&a.id).copied().unwrap_or(0) as i64;
-                (a, free)
+                (a.id, free)
             })
             .collect();
+        let targets = restart_targets(free, lost.len());
         let mut per_tm: BTreeMap<TaskManagerId, Vec<(u32, u32)>> = BTreeMap::new();
-        for k in &lost {
-            load.sort_by_key(|(_, free)| -free);
-            let (tm, free) = &mut load[0];
-            *free -= 1;
+        for (k, target) in lost.iter().zip(targets) {
+            let Some(tm) = alive.iter().find(|a| a.id == target) else {
+                continue; // restart_targets picks among `alive`
+            };
             per_tm.entry(tm.id).or_default().push(*k);
             let attempt = job.subtasks.get(k).map_or(0, |i| i.attempt) + 1;
             job.subtasks.insert(
@@ -1545,22 +1547,17 @@ struct Plan {
 }
 
 impl Dispatcher {
-    /// Slots in use per task manager by every live job other than `except`.
-    fn used_slots(&self, except: Option<JobId>) -> HashMap<TaskManagerId, usize> {
+    /// Slots in use per task manager by the subtasks of live jobs, except those `skip`
+    /// names (a job being placed, or subtasks being restarted).
+    fn used_slots(
+        &self,
+        skip: impl Fn(JobId, (u32, u32)) -> bool,
+    ) -> HashMap<TaskManagerId, usize> {
         let mut used: HashMap<TaskManagerId, usize> = HashMap::new();
-        for job in self
-            .jobs
-            .values()
-            .filter(|j| !j.state.is_terminal() && Some(j.id) != except)
-        {
-            let mut per_tm: HashMap<TaskManagerId, HashSet<(&str, u32)>> = HashMap::new();
-            for ((t, s), i) in &job.subtasks {
-                let group = job.graph.tasks[*t as usize].slot_group.as_str();
-                per_tm.entry(i.tm).or_default().insert((group, *s));
-            }
-            for (tm, groups) in per_tm {
-                *used.entry(tm).or_default() += groups.len();
-            }
+        for job in self.jobs.values().filter(|j| !j.state.is_terminal()) {
+            let kept = job.subtasks.iter().filter(|(k, _)| !skip(job.id, **k));
+            let group = |t: u32| job.graph.tasks[t as usize].slot_group.as_str();
+            count_slots(kept, group, &mut used);
         }
         used
     }
@@ -1574,7 +1571,7 @@ impl Dispatcher {
     ) -> Result<Plan, String> {
         let slots = graph.slots();
         let groups = slots.len();
-        let used = self.used_slots(except);
+        let used = self.used_slots(|job, _| Some(job) == except);
         let mut free: Vec<(Alive, usize)> = alive
             .into_iter()
             .map(|a| {
@@ -2502,7 +2499,7 @@ impl Handler<GetPlacements> for Dispatcher {
             })
             .collect();
         MessageResult(Placements {
-            used_slots: self.used_slots(None),
+            used_slots: self.used_slots(|_, _| false),
             subtasks,
         })
     }
@@ -2686,14 +2683,93 @@ impl Handler<GetOutput> for Dispatcher {
     }
 }
 
+/// Adds to `used` the slots that `subtasks` of one job hold on each task manager: the
+/// subtasks of one slot-sharing group with the same index share a slot.
+fn count_slots<'a>(
+    subtasks: impl Iterator<Item = (&'a (u32, u32), &'a SubtaskInfo)>,
+    group: impl Fn(u32) -> &'a str,
+    used: &mut HashMap<TaskManagerId, usize>,
+) {
+    let mut per_tm: HashMap<TaskManagerId, HashSet<(&str, u32)>> = HashMap::new();
+    for ((t, s), i) in subtasks {
+        per_tm.entry(i.tm).or_default().insert((group(*t), *s));
+    }
+    for (tm, slots) in per_tm {
+        *used.entry(tm).or_default() += slots.len();
+    }
+}
+
+/// A task manager for each of `n` restarted subtasks, given each alive one's free slots
+/// (negative: overcommitted): a free slot first, the most free first, then the least
+/// loaded, spreading over equally loaded ones. Empty when no task manager is given.
+fn restart_targets(mut free: Vec<(TaskManagerId, i64)>, n: usize) -> Vec<TaskManagerId> {
+    let mut targets = Vec::with_capacity(n);
+    for _ in 0..n {
+        // Stable: ties keep the order given.
+        free.sort_by_key(|(_, f)| -f);
+        let Some((tm, f)) = free.first_mut() else {
+            break;
+        };
+        *f -= 1;
+        targets.push(*tm);
+        // Among equally loaded ones, the others come first next time.
+        free.rotate_left(1);
+    }
+    targets
+}
+
 #[cfg(test)]
 mod tests {
-    use std::collections::VecDeque;
+    use std::collections::{BTreeMap, HashMap, VecDeque};
+
+    use engine::ids::TaskManagerId;
 
     use super::{
-        accept_part, keep_newest, latency_normal, within_lag, CollectProgress, PartFate,
-        LAG_SAMPLES_KEPT,
+        accept_part, count_slots, keep_newest, latency_normal, restart_targets, within_lag,
+        CollectProgress, PartFate, SubtaskInfo, LAG_SAMPLES_KEPT,
     };
+
+    /// Ensures restarted subtasks take free slots first, one each, and that a restarted
+    /// subtask's own slot is free for it: one restarted again (it failed on the spare it
+    /// was moved to, wired to a neighbour lost meanwhile) must not push another restarted
+    /// subtask onto an occupied task manager.
+    #[test]
+    fn restarted_subtasks_take_free_slots_first() {
+        let [a, b, c, d] = [1, 2, 3, 4].map(TaskManagerId);
+        let place = |on: &[((u32, u32), TaskManagerId)]| -> BTreeMap<(u32, u32), SubtaskInfo> {
+            on.iter()
+                .map(|&(k, tm)| (k, SubtaskInfo::deploying(tm)))
+                .collect()
+        };
+        let used_without = |subtasks: &BTreeMap<(u32, u32), SubtaskInfo>, lost: &[(u32, u32)]| {
+            let mut used = HashMap::new();
+            let kept = subtasks.iter().filter(|(k, _)| !lost.contains(*k));
+            // Tasks 2 and 3 share a slot group.
+            let group = |t: u32| if t >= 2 { "shared" } else { "own" };
+            count_slots(kept, group, &mut used);
+            used
+        };
+        // One slot each; a is busy, d is a spare.
+        let free = |used: &HashMap<TaskManagerId, usize>| {
+            [a, c, d].map(|tm| (tm, 1 - used.get(&tm).copied().unwrap_or(0) as i64))
+        };
+        // Tasks 2 and 3 share a slot group: (2,0) and (3,0) share c's one slot.
+        let shared = place(&[((0, 0), a), ((1, 0), b), ((2, 0), c), ((3, 0), c)]);
+        assert_eq!(
+            used_without(&shared, &[]),
+            HashMap::from([(a, 1), (b, 1), (c, 1)])
+        );
+        // (1,0) (b lost) and (2,0) (failed on c) restart; (3,0) keeps c's slot.
+        let lost = [(1, 0), (2, 0)];
+        let used = used_without(&shared, &lost);
+        assert_eq!(used, HashMap::from([(a, 1), (c, 1)]));
+        assert_eq!(restart_targets(free(&used).to_vec(), 2), vec![d, a]);
+        // (2,0) alone on c: its slot is free for the restart, so each gets a free slot.
+        let alone = place(&[((0, 0), a), ((1, 0), b), ((2, 0), c)]);
+        let used = used_without(&alone, &lost);
+        assert_eq!(restart_targets(free(&used).to_vec(), 2), vec![c, d]);
+        assert_eq!(restart_targets(Vec::new(), 2), Vec::<TaskManagerId>::new());
+    }
 
     /// The sources caught up at the first sample after the last one where their summed lag
     /// was over the threshold, counting only samples since the failure, and only once each
