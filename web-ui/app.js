@@ -424,19 +424,21 @@ function renderJob(job, cps, failovers) {
 function renderCheckpoints(cps, mode) {
   const el = document.getElementById("checkpoints");
   const h = cps?.history || [];
+  // Alignment is reported in µs: behind short queues it takes well under a millisecond.
+  const fmtAlign = (us) => (us >= 10_000 ? `${Math.round(us / 1000)} ms` : `${(us / 1000).toFixed(2)} ms`);
   if (!h.length) {
     el.innerHTML = `<div class="empty">${cps?.interval_ms ? "No checkpoint yet." : "This job does not checkpoint."}</div>`;
     return;
   }
   const done = h.filter((c) => c.status === "COMPLETED").slice(0, 30).reverse();
   const chart = done.length > 1 ? lineChart([{ name: "duration", color: "#2f6fde", values: done.map((c) => [c.trigger_ms, c.duration_ms]) },
-    { name: "alignment", color: "#c27c0e", values: done.map((c) => [c.trigger_ms, c.alignment_ms]) }],
+    { name: "alignment", color: "#c27c0e", values: done.map((c) => [c.trigger_ms, c.alignment_us / 1000]) }],
     Math.max(1, done[done.length - 1].trigger_ms - done[0].trigger_ms), done[done.length - 1].trigger_ms,
     { height: 100, fmt: (v) => `${Math.round(v)} ms`, since: `#${done[0].id}` }) : "";
   el.innerHTML = `${chart ? `<div class="sub">Duration (blue) and alignment (amber), ms</div>${chart}` : ""}
     <table><thead><tr><th class="num">Id</th><th>Mode</th><th>Status</th><th>Trigger</th><th class="num">At</th><th class="num">Duration</th><th class="num">Alignment</th><th class="num">Size</th><th class="num">Acks</th><th>Failure</th></tr></thead><tbody>
     ${h.slice(0, 15).map((c) => `<tr><td class="num">${c.id}</td><td>${esc(String(mode).toUpperCase())}</td><td>${badge(c.status)}</td><td>${esc(c.trigger)}</td><td class="num">${fmtTime(c.trigger_ms)}</td>
-      <td class="num">${c.duration_ms} ms</td><td class="num">${c.alignment_ms} ms</td><td class="num">${fmtBytes(c.state_bytes)}</td>
+      <td class="num">${c.duration_ms} ms</td><td class="num">${fmtAlign(c.alignment_us)}</td><td class="num">${fmtBytes(c.state_bytes)}</td>
       <td class="num">${c.acknowledged}/${c.total}</td><td class="sub">${esc(c.failure || "")}</td></tr>`).join("")}
     </tbody></table>`;
 }

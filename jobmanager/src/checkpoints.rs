@@ -49,8 +49,9 @@ pub struct TaskCheckpointStats {
     pub acknowledged: u32,
     /// State bytes of all its subtasks.
     pub state_bytes: u64,
-    /// Longest alignment of its subtasks (ms).
-    pub alignment_ms: u64,
+    /// Longest alignment of its subtasks, µs (behind short queues it takes well under a
+    /// millisecond).
+    pub alignment_us: u64,
     /// Longest synchronous state copy of its subtasks (ms).
     pub sync_ms: u64,
 }
@@ -68,8 +69,8 @@ pub struct CheckpointStats {
     pub trigger_ms: u64,
     /// Trigger to completion (or to now while in progress), ms.
     pub duration_ms: u64,
-    /// Longest barrier alignment of any subtask, ms.
-    pub alignment_ms: u64,
+    /// Longest barrier alignment of any subtask, µs.
+    pub alignment_us: u64,
     /// Total state bytes.
     pub state_bytes: u64,
     /// Subtasks that acknowledged.
@@ -207,7 +208,7 @@ impl Coordinator {
             trigger: why.to_string(),
             trigger_ms: now_ms,
             duration_ms: 0,
-            alignment_ms: 0,
+            alignment_us: 0,
             state_bytes: 0,
             acknowledged: 0,
             total: subtasks.len() as u32,
@@ -241,7 +242,7 @@ impl Coordinator {
         task: u32,
         subtask: u32,
         bytes: u64,
-        alignment_ms: u64,
+        alignment_us: u64,
         sync_ms: u64,
     ) -> Option<Step> {
         let p = self.pending.get_mut(&id)?;
@@ -251,7 +252,7 @@ impl Coordinator {
         let s = &mut p.stats;
         s.acknowledged += 1;
         s.state_bytes += bytes;
-        s.alignment_ms = s.alignment_ms.max(alignment_ms);
+        s.alignment_us = s.alignment_us.max(alignment_us);
         let t = match s.tasks.iter().position(|t| t.task == task) {
             Some(i) => &mut s.tasks[i],
             None => {
@@ -266,7 +267,7 @@ impl Coordinator {
         };
         t.acknowledged += 1;
         t.state_bytes += bytes;
-        t.alignment_ms = t.alignment_ms.max(alignment_ms);
+        t.alignment_us = t.alignment_us.max(alignment_us);
         t.sync_ms = t.sync_ms.max(sync_ms);
         if !p.missing.is_empty() {
             return None;
@@ -696,7 +697,7 @@ mod tests {
             trigger: "periodic".into(),
             trigger_ms: 0,
             duration_ms: 1,
-            alignment_ms: 0,
+            alignment_us: 0,
             state_bytes: 0,
             acknowledged: 2,
             total: 2,
@@ -802,7 +803,7 @@ mod tests {
         );
         match c.ack(8, 1, 0, 5, 30, 1) {
             Some(Step::Complete(s)) => {
-                assert_eq!((s.id, s.state_bytes, s.alignment_ms), (8, 15, 30));
+                assert_eq!((s.id, s.state_bytes, s.alignment_us), (8, 15, 30));
                 assert_eq!(s.tasks.len(), 2);
             }
             other => panic!("{other:?}"),

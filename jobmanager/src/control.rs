@@ -200,7 +200,7 @@ async fn relay(
                 task,
                 subtask,
                 checkpoint,
-                alignment_ms,
+                alignment_us,
                 sync_ms,
                 operators,
             } => dispatcher.do_send(CheckpointAcked {
@@ -210,7 +210,7 @@ async fn relay(
                 task,
                 subtask,
                 checkpoint,
-                alignment_ms,
+                alignment_us,
                 sync_ms,
                 operators,
             }),

@@ -956,7 +956,7 @@ impl Dispatcher {
                     Ok(pruned) => {
                         // Every subtask stored a DCAS snapshot of its own (before its ack).
                         job.restored_from = None;
-                        info!(job = %id, checkpoint = stats.id, duration_ms = stats.duration_ms, alignment_ms = stats.alignment_ms, bytes = stats.state_bytes, pruned = ?pruned, "Checkpoint completed.");
+                        info!(job = %id, checkpoint = stats.id, duration_ms = stats.duration_ms, alignment_us = stats.alignment_us, bytes = stats.state_bytes, pruned = ?pruned, "Checkpoint completed.");
                         for tm in &job.tms {
                             let _ = tm.tx.send(ToTaskManager::CheckpointComplete {
                                 job: id,
@@ -2251,7 +2251,7 @@ pub struct CheckpointAcked {
     /// Checkpoint.
     pub checkpoint: u64,
     /// Alignment time.
-    pub alignment_ms: u64,
+    pub alignment_us: u64,
     /// Synchronous copy time.
     pub sync_ms: u64,
     /// The state.
@@ -2293,7 +2293,7 @@ impl Handler<CheckpointAcked> for Dispatcher {
             msg.task,
             msg.subtask,
             bytes,
-            msg.alignment_ms,
+            msg.alignment_us,
             msg.sync_ms,
         ) {
             self.apply(msg.job, vec![step]);

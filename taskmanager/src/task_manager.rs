@@ -622,7 +622,7 @@ impl CheckpointReporter for ToJobManagerCheckpoints {
             task: id.task as u32,
             subtask: id.index as u32,
             checkpoint: ack.checkpoint,
-            alignment_ms: ack.alignment.as_millis() as u64,
+            alignment_us: ack.alignment.as_micros() as u64,
             sync_ms: ack.sync.as_millis() as u64,
             operators: ack.operators,
         });

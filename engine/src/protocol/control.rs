@@ -76,8 +76,8 @@ pub enum ToJobManager {
         subtask: u32,
         /// The checkpoint.
         checkpoint: u64,
-        /// Milliseconds from the first barrier to the last (alignment).
-        alignment_ms: u64,
+        /// Microseconds from the first barrier to the last (alignment).
+        alignment_us: u64,
         /// Milliseconds to copy the state (processing stopped for this long).
         sync_ms: u64,
         /// State of every operator of the chain.

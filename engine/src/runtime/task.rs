@@ -880,7 +880,7 @@ impl SubtaskRunner {
         };
         debug!(
             checkpoint = n,
-            alignment_ms = alignment.as_millis() as u64,
+            alignment_us = alignment.as_micros() as u64,
             "Snapshot taken."
         );
         reporter.acknowledge(
