@@ -1269,16 +1269,29 @@ impl Dispatcher {
                 (a.id, free)
             })
             .collect();
-        let targets = restart_targets(free, lost.len());
+        let group = |t: u32| job.graph.tasks[t as usize].slot_group.as_str();
+        // A kept subtask on an alive task manager whose slot a restarted one can share.
+        let peer = |g: &str, index: u32| {
+            job.subtasks
+                .iter()
+                .find(|((t, s), info)| {
+                    *s == index
+                        && group(*t) == g
+                        && !lost.contains(&(*t, *s))
+                        && alive.iter().any(|a| a.id == info.tm)
+                })
+                .map(|(_, info)| info.tm)
+        };
+        let placed = restart_placement(&lost, group, peer, free);
         let mut per_tm: BTreeMap<TaskManagerId, Vec<(u32, u32)>> = BTreeMap::new();
-        for (k, target) in lost.iter().zip(targets) {
+        for (k, target) in placed {
             let Some(tm) = alive.iter().find(|a| a.id == target) else {
-                continue; // restart_targets picks among `alive`
+                continue; // restart_placement picks among `alive`
             };
-            per_tm.entry(tm.id).or_default().push(*k);
-            let attempt = job.subtasks.get(k).map_or(0, |i| i.attempt) + 1;
+            per_tm.entry(tm.id).or_default().push(k);
+            let attempt = job.subtasks.get(&k).map_or(0, |i| i.attempt) + 1;
             job.subtasks.insert(
-                *k,
+                k,
                 SubtaskInfo {
                     attempt,
                     ..SubtaskInfo::deploying(tm.id)
@@ -2685,12 +2698,12 @@ impl Handler<GetOutput> for Dispatcher {
 
 /// Adds to `used` the slots that `subtasks` of one job hold on each task manager: the
 /// subtasks of one slot-sharing group with the same index share a slot.
-fn count_slots<'a>(
+fn count_slots<'a, 'g>(
     subtasks: impl Iterator<Item = (&'a (u32, u32), &'a SubtaskInfo)>,
-    group: impl Fn(u32) -> &'a str,
+    group: impl Fn(u32) -> &'g str,
     used: &mut HashMap<TaskManagerId, usize>,
 ) {
-    let mut per_tm: HashMap<TaskManagerId, HashSet<(&str, u32)>> = HashMap::new();
+    let mut per_tm: HashMap<TaskManagerId, HashSet<(&'g str, u32)>> = HashMap::new();
     for ((t, s), i) in subtasks {
         per_tm.entry(i.tm).or_default().insert((group(*t), *s));
     }
@@ -2699,7 +2712,35 @@ fn count_slots<'a>(
     }
 }
 
-/// A task manager for each of `n` restarted subtasks, given each alive one's free slots
+/// Where each restarted subtask goes. Restarted subtasks that share a slot (one slot group,
+/// one index) stay together: beside a kept peer on an alive task manager (`peer`), whose slot
+/// they share at no cost, or else in one slot `restart_targets` picks from `free`.
+fn restart_placement<'a>(
+    lost: &[(u32, u32)],
+    group: impl Fn(u32) -> &'a str,
+    peer: impl Fn(&str, u32) -> Option<TaskManagerId>,
+    free: Vec<(TaskManagerId, i64)>,
+) -> Vec<((u32, u32), TaskManagerId)> {
+    let mut slots: BTreeMap<(&str, u32), Vec<(u32, u32)>> = BTreeMap::new();
+    for &(t, s) in lost {
+        slots.entry((group(t), s)).or_default().push((t, s));
+    }
+    let mut placed = Vec::with_capacity(lost.len());
+    let mut unshared = Vec::new();
+    for ((g, s), subtasks) in slots {
+        match peer(g, s) {
+            Some(tm) => placed.extend(subtasks.into_iter().map(|k| (k, tm))),
+            None => unshared.push(subtasks),
+        }
+    }
+    let targets = restart_targets(free, unshared.len());
+    for (subtasks, tm) in unshared.into_iter().zip(targets) {
+        placed.extend(subtasks.into_iter().map(|k| (k, tm)));
+    }
+    placed
+}
+
+/// A task manager for each of `n` slots of restarted subtasks, given each alive one's free slots
 /// (negative: overcommitted): a free slot first, the most free first, then the least
 /// loaded, spreading over equally loaded ones. Empty when no task manager is given.
 fn restart_targets(mut free: Vec<(TaskManagerId, i64)>, n: usize) -> Vec<TaskManagerId> {
@@ -2725,50 +2766,82 @@ mod tests {
     use engine::ids::TaskManagerId;
 
     use super::{
-        accept_part, count_slots, keep_newest, latency_normal, restart_targets, within_lag,
-        CollectProgress, PartFate, SubtaskInfo, LAG_SAMPLES_KEPT,
+        accept_part, count_slots, keep_newest, latency_normal, restart_placement, restart_targets,
+        within_lag, CollectProgress, PartFate, SubtaskInfo, LAG_SAMPLES_KEPT,
     };
 
-    /// Ensures restarted subtasks take free slots first, one each, and that a restarted
-    /// subtask's own slot is free for it: one restarted again (it failed on the spare it
-    /// was moved to, wired to a neighbour lost meanwhile) must not push another restarted
-    /// subtask onto an occupied task manager.
+    /// Ensures restarted subtasks that share a slot restart together (beside a kept peer
+    /// when one is alive, else in one slot), that the others take free slots first, and that
+    /// a restarted subtask's own slot counts as free for the restart.
     #[test]
-    fn restarted_subtasks_take_free_slots_first() {
+    fn restarted_subtasks_share_slots_and_take_free_ones_first() {
         let [a, b, c, d] = [1, 2, 3, 4].map(TaskManagerId);
+        // Tasks 0 and 1 each have a slot group of their own; tasks 2 and 3 share one.
+        let group = |t: u32| match t {
+            0 => "t0",
+            1 => "t1",
+            _ => "shared",
+        };
         let place = |on: &[((u32, u32), TaskManagerId)]| -> BTreeMap<(u32, u32), SubtaskInfo> {
             on.iter()
                 .map(|&(k, tm)| (k, SubtaskInfo::deploying(tm)))
                 .collect()
         };
-        let used_without = |subtasks: &BTreeMap<(u32, u32), SubtaskInfo>, lost: &[(u32, u32)]| {
+        // One slot each on a, c and d (b is lost); what is left free once `lost` restart.
+        let free = |subtasks: &BTreeMap<(u32, u32), SubtaskInfo>, lost: &[(u32, u32)]| {
             let mut used = HashMap::new();
             let kept = subtasks.iter().filter(|(k, _)| !lost.contains(*k));
-            // Tasks 2 and 3 share a slot group.
-            let group = |t: u32| if t >= 2 { "shared" } else { "own" };
             count_slots(kept, group, &mut used);
-            used
-        };
-        // One slot each; a is busy, d is a spare.
-        let free = |used: &HashMap<TaskManagerId, usize>| {
             [a, c, d].map(|tm| (tm, 1 - used.get(&tm).copied().unwrap_or(0) as i64))
         };
-        // Tasks 2 and 3 share a slot group: (2,0) and (3,0) share c's one slot.
+        let peer = |subtasks: &BTreeMap<(u32, u32), SubtaskInfo>, lost: &[(u32, u32)]| {
+            let kept: Vec<((u32, u32), TaskManagerId)> = subtasks
+                .iter()
+                .filter(|(k, i)| !lost.contains(*k) && i.tm != b)
+                .map(|(k, i)| (*k, i.tm))
+                .collect();
+            move |g: &str, index: u32| {
+                kept.iter()
+                    .find(|((t, s), _)| *s == index && group(*t) == g)
+                    .map(|(_, tm)| *tm)
+            }
+        };
+        let run = |subtasks: &BTreeMap<(u32, u32), SubtaskInfo>, lost: &[(u32, u32)]| {
+            let free = free(subtasks, lost).to_vec();
+            let placed = restart_placement(lost, group, peer(subtasks, lost), free);
+            placed.into_iter().collect::<BTreeMap<_, _>>()
+        };
+
+        // (1,0) ran on the lost b; (2,0), on c, failed (wired to it). (3,0) keeps c's shared
+        // slot, so (2,0) restarts beside it, and (1,0) takes d's free slot, not busy a.
         let shared = place(&[((0, 0), a), ((1, 0), b), ((2, 0), c), ((3, 0), c)]);
-        assert_eq!(
-            used_without(&shared, &[]),
-            HashMap::from([(a, 1), (b, 1), (c, 1)])
-        );
-        // (1,0) (b lost) and (2,0) (failed on c) restart; (3,0) keeps c's slot.
+        let mut used = HashMap::new();
+        count_slots(shared.iter(), group, &mut used);
+        assert_eq!(used, HashMap::from([(a, 1), (b, 1), (c, 1)]));
         let lost = [(1, 0), (2, 0)];
-        let used = used_without(&shared, &lost);
-        assert_eq!(used, HashMap::from([(a, 1), (c, 1)]));
-        assert_eq!(restart_targets(free(&used).to_vec(), 2), vec![d, a]);
-        // (2,0) alone on c: its slot is free for the restart, so each gets a free slot.
+        assert_eq!(
+            run(&shared, &lost),
+            BTreeMap::from([((1, 0), d), ((2, 0), c)])
+        );
+
+        // (2,0) alone on c: its own slot is free for it, so both restarts get a free slot.
         let alone = place(&[((0, 0), a), ((1, 0), b), ((2, 0), c)]);
-        let used = used_without(&alone, &lost);
-        assert_eq!(restart_targets(free(&used).to_vec(), 2), vec![c, d]);
-        assert_eq!(restart_targets(Vec::new(), 2), Vec::<TaskManagerId>::new());
+        assert_eq!(
+            run(&alone, &lost),
+            BTreeMap::from([((1, 0), d), ((2, 0), c)])
+        );
+
+        // A whole shared slot lost with b: its subtasks restart together, in one free slot.
+        let slot = place(&[((0, 0), a), ((2, 0), b), ((3, 0), b)]);
+        let lost = [(2, 0), (3, 0)];
+        let placed = run(&slot, &lost);
+        assert_eq!(placed.len(), 2);
+        assert_eq!(placed[&(2, 0)], placed[&(3, 0)], "{placed:?}");
+        assert_ne!(placed[&(2, 0)], a, "a has no free slot: {placed:?}");
+
+        let none = restart_placement(&lost, group, |_, _| None, Vec::new());
+        assert!(none.is_empty(), "no task manager, no placement: {none:?}");
+        assert_eq!(restart_targets(vec![(a, 0), (c, 0)], 3), vec![a, c, a]);
     }
 
     /// The sources caught up at the first sample after the last one where their summed lag
