@@ -425,7 +425,7 @@ function renderCheckpoints(cps, mode) {
   const el = document.getElementById("checkpoints");
   const h = cps?.history || [];
   // Alignment is reported in µs: behind short queues it takes well under a millisecond.
-  const fmtAlign = (us) => (us >= 10_000 ? `${Math.round(us / 1000)} ms` : `${(us / 1000).toFixed(2)} ms`);
+  const fmtAlign = (us = 0) => (us >= 10_000 ? `${Math.round(us / 1000)} ms` : `${(us / 1000).toFixed(2)} ms`);
   if (!h.length) {
     el.innerHTML = `<div class="empty">${cps?.interval_ms ? "No checkpoint yet." : "This job does not checkpoint."}</div>`;
     return;

@@ -51,6 +51,7 @@ pub struct TaskCheckpointStats {
     pub state_bytes: u64,
     /// Longest alignment of its subtasks, µs (behind short queues it takes well under a
     /// millisecond).
+    #[serde(default)] // records written before alignment was kept in µs
     pub alignment_us: u64,
     /// Longest synchronous state copy of its subtasks (ms).
     pub sync_ms: u64,
@@ -70,6 +71,7 @@ pub struct CheckpointStats {
     /// Trigger to completion (or to now while in progress), ms.
     pub duration_ms: u64,
     /// Longest barrier alignment of any subtask, µs.
+    #[serde(default)] // records written before alignment was kept in µs
     pub alignment_us: u64,
     /// Total state bytes.
     pub state_bytes: u64,

@@ -1781,7 +1781,7 @@ pub struct SubtaskUpdate {
     pub subtask: u32,
     /// New state.
     pub state: SubtaskState,
-    /// Failure reason.
+    /// Failure reason when failed; why, when canceled.
     pub message: Option<String>,
 }
 

@@ -60,7 +60,7 @@ pub enum ToJobManager {
         subtask: u32,
         /// New state.
         state: SubtaskState,
-        /// Failure reason, when failed.
+        /// Failure reason when failed; why, when canceled.
         message: Option<String>,
     },
     /// A subtask took its state for a checkpoint (ABS): the state bytes go to the job

@@ -502,11 +502,8 @@ impl SubtaskRunner {
                 SubtaskOutcome::Finished
             }
             Err(Stop::Canceled(why)) => {
-                if why == ON_REQUEST {
-                    debug!(why, "Subtask canceled.");
-                } else {
-                    info!(why, "Subtask canceled.");
-                }
+                // The job manager logs a cancel it did not ask for, with this reason.
+                debug!(why, "Subtask canceled.");
                 // Downstream subtasks in this process then stop as canceled, not failed.
                 self.router.close(CloseCause::Released);
                 SubtaskOutcome::Canceled(why)
@@ -1620,11 +1617,12 @@ impl SubtaskRunner {
 
     fn input_failure(&self, e: ChannelError) -> Stop {
         match e {
-            // Our own deployment was released (canceled): not a failure.
+            // Our own deployment, or an upstream subtask in this process, was canceled: not a
+            // failure.
             ChannelError::Disconnected {
                 cause: Some(CloseCause::Released),
                 ..
-            } => Stop::Canceled("an upstream subtask was canceled"),
+            } => Stop::Canceled("its input was released"),
             e => Stop::Failed(EngineError::Internal(format!("subtask {}: {e}", self.id))),
         }
     }
