@@ -96,7 +96,7 @@ pub fn decode_event(bytes: &[u8]) -> Result<StreamEvent, CodecError> {
     let (tag, body) = bytes
         .split_first()
         .ok_or_else(|| CodecError("packed event: no bytes".into()))?;
-    let mut r = Reader { bytes: body, at: 0 };
+    let mut r = Reader::new(body);
     let event = match *tag {
         DATA => return decode_batch(body).map(StreamEvent::Data),
         WATERMARK => r.varint().map(|w| StreamEvent::Watermark(unzigzag(w))),
@@ -229,7 +229,7 @@ impl Small<'_> {
 
 /// Decodes a batch [`encode_batch`] wrote, which must fill `bytes` exactly.
 pub fn decode_batch(bytes: &[u8]) -> Result<Batch, CodecError> {
-    let mut r = Reader { bytes, at: 0 };
+    let mut r = Reader::new(bytes);
     let batch = r.batch();
     batch.map_err(|m| r.error(m))
 }
@@ -315,12 +315,27 @@ enum Malformed {
 /// against the bytes left, so this only bounds what a hostile count could reserve).
 const MAX_RESERVE_RECORDS: usize = 1 << 16;
 
+/// Most distinct map field names a decoder shares per event ([`Reader::name`]).
+const MAX_NAMES: usize = 32;
+
 struct Reader<'a> {
     bytes: &'a [u8],
     at: usize,
+    /// Map field names met so far in this event, in order of first sight: the records of
+    /// a batch mostly share their fields, so each name is allocated (and checked to be
+    /// UTF-8) once per event and then shared, instead of once per record.
+    names: Vec<Arc<str>>,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8]) -> Reader<'a> {
+        Reader {
+            bytes,
+            at: 0,
+            names: Vec::new(),
+        }
+    }
+
     /// The error for `m`, met at the current byte.
     fn error(&self, m: Malformed) -> CodecError {
         let (at, len) = (self.at, self.bytes.len());
@@ -454,7 +469,7 @@ impl Reader<'_> {
         Ok(n as usize)
     }
 
-    fn take(&mut self, n: usize) -> Result<&[u8], Malformed> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
         let end = self.at.checked_add(n).filter(|e| *e <= self.bytes.len());
         let end = end.ok_or(Malformed::Short)?;
         let s = &self.bytes[self.at..end];
@@ -462,7 +477,7 @@ impl Reader<'_> {
         Ok(s)
     }
 
-    fn sized(&mut self) -> Result<&[u8], Malformed> {
+    fn sized(&mut self) -> Result<&'a [u8], Malformed> {
         let n = self.count(1)?;
         self.take(n)
     }
@@ -470,6 +485,24 @@ impl Reader<'_> {
     fn str(&mut self) -> Result<Arc<str>, Malformed> {
         let s = std::str::from_utf8(self.sized()?).map_err(|_| Malformed::Utf8)?;
         Ok(Arc::from(s))
+    }
+
+    /// The name of a map's field number `i`: shared with an earlier record's field of the
+    /// same name when there is one. Records of one shape hit at `names[i]` at once.
+    fn name(&mut self, i: usize) -> Result<Arc<str>, Malformed> {
+        let bytes = self.sized()?;
+        let same = |n: &Arc<str>| n.as_bytes() == bytes;
+        if let Some(n) = self.names.get(i).filter(|n| same(n)) {
+            return Ok(n.clone());
+        }
+        if let Some(n) = self.names.iter().find(|n| same(n)) {
+            return Ok(n.clone());
+        }
+        let name: Arc<str> = Arc::from(std::str::from_utf8(bytes).map_err(|_| Malformed::Utf8)?);
+        if self.names.len() < MAX_NAMES {
+            self.names.push(name.clone());
+        }
+        Ok(name)
     }
 
     /// A record's key or value: the fixed-size ones inline, the rest through
@@ -515,8 +548,8 @@ impl Reader<'_> {
             MAP => {
                 let n = self.count(2)?;
                 let mut entries = Vec::with_capacity(n.min(MAX_RESERVE));
-                for _ in 0..n {
-                    let name = self.str()?;
+                for i in 0..n {
+                    let name = self.name(i)?;
                     let t = self.byte()?;
                     entries.push((name, self.payload(t, depth + 1)?));
                 }
@@ -630,6 +663,47 @@ mod tests {
             packed.len()
         );
         assert!(packed.len() < 7 * 1000, "{} bytes", packed.len());
+    }
+
+    /// Ensures records of one shape share their map field names after decoding, that maps
+    /// of other shapes (more names than are shared, reordered fields, nesting) still decode
+    /// to what was encoded, and that a name that is not UTF-8 is still an error.
+    #[test]
+    fn map_field_names_are_shared() {
+        let shaped = |i: i64| {
+            Value::map([
+                ("count", Value::Int(i)),
+                ("key", Value::str("k")),
+                ("inner", Value::map([("key", Value::Int(-i))])),
+            ])
+        };
+        let wide = Value::map((0..MAX_NAMES as i64 + 8).map(|f| (format!("f{f}"), Value::Int(f))));
+        let mut records: Vec<Record> = (0..4).map(|i| Record::new(i, shaped(i))).collect();
+        records.push(Record::new(9, wide));
+        records.push(Record::new(10, shaped(10)));
+        let b = Batch {
+            first_seq: 1,
+            records,
+        };
+        let decoded = round_trip(&b);
+        assert_eq!(decoded, b);
+        let fields = |r: &Record| match &r.value {
+            Value::Map(m) => m.clone(),
+            other => panic!("not a map: {other:?}"),
+        };
+        let (first, last) = (fields(&decoded.records[0]), fields(&decoded.records[5]));
+        for (a, b) in first.iter().zip(last.iter()) {
+            assert!(Arc::ptr_eq(&a.0, &b.0), "{} is not shared", a.0);
+        }
+        let Value::Map(inner) = &first.iter().find(|(n, _)| &**n == "inner").unwrap().1 else {
+            panic!("inner is not a map");
+        };
+        let key = &first.iter().find(|(n, _)| &**n == "key").unwrap().0;
+        assert!(Arc::ptr_eq(key, &inner[0].0), "nested maps share names too");
+        // One map with a field named by the bytes [0xff]: not UTF-8.
+        let bad = [0, 1, NO_KEY << 4 | MAP, 0, 1, 1, 0xff, INT, 2];
+        let err = decode_batch(&bad).unwrap_err();
+        assert!(err.0.contains("not UTF-8"), "{err}");
     }
 
     /// Ensures truncated, corrupted or hostile input is an error, never a panic or a huge

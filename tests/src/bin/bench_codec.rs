@@ -2,8 +2,8 @@
 //! rkyv's archive (the control plane's and snapshots' format, and the data plane's before
 //! packing), per record: nanoseconds to encode, to decode, and bytes.
 //!
-//! Three shapes of 2,048-record batches: keyed integer counts (the benchmarks' pipelines),
-//! unkeyed short strings, and keyed maps. Each figure is the median of `--rounds` passes of
+//! Four shapes of 2,048-record batches: keyed integer counts (the benchmarks' pipelines),
+//! unkeyed short strings, keyed maps, and a window's results (what a keyed count emits). Each figure is the median of `--rounds` passes of
 //! `--iters` batches in this process, so ratios within a run hold on a noisy machine. Run
 //! with `cargo run --release -p weir-tests --bin bench_codec [-- --iters N --rounds K]`.
 
@@ -42,6 +42,18 @@ fn shapes() -> Vec<(&'static str, StreamEvent)> {
                     ("ms", Value::Float(i as f64 * 0.5)),
                 ]);
                 Record::keyed(Value::Int(i % 977), ts(i), value)
+            }),
+        ),
+        (
+            "window results (map of 4 integers)",
+            batch(&|i| {
+                let value = Value::map([
+                    ("count", Value::Int(60 + i % 7)),
+                    ("key", Value::Int(i * 7919 % 10_000)),
+                    ("window_end", Value::Int(1_700_000_001_000)),
+                    ("window_start", Value::Int(1_700_000_000_000)),
+                ]);
+                Record::new(1_700_000_000_999, value)
             }),
         ),
     ]
