@@ -118,6 +118,22 @@ pub fn arg(args: &[String], name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// The comma-separated numbers after `name` (`--windows 100,200`), if the flag is given.
+/// Panics naming the flag on anything that is not a number: benchmarks are run by hand.
+pub fn arg_list(args: &[String], name: &str) -> Option<Vec<u64>> {
+    let i = args.iter().position(|a| a == name)?;
+    let list = args.get(i + 1).map(String::as_str).unwrap_or("");
+    Some(
+        list.split(',')
+            .map(|v| {
+                v.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{name} takes numbers, comma-separated: {list:?}"))
+            })
+            .collect(),
+    )
+}
+
 /// Median of `v` (upper median for even lengths).
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

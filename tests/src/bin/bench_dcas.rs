@@ -24,10 +24,11 @@
 //! (a) is also drawn as an SVG bar chart under `target/bench/`.
 //!
 //! `cargo build --release --bins && target/release/bench_dcas [--rate R --kills K
-//! --records N --rounds K --kafka-records N --windows A,B,... --d-backups N --f-keys N
-//! --f-rate R --f-records N --f-reduce 0|1 --f-session 0|1 --f-join 0|1
+//! --stages S,... --records N --rounds K --kafka-records N --windows A,B,... --d-backups N
+//! --f-keys N --f-rate R --f-records N --f-reduce 0|1 --f-session 0|1 --f-join 0|1
 //! --a 0|1 --b 0|1 --c 0|1 --d 0|1 --e 0|1 --f 0|1]`
-//! (`--d-backups`: the cache's backup count in (d), default 1)
+//! (`--stages`: (a) for those stages only, numbered from 1, without the chart;
+//! `--d-backups`: the cache's backup count in (d), default 1)
 
 use std::time::Duration;
 
@@ -218,18 +219,34 @@ fn print_row(name: &str, [abs, dcas]: &[Recovery; 2]) {
     );
 }
 
-fn by_stage(rate: u64, kills: usize) {
+fn by_stage(args: &[String], rate: u64, kills: usize) {
+    // `--stages 1,5`: only those stages (numbered from 1); the chart needs all five.
+    let only = weir_tests::arg_list(args, "--stages");
+    let stages: Vec<usize> = match &only {
+        Some(list) => list
+            .iter()
+            .map(|&s| match s {
+                1..=5 => s as usize - 1,
+                _ => panic!("--stages takes stages 1 to 5, not {s}"),
+            })
+            .collect(),
+        None => (0..STAGES.len()).collect(),
+    };
     let mut c = cluster(1);
-    let rows: Vec<[Recovery; 2]> = (0..STAGES.len())
-        .map(|s| abs_vs_dcas(&mut c, rate, kills, &[s]))
+    let rows: Vec<[Recovery; 2]> = stages
+        .iter()
+        .map(|&s| abs_vs_dcas(&mut c, rate, kills, &[s]))
         .collect();
     println!("(a) recovery (ms after the SIGKILL) by the stage whose task manager failed, {rate} records/s, median of {kills}");
     println!();
     print_header("failed stage");
-    for (s, row) in rows.iter().enumerate() {
+    for (&s, row) in stages.iter().zip(&rows) {
         print_row(&format!("{} {}", s + 1, STAGES[s]), row);
     }
     println!();
+    if only.is_some() {
+        return;
+    }
     let path = bin_dir()
         .parent()
         .map(|p| p.join("bench"))
@@ -314,14 +331,7 @@ fn overhead_modes(args: &[String]) -> Vec<(String, Value)> {
             mode("dcas", DEFAULT_SNAPSHOT_EVERY_RECORDS),
         ),
     ];
-    let windows = args
-        .iter()
-        .position(|a| a == "--windows")
-        .and_then(|i| args.get(i + 1));
-    for w in windows.into_iter().flat_map(|w| w.split(',')) {
-        let w: u64 = w
-            .parse()
-            .expect("--windows takes record counts, comma-separated");
+    for w in weir_tests::arg_list(args, "--windows").unwrap_or_default() {
         modes.push((format!("DCAS, snapshot every {w} records"), mode("dcas", w)));
     }
     // `--fallback <ms>`: DCAS with fallback checkpoints to disk that often as well.
@@ -597,7 +607,7 @@ fn main() {
     let rate = arg("--rate", 100_000);
     let kills = arg("--kills", 3).max(1) as usize;
     if arg("--a", 1) == 1 {
-        by_stage(rate, kills);
+        by_stage(&args, rate, kills);
     }
     if arg("--b", 1) == 1 {
         simultaneous(rate, kills);
