@@ -24,6 +24,8 @@
 //! Decoding checks every length against the bytes left, reserves room ahead of reading for
 //! at most [`MAX_RESERVE`] items of a list or map and 65,536 records, and nests no deeper than
 //! [`MAX_VALUE_DEPTH`]: malformed input is an error, never a panic or a large allocation.
+//! Map field names are shared within an event: up to 32 names of up to 64 bytes are kept,
+//! so the records of a batch of one shape allocate each name once.
 //! The format has no version, like the rest of the data plane: it lives only between the
 //! task managers of one build and in the cache's memory, which does not outlive them.
 
@@ -315,8 +317,17 @@ enum Malformed {
 /// against the bytes left, so this only bounds what a hostile count could reserve).
 const MAX_RESERVE_RECORDS: usize = 1 << 16;
 
-/// Most distinct map field names a decoder shares per event ([`Reader::name`]).
+/// Most distinct map field names a decoder shares per event ([`Reader::name`]), and the
+/// longest it shares.
 const MAX_NAMES: usize = 32;
+const MAX_NAME_BYTES: usize = 64;
+
+/// `bytes` as a shared string, if they are UTF-8.
+fn utf8(bytes: &[u8]) -> Result<Arc<str>, Malformed> {
+    std::str::from_utf8(bytes)
+        .map(Arc::from)
+        .map_err(|_| Malformed::Utf8)
+}
 
 struct Reader<'a> {
     bytes: &'a [u8],
@@ -483,12 +494,14 @@ impl<'a> Reader<'a> {
     }
 
     fn str(&mut self) -> Result<Arc<str>, Malformed> {
-        let s = std::str::from_utf8(self.sized()?).map_err(|_| Malformed::Utf8)?;
-        Ok(Arc::from(s))
+        let bytes = self.sized()?;
+        utf8(bytes)
     }
 
     /// The name of a map's field number `i`: shared with an earlier record's field of the
-    /// same name when there is one. Records of one shape hit at `names[i]` at once.
+    /// same name when there is one. When the maps of an event have one shape, field `i`
+    /// finds its name at `names[i]` without a scan. Only short names are kept, so a field
+    /// costs at most [`MAX_NAMES`] comparisons of that many bytes.
     fn name(&mut self, i: usize) -> Result<Arc<str>, Malformed> {
         let bytes = self.sized()?;
         let same = |n: &Arc<str>| n.as_bytes() == bytes;
@@ -498,8 +511,8 @@ impl<'a> Reader<'a> {
         if let Some(n) = self.names.iter().find(|n| same(n)) {
             return Ok(n.clone());
         }
-        let name: Arc<str> = Arc::from(std::str::from_utf8(bytes).map_err(|_| Malformed::Utf8)?);
-        if self.names.len() < MAX_NAMES {
+        let name = utf8(bytes)?;
+        if self.names.len() < MAX_NAMES && bytes.len() <= MAX_NAME_BYTES {
             self.names.push(name.clone());
         }
         Ok(name)
@@ -666,8 +679,8 @@ mod tests {
     }
 
     /// Ensures records of one shape share their map field names after decoding, that maps
-    /// of other shapes (more names than are shared, reordered fields, nesting) still decode
-    /// to what was encoded, and that a name that is not UTF-8 is still an error.
+    /// of other shapes (more names than are kept, nesting) still decode to what was
+    /// encoded, and that a name that is not UTF-8 is still an error.
     #[test]
     fn map_field_names_are_shared() {
         let shaped = |i: i64| {

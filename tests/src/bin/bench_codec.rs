@@ -3,9 +3,10 @@
 //! packing), per record: nanoseconds to encode, to decode, and bytes.
 //!
 //! Four shapes of 2,048-record batches: keyed integer counts (the benchmarks' pipelines),
-//! unkeyed short strings, keyed maps, and a window's results (what a keyed count emits). Each figure is the median of `--rounds` passes of
-//! `--iters` batches in this process, so ratios within a run hold on a noisy machine. Run
-//! with `cargo run --release -p weir-tests --bin bench_codec [-- --iters N --rounds K]`.
+//! unkeyed short strings, keyed maps, and a window's results (what a keyed count emits).
+//! Each figure is the median of `--rounds` passes of `--iters` batches in this process, so
+//! ratios within a run hold on a noisy machine. Run with
+//! `cargo run --release -p weir-tests --bin bench_codec [-- --iters N --rounds K]`.
 
 use std::hint::black_box;
 use std::time::Instant;
