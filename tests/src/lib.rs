@@ -109,11 +109,15 @@ pub fn window_results(records: &[engine::Record], field: &str) -> BTreeMap<(Stri
     out
 }
 
+/// What follows flag `name` among `args`, if the flag is given.
+fn flag_value<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    let i = args.iter().position(|a| a == name)?;
+    Some(args.get(i + 1).map_or("", String::as_str))
+}
+
 /// The value of `--name N` among `args`, or `default`.
 pub fn arg(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
+    flag_value(args, name)
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
@@ -121,8 +125,7 @@ pub fn arg(args: &[String], name: &str, default: u64) -> u64 {
 /// The comma-separated numbers after `name` (`--windows 100,200`), if the flag is given.
 /// Panics naming the flag on anything that is not a number: benchmarks are run by hand.
 pub fn arg_list(args: &[String], name: &str) -> Option<Vec<u64>> {
-    let i = args.iter().position(|a| a == name)?;
-    let list = args.get(i + 1).map(String::as_str).unwrap_or("");
+    let list = flag_value(args, name)?;
     Some(
         list.split(',')
             .map(|v| {

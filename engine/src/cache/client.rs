@@ -288,7 +288,8 @@ impl CacheClient {
                 }
             }
             if retry || results.iter().any(Option::is_none) {
-                tracing::debug!(reason = %last, backoff_us = backoff.as_micros() as u64, "Cache operation retried.");
+                let backoff_us = backoff.as_micros() as u64;
+                tracing::debug!(reason = %last, backoff_us, "Cache operation retried.");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(100));
             }

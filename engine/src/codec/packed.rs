@@ -494,8 +494,7 @@ impl<'a> Reader<'a> {
     }
 
     fn str(&mut self) -> Result<Arc<str>, Malformed> {
-        let bytes = self.sized()?;
-        utf8(bytes)
+        utf8(self.sized()?)
     }
 
     /// The name of a map's field number `i`: shared with an earlier record's field of the
