@@ -1130,6 +1130,70 @@ struct Chain {
     bytes: usize,
 }
 
+/// How long a subtask's input must pause after records for a snapshot to fall due before
+/// its micro-window is full: twice the data plane's default linger, so a steady stream,
+/// whose batches leave at least that often, never looks paused.
+const QUIET: Duration = Duration::from_millis(10);
+
+/// When a subtask's next snapshot falls due: the micro-window (`every_records` records or
+/// `interval`, whichever first), or earlier when its input paused after a burst — a sink
+/// behind a window operator gets a window's results at once and then nothing until the
+/// next window fires. A snapshot then leaves its log empty until the next burst, so a
+/// restart almost never has a burst to replay. A paused subtask snapshots no more often
+/// than every quarter `interval`.
+#[derive(Clone, Copy, Debug)]
+struct MicroWindow {
+    every_records: u64,
+    interval: Duration,
+    /// Records consumed since the last snapshot started.
+    records: u64,
+    /// When the last snapshot started (or the subtask).
+    last: std::time::Instant,
+    /// When the latest records arrived.
+    last_input: std::time::Instant,
+}
+
+impl MicroWindow {
+    fn new(every_records: u64, interval: Duration) -> MicroWindow {
+        let now = std::time::Instant::now();
+        MicroWindow {
+            every_records: every_records.max(1),
+            interval,
+            records: 0,
+            last: now,
+            last_input: now,
+        }
+    }
+
+    fn consumed(&mut self, records: usize, now: std::time::Instant) {
+        if records > 0 {
+            self.records += records as u64;
+            self.last_input = now;
+        }
+    }
+
+    fn started(&mut self, now: std::time::Instant) {
+        self.records = 0;
+        self.last = now;
+    }
+
+    /// When the next snapshot falls due; `None` while no records arrived since the last.
+    fn due_at(&self) -> Option<std::time::Instant> {
+        if self.records == 0 {
+            return None;
+        }
+        if self.records >= self.every_records {
+            return Some(self.last);
+        }
+        let paused = (self.last_input + QUIET).max(self.last + self.interval / 4);
+        Some(paused.min(self.last + self.interval))
+    }
+
+    fn due(&self, now: std::time::Instant) -> bool {
+        self.due_at().is_some_and(|at| at <= now)
+    }
+}
+
 /// One subtask's DCAS machinery: its log writer, snapshot store, channel identities and
 /// the snapshot in flight. Owned by the subtask's loop.
 pub struct DcasSubtask {
@@ -1139,16 +1203,13 @@ pub struct DcasSubtask {
     inputs: Vec<ChannelKey>,
     /// Identity of each output channel, per route, per target.
     outputs: Vec<Vec<ChannelKey>>,
-    every_records: u64,
-    interval: Duration,
     incremental: bool,
     /// Set once this incarnation stored a whole snapshot: the next may be incremental.
     chain: Option<Chain>,
     lease: Lease,
     me: TaskManagerId,
     log: Option<InputLog>,
-    records_since: u64,
-    last: std::time::Instant,
+    window: MicroWindow,
     next_id: u64,
     in_flight: Option<oneshot::Receiver<Result<Stored, DcasError>>>,
     acks: Acks,
@@ -1210,15 +1271,12 @@ impl DcasSubtask {
             progress: ChannelProgress::new(config.client.clone(), &config.job),
             inputs,
             outputs,
-            every_records: config.every_records.max(1),
-            interval: config.interval,
             incremental: config.incremental,
             chain: None,
             lease: config.lease.clone(),
             me: config.me,
             log: None,
-            records_since: 0,
-            last: std::time::Instant::now(),
+            window: MicroWindow::new(config.every_records, config.interval),
             next_id: first_snapshot_id(config.generation),
             in_flight: None,
             acks: Acks::default(),
@@ -1254,19 +1312,21 @@ impl DcasSubtask {
 
     /// Counts input records towards the micro-window.
     pub fn consumed(&mut self, records: usize) {
-        self.records_since += records as u64;
+        self.window.consumed(records, std::time::Instant::now());
     }
 
     /// True when a snapshot is due and none is in flight.
     pub fn due(&self) -> bool {
-        self.in_flight.is_none()
-            && (self.records_since >= self.every_records
-                || (self.records_since > 0 && self.last.elapsed() >= self.interval))
+        self.in_flight.is_none() && self.window.due(std::time::Instant::now())
     }
 
-    /// When the interval makes the next snapshot due (if input arrived meanwhile).
+    /// When the next snapshot falls due (if none is in flight and input arrived since the
+    /// last).
     pub fn due_at(&self) -> Option<std::time::Instant> {
-        (self.in_flight.is_none() && self.records_since > 0).then(|| self.last + self.interval)
+        self.in_flight
+            .is_none()
+            .then(|| self.window.due_at())
+            .flatten()
     }
 
     /// Snapshot ids continue after `id` (the DCAS snapshot that held a fallback checkpoint's
@@ -1311,8 +1371,7 @@ impl DcasSubtask {
     pub fn start_snapshot(&mut self, snap: DcasSnapshot) -> Result<(), DcasError> {
         let mut waiter = self.log()?.waiter();
         self.next_id = snap.id + 1;
-        self.records_since = 0;
-        self.last = std::time::Instant::now();
+        self.window.started(std::time::Instant::now());
         let (store, progress) = (self.store.clone(), self.progress.clone());
         let lease = self.lease.clone();
         let published: Vec<(ChannelKey, Seq)> = self
@@ -1521,6 +1580,45 @@ mod tests {
         let mut b = Backoff::new(ms(5), ms(30));
         let pauses: Vec<Duration> = (0..5).map(|_| b.pause()).collect();
         assert_eq!(pauses, [ms(5), ms(10), ms(20), ms(30), ms(30)]);
+    }
+
+    /// Ensures a snapshot falls due at a full micro-window, at its interval under steady
+    /// input, and early when the input pauses after a burst (but not sooner than a
+    /// quarter interval after the last), and never without input.
+    #[test]
+    fn micro_window_is_due_when_full_late_or_paused() {
+        let ms = Duration::from_millis;
+        let t0 = std::time::Instant::now();
+        let mut w = MicroWindow::new(1_000, ms(200));
+        w.started(t0);
+        assert_eq!(w.due_at(), None, "no input, no snapshot");
+        assert!(!w.due(t0 + ms(10_000)));
+
+        // Full: due at once.
+        w.consumed(1_000, t0 + ms(1));
+        assert!(w.due(t0 + ms(1)));
+
+        // Steady input (a batch every 5 ms): only the interval makes it due.
+        w.started(t0);
+        for i in 1..40 {
+            w.consumed(10, t0 + ms(5 * i));
+            assert!(!w.due(t0 + ms(5 * i)), "due at {} ms", 5 * i);
+        }
+        assert_eq!(w.due_at(), Some(t0 + ms(200)));
+
+        // A burst, then a pause: due QUIET after its last records.
+        w.started(t0);
+        w.consumed(500, t0 + ms(60));
+        w.consumed(300, t0 + ms(61));
+        assert!(!w.due(t0 + ms(70)));
+        assert_eq!(w.due_at(), Some(t0 + ms(61) + QUIET));
+
+        // A burst right after a snapshot: not before a quarter interval.
+        w.started(t0);
+        w.consumed(5, t0 + ms(2));
+        assert_eq!(w.due_at(), Some(t0 + ms(50)));
+        w.consumed(0, t0 + ms(45));
+        assert_eq!(w.due_at(), Some(t0 + ms(50)), "an empty batch is no input");
     }
 
     fn batch(first_seq: u64, n: usize) -> Batch {
