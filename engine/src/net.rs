@@ -35,9 +35,6 @@ use crate::runtime::credit;
 /// How long to wait for a peer's connection (either direction) before giving up.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How often a wait for a peer's connection checks whether the peer was fenced.
-const FENCE_CHECK: Duration = Duration::from_millis(50);
-
 /// A live connection to a peer: frames queued here are written in order by its writer task.
 /// The queue is unbounded, but what it holds is bounded by the credits of the channels that
 /// use it (events) and by events consumed (credit frames).
@@ -84,6 +81,17 @@ pub enum NetError {
     /// The peer could not be reached in time.
     #[error("cannot reach task manager {peer} at {addr}: {reason}")]
     Unreachable {
+        /// The peer.
+        peer: TaskManagerId,
+        /// Its data-plane address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The peer is gone: the job manager declared it dead, or nothing listens at its
+    /// address any more (its process died).
+    #[error("task manager {peer} at {addr} is gone: {reason}")]
+    Gone {
         /// The peer.
         peer: TaskManagerId,
         /// Its data-plane address.
@@ -265,8 +273,14 @@ impl DataPlane {
             addr: addr.to_string(),
             reason,
         };
+        let gone = |reason: &str| NetError::Gone {
+            peer,
+            addr: addr.to_string(),
+            reason: reason.to_string(),
+        };
+        const FENCED: &str = "declared dead by the job manager";
         if self.is_fenced(peer) {
-            return Err(unreachable("declared dead by the job manager".into()));
+            return Err(gone(FENCED));
         }
         let mut watch = self.peer_watch(peer);
         if let Some(c) = watch.borrow().clone() {
@@ -280,31 +294,29 @@ impl DataPlane {
             let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
                 .await
                 .map_err(|_| unreachable("connect timed out".into()))?
-                .map_err(|e| unreachable(e.to_string()))?;
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::ConnectionRefused => gone(&e.to_string()),
+                    _ => unreachable(e.to_string()),
+                })?;
             stream
                 .set_nodelay(true)
                 .map_err(|e| unreachable(e.to_string()))?;
             let hello = DataFrame::Hello { tm: self.inner.tm };
             return Ok(self.start_conn(stream, peer, Some(&hello)));
         }
-        // Waits in slices, so a peer fenced meanwhile (declared dead) fails the wait at once.
+        // Fencing the peer (declared dead) wakes the wait too ([`DataPlane::fence`]).
         let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
         loop {
-            let slice = tokio::time::timeout(FENCE_CHECK, watch.wait_for(Option::is_some)).await;
-            match slice {
-                Ok(Ok(c)) => {
-                    return c
-                        .clone()
-                        .ok_or_else(|| unreachable("connection vanished".into()))
-                }
+            if let Some(c) = watch.borrow_and_update().clone() {
+                return Ok(c);
+            }
+            if self.is_fenced(peer) {
+                return Err(gone(FENCED));
+            }
+            match tokio::time::timeout_at(deadline, watch.changed()).await {
+                Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(unreachable("connection vanished".into())),
-                Err(_) if self.is_fenced(peer) => {
-                    return Err(unreachable("declared dead by the job manager".into()))
-                }
-                Err(_) if tokio::time::Instant::now() >= deadline => {
-                    return Err(unreachable("the peer did not connect in time".into()))
-                }
-                Err(_) => {}
+                Err(_) => return Err(unreachable("the peer did not connect in time".into())),
             }
         }
     }

@@ -15,13 +15,13 @@ use engine::cache::CacheClient;
 use engine::cache::CacheNode;
 use engine::graph::JobGraph;
 use engine::ids::{Generation, JobId, TaskManagerId};
-use engine::net::DataPlane;
+use engine::net::{DataPlane, NetError};
 use engine::operator::CollectTarget;
 use engine::protocol::control::{
     Deployment, SubtaskReport, SubtaskState, ToJobManager, ToTaskManager,
 };
 use engine::protocol::data::ChannelId;
-use engine::runtime::channel::{channel, InputChannel, OutputChannel};
+use engine::runtime::channel::{channel, severed, InputChannel, OutputChannel};
 use engine::runtime::dcas::{ChannelKey, DcasConfig, Lease};
 use engine::runtime::deploy::{build_runner, input_keys, output_keys, DcasEnv, SubtaskEnv};
 use engine::runtime::task::{
@@ -83,6 +83,11 @@ pub struct TaskManager {
     collects: HashMap<(JobId, Generation), Arc<ToJobManagerCollect>>,
     /// Deployments still being wired, and whether a cancel arrived meanwhile.
     wiring: HashMap<(JobId, Generation), bool>,
+    /// DCAS: deployments with subtasks being wired here (a restart placed here), how many
+    /// wirings, and the rewires that arrived meanwhile: the subtasks being wired were wired
+    /// to the placement of their deployment message, so a neighbour moved since would be
+    /// missed; each rewire is applied to them once they run.
+    rewire_after_wiring: HashMap<(JobId, Generation), (usize, Vec<PendingRewire>)>,
     /// When the job manager last acknowledged a heartbeat.
     last_ack: Instant,
     heartbeat_timeout: Duration,
@@ -129,6 +134,7 @@ impl TaskManager {
             slots: Vec::new(),
             deployments: HashMap::new(),
             collects: HashMap::new(),
+            rewire_after_wiring: HashMap::new(),
             wiring: HashMap::new(),
             last_ack: Instant::now(),
             heartbeat_timeout: Duration::from_secs(1),
@@ -190,6 +196,10 @@ impl TaskManager {
                 c
             }
         };
+        self.rewire_after_wiring
+            .entry((job, generation))
+            .or_default()
+            .0 += 1;
         let wiring = wire(
             self.id,
             self.data.clone(),
@@ -199,31 +209,29 @@ impl TaskManager {
             self.local.clone(),
             self.lease.clone(),
         );
-        ctx.spawn(
-            wiring
-                .into_actor(self)
-                .map(move |result, act, ctx| match result {
-                    Ok((graph, runners)) => {
-                        let metrics: Vec<_> = runners
-                            .iter()
-                            .map(|(r, m)| (r.id.task as u32, r.id.index as u32, m.clone()))
-                            .collect();
-                        let slots: Vec<ArbiterHandle> =
-                            act.slots.iter().map(Arbiter::handle).collect();
-                        let placed = runners
-                            .into_iter()
-                            .enumerate()
-                            .map(|(i, (r, _))| {
-                                let slot = slots[r.id.index.wrapping_add(i) % slots.len()].clone();
-                                (r, slot)
-                            })
-                            .collect();
-                        // A DCAS restart placed here joins the deployment already running.
-                        if let Some(r) = act.deployments.get_mut(&(job, generation)) {
-                            r.actor.do_send(AddSubtasks(placed));
-                            r.metrics.extend(metrics);
-                            return;
-                        }
+        ctx.spawn(wiring.into_actor(self).map(move |result, act, ctx| {
+            let rewires = act.wired((job, generation));
+            match result {
+                Ok((graph, runners)) => {
+                    let metrics: Vec<_> = runners
+                        .iter()
+                        .map(|(r, m)| (r.id.task as u32, r.id.index as u32, m.clone()))
+                        .collect();
+                    let wired: Vec<(u32, u32)> = metrics.iter().map(|(t, s, _)| (*t, *s)).collect();
+                    let slots: Vec<ArbiterHandle> = act.slots.iter().map(Arbiter::handle).collect();
+                    let placed = runners
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, (r, _))| {
+                            let slot = slots[r.id.index.wrapping_add(i) % slots.len()].clone();
+                            (r, slot)
+                        })
+                        .collect();
+                    // A DCAS restart placed here joins the deployment already running.
+                    if let Some(r) = act.deployments.get_mut(&(job, generation)) {
+                        r.actor.do_send(AddSubtasks(placed));
+                        r.metrics.extend(metrics);
+                    } else {
                         let actor = DeploymentActor::new(
                             job,
                             generation,
@@ -243,34 +251,56 @@ impl TaskManager {
                             },
                         );
                     }
-                    Err(message) => {
-                        error!(job = %job, error = %message, "Deployment failed.");
-                        // Unless another wiring or a running subtask still delivers through it
-                        // (this one's reference went with its future).
-                        if act
-                            .collects
-                            .get(&(job, generation))
-                            .is_some_and(|c| Arc::strong_count(c) == 1)
-                        {
-                            act.collects.remove(&(job, generation));
-                        }
-                        for (task, subtask) in d.subtasks {
-                            act.send(ToJobManager::SubtaskState {
-                                job,
-                                generation,
-                                task,
-                                subtask,
-                                state: SubtaskState::Failed,
-                                message: Some(message.clone()),
-                            });
-                        }
+                    for (placement, moved, seq) in rewires {
+                        act.rewire(job, generation, placement, moved, seq, Some(&wired), ctx);
                     }
-                }),
-        );
+                }
+                Err(message) => {
+                    error!(job = %job, error = %message, "Deployment failed.");
+                    // Unless another wiring or a running subtask still delivers through it
+                    // (this one's reference went with its future).
+                    if act
+                        .collects
+                        .get(&(job, generation))
+                        .is_some_and(|c| Arc::strong_count(c) == 1)
+                    {
+                        act.collects.remove(&(job, generation));
+                    }
+                    for (task, subtask) in d.subtasks {
+                        act.send(ToJobManager::SubtaskState {
+                            job,
+                            generation,
+                            task,
+                            subtask,
+                            state: SubtaskState::Failed,
+                            message: Some(message.clone()),
+                        });
+                    }
+                }
+            }
+        }));
+    }
+
+    /// A wiring of deployment `key` ended: the rewires that arrived meanwhile, once no
+    /// other wiring of it is in flight ([`TaskManager::rewire_after_wiring`]).
+    fn wired(&mut self, key: (JobId, Generation)) -> Vec<PendingRewire> {
+        let Some((count, _)) = self.rewire_after_wiring.get_mut(&key) else {
+            return Vec::new();
+        };
+        *count -= 1;
+        if *count > 0 {
+            return Vec::new();
+        }
+        self.rewire_after_wiring
+            .remove(&key)
+            .map(|(_, rewires)| rewires)
+            .unwrap_or_default()
     }
 
     /// DCAS: connects this task manager's subtasks of a deployment to their restarted
     /// neighbours (the job manager's rewire number `seq`).
+    /// `only`: just those subtasks (wired while the rewire arrived).
+    #[allow(clippy::too_many_arguments)]
     fn rewire(
         &mut self,
         job: JobId,
@@ -278,10 +308,16 @@ impl TaskManager {
         placement: Vec<engine::protocol::control::Placement>,
         moved: Vec<(u32, u32)>,
         seq: u64,
+        only: Option<&[(u32, u32)]>,
         ctx: &mut Context<Self>,
     ) {
         self.data
             .connect_all(placement.iter().map(|p| (p.tm, p.data_addr.clone())));
+        if only.is_none() {
+            if let Some((_, pending)) = self.rewire_after_wiring.get_mut(&(job, generation)) {
+                pending.push((placement.clone(), moved.clone(), seq));
+            }
+        }
         let Some(r) = self.deployments.get(&(job, generation)) else {
             return;
         };
@@ -290,7 +326,11 @@ impl TaskManager {
             .iter()
             .map(|(t, s, _)| (*t, *s))
             .filter(|k| !moved.contains(k))
+            .filter(|k| only.is_none_or(|o| o.contains(k)))
             .collect();
+        if mine.is_empty() {
+            return;
+        }
         let wiring = Wiring::new(
             self.id,
             self.data.clone(),
@@ -299,7 +339,8 @@ impl TaskManager {
             &r.graph,
             &placement,
             self.local.clone(),
-        );
+        )
+        .severing();
         let actor = r.actor.clone();
         let work = rewire(wiring, r.graph.clone(), mine, moved, seq);
         ctx.spawn(work.into_actor(self).map(move |result, _, _| match result {
@@ -438,6 +479,9 @@ impl Handler<FromJobManager> for TaskManager {
                 generation,
                 upto,
             } => self.command(job, generation, Command::Abort(upto), None),
+            ToTaskManager::Recovering { job, generation } => {
+                self.command(job, generation, Command::Recovering, None)
+            }
             ToTaskManager::CollectTaken {
                 job,
                 generation,
@@ -489,7 +533,7 @@ impl Handler<FromJobManager> for TaskManager {
                 for tm in lost {
                     self.data.fence(tm);
                 }
-                self.rewire(job, generation, placement, moved, seq, ctx)
+                self.rewire(job, generation, placement, moved, seq, None, ctx)
             }
             ToTaskManager::CacheCopy {
                 copy,
@@ -659,6 +703,9 @@ struct Wiring {
     credits: usize,
     place: HashMap<(u32, u32), (TaskManagerId, String, u32)>,
     local: LocalChannels,
+    /// A channel to a task manager found gone is wired severed instead of failing
+    /// ([`Wiring::severing`]).
+    sever_gone: bool,
 }
 
 impl Wiring {
@@ -682,6 +729,35 @@ impl Wiring {
                 .map(|p| ((p.task, p.subtask), (p.tm, p.data_addr.clone(), p.attempt)))
                 .collect(),
             local,
+            sever_gone: false,
+        }
+    }
+
+    /// DCAS, rewiring running subtasks to restarted neighbours: a neighbour whose task
+    /// manager is found gone gets a severed channel (detached until the job manager, which
+    /// learns of the loss too, rewires it again), and the rest of the rewire still applies.
+    /// Not for a deployment: a subtask still being wired would miss that later rewire, so
+    /// it fails instead, and is restarted with the newer placement.
+    fn severing(mut self) -> Wiring {
+        self.sever_gone = true;
+        self
+    }
+
+    /// `result` of wiring channel `k`, or, when its peer is gone and this wiring severs,
+    /// its end of a severed channel ([`engine::runtime::channel::severed`]).
+    fn or_severed<T>(
+        &self,
+        result: Result<T, NetError>,
+        k: &ChannelKey,
+        input: usize,
+        end: impl FnOnce((OutputChannel, InputChannel)) -> T,
+    ) -> Result<T, String> {
+        match result {
+            Err(e @ NetError::Gone { .. }) if self.sever_gone => {
+                warn!(job = %self.job, edge = k.edge, from = k.from, to = k.to, error = %e, "Channel wired severed until rewired.");
+                Ok(end(severed(input, e.to_string())))
+            }
+            other => other.map_err(|e| e.to_string()),
         }
     }
 
@@ -737,12 +813,9 @@ impl Wiring {
         if tm == self.me {
             return self.local_end(id, e.input, |p| p.1.take());
         }
-        let rx = self
-            .data
-            .register_input(id, tm, &addr, self.credits)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(InputChannel::new(rx, e.input))
+        let rx = self.data.register_input(id, tm, &addr, self.credits).await;
+        let rx = rx.map(|rx| InputChannel::new(rx, e.input));
+        self.or_severed(rx, k, e.input, |(_, input)| input)
     }
 
     /// The sending end of channel `k` of `graph`.
@@ -754,14 +827,19 @@ impl Wiring {
         if tm == self.me {
             return self.local_end(id, e.input, |p| p.0.take());
         }
-        let tx = self
-            .data
-            .register_output(id, tm, &addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(OutputChannel::remote(tx))
+        let tx = self.data.register_output(id, tm, &addr).await;
+        let tx = tx.map(OutputChannel::remote);
+        self.or_severed(tx, k, e.input, |(output, _)| output)
     }
 }
+
+/// A DCAS rewire kept for subtasks still being wired: the placement, the subtasks moved,
+/// the rewire's number.
+type PendingRewire = (
+    Vec<engine::protocol::control::Placement>,
+    Vec<(u32, u32)>,
+    u64,
+);
 
 /// Builds the runners of this task manager's share of a deployment: local channels between
 /// subtasks placed here, data-plane channels to and from the others. Checkpoint reports

@@ -63,6 +63,21 @@ pub fn channel(credits: usize, input: usize) -> (OutputChannel, InputChannel) {
     (OutputChannel::local(tx), InputChannel::new(rx, input))
 }
 
+/// DCAS: both ends of a channel whose other end is gone already (its task manager died
+/// while this end was being wired, before the job manager knew): the input reads as
+/// disconnected, so its subtask detaches it, and the output as closed, so its router
+/// retains what it sends; a rewire to the restarted neighbour replaces either.
+pub fn severed(input: usize, why: String) -> (OutputChannel, InputChannel) {
+    let (tx, rx) = credit::channel(1);
+    tx.close(credit::CloseCause::Failed(why));
+    let output = OutputChannel {
+        tx: Tx::Local(tx),
+        next_seq: 0,
+        detached: true,
+    };
+    (output, InputChannel::new(rx, input))
+}
+
 impl InputChannel {
     /// The receiving end of a channel feeding logical input `input`.
     pub fn new(rx: credit::Receiver, input: usize) -> InputChannel {
@@ -1255,6 +1270,25 @@ mod tests {
         gate.next().await.unwrap();
         assert!(gate.all_ended());
         drop(a);
+    }
+
+    /// Ensures a severed channel's input reads as disconnected by a failure (which a DCAS
+    /// subtask detaches, not a release it stops for) and its output takes events without
+    /// waiting, as a channel detached after its receiver went away does.
+    #[tokio::test]
+    async fn severed_ends_detach() {
+        let (mut out, input) = severed(0, "peer gone".into());
+        let mut gate = InputGate::new(vec![input]);
+        match gate.next().await {
+            Err(ChannelError::Disconnected { channel: 0, cause }) => {
+                assert_eq!(cause, Some(credit::CloseCause::Failed("peer gone".into())))
+            }
+            other => panic!("expected a disconnect, got {other:?}"),
+        }
+        for _ in 0..4 {
+            let sent = deliver(&mut out, StreamEvent::Marker(1).into(), true).await;
+            assert_eq!(sent, Ok(std::time::Duration::ZERO));
+        }
     }
 
     /// Ensures the gate's marker is the oldest over open channels once each delivered one.
