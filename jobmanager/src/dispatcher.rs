@@ -505,13 +505,16 @@ impl Job {
 const LAG_UNKNOWN_GRACE_MS: u64 = 3_000;
 
 /// How long after a failure (or a subtask's new state during a recovery) the recovery
-/// takes its next step: short, but long enough for the losses of task managers killed
-/// together to be placed together.
-const RECOVERY_COALESCE: Duration = Duration::from_millis(3);
+/// takes its next step: none, the dispatcher's next turn, so losses handled before it are
+/// placed together. Waiting longer for losses of task managers killed together (found a
+/// few ms apart) costs every single failure that wait; a loss found after the placement
+/// joins the recovery, and its neighbours are rewired again.
+const RECOVERY_COALESCE: Duration = Duration::ZERO;
 
-/// Most lag samples kept per source subtask: two seconds at one sample every 2 ms (and
-/// five seconds of latency markers per sink, at one every 5 ms).
-const LAG_SAMPLES_KEPT: usize = 1024;
+/// Most lag samples kept per source subtask: eight seconds at one sample every 2 ms (and
+/// of latency markers per sink, at least four seconds, one every 1 ms during a recovery
+/// and every 5 ms otherwise, enough for a latency to settle over two seconds).
+const LAG_SAMPLES_KEPT: usize = 4096;
 
 /// Appends `new` samples to `kept`, keeping the newest [`LAG_SAMPLES_KEPT`].
 fn keep_newest(kept: &mut VecDeque<(u64, u64)>, new: &[(u64, u64)]) {
@@ -819,9 +822,9 @@ impl Dispatcher {
         self.tick_recoveries(ctx);
     }
 
-    /// Takes the next step of every recovery in progress at once, [`RECOVERY_COALESCE`]
-    /// after a failure or a subtask's new state, rather than at the next tick: a restart
-    /// waiting for a tick would wait 25 ms on average.
+    /// Takes the next step of every recovery in progress [`RECOVERY_COALESCE`] after a
+    /// failure or a subtask's new state, rather than at the next tick: a restart waiting
+    /// for a tick would wait 25 ms on average.
     fn recover_soon(&mut self, ctx: &mut Context<Self>) {
         let recovering = self.jobs.values().any(|j| j.recovery.is_some());
         if self.recovering_soon || (self.pending_dcas.is_empty() && !recovering) {
@@ -841,9 +844,8 @@ impl Dispatcher {
         for id in live {
             self.tick_recovery(id, ctx);
         }
-        // Restarts of one job found within the same few milliseconds (task managers lost
-        // at once) are placed together, so no restarted subtask is wired to a neighbour
-        // about to move.
+        // Restarts of one job found before this turn (task managers lost at once) are
+        // placed together, so no restarted subtask is wired to a neighbour about to move.
         let mut merged: Vec<PendingRestart> = Vec::new();
         for (id, generation, lost, lost_tms) in std::mem::take(&mut self.pending_dcas) {
             match merged.iter_mut().find(|m| m.0 == id && m.1 == generation) {
@@ -1173,6 +1175,13 @@ impl Dispatcher {
                 i.last = None;
                 i.raw_rate_in = 0.0;
             }
+        }
+        // The survivors' sources mark densely, so the recovery's end is timed precisely.
+        for tm in &job.tms {
+            let _ = tm.tx.send(ToTaskManager::Recovering {
+                job: id,
+                generation: job.generation,
+            });
         }
         job.state = JobState::Restarting;
         // A failure while an earlier DCAS recovery is still catching up (a simultaneous

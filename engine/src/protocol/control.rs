@@ -192,6 +192,14 @@ pub enum ToTaskManager {
         /// The newest aborted checkpoint.
         upto: u64,
     },
+    /// DCAS: a recovery restarted subtasks of the job elsewhere; the sources here send
+    /// latency markers densely for a while, so the recovery's end is timed precisely.
+    Recovering {
+        /// The job.
+        job: JobId,
+        /// The deployment.
+        generation: Generation,
+    },
     /// The job manager holds every part of epoch `epoch` of a collect sink's subtask, so
     /// the sink's snapshots need not keep that epoch's records any longer.
     CollectTaken {
@@ -411,6 +419,10 @@ mod tests {
                 job: JobId::random(),
                 generation: Generation(2),
                 upto: 9,
+            },
+            ToTaskManager::Recovering {
+                job: JobId::random(),
+                generation: Generation(2),
             },
             ToTaskManager::CollectTaken {
                 job: JobId::random(),

@@ -188,6 +188,7 @@ pub fn build_runner(
         regenerates: false,
         emitted_wm: i64::MIN,
         emitted_marker: 0,
+        recovering_until: None,
         rewires: tokio::sync::mpsc::unbounded_channel().1,
         barriers: Default::default(),
     };

@@ -183,6 +183,15 @@ fn take_samples(samples: &Mutex<std::collections::VecDeque<(u64, u64)>>) -> Vec<
 /// origins and a subtask merging several forwards one per interval.
 pub const MARKER_EVERY_MS: u64 = 5;
 
+/// How often sources send latency markers during a recovery, in ms: the end of a recovery
+/// is the origin of the first marker that gets through (README, "When is a recovery
+/// over?"), so markers every [`MARKER_EVERY_MS`] would time it up to that much late.
+pub const MARKER_EVERY_RECOVERING_MS: u64 = 1;
+
+/// How long a source sends its markers every [`MARKER_EVERY_RECOVERING_MS`] after it
+/// restored state or heard of a recovery ([`Command::Recovering`]).
+const RECOVERY_MARKING: Duration = Duration::from_secs(1);
+
 /// DCAS: most output batches waiting for the input log before the subtask waits too.
 const MAX_SEALED: usize = 16;
 
@@ -244,6 +253,8 @@ pub struct SubtaskRunner {
     pub emitted_wm: i64,
     /// The origin of the last latency marker this subtask sent (0 before the first).
     pub emitted_marker: i64,
+    /// Sources: until then latency markers go every [`MARKER_EVERY_RECOVERING_MS`].
+    pub recovering_until: Option<Instant>,
     /// Channels replacing those of a restarted neighbour (DCAS).
     pub rewires: mpsc::UnboundedReceiver<Rewire>,
     /// Barrier checkpoints at this subtask.
@@ -348,6 +359,9 @@ pub enum Command {
     /// Checkpoints up to `n` were aborted (DCAS: a recovery restarted subtasks, so their
     /// barriers may never all arrive): stop aligning them and ignore their barriers.
     Abort(CheckpointId),
+    /// A recovery restarted subtasks of the job elsewhere (DCAS): sources send latency
+    /// markers densely for a while ([`MARKER_EVERY_RECOVERING_MS`]).
+    Recovering,
 }
 
 /// A command for a subtask.
@@ -623,7 +637,7 @@ impl SubtaskRunner {
                         .and_then(|(dcas, _)| dcas.progress_due(self.router.awaits_backlogs()))
                         .map_or(d, |at| at.saturating_duration_since(Instant::now()));
                     // An idle source still sends its latency markers.
-                    let marker = Duration::from_millis(MARKER_EVERY_MS);
+                    let marker = Duration::from_millis(self.marker_every());
                     tokio::select! {
                         biased;
                         cmd = control.recv() => self.command(cmd.unwrap_or(Command::Cancel)).await?,
@@ -646,8 +660,8 @@ impl SubtaskRunner {
                     self.advance_watermark(wm).await?;
                 }
             }
-            let now = crate::telemetry::now_ms();
-            let at = (now - now % MARKER_EVERY_MS) as i64;
+            let (now, every) = (crate::telemetry::now_ms(), self.marker_every());
+            let at = (now - now % every) as i64;
             if at > self.emitted_marker {
                 self.emitted_marker = at;
                 self.mark(at).await?;
@@ -811,6 +825,24 @@ impl SubtaskRunner {
                 self.abort(n);
                 Ok(())
             }
+            Command::Recovering => {
+                self.recovering();
+                Ok(())
+            }
+        }
+    }
+
+    /// A recovery is under way (or this subtask restored state): latency markers go densely
+    /// for [`RECOVERY_MARKING`].
+    fn recovering(&mut self) {
+        self.recovering_until = Some(Instant::now() + RECOVERY_MARKING);
+    }
+
+    /// How often the source sends latency markers now, in ms.
+    fn marker_every(&self) -> u64 {
+        match self.recovering_until {
+            Some(until) if Instant::now() < until => MARKER_EVERY_RECOVERING_MS,
+            _ => MARKER_EVERY_MS,
         }
     }
 
@@ -961,6 +993,7 @@ impl SubtaskRunner {
                     last = Some(n);
                 }
                 Command::Abort(n) => self.abort(n),
+                Command::Recovering => {}
                 Command::Complete(n) => {
                     self.complete(n)?;
                     if last.is_some_and(|f| n >= f) {
@@ -980,6 +1013,7 @@ impl SubtaskRunner {
             self.barriers.restore_point = Some(states.to_vec());
             return Ok(());
         }
+        self.recovering();
         self.restore_checkpoint(states).map_err(|stop| match stop {
             Stop::Failed(e) => e,
             Stop::Canceled(_) => EngineError::Internal("canceled while restoring".into()),
@@ -1316,8 +1350,11 @@ impl SubtaskRunner {
             d.inputs_restored(&positions);
         }
         // A restart (not a first start): its senders wait for it to log their backlog.
-        if let (Some((d, _)), true) = (&mut self.dcas, restored.is_some() || replayed > 0) {
-            d.hurry();
+        if restored.is_some() || replayed > 0 {
+            if let Some((d, _)) = &mut self.dcas {
+                d.hurry();
+            }
+            self.recovering();
         }
         self.metrics
             .replayed
@@ -1570,6 +1607,7 @@ impl SubtaskRunner {
                         }
                     }
                     Command::Abort(n) => self.abort(n),
+                    Command::Recovering => {}
                 },
                 Some(rw) = self.rewires.recv() => self.apply_rewire(rw).await?,
             }
