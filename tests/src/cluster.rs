@@ -347,8 +347,18 @@ impl Cluster {
 
     /// SIGKILLs the `i`-th task manager process.
     pub fn kill_taskmanager(&mut self, i: usize) {
-        let _ = self.tms[i].kill();
-        let _ = self.tms[i].wait();
+        self.kill_taskmanagers(&[i]);
+    }
+
+    /// SIGKILLs the task manager processes `indices` at once: every signal is sent before
+    /// the first process is reaped, so they die together, not one teardown after another.
+    pub fn kill_taskmanagers(&mut self, indices: &[usize]) {
+        for &i in indices {
+            let _ = self.tms[i].kill();
+        }
+        for &i in indices {
+            let _ = self.tms[i].wait();
+        }
     }
 
     /// Sends a signal (`STOP`, `CONT`, ...) to the `i`-th task manager process.

@@ -183,8 +183,7 @@ fn two_simultaneous_kills_report_exactly_the_lost_partitions() {
         !expected.is_empty(),
         "some partitions live only on the two victims"
     );
-    c.kill_taskmanager(0);
-    c.kill_taskmanager(2);
+    c.kill_taskmanagers(&[0, 2]);
     wait_members(&c, 2);
     let lost: BTreeSet<u32> = cache(&c)["lost_partitions"]
         .as_array()

@@ -541,9 +541,7 @@ fn dcas_survives_two_simultaneous_kills_and_a_kill_during_recovery() {
     );
     eprintln!("killing {busy:?} at once");
     let indexes: Vec<usize> = busy.iter().map(|tm| c.taskmanager_index(tm)).collect();
-    for i in indexes {
-        c.kill_taskmanager(i);
-    }
+    c.kill_taskmanagers(&indexes);
     // As soon as a restarted subtask is placed somewhere, kill that task manager too.
     let mut second = None;
     c.wait_until(Duration::from_secs(30), "a restarted subtask placed", |c| {
@@ -602,9 +600,7 @@ fn dcas_loss_beyond_backups_fails_cleanly() {
     let (mut c, id) = started(4, 1, &[], &spec);
     let busy: BTreeSet<String> = placement(&c.job(&id)).into_values().collect();
     let indexes: Vec<usize> = busy.iter().map(|tm| c.taskmanager_index(tm)).collect();
-    for i in indexes {
-        c.kill_taskmanager(i);
-    }
+    c.kill_taskmanagers(&indexes);
     c.add_taskmanager();
     c.add_taskmanager();
     let job = c.wait_for_end(&id, Duration::from_secs(120));
@@ -680,9 +676,7 @@ fn dcas_fallback_checkpoint_covers_a_loss_beyond_backups() {
     });
     let busy: BTreeSet<String> = placement(&c.job(&id)).into_values().collect();
     let indexes: Vec<usize> = busy.iter().map(|tm| c.taskmanager_index(tm)).collect();
-    for i in &indexes {
-        c.kill_taskmanager(*i);
-    }
+    c.kill_taskmanagers(&indexes);
     for _ in &indexes {
         c.add_taskmanager();
     }

@@ -131,9 +131,7 @@ impl Victim {
             "each stage on its own task manager"
         );
         let killed = now_ms();
-        for &i in &victims {
-            c.kill_taskmanager(i);
-        }
+        c.kill_taskmanagers(&victims);
         for _ in &victims {
             c.add_taskmanager();
         }
