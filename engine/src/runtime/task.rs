@@ -257,6 +257,10 @@ pub struct SubtaskRunner {
     pub recovering_until: Option<Instant>,
     /// Channels replacing those of a restarted neighbour (DCAS).
     pub rewires: mpsc::UnboundedReceiver<Rewire>,
+    /// DCAS: per rewired channel — `(None, input)` or `(Some(route), target)` — the number
+    /// of the rewire that wired it last. A task manager wires rewires concurrently, so they
+    /// may arrive out of order, and an older one must not replace a newer channel.
+    pub rewired: std::collections::HashMap<(Option<usize>, usize), u64>,
     /// Barrier checkpoints at this subtask.
     pub barriers: Barriers,
 }
@@ -1538,10 +1542,27 @@ impl SubtaskRunner {
     /// DCAS: swaps in channels to and from a neighbour's restarted instance.
     async fn apply_rewire(&mut self, rw: Rewire) -> Result<(), Stop> {
         let (inputs, outputs) = (rw.inputs.len(), rw.outputs.len());
-        for (i, ch) in rw.inputs {
+        let mut newer = |end: (Option<usize>, usize)| {
+            let last = self.rewired.entry(end).or_default();
+            let newer = rw.seq >= *last;
+            *last = (*last).max(rw.seq);
+            if !newer {
+                debug!(seq = rw.seq, end = ?end, "An older rewire arrived late; ignored.");
+            }
+            newer
+        };
+        let rw_inputs: Vec<_> = rw
+            .inputs
+            .into_iter()
+            .filter(|(i, _)| newer((None, *i)))
+            .collect();
+        let rw_outputs: Vec<_> = (rw.outputs.into_iter())
+            .filter(|(r, t, _)| newer((Some(*r), *t)))
+            .collect();
+        for (i, ch) in rw_inputs {
             self.gate.rewire(i, ch);
         }
-        for (r, t, ch) in rw.outputs {
+        for (r, t, ch) in rw_outputs {
             self.router
                 .rewire(r, t, ch, rw.seq)
                 .await
