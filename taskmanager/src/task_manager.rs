@@ -86,7 +86,8 @@ pub struct TaskManager {
     /// DCAS: deployments with subtasks being wired here (a restart placed here), how many
     /// wirings, and the rewires that arrived meanwhile: the subtasks being wired were wired
     /// to the placement of their deployment message, so a neighbour moved since would be
-    /// missed; each rewire is applied to them once they run.
+    /// missed; each rewire that arrived after a wiring started is applied to its subtasks
+    /// once they run.
     rewire_after_wiring: HashMap<(JobId, Generation), (usize, Vec<PendingRewire>)>,
     /// When the job manager last acknowledged a heartbeat.
     last_ack: Instant,
@@ -196,10 +197,13 @@ impl TaskManager {
                 c
             }
         };
-        self.rewire_after_wiring
+        let in_flight = self
+            .rewire_after_wiring
             .entry((job, generation))
-            .or_default()
-            .0 += 1;
+            .or_default();
+        in_flight.0 += 1;
+        // Rewires from here on are newer than this deployment's placement.
+        let first_rewire = in_flight.1.len();
         let wiring = wire(
             self.id,
             self.data.clone(),
@@ -210,7 +214,7 @@ impl TaskManager {
             self.lease.clone(),
         );
         ctx.spawn(wiring.into_actor(self).map(move |result, act, ctx| {
-            let rewires = act.wired((job, generation));
+            let rewires = act.wired((job, generation), first_rewire);
             match result {
                 Ok((graph, runners)) => {
                     let metrics: Vec<_> = runners
@@ -230,6 +234,8 @@ impl TaskManager {
                     // A DCAS restart placed here joins the deployment already running.
                     if let Some(r) = act.deployments.get_mut(&(job, generation)) {
                         r.actor.do_send(AddSubtasks(placed));
+                        // A subtask restarted here again replaces its earlier incarnation.
+                        r.metrics.retain(|(t, s, _)| !wired.contains(&(*t, *s)));
                         r.metrics.extend(metrics);
                     } else {
                         let actor = DeploymentActor::new(
@@ -281,20 +287,19 @@ impl TaskManager {
         }));
     }
 
-    /// A wiring of deployment `key` ended: the rewires that arrived meanwhile, once no
-    /// other wiring of it is in flight ([`TaskManager::rewire_after_wiring`]).
-    fn wired(&mut self, key: (JobId, Generation)) -> Vec<PendingRewire> {
-        let Some((count, _)) = self.rewire_after_wiring.get_mut(&key) else {
+    /// A wiring of deployment `key` that started when `first` rewires were kept ended: the
+    /// rewires that arrived since ([`TaskManager::rewire_after_wiring`]). The kept ones go
+    /// once no wiring of the deployment is in flight.
+    fn wired(&mut self, key: (JobId, Generation), first: usize) -> Vec<PendingRewire> {
+        let Some((count, kept)) = self.rewire_after_wiring.get_mut(&key) else {
             return Vec::new();
         };
+        let since = kept.get(first..).unwrap_or_default().to_vec();
         *count -= 1;
-        if *count > 0 {
-            return Vec::new();
+        if *count == 0 {
+            self.rewire_after_wiring.remove(&key);
         }
-        self.rewire_after_wiring
-            .remove(&key)
-            .map(|(_, rewires)| rewires)
-            .unwrap_or_default()
+        since
     }
 
     /// DCAS: connects this task manager's subtasks of a deployment to their restarted
@@ -703,8 +708,8 @@ struct Wiring {
     credits: usize,
     place: HashMap<(u32, u32), (TaskManagerId, String, u32)>,
     local: LocalChannels,
-    /// A channel to a task manager found gone is wired severed instead of failing
-    /// ([`Wiring::severing`]).
+    /// A channel to a task manager found gone (or unreachable) is wired severed instead of
+    /// failing ([`Wiring::severing`]).
     sever_gone: bool,
 }
 
@@ -734,8 +739,9 @@ impl Wiring {
     }
 
     /// DCAS, rewiring running subtasks to restarted neighbours: a neighbour whose task
-    /// manager is found gone gets a severed channel (detached until the job manager, which
-    /// learns of the loss too, rewires it again), and the rest of the rewire still applies.
+    /// manager is found gone (or cannot be reached) gets a severed channel (detached until
+    /// the job manager, which learns of the loss too, rewires it again), and the rest of
+    /// the rewire still applies.
     /// Not for a deployment: a subtask still being wired would miss that later rewire, so
     /// it fails instead, and is restarted with the newer placement.
     fn severing(mut self) -> Wiring {
@@ -743,7 +749,7 @@ impl Wiring {
         self
     }
 
-    /// `result` of wiring channel `k`, or, when its peer is gone and this wiring severs,
+    /// `result` of wiring channel `k`, or, when that failed and this wiring severs,
     /// its end of a severed channel ([`engine::runtime::channel::severed`]).
     fn or_severed<T>(
         &self,
@@ -753,7 +759,9 @@ impl Wiring {
         end: impl FnOnce((OutputChannel, InputChannel)) -> T,
     ) -> Result<T, String> {
         match result {
-            Err(e @ NetError::Gone { .. }) if self.sever_gone => {
+            // Not only a gone peer: a rewire that failed would leave every channel of it
+            // detached, and nothing retries it.
+            Err(e) if self.sever_gone => {
                 warn!(job = %self.job, edge = k.edge, from = k.from, to = k.to, error = %e, "Channel wired severed until rewired.");
                 Ok(end(severed(input, e.to_string())))
             }

@@ -1185,8 +1185,14 @@ impl MicroWindow {
         if self.records >= self.every_records {
             return Some(self.last);
         }
-        let paused = (self.last_input + QUIET).max(self.last + self.interval / 4);
-        Some(paused.min(self.last + self.interval))
+        // An interval too long for the clock (a spec's `snapshot_interval_ms` is a u64)
+        // only ever falls due by records.
+        let after = |d: Duration| self.last.checked_add(d);
+        let paused = self
+            .last_input
+            .checked_add(QUIET)?
+            .max(after(self.interval / 4)?);
+        Some(after(self.interval).map_or(paused, |due| paused.min(due)))
     }
 
     fn due(&self, now: std::time::Instant) -> bool {
@@ -1619,6 +1625,16 @@ mod tests {
         assert_eq!(w.due_at(), Some(t0 + ms(50)));
         w.consumed(0, t0 + ms(45));
         assert_eq!(w.due_at(), Some(t0 + ms(50)), "an empty batch is no input");
+
+        // An interval beyond the clock's range: due by records only (or in ages), no
+        // overflow.
+        let mut w = MicroWindow::new(1_000, Duration::from_millis(u64::MAX));
+        w.started(t0);
+        w.consumed(5, t0);
+        let never = t0 + Duration::from_secs(1 << 40);
+        assert!(w.due_at().is_none_or(|at| at > never), "{:?}", w.due_at());
+        w.consumed(995, t0);
+        assert_eq!(w.due_at(), Some(t0));
     }
 
     fn batch(first_seq: u64, n: usize) -> Batch {
