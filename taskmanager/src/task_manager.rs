@@ -81,14 +81,12 @@ pub struct TaskManager {
     /// Where each deployment's collect sinks deliver, shared by its subtasks placed here
     /// (restarted ones too) so the job manager's receipts reach every sink.
     collects: HashMap<(JobId, Generation), Arc<ToJobManagerCollect>>,
-    /// Deployments still being wired, and whether a cancel arrived meanwhile.
-    wiring: HashMap<(JobId, Generation), bool>,
-    /// DCAS: deployments with subtasks being wired here (a restart placed here), how many
-    /// wirings, and the rewires that arrived meanwhile: the subtasks being wired were wired
-    /// to the placement of their deployment message, so a neighbour moved since would be
-    /// missed; each rewire that arrived after a wiring started is applied to its subtasks
-    /// once they run.
-    rewire_after_wiring: HashMap<(JobId, Generation), (usize, Vec<PendingRewire>)>,
+    /// Deployments with subtasks being wired here: how many wirings are in flight, and the
+    /// DCAS rewires that arrived meanwhile. Subtasks being wired (a restart placed here)
+    /// were wired to the placement of their deployment message, so a neighbour moved since
+    /// would be missed; each rewire that arrived after a wiring started is applied to its
+    /// subtasks once they run.
+    wiring: HashMap<(JobId, Generation), (usize, Vec<PendingRewire>)>,
     /// When the job manager last acknowledged a heartbeat.
     last_ack: Instant,
     heartbeat_timeout: Duration,
@@ -135,7 +133,6 @@ impl TaskManager {
             slots: Vec::new(),
             deployments: HashMap::new(),
             collects: HashMap::new(),
-            rewire_after_wiring: HashMap::new(),
             wiring: HashMap::new(),
             last_ack: Instant::now(),
             heartbeat_timeout: Duration::from_secs(1),
@@ -197,10 +194,7 @@ impl TaskManager {
                 c
             }
         };
-        let in_flight = self
-            .rewire_after_wiring
-            .entry((job, generation))
-            .or_default();
+        let in_flight = self.wiring.entry((job, generation)).or_default();
         in_flight.0 += 1;
         // Rewires from here on are newer than this deployment's placement.
         let first_rewire = in_flight.1.len();
@@ -288,16 +282,16 @@ impl TaskManager {
     }
 
     /// A wiring of deployment `key` that started when `first` rewires were kept ended: the
-    /// rewires that arrived since ([`TaskManager::rewire_after_wiring`]). The kept ones go
+    /// rewires that arrived since ([`TaskManager::wiring`]). The kept ones go
     /// once no wiring of the deployment is in flight.
     fn wired(&mut self, key: (JobId, Generation), first: usize) -> Vec<PendingRewire> {
-        let Some((count, kept)) = self.rewire_after_wiring.get_mut(&key) else {
+        let Some((count, kept)) = self.wiring.get_mut(&key) else {
             return Vec::new();
         };
         let since = kept.get(first..).unwrap_or_default().to_vec();
         *count -= 1;
         if *count == 0 {
-            self.rewire_after_wiring.remove(&key);
+            self.wiring.remove(&key);
         }
         since
     }
@@ -319,7 +313,7 @@ impl TaskManager {
         self.data
             .connect_all(placement.iter().map(|p| (p.tm, p.data_addr.clone())));
         if only.is_none() {
-            if let Some((_, pending)) = self.rewire_after_wiring.get_mut(&(job, generation)) {
+            if let Some((_, pending)) = self.wiring.get_mut(&(job, generation)) {
                 pending.push((placement.clone(), moved.clone(), seq));
             }
         }
@@ -509,9 +503,6 @@ impl Handler<FromJobManager> for TaskManager {
             }
             ToTaskManager::Deploy(d) => self.deploy(d, ctx),
             ToTaskManager::Cancel { job, generation } => {
-                if let Some(canceled) = self.wiring.get_mut(&(job, generation)) {
-                    *canceled = true;
-                }
                 if let Some(r) = self.deployments.get(&(job, generation)) {
                     info!(job = %job, generation = %generation, "Canceling deployment.");
                     r.actor.do_send(CancelDeployment);
@@ -580,9 +571,6 @@ impl Handler<ConnectionLost> for TaskManager {
             warn!(tm = %self.id, "Lost the job manager: stopping every subtask.");
         }
         self.to_jm = None;
-        for canceled in self.wiring.values_mut() {
-            *canceled = true;
-        }
         self.cancel_all();
     }
 }
@@ -710,7 +698,7 @@ struct Wiring {
     local: LocalChannels,
     /// A channel to a task manager found gone (or unreachable) is wired severed instead of
     /// failing ([`Wiring::severing`]).
-    sever_gone: bool,
+    sever: bool,
 }
 
 impl Wiring {
@@ -734,7 +722,7 @@ impl Wiring {
                 .map(|p| ((p.task, p.subtask), (p.tm, p.data_addr.clone(), p.attempt)))
                 .collect(),
             local,
-            sever_gone: false,
+            sever: false,
         }
     }
 
@@ -745,7 +733,7 @@ impl Wiring {
     /// Not for a deployment: a subtask still being wired would miss that later rewire, so
     /// it fails instead, and is restarted with the newer placement.
     fn severing(mut self) -> Wiring {
-        self.sever_gone = true;
+        self.sever = true;
         self
     }
 
@@ -761,7 +749,7 @@ impl Wiring {
         match result {
             // Not only a gone peer: a rewire that failed would leave every channel of it
             // detached, and nothing retries it.
-            Err(e) if self.sever_gone => {
+            Err(e) if self.sever => {
                 warn!(job = %self.job, edge = k.edge, from = k.from, to = k.to, error = %e, "Channel wired severed until rewired.");
                 Ok(end(severed(input, e.to_string())))
             }
