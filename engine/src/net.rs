@@ -218,9 +218,11 @@ impl DataPlane {
         self.fail_channels_of(peer);
     }
 
-    /// Closes the earlier incarnations of `channel` (same ends, another epoch): a sender
+    /// Closes the earlier incarnations of `channel` (same ends, a lower epoch): a sender
     /// waiting for credits its restarted receiver will never grant gives up (and detaches
-    /// until rewired), and a receiver of a restarted sender sees its end.
+    /// until rewired), and a receiver of a restarted sender sees its end. An epoch is the
+    /// sum of its ends' attempts, which only rise, so a channel wired late from a stale
+    /// placement leaves the newer incarnation alone.
     pub fn retire_older(&self, channel: ChannelId) {
         let older = |c: &ChannelId| {
             c.job == channel.job
@@ -228,7 +230,7 @@ impl DataPlane {
                 && c.edge == channel.edge
                 && c.from == channel.from
                 && c.to == channel.to
-                && c.epoch != channel.epoch
+                && c.epoch < channel.epoch
         };
         lock(&self.inner.outputs).retain(|c, (_, s)| {
             if older(c) {
@@ -720,6 +722,35 @@ mod tests {
             .unwrap();
         let got = rx.recv().await.unwrap();
         assert_eq!(got.event, StreamEvent::Watermark(5));
+    }
+
+    /// Ensures retiring a channel's older incarnations closes those only: a channel wired
+    /// from a stale placement (lower epoch) must not close the one that replaced it.
+    #[tokio::test]
+    async fn retiring_closes_only_lower_epochs() {
+        // The smaller id connects: `a` registers, so it need not wait for `b`.
+        let (a, b) = pair().await;
+        let b_addr = b.local_addr().to_string();
+        let at = |epoch| ChannelId {
+            epoch,
+            ..channel(3)
+        };
+        let register = |epoch| a.register_input(at(epoch), TaskManagerId(2), &b_addr, 1);
+        let mut newer = register(2).await.unwrap();
+        let mut older = register(1).await.unwrap();
+        async fn open(rx: &mut credit::Receiver) -> bool {
+            let pending = tokio::time::timeout(Duration::from_millis(50), rx.recv());
+            pending.await.is_err()
+        }
+        a.retire_older(at(1));
+        assert!(
+            open(&mut newer).await,
+            "a stale rewire keeps the newer channel"
+        );
+        assert!(open(&mut older).await, "an epoch does not retire itself");
+        a.retire_older(at(2));
+        assert!(open(&mut newer).await);
+        assert!(!open(&mut older).await, "the older incarnation is closed");
     }
 
     /// Ensures garbage on the data-plane port closes that connection only: the server keeps

@@ -912,6 +912,7 @@ async fn wire(
         let (mut runner, metrics) =
             build_runner(&d.job.to_string(), &graph, t, s, inputs, outputs, &env)
                 .map_err(|e| e.to_string())?;
+        runner.attempt = wiring.attempt(t, subtask);
         if let Some(point) = &d.restore {
             let state = point
                 .subtasks
@@ -946,6 +947,7 @@ async fn rewire(
         let (t, s) = (task as usize, subtask as usize);
         let mut rw = Rewire {
             seq,
+            attempt: wiring.attempt(t, subtask),
             ..Rewire::default()
         };
         for (i, k) in input_keys(&graph, t, s).iter().enumerate() {

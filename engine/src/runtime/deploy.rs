@@ -190,6 +190,7 @@ pub fn build_runner(
         emitted_marker: 0,
         recovering_until: None,
         rewires: tokio::sync::mpsc::unbounded_channel().1,
+        attempt: 0,
         rewired: Default::default(),
         barriers: Default::default(),
     };

@@ -257,6 +257,11 @@ pub struct SubtaskRunner {
     pub recovering_until: Option<Instant>,
     /// Channels replacing those of a restarted neighbour (DCAS).
     pub rewires: mpsc::UnboundedReceiver<Rewire>,
+    /// DCAS: this instance's attempt in the job manager's placement (one more with every
+    /// restart of the subtask). A rewire built for another attempt is dropped: a subtask
+    /// restarted on the same task manager must not take channels wired for its previous
+    /// instance.
+    pub attempt: u32,
     /// DCAS: per rewired channel — `(None, input)` or `(Some(route), target)` — the number
     /// of the rewire that wired it last. A task manager wires rewires concurrently, so they
     /// may arrive out of order, and an older one must not replace a newer channel.
@@ -317,6 +322,8 @@ pub struct Rewire {
     pub outputs: Vec<(usize, usize, OutputChannel)>,
     /// The job manager's number of the rewire.
     pub seq: u64,
+    /// The attempt of the subtask it was built for ([`SubtaskRunner::attempt`]).
+    pub attempt: u32,
 }
 
 /// Rewire a subtask (DCAS).
@@ -1541,6 +1548,15 @@ impl SubtaskRunner {
 
     /// DCAS: swaps in channels to and from a neighbour's restarted instance.
     async fn apply_rewire(&mut self, rw: Rewire) -> Result<(), Stop> {
+        if rw.attempt != self.attempt {
+            debug!(
+                seq = rw.seq,
+                attempt = rw.attempt,
+                mine = self.attempt,
+                "A rewire for another instance of this subtask; dropped."
+            );
+            return Ok(());
+        }
         let (inputs, outputs) = (rw.inputs.len(), rw.outputs.len());
         let mut newer = |end: (Option<usize>, usize)| {
             let last = self.rewired.entry(end).or_default();
@@ -1738,5 +1754,69 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::JobGraph;
+    use crate::operator::OperatorRegistry;
+    use crate::runtime::channel::channel;
+    use crate::runtime::deploy::{build_runner, SubtaskEnv};
+    use crate::runtime::local::CollectBuffer;
+    use crate::spec::JobSpec;
+
+    /// Ensures a subtask takes only rewires built for its own attempt: one restarted on the
+    /// same task manager must not take the channels a late rewire wired for its previous
+    /// instance, and it still takes its own.
+    #[tokio::test]
+    async fn rewires_for_another_attempt_are_dropped() {
+        let spec = JobSpec::from_json(
+            r#"{"name":"t","operators":[
+            {"id":"src","kind":"generator","parallelism":1},
+            {"id":"m","kind":"map","input":"src","parallelism":2,"params":{"expr":"value"}},
+            {"id":"out","kind":"discard","input":"m","parallelism":2}]}"#,
+        )
+        .unwrap();
+        let graph = JobGraph::build(&spec, &OperatorRegistry::builtin()).unwrap();
+        let env = SubtaskEnv {
+            collect: Arc::new(CollectBuffer::default()),
+            checkpoints: None,
+            attempt: 1,
+            dcas: None,
+        };
+        let (mut first, input) = channel(4, 0);
+        let (mut runner, _) = build_runner("t", &graph, 1, 0, vec![input], vec![], &env).unwrap();
+        runner.attempt = 2;
+        let rewire = |attempt| {
+            let (tx, rx) = channel(4, 0);
+            let rw = Rewire {
+                inputs: vec![(0, rx)],
+                outputs: vec![],
+                seq: 7,
+                attempt,
+            };
+            (tx, rw)
+        };
+        async fn read(runner: &mut SubtaskRunner, tx: &mut OutputChannel, wm: i64) -> StreamEvent {
+            tx.send(StreamEvent::Watermark(wm).into()).await.unwrap();
+            let next = tokio::time::timeout(Duration::from_secs(5), runner.gate.next());
+            next.await.expect("an event").unwrap().1.event
+        }
+
+        let (_stale, rw) = rewire(1);
+        assert!(runner.apply_rewire(rw).await.is_ok());
+        let got = read(&mut runner, &mut first, 1).await;
+        assert_eq!(
+            got,
+            StreamEvent::Watermark(1),
+            "the stale rewire was dropped"
+        );
+
+        let (mut own, rw) = rewire(2);
+        assert!(runner.apply_rewire(rw).await.is_ok());
+        let got = read(&mut runner, &mut own, 2).await;
+        assert_eq!(got, StreamEvent::Watermark(2), "its own rewire applies");
     }
 }
