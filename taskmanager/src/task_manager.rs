@@ -81,12 +81,8 @@ pub struct TaskManager {
     /// Where each deployment's collect sinks deliver, shared by its subtasks placed here
     /// (restarted ones too) so the job manager's receipts reach every sink.
     collects: HashMap<(JobId, Generation), Arc<ToJobManagerCollect>>,
-    /// Deployments with subtasks being wired here: how many wirings are in flight, and the
-    /// DCAS rewires that arrived meanwhile. Subtasks being wired (a restart placed here)
-    /// were wired to the placement of their deployment message, so a neighbour moved since
-    /// would be missed; each rewire that arrived after a wiring started is applied to its
-    /// subtasks once they run.
-    wiring: HashMap<(JobId, Generation), (usize, Vec<PendingRewire>)>,
+    /// Deployments with subtasks being wired here.
+    wiring: HashMap<(JobId, Generation), InFlight>,
     /// When the job manager last acknowledged a heartbeat.
     last_ack: Instant,
     heartbeat_timeout: Duration,
@@ -195,9 +191,9 @@ impl TaskManager {
             }
         };
         let in_flight = self.wiring.entry((job, generation)).or_default();
-        in_flight.0 += 1;
+        in_flight.wirings += 1;
         // Rewires from here on are newer than this deployment's placement.
-        let first_rewire = in_flight.1.len();
+        let first_rewire = in_flight.rewires.len();
         let wiring = wire(
             self.id,
             self.data.clone(),
@@ -208,8 +204,17 @@ impl TaskManager {
             self.lease.clone(),
         );
         ctx.spawn(wiring.into_actor(self).map(move |result, act, ctx| {
-            let rewires = act.wired((job, generation), first_rewire);
+            let (rewires, canceled) = act.wired((job, generation), first_rewire);
             match result {
+                Ok((_, runners)) if canceled => {
+                    info!(job = %job, generation = %generation, "Deployment canceled while it was being wired; not started.");
+                    drop(runners);
+                    act.forget_collect(job, generation);
+                    if !act.deployments.contains_key(&(job, generation)) {
+                        act.data.release(job, generation);
+                    }
+                    act.report_all(job, generation, &d.subtasks, SubtaskState::Canceled, "canceled before it started");
+                }
                 Ok((graph, runners)) => {
                     let metrics: Vec<_> = runners
                         .iter()
@@ -257,43 +262,56 @@ impl TaskManager {
                 }
                 Err(message) => {
                     error!(job = %job, error = %message, "Deployment failed.");
-                    // Unless another wiring or a running subtask still delivers through it
-                    // (this one's reference went with its future).
-                    if act
-                        .collects
-                        .get(&(job, generation))
-                        .is_some_and(|c| Arc::strong_count(c) == 1)
-                    {
-                        act.collects.remove(&(job, generation));
-                    }
-                    for (task, subtask) in d.subtasks {
-                        act.send(ToJobManager::SubtaskState {
-                            job,
-                            generation,
-                            task,
-                            subtask,
-                            state: SubtaskState::Failed,
-                            message: Some(message.clone()),
-                        });
-                    }
+                    act.forget_collect(job, generation);
+                    act.report_all(job, generation, &d.subtasks, SubtaskState::Failed, &message);
                 }
             }
         }));
     }
 
     /// A wiring of deployment `key` that started when `first` rewires were kept ended: the
-    /// rewires that arrived since ([`TaskManager::wiring`]). The kept ones go
-    /// once no wiring of the deployment is in flight.
-    fn wired(&mut self, key: (JobId, Generation), first: usize) -> Vec<PendingRewire> {
-        let Some((count, kept)) = self.wiring.get_mut(&key) else {
-            return Vec::new();
+    /// rewires that arrived since, and whether the deployment was canceled meanwhile
+    /// ([`InFlight`]). The kept ones go once no wiring of the deployment is in flight.
+    fn wired(&mut self, key: (JobId, Generation), first: usize) -> (Vec<PendingRewire>, bool) {
+        let Some(in_flight) = self.wiring.get_mut(&key) else {
+            return (Vec::new(), false);
         };
-        let since = kept.get(first..).unwrap_or_default().to_vec();
-        *count -= 1;
-        if *count == 0 {
+        let since = in_flight.rewires.get(first..).unwrap_or_default().to_vec();
+        let canceled = in_flight.canceled;
+        in_flight.wirings -= 1;
+        if in_flight.wirings == 0 {
             self.wiring.remove(&key);
         }
-        since
+        (since, canceled)
+    }
+
+    /// Forgets a deployment's collect target unless another wiring or a running subtask
+    /// still delivers through it (a wiring that ended dropped its reference).
+    fn forget_collect(&mut self, job: JobId, generation: Generation) {
+        if (self.collects.get(&(job, generation))).is_some_and(|c| Arc::strong_count(c) == 1) {
+            self.collects.remove(&(job, generation));
+        }
+    }
+
+    /// Reports `subtasks` of a deployment that never started as ending in `state`.
+    fn report_all(
+        &self,
+        job: JobId,
+        generation: Generation,
+        subtasks: &[(u32, u32)],
+        state: SubtaskState,
+        message: &str,
+    ) {
+        for &(task, subtask) in subtasks {
+            self.send(ToJobManager::SubtaskState {
+                job,
+                generation,
+                task,
+                subtask,
+                state,
+                message: Some(message.to_string()),
+            });
+        }
     }
 
     /// DCAS: connects this task manager's subtasks of a deployment to their restarted
@@ -313,8 +331,10 @@ impl TaskManager {
         self.data
             .connect_all(placement.iter().map(|p| (p.tm, p.data_addr.clone())));
         if only.is_none() {
-            if let Some((_, pending)) = self.wiring.get_mut(&(job, generation)) {
-                pending.push((placement.clone(), moved.clone(), seq));
+            if let Some(in_flight) = self.wiring.get_mut(&(job, generation)) {
+                in_flight
+                    .rewires
+                    .push((placement.clone(), moved.clone(), seq));
             }
         }
         let Some(r) = self.deployments.get(&(job, generation)) else {
@@ -405,6 +425,9 @@ impl TaskManager {
     fn cancel_all(&mut self) {
         for r in self.deployments.values() {
             r.actor.do_send(CancelDeployment);
+        }
+        for in_flight in self.wiring.values_mut() {
+            in_flight.canceled = true;
         }
     }
 }
@@ -506,6 +529,11 @@ impl Handler<FromJobManager> for TaskManager {
                 if let Some(r) = self.deployments.get(&(job, generation)) {
                     info!(job = %job, generation = %generation, "Canceling deployment.");
                     r.actor.do_send(CancelDeployment);
+                }
+                // Subtasks still being wired must not start once wired.
+                if let Some(in_flight) = self.wiring.get_mut(&(job, generation)) {
+                    info!(job = %job, generation = %generation, wirings = in_flight.wirings, "Canceling a deployment being wired.");
+                    in_flight.canceled = true;
                 }
             }
             ToTaskManager::CacheTable(table) => {
@@ -829,6 +857,21 @@ impl Wiring {
     }
 }
 
+/// A deployment with subtasks being wired here ([`TaskManager::wiring`]).
+#[derive(Default)]
+struct InFlight {
+    /// Wirings in flight.
+    wirings: usize,
+    /// The DCAS rewires that arrived meanwhile. Subtasks being wired (a restart placed
+    /// here) were wired to the placement of their deployment message, so a neighbour moved
+    /// since would be missed; each rewire that arrived after a wiring started is applied to
+    /// its subtasks once they run.
+    rewires: Vec<PendingRewire>,
+    /// The job manager canceled the deployment meanwhile (or this task manager fenced
+    /// itself): the subtasks wired are dropped instead of started.
+    canceled: bool,
+}
+
 /// A DCAS rewire kept for subtasks still being wired: the placement, the subtasks moved,
 /// the rewire's number.
 type PendingRewire = (
@@ -969,4 +1012,111 @@ async fn rewire(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use engine::cache::NodeConfig;
+    use engine::protocol::control::Placement;
+
+    /// Ensures a cancel that arrives while a deployment is still being wired is honoured:
+    /// once its channels are up its subtasks are reported canceled, and none ever runs.
+    #[test]
+    fn a_cancel_during_wiring_stops_the_deployment() {
+        actix::System::new().block_on(async {
+            // The peer has the smaller id, so this task manager waits for it to connect:
+            // wiring stays in flight until the test lets the peer in.
+            let (me, peer) = (TaskManagerId(5), TaskManagerId(2));
+            let data = DataPlane::bind(me, "127.0.0.1:0").await.unwrap();
+            let peer_plane = DataPlane::bind(peer, "127.0.0.1:0").await.unwrap();
+            let cache = CacheNode::bind(
+                me,
+                "127.0.0.1:0",
+                NodeConfig {
+                    memory_limit: 1 << 20,
+                },
+            );
+            let cache = cache.await.unwrap();
+            let config = TmConfig {
+                slots: 2,
+                ..TmConfig::default()
+            };
+            let me_addr = data.local_addr().to_string();
+            let tm = TaskManager::new(me, config, data, cache, Arbiter::current()).start();
+            let (to_jm, mut from_tm) = mpsc::unbounded_channel();
+            let heartbeat_timeout = Duration::from_secs(60);
+            tm.send(Connected {
+                to_jm,
+                heartbeat_timeout,
+            })
+            .await
+            .unwrap();
+
+            let (job, generation) = (JobId(1), Generation(1));
+            let spec = r#"{"name":"t","operators":[
+                {"id":"src","kind":"generator","parallelism":1},
+                {"id":"m","kind":"map","input":"src","parallelism":2,"params":{"expr":"value"}},
+                {"id":"out","kind":"discard","input":"m","parallelism":2}]}"#;
+            let place = |task, subtask, tm, data_addr: &str| Placement {
+                task,
+                subtask,
+                tm,
+                data_addr: data_addr.to_string(),
+                attempt: 0,
+            };
+            let peer_addr = peer_plane.local_addr().to_string();
+            let deployment = Deployment {
+                job,
+                generation,
+                spec: spec.to_string(),
+                subtasks: vec![(1, 0), (1, 1)],
+                placement: vec![
+                    place(0, 0, peer, &peer_addr),
+                    place(1, 0, me, &me_addr),
+                    place(1, 1, me, &me_addr),
+                ],
+                restore: None,
+            };
+            let from_jm = |m| tm.send(FromJobManager(m));
+            from_jm(ToTaskManager::Deploy(deployment)).await.unwrap();
+            from_jm(ToTaskManager::Cancel { job, generation })
+                .await
+                .unwrap();
+            let channel = ChannelId {
+                job,
+                generation,
+                edge: 0,
+                from: 0,
+                to: 0,
+                epoch: 0,
+            };
+            peer_plane
+                .register_output(channel, me, &me_addr)
+                .await
+                .unwrap();
+
+            let mut ended = HashMap::new();
+            while ended.len() < 2 {
+                let msg = tokio::time::timeout(Duration::from_secs(10), from_tm.recv());
+                match msg.await.expect("subtask reports").expect("the connection") {
+                    ToJobManager::SubtaskState {
+                        task,
+                        subtask,
+                        state,
+                        ..
+                    } => {
+                        assert_ne!(state, SubtaskState::Running, "{task}.{subtask} ran");
+                        ended.insert((task, subtask), state);
+                    }
+                    _ => continue,
+                }
+            }
+            let canceled = HashMap::from([
+                ((1, 0), SubtaskState::Canceled),
+                ((1, 1), SubtaskState::Canceled),
+            ]);
+            assert_eq!(ended, canceled);
+        });
+    }
 }
