@@ -81,7 +81,9 @@ pub struct ProduceOptions {
 pub fn produce(o: &ProduceOptions) -> Result<u64, String> {
     let deliveries = Arc::new(Deliveries::default());
     let producer: BaseProducer<DeliveryContext> = client_config(&o.bootstrap, PRODUCER_TUNING)
-        .set("message.timeout.ms", "30000")
+        // A loader, not a latency path: a broker that stalls under a test suite's load (tansu
+        // committing to SQLite while other tests read it) must delay it, not fail it.
+        .set("message.timeout.ms", "180000")
         .create_with_context(DeliveryContext(deliveries.clone()))
         .map_err(|e| format!("cannot create a producer for {}: {e}", o.bootstrap))?;
     let started = Instant::now();
@@ -116,7 +118,7 @@ pub fn produce(o: &ProduceOptions) -> Result<u64, String> {
         }
     }
     producer
-        .flush(Duration::from_secs(60))
+        .flush(Duration::from_secs(180))
         .map_err(|e| format!("flushing to '{}' at {}: {e}", o.topic, o.bootstrap))?;
     match deliveries.first_error() {
         Some(e) => Err(format!(
