@@ -8,7 +8,7 @@
 //! test binary (a lock held while one lives), so parallel tests do not starve each other's
 //! heartbeats on a small machine.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
@@ -58,6 +58,8 @@ pub struct Cluster {
     pub options: ClusterOptions,
     jm: Child,
     tms: Vec<Child>,
+    /// Indices into `tms` this cluster SIGKILLed on purpose.
+    killed: Vec<usize>,
     agent: ureq::Agent,
     _dir: Option<tempfile::TempDir>,
     _lock: MutexGuard<'static, ()>,
@@ -156,6 +158,7 @@ impl Cluster {
             options: options.clone(),
             jm,
             tms: Vec::new(),
+            killed: Vec::new(),
             agent,
             _dir: dir,
             _lock: lock,
@@ -355,6 +358,7 @@ impl Cluster {
     pub fn kill_taskmanagers(&mut self, indices: &[usize]) {
         for &i in indices {
             let _ = self.tms[i].kill();
+            self.killed.push(i);
         }
         for &i in indices {
             let _ = self.tms[i].wait();
@@ -450,6 +454,17 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // A task manager that died without being killed explains many a failed test (a
+        // crash in native code leaves no message of its own): name it and how it ended.
+        for (i, c) in self.tms.iter_mut().enumerate() {
+            if let (false, Ok(Some(status))) = (self.killed.contains(&i), c.try_wait()) {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "task manager process {} (started #{i}) ended without being killed: {status}",
+                    c.id()
+                );
+            }
+        }
         for c in self.tms.iter_mut() {
             // A stopped process must be continued to die promptly on some kernels.
             let _ = Command::new("kill")
