@@ -465,11 +465,15 @@ impl Drop for Cluster {
                 );
             }
         }
-        for c in self.tms.iter_mut() {
+        for (i, c) in self.tms.iter_mut().enumerate() {
+            if self.killed.contains(&i) {
+                continue; // killed and reaped: its pid may be another process's by now
+            }
             // A stopped process must be continued to die promptly on some kernels.
             let _ = Command::new("kill")
                 .arg("-CONT")
                 .arg(c.id().to_string())
+                .stderr(Stdio::null())
                 .status();
             let _ = c.kill();
             let _ = c.wait();

@@ -109,29 +109,82 @@ pub fn window_results(records: &[engine::Record], field: &str) -> BTreeMap<(Stri
     out
 }
 
+/// A benchmark's command line, checked against its `usage` line (`bench_x [--records N
+/// --rounds K]`): every `--flag` in its brackets is known and takes a value. `--help`
+/// prints the usage and exits; an unknown flag, a flag without a value or a stray word
+/// exits with status 2 naming it, so a typo never runs a long benchmark on its defaults.
+pub fn bench_args(usage: &str) -> Vec<String> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().skip(1).any(|a| a == "--help" || a == "-h") {
+        println!("usage: {usage}");
+        std::process::exit(0);
+    }
+    if let Err(e) = check_args(args.get(1..).unwrap_or_default(), usage) {
+        usage_error(&format!("{e}\nusage: {usage}"));
+    }
+    args
+}
+
+/// Checks `args` (without the program name) against the flags in `usage`'s brackets.
+fn check_args(args: &[String], usage: &str) -> Result<(), String> {
+    let flags = usage
+        .split_once('[')
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map_or("", |(flags, _)| flags);
+    let known: Vec<&str> = flags
+        .split_whitespace()
+        .map(|w| w.trim_matches(|c: char| !(c.is_ascii_alphanumeric() || c == '-')))
+        .filter(|w| w.len() > 2 && w.starts_with("--"))
+        .collect();
+    let mut words = args.iter();
+    while let Some(word) = words.next() {
+        if !word.starts_with("--") {
+            return Err(format!("unexpected argument {word:?}"));
+        }
+        if !known.contains(&word.as_str()) {
+            return Err(format!("unknown flag {word}"));
+        }
+        match words.next() {
+            Some(v) if !v.starts_with("--") => {}
+            _ => return Err(format!("{word} needs a value")),
+        }
+    }
+    Ok(())
+}
+
+/// Ends a benchmark on bad command-line input: the reason on stderr, status 2.
+fn usage_error(message: &str) -> ! {
+    eprintln!("error: {message}");
+    std::process::exit(2)
+}
+
 /// What follows flag `name` among `args`, if the flag is given.
 fn flag_value<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
     let i = args.iter().position(|a| a == name)?;
     Some(args.get(i + 1).map_or("", String::as_str))
 }
 
-/// The value of `--name N` among `args`, or `default`.
+/// The value of `--name N` among `args`, or `default`; exits naming the flag when it is
+/// not a number.
 pub fn arg(args: &[String], name: &str, default: u64) -> u64 {
-    flag_value(args, name)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    match flag_value(args, name) {
+        None => default,
+        Some(v) => v
+            .parse()
+            .unwrap_or_else(|_| usage_error(&format!("{name} takes a number, not {v:?}"))),
+    }
 }
 
-/// The comma-separated numbers after `name` (`--windows 100,200`), if the flag is given.
-/// Panics naming the flag on anything that is not a number: benchmarks are run by hand.
+/// The comma-separated numbers after `name` (`--windows 100,200`), if the flag is given;
+/// exits naming the flag on anything that is not a number.
 pub fn arg_list(args: &[String], name: &str) -> Option<Vec<u64>> {
     let list = flag_value(args, name)?;
     Some(
         list.split(',')
             .map(|v| {
-                v.trim()
-                    .parse()
-                    .unwrap_or_else(|_| panic!("{name} takes numbers, comma-separated: {list:?}"))
+                v.trim().parse().unwrap_or_else(|_| {
+                    usage_error(&format!("{name} takes numbers, comma-separated: {list:?}"))
+                })
             })
             .collect(),
     )
@@ -191,4 +244,49 @@ pub fn collected_windows(
         );
     }
     got
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_args;
+
+    const USAGE: &str =
+        "bench_x [-- --records N --rounds K --stages S,... --a 0|1] (cargo --release)";
+
+    fn check(args: &[&str]) -> Result<(), String> {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        check_args(&args, USAGE)
+    }
+
+    /// Ensures the flags a usage line names pass with values, wherever the line puts them.
+    #[test]
+    fn known_flags_with_values_pass() {
+        assert_eq!(check(&[]), Ok(()));
+        assert_eq!(
+            check(&["--records", "5", "--stages", "1,5", "--a", "0"]),
+            Ok(())
+        );
+    }
+
+    /// Ensures a typo, a missing value and a stray word are each named, not ignored.
+    #[test]
+    fn bad_command_lines_are_named() {
+        assert_eq!(
+            check(&["--record", "5"]),
+            Err("unknown flag --record".into())
+        );
+        assert_eq!(
+            check(&["--rounds", "--records", "5"]),
+            Err("--rounds needs a value".into())
+        );
+        assert_eq!(check(&["--rounds"]), Err("--rounds needs a value".into()));
+        assert_eq!(
+            check(&["--release", "1"]),
+            Err("unknown flag --release".into())
+        );
+        assert_eq!(
+            check(&["5", "--rounds", "1"]),
+            Err("unexpected argument \"5\"".into())
+        );
+    }
 }

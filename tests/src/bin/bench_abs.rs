@@ -11,8 +11,7 @@
 //! `--kills` times (a fresh one joins after each); every recovery's phases come from the
 //! job's failover record (`GET /jobs/{id}/failovers`), measured from the kill.
 //!
-//! `cargo build --release --bins && target/release/bench_abs [--records N --rounds K
-//! --interval-ms I --rate R --kills K --overhead 0|1 --recovery 0|1]`
+//! The flags are in `USAGE` (`--help` prints it).
 
 use std::time::Instant;
 
@@ -20,6 +19,9 @@ use engine::telemetry::now_ms;
 use serde_json::{json, Value};
 use weir_tests::bench::{caught_up, keyed_count, phase, run_rate, wait_checkpoints_since_restore};
 use weir_tests::cluster::{Cluster, ClusterOptions};
+
+/// The command line (`--help` prints it).
+const USAGE: &str = "target/release/bench_abs [--records N --rounds K --interval-ms I --rate R --kills K --overhead 0|1 --recovery 0|1]  (cargo build --release --bins first)";
 
 fn four_stages(rate: u64) -> String {
     format!(
@@ -154,7 +156,7 @@ fn recovery(args: &[String]) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    let args = weir_tests::bench_args(USAGE);
     if weir_tests::arg(&args, "--overhead", 1) == 1 {
         overhead(&args);
     }

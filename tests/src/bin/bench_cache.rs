@@ -13,8 +13,7 @@
 //!   for the log) after every input batch — one round trip per input — versus after every 8
 //!   (group commit: appends overlap with processing); records/s logged.
 //!
-//! Run with `cargo run --release -p weir-tests --bin bench_cache [-- --seconds S
-//! --appenders N]` (build the binaries first: `cargo build --release --bins`).
+//! The flags are in `USAGE` (`--help` prints it).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,6 +24,9 @@ use engine::record::{Batch, Record, StreamEvent};
 use engine::runtime::dcas::{InputLog, Tail};
 use engine::value::Value;
 use weir_tests::cluster::{Cluster, ClusterOptions};
+
+/// The command line (`--help` prints it).
+const USAGE: &str = "cargo run --release -p weir-tests --bin bench_cache [-- --seconds S --appenders N]  (cargo build --release --bins first)";
 
 const BATCH: usize = 1000;
 const RECORD: usize = 100;
@@ -244,7 +246,7 @@ fn ms(d: Duration) -> String {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    let args = weir_tests::bench_args(USAGE);
     let seconds = weir_tests::arg(&args, "--seconds", 5);
     let appenders = weir_tests::arg(&args, "--appenders", 8) as usize;
     println!(

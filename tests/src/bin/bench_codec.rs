@@ -5,8 +5,8 @@
 //! Four shapes of 2,048-record batches: keyed integer counts (the benchmarks' pipelines),
 //! unkeyed short strings, keyed maps, and a window's results (what a keyed count emits).
 //! Each figure is the median of `--rounds` passes of `--iters` batches in this process, so
-//! ratios within a run hold on a noisy machine. Run with
-//! `cargo run --release -p weir-tests --bin bench_codec [-- --iters N --rounds K]`.
+//! ratios within a run hold on a noisy machine. The flags are in
+//! `USAGE` (`--help` prints it).
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -14,6 +14,9 @@ use std::time::Instant;
 use engine::codec::{self, packed};
 use engine::record::{Batch, Record, StreamEvent};
 use engine::value::Value;
+
+/// The command line (`--help` prints it).
+const USAGE: &str = "cargo run --release -p weir-tests --bin bench_codec [-- --iters N --rounds K]";
 
 const BATCH: i64 = 2048;
 
@@ -76,7 +79,7 @@ fn per_record(iters: u64, rounds: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    let args = weir_tests::bench_args(USAGE);
     let iters = weir_tests::arg(&args, "--iters", 2_000);
     let rounds = weir_tests::arg(&args, "--rounds", 5).max(1) as usize;
     println!("| batch of 2,048 | format | encode ns/record | decode ns/record | bytes/record |");

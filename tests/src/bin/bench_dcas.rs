@@ -24,12 +24,7 @@
 //!
 //! (a) is also drawn as an SVG bar chart under `target/bench/`.
 //!
-//! `cargo build --release --bins && target/release/bench_dcas [--rate R --kills K
-//! --stages S,... --records N --rounds K --kafka-records N --windows A,B,... --d-backups N
-//! --f-keys N --f-rate R --f-records N --f-reduce 0|1 --f-session 0|1 --f-join 0|1
-//! --a 0|1 --b 0|1 --c 0|1 --d 0|1 --e 0|1 --f 0|1]`
-//! (`--stages`: (a) for those stages only, numbered from 1, without the chart;
-//! `--d-backups`: the cache's backup count in (d), default 1)
+//! The flags are in `USAGE` (`--help` prints it).
 
 use std::time::Duration;
 
@@ -39,6 +34,14 @@ use serde_json::{json, Value};
 use weir_tests::bench::{caught_up, keyed_count, phase, run_rate, wait_checkpoints_since_restore};
 use weir_tests::cluster::{bin_dir, Cluster, ClusterOptions};
 use weir_tests::median;
+
+/// The command line (`--help` prints it). `--stages`: (a) for those stages only, numbered
+/// from 1, without the chart; `--d-backups`: the cache's backup count in (d), default 1;
+/// `--fallback MS`: a DCAS row with fallback checkpoints to disk that often in (d) and (e).
+const USAGE: &str = "target/release/bench_dcas [--rate R --kills K --stages S,... \
+    --records N --rounds K --kafka-records N --windows A,B,... --d-backups N --fallback MS \
+    --f-keys N --f-rate R --f-records N --f-reduce 0|1 --f-session 0|1 --f-join 0|1 \
+    --a 0|1 --b 0|1 --c 0|1 --d 0|1 --e 0|1 --f 0|1]  (cargo build --release --bins first)";
 
 const STAGES: [&str; 5] = ["source", "map", "filter", "aggregate", "sink"];
 /// The vertex of each stage (key_by and the window count share the aggregate's slot).
@@ -604,7 +607,7 @@ fn incremental(args: &[String]) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    let args = weir_tests::bench_args(USAGE);
     let arg = |name: &str, default: u64| weir_tests::arg(&args, name, default);
     let rate = arg("--rate", 100_000);
     let kills = arg("--kills", 3).max(1) as usize;

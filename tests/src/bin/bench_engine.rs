@@ -3,13 +3,17 @@
 //! (a) generator -> map -> filter -> discard, (b) generator -> key_by -> tumbling count ->
 //! discard over 10k keys, each at parallelism 1 and 2, and (b) computed by a plain Rust loop
 //! with a HashMap over the same generated data. Every figure of one run comes from the same
-//! process, so the ratios hold even on a noisy machine. Run with
-//! `cargo run --release -p weir-tests --bin bench_engine [-- --records N --repeat K]`.
+//! process, so the ratios hold even on a noisy machine. The flags are in
+//! `USAGE` (`--help` prints it).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
+
+/// The command line (`--help` prints it).
+const USAGE: &str =
+    "cargo run --release -p weir-tests --bin bench_engine [-- --records N --repeat K]";
 
 fn spec_a(p: usize, n: u64) -> String {
     format!(
@@ -71,7 +75,7 @@ fn loop_rate(n: u64) -> f64 {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    let args = weir_tests::bench_args(USAGE);
     let arg = |name: &str, default: u64| weir_tests::arg(&args, name, default);
     let n = arg("--records", 20_000_000);
     let repeat = arg("--repeat", 5).max(1) as usize;

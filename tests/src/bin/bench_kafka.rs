@@ -15,7 +15,7 @@
 //! the engine's cost on top of the broker round trip. Run it against a broker on its memory
 //! engine (see BENCHMARKS.md):
 //!
-//! `WEIR_KAFKA_BOOTSTRAP=127.0.0.1:19192 target/release/bench_kafka [--records N --repeat K]`
+//! The flags are in `USAGE` (`--help` prints it).
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,10 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::Message;
 use weir_tests::kafka;
+
+/// The command line (`--help` prints it).
+const USAGE: &str =
+    "WEIR_KAFKA_BOOTSTRAP=127.0.0.1:19192 target/release/bench_kafka [--records N --repeat K]";
 
 const PARTITIONS: i32 = 2;
 
@@ -113,7 +117,7 @@ fn check_count(bootstrap: &str, output: &str, highs: &[i64]) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    let args = weir_tests::bench_args(USAGE);
     let arg = |name: &str, default: u64| weir_tests::arg(&args, name, default);
     let n = arg("--records", 1_000_000);
     let repeat = arg("--repeat", 3).max(1) as usize;

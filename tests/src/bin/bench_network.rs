@@ -2,12 +2,14 @@
 //! process versus across two task manager processes (the hash exchange then sends about half
 //! of the records over the data plane), as a ratio within one run.
 //!
-//! `cargo build --release --bins && cargo run --release -p weir-tests --bin bench_network
-//! [-- --records N --rounds K]`
+//! The flags are in `USAGE` (`--help` prints it).
 
 use std::time::Duration;
 
 use weir_tests::cluster::{Cluster, ClusterOptions};
+
+/// The command line (`--help` prints it).
+const USAGE: &str = "cargo run --release -p weir-tests --bin bench_network [-- --records N --rounds K --credits C --batch B]  (cargo build --release --bins first)";
 
 fn spec(n: u64, credits: u64, batch: u64) -> String {
     format!(
@@ -20,7 +22,7 @@ fn spec(n: u64, credits: u64, batch: u64) -> String {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    let args = weir_tests::bench_args(USAGE);
     let arg = |name: &str, default: u64| weir_tests::arg(&args, name, default);
     let n = arg("--records", 20_000_000);
     let rounds = arg("--rounds", 3).max(1) as usize;
