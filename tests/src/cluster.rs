@@ -454,13 +454,14 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        // A task manager that died without being killed explains many a failed test (a
-        // crash in native code leaves no message of its own): name it and how it ended.
+        // A task manager that ended without this harness killing it (a kill through the
+        // REST API, which aborts one it did not start; a crash in native code, which leaves
+        // no message of its own; an exit) explains many a failed test: name it and how.
         for (i, c) in self.tms.iter_mut().enumerate() {
             if let (false, Ok(Some(status))) = (self.killed.contains(&i), c.try_wait()) {
                 let _ = writeln!(
                     std::io::stderr(),
-                    "task manager process {} (started #{i}) ended without being killed: {status}",
+                    "task manager process {} (started #{i}) ended, not killed by the harness: {status}",
                     c.id()
                 );
             }
