@@ -1829,17 +1829,32 @@ impl Dispatcher {
             msg.task, msg.subtask, msg.tm
         );
         let active = !matches!(job.state, JobState::Cancelling | JobState::Restarting);
-        if msg.state == SubtaskState::Failed
+        // DCAS restarts a subtask that failed, and one its task manager canceled: that
+        // manager fenced itself (no heartbeat acknowledged in time) while its connection
+        // stayed up, so no loss follows. The job manager's own cancels come only while the
+        // job is cancelling, ended or restarting whole.
+        let by_tm = msg.state == SubtaskState::Canceled
+            && job.recovery.is_none()
+            && !job.state.is_terminal();
+        if (msg.state == SubtaskState::Failed || by_tm)
             && CheckpointingSpec::dcas(job.spec.checkpointing.as_ref()).is_some()
             && job.state != JobState::Cancelling
         {
-            let message = msg.message.unwrap_or_else(|| "failed".into());
+            let cause = match (msg.state, msg.message) {
+                (SubtaskState::Failed, m) => {
+                    format!("failed: {}", m.as_deref().unwrap_or("failed"))
+                }
+                (_, m) => format!(
+                    "canceled by its task manager ({})",
+                    m.as_deref().unwrap_or("no reason given")
+                ),
+            };
             self.dcas_recover(
                 msg.job,
                 vec![(msg.task, msg.subtask)],
                 Vec::new(),
                 location,
-                format!("failed: {message}"),
+                cause,
             );
             return;
         }
