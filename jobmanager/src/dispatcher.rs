@@ -1829,6 +1829,14 @@ impl Dispatcher {
             msg.task, msg.subtask, msg.tm
         );
         let active = !matches!(job.state, JobState::Cancelling | JobState::Restarting);
+        let why = msg.message.as_deref();
+        let cause = if msg.state == SubtaskState::Failed {
+            format!("failed: {}", why.unwrap_or("failed"))
+        } else {
+            // Stopped by its task manager (self-fencing), or by a neighbour gone away.
+            let why = why.unwrap_or("no reason given");
+            format!("canceled by its task manager ({why})")
+        };
         // DCAS restarts a subtask that failed, and one its task manager canceled: that
         // manager fenced itself (no heartbeat acknowledged in time) while its connection
         // stayed up, so no loss follows. The job manager's own cancels come only while the
@@ -1840,15 +1848,6 @@ impl Dispatcher {
             && CheckpointingSpec::dcas(job.spec.checkpointing.as_ref()).is_some()
             && job.state != JobState::Cancelling
         {
-            let cause = match (msg.state, msg.message) {
-                (SubtaskState::Failed, m) => {
-                    format!("failed: {}", m.as_deref().unwrap_or("failed"))
-                }
-                (_, m) => format!(
-                    "canceled by its task manager ({})",
-                    m.as_deref().unwrap_or("no reason given")
-                ),
-            };
             self.dcas_recover(
                 msg.job,
                 vec![(msg.task, msg.subtask)],
@@ -1859,18 +1858,13 @@ impl Dispatcher {
             return;
         }
         if msg.state == SubtaskState::Failed && active {
-            let message = msg.message.unwrap_or_else(|| "failed".into());
-            self.fail_over(msg.job, location, format!("failed: {message}"));
+            self.fail_over(msg.job, location, cause);
             return;
         }
         if msg.state == SubtaskState::Canceled
             && active
             && CheckpointingSpec::abs(job.spec.checkpointing.as_ref()).is_some()
         {
-            // Stopped by its task manager (self-fencing), or by a neighbour gone away; not
-            // by us.
-            let why = msg.message.as_deref().unwrap_or("no reason given");
-            let cause = format!("canceled by its task manager ({why})");
             self.fail_over(msg.job, location, cause);
             return;
         }

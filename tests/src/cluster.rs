@@ -458,17 +458,16 @@ impl Drop for Cluster {
         // REST API, which aborts one it did not start; a crash in native code, which leaves
         // no message of its own; an exit) explains many a failed test: name it and how.
         for (i, c) in self.tms.iter_mut().enumerate() {
-            if let (false, Ok(Some(status))) = (self.killed.contains(&i), c.try_wait()) {
+            if self.killed.contains(&i) {
+                continue; // killed and reaped: its pid may be another process's by now
+            }
+            if let Ok(Some(status)) = c.try_wait() {
                 let _ = writeln!(
                     std::io::stderr(),
                     "task manager process {} (started #{i}) ended, not killed by the harness: {status}",
                     c.id()
                 );
-            }
-        }
-        for (i, c) in self.tms.iter_mut().enumerate() {
-            if self.killed.contains(&i) {
-                continue; // killed and reaped: its pid may be another process's by now
+                continue;
             }
             // A stopped process must be continued to die promptly on some kernels.
             let _ = Command::new("kill")
