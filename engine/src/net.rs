@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rkyv::util::AlignedVec;
 use tokio::io::{AsyncWriteExt, BufWriter};
@@ -34,6 +34,10 @@ use crate::runtime::credit;
 
 /// How long to wait for a peer's connection (either direction) before giving up.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long credits granted to a channel wait for its sender to register: far longer than
+/// wiring a deployment takes (its connections time out after [`CONNECT_TIMEOUT`]).
+const UNCLAIMED_TTL: Duration = Duration::from_secs(60);
 
 /// A live connection to a peer: frames queued here are written in order by its writer task.
 /// The queue is unbounded, but what it holds is bounded by the credits of the channels that
@@ -57,8 +61,10 @@ struct Inner {
     inputs: Mutex<HashMap<ChannelId, (TaskManagerId, credit::Sender)>>,
     /// Channels sent from here: the peer receiving them, and the credits it granted.
     outputs: Mutex<HashMap<ChannelId, (TaskManagerId, Arc<Semaphore>)>>,
-    /// Deployments already released: late credit frames for them are ignored.
-    released: Mutex<std::collections::HashSet<(JobId, Generation)>>,
+    /// Credits granted to channels no sender here has registered, by when the first
+    /// grant came: a sender still being wired (its receiver was quicker), or a sender
+    /// released before a late grant came. Forgotten after [`UNCLAIMED_TTL`].
+    unclaimed: Mutex<HashMap<ChannelId, Instant>>,
     /// Source of connection ids.
     next_conn: std::sync::atomic::AtomicU64,
     /// Connections by peer (None until established).
@@ -114,7 +120,7 @@ impl DataPlane {
                 rt: tokio::runtime::Handle::current(),
                 inputs: Mutex::default(),
                 outputs: Mutex::default(),
-                released: Mutex::default(),
+                unclaimed: Mutex::default(),
                 next_conn: std::sync::atomic::AtomicU64::new(1),
                 peers: Mutex::default(),
                 connecting: tokio::sync::Mutex::new(()),
@@ -177,6 +183,8 @@ impl DataPlane {
     ) -> Result<RemoteSender, NetError> {
         let conn = self.conn(peer, peer_addr).await?;
         let credits = output_credits(&mut lock(&self.inner.outputs), channel, peer);
+        lock(&self.inner.unclaimed).remove(&channel);
+        self.forget_unclaimed(Instant::now());
         Ok(RemoteSender {
             channel,
             credits,
@@ -188,7 +196,6 @@ impl DataPlane {
     /// waiting for credits of its remote channels give up, and frames still arriving for it
     /// are dropped.
     pub fn release(&self, job: JobId, generation: Generation) {
-        lock(&self.inner.released).insert((job, generation));
         let of_deployment = |c: &ChannelId| c.job == job && c.generation == generation;
         lock(&self.inner.inputs).retain(|c, (_, tx)| {
             if of_deployment(c) {
@@ -201,6 +208,21 @@ impl DataPlane {
                 s.close();
             }
             !of_deployment(c)
+        });
+    }
+
+    /// Forgets the credits of channels no sender claimed within [`UNCLAIMED_TTL`] of
+    /// `now`: late grants to senders already released. (A DCAS restart keeps its
+    /// deployment's generation, so "released" cannot be told by the deployment: a grant
+    /// for a restarted sender may come before it is wired, and must wait for it.)
+    fn forget_unclaimed(&self, now: Instant) {
+        let mut outputs = lock(&self.inner.outputs);
+        lock(&self.inner.unclaimed).retain(|c, since| {
+            let keep = now.saturating_duration_since(*since) < UNCLAIMED_TTL;
+            if !keep {
+                outputs.remove(c);
+            }
+            keep
         });
     }
 
@@ -486,11 +508,13 @@ impl DataPlane {
                 }
                 ArchivedDataFrame::Credit { channel, credits } => {
                     let channel = ChannelId::from_archived(channel);
-                    if lock(&self.inner.released).contains(&(channel.job, channel.generation)) {
-                        continue; // late grant for a finished deployment
-                    }
                     // The sender may not have registered yet: the grant waits for it.
-                    let sem = output_credits(&mut lock(&self.inner.outputs), channel, peer);
+                    let mut outputs = lock(&self.inner.outputs);
+                    if !outputs.contains_key(&channel) {
+                        lock(&self.inner.unclaimed).insert(channel, Instant::now());
+                    }
+                    let sem = output_credits(&mut outputs, channel, peer);
+                    drop(outputs);
                     let n = credits.to_native() as usize;
                     if sem.available_permits() + n > Semaphore::MAX_PERMITS / 2 {
                         return Err(FrameError::Io(std::io::Error::new(
@@ -751,6 +775,59 @@ mod tests {
         a.retire_older(at(2));
         assert!(open(&mut newer).await);
         assert!(!open(&mut older).await, "the older incarnation is closed");
+    }
+
+    /// Ensures credits granted before their sender registers wait for it, also in a
+    /// deployment released here before (a DCAS restart keeps the generation; its receiver
+    /// may be wired first), and that grants nobody claims are forgotten in the end.
+    #[tokio::test]
+    async fn early_grants_wait_for_their_sender_and_unclaimed_ones_expire() {
+        let (a, b) = pair().await;
+        let (a_addr, b_addr) = (a.local_addr().to_string(), b.local_addr().to_string());
+        let c = channel(4);
+        // `a` connects (the smaller id does), with a channel of another deployment.
+        let other = ChannelId {
+            generation: Generation(2),
+            ..c
+        };
+        let _other = a.register_output(other, TaskManagerId(2), &b_addr).await;
+        a.release(c.job, c.generation);
+        let restarted = ChannelId { epoch: 1, ..c };
+        let _rx = b
+            .register_input(restarted, TaskManagerId(1), &a_addr, 1)
+            .await
+            .unwrap();
+        let unclaimed = || lock(&a.inner.unclaimed).contains_key(&restarted);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !unclaimed() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(unclaimed(), "the grant came before the sender");
+        let send = a
+            .register_output(restarted, TaskManagerId(2), &b_addr)
+            .await
+            .unwrap();
+        assert!(!unclaimed(), "claimed by its sender");
+        let wm = send.send(StreamEvent::Watermark(1).into());
+        let sent = tokio::time::timeout(Duration::from_secs(5), wm).await;
+        assert!(sent.is_ok(), "the restarted sender has its credit");
+        // A late grant for a sender released here: kept for a while, then forgotten.
+        let late = ChannelId { epoch: 2, ..c };
+        let _rx = b
+            .register_input(late, TaskManagerId(1), &a_addr, 1)
+            .await
+            .unwrap();
+        let held = || lock(&a.inner.outputs).contains_key(&late);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !held() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(held());
+        a.forget_unclaimed(Instant::now() + UNCLAIMED_TTL / 2);
+        assert!(held(), "not before its time");
+        a.forget_unclaimed(Instant::now() + UNCLAIMED_TTL);
+        assert!(!held(), "forgotten");
+        assert!(lock(&a.inner.unclaimed).is_empty());
     }
 
     /// Ensures garbage on the data-plane port closes that connection only: the server keeps
