@@ -93,6 +93,8 @@ pub struct ResourceManager {
     lost: Vec<Recipient<TaskManagerLost>>,
     reports: Option<Recipient<Reports>>,
     local: LocalProcesses,
+    /// When heartbeats were last checked.
+    last_check: Option<Instant>,
 }
 
 impl ResourceManager {
@@ -105,6 +107,7 @@ impl ResourceManager {
             lost: Vec::new(),
             reports: None,
             local,
+            last_check: None,
         }
     }
 
@@ -126,6 +129,47 @@ impl ResourceManager {
                 .lock()
                 .map(|l| l.contains_key(&e.pid))
                 .unwrap_or(false),
+        }
+    }
+
+    /// How often heartbeats are checked: often relative to the timeout, so detection lands
+    /// within about the timeout + 25 ms.
+    fn check_every(&self) -> Duration {
+        (self.timeout / 20).clamp(Duration::from_millis(5), Duration::from_millis(25))
+    }
+
+    /// Declares dead every live task manager silent for longer than the timeout at `now`.
+    ///
+    /// A check that comes late means this process stalled (stopped, starved of CPU, a long
+    /// blocking call): the heartbeats that arrived meanwhile are still unread, so the time
+    /// of the stall is not counted against any task manager. Without that, one stall of a
+    /// timeout would declare every task manager dead at once, and with them every copy of
+    /// the cache. Declaring a task manager dead later than its timeout is safe: its lease
+    /// (shorter than the timeout, counted from its heartbeat) has made it stop before.
+    fn check_heartbeats(&mut self, now: Instant) {
+        let every = self.check_every();
+        let stall = self
+            .last_check
+            .replace(now)
+            .map(|last| now.saturating_duration_since(last).saturating_sub(every))
+            .unwrap_or_default();
+        if stall > every {
+            warn!(stall_ms = stall.as_millis() as u64, "The job manager stalled: not counting the stall against task managers' heartbeats.");
+            for e in self.tms.values_mut().filter(|e| e.tx.is_some()) {
+                e.last_heartbeat = (e.last_heartbeat + stall).min(now);
+            }
+        }
+        let expired: Vec<TaskManagerId> = self
+            .tms
+            .iter()
+            .filter(|(_, e)| {
+                e.tx.is_some() && now.saturating_duration_since(e.last_heartbeat) > self.timeout
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            let ms = self.timeout.as_millis();
+            self.declare_dead(id, format!("no heartbeat for {ms} ms"));
         }
     }
 
@@ -163,19 +207,8 @@ impl Actor for ResourceManager {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // Check often relative to the timeout, so detection lands within ~timeout + 25 ms.
-        let every = (self.timeout / 20).clamp(Duration::from_millis(5), Duration::from_millis(25));
-        ctx.run_interval(every, |act, _| {
-            let expired: Vec<TaskManagerId> = act
-                .tms
-                .iter()
-                .filter(|(_, e)| e.tx.is_some() && e.last_heartbeat.elapsed() > act.timeout)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in expired {
-                let ms = act.timeout.as_millis();
-                act.declare_dead(id, format!("no heartbeat for {ms} ms"));
-            }
+        ctx.run_interval(self.check_every(), |act, _| {
+            act.check_heartbeats(Instant::now())
         });
     }
 }
@@ -406,5 +439,88 @@ impl Handler<KillTaskManager> for ResourceManager {
             let _ = tx.send(ToTaskManager::Abort);
         }
         Ok("ABORT")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A registry with one live task manager whose last heartbeat was at `at`.
+    fn one_registered(timeout: Duration, at: Instant) -> (ResourceManager, TaskManagerId) {
+        let mut rm = ResourceManager::new(timeout, LocalProcesses::default());
+        let id = TaskManagerId::random();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        rm.tms.insert(
+            id,
+            Entry {
+                slots: 1,
+                data_addr: "127.0.0.1:1".into(),
+                pid: 0,
+                registered_ms: now_ms(),
+                last_heartbeat: at,
+                last_heartbeat_ms: now_ms(),
+                heartbeat_gaps: VecDeque::new(),
+                tx: Some(tx),
+                conn: 0,
+                close: Arc::default(),
+                died_ms: None,
+                death_reason: None,
+            },
+        );
+        (rm, id)
+    }
+
+    fn alive(rm: &ResourceManager, id: TaskManagerId) -> bool {
+        rm.tms[&id].tx.is_some()
+    }
+
+    /// Checks every `step` from `from` to `to` (inclusive of `from`).
+    fn check_steadily(rm: &mut ResourceManager, from: Instant, to: Instant, step: Duration) {
+        let mut t = from;
+        while t <= to {
+            rm.check_heartbeats(t);
+            t += step;
+        }
+    }
+
+    #[test]
+    fn a_silent_task_manager_is_declared_dead_after_the_timeout() {
+        let timeout = Duration::from_millis(1000);
+        let t0 = Instant::now();
+        let (mut rm, id) = one_registered(timeout, t0);
+        let every = rm.check_every();
+        check_steadily(&mut rm, t0, t0 + timeout, every);
+        assert!(alive(&rm, id), "not before the timeout");
+        rm.check_heartbeats(t0 + timeout + every);
+        assert!(!alive(&rm, id));
+        assert_eq!(
+            rm.tms[&id].death_reason.as_deref(),
+            Some("no heartbeat for 1000 ms")
+        );
+    }
+
+    #[test]
+    fn a_stall_of_the_job_manager_is_not_counted_against_heartbeats() {
+        let timeout = Duration::from_millis(1000);
+        let t0 = Instant::now();
+        let (mut rm, id) = one_registered(timeout, t0);
+        let every = rm.check_every();
+        check_steadily(&mut rm, t0, t0 + timeout / 2, every);
+        // Stopped for twice the timeout: the heartbeats sent meanwhile are still unread.
+        let resumed = t0 + timeout / 2 + 2 * timeout;
+        rm.check_heartbeats(resumed);
+        assert!(
+            alive(&rm, id),
+            "the stall is not the task manager's silence"
+        );
+        // Silent after the stall too: dead once the rest of its timeout has passed.
+        check_steadily(&mut rm, resumed, resumed + timeout / 2 - every, every);
+        assert!(alive(&rm, id));
+        check_steadily(&mut rm, resumed + timeout / 2, resumed + timeout, every);
+        assert!(
+            !alive(&rm, id),
+            "declared dead a timeout after its heartbeat, plus the stall"
+        );
     }
 }

@@ -367,14 +367,12 @@ impl Cluster {
 
     /// Sends a signal (`STOP`, `CONT`, ...) to the `i`-th task manager process.
     pub fn signal_taskmanager(&self, i: usize, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.tms[i].id().to_string())
-            .status();
-        assert!(
-            status.map(|s| s.success()).unwrap_or(false),
-            "kill -{signal} failed"
-        );
+        signal_process(self.tms[i].id(), signal);
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, ...) to the job manager process.
+    pub fn signal_jobmanager(&self, signal: &str) {
+        signal_process(self.jm.id(), signal);
     }
 
     /// CPU time (user + system) the live task manager processes have used so far, in ms.
@@ -481,4 +479,16 @@ impl Drop for Cluster {
         let _ = self.jm.kill();
         let _ = self.jm.wait();
     }
+}
+
+/// Sends `signal` (`STOP`, `CONT`, ...) to process `pid`; panics if `kill` fails.
+fn signal_process(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
+    assert!(
+        status.map(|s| s.success()).unwrap_or(false),
+        "kill -{signal} {pid} failed"
+    );
 }

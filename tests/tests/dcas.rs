@@ -746,6 +746,26 @@ fn dcas_paused_taskmanager_is_fenced() {
     assert_finished_exactly(&c, &id, &spec);
 }
 
+/// Ensures a job manager that stops answering for longer than the heartbeat timeout (a
+/// stall: SIGSTOP, as a long pause on a loaded machine would) loses nothing: every task
+/// manager fences itself meanwhile (it cannot tell a silent job manager from having been
+/// declared dead), and when the job manager resumes it restarts what they stopped, from
+/// their cached snapshots and logs, and the counts stay exact.
+#[test]
+fn dcas_job_manager_stall_is_survived() {
+    let spec = dcas_wordcount(160_000, 8_000);
+    let (c, id) = started(3, 2, &[], &spec);
+    c.signal_jobmanager("STOP");
+    std::thread::sleep(Duration::from_millis(1600));
+    c.signal_jobmanager("CONT");
+    assert_finished_exactly(&c, &id, &spec);
+    let alive = c.alive_taskmanagers().len();
+    assert_eq!(
+        alive, 3,
+        "a stalled job manager declares no task manager dead"
+    );
+}
+
 /// Ensures a DCAS wordcount writing its counts through the exactly-once Kafka sink (one
 /// transaction per snapshot, transactional id per sink subtask) shows a `read_committed`
 /// reader exactly the ground truth after two task manager kills: a restarted sink's
