@@ -193,8 +193,8 @@ impl DataPlane {
     }
 
     /// Forgets every channel of a job's deployment (on cancel, failure or finish): senders
-    /// waiting for credits of its remote channels give up, and frames still arriving for it
-    /// are dropped.
+    /// waiting for credits of its remote channels give up, and events still arriving for it
+    /// are dropped (late credit grants wait unclaimed until [`Self::forget_unclaimed`]).
     pub fn release(&self, job: JobId, generation: Generation) {
         let of_deployment = |c: &ChannelId| c.job == job && c.generation == generation;
         lock(&self.inner.inputs).retain(|c, (_, tx)| {
@@ -777,6 +777,15 @@ mod tests {
         assert!(!open(&mut older).await, "the older incarnation is closed");
     }
 
+    /// Whether `pred` holds within 5 s, polled every 5 ms.
+    async fn eventually(pred: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !pred() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        pred()
+    }
+
     /// Ensures credits granted before their sender registers wait for it, also in a
     /// deployment released here before (a DCAS restart keeps the generation; its receiver
     /// may be wired first), and that grants nobody claims are forgotten in the end.
@@ -798,11 +807,10 @@ mod tests {
             .await
             .unwrap();
         let unclaimed = || lock(&a.inner.unclaimed).contains_key(&restarted);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !unclaimed() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert!(unclaimed(), "the grant came before the sender");
+        assert!(
+            eventually(unclaimed).await,
+            "the grant came before the sender"
+        );
         let send = a
             .register_output(restarted, TaskManagerId(2), &b_addr)
             .await
@@ -818,11 +826,7 @@ mod tests {
             .await
             .unwrap();
         let held = || lock(&a.inner.outputs).contains_key(&late);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !held() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert!(held());
+        assert!(eventually(held).await);
         a.forget_unclaimed(Instant::now() + UNCLAIMED_TTL / 2);
         assert!(held(), "not before its time");
         a.forget_unclaimed(Instant::now() + UNCLAIMED_TTL);

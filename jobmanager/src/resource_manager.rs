@@ -254,6 +254,12 @@ pub struct Register {
 impl Handler<Register> for ResourceManager {
     type Result = ();
     fn handle(&mut self, msg: Register, _ctx: &mut Self::Context) {
+        self.register(msg);
+    }
+}
+
+impl ResourceManager {
+    fn register(&mut self, msg: Register) {
         info!(tm = %msg.tm, slots = msg.slots, data = %msg.data_addr, pid = msg.pid, "Task manager registered.");
         self.events.push(ClusterEvent {
             at: now_ms(),
@@ -451,23 +457,16 @@ mod tests {
         let mut rm = ResourceManager::new(timeout, LocalProcesses::default());
         let id = TaskManagerId::random();
         let (tx, _rx) = mpsc::unbounded_channel();
-        rm.tms.insert(
-            id,
-            Entry {
-                slots: 1,
-                data_addr: "127.0.0.1:1".into(),
-                pid: 0,
-                registered_ms: now_ms(),
-                last_heartbeat: at,
-                last_heartbeat_ms: now_ms(),
-                heartbeat_gaps: VecDeque::new(),
-                tx: Some(tx),
-                conn: 0,
-                close: Arc::default(),
-                died_ms: None,
-                death_reason: None,
-            },
-        );
+        rm.register(Register {
+            tm: id,
+            slots: 1,
+            data_addr: "127.0.0.1:1".into(),
+            pid: 0,
+            tx,
+            conn: 0,
+            close: Arc::default(),
+        });
+        rm.tms.get_mut(&id).expect("registered").last_heartbeat = at;
         (rm, id)
     }
 
