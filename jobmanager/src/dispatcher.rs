@@ -391,6 +391,9 @@ struct Recovery {
     deploying: bool,
     /// Not before (after a failed placement).
     next_try: Instant,
+    /// Started by a symptom (a subtask its task manager stopped because a neighbour's
+    /// channel closed) whose root cause has not been reported yet.
+    by_symptom: bool,
 }
 
 /// Longest wait for a failed deployment's subtasks to report stopped before redeploying.
@@ -1024,6 +1027,14 @@ impl Dispatcher {
 
     /// A failure in a job: recover (ABS) or fail the job.
     fn fail_over(&mut self, id: JobId, location: String, cause: String) {
+        self.fail_over_on(id, location, cause, false);
+    }
+
+    /// `fail_over`, where a `symptom` is a failure caused by another one (a neighbour's
+    /// channel closed). Such a report often comes before its root cause (the loss of a task
+    /// manager's control connection is noticed after its data connections), so the root
+    /// cause, when it follows during the same recovery, becomes the recovery's cause.
+    fn fail_over_on(&mut self, id: JobId, location: String, cause: String, symptom: bool) {
         let Some(before) = self.record_failure(id, &location, &cause) else {
             return;
         };
@@ -1034,8 +1045,17 @@ impl Dispatcher {
             self.settle(id);
             return;
         }
-        if job.recovery.is_some() {
-            return; // The deployment that failed again is already being replaced.
+        if let Some(recovery) = job.recovery.as_mut() {
+            // The deployment that failed again is already being replaced.
+            if recovery.by_symptom && !symptom {
+                recovery.by_symptom = false;
+                if let Some(event) = job.failovers.last_mut() {
+                    event.cause = format!("{location}: {cause} (first seen as {})", event.cause);
+                }
+                let job = &self.jobs[&id];
+                self.persist(job);
+            }
+            return;
         }
         let Some(config) = CheckpointingSpec::barriers(job.spec.checkpointing.as_ref()).cloned()
         else {
@@ -1064,6 +1084,7 @@ impl Dispatcher {
             delay: Duration::from_millis(config.restart_delay_ms.unwrap_or(0)),
             deploying: false,
             next_try: Instant::now(),
+            by_symptom: symptom,
         });
         for e in job
             .failovers
@@ -1865,7 +1886,7 @@ impl Dispatcher {
             && active
             && CheckpointingSpec::abs(job.spec.checkpointing.as_ref()).is_some()
         {
-            self.fail_over(msg.job, location, cause);
+            self.fail_over_on(msg.job, location, cause, true);
             return;
         }
         self.settle(msg.job);
@@ -2780,6 +2801,7 @@ fn restart_targets(mut free: Vec<(TaskManagerId, i64)>, n: usize) -> Vec<TaskMan
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, HashMap, VecDeque};
+    use std::time::Duration;
 
     use engine::ids::TaskManagerId;
 
@@ -2787,6 +2809,83 @@ mod tests {
         accept_part, count_slots, keep_newest, latency_normal, restart_placement, restart_targets,
         within_lag, CollectProgress, PartFate, SubtaskInfo, LAG_SAMPLES_KEPT,
     };
+
+    /// An ABS failover first reported by a symptom (a neighbour's downstream channel closed)
+    /// names the lost task manager once its loss arrives.
+    #[test]
+    fn a_failover_names_its_root_cause_when_a_symptom_came_first() {
+        use actix::Actor;
+        use engine::ids::Generation;
+        use engine::protocol::control::SubtaskState;
+
+        use super::{Dispatcher, SubtaskUpdate};
+        use crate::cache_master::CacheMaster;
+        use crate::resource_manager::{Alive, ResourceManager, TaskManagerLost};
+        use crate::store::Store;
+
+        actix::System::new().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let rm = ResourceManager::new(Duration::from_secs(1), Default::default()).start();
+            let cache = CacheMaster::new(8, 1, 2).start();
+            let mut d = Dispatcher::new(rm, cache, Store::open(dir.path()).unwrap(), 100);
+            let json = r#"{"name":"w","checkpointing":{"mode":"abs","interval_ms":1000},
+                "operators":[
+                {"id":"g","kind":"generator","parallelism":2,"params":{"count":10}},
+                {"id":"out","kind":"collect","input":"g","parallelism":2}]}"#;
+            let spec = engine::spec::JobSpec::from_json(json).unwrap();
+            let graph = engine::graph::JobGraph::build(&spec, &jobs::registry()).unwrap();
+            let mut receivers = Vec::new();
+            let alive: Vec<Alive> = [1, 2]
+                .map(|i| {
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    receivers.push(rx);
+                    Alive {
+                        id: TaskManagerId(i),
+                        slots: 1,
+                        data_addr: format!("127.0.0.1:{i}"),
+                        tx,
+                    }
+                })
+                .into();
+            let id = d.start_job(spec, json.into(), graph, alive).unwrap();
+            let on = |tm: TaskManagerId| {
+                let (&(task, subtask), _) = d.jobs[&id]
+                    .subtasks
+                    .iter()
+                    .find(|(_, i)| i.tm == tm)
+                    .unwrap();
+                SubtaskUpdate {
+                    tm,
+                    job: id,
+                    generation: Generation(1),
+                    task,
+                    subtask,
+                    state: SubtaskState::Canceled,
+                    message: Some("a downstream channel closed".into()),
+                }
+            };
+            let [a, b] = [1, 2].map(TaskManagerId);
+            let symptom = on(a);
+            d.update_subtask(symptom);
+            let cause = |d: &Dispatcher| d.jobs[&id].failovers.last().unwrap().cause.clone();
+            assert!(
+                cause(&d).contains("a downstream channel closed"),
+                "{}",
+                cause(&d)
+            );
+            d.task_manager_lost(TaskManagerLost {
+                tm: b,
+                reason: "connection closed".into(),
+            });
+            let root = cause(&d);
+            assert!(
+                root.starts_with(&format!("task manager {b}: was lost")),
+                "{root}"
+            );
+            assert!(root.contains("first seen as"), "{root}");
+            assert_eq!(d.jobs[&id].failovers.len(), 1, "one recovery");
+        });
+    }
 
     /// Ensures restarted subtasks that share a slot restart together (beside a kept peer
     /// when one is alive, else in one slot), that the others take free slots first, and that
