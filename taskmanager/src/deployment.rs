@@ -28,10 +28,10 @@ pub struct DeploymentEnded {
     pub generation: Generation,
 }
 
-/// Stop every subtask of the deployment.
+/// Stop every subtask of the deployment, and why.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct CancelDeployment;
+pub struct CancelDeployment(pub &'static str);
 
 /// A command for some subtasks of the deployment (all when `only` is `None`).
 #[derive(Message)]
@@ -104,6 +104,9 @@ pub struct DeploymentActor {
     /// DCAS: the deployment outlives its subtasks (a failed one restarts into it, and its
     /// channels must not be released under the restarted one) until it is canceled.
     linger: bool,
+    /// Why the deployment was canceled: the cause of every subtask's cancel from then on,
+    /// whichever of its effects (the released channels, the command) a subtask saw first.
+    canceled: Option<&'static str>,
 }
 
 impl DeploymentActor {
@@ -126,6 +129,7 @@ impl DeploymentActor {
             ended,
             data,
             linger,
+            canceled: None,
         }
     }
 
@@ -187,7 +191,10 @@ impl Handler<SubtaskEvent> for DeploymentActor {
         }
         let (state, message) = match msg.outcome {
             SubtaskOutcome::Finished => (SubtaskState::Finished, None),
-            SubtaskOutcome::Canceled(why) => (SubtaskState::Canceled, Some(why.to_string())),
+            SubtaskOutcome::Canceled(why) => (
+                SubtaskState::Canceled,
+                Some(self.canceled.unwrap_or(why).to_string()),
+            ),
             SubtaskOutcome::Failed(e) => (SubtaskState::Failed, Some(e.to_string())),
         };
         self.report(&msg.id, state, message);
@@ -200,8 +207,9 @@ impl Handler<SubtaskEvent> for DeploymentActor {
 impl Handler<CancelDeployment> for DeploymentActor {
     type Result = ();
 
-    fn handle(&mut self, _msg: CancelDeployment, ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: CancelDeployment, ctx: &mut Self::Context) {
         self.linger = false;
+        self.canceled.get_or_insert(msg.0);
         if self.actors.is_empty() {
             ctx.stop();
         }
@@ -209,7 +217,7 @@ impl Handler<CancelDeployment> for DeploymentActor {
         // receiver may already be gone) gives up at once instead of never seeing the cancel.
         self.data.release(self.job, self.generation);
         for a in self.actors.values() {
-            a.do_send(SubtaskCommand(Command::Cancel));
+            a.do_send(SubtaskCommand(Command::Cancel(msg.0)));
         }
     }
 }

@@ -26,6 +26,7 @@ use engine::runtime::dcas::{ChannelKey, DcasConfig, Lease};
 use engine::runtime::deploy::{build_runner, input_keys, output_keys, DcasEnv, SubtaskEnv};
 use engine::runtime::task::{
     CheckpointAck, CheckpointReporter, Command, Rewire, SubtaskId, SubtaskMetrics, SubtaskRunner,
+    ON_REQUEST,
 };
 use engine::spec::{CheckpointingSpec, JobSpec};
 use engine::Record;
@@ -152,7 +153,7 @@ impl TaskManager {
         }
         self.fenced = true;
         warn!(tm = %self.id, silent_ms = self.last_ack.elapsed().as_millis() as u64, "No heartbeat acknowledgement within the timeout: stopping every subtask.");
-        self.cancel_all();
+        self.cancel_all("fenced: no heartbeat acknowledgement within the timeout");
     }
 
     /// How long a heartbeat acknowledgement keeps the lease: shorter than the job
@@ -422,9 +423,10 @@ impl TaskManager {
         });
     }
 
-    fn cancel_all(&mut self) {
+    /// Stops every deployment here, and why.
+    fn cancel_all(&mut self, why: &'static str) {
         for r in self.deployments.values() {
-            r.actor.do_send(CancelDeployment);
+            r.actor.do_send(CancelDeployment(why));
         }
         for in_flight in self.wiring.values_mut() {
             in_flight.canceled = true;
@@ -528,7 +530,7 @@ impl Handler<FromJobManager> for TaskManager {
             ToTaskManager::Cancel { job, generation } => {
                 if let Some(r) = self.deployments.get(&(job, generation)) {
                     info!(job = %job, generation = %generation, "Canceling deployment.");
-                    r.actor.do_send(CancelDeployment);
+                    r.actor.do_send(CancelDeployment(ON_REQUEST));
                 }
                 // Subtasks still being wired must not start once wired.
                 if let Some(in_flight) = self.wiring.get_mut(&(job, generation)) {
@@ -599,7 +601,7 @@ impl Handler<ConnectionLost> for TaskManager {
             warn!(tm = %self.id, "Lost the job manager: stopping every subtask.");
         }
         self.to_jm = None;
-        self.cancel_all();
+        self.cancel_all("the job manager's connection was lost");
     }
 }
 

@@ -1,6 +1,6 @@
 //! ABS (aligned barrier snapshots) against real job manager and task manager processes:
 //! exactly-once output through repeated SIGKILLs, generation fencing of a paused task
-//! manager, checkpoints under backpressure, and the checkpoint and failover REST views.
+//! manager, a stalled job manager, checkpoints under backpressure, and the checkpoint and failover REST views.
 //!
 //! Ground truth is computed from the generator's definition (no engine), and compared with
 //! the collect sink's output record for record: a lost record changes a count, a duplicate
@@ -190,12 +190,10 @@ fn exactly_once_through_repeated_taskmanager_kills() {
     );
 }
 
-/// Ensures a task manager paused (SIGSTOP) for three heartbeat timeouts is replaced: the job
-/// recovers on the others, and when the paused one resumes (SIGCONT) its stale subtasks emit
-/// nothing that reaches the output (their generation is fenced, they stop themselves), so the
-/// final output is still exact.
-#[test]
-fn paused_taskmanager_is_fenced() {
+/// Three task managers with two slots each running a wordcount (120,000 lines at 8,000/s)
+/// with ABS checkpoints every 500 ms, once its first checkpoint completed: the cluster, the
+/// spec and the job id.
+fn checkpointed_wordcount() -> (Cluster, String, String) {
     let c = Cluster::start(ClusterOptions {
         taskmanagers: 3,
         slots: 2,
@@ -206,6 +204,16 @@ fn paused_taskmanager_is_fenced() {
     c.wait_until(Duration::from_secs(30), "first checkpoint", |c| {
         completed_checkpoints(c, &id) > 0
     });
+    (c, spec, id)
+}
+
+/// Ensures a task manager paused (SIGSTOP) for three heartbeat timeouts is replaced: the job
+/// recovers on the others, and when the paused one resumes (SIGCONT) its stale subtasks emit
+/// nothing that reaches the output (their generation is fenced, they stop themselves), so the
+/// final output is still exact.
+#[test]
+fn paused_taskmanager_is_fenced() {
+    let (c, spec, id) = checkpointed_wordcount();
     let job = c.job(&id);
     let generation = job["generation"].as_u64().unwrap();
     let victim = job_taskmanagers(&job).into_iter().next().unwrap();
@@ -222,6 +230,35 @@ fn paused_taskmanager_is_fenced() {
     assert_eq!(job["state"], "FINISHED", "{job}");
     assert_eq!(counts(&c, &id), expected(&spec));
     assert_failovers(&c, &id, 1);
+}
+
+/// Ensures an ABS job survives its job manager stalling (SIGSTOP) for longer than the
+/// heartbeat timeout: the job manager declares no task manager dead for its own silence;
+/// the task managers, whose leases ran out meanwhile, stopped the job's subtasks (the
+/// failover says so), and the job restarts from its last completed checkpoint on the same three task managers and
+/// still produces exactly the expected counts.
+#[test]
+fn job_manager_stall_is_survived() {
+    let (c, spec, id) = checkpointed_wordcount();
+    c.signal_jobmanager("STOP");
+    std::thread::sleep(Duration::from_millis(
+        c.options.heartbeat_timeout_ms * 8 / 5,
+    ));
+    c.signal_jobmanager("CONT");
+    let job = c.wait_for_end(&id, Duration::from_secs(120));
+    assert_eq!(job["state"], "FINISHED", "{job}");
+    assert_eq!(counts(&c, &id), expected(&spec));
+    assert_eq!(
+        c.alive_taskmanagers().len(),
+        3,
+        "a stalled job manager declares no task manager dead"
+    );
+    let (_, body) = c.get(&format!("/jobs/{id}/failovers"));
+    let cause = body["failovers"][0]["cause"].as_str().unwrap_or_default();
+    assert!(
+        cause.contains("fenced: no heartbeat acknowledgement"),
+        "the failover says the task managers fenced themselves: {body}"
+    );
 }
 
 /// Ensures checkpoints complete while a bottleneck backpressures the sources (two source

@@ -21,6 +21,7 @@ use super::channel::{channel, InputChannel, OutputChannel};
 use super::deploy::{build_runner, edge_targets, SubtaskEnv};
 use super::task::{
     Command, SubtaskActor, SubtaskCommand, SubtaskEvent, SubtaskId, SubtaskMetrics, SubtaskOutcome,
+    ON_REQUEST,
 };
 use crate::error::EngineError;
 use crate::graph::JobGraph;
@@ -397,7 +398,7 @@ impl Handler<CancelJob> for JobSupervisor {
 impl JobSupervisor {
     fn cancel_all(&self) {
         for a in &self.actors {
-            a.do_send(SubtaskCommand(Command::Cancel));
+            a.do_send(SubtaskCommand(Command::Cancel(ON_REQUEST)));
         }
     }
 

@@ -357,8 +357,8 @@ pub trait CheckpointReporter: Send + Sync {
 /// What the actor tells its loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    /// Stop at once.
-    Cancel,
+    /// Stop at once, and why (reported with the subtask's end).
+    Cancel(&'static str),
     /// Take checkpoint `n` (sources start its barriers).
     Trigger(CheckpointId),
     /// Take the final checkpoint `n` (every subtask, once all inputs ended).
@@ -466,8 +466,16 @@ impl Handler<RewireSubtask> for SubtaskActor {
     }
 }
 
-/// Why a subtask told to stop was canceled.
-const ON_REQUEST: &str = "on request";
+/// Why a subtask was canceled when the job manager asked.
+pub const ON_REQUEST: &str = "on request";
+
+/// Why a subtask whose actor dropped its control channel stops.
+const CONTROL_CLOSED: &str = "its control channel closed";
+
+/// A command, or the cancel a closed control channel means.
+fn or_cancel(cmd: Option<Command>) -> Command {
+    cmd.unwrap_or(Command::Cancel(CONTROL_CLOSED))
+}
 
 /// Why the loop stopped early.
 enum Stop {
@@ -573,7 +581,7 @@ impl SubtaskRunner {
             if let Some(mut behind) = self.log_behind() {
                 tokio::select! {
                     biased;
-                    cmd = control.recv() => self.command(cmd.unwrap_or(Command::Cancel)).await?,
+                    cmd = control.recv() => self.command(or_cancel(cmd)).await?,
                     Some(rw) = self.rewires.recv() => self.apply_rewire(rw).await?,
                     reached = logged(Some(&mut behind)) => {
                         reached.map_err(|e| self.dcas_failure(e))?;
@@ -651,7 +659,7 @@ impl SubtaskRunner {
                     let marker = Duration::from_millis(self.marker_every());
                     tokio::select! {
                         biased;
-                        cmd = control.recv() => self.command(cmd.unwrap_or(Command::Cancel)).await?,
+                        cmd = control.recv() => self.command(or_cancel(cmd)).await?,
                         Some(rw) = self.rewires.recv() => self.apply_rewire(rw).await?,
                         _ = tokio::time::sleep(d.min(linger).min(progress).min(marker)) => {}
                     }
@@ -713,7 +721,7 @@ impl SubtaskRunner {
             let event = tokio::select! {
                 biased;
                 cmd = control.recv() => {
-                    self.command(cmd.unwrap_or(Command::Cancel)).await?;
+                    self.command(or_cancel(cmd)).await?;
                     continue;
                 }
                 Some(rw) = self.rewires.recv() => {
@@ -823,7 +831,7 @@ impl SubtaskRunner {
     /// Handles a command between two inputs (or polls).
     async fn command(&mut self, cmd: Command) -> Result<(), Stop> {
         match cmd {
-            Command::Cancel => Err(Stop::Canceled(ON_REQUEST)),
+            Command::Cancel(why) => Err(Stop::Canceled(why)),
             Command::Kill => Err(Stop::Failed(EngineError::Killed)),
             // Only sources start checkpoints while running; other subtasks follow barriers.
             Command::Trigger(n) if self.source.is_some() => {
@@ -996,8 +1004,8 @@ impl SubtaskRunner {
         reporter.finishing(&self.id);
         let mut last = None;
         loop {
-            match control.recv().await.unwrap_or(Command::Cancel) {
-                Command::Cancel => return Err(Stop::Canceled(ON_REQUEST)),
+            match or_cancel(control.recv().await) {
+                Command::Cancel(why) => return Err(Stop::Canceled(why)),
                 Command::Kill => return Err(Stop::Failed(EngineError::Killed)),
                 Command::Trigger(n) | Command::Final(n) => {
                     self.take_snapshot(n, Duration::ZERO).await?;
@@ -1628,8 +1636,8 @@ impl SubtaskRunner {
         let mut last = None;
         loop {
             tokio::select! {
-                cmd = control.recv() => match cmd.unwrap_or(Command::Cancel) {
-                    Command::Cancel => return Err(Stop::Canceled(ON_REQUEST)),
+                cmd = control.recv() => match or_cancel(cmd) {
+                    Command::Cancel(why) => return Err(Stop::Canceled(why)),
                     Command::Kill => return Err(Stop::Failed(EngineError::Killed)),
                     // A periodic one that raced the end of the input.
                     Command::Trigger(n) => self.take_snapshot(n, Duration::ZERO).await?,
