@@ -74,6 +74,7 @@ pub fn severed(input: usize, why: String) -> (OutputChannel, InputChannel) {
         tx: Tx::Local(tx),
         next_seq: 0,
         detached: true,
+        logged: 0,
     };
     (output, InputChannel::new(rx, input))
 }
@@ -101,6 +102,9 @@ pub struct OutputChannel {
     /// DCAS: the receiver went away; sends are dropped (the router retains them) until the
     /// channel is rewired to the receiver's restarted instance.
     detached: bool,
+    /// DCAS: the receiver is known to have logged every seq below this, so a batch wholly
+    /// below it is not sent (a restarted sender replaying its log regenerates such output).
+    logged: Seq,
 }
 
 /// Where an output channel's events go: a subtask in this process, or one on another task
@@ -117,6 +121,7 @@ impl OutputChannel {
             tx: Tx::Local(tx),
             next_seq: 0,
             detached: false,
+            logged: 0,
         }
     }
 
@@ -126,6 +131,7 @@ impl OutputChannel {
             tx: Tx::Remote(tx),
             next_seq: 0,
             detached: false,
+            logged: 0,
         }
     }
 
@@ -710,11 +716,27 @@ impl Router {
             return Ok(());
         };
         ch.next_seq = old.next_seq;
+        ch.logged = old.logged;
         *old = ch;
         self.backlogs.retain(|&(c, _)| c != (route, target));
         self.backlogs.push(((route, target), old.next_seq));
         self.rewire = self.rewire.max(seq);
         self.resend(route, target).await
+    }
+
+    /// DCAS, a restarted subtask before it replays its log: its receivers have logged
+    /// every seq below `logged[route][target]`. Forgets the retained output they have, and
+    /// sends no batch that lies wholly below: the replay regenerates such output only to
+    /// reach the seqs after it, and a receiver would drop it.
+    pub fn receivers_logged(&mut self, logged: &[Vec<Seq>]) {
+        if let Some(r) = &mut self.retained {
+            r.trim(logged);
+        }
+        for (route, seqs) in self.routes.iter_mut().zip(logged) {
+            for (t, &seq) in route.targets.iter_mut().zip(seqs) {
+                t.logged = t.logged.max(seq);
+            }
+        }
     }
 
     /// Sends everything retained again on every channel (a restarted subtask's first
@@ -1133,12 +1155,17 @@ async fn send(
         records,
     };
     target.next_seq = batch.end_seq();
+    let counters = out.counters;
+    if target.next_seq <= target.logged {
+        // Logged by the receiver already: neither sent nor retained.
+        counters.records_out.fetch_add(n, Ordering::Relaxed);
+        return Ok(());
+    }
     let keep = out.retained.is_some();
     // DCAS: packed once, kept, and sent as kept (the receiver logs those bytes).
     let packed = out.retained.as_mut().map(|r| r.push(out.channel, &batch));
     let event = StreamEvent::Data(batch);
     let waited = deliver(target, Delivery { event, packed }, keep).await?;
-    let counters = out.counters;
     counters.records_out.fetch_add(n, Ordering::Relaxed);
     if !waited.is_zero() {
         counters
@@ -1569,6 +1596,46 @@ mod tests {
         assert!(err.contains("retained output for channel 0.0"), "{err}");
         damaged.retained[0].packed.truncate(3);
         assert!(restored.restore_position(damaged).is_err());
+    }
+
+    /// A restarted sender replaying its log sends and retains no batch its receiver has
+    /// logged wholly, sends the one that straddles the receiver's position (which drops
+    /// the records it has), and forgets retained output below that position.
+    #[tokio::test]
+    async fn a_replay_sends_nothing_the_receiver_logged() {
+        let (t0, r0) = channel(64, 0);
+        let mut gate = InputGate::new(vec![r0]);
+        // The receiver has the first 25 records (a gap before them would be an error).
+        let at = InputPosition {
+            next_seq: 25,
+            watermark: i64::MIN,
+            ended: false,
+        };
+        gate.restore_positions(&[at]).unwrap();
+        let mut router = Router::new(
+            vec![Route::new(Exchange::Forward, vec![t0], 0)],
+            10,
+            Arc::default(),
+        );
+        router.retain_output();
+        router.receivers_logged(&[vec![25]]);
+        router.push(&mut recs(0..40)).await.unwrap();
+        router.flush().await.unwrap();
+        assert_eq!(router.retained_records(), 20, "the batches from seq 20 on");
+        assert_eq!(router.in_flight(), 2, "two of the four batches sent");
+        let mut firsts = Vec::new();
+        for _ in 0..2 {
+            match gate.next().await.unwrap().1.event {
+                StreamEvent::Data(b) => firsts.push(b.first_seq),
+                other => panic!("{other:?}"),
+            }
+        }
+        // The gate drops seqs 20..25 of the batch that straddles its position.
+        assert_eq!(firsts, vec![25, 30], "nothing wholly below seq 25 is sent");
+
+        // Retained output (a restored snapshot's) below a receiver's position is forgotten.
+        router.receivers_logged(&[vec![30]]);
+        assert_eq!(router.retained_records(), 10);
     }
 
     /// A rewired receiver's backlog is what was sent before the rewire: the router marks

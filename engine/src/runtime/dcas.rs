@@ -1289,6 +1289,15 @@ impl DcasSubtask {
         }
     }
 
+    /// Reads what the receivers of this subtask's output have logged (per route, per
+    /// target), apart from the subtask, so it can run beside [`DcasSubtask::load`].
+    pub fn receivers_logged(
+        &self,
+    ) -> impl std::future::Future<Output = Result<Vec<Vec<Seq>>, DcasError>> + 'static {
+        let (progress, outputs) = (self.progress.clone(), self.outputs.clone());
+        async move { progress.exchange(&[], &outputs).await }
+    }
+
     /// Places the log ([`SnapshotStore::place`]), loads the latest snapshot (none for a
     /// first start) and the log entries after it, and starts the log writer after them.
     pub async fn load(&mut self) -> Result<(Vec<DcasSnapshot>, Vec<LogEntry>), DcasError> {

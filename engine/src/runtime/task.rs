@@ -1324,8 +1324,12 @@ impl SubtaskRunner {
             return Ok(false);
         };
         let started = Instant::now();
-        let (snap, entries) = match d.load().await {
-            Ok(loaded) => loaded,
+        // What the receivers logged, read beside the load: replayed output below it is
+        // not sent again.
+        let receivers = d.receivers_logged();
+        let (loaded, receivers) = tokio::join!(d.load(), receivers);
+        let ((snap, entries), receivers) = match loaded.and_then(|l| Ok((l, receivers?))) {
+            Ok(both) => both,
             Err(e) => return Err(self.dcas_failure(e)),
         };
         let restored = snap.last().map(|s| s.id);
@@ -1350,11 +1354,13 @@ impl SubtaskRunner {
             self.gate.restore_positions(&snap.inputs).map_err(fail)?;
             self.emitted_wm = snap.router.watermark;
             self.router.restore_position(snap.router).map_err(fail)?;
-            self.router
-                .resend_all()
-                .await
-                .map_err(|e| self.route_failure(e))?;
         }
+        // Sends the retained output the receivers lack (none without a snapshot).
+        self.router.receivers_logged(&receivers);
+        self.router
+            .resend_all()
+            .await
+            .map_err(|e| self.route_failure(e))?;
         let replayed = entries.len();
         // Restored from a snapshot taken after it finished (sent `EndOfStream`).
         let mut finished = self.source.is_none() && self.router.ended();
