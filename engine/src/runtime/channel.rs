@@ -729,9 +729,7 @@ impl Router {
     /// sends no batch that lies wholly below: the replay regenerates such output only to
     /// reach the seqs after it, and a receiver would drop it.
     pub fn receivers_logged(&mut self, logged: &[Vec<Seq>]) {
-        if let Some(r) = &mut self.retained {
-            r.trim(logged);
-        }
+        self.trim(logged);
         for (route, seqs) in self.routes.iter_mut().zip(logged) {
             for (t, &seq) in route.targets.iter_mut().zip(seqs) {
                 t.logged = t.logged.max(seq);
