@@ -428,7 +428,9 @@ impl CacheClient {
     }
 
     /// Sets an entry only if its version is `version` (0: only if absent). `Ok(Ok(v))` is
-    /// the new version, `Ok(Err(current))` a conflict with the current version.
+    /// the new version, `Ok(Err(current))` a conflict with the current version. A retry
+    /// finding the entry one version on and holding `value` (its own first attempt, not
+    /// acknowledged) succeeds, and replicates it again.
     pub async fn put_if_version(
         &self,
         map: &str,

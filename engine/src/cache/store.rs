@@ -286,8 +286,26 @@ impl Partition {
                 value,
                 version,
             } => {
-                let current = entry(&map, &key).map_or(0, |e| e.version);
-                if current != version {
+                let current = entry(&map, &key);
+                // A retry whose first attempt landed here (its replication failed): the
+                // entry is what it wrote, one version on. Answered and replicated again,
+                // so a backup that missed it converges.
+                let landed = current.is_some_and(|e| {
+                    next_version(version).ok() == Some(e.version) && e.value == value
+                });
+                let current = current.map_or(0, |e| e.version);
+                if landed {
+                    (
+                        OpResult::Version(current),
+                        Some(Mutation::MapSet {
+                            map,
+                            key,
+                            value,
+                            version: current,
+                            expires_ms: None,
+                        }),
+                    )
+                } else if current != version {
                     (OpResult::Conflict(current), None)
                 } else {
                     let version = next_version(current)?;
@@ -303,13 +321,12 @@ impl Partition {
                     )
                 }
             }
-            Op::Delete { map, key } => match entry(&map, &key) {
-                Some(_) => (
-                    OpResult::Deleted(true),
-                    Some(Mutation::MapRemove { map, key }),
-                ),
-                None => (OpResult::Deleted(false), None),
-            },
+            // Replicated even when there is nothing to delete: a retry whose first attempt
+            // landed here reaches a backup that missed it.
+            Op::Delete { map, key } => (
+                OpResult::Deleted(entry(&map, &key).is_some()),
+                Some(Mutation::MapRemove { map, key }),
+            ),
             Op::Append { list, items } => {
                 let index = self.lists.get(&list).map_or(0, List::end);
                 (
@@ -365,9 +382,10 @@ impl Partition {
             Op::TrimPrefix { list, upto } => {
                 let (start, end) = self.lists.get(&list).map_or((0, 0), |l| (l.start, l.end()));
                 let upto = upto.max(start);
+                // Replicated even when already trimmed here, as `Delete`.
                 (
                     OpResult::Bounds(upto, end.max(upto)),
-                    (upto > start || end == 0).then_some(Mutation::ListTrim { list, upto }),
+                    Some(Mutation::ListTrim { list, upto }),
                 )
             }
             Op::Len { list } => {
@@ -659,6 +677,86 @@ mod tests {
         assert_eq!(run(&mut p, del, 0), OpResult::Deleted(false));
         assert_eq!(run(&mut p, get, 0), OpResult::Value(None));
         assert_eq!(p.usage(), Usage::default(), "accounting returns to zero");
+    }
+
+    /// A write whose first attempt landed on the primary but not on a backup (the backup
+    /// refused it: its table moved on) is retried by the client. The retry finds the write
+    /// already applied, yet must still send the backup a mutation, or the backup keeps the
+    /// old state and serves it once it is promoted. Seen as a DCAS snapshot chain that
+    /// "does not follow the stored ones" after a trim retried across a table change.
+    #[test]
+    fn a_retry_that_already_landed_is_replicated_again() {
+        let (mut primary, mut backup) = (Partition::default(), Partition::default());
+        let history = [
+            Op::Append {
+                list: "l".into(),
+                items: vec![vec![1], vec![2], vec![3]],
+            },
+            Op::Put {
+                map: "m".into(),
+                key: b"gone".to_vec(),
+                value: b"v".to_vec(),
+                ttl_ms: None,
+            },
+        ];
+        for op in history {
+            run(&mut primary, op.clone(), 0);
+            run(&mut backup, op, 0);
+        }
+        let writes = [
+            Op::TrimPrefix {
+                list: "l".into(),
+                upto: 2,
+            },
+            Op::Delete {
+                map: "m".into(),
+                key: b"gone".to_vec(),
+            },
+            Op::PutIfVersion {
+                map: "m".into(),
+                key: b"placed".to_vec(),
+                value: b"7".to_vec(),
+                version: 0,
+            },
+        ];
+        // First attempts: applied on the primary only.
+        let first: Vec<OpResult> = writes
+            .iter()
+            .map(|op| run(&mut primary, op.clone(), 0))
+            .collect();
+        // Retries: answered as the first attempt was (a delete now finds nothing), and
+        // each replicates a mutation that brings the backup level.
+        for (op, answered) in writes.into_iter().zip(first) {
+            let (r, m) = primary.plan(op, 0).unwrap();
+            match (&r, &answered) {
+                (OpResult::Deleted(false), OpResult::Deleted(true)) => {}
+                _ => assert_eq!(r, answered),
+            }
+            let m = m.expect("a retry that landed is replicated again");
+            backup.apply(m.clone());
+            primary.apply(m);
+        }
+        for p in [&mut primary, &mut backup] {
+            let len = Op::Len { list: "l".into() };
+            assert_eq!(run(p, len, 0), OpResult::Bounds(2, 3));
+            let get = |key: &[u8]| Op::Get {
+                map: "m".into(),
+                key: key.to_vec(),
+            };
+            assert_eq!(run(p, get(b"gone"), 0), OpResult::Value(None));
+            assert_eq!(
+                run(p, get(b"placed"), 0),
+                OpResult::Value(Some((b"7".to_vec(), 1)))
+            );
+        }
+        // A conditional put by someone else (another value) still conflicts.
+        let other = Op::PutIfVersion {
+            map: "m".into(),
+            key: b"placed".to_vec(),
+            value: b"8".to_vec(),
+            version: 0,
+        };
+        assert_eq!(run(&mut primary, other, 0), OpResult::Conflict(1));
     }
 
     /// Dropping a prefix removes exactly the maps and lists named by it, with their bytes.

@@ -178,6 +178,53 @@ async fn a_retried_append_at_reaches_the_backup_that_refused_it() {
     assert_eq!(client.range(p, "log", 0, 10).await.unwrap(), (1, item(1)));
 }
 
+/// The same for a conditional put (how DCAS records where a log lives): the retry finds
+/// its own write on the primary, where before it was refused as a conflict and the backup
+/// never got the entry, which was then gone once the backup was promoted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_conditional_put_reaches_the_backup_that_refused_it() {
+    let mut c = Cluster::start_with_limits(&[1 << 30, 64 << 10]).await;
+    let client = c.client().await;
+    let (big, small) = (c.nodes[0].0, c.nodes[1].0);
+    // A key whose partition's primary is the big member, so the small one is its backup.
+    let key = (0u32..)
+        .map(|i| i.to_le_bytes().to_vec())
+        .find(|k| {
+            let p = client.map_partition("m", k);
+            client.table().primary(p).is_some_and(|m| m.id != small)
+        })
+        .unwrap();
+    let p = client.map_partition("m", &key);
+    let filler = client.partition_avoiding("fill", small);
+    client
+        .append(filler, "fill", vec![vec![0; 40 << 10]])
+        .await
+        .unwrap();
+    let value = vec![7; 30 << 10];
+    let err = client
+        .put_if_version("m", &key, value.clone(), 0)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CacheError::Unacknowledged(_)), "{err}");
+    // Room on the backup again; the retry is answered as the put's and replicated.
+    client.trim_prefix(filler, "fill", 1).await.unwrap();
+    assert_eq!(
+        client.put_if_version("m", &key, value.clone(), 0).await,
+        Ok(Ok(1))
+    );
+    // Another writer's value still conflicts.
+    assert_eq!(
+        client.put_if_version("m", &key, vec![8], 0).await,
+        Ok(Err(1))
+    );
+    c.nodes.retain(|(id, _)| *id != big);
+    assert!(c.master.leave(big).is_empty());
+    c.push();
+    let client = c.client().await;
+    assert_eq!(client.table().primary(p).map(|m| m.id), Some(small));
+    assert_eq!(client.get("m", &key).await.unwrap(), Some((value, 1)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_frame_closes_only_that_connection() {
     let c = Cluster::start(1, 1 << 30).await;
