@@ -67,6 +67,8 @@ pub struct CacheClient {
 
 struct Inner {
     table: RwLock<Arc<PartitionTable>>,
+    /// The epoch of `table`, for retries waiting for a newer one.
+    epoch: tokio::sync::watch::Sender<u64>,
     conns: Mutex<HashMap<String, Conn>>,
     timeout: Duration,
 }
@@ -80,6 +82,7 @@ impl CacheClient {
     pub fn new(table: PartitionTable, timeout: Duration) -> CacheClient {
         CacheClient {
             inner: Arc::new(Inner {
+                epoch: tokio::sync::watch::Sender::new(table.epoch),
                 table: RwLock::new(Arc::new(table)),
                 conns: Mutex::new(HashMap::new()),
                 timeout,
@@ -125,11 +128,28 @@ impl CacheClient {
 
     /// Adopts `table` if it is newer.
     pub fn update_table(&self, table: PartitionTable) {
+        let epoch = table.epoch;
         if let Ok(mut t) = self.inner.table.write() {
-            if table.epoch > t.epoch {
-                *t = Arc::new(table);
+            if epoch <= t.epoch {
+                return;
             }
+            *t = Arc::new(table);
         }
+        self.inner.epoch.send_if_modified(|e| {
+            let newer = epoch > *e;
+            *e = (*e).max(epoch);
+            newer
+        });
+    }
+
+    /// Waits until the client routes by a table newer than `epoch`, or for `max`. A retry
+    /// after a member's loss waits for this rather than a fixed pause: the new table
+    /// (backups promoted) arrives within milliseconds of the loss, and every write of a
+    /// partition the lost member held waits for it, the DCAS logs of running subtasks
+    /// among them.
+    pub async fn table_after(&self, epoch: u64, max: Duration) {
+        let mut rx = self.inner.epoch.subscribe();
+        let _ = tokio::time::timeout(max, rx.wait_for(|&e| e > epoch)).await;
     }
 
     fn conn(&self, addr: &str) -> Conn {
@@ -230,7 +250,6 @@ impl CacheClient {
                 let timeout = deadline.saturating_duration_since(Instant::now());
                 async move { (addr, idx, conn.call(req, timeout).await) }
             });
-            let mut retry = false;
             for (addr, idx, outcome) in join_all(calls).await {
                 match outcome {
                     Ok(Response::Ops(res, newer)) if res.len() == idx.len() => {
@@ -240,11 +259,9 @@ impl CacheClient {
                         for (i, r) in idx.into_iter().zip(res) {
                             match r {
                                 OpResult::Failed(Failure::Moved) => {
-                                    retry = true;
                                     last = format!("{addr} no longer owns partition {}", ops[i].0);
                                 }
                                 OpResult::Failed(Failure::Behind) => {
-                                    retry = true;
                                     last = format!("{addr} has an older table");
                                 }
                                 OpResult::Failed(Failure::Full { used, limit }) => {
@@ -275,7 +292,6 @@ impl CacheClient {
                         }
                     }
                     Err(e) => {
-                        retry = true;
                         last = e.to_string();
                         for i in idx {
                             if matches!(e, ConnError::Lost(_)) && !is_read(&ops[i].1) {
@@ -287,10 +303,13 @@ impl CacheClient {
                     }
                 }
             }
-            if retry || results.iter().any(Option::is_none) {
+            // What is left is retried once the table changes (a newer one came with a
+            // refusal, or arrives from the master), or after the backoff. Writes whose
+            // outcome is unknown are already answered: the caller decides.
+            if results.iter().any(Option::is_none) {
                 let backoff_us = backoff.as_micros() as u64;
                 tracing::debug!(reason = %last, backoff_us, "Cache operation retried.");
-                tokio::time::sleep(backoff).await;
+                self.table_after(table.epoch, backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(100));
             }
         }

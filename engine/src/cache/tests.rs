@@ -380,3 +380,41 @@ async fn a_copy_that_arrives_before_its_table_is_kept() {
         "the promoted copy holds the write"
     );
 }
+
+/// A retry waiting for a newer table wakes when the client adopts one (the task manager
+/// hands each table from the master to its client), not at the end of its pause; an older
+/// or equal table does not wake it, and with none it waits out the pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_wakes_when_a_newer_table_arrives() {
+    let c = Cluster::start(2, 1 << 30).await;
+    let client = c.client().await;
+    let table = client.table();
+    let epoch = table.epoch;
+    let long = Duration::from_secs(30);
+    // Already newer than the epoch asked about: no wait at all.
+    tokio::time::timeout(Duration::from_secs(5), client.table_after(epoch - 1, long))
+        .await
+        .expect("a newer table is already there");
+    let waiter = {
+        let client = client.clone();
+        tokio::spawn(async move { client.table_after(epoch, long).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    client.update_table((*table).clone());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished(), "the same table again wakes nobody");
+    let mut newer = (*table).clone();
+    newer.epoch += 1;
+    client.update_table(newer);
+    tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("woken by the newer table, well before its 30 s pause")
+        .unwrap();
+    assert_eq!(client.table().epoch, epoch + 1);
+    // Nothing newer coming: the pause is waited out.
+    let started = std::time::Instant::now();
+    client
+        .table_after(epoch + 1, Duration::from_millis(30))
+        .await;
+    assert!(started.elapsed() >= Duration::from_millis(30));
+}

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::channel::{InputPosition, RouterPosition};
 use crate::cache::{CacheClient, CacheError};
@@ -43,8 +43,9 @@ const READ_PAGE: u64 = 512;
 /// Wait before retrying an append the cache refused as full (backpressure).
 const FULL_BACKOFF: Duration = Duration::from_millis(20);
 /// First wait before retrying an append whose member went away (doubling up to
-/// [`FULL_BACKOFF`]): the master promotes its backups within milliseconds, and every
-/// subtask whose log lived there waits for the retry, with its output held back.
+/// [`FULL_BACKOFF`]), cut short when a newer partition table arrives: the master promotes
+/// the backups within milliseconds, and every subtask whose log lived there waits for the
+/// retry, with its output held back.
 const TRANSIENT_BACKOFF: Duration = Duration::from_millis(1);
 
 /// A pause before a retry that doubles, from `next` up to `max`, with each failure in a row.
@@ -421,30 +422,47 @@ impl LogWaiter {
 /// partition table moves the primary to a backup within a heartbeat timeout or two).
 const TRANSIENT_RETRY: Duration = Duration::from_secs(20);
 
-/// Runs an idempotent cache operation, retrying it while the cache recovers from a
-/// member's loss (outcome unknown, timeout, no member reachable) for up to
-/// [`TRANSIENT_RETRY`].
-async fn retrying<T, F, Fut>(what: &str, mut op: F) -> Result<T, CacheError>
+/// Runs an idempotent cache operation of `client`, retrying it while the cache recovers
+/// from a member's loss (outcome unknown, timeout, no member reachable) for up to
+/// [`TRANSIENT_RETRY`]: as soon as the client has a newer table, or after a backoff.
+async fn retrying<T, F, Fut>(client: &CacheClient, what: &str, mut op: F) -> Result<T, CacheError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, CacheError>>,
 {
     let started = tokio::time::Instant::now();
     let mut backoff = Backoff::new(TRANSIENT_BACKOFF, FULL_BACKOFF);
+    let mut retries = 0u32;
     loop {
+        let epoch = client.table().epoch;
         match op().await {
+            Ok(v) if retries > 0 => {
+                recovered(what, retries, started);
+                return Ok(v);
+            }
             Err(
                 e @ (CacheError::Unacknowledged(_)
                 | CacheError::Timeout(..)
                 | CacheError::NoMembers(_)),
             ) if started.elapsed() < TRANSIENT_RETRY => {
                 let pause = backoff.pause();
-                warn!(what, error = %e, retry_in_ms = pause.as_millis() as u64, "Cache operation failed; retrying.");
-                tokio::time::sleep(pause).await;
+                warn!(what, error = %e, retry_within_ms = pause.as_millis() as u64, "Cache operation failed; retrying.");
+                client.table_after(epoch, pause).await;
+                retries += 1;
             }
             other => return other,
         }
     }
+}
+
+/// Logs how long a cache operation that failed (a member lost) took to succeed: what a
+/// member's loss cost the subtasks that did not fail.
+fn recovered(what: &str, retries: u32, started: tokio::time::Instant) {
+    let stalled_us = started.elapsed().as_micros() as u64;
+    info!(
+        what,
+        retries, stalled_us, "Cache operation succeeded after retrying."
+    );
 }
 
 /// Appends `items` at index `next` ([`Op::AppendAt`](crate::protocol::cache::Op)), retrying
@@ -462,11 +480,17 @@ async fn append_at(
 ) -> Result<Result<u64, u64>, CacheError> {
     let started = tokio::time::Instant::now();
     let mut backoff = Backoff::new(TRANSIENT_BACKOFF, FULL_BACKOFF);
+    let mut retries = 0u32;
     loop {
+        let epoch = client.table().epoch;
         match client
             .append_at(partition, list, next, items.to_vec())
             .await
         {
+            Ok(r) if retries > 0 => {
+                recovered(list, retries, started);
+                return Ok(r);
+            }
             // Refused, nothing written: wait for trims to free memory (backpressure).
             Err(CacheError::Full { .. }) if open() => tokio::time::sleep(FULL_BACKOFF).await,
             Err(
@@ -475,8 +499,9 @@ async fn append_at(
                 | CacheError::NoMembers(_)),
             ) if open() && started.elapsed() < TRANSIENT_RETRY => {
                 let pause = backoff.pause();
-                warn!(list = %list, error = %e, retry_in_ms = pause.as_millis() as u64, "Input log append failed; retrying.");
-                tokio::time::sleep(pause).await;
+                warn!(list = %list, error = %e, retry_within_ms = pause.as_millis() as u64, "Input log append failed; retrying.");
+                client.table_after(epoch, pause).await;
+                retries += 1;
             }
             other => return other,
         }
@@ -750,13 +775,12 @@ impl SnapshotStore {
             .to_le_bytes()
             .to_vec();
         let client = &self.client;
-        let recorded = retrying("placing a log", || async {
-            if let Some((v, _)) = client.get(map, key).await? {
-                return Ok(Some(v));
-            }
+        // The put first: a retry of ours that landed on the primary only is replicated
+        // again by it, where a read would find it and stop.
+        let recorded = retrying(client, "placing a log", || async {
             match client.put_if_version(map, key, chosen.clone(), 0).await? {
                 Ok(_) => Ok(Some(chosen.clone())),
-                // Recorded meanwhile (a retried put of ours, or another incarnation).
+                // Recorded before (an earlier incarnation).
                 Err(_) => Ok(client.get(map, key).await?.map(|(v, _)| v)),
             }
         })
@@ -799,19 +823,19 @@ impl SnapshotStore {
         let (p, names) = (self.partition()?, &self.names);
         let value = value.to_vec();
         if snap.follows.is_none() {
-            retrying("storing a snapshot", || {
+            retrying(&self.client, "storing a snapshot", || {
                 self.client
                     .put_in(p, &names.map, &names.key, value.clone(), None)
             })
             .await
             .map_err(|e| self.cache_error("storing a snapshot", e))?;
-            retrying("dropping incremental snapshots", || {
+            retrying(&self.client, "dropping incremental snapshots", || {
                 self.client.trim_prefix(p, &names.changes, snap.id + 1)
             })
             .await
             .map_err(|e| self.cache_error("dropping incremental snapshots", e))?;
         } else {
-            let appended = retrying("storing an incremental snapshot", || {
+            let appended = retrying(&self.client, "storing an incremental snapshot", || {
                 self.client
                     .append_at(p, &names.changes, snap.id, vec![value.clone()])
             })
@@ -827,7 +851,7 @@ impl SnapshotStore {
                 });
             }
         }
-        retrying("trimming a log", || {
+        retrying(&self.client, "trimming a log", || {
             self.client.trim_prefix(p, &names.log, snap.log_offset)
         })
         .await
@@ -839,7 +863,7 @@ impl SnapshotStore {
     /// oldest first (empty before the first snapshot).
     pub async fn load(&self) -> Result<Vec<DcasSnapshot>, DcasError> {
         let (p, names) = (self.partition()?, &self.names);
-        let Some((bytes, _)) = retrying("loading a snapshot", || {
+        let Some((bytes, _)) = retrying(&self.client, "loading a snapshot", || {
             self.client.get_in(p, &names.map, &names.key)
         })
         .await
@@ -854,7 +878,7 @@ impl SnapshotStore {
         let mut chain = vec![decoded(&bytes, format!("snapshot {key}"))?];
         loop {
             let at = chain[chain.len() - 1].id + 1;
-            let (first, items) = retrying("loading incremental snapshots", || {
+            let (first, items) = retrying(&self.client, "loading incremental snapshots", || {
                 self.client.range(p, &names.changes, at, at + READ_PAGE)
             })
             .await
@@ -886,7 +910,7 @@ impl SnapshotStore {
         let mut out = Vec::new();
         let mut at = from;
         loop {
-            let (first, items) = retrying("reading a log", || {
+            let (first, items) = retrying(&self.client, "reading a log", || {
                 self.client.range(p, &self.names.log, at, at + READ_PAGE)
             })
             .await
@@ -952,7 +976,7 @@ impl ChannelProgress {
             .iter()
             .map(|(c, seq)| (c.bytes(), seq.to_le_bytes().to_vec()))
             .collect();
-        retrying("publishing channel progress", || async {
+        retrying(&self.client, "publishing channel progress", || async {
             for r in self.client.put_many(&self.map, entries.clone()).await {
                 r?;
             }
@@ -991,7 +1015,7 @@ impl ChannelProgress {
     /// The logged seq of each channel (0 when its receiver has published nothing yet).
     pub async fn read(&self, channels: &[ChannelKey]) -> Result<Vec<Seq>, DcasError> {
         let keys: Vec<Vec<u8>> = channels.iter().map(ChannelKey::bytes).collect();
-        let values = retrying("reading channel progress", || async {
+        let values = retrying(&self.client, "reading channel progress", || async {
             self.client
                 .get_many(&self.map, keys.clone())
                 .await
@@ -1532,7 +1556,7 @@ impl DcasSubtask {
                     .retry
                     .get_or_insert(Backoff::new(PROGRESS_EVERY, PROGRESS_RETRY));
                 let pause = retry.pause();
-                warn!(log = %self.store.names.log, error = %e, retry_in_ms = pause.as_millis() as u64, "Progress exchange failed; retrying.");
+                warn!(log = %self.store.names.log, error = %e, retry_within_ms = pause.as_millis() as u64, "Progress exchange failed; retrying.");
                 acks.changed.iter_mut().for_each(|c| *c = true);
                 acks.republish |= std::mem::take(&mut acks.republishing);
                 acks.next_at = Some(std::time::Instant::now() + pause);
