@@ -37,17 +37,34 @@ pub fn run_rate(c: &Cluster, spec: &str, n: u64) -> (f64, u64) {
     (n as f64 / (ms as f64 / 1000.0), completed)
 }
 
-/// Waits for the job's `k`-th failover (0-based) to catch up and returns its record.
-pub fn caught_up(c: &Cluster, id: &str, k: usize) -> Value {
+/// Waits for the failover of a kill at `killed_ms` (the first detected then or later) to
+/// catch up and returns its record. Any other failover since `since_ms` was not caused by
+/// a kill: it is printed as unexpected (a benchmark measures a healthy job; one that fails
+/// on its own has a bug to find, and its figures are not the kill's).
+pub fn caught_up(c: &Cluster, id: &str, since_ms: u64, killed_ms: u64) -> Value {
     let mut event = Value::Null;
+    let mut failovers = Vec::new();
     c.wait_until(Duration::from_secs(90), "caught up", |c| {
         let f = c.get(&format!("/jobs/{id}/failovers")).1;
-        event = f["failovers"]
-            .as_array()
-            .and_then(|a| a.get(k).cloned())
+        failovers = f["failovers"].as_array().cloned().unwrap_or_default();
+        let detected = |e: &Value| e["detected_ms"].as_u64().unwrap_or(0);
+        event = failovers
+            .iter()
+            .find(|e| detected(e) >= killed_ms)
+            .cloned()
             .unwrap_or(Value::Null);
         event["caught_up_ms"].as_u64().is_some()
     });
+    for e in &failovers {
+        let at = e["detected_ms"].as_u64().unwrap_or(0);
+        if at >= since_ms && e["attempt"] != event["attempt"] {
+            eprintln!(
+                "UNEXPECTED failover {} ms after the last kill's recovery began, not caused by a kill: {}",
+                at.saturating_sub(since_ms),
+                e["cause"]
+            );
+        }
+    }
     event
 }
 

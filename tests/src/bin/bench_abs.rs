@@ -97,6 +97,7 @@ fn recovery(args: &[String]) {
     });
     let id = c.submit(&four_stages(rate));
     let mut phases: Vec<[f64; 7]> = Vec::new();
+    let mut settled = 0;
     for k in 0..kills {
         wait_checkpoints_since_restore(&c, &id, 3);
         let job = c.job(&id);
@@ -113,7 +114,8 @@ fn recovery(args: &[String]) {
         c.kill_taskmanager(index);
         c.add_taskmanager();
         let started = Instant::now();
-        let event = caught_up(&c, &id, k);
+        let event = caught_up(&c, &id, settled, killed);
+        settled = now_ms();
         let at = |a: &str, b: &str| phase(&event, b, 0) - phase(&event, a, 0);
         let t = [
             phase(&event, "detected_ms", killed),

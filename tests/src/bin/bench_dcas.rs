@@ -91,6 +91,8 @@ struct Victim {
     id: String,
     dcas: bool,
     kills: usize,
+    /// When the last kill's recovery caught up (ms since the epoch; 0 before).
+    settled_ms: u64,
 }
 
 impl Victim {
@@ -100,7 +102,12 @@ impl Victim {
         c.wait_until(Duration::from_secs(30), "job running", |c| {
             c.job(&id)["state"] == "RUNNING"
         });
-        Victim { id, dcas, kills: 0 }
+        Victim {
+            id,
+            dcas,
+            kills: 0,
+            settled_ms: 0,
+        }
     }
 
     /// SIGKILLs the task managers running `stages` at once, waits for the job to catch up,
@@ -136,7 +143,8 @@ impl Victim {
         );
         let killed = now_ms();
         c.kill_taskmanagers(&victims);
-        let event = caught_up(c, &self.id, self.kills);
+        let event = caught_up(c, &self.id, self.settled_ms, killed);
+        self.settled_ms = now_ms();
         // Replacements join once the job caught up: started during the recovery, their
         // start-up would take these 2 cores from it (the paper's machines are separate),
         // and the spares already hold the restarted subtasks.
