@@ -129,7 +129,8 @@ impl CacheClient {
     /// Adopts `table` if it is newer.
     pub fn update_table(&self, table: PartitionTable) {
         let epoch = table.epoch;
-        if let Ok(mut t) = self.inner.table.write() {
+        {
+            let mut t = self.inner.table.write().unwrap_or_else(|e| e.into_inner());
             if epoch <= t.epoch {
                 return;
             }
