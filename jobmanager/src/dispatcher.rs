@@ -2610,6 +2610,20 @@ impl Dispatcher {
     }
 }
 
+/// Test only: keeps the dispatcher's thread busy, as a slow disk under a flush would.
+#[cfg(test)]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Stall(pub Duration);
+
+#[cfg(test)]
+impl Handler<Stall> for Dispatcher {
+    type Result = ();
+    fn handle(&mut self, msg: Stall, _ctx: &mut Self::Context) {
+        std::thread::sleep(msg.0);
+    }
+}
+
 /// List jobs (current and from earlier runs).
 #[derive(Message)]
 #[rtype(result = "Vec<JobSummary>")]

@@ -63,8 +63,17 @@ pub async fn start(config: &JmConfig, local: LocalProcesses) -> Result<JobManage
         config.cache_max_copies,
     )
     .start();
-    let dispatcher =
-        Dispatcher::new(rm.clone(), cache.clone(), store, config.collect_limit).start();
+    // The dispatcher runs on a thread of its own. It writes job records and completed
+    // checkpoints to sled and waits for their flush (an fsync): on a slow disk that may
+    // take long, and the task managers' heartbeats, the failure detector, the cache master
+    // and the control connections, all on this thread, must not wait for it (a task
+    // manager unacknowledged for a heartbeat timeout fences itself).
+    let dispatcher = {
+        let (rm, cache, collect_limit) = (rm.clone(), cache.clone(), config.collect_limit);
+        Dispatcher::start_in_arbiter(&Arbiter::new().handle(), move |_| {
+            Dispatcher::new(rm, cache, store, collect_limit)
+        })
+    };
     rm.do_send(Subscribe {
         lost: vec![dispatcher.clone().recipient(), cache.clone().recipient()],
         reports: dispatcher.clone().recipient(),
@@ -122,4 +131,42 @@ pub async fn start(config: &JmConfig, local: LocalProcesses) -> Result<JobManage
         dispatcher,
         server: handle,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::resource_manager::GetAlive;
+
+    /// While the dispatcher is busy (here for 3 s, as a slow fsync of a checkpoint would
+    /// keep it), the resource manager, which takes the task managers' heartbeats, and the
+    /// REST server still answer at once.
+    #[test]
+    fn a_busy_dispatcher_holds_up_no_heartbeat() {
+        let dir = tempfile::tempdir().unwrap();
+        actix::System::new().block_on(async {
+            let config = JmConfig {
+                rest_addr: "127.0.0.1:0".into(),
+                control_addr: "127.0.0.1:0".into(),
+                data_dir: dir.path().to_path_buf(),
+                ..JmConfig::default()
+            };
+            let jm = start(&config, LocalProcesses::default()).await.unwrap();
+            jm.dispatcher
+                .do_send(dispatcher::Stall(Duration::from_secs(3)));
+            let asked = Instant::now();
+            // Time for the dispatcher to start its stall, on whichever thread it runs.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            jm.rm.send(GetAlive).await.unwrap();
+            assert!(
+                asked.elapsed() < Duration::from_secs(1),
+                "the resource manager answered after {:?}",
+                asked.elapsed()
+            );
+            jm.server.stop(false).await;
+            System::current().stop();
+        });
+    }
 }
