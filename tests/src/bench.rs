@@ -59,7 +59,7 @@ pub fn caught_up(c: &Cluster, id: &str, since_ms: u64, killed_ms: u64) -> Value 
         let at = e["detected_ms"].as_u64().unwrap_or(0);
         if at >= since_ms && e["attempt"] != event["attempt"] {
             eprintln!(
-                "UNEXPECTED failover {} ms after the last kill's recovery began, not caused by a kill: {}",
+                "UNEXPECTED failover {} ms after the last kill's recovery caught up, not caused by a kill: {}",
                 at.saturating_sub(since_ms),
                 e["cause"]
             );

@@ -425,7 +425,21 @@ const TRANSIENT_RETRY: Duration = Duration::from_secs(20);
 /// Runs an idempotent cache operation of `client`, retrying it while the cache recovers
 /// from a member's loss (outcome unknown, timeout, no member reachable) for up to
 /// [`TRANSIENT_RETRY`]: as soon as the client has a newer table, or after a backoff.
-async fn retrying<T, F, Fut>(client: &CacheClient, what: &str, mut op: F) -> Result<T, CacheError>
+async fn retrying<T, F, Fut>(client: &CacheClient, what: &str, op: F) -> Result<T, CacheError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, CacheError>>,
+{
+    retrying_while(client, what, || true, op).await
+}
+
+/// [`retrying`], giving up as soon as `open()` turns false (the caller stopped).
+async fn retrying_while<T, F, Fut>(
+    client: &CacheClient,
+    what: &str,
+    open: impl Fn() -> bool,
+    mut op: F,
+) -> Result<T, CacheError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, CacheError>>,
@@ -437,14 +451,19 @@ where
         let epoch = client.table().epoch;
         match op().await {
             Ok(v) if retries > 0 => {
-                recovered(what, retries, started);
+                // What a member's loss cost a subtask that did not fail.
+                let stalled_us = started.elapsed().as_micros() as u64;
+                info!(
+                    what,
+                    retries, stalled_us, "Cache operation succeeded after retrying."
+                );
                 return Ok(v);
             }
             Err(
                 e @ (CacheError::Unacknowledged(_)
                 | CacheError::Timeout(..)
                 | CacheError::NoMembers(_)),
-            ) if started.elapsed() < TRANSIENT_RETRY => {
+            ) if open() && started.elapsed() < TRANSIENT_RETRY => {
                 let pause = backoff.pause();
                 warn!(what, error = %e, retry_within_ms = pause.as_millis() as u64, "Cache operation failed; retrying.");
                 client.table_after(epoch, pause).await;
@@ -453,16 +472,6 @@ where
             other => return other,
         }
     }
-}
-
-/// Logs how long a cache operation that failed (a member lost) took to succeed: what a
-/// member's loss cost the subtasks that did not fail.
-fn recovered(what: &str, retries: u32, started: tokio::time::Instant) {
-    let stalled_us = started.elapsed().as_micros() as u64;
-    info!(
-        what,
-        retries, stalled_us, "Cache operation succeeded after retrying."
-    );
 }
 
 /// Appends `items` at index `next` ([`Op::AppendAt`](crate::protocol::cache::Op)), retrying
@@ -478,34 +487,19 @@ async fn append_at(
     items: &[Vec<u8>],
     open: impl Fn() -> bool,
 ) -> Result<Result<u64, u64>, CacheError> {
-    let started = tokio::time::Instant::now();
-    let mut backoff = Backoff::new(TRANSIENT_BACKOFF, FULL_BACKOFF);
-    let mut retries = 0u32;
-    loop {
-        let epoch = client.table().epoch;
-        match client
-            .append_at(partition, list, next, items.to_vec())
-            .await
-        {
-            Ok(r) if retries > 0 => {
-                recovered(list, retries, started);
-                return Ok(r);
+    retrying_while(client, list, &open, || async {
+        loop {
+            match client
+                .append_at(partition, list, next, items.to_vec())
+                .await
+            {
+                // Refused, nothing written: wait for trims to free memory (backpressure).
+                Err(CacheError::Full { .. }) if open() => tokio::time::sleep(FULL_BACKOFF).await,
+                other => return other,
             }
-            // Refused, nothing written: wait for trims to free memory (backpressure).
-            Err(CacheError::Full { .. }) if open() => tokio::time::sleep(FULL_BACKOFF).await,
-            Err(
-                e @ (CacheError::Unacknowledged(_)
-                | CacheError::Timeout(..)
-                | CacheError::NoMembers(_)),
-            ) if open() && started.elapsed() < TRANSIENT_RETRY => {
-                let pause = backoff.pause();
-                warn!(list = %list, error = %e, retry_within_ms = pause.as_millis() as u64, "Input log append failed; retrying.");
-                client.table_after(epoch, pause).await;
-                retries += 1;
-            }
-            other => return other,
         }
-    }
+    })
+    .await
 }
 
 /// The writer task: one append in flight, everything queued meanwhile in the next.
@@ -1556,7 +1550,7 @@ impl DcasSubtask {
                     .retry
                     .get_or_insert(Backoff::new(PROGRESS_EVERY, PROGRESS_RETRY));
                 let pause = retry.pause();
-                warn!(log = %self.store.names.log, error = %e, retry_within_ms = pause.as_millis() as u64, "Progress exchange failed; retrying.");
+                warn!(log = %self.store.names.log, error = %e, retry_in_ms = pause.as_millis() as u64, "Progress exchange failed; retrying.");
                 acks.changed.iter_mut().for_each(|c| *c = true);
                 acks.republish |= std::mem::take(&mut acks.republishing);
                 acks.next_at = Some(std::time::Instant::now() + pause);
