@@ -519,19 +519,20 @@ impl CacheClient {
         }
     }
 
-    /// Items `from..to` of list `list` in partition `p`: the first index returned and the
-    /// items (fewer when the range reaches past the ends).
+    /// Up to `limit` items of list `list` in partition `p` from index `from`, or from the
+    /// list's start when it was trimmed past `from`: the first index returned and the
+    /// items (fewer when the list ends first).
     pub async fn range(
         &self,
         p: u32,
         list: &str,
         from: u64,
-        to: u64,
+        limit: u64,
     ) -> Result<(u64, Vec<Vec<u8>>), CacheError> {
         let op = Op::Range {
             list: list.into(),
             from,
-            to,
+            limit,
         };
         match self.one(p, op).await? {
             OpResult::Items(first, items) => Ok((first, items)),

@@ -85,14 +85,16 @@ pub enum Op {
         /// Items, in order.
         items: Vec<Vec<u8>>,
     },
-    /// Items `from..to` (clamped to what the list holds).
+    /// Up to `limit` items from index `from`, or from the list's start when it was trimmed
+    /// past `from` (so a reader that does not know where a list starts pages it from 0
+    /// without a round trip to ask).
     Range {
         /// List name.
         list: String,
-        /// First index.
+        /// First index wanted.
         from: u64,
-        /// End index (exclusive).
-        to: u64,
+        /// Most items answered.
+        limit: u64,
     },
     /// Drops items before `upto`.
     TrimPrefix {

@@ -769,13 +769,19 @@ impl SnapshotStore {
             .to_le_bytes()
             .to_vec();
         let client = &self.client;
-        // The put first: a retry of ours that landed on the primary only is replicated
-        // again by it, where a read would find it and stop.
+        // The put decides: a retry of ours that landed on the primary only is replicated
+        // again by it, where a read alone would find it and stop. The read goes beside it,
+        // so a restart (recorded before, by an earlier incarnation) takes one round trip.
         let recorded = retrying(client, "placing a log", || async {
-            match client.put_if_version(map, key, chosen.clone(), 0).await? {
-                Ok(_) => Ok(Some(chosen.clone())),
-                // Recorded before (an earlier incarnation).
-                Err(_) => Ok(client.get(map, key).await?.map(|(v, _)| v)),
+            let (put, read) = tokio::join!(
+                client.put_if_version(map, key, chosen.clone(), 0),
+                client.get(map, key)
+            );
+            match (put?, read?) {
+                (Ok(_), _) => Ok(Some(chosen.clone())),
+                (Err(_), Some((v, _))) => Ok(Some(v)),
+                // The read overtook the put that found the record: read again.
+                (Err(_), None) => Ok(client.get(map, key).await?.map(|(v, _)| v)),
             }
         })
         .await
@@ -854,15 +860,20 @@ impl SnapshotStore {
     }
 
     /// The latest stored snapshot: the last whole one and the incremental ones after it,
-    /// oldest first (empty before the first snapshot).
+    /// oldest first (empty before the first snapshot). The whole one and the list of
+    /// incremental ones are read at once: a whole snapshot at id `w` trims the list to
+    /// start at `w + 1`, and any entry left below (a store cut short) is skipped.
     pub async fn load(&self) -> Result<Vec<DcasSnapshot>, DcasError> {
         let (p, names) = (self.partition()?, &self.names);
-        let Some((bytes, _)) = retrying(&self.client, "loading a snapshot", || {
-            self.client.get_in(p, &names.map, &names.key)
-        })
-        .await
-        .map_err(|e| self.cache_error("loading the snapshot", e))?
-        else {
+        let whole = async {
+            retrying(&self.client, "loading a snapshot", || {
+                self.client.get_in(p, &names.map, &names.key)
+            })
+            .await
+            .map_err(|e| self.cache_error("loading the snapshot", e))
+        };
+        let (whole, (first, items)) = tokio::try_join!(whole, self.range_all(&names.changes, 0))?;
+        let Some((bytes, _)) = whole else {
             return Ok(Vec::new());
         };
         let decoded = |bytes: &[u8], what: String| {
@@ -870,60 +881,104 @@ impl SnapshotStore {
         };
         let key = String::from_utf8_lossy(&names.key);
         let mut chain = vec![decoded(&bytes, format!("snapshot {key}"))?];
-        loop {
-            let at = chain[chain.len() - 1].id + 1;
-            let (first, items) = retrying(&self.client, "loading incremental snapshots", || {
-                self.client.range(p, &names.changes, at, at + READ_PAGE)
-            })
-            .await
-            .map_err(|e| self.cache_error("loading incremental snapshots", e))?;
-            if items.is_empty() {
-                return Ok(chain);
-            }
-            for (i, item) in items.iter().enumerate() {
-                let id = first + i as u64;
-                let snap = decoded(item, format!("incremental snapshot {id} of {key}"))?;
-                let prev = chain[chain.len() - 1].id;
-                if first != at || snap.id != id || snap.follows != Some(prev) {
-                    return Err(DcasError::Corrupt {
-                        list: names.changes.clone(),
-                        message: format!(
-                            "entry {id} holds snapshot {} following {:?}, expected {id} following {prev}",
-                            snap.id, snap.follows
-                        ),
-                    });
-                }
-                chain.push(snap);
-            }
+        let from = chain[0].id + 1;
+        if first > from {
+            return Err(DcasError::Corrupt {
+                list: names.changes.clone(),
+                message: format!(
+                    "incremental snapshots from {from} are gone (the list starts at {first})"
+                ),
+            });
         }
+        for (id, item) in (first..).zip(&items).skip_while(|(id, _)| *id < from) {
+            let snap = decoded(item, format!("incremental snapshot {id} of {key}"))?;
+            let prev = chain[chain.len() - 1].id;
+            if snap.id != id || snap.follows != Some(prev) {
+                return Err(DcasError::Corrupt {
+                    list: names.changes.clone(),
+                    message: format!(
+                        "entry {id} holds snapshot {} following {:?}, expected {id} following {prev}",
+                        snap.id, snap.follows
+                    ),
+                });
+            }
+            chain.push(snap);
+        }
+        Ok(chain)
     }
 
     /// Every log entry from index `from` to the end, in order, and the end index.
     pub async fn read_log(&self, from: u64) -> Result<(Vec<LogEntry>, u64), DcasError> {
-        let p = self.partition()?;
-        let mut out = Vec::new();
-        let mut at = from;
-        loop {
-            let (first, items) = retrying(&self.client, "reading a log", || {
-                self.client.range(p, &self.names.log, at, at + READ_PAGE)
-            })
-            .await
-            .map_err(|e| self.cache_error("reading the log", e))?;
-            if first != at && !(items.is_empty() && first <= at) {
-                return Err(DcasError::Corrupt {
-                    list: self.names.log.clone(),
-                    message: format!("entries from {at} are gone (the log starts at {first})"),
-                });
-            }
-            if items.is_empty() {
-                return Ok((out, at));
-            }
-            for item in &items {
-                out.push(LogEntry::decode(item).map_err(|source| DcasError::Codec {
+        let (first, items) = self.range_all(&self.names.log, from).await?;
+        self.decode_log(from, first, &items)
+    }
+
+    /// The latest stored snapshot ([`SnapshotStore::load`]), the log entries after it and
+    /// the log's end. The log is read from its start beside the snapshot: it is trimmed
+    /// only once a snapshot is stored, so it never starts after the latest one's offset.
+    pub async fn load_with_log(
+        &self,
+    ) -> Result<(Vec<DcasSnapshot>, Vec<LogEntry>, u64), DcasError> {
+        let (chain, (first, items)) =
+            tokio::try_join!(self.load(), self.range_all(&self.names.log, 0))?;
+        let from = chain.last().map_or(0, |s| s.log_offset);
+        let (entries, end) = self.decode_log(from, first, &items)?;
+        Ok((chain, entries, end))
+    }
+
+    /// The entries from `from` of the log items read from index `first`, and the log's end.
+    fn decode_log(
+        &self,
+        from: u64,
+        first: u64,
+        items: &[Vec<u8>],
+    ) -> Result<(Vec<LogEntry>, u64), DcasError> {
+        let end = first + items.len() as u64;
+        if first > from {
+            return Err(DcasError::Corrupt {
+                list: self.names.log.clone(),
+                message: format!("entries from {from} are gone (the log starts at {first})"),
+            });
+        }
+        let entries = (first..)
+            .zip(items)
+            .skip_while(|(at, _)| *at < from)
+            .map(|(at, item)| {
+                LogEntry::decode(item).map_err(|source| DcasError::Codec {
                     what: format!("log entry {at} of {}", self.names.log),
                     source,
-                })?);
-                at += 1;
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok((entries, end.max(from)))
+    }
+
+    /// The items of `list` from index `from` (or its start, if later) to its end: the first
+    /// index and the items, a page per request until a page comes back short.
+    async fn range_all(&self, list: &str, from: u64) -> Result<(u64, Vec<Vec<u8>>), DcasError> {
+        let p = self.partition()?;
+        let (mut start, mut out, mut at) = (None, Vec::new(), from);
+        loop {
+            let (first, items) = retrying(&self.client, "reading a list", || {
+                self.client.range(p, list, at, READ_PAGE)
+            })
+            .await
+            .map_err(|source| DcasError::Cache {
+                what: format!("reading {list}"),
+                source,
+            })?;
+            if start.is_some() && first != at {
+                return Err(DcasError::Corrupt {
+                    list: list.to_string(),
+                    message: format!("trimmed past {at} while being read"),
+                });
+            }
+            let short = (items.len() as u64) < READ_PAGE;
+            start.get_or_insert(first);
+            at = first + items.len() as u64;
+            out.extend(items);
+            if short {
+                return Ok((start.unwrap_or(from), out));
             }
         }
     }
@@ -1320,12 +1375,10 @@ impl DcasSubtask {
     /// first start) and the log entries after it, and starts the log writer after them.
     pub async fn load(&mut self) -> Result<(Vec<DcasSnapshot>, Vec<LogEntry>), DcasError> {
         let partition = self.store.place(self.me).await?;
-        let snap = self.store.load().await?;
-        let from = snap.last().map_or(0, |s| s.log_offset);
+        let (snap, entries, end) = self.store.load_with_log().await?;
         if let Some(s) = snap.last() {
             self.next_id = s.id + 1;
         }
-        let (entries, end) = self.store.read_log(from).await?;
         self.log = Some(InputLog::start_leased(
             self.store.client.clone(),
             partition,
@@ -1846,7 +1899,34 @@ mod tests {
         store.store(&whole).await.unwrap();
         assert_eq!(store.load().await.unwrap(), vec![whole.clone()]);
         store.store(&link(5, 1900)).await.unwrap();
-        assert_eq!(store.load().await.unwrap(), vec![whole, link(5, 1900)]);
+        assert_eq!(
+            store.load().await.unwrap(),
+            vec![whole.clone(), link(5, 1900)]
+        );
+        // A restart reads the snapshot and the log at once: the entries after the offset.
+        let (chain, tail, end) = store.load_with_log().await.unwrap();
+        assert_eq!(chain, vec![whole.clone(), link(5, 1900)]);
+        assert_eq!((tail.as_slice(), end), (&pushed[1900..], 2000));
+        // A store cut short after the whole snapshot (log and incremental ones not
+        // trimmed yet): what lies before it is skipped.
+        let cut = DcasSnapshot {
+            id: 6,
+            log_offset: 1950,
+            ..whole
+        };
+        client
+            .put_in(
+                p,
+                &names.map,
+                &names.key,
+                encode(&cut).unwrap().to_vec(),
+                None,
+            )
+            .await
+            .unwrap();
+        let (chain, tail, end) = store.load_with_log().await.unwrap();
+        assert_eq!(chain, vec![cut]);
+        assert_eq!((tail.as_slice(), end), (&pushed[1950..], 2000));
 
         // A restarted writer continues at the end; a writer that starts at a wrong index
         // stops with a named error instead of writing a gap.

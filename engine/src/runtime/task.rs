@@ -1332,6 +1332,7 @@ impl SubtaskRunner {
             Ok(both) => both,
             Err(e) => return Err(self.dcas_failure(e)),
         };
+        let load_us = started.elapsed().as_micros() as u64;
         let restored = snap.last().map(|s| s.id);
         // Incremental snapshots applied after the whole one.
         let links = snap.len().saturating_sub(1);
@@ -1389,7 +1390,7 @@ impl SubtaskRunner {
             .store(links as u64, Ordering::Relaxed);
         self.resumed();
         if restored.is_some() || replayed > 0 {
-            info!(snapshot = ?restored, links, replayed, took_ms = started.elapsed().as_millis() as u64, "Subtask restored from the cache.");
+            info!(snapshot = ?restored, links, replayed, load_us, took_us = started.elapsed().as_micros() as u64, "Subtask restored from the cache.");
         }
         Ok(finished)
     }
