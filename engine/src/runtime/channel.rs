@@ -923,17 +923,23 @@ impl Router {
 
     /// Sends a latency marker from `at` on every channel, behind every record buffered so
     /// far: at once when none is, else when the last of them leaves (or is sealed; then it
-    /// leaves right after the last sealed batch). A newer marker replaces one still
-    /// waiting. Records buffered before a marker leave within the linger time, so a marker
-    /// waits no longer than they do.
+    /// leaves right after the last sealed batch). Records buffered before a marker leave
+    /// within the linger time, so a marker waits no longer than they do.
+    ///
+    /// A newer marker is dropped while an older one waits: the waiting one stands for the
+    /// records that have waited longest, and its origin is the earliest moment whose data
+    /// is known to have left. Keeping the newer one instead would hide that time: a sink
+    /// would see only one origin per release (a linger time, or a log-append cycle under
+    /// DCAS), and a recovery's end (the first marker after the inputs caught up that
+    /// arrives in time) would be timed up to that cycle late.
     pub async fn mark(&mut self, at: i64) -> Result<(), RouteError> {
-        self.marker = self.marker.max(Some(at));
+        self.marker = Some(self.marker.map_or(at, |waiting| waiting.min(at)));
         self.queue_marker();
         self.send_markers().await
     }
 
-    /// Queues the waiting marker behind the sealed output once no record is buffered (a
-    /// marker already last in the queue is moved on instead: nothing follows it).
+    /// Queues the waiting marker behind the sealed output once no record is buffered (when
+    /// a marker is already last in the queue, nothing follows it, and the older one stays).
     fn queue_marker(&mut self) {
         if !self.buffers_empty() {
             return;
@@ -945,7 +951,7 @@ impl Router {
             Some(Sealed {
                 what: Held::Marker(last),
                 ..
-            }) => *last = (*last).max(at),
+            }) => *last = (*last).min(at),
             _ => {
                 let what = Held::Marker(at);
                 self.sealed.push_back(Sealed { required: 0, what });
@@ -1357,7 +1363,7 @@ mod tests {
 
     /// Ensures a latency marker never overtakes a record routed before it: it waits for a
     /// partly filled buffer to leave, and (DCAS) behind the batches sealed for the log; a
-    /// newer marker replaces one still waiting.
+    /// newer marker is dropped while an older one waits.
     #[tokio::test]
     async fn markers_go_behind_the_records_before_them() {
         let (t, mut rx) = channel(64, 0);
@@ -1381,7 +1387,7 @@ mod tests {
         router.mark(3).await.unwrap();
         router.mark(4).await.unwrap();
         router.flush().await.unwrap();
-        assert_eq!(arrived(&mut rx), ["d10+3", "m4"]);
+        assert_eq!(arrived(&mut rx), ["d10+3", "m3"], "m3 waited longest");
 
         // DCAS: sealed output leaves when the log holds its inputs; the marker behind it.
         router.retain_output();
@@ -1402,7 +1408,7 @@ mod tests {
         router.send_sealed(3).await.unwrap();
         assert_eq!(
             arrived(&mut rx),
-            ["d13+10", "m7"],
+            ["d13+10", "m5"],
             "m6 waits for the second batch"
         );
         router.send_sealed(4).await.unwrap();
