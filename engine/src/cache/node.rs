@@ -117,7 +117,7 @@ struct Node {
     parts: RwLock<Vec<Arc<Mutex<Partition>>>>,
     forwards: Mutex<HashMap<u32, Forward>>,
     peers: Mutex<HashMap<String, Conn>>,
-    used: AtomicU64,
+    budget: Budget,
     map_bytes: AtomicU64,
     list_bytes: AtomicU64,
     map_entries: AtomicU64,
@@ -135,6 +135,42 @@ struct Node {
 pub struct CacheNode {
     node: Arc<Node>,
     addr: SocketAddr,
+}
+
+/// The bytes a member holds, against its limit. A write reserves what it may add before it
+/// is applied, in one compare-and-swap, and settles what it did add afterwards: writes to
+/// different partitions run on several threads at once, and a check of the bytes held
+/// followed by an addition would let them pass the limit together.
+struct Budget {
+    used: AtomicU64,
+    limit: u64,
+}
+
+impl Budget {
+    fn new(limit: u64) -> Budget {
+        Budget {
+            used: AtomicU64::new(0),
+            limit,
+        }
+    }
+
+    fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Reserves `adding` bytes, or answers the bytes held when they do not fit.
+    fn reserve(&self, adding: u64) -> Result<(), u64> {
+        let fits = |used: u64| used.checked_add(adding).filter(|&n| n <= self.limit);
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, fits)
+            .map(|_| ())
+    }
+
+    /// Replaces a reservation of `reserved` bytes by the `added` bytes the write added
+    /// (fewer, or a negative number when it freed some).
+    fn settle(&self, reserved: u64, added: i64) {
+        add_signed(&self.used, added - reserved as i64);
+    }
 }
 
 fn add_signed(a: &AtomicU64, d: i64) {
@@ -156,12 +192,12 @@ impl CacheNode {
         let local = listener.local_addr()?;
         let node = Arc::new(Node {
             me,
+            budget: Budget::new(config.memory_limit),
             config,
             table: RwLock::new(None),
             parts: RwLock::new(Vec::new()),
             forwards: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
-            used: AtomicU64::new(0),
             map_bytes: AtomicU64::new(0),
             list_bytes: AtomicU64::new(0),
             map_entries: AtomicU64::new(0),
@@ -203,7 +239,7 @@ impl CacheNode {
     pub fn stats(&self) -> CacheStats {
         let n = &self.node;
         CacheStats {
-            bytes: n.used.load(Ordering::Relaxed),
+            bytes: n.budget.used(),
             limit: n.config.memory_limit,
             map_bytes: n.map_bytes.load(Ordering::Relaxed),
             list_bytes: n.list_bytes.load(Ordering::Relaxed),
@@ -291,23 +327,32 @@ impl Node {
         self.parts.read().ok()?.get(p as usize).cloned()
     }
 
+    /// Counts a change that reserved nothing (one that frees bytes).
     fn account(&self, d: Usage) {
-        add_signed(&self.used, d.bytes());
+        self.account_reserved(0, d);
+    }
+
+    /// Counts a write's change, which reserved `reserved` bytes before it was applied.
+    fn account_reserved(&self, reserved: u64, d: Usage) {
+        self.budget.settle(reserved, d.bytes());
         add_signed(&self.map_bytes, d.map_bytes);
         add_signed(&self.list_bytes, d.list_bytes);
         add_signed(&self.map_entries, d.map_entries);
         add_signed(&self.list_items, d.list_items);
     }
 
-    fn full(&self, adding: u64) -> Option<Failure> {
-        let used = self.used.load(Ordering::Relaxed);
-        (used.saturating_add(adding) > self.config.memory_limit).then(|| {
-            self.full_rejections.fetch_add(1, Ordering::Relaxed);
-            Failure::Full {
-                used,
-                limit: self.config.memory_limit,
-            }
-        })
+    /// Reserves the bytes a write may add, or answers why it is refused.
+    fn reserve(&self, adding: u64) -> Result<u64, Failure> {
+        self.budget
+            .reserve(adding)
+            .map(|()| adding)
+            .map_err(|used| {
+                self.full_rejections.fetch_add(1, Ordering::Relaxed);
+                Failure::Full {
+                    used,
+                    limit: self.config.memory_limit,
+                }
+            })
     }
 
     fn peer(&self, addr: &str) -> Conn {
@@ -401,10 +446,13 @@ impl Node {
                 }
             };
             if let Some(m) = mutation {
-                if let Some(f) = self.full(part.growth(&m)) {
-                    results.push(OpResult::Failed(f));
-                    continue;
-                }
+                let reserved = match self.reserve(part.growth(&m)) {
+                    Ok(reserved) => reserved,
+                    Err(f) => {
+                        results.push(OpResult::Failed(f));
+                        continue;
+                    }
+                };
                 let replicas = self.replicas(&table, p);
                 let mut pending = Vec::with_capacity(replicas.len());
                 for r in &replicas {
@@ -417,7 +465,7 @@ impl Node {
                 }
                 part.written_at(version);
                 let d = part.apply(m);
-                self.account(d);
+                self.account_reserved(reserved, d);
                 if !pending.is_empty() {
                     waits.push((i, pending));
                 }
@@ -475,12 +523,13 @@ impl Node {
             if let Err(f) = store::check(&m) {
                 return Response::Replicated(Err(f));
             }
-            if let Some(f) = self.full(part.growth(&m)) {
-                return Response::Replicated(Err(f));
-            }
+            let reserved = match self.reserve(part.growth(&m)) {
+                Ok(reserved) => reserved,
+                Err(f) => return Response::Replicated(Err(f)),
+            };
             part.written_at(version);
             let d = part.apply(m);
-            self.account(d);
+            self.account_reserved(reserved, d);
             self.replicated.fetch_add(1, Ordering::Relaxed);
         }
         Response::Replicated(Ok(()))
@@ -700,4 +749,39 @@ async fn serve(stream: TcpStream, node: Arc<Node>) -> Result<(), String> {
     drop(tx);
     let _ = writer.await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Budget;
+
+    /// Ensures a reservation counts at once: a second write cannot pass the limit on the
+    /// bytes held before the first one was applied.
+    #[test]
+    fn reservations_count_before_the_write_is_applied() {
+        let b = Budget::new(100);
+        assert_eq!(b.reserve(60), Ok(()));
+        assert_eq!(b.reserve(50), Err(60), "60 reserved, not yet applied");
+        b.settle(60, 40);
+        assert_eq!(b.used(), 40, "the write added less than it reserved");
+        assert_eq!(b.reserve(60), Ok(()));
+        assert_eq!(b.reserve(1), Err(100));
+        b.settle(60, -30);
+        assert_eq!(b.used(), 10, "a write that freed bytes");
+        assert_eq!(b.reserve(u64::MAX), Err(10), "no overflow");
+    }
+
+    /// Ensures writes on many threads at once never hold more than the limit together.
+    #[test]
+    fn concurrent_reservations_stay_within_the_limit() {
+        let b = Budget::new(100);
+        let granted: usize = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..16)
+                .map(|_| s.spawn(|| usize::from(b.reserve(20).is_ok())))
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap_or(0)).sum()
+        });
+        assert_eq!(granted, 5);
+        assert_eq!(b.used(), 100);
+    }
 }

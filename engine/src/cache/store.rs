@@ -12,6 +12,11 @@ use crate::protocol::cache::{Failure, Mutation, Op, OpResult};
 pub const ENTRY_OVERHEAD: u64 = 48;
 /// Bookkeeping bytes charged per list item.
 pub const ITEM_OVERHEAD: u64 = 24;
+/// Bookkeeping bytes charged per list on top of its name. A list outlives its items (a
+/// trimmed list keeps its start index, so appends and reads go on at the right index), so
+/// without a charge for the list itself, writes naming ever new lists would grow a member
+/// without limit.
+pub const LIST_OVERHEAD: u64 = 64;
 
 /// A map entry.
 #[derive(Clone, Debug)]
@@ -156,6 +161,10 @@ fn item_bytes(item: &[u8]) -> i64 {
     item.len() as i64 + ITEM_OVERHEAD as i64
 }
 
+fn list_bytes(name: &str) -> i64 {
+    name.len() as i64 + LIST_OVERHEAD as i64
+}
+
 /// Refuses a mutation that cannot be held: list items whose indices would pass `u64::MAX`
 /// (after a trim up to there). Clients' appends are checked when planned, a primary's
 /// mutations again on each replica.
@@ -233,19 +242,37 @@ impl Partition {
     /// a list's end counts the placeholders that fill the gap, so a replication message
     /// naming an absurd index is refused as full instead of allocating them.
     pub fn growth(&self, m: &Mutation) -> u64 {
-        let (replaced, gap) = match m {
-            Mutation::ListSet { list, index, .. } => self.lists.get(list).map_or((0, 0), |l| {
-                let replaced = l.items_from(*index).map(|i| item_bytes(i) as u64).sum();
-                let gap = if l.len > 0 {
-                    index.saturating_sub(l.end())
-                } else {
-                    0
-                };
-                (replaced, gap.saturating_mul(ITEM_OVERHEAD))
-            }),
+        let new_list = |list: &str| match self.lists.contains_key(list) {
+            true => 0,
+            false => list_bytes(list) as u64,
+        };
+        let (replaced, added) = match m {
+            Mutation::ListSet { list, index, .. } => {
+                self.lists.get(list).map_or((0, new_list(list)), |l| {
+                    let replaced = l.items_from(*index).map(|i| item_bytes(i) as u64).sum();
+                    let gap = if l.len > 0 {
+                        index.saturating_sub(l.end())
+                    } else {
+                        0
+                    };
+                    (replaced, gap.saturating_mul(ITEM_OVERHEAD))
+                })
+            }
+            Mutation::ListTrim { list, .. } => (0, new_list(list)),
             _ => (0, 0),
         };
-        growth(m).saturating_add(gap).saturating_sub(replaced)
+        growth(m).saturating_add(added).saturating_sub(replaced)
+    }
+
+    /// The list named `name`, made (and charged to `d`) if there is none.
+    fn list(&mut self, name: String, d: &mut Usage) -> &mut List {
+        match self.lists.entry(name) {
+            std::collections::hash_map::Entry::Occupied(l) => l.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                d.list_bytes += list_bytes(v.key());
+                v.insert(List::default())
+            }
+        }
     }
 
     /// Answers a read, or decides the mutation a write makes (not yet applied). Takes the
@@ -446,7 +473,7 @@ impl Partition {
                 }
             }
             Mutation::ListSet { list, index, items } => {
-                let l = self.lists.entry(list).or_default();
+                let l = self.list(list, &mut d);
                 if l.len == 0 || index < l.start {
                     l.truncate(l.start, &mut d);
                     l.start = index;
@@ -459,7 +486,7 @@ impl Partition {
                 l.push(items, &mut d);
             }
             Mutation::ListTrim { list, upto } => {
-                self.lists.entry(list).or_default().trim(upto, &mut d);
+                self.list(list, &mut d).trim(upto, &mut d);
             }
         }
         self.usage.add(d);
@@ -485,7 +512,7 @@ impl Partition {
         self.lists.retain(|list, l| {
             let keep = !list.starts_with(prefix);
             if !keep {
-                d.list_bytes -= l.items().map(|i| item_bytes(i)).sum::<i64>();
+                d.list_bytes -= list_bytes(list) + l.items().map(|i| item_bytes(i)).sum::<i64>();
                 d.list_items -= l.len as i64;
             }
             keep
@@ -788,6 +815,37 @@ mod tests {
         assert_eq!(p.drop_prefix("job/a/"), Usage::default());
     }
 
+    /// Ensures a list is charged while it exists, items or not: a write naming a new list
+    /// (even a trim, which leaves an empty list behind) grows what a member holds, so a full
+    /// member refuses it.
+    #[test]
+    fn lists_are_charged_even_when_empty() {
+        let mut p = Partition::default();
+        let trim = |list: &str| Mutation::ListTrim {
+            list: list.into(),
+            upto: 5,
+        };
+        for name in ["job/a/log/0.0", "job/a/log/1.0"] {
+            assert_eq!(p.growth(&trim(name)), name.len() as u64 + LIST_OVERHEAD);
+            p.apply(trim(name));
+        }
+        let names = 2 * ("job/a/log/0.0".len() as i64 + LIST_OVERHEAD as i64);
+        assert_eq!(p.usage().list_bytes, names);
+        assert_eq!(p.growth(&trim("job/a/log/0.0")), 0, "it exists");
+        let append = Mutation::ListSet {
+            list: "job/a/log/0.0".into(),
+            index: 5,
+            items: vec![vec![1; 10]],
+        };
+        assert_eq!(p.growth(&append), 10 + ITEM_OVERHEAD);
+        p.apply(append);
+        assert_eq!(
+            p.drop_prefix("job/a/").bytes(),
+            -(names + 10 + ITEM_OVERHEAD as i64)
+        );
+        assert_eq!(p.usage(), Usage::default());
+    }
+
     #[test]
     fn ttl_hides_and_expires_entries() {
         let mut p = Partition::default();
@@ -981,6 +1039,8 @@ mod tests {
         let mut p = Partition::default();
         // The model: first index held, and the items from there.
         let (mut start, mut model) = (0u64, Vec::<Vec<u8>>::new());
+        // Whether a write made the list (it is charged from then on, even when empty).
+        let mut made = false;
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = |n: u64| {
             seed ^= seed << 13;
@@ -1006,6 +1066,7 @@ mod tests {
                         index,
                         items: items.clone(),
                     };
+                    made = true;
                     let (before, growth) = (p.usage().list_bytes, p.growth(&m));
                     p.apply(m);
                     let added = p.usage().list_bytes - before;
@@ -1015,6 +1076,7 @@ mod tests {
                     model.extend(items);
                 }
                 2 => {
+                    made = true;
                     let upto = start + next(model.len() as u64 + 3);
                     run(
                         &mut p,
@@ -1055,7 +1117,8 @@ mod tests {
             let bounds = OpResult::Bounds(start, start + model.len() as u64);
             assert_eq!(run(&mut p, len, 0), bounds, "step {step}");
             let bytes: i64 = model.iter().map(|i| item_bytes(i)).sum();
-            assert_eq!(p.usage().list_bytes, bytes, "step {step}");
+            let list = list_bytes("l") * i64::from(made);
+            assert_eq!(p.usage().list_bytes, list + bytes, "step {step}");
             assert_eq!(p.usage().list_items, model.len() as i64, "step {step}");
         }
     }
