@@ -1,8 +1,8 @@
 //! The control server: accepts task manager connections and turns their frames into
 //! messages for the resource manager and the dispatcher (the `rpc.rs` of the style guide).
 //!
-//! Each connection must start with `Register`; anything else, or a frame that does not
-//! decode, closes that connection (and declares its task manager dead if it had registered)
+//! Each connection must start with `Register` of this build's wire version; anything else,
+//! or a frame that does not decode, closes that connection (and declares its task manager dead if it had registered)
 //! without affecting the others.
 
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use actix::prelude::*;
 use engine::ids::TaskManagerId;
 use engine::protocol::control::{ToJobManager, ToTaskManager};
 use engine::protocol::frame::{read_msg, write_msg};
+use engine::protocol::WIRE_VERSION;
 use rkyv::util::AlignedVec;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
@@ -70,6 +71,7 @@ async fn connection(
     .map_err(|_| "no registration within 5 s".to_string())?
     .map_err(|e| e.to_string())?;
     let Some(ToJobManager::Register {
+        wire,
         tm,
         slots,
         data_addr,
@@ -79,6 +81,12 @@ async fn connection(
     else {
         return Err("the first message must be Register".into());
     };
+    if wire != WIRE_VERSION {
+        return Err(format!(
+            "task manager {tm} speaks wire version {wire}, this job manager {WIRE_VERSION}: \
+             run task managers of the job manager's build"
+        ));
+    }
     let registered = ToTaskManager::Registered {
         heartbeat_timeout_ms: heartbeat_timeout.as_millis() as u64,
     };

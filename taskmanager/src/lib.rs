@@ -104,6 +104,7 @@ async fn session(
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     let (mut read, mut write) = stream.into_split();
     let register = ToJobManager::Register {
+        wire: engine::protocol::WIRE_VERSION,
         tm: id,
         slots: config.slots,
         data_addr: data_addr.to_string(),

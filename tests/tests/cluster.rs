@@ -169,6 +169,55 @@ fn silent_taskmanager_times_out() {
     );
 }
 
+/// Sends a `Register` speaking wire version `wire` to the control port at `control`; answers
+/// whether the job manager replied (it accepts), or closed the connection without a word.
+fn register_speaking(control: &str, tm: &str, wire: u32) -> bool {
+    use engine::protocol::control::ToJobManager;
+    use std::io::Read;
+    let register = ToJobManager::Register {
+        wire,
+        tm: tm.parse().unwrap(),
+        slots: 1,
+        data_addr: "127.0.0.1:9".into(),
+        pid: std::process::id(),
+        cache_addr: "127.0.0.1:9".into(),
+    };
+    let payload = engine::codec::encode(&register).unwrap();
+    let mut s = std::net::TcpStream::connect(control).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&(payload.len() as u32).to_le_bytes()).unwrap();
+    s.write_all(&payload).unwrap();
+    let mut len = [0u8; 4];
+    match s.read_exact(&mut len) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => false,
+        Err(e) => panic!("neither a reply nor a close within 5 s: {e}"),
+    }
+}
+
+/// Ensures the job manager refuses a task manager of another build (its wire version
+/// differs: its messages may mean other things) before it joins the cluster or the cache,
+/// and accepts the same registration speaking its own version.
+#[test]
+fn taskmanager_of_another_wire_version_is_refused() {
+    let c = Cluster::start(ClusterOptions {
+        taskmanagers: 1,
+        ..Default::default()
+    });
+    let (old, same) = (
+        engine::ids::TaskManagerId::random().to_string(),
+        engine::ids::TaskManagerId::random().to_string(),
+    );
+    let wire = engine::protocol::WIRE_VERSION;
+    assert!(!register_speaking(&c.control, &old, wire - 1), "refused");
+    assert_eq!(c.get(&format!("/taskmanagers/{old}")).0, 404);
+    assert_eq!(c.alive_taskmanagers().len(), 1);
+    assert!(register_speaking(&c.control, &same, wire), "accepted");
+    c.wait_until(Duration::from_secs(5), "the same build registered", |c| {
+        c.get(&format!("/taskmanagers/{same}")).0 == 200
+    });
+}
+
 /// Ensures every REST endpoint answers as documented, including 400, 404 and 413 bodies, and
 /// that the OpenAPI document lists them all.
 #[test]

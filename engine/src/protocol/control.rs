@@ -17,6 +17,8 @@ use crate::record::Record;
 pub enum ToJobManager {
     /// First message of a connection.
     Register {
+        /// The [`WIRE_VERSION`](crate::protocol::WIRE_VERSION) it speaks.
+        wire: u32,
         /// The task manager's id (fresh per process).
         tm: TaskManagerId,
         /// Number of subtask slots it offers.

@@ -18,3 +18,10 @@ pub mod control;
 #[allow(missing_docs)]
 pub mod data;
 pub mod frame;
+
+/// The version of every message's layout and meaning. A task manager sends it in
+/// [`control::ToJobManager::Register`] and the job manager refuses one that speaks another,
+/// so a cluster never mixes builds whose messages mean different things. A layout change
+/// mostly fails to decode on its own; a change of meaning with the same layout (a field
+/// reinterpreted) would not, so bump this on any change to a message in this module.
+pub const WIRE_VERSION: u32 = 2;
