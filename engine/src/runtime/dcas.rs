@@ -777,11 +777,14 @@ impl SnapshotStore {
                 client.put_if_version(map, key, chosen.clone(), 0),
                 client.get(map, key)
             );
-            match (put?, read?) {
-                (Ok(_), _) => Ok(Some(chosen.clone())),
-                (Err(_), Some((v, _))) => Ok(Some(v)),
+            // A put that landed decides, whatever became of the read beside it.
+            if put?.is_ok() {
+                return Ok(Some(chosen.clone()));
+            }
+            match read? {
+                Some((v, _)) => Ok(Some(v)),
                 // The read overtook the put that found the record: read again.
-                (Err(_), None) => Ok(client.get(map, key).await?.map(|(v, _)| v)),
+                None => Ok(client.get(map, key).await?.map(|(v, _)| v)),
             }
         })
         .await
@@ -954,32 +957,54 @@ impl SnapshotStore {
     }
 
     /// The items of `list` from index `from` (or its start, if later) to its end: the first
-    /// index and the items, a page per request until a page comes back short.
+    /// index and the items.
     async fn range_all(&self, list: &str, from: u64) -> Result<(u64, Vec<Vec<u8>>), DcasError> {
         let p = self.partition()?;
-        let (mut start, mut out, mut at) = (None, Vec::new(), from);
-        loop {
-            let (first, items) = retrying(&self.client, "reading a list", || {
+        read_pages(list, from, READ_PAGE, |at| {
+            let range = retrying(&self.client, "reading a list", move || {
                 self.client.range(p, list, at, READ_PAGE)
-            })
-            .await
-            .map_err(|source| DcasError::Cache {
-                what: format!("reading {list}"),
-                source,
-            })?;
-            if start.is_some() && first != at {
-                return Err(DcasError::Corrupt {
-                    list: list.to_string(),
-                    message: format!("trimmed past {at} while being read"),
-                });
+            });
+            async move {
+                range.await.map_err(|source| DcasError::Cache {
+                    what: format!("reading {list}"),
+                    source,
+                })
             }
-            let short = (items.len() as u64) < READ_PAGE;
-            start.get_or_insert(first);
-            at = first + items.len() as u64;
-            out.extend(items);
-            if short {
-                return Ok((start.unwrap_or(from), out));
-            }
+        })
+        .await
+    }
+}
+
+/// Reads `list` from index `from` (or its start, if later) to its end with `fetch`, which
+/// answers up to `page` items from an index and the index of the first (later than asked
+/// when the list was trimmed past it): a page per request until a page comes back short.
+/// A list trimmed past the next index between two pages is an error: what was read
+/// would not be contiguous.
+async fn read_pages<F, R>(
+    list: &str,
+    from: u64,
+    page: u64,
+    mut fetch: F,
+) -> Result<(u64, Vec<Vec<u8>>), DcasError>
+where
+    F: FnMut(u64) -> R,
+    R: std::future::Future<Output = Result<(u64, Vec<Vec<u8>>), DcasError>>,
+{
+    let (mut start, mut out, mut at) = (None, Vec::new(), from);
+    loop {
+        let (first, items) = fetch(at).await?;
+        if start.is_some() && first != at {
+            return Err(DcasError::Corrupt {
+                list: list.to_string(),
+                message: format!("trimmed past {at} while being read"),
+            });
+        }
+        let short = (items.len() as u64) < page;
+        start.get_or_insert(first);
+        at = first + items.len() as u64;
+        out.extend(items);
+        if short {
+            return Ok((start.unwrap_or(from), out));
         }
     }
 }
@@ -1928,6 +1953,26 @@ mod tests {
         assert_eq!(chain, vec![cut]);
         assert_eq!((tail.as_slice(), end), (&pushed[1950..], 2000));
 
+        // Incremental snapshots the whole one needs trimmed away: a named error, never a
+        // shorter chain.
+        let whole = DcasSnapshot {
+            id: 4,
+            log_offset: 1800,
+            ..snap
+        };
+        let whole = encode(&whole).unwrap().to_vec();
+        client
+            .put_in(p, &names.map, &names.key, whole, None)
+            .await
+            .unwrap();
+        client.trim_prefix(p, &names.changes, 6).await.unwrap();
+        let err = store.load().await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("incremental snapshots from 5 are gone (the list starts at 6)"),
+            "{err}"
+        );
+
         // A restarted writer continues at the end; a writer that starts at a wrong index
         // stops with a named error instead of writing a gap.
         let mut again = InputLog::start(client.clone(), p, names.log.clone(), 2000);
@@ -1941,6 +1986,54 @@ mod tests {
         assert!(
             wrong.push(&pushed[0]).is_err(),
             "a stopped log refuses entries"
+        );
+    }
+
+    /// A list is read a page at a time to its end: also when its length is a multiple of
+    /// the page (a short, empty page ends it) and when it was trimmed past where the reader
+    /// asked (the answer starts at the list's start). A trim between two pages is a named
+    /// error, not a gap in what was read.
+    #[tokio::test]
+    async fn lists_are_read_in_pages_to_their_end() {
+        let items = |a: u64, b: u64| (a..b).map(|i| vec![i as u8]).collect::<Vec<_>>();
+        let requests = std::cell::Cell::new(0);
+        // The list [start, end) answered as the cache answers a range of 4.
+        let list = |start: u64, end: u64| {
+            let requests = &requests;
+            move |at: u64| {
+                requests.set(requests.get() + 1);
+                let first = at.max(start);
+                let last = (first + 4).min(end).max(first);
+                std::future::ready(Ok((first, items(first, last))))
+            }
+        };
+        for (start, end, from, pages) in [
+            (0, 8, 0, 3),
+            (0, 9, 0, 3),
+            (0, 3, 0, 1),
+            (0, 0, 0, 1),
+            (3, 11, 0, 3),
+            (3, 11, 6, 2),
+        ] {
+            requests.set(0);
+            let (first, got) = read_pages("l", from, 4, list(start, end)).await.unwrap();
+            let want = from.max(start);
+            assert_eq!(
+                (first, got),
+                (want, items(want, end)),
+                "{start}..{end} from {from}"
+            );
+            assert_eq!(requests.get(), pages, "{start}..{end} from {from}");
+        }
+        // Trimmed to 6 after the first page was read (0..4).
+        let trimmed_while_read = |at: u64| {
+            let first = if at == 0 { 0 } else { 6 };
+            std::future::ready(Ok((first, items(first, first + 4))))
+        };
+        let err = read_pages("l", 0, 4, trimmed_while_read).await.unwrap_err();
+        assert!(
+            err.to_string().contains("trimmed past 4 while being read"),
+            "{err}"
         );
     }
 
