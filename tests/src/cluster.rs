@@ -147,8 +147,13 @@ impl Cluster {
             .nth(6)
             .expect("control addr")
             .to_string();
+        // A pooled connection idle for longer than the job manager's keep-alive (actix-web's
+        // 5 s) may be closed by it just as a request goes out on it: after a test stops the
+        // job manager, its timers fire at once when it resumes. Connections idle for 2 s are
+        // not reused.
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(30)))
+            .max_idle_age(Duration::from_secs(2))
             .http_status_as_error(false)
             .build()
             .into();
