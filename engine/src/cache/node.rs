@@ -137,6 +137,10 @@ pub struct CacheNode {
     addr: SocketAddr,
 }
 
+/// How far trims may take a member past its memory limit: the lists they make (a name and
+/// [`store::LIST_OVERHEAD`] each), about eight thousand of them.
+const TRIM_ALLOWANCE: u64 = 1 << 20;
+
 /// The bytes a member holds, against its limit. A write reserves what it may add before it
 /// is applied, in one compare-and-swap, and settles what it did add afterwards: writes to
 /// different partitions run on several threads at once, and a check of the bytes held
@@ -158,9 +162,11 @@ impl Budget {
         self.used.load(Ordering::Relaxed)
     }
 
-    /// Reserves `adding` bytes, or answers the bytes held when they do not fit.
-    fn reserve(&self, adding: u64) -> Result<(), u64> {
-        let fits = |used: u64| used.checked_add(adding).filter(|&n| n <= self.limit);
+    /// Reserves `adding` bytes, or answers the bytes held when they do not fit in the limit
+    /// plus `allowance`.
+    fn reserve(&self, adding: u64, allowance: u64) -> Result<(), u64> {
+        let limit = self.limit.saturating_add(allowance);
+        let fits = |used: u64| used.checked_add(adding).filter(|&n| n <= limit);
         self.used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, fits)
             .map(|_| ())
@@ -341,10 +347,19 @@ impl Node {
         add_signed(&self.list_items, d.list_items);
     }
 
-    /// Reserves the bytes a write may add, or answers why it is refused.
-    fn reserve(&self, adding: u64) -> Result<u64, Failure> {
+    /// Reserves the bytes `m` may add, or answers why it is refused. A trim may pass the
+    /// limit by [`TRIM_ALLOWANCE`]: it frees memory, and one that names a list not yet
+    /// here (a first snapshot drops the incremental ones before there are any) makes the
+    /// list, which is charged; refusing it on a full member would stop the writer before
+    /// its next trim, the one that frees the log.
+    fn reserve(&self, part: &Partition, m: &Mutation) -> Result<u64, Failure> {
+        let adding = part.growth(m);
+        let allowance = match m {
+            Mutation::ListTrim { .. } => TRIM_ALLOWANCE,
+            _ => 0,
+        };
         self.budget
-            .reserve(adding)
+            .reserve(adding, allowance)
             .map(|()| adding)
             .map_err(|used| {
                 self.full_rejections.fetch_add(1, Ordering::Relaxed);
@@ -446,7 +461,7 @@ impl Node {
                 }
             };
             if let Some(m) = mutation {
-                let reserved = match self.reserve(part.growth(&m)) {
+                let reserved = match self.reserve(&part, &m) {
                     Ok(reserved) => reserved,
                     Err(f) => {
                         results.push(OpResult::Failed(f));
@@ -523,7 +538,7 @@ impl Node {
             if let Err(f) = store::check(&m) {
                 return Response::Replicated(Err(f));
             }
-            let reserved = match self.reserve(part.growth(&m)) {
+            let reserved = match self.reserve(&part, &m) {
                 Ok(reserved) => reserved,
                 Err(f) => return Response::Replicated(Err(f)),
             };
@@ -760,15 +775,18 @@ mod tests {
     #[test]
     fn reservations_count_before_the_write_is_applied() {
         let b = Budget::new(100);
-        assert_eq!(b.reserve(60), Ok(()));
-        assert_eq!(b.reserve(50), Err(60), "60 reserved, not yet applied");
+        assert_eq!(b.reserve(60, 0), Ok(()));
+        assert_eq!(b.reserve(50, 0), Err(60), "60 reserved, not yet applied");
         b.settle(60, 40);
         assert_eq!(b.used(), 40, "the write added less than it reserved");
-        assert_eq!(b.reserve(60), Ok(()));
-        assert_eq!(b.reserve(1), Err(100));
+        assert_eq!(b.reserve(60, 0), Ok(()));
+        assert_eq!(b.reserve(1, 0), Err(100));
         b.settle(60, -30);
         assert_eq!(b.used(), 10, "a write that freed bytes");
-        assert_eq!(b.reserve(u64::MAX), Err(10), "no overflow");
+        assert_eq!(b.reserve(u64::MAX, 0), Err(10), "no overflow");
+        assert_eq!(b.reserve(95, 0), Err(10));
+        assert_eq!(b.reserve(95, 5), Ok(()), "within the allowance");
+        assert_eq!(b.reserve(1, 5), Err(105));
     }
 
     /// Ensures writes on many threads at once never hold more than the limit together.
@@ -777,7 +795,7 @@ mod tests {
         let b = Budget::new(100);
         let granted: usize = std::thread::scope(|s| {
             let threads: Vec<_> = (0..16)
-                .map(|_| s.spawn(|| usize::from(b.reserve(20).is_ok())))
+                .map(|_| s.spawn(|| usize::from(b.reserve(20, 0).is_ok())))
                 .collect();
             threads.into_iter().map(|t| t.join().unwrap_or(0)).sum()
         });

@@ -240,7 +240,8 @@ impl Partition {
     /// already here adds nothing (a full member must not refuse it: the trim that would
     /// free memory may wait for it). A map entry's old value is not subtracted. A write past
     /// a list's end counts the placeholders that fill the gap, so a replication message
-    /// naming an absurd index is refused as full instead of allocating them.
+    /// naming an absurd index is refused as full instead of allocating them. A write that
+    /// makes a list (an append or a trim naming one not here) adds its charge.
     pub fn growth(&self, m: &Mutation) -> u64 {
         let new_list = |list: &str| match self.lists.contains_key(list) {
             true => 0,
@@ -632,7 +633,7 @@ impl Partition {
             let name = format!("{list}[]");
             if name.starts_with(prefix) {
                 let bytes: i64 = l.items().map(|i| item_bytes(i)).sum();
-                out.push((name, bytes as u64));
+                out.push((name, (list_bytes(list) + bytes) as u64));
             }
         }
     }

@@ -138,6 +138,15 @@ async fn a_full_member_refuses_writes_and_says_so() {
     let err = err.expect("64 KiB fill up");
     assert!(matches!(err, CacheError::Full { .. }), "{err}");
     assert!(err.to_string().contains("cache full"), "{err}");
+    // A trim goes through on a full member, also one that makes a list (charged more than
+    // the room left once one-byte items no longer fit).
+    let mut fill = 0;
+    while client.append(p, "l", vec![vec![0]]).await.is_ok() {
+        fill += 1;
+        assert!(fill < 1000, "one-byte items stop fitting");
+    }
+    client.trim_prefix(p, "fresh", 5).await.unwrap();
+    assert_eq!(client.len(p, "fresh").await.unwrap(), (5, 5));
     // Nothing was evicted: everything acknowledged is still there, and trimming frees room.
     let (start, end) = client.len(p, "l").await.unwrap();
     assert_eq!(start, 0);
