@@ -82,10 +82,15 @@ async fn connection(
         return Err("the first message must be Register".into());
     };
     if wire != WIRE_VERSION {
-        return Err(format!(
+        let reason = format!(
             "task manager {tm} speaks wire version {wire}, this job manager {WIRE_VERSION}: \
              run task managers of the job manager's build"
-        ));
+        );
+        let refused = ToTaskManager::Refused {
+            reason: reason.clone(),
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), write_msg(&mut write, &refused)).await;
+        return Err(reason);
     }
     let registered = ToTaskManager::Registered {
         heartbeat_timeout_ms: heartbeat_timeout.as_millis() as u64,

@@ -70,8 +70,15 @@ pub async fn run(config: TmConfig) -> Result<(), String> {
                 unreachable_since = Instant::now();
                 attempt = 0;
             }
-            Err(e) if attempt == 0 => warn!(tm = %id, error = %e, "Cannot reach the job manager."),
-            Err(_) => {}
+            Err(Failed::Refused(reason)) => {
+                return Err(format!(
+                    "the job manager refused this task manager: {reason}"
+                ))
+            }
+            Err(Failed::Lost(e)) if attempt == 0 => {
+                warn!(tm = %id, error = %e, "Cannot reach the job manager.")
+            }
+            Err(Failed::Lost(_)) => {}
         }
         tm.do_send(ConnectionLost);
         if unreachable_since.elapsed() >= give_up {
@@ -86,6 +93,20 @@ pub async fn run(config: TmConfig) -> Result<(), String> {
     }
 }
 
+/// Why a control session ended badly.
+enum Failed {
+    /// The connection failed or dropped: try again.
+    Lost(String),
+    /// The job manager refused this task manager: trying again cannot help.
+    Refused(String),
+}
+
+impl From<String> for Failed {
+    fn from(e: String) -> Failed {
+        Failed::Lost(e)
+    }
+}
+
 /// One control connection: register, then relay messages until it drops.
 async fn session(
     config: &TmConfig,
@@ -93,7 +114,7 @@ async fn session(
     data_addr: &str,
     cache_addr: &str,
     tm: &Addr<TaskManager>,
-) -> Result<(), String> {
+) -> Result<(), Failed> {
     let stream = tokio::time::timeout(
         Duration::from_secs(2),
         TcpStream::connect(&config.jobmanager),
@@ -122,11 +143,12 @@ async fn session(
     .await
     .map_err(|_| "no registration reply".to_string())?
     .map_err(|e| e.to_string())?;
-    let Some(ToTaskManager::Registered {
-        heartbeat_timeout_ms,
-    }) = reply
-    else {
-        return Err(format!("unexpected registration reply {reply:?}"));
+    let heartbeat_timeout_ms = match reply {
+        Some(ToTaskManager::Registered {
+            heartbeat_timeout_ms,
+        }) => heartbeat_timeout_ms,
+        Some(ToTaskManager::Refused { reason }) => return Err(Failed::Refused(reason)),
+        other => return Err(format!("unexpected registration reply {other:?}").into()),
     };
     info!(tm = %id, "Registered with the job manager.");
     let (tx, mut rx) = mpsc::unbounded_channel::<ToJobManager>();
@@ -145,7 +167,7 @@ async fn session(
         match read_msg::<_, ToTaskManager>(&mut read, &mut buf).await {
             Ok(Some(msg)) => tm.do_send(FromJobManager(msg)),
             Ok(None) => break Ok(()),
-            Err(e) => break Err(format!("bad frame from the job manager: {e}")),
+            Err(e) => break Err(format!("bad frame from the job manager: {e}").into()),
         }
     };
     writer.abort();

@@ -474,7 +474,8 @@ impl Handler<FromJobManager> for TaskManager {
 
     fn handle(&mut self, msg: FromJobManager, ctx: &mut Self::Context) {
         match msg.0 {
-            ToTaskManager::Registered { .. } => {}
+            // Registration's answers, handled by the session before it relays anything.
+            ToTaskManager::Registered { .. } | ToTaskManager::Refused { .. } => {}
             ToTaskManager::HeartbeatAck => {
                 self.last_ack = Instant::now();
                 self.lease.renew(self.lease_span());

@@ -170,9 +170,13 @@ fn silent_taskmanager_times_out() {
 }
 
 /// Sends a `Register` speaking wire version `wire` to the control port at `control`; answers
-/// whether the job manager replied (it accepts), or closed the connection without a word.
-fn register_speaking(control: &str, tm: &str, wire: u32) -> bool {
-    use engine::protocol::control::ToJobManager;
+/// the job manager's reply.
+fn register_speaking(
+    control: &str,
+    tm: &str,
+    wire: u32,
+) -> engine::protocol::control::ToTaskManager {
+    use engine::protocol::control::{ToJobManager, ToTaskManager};
     use std::io::Read;
     let register = ToJobManager::Register {
         wire,
@@ -188,18 +192,18 @@ fn register_speaking(control: &str, tm: &str, wire: u32) -> bool {
     s.write_all(&(payload.len() as u32).to_le_bytes()).unwrap();
     s.write_all(&payload).unwrap();
     let mut len = [0u8; 4];
-    match s.read_exact(&mut len) {
-        Ok(()) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => false,
-        Err(e) => panic!("neither a reply nor a close within 5 s: {e}"),
-    }
+    s.read_exact(&mut len).expect("a reply within 5 s");
+    let mut reply = vec![0; u32::from_le_bytes(len) as usize];
+    s.read_exact(&mut reply).unwrap();
+    engine::codec::decode::<ToTaskManager>(&reply).unwrap()
 }
 
 /// Ensures the job manager refuses a task manager of another build (its wire version
 /// differs: its messages may mean other things) before it joins the cluster or the cache,
-/// and accepts the same registration speaking its own version.
+/// telling it why, and accepts the same registration speaking its own version.
 #[test]
 fn taskmanager_of_another_wire_version_is_refused() {
+    use engine::protocol::control::ToTaskManager;
     let c = Cluster::start(ClusterOptions {
         taskmanagers: 1,
         ..Default::default()
@@ -209,10 +213,20 @@ fn taskmanager_of_another_wire_version_is_refused() {
         engine::ids::TaskManagerId::random().to_string(),
     );
     let wire = engine::protocol::WIRE_VERSION;
-    assert!(!register_speaking(&c.control, &old, wire - 1), "refused");
+    match register_speaking(&c.control, &old, wire - 1) {
+        ToTaskManager::Refused { reason } => assert!(
+            reason.contains(&format!("speaks wire version {}", wire - 1)),
+            "{reason}"
+        ),
+        other => panic!("not refused: {other:?}"),
+    }
     assert_eq!(c.get(&format!("/taskmanagers/{old}")).0, 404);
     assert_eq!(c.alive_taskmanagers().len(), 1);
-    assert!(register_speaking(&c.control, &same, wire), "accepted");
+    let reply = register_speaking(&c.control, &same, wire);
+    assert!(
+        matches!(reply, ToTaskManager::Registered { .. }),
+        "{reply:?}"
+    );
     c.wait_until(Duration::from_secs(5), "the same build registered", |c| {
         c.get(&format!("/taskmanagers/{same}")).0 == 200
     });

@@ -231,6 +231,12 @@ pub enum ToTaskManager {
         /// The member to copy to.
         target: Member,
     },
+    /// Registration refused (another wire version): the task manager exits, since trying
+    /// again cannot help. Last, so that its arrival does not move the others' tags.
+    Refused {
+        /// Why, for the task manager's log.
+        reason: String,
+    },
 }
 
 /// Everything a task manager needs to run its share of a job.
@@ -409,6 +415,9 @@ mod tests {
             },
             ToTaskManager::Registered {
                 heartbeat_timeout_ms: 1000,
+            },
+            ToTaskManager::Refused {
+                reason: "wire version 1".into(),
             },
             ToTaskManager::TriggerCheckpoint {
                 job: JobId::random(),

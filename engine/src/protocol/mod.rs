@@ -19,9 +19,13 @@ pub mod control;
 pub mod data;
 pub mod frame;
 
-/// The version of every message's layout and meaning. A task manager sends it in
-/// [`control::ToJobManager::Register`] and the job manager refuses one that speaks another,
-/// so a cluster never mixes builds whose messages mean different things. A layout change
-/// mostly fails to decode on its own; a change of meaning with the same layout (a field
-/// reinterpreted) would not, so bump this on any change to a message in this module.
+/// The version of every message's layout and meaning, and of the bytes processes hand each
+/// other beyond this module: the packed event encoding of the data plane
+/// ([`crate::codec::packed`]) and what DCAS keeps in the cache for another task manager to
+/// read back (snapshots, log entries, progress). A task manager sends it in
+/// [`control::ToJobManager::Register`] and the job manager refuses one that speaks another
+/// ([`control::ToTaskManager::Refused`]), so a cluster never mixes builds whose messages
+/// mean different things. A layout change mostly fails to decode on its own; a change of
+/// meaning with the same layout (a field reinterpreted) would not, so bump this on any
+/// change to any of them.
 pub const WIRE_VERSION: u32 = 2;
