@@ -177,7 +177,6 @@ fn register_speaking(
     wire: u32,
 ) -> engine::protocol::control::ToTaskManager {
     use engine::protocol::control::{ToJobManager, ToTaskManager};
-    use std::io::Read;
     let register = ToJobManager::Register {
         wire,
         tm: tm.parse().unwrap(),
@@ -186,16 +185,82 @@ fn register_speaking(
         pid: std::process::id(),
         cache_addr: "127.0.0.1:9".into(),
     };
-    let payload = engine::codec::encode(&register).unwrap();
     let mut s = std::net::TcpStream::connect(control).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    send_frame(&mut s, &engine::codec::encode(&register).unwrap());
+    engine::codec::decode::<ToTaskManager>(&receive_frame(&mut s)).unwrap()
+}
+
+/// Writes one control frame (`u32` little-endian length, then the payload).
+fn send_frame(s: &mut std::net::TcpStream, payload: &[u8]) {
     s.write_all(&(payload.len() as u32).to_le_bytes()).unwrap();
-    s.write_all(&payload).unwrap();
+    s.write_all(payload).unwrap();
+}
+
+/// Reads one control frame's payload, waiting up to 5 s.
+fn receive_frame(s: &mut std::net::TcpStream) -> Vec<u8> {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut len = [0u8; 4];
-    s.read_exact(&mut len).expect("a reply within 5 s");
-    let mut reply = vec![0; u32::from_le_bytes(len) as usize];
-    s.read_exact(&mut reply).unwrap();
-    engine::codec::decode::<ToTaskManager>(&reply).unwrap()
+    s.read_exact(&mut len).expect("a frame within 5 s");
+    let mut payload = vec![0; u32::from_le_bytes(len) as usize];
+    s.read_exact(&mut payload).unwrap();
+    payload
+}
+
+/// Ensures a task manager the job manager refuses exits at once with the reason, instead of
+/// retrying until its give-up time (a minute here) and blaming an unreachable job manager.
+/// The job manager is played by the test: it reads the registration and refuses it.
+#[test]
+fn refused_taskmanager_exits_with_the_reason() {
+    use engine::protocol::control::{ToJobManager, ToTaskManager};
+    let jm = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut tm = std::process::Command::new(weir_tests::cluster::binary("taskmanager"))
+        .args(["--jobmanager", &jm.local_addr().unwrap().to_string()])
+        .args(["--exit-after-disconnect-ms", "60000"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    jm.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut conn = loop {
+        match jm.accept() {
+            Ok((conn, _)) => break conn,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("the task manager did not connect within 10 s: {e}"),
+        }
+    };
+    conn.set_nonblocking(false).unwrap();
+    let register = engine::codec::decode::<ToJobManager>(&receive_frame(&mut conn)).unwrap();
+    assert!(
+        matches!(register, ToJobManager::Register { wire, .. } if wire == engine::protocol::WIRE_VERSION),
+        "{register:?}"
+    );
+    let refused = ToTaskManager::Refused {
+        reason: "speaks wire version 0 in this test".into(),
+    };
+    send_frame(&mut conn, &engine::codec::encode(&refused).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = tm.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            tm.kill().unwrap();
+            panic!("the refused task manager still runs after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut tm.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{status}");
+    assert!(
+        stderr.contains("the job manager refused this task manager: speaks wire version 0"),
+        "{stderr}"
+    );
 }
 
 /// Ensures the job manager refuses a task manager of another build (its wire version
