@@ -164,18 +164,39 @@ impl Budget {
 
     /// Reserves `adding` bytes, or answers the bytes held when they do not fit in the limit
     /// plus `allowance`.
-    fn reserve(&self, adding: u64, allowance: u64) -> Result<(), u64> {
+    fn reserve(&self, adding: u64, allowance: u64) -> Result<Reservation<'_>, u64> {
         let limit = self.limit.saturating_add(allowance);
         let fits = |used: u64| used.checked_add(adding).filter(|&n| n <= limit);
         self.used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, fits)
-            .map(|_| ())
+            .map(|_| Reservation {
+                budget: self,
+                bytes: adding,
+            })
     }
+}
 
-    /// Replaces a reservation of `reserved` bytes by the `added` bytes the write added
-    /// (fewer, or a negative number when it freed some).
-    fn settle(&self, reserved: u64, added: i64) {
-        add_signed(&self.used, added - reserved as i64);
+/// Bytes one write reserved. Settling replaces them by what the write added; a reservation
+/// dropped unsettled (the write was never applied, or panicked on the way) gives them back,
+/// so no path leaves bytes held for a write that did not happen.
+#[must_use = "a reservation is given back when dropped"]
+struct Reservation<'a> {
+    budget: &'a Budget,
+    bytes: u64,
+}
+
+impl Reservation<'_> {
+    /// Replaces the reservation by the `added` bytes the write added (fewer, or a negative
+    /// number when it freed some).
+    fn settle(mut self, added: i64) {
+        add_signed(&self.budget.used, added - self.bytes as i64);
+        self.bytes = 0;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -335,12 +356,17 @@ impl Node {
 
     /// Counts a change that reserved nothing (one that frees bytes).
     fn account(&self, d: Usage) {
-        self.account_reserved(0, d);
+        add_signed(&self.budget.used, d.bytes());
+        self.count(d);
     }
 
-    /// Counts a write's change, which reserved `reserved` bytes before it was applied.
-    fn account_reserved(&self, reserved: u64, d: Usage) {
-        self.budget.settle(reserved, d.bytes());
+    /// Counts a write's change, which reserved bytes before it was applied.
+    fn account_reserved(&self, reserved: Reservation, d: Usage) {
+        reserved.settle(d.bytes());
+        self.count(d);
+    }
+
+    fn count(&self, d: Usage) {
         add_signed(&self.map_bytes, d.map_bytes);
         add_signed(&self.list_bytes, d.list_bytes);
         add_signed(&self.map_entries, d.map_entries);
@@ -352,22 +378,19 @@ impl Node {
     /// here (a first snapshot drops the incremental ones before there are any) makes the
     /// list, which is charged; refusing it on a full member would stop the writer before
     /// its next trim, the one that frees the log.
-    fn reserve(&self, part: &Partition, m: &Mutation) -> Result<u64, Failure> {
+    fn reserve(&self, part: &Partition, m: &Mutation) -> Result<Reservation<'_>, Failure> {
         let adding = part.growth(m);
         let allowance = match m {
             Mutation::ListTrim { .. } => TRIM_ALLOWANCE,
             _ => 0,
         };
-        self.budget
-            .reserve(adding, allowance)
-            .map(|()| adding)
-            .map_err(|used| {
-                self.full_rejections.fetch_add(1, Ordering::Relaxed);
-                Failure::Full {
-                    used,
-                    limit: self.config.memory_limit,
-                }
-            })
+        self.budget.reserve(adding, allowance).map_err(|used| {
+            self.full_rejections.fetch_add(1, Ordering::Relaxed);
+            Failure::Full {
+                used,
+                limit: self.config.memory_limit,
+            }
+        })
     }
 
     fn peer(&self, addr: &str) -> Conn {
@@ -775,18 +798,41 @@ mod tests {
     #[test]
     fn reservations_count_before_the_write_is_applied() {
         let b = Budget::new(100);
-        assert_eq!(b.reserve(60, 0), Ok(()));
-        assert_eq!(b.reserve(50, 0), Err(60), "60 reserved, not yet applied");
-        b.settle(60, 40);
+        let first = b.reserve(60, 0).expect("fits");
+        assert_eq!(
+            b.reserve(50, 0).err(),
+            Some(60),
+            "60 reserved, not yet applied"
+        );
+        first.settle(40);
         assert_eq!(b.used(), 40, "the write added less than it reserved");
-        assert_eq!(b.reserve(60, 0), Ok(()));
-        assert_eq!(b.reserve(1, 0), Err(100));
-        b.settle(60, -30);
+        let second = b.reserve(60, 0).expect("fits");
+        assert_eq!(b.reserve(1, 0).err(), Some(100));
+        second.settle(-30);
         assert_eq!(b.used(), 10, "a write that freed bytes");
-        assert_eq!(b.reserve(u64::MAX, 0), Err(10), "no overflow");
-        assert_eq!(b.reserve(95, 0), Err(10));
-        assert_eq!(b.reserve(95, 5), Ok(()), "within the allowance");
-        assert_eq!(b.reserve(1, 5), Err(105));
+        assert_eq!(b.reserve(u64::MAX, 0).err(), Some(10), "no overflow");
+        assert_eq!(b.reserve(95, 0).err(), Some(10));
+        let allowed = b.reserve(95, 5).expect("within the allowance");
+        assert_eq!(b.reserve(1, 5).err(), Some(105));
+        allowed.settle(0);
+        assert_eq!(b.used(), 10);
+    }
+
+    /// Ensures a write that is never applied leaves nothing held: refused elsewhere, or
+    /// panicking between its reservation and its settling.
+    #[test]
+    fn an_unsettled_reservation_is_given_back() {
+        let b = Budget::new(100);
+        b.reserve(10, 0).expect("fits").settle(10);
+        drop(b.reserve(70, 0).expect("fits"));
+        assert_eq!(b.used(), 10, "dropped unsettled");
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _held = b.reserve(90, 0).expect("fits");
+            panic!("the write failed while being applied");
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(b.used(), 10, "given back as the panic unwound");
+        assert!(b.reserve(90, 0).is_ok(), "the bytes are free again");
     }
 
     /// Ensures writes on many threads at once never hold more than the limit together.
@@ -795,7 +841,10 @@ mod tests {
         let b = Budget::new(100);
         let granted: usize = std::thread::scope(|s| {
             let threads: Vec<_> = (0..16)
-                .map(|_| s.spawn(|| usize::from(b.reserve(20, 0).is_ok())))
+                .map(|_| {
+                    // Kept, as applied writes: each holds its bytes.
+                    s.spawn(|| usize::from(b.reserve(20, 0).map(|r| r.settle(20)).is_ok()))
+                })
                 .collect();
             threads.into_iter().map(|t| t.join().unwrap_or(0)).sum()
         });
