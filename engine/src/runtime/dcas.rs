@@ -1218,6 +1218,10 @@ pub fn first_snapshot_id(generation: u64) -> u64 {
 /// Most incremental snapshots after a whole one: a restart applies them all.
 const MAX_CHAIN: u32 = 16;
 
+/// Whole snapshots in a row after which a link is tried again, though the last one was too
+/// large: the state may have come to change less.
+const RETRY_LINK_AFTER: u32 = 8;
+
 /// The incremental snapshots stored since the last whole one.
 #[derive(Clone, Copy, Debug, Default)]
 struct Chain {
@@ -1226,6 +1230,53 @@ struct Chain {
     /// Incremental snapshots after it, and their total size.
     links: u32,
     bytes: usize,
+}
+
+/// Whether the next snapshot may be a link. A restart reads the whole snapshot and every
+/// link after it, so links pay only while they stay small against it: a link that holds
+/// most of the state (a window count whose every key changes between snapshots) saves
+/// nothing when written and doubles what a restart reads. The next link is predicted to be
+/// as large as the last one; the chain may grow to half the whole snapshot's size.
+#[derive(Clone, Copy, Debug, Default)]
+struct Links {
+    /// Set once this incarnation stored a whole snapshot: the next may be incremental.
+    chain: Option<Chain>,
+    /// Size of the last link stored.
+    last_link: Option<usize>,
+    /// Whole snapshots stored since the last link.
+    wholes: u32,
+}
+
+impl Links {
+    fn may_link(&self) -> bool {
+        let Some(c) = self.chain else {
+            return false;
+        };
+        let next = match self.last_link {
+            Some(n) if self.wholes < RETRY_LINK_AFTER => n,
+            _ => 0,
+        };
+        c.links < MAX_CHAIN && c.bytes + next <= c.base_bytes / 2
+    }
+
+    fn stored(&mut self, whole: bool, bytes: usize) {
+        self.chain = Some(match (whole, self.chain) {
+            (false, Some(c)) => Chain {
+                links: c.links + 1,
+                bytes: c.bytes + bytes,
+                ..c
+            },
+            _ => Chain {
+                base_bytes: bytes,
+                ..Chain::default()
+            },
+        });
+        if whole {
+            self.wholes += 1;
+        } else {
+            (self.last_link, self.wholes) = (Some(bytes), 0);
+        }
+    }
 }
 
 /// How long a subtask's input must pause after records for a snapshot to fall due before
@@ -1308,8 +1359,7 @@ pub struct DcasSubtask {
     /// Identity of each output channel, per route, per target.
     outputs: Vec<Vec<ChannelKey>>,
     incremental: bool,
-    /// Set once this incarnation stored a whole snapshot: the next may be incremental.
-    chain: Option<Chain>,
+    links: Links,
     lease: Lease,
     me: TaskManagerId,
     log: Option<InputLog>,
@@ -1376,7 +1426,7 @@ impl DcasSubtask {
             inputs,
             outputs,
             incremental: config.incremental,
-            chain: None,
+            links: Links::default(),
             lease: config.lease.clone(),
             me: config.me,
             log: None,
@@ -1452,27 +1502,17 @@ impl DcasSubtask {
     }
 
     /// What the next snapshot follows when it may be incremental: the previous snapshot,
-    /// if this incarnation stored a whole one since starting and the chain after it is
-    /// short (`MAX_CHAIN`) and smaller than it. `None`: the next snapshot is whole.
+    /// if this incarnation stored a whole one since starting and the chain after it stays
+    /// short (`MAX_CHAIN`) and small against it ([`Links`]). `None`: the next snapshot is
+    /// whole.
     pub fn follows(&self) -> Option<u64> {
-        let c = self.chain.filter(|_| self.incremental)?;
-        (c.links < MAX_CHAIN && c.bytes < c.base_bytes).then(|| self.next_id - 1)
+        (self.incremental && self.links.may_link()).then(|| self.next_id - 1)
     }
 
     /// Extends the chain by a stored snapshot.
     fn stored(&mut self, result: &Result<Stored, DcasError>) {
         if let Ok(s) = result {
-            self.chain = Some(match (s.whole, self.chain) {
-                (false, Some(c)) => Chain {
-                    links: c.links + 1,
-                    bytes: c.bytes + s.bytes,
-                    ..c
-                },
-                _ => Chain {
-                    base_bytes: s.bytes,
-                    ..Chain::default()
-                },
-            });
+            self.links.stored(s.whole, s.bytes);
         }
     }
 
@@ -1683,6 +1723,53 @@ mod tests {
     use super::*;
     use crate::cache::testing::Cluster;
     use crate::value::Value;
+
+    /// Ensures links are stored while they stay small against the whole snapshot, and that
+    /// state whose every key changes between snapshots is stored whole (a restart would
+    /// otherwise read it twice), with a link tried again now and then.
+    #[test]
+    fn links_are_stored_only_while_small_against_the_whole() {
+        let mut l = Links::default();
+        assert!(!l.may_link(), "the first snapshot is whole");
+        l.stored(true, 1000);
+        assert!(l.may_link(), "no link seen yet: try one");
+        // Small links, until the chain would pass half the whole one, or MAX_CHAIN.
+        for _ in 0..4 {
+            l.stored(false, 100);
+            assert!(l.may_link());
+        }
+        l.stored(false, 100);
+        assert!(
+            !l.may_link(),
+            "500 bytes of links, a sixth would pass half of 1000"
+        );
+        l.stored(true, 1000);
+        assert!(l.may_link());
+        let mut tiny = Links::default();
+        tiny.stored(true, 1_000_000);
+        for _ in 0..MAX_CHAIN {
+            assert!(tiny.may_link());
+            tiny.stored(false, 10);
+        }
+        assert!(
+            !tiny.may_link(),
+            "a restart applies at most MAX_CHAIN links"
+        );
+        // A link nearly as large as the whole: whole snapshots from then on...
+        l.stored(false, 900);
+        l.stored(true, 1000);
+        for _ in 0..RETRY_LINK_AFTER - 1 {
+            assert!(!l.may_link(), "the last link held most of the state");
+            l.stored(true, 1000);
+        }
+        // ... until a link is tried again, and kept while it stays small.
+        assert!(
+            l.may_link(),
+            "tried again after {RETRY_LINK_AFTER} whole ones"
+        );
+        l.stored(false, 50);
+        assert!(l.may_link());
+    }
 
     /// Ensures a backoff doubles from its first pause and stays at its max.
     #[test]
