@@ -174,11 +174,17 @@ impl Budget {
                 bytes: adding,
             })
     }
+
+    /// Replaces a reservation of `reserved` bytes by the `added` bytes the write added
+    /// (fewer, or a negative number when it freed some).
+    fn settle(&self, reserved: u64, added: i64) {
+        add_signed(&self.used, added - reserved as i64);
+    }
 }
 
 /// Bytes one write reserved. Settling replaces them by what the write added; a reservation
-/// dropped unsettled (the write was never applied, or panicked on the way) gives them back,
-/// so no path leaves bytes held for a write that did not happen.
+/// dropped before its write was applied (refused elsewhere, or a panic on the way) gives
+/// them back, so no such path leaves bytes held for a write that did not happen.
 #[must_use = "a reservation is given back when dropped"]
 struct Reservation<'a> {
     budget: &'a Budget,
@@ -186,11 +192,18 @@ struct Reservation<'a> {
 }
 
 impl Reservation<'_> {
-    /// Replaces the reservation by the `added` bytes the write added (fewer, or a negative
-    /// number when it freed some).
-    fn settle(mut self, added: i64) {
-        add_signed(&self.budget.used, added - self.bytes as i64);
-        self.bytes = 0;
+    /// Keeps the bytes held whatever happens next, and answers them: from here the write
+    /// is applied, and a panic midway may leave the partition half-changed. Holding too
+    /// many bytes then only refuses writes early; giving back bytes the partition holds
+    /// would let later frees take the count below what it holds.
+    fn keep(mut self) -> u64 {
+        std::mem::take(&mut self.bytes)
+    }
+
+    #[cfg(test)]
+    fn settle(self, added: i64) {
+        let budget = self.budget;
+        budget.settle(self.keep(), added);
     }
 }
 
@@ -356,13 +369,15 @@ impl Node {
 
     /// Counts a change that reserved nothing (one that frees bytes).
     fn account(&self, d: Usage) {
-        add_signed(&self.budget.used, d.bytes());
+        self.budget.settle(0, d.bytes());
         self.count(d);
     }
 
-    /// Counts a write's change, which reserved bytes before it was applied.
-    fn account_reserved(&self, reserved: Reservation, d: Usage) {
-        reserved.settle(d.bytes());
+    /// Applies a write that reserved its bytes, and counts its change.
+    fn apply_reserved(&self, part: &mut Partition, m: Mutation, reserved: Reservation) {
+        let reserved = reserved.keep();
+        let d = part.apply(m);
+        self.budget.settle(reserved, d.bytes());
         self.count(d);
     }
 
@@ -502,8 +517,7 @@ impl Node {
                     pending.push((r.addr.clone(), rx));
                 }
                 part.written_at(version);
-                let d = part.apply(m);
-                self.account_reserved(reserved, d);
+                self.apply_reserved(&mut part, m, reserved);
                 if !pending.is_empty() {
                     waits.push((i, pending));
                 }
@@ -566,8 +580,7 @@ impl Node {
                 Err(f) => return Response::Replicated(Err(f)),
             };
             part.written_at(version);
-            let d = part.apply(m);
-            self.account_reserved(reserved, d);
+            self.apply_reserved(&mut part, m, reserved);
             self.replicated.fetch_add(1, Ordering::Relaxed);
         }
         Response::Replicated(Ok(()))
@@ -818,21 +831,27 @@ mod tests {
         assert_eq!(b.used(), 10);
     }
 
-    /// Ensures a write that is never applied leaves nothing held: refused elsewhere, or
-    /// panicking between its reservation and its settling.
+    /// Ensures a write that is never applied leaves nothing held (refused elsewhere, or
+    /// panicking before it is applied), and one that panics while being applied keeps its
+    /// bytes: the partition may hold some of them.
     #[test]
-    fn an_unsettled_reservation_is_given_back() {
+    fn an_unsettled_reservation_is_given_back_unless_kept() {
         let b = Budget::new(100);
         b.reserve(10, 0).expect("fits").settle(10);
         drop(b.reserve(70, 0).expect("fits"));
         assert_eq!(b.used(), 10, "dropped unsettled");
         let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let _held = b.reserve(90, 0).expect("fits");
-            panic!("the write failed while being applied");
+            panic!("the write failed before it was applied");
         }));
         assert!(panicked.is_err());
         assert_eq!(b.used(), 10, "given back as the panic unwound");
-        assert!(b.reserve(90, 0).is_ok(), "the bytes are free again");
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _applying = b.reserve(30, 0).expect("fits").keep();
+            panic!("the write failed while being applied");
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(b.used(), 40, "kept once the write was being applied");
     }
 
     /// Ensures writes on many threads at once never hold more than the limit together.

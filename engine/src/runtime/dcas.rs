@@ -1272,7 +1272,7 @@ impl Links {
             },
         });
         if whole {
-            self.wholes += 1;
+            self.wholes = self.wholes.saturating_add(1);
         } else {
             (self.last_link, self.wholes) = (Some(bytes), 0);
         }
