@@ -468,6 +468,9 @@ pub struct Route {
     exchange: Exchange,
     targets: Vec<OutputChannel>,
     buffers: Vec<Vec<Record>>,
+    /// Batches of each target that left the buffers (sent, or sealed for the log): a
+    /// latency marker waits until the batches holding the records before it have.
+    released: Vec<u64>,
     /// Rebalance: the target receiving the current batch.
     rr: usize,
 }
@@ -480,6 +483,7 @@ impl Route {
             exchange,
             targets,
             buffers: (0..n).map(|_| Vec::new()).collect(),
+            released: vec![0; n],
             rr: start % n.max(1),
         }
     }
@@ -511,8 +515,20 @@ pub struct Router {
     backlogs: Vec<((usize, usize), Seq)>,
     /// DCAS: the number of the latest rewire applied.
     rewire: u64,
-    /// A latency marker waiting for the records buffered before it to leave.
-    marker: Option<i64>,
+    /// Latency markers waiting for the records buffered before them to leave, oldest
+    /// first.
+    markers: VecDeque<WaitingMarker>,
+}
+
+/// Latency markers waiting at once, at most: a newer one is dropped while this many wait.
+const MAX_WAITING_MARKERS: usize = 8;
+
+/// A latency marker waiting for the batches holding the records routed before it.
+struct WaitingMarker {
+    at: i64,
+    /// For each channel that held records when the marker came, the count of its released
+    /// batches (see [`Route::released`]) that includes them.
+    after: Vec<((usize, usize), u64)>,
 }
 
 /// Output waiting for the input log (DCAS), or a latency marker behind such output.
@@ -546,7 +562,7 @@ impl Router {
             ended: false,
             backlogs: Vec::new(),
             rewire: 0,
-            marker: None,
+            markers: VecDeque::new(),
         }
     }
 
@@ -690,7 +706,7 @@ impl Router {
         }
         self.sealed.clear();
         self.full.clear();
-        self.marker = None;
+        self.markers.clear();
         self.retained = Some(RetainedOutput::from_batches(p.retained));
         self.watermark = p.watermark;
         self.ended = p.ended;
@@ -899,15 +915,18 @@ impl Router {
     /// inputs its records came from — so the subtask goes on while the log catches up.
     pub fn seal(&mut self, required: u64, all: bool) {
         let size = self.batch_size;
-        let cut = self.full.drain(..).map(|(channel, records)| Sealed {
-            required,
-            what: Held::Records(channel, records),
-        });
-        self.sealed.extend(cut);
+        for ((r, t), records) in self.full.drain(..) {
+            self.routes[r].released[t] += 1;
+            self.sealed.push_back(Sealed {
+                required,
+                what: Held::Records((r, t), records),
+            });
+        }
         for (r, route) in self.routes.iter_mut().enumerate() {
             for (t, buf) in route.buffers.iter_mut().enumerate() {
                 if buf.len() >= size || all && !buf.is_empty() {
                     let records = std::mem::replace(buf, Vec::with_capacity(size));
+                    route.released[t] += 1;
                     self.sealed.push_back(Sealed {
                         required,
                         what: Held::Records((r, t), records),
@@ -922,39 +941,56 @@ impl Router {
     }
 
     /// Sends a latency marker from `at` on every channel, behind every record buffered so
-    /// far: at once when none is, else when the last of them leaves (or is sealed; then it
-    /// leaves right after the last sealed batch). Records buffered before a marker leave
-    /// within the linger time, so a marker waits no longer than they do.
+    /// far: at once when none is, else as soon as each batch holding such records has left
+    /// (or has been sealed; then the marker leaves right after the last sealed batch).
+    /// Records buffered before a marker leave within the linger time, so a marker waits no
+    /// longer than they do, and records routed after it do not hold it back: batching is
+    /// the same with markers as without.
     ///
-    /// A newer marker is dropped while an older one waits: the waiting one stands for the
-    /// records that have waited longest, and its origin is the earliest moment whose data
-    /// is known to have left. Keeping the newer one instead would hide that time: a sink
-    /// would see only one origin per release (a linger time, or a log-append cycle under
-    /// DCAS), and a recovery's end (the first marker after the inputs caught up that
-    /// arrives in time) would be timed up to that cycle late.
+    /// While [`MAX_WAITING_MARKERS`] wait, a newer marker is dropped: the waiting ones
+    /// stand for the records that have waited longest, and the oldest origin is the
+    /// earliest moment whose data is known to have left. Keeping newer ones instead would
+    /// hide that time, and a recovery's end (the first marker after the inputs caught up
+    /// that arrives in time) would be timed late.
     pub async fn mark(&mut self, at: i64) -> Result<(), RouteError> {
-        self.marker = Some(self.marker.map_or(at, |waiting| waiting.min(at)));
+        if self.markers.len() < MAX_WAITING_MARKERS {
+            let mut after = Vec::new();
+            for (r, route) in self.routes.iter().enumerate() {
+                for (t, buf) in route.buffers.iter().enumerate() {
+                    let cut = self.full.iter().filter(|(c, _)| *c == (r, t)).count();
+                    let held = cut as u64 + u64::from(!buf.is_empty());
+                    if held > 0 {
+                        after.push(((r, t), route.released[t] + held));
+                    }
+                }
+            }
+            self.markers.push_back(WaitingMarker { at, after });
+        }
         self.queue_marker();
         self.send_markers().await
     }
 
-    /// Queues the waiting marker behind the sealed output once no record is buffered (when
-    /// a marker is already last in the queue, nothing follows it, and the older one stays).
+    /// Queues, oldest first, each waiting marker whose records have left behind the sealed
+    /// output (when a marker is already last in the queue, nothing came between them, and
+    /// the older one stays).
     fn queue_marker(&mut self) {
-        if !self.buffers_empty() {
-            return;
-        }
-        let Some(at) = self.marker.take() else {
-            return;
-        };
-        match self.sealed.back_mut() {
-            Some(Sealed {
-                what: Held::Marker(last),
-                ..
-            }) => *last = (*last).min(at),
-            _ => {
-                let what = Held::Marker(at);
-                self.sealed.push_back(Sealed { required: 0, what });
+        let routes = &self.routes;
+        let released = |&((r, t), n): &((usize, usize), u64)| routes[r].released[t] >= n;
+        while let Some(m) = self.markers.front() {
+            if !m.after.iter().all(released) {
+                return;
+            }
+            let at = m.at;
+            self.markers.pop_front();
+            match self.sealed.back_mut() {
+                Some(Sealed {
+                    what: Held::Marker(last),
+                    ..
+                }) => *last = (*last).min(at),
+                _ => {
+                    let what = Held::Marker(at);
+                    self.sealed.push_back(Sealed { required: 0, what });
+                }
             }
         }
     }
@@ -1027,6 +1063,7 @@ impl Router {
     /// Sends the batches cut while partitioning, oldest first.
     async fn send_cut(&mut self) -> Result<(), RouteError> {
         while let Some(((r, t), records)) = self.full.pop_front() {
+            self.routes[r].released[t] += 1;
             let out = Out {
                 channel: (r as u32, t as u32),
                 counters: &self.counters,
@@ -1046,6 +1083,7 @@ impl Router {
             for (t, buf) in route.buffers.iter_mut().enumerate() {
                 if buf.len() >= size {
                     let records = std::mem::replace(buf, Vec::with_capacity(size));
+                    route.released[t] += 1;
                     let out = Out {
                         channel: (r as u32, t as u32),
                         counters: &self.counters,
@@ -1071,6 +1109,7 @@ impl Router {
             for (t, buf) in route.buffers.iter_mut().enumerate() {
                 if !buf.is_empty() {
                     let records = std::mem::take(buf);
+                    route.released[t] += 1;
                     let out = Out {
                         channel: (r as u32, t as u32),
                         counters: &self.counters,
@@ -1413,6 +1452,57 @@ mod tests {
         );
         router.send_sealed(4).await.unwrap();
         assert_eq!(arrived(&mut rx), ["d23+4", "m6"]);
+    }
+
+    /// Ensures a marker leaves as soon as the batches holding the records before it have,
+    /// on every channel, however many records came after it: with two hash targets always
+    /// holding something, a marker that waited for every buffer to be empty would wait
+    /// until a flush.
+    #[tokio::test]
+    async fn a_marker_waits_only_for_the_records_before_it() {
+        let (t0, mut r0) = channel(64, 0);
+        let (t1, mut r1) = channel(64, 0);
+        let mut router = Router::new(
+            vec![Route::new(Exchange::Hash(None), vec![t0, t1], 0)],
+            4,
+            Default::default(),
+        );
+        let keys = |target: usize| {
+            (0..)
+                .filter(move |&i| subtask_for_hash(Value::Int(i).stable_hash(), 2) == target)
+                .map(|i| Record::keyed(Value::Int(i), i, Value::Int(i)))
+        };
+        let (mut to0, mut to1) = (keys(0), keys(1));
+        let mut push = |n0: usize, n1: usize| {
+            let mut batch: Vec<Record> = to0.by_ref().take(n0).collect();
+            batch.extend(to1.by_ref().take(n1));
+            batch
+        };
+        router.push(&mut push(2, 1)).await.unwrap();
+        router.mark(1).await.unwrap();
+        router.push(&mut push(3, 0)).await.unwrap();
+        assert_eq!(
+            arrived(&mut r0),
+            ["d0+4"],
+            "target 1 still holds a record of m1"
+        );
+        assert!(arrived(&mut r1).is_empty());
+        router.mark(2).await.unwrap();
+        router.push(&mut push(0, 3)).await.unwrap();
+        assert_eq!(arrived(&mut r1), ["d0+4", "m1"]);
+        assert_eq!(
+            arrived(&mut r0),
+            ["m1"],
+            "target 0 holds records after m1 only"
+        );
+        router.push(&mut push(3, 2)).await.unwrap();
+        assert_eq!(arrived(&mut r0), ["d4+4", "m2"]);
+        assert_eq!(arrived(&mut r1), ["m2"]);
+        router.push(&mut push(1, 0)).await.unwrap();
+        router.mark(3).await.unwrap();
+        router.flush().await.unwrap();
+        assert_eq!(arrived(&mut r0), ["d8+1", "m3"]);
+        assert_eq!(arrived(&mut r1), ["d4+2", "m3"]);
     }
 
     #[tokio::test]
