@@ -1503,6 +1503,30 @@ mod tests {
         router.flush().await.unwrap();
         assert_eq!(arrived(&mut r0), ["d8+1", "m3"]);
         assert_eq!(arrived(&mut r1), ["d4+2", "m3"]);
+
+        // DCAS: target 0's records are sealed for the log while target 1 still buffers
+        // a record of m4; m4 goes behind the batch sealed for target 1 once it is cut.
+        router.retain_output();
+        router.stage(&mut push(2, 1)).unwrap();
+        router.mark(4).await.unwrap();
+        router.stage(&mut push(2, 0)).unwrap();
+        router.seal(1, false);
+        assert_eq!(router.sealed(), 1, "target 0's full batch");
+        router.stage(&mut push(1, 3)).unwrap();
+        router.seal(2, false);
+        router.send_sealed(1).await.unwrap();
+        assert_eq!(arrived(&mut r0), ["d9+4"]);
+        assert!(
+            arrived(&mut r1).is_empty(),
+            "m4 waits behind target 1's sealed batch"
+        );
+        router.send_sealed(2).await.unwrap();
+        assert_eq!(
+            arrived(&mut r0),
+            ["m4"],
+            "target 0 holds records after m4 only"
+        );
+        assert_eq!(arrived(&mut r1), ["d6+4", "m4"]);
     }
 
     #[tokio::test]

@@ -666,8 +666,9 @@ impl SubtaskRunner {
                     self.release().await?;
                 }
             }
-            // Also while the source is busy: a hash route's buffers may never all empty
-            // together, and a latency marker waits for that.
+            // Also while the source is busy: a hash route's buffer for a slow key group
+            // may take long to fill, and its records (and a latency marker behind them)
+            // must still leave within the linger time.
             if self.linger_expired() {
                 self.linger_flush().await?;
             }
