@@ -2111,13 +2111,12 @@ impl Dispatcher {
             .iter()
             .filter_map(|s| s.iter().map(|&(at, _)| at).find(|&at| at >= since))
             .min();
-        // As close to their input as before the failure, or within 50 ms of input.
-        let threshold = last.pre_failure_lag.map(|pre| {
-            (2 * pre)
-                .max((0.05 * last.pre_failure_rate) as u64)
-                .max(100)
-        });
-        let within = threshold.and_then(|t| within_lag(&sources, since, t));
+        // As close to their input as before the failure, or within 50 ms of input (at the
+        // rate before it).
+        let threshold = (2 * last.pre_failure_lag.unwrap_or(0))
+            .max((0.05 * last.pre_failure_rate) as u64)
+            .max(100);
+        let within = within_lag(&sources, since, threshold);
         let backlogs = job.backlogs_logged(&last.senders);
         // The first record after the restore. DCAS: the survivors never stopped; the
         // restarted subtasks process live input once replayed (a subtask behind a window
@@ -2149,15 +2148,17 @@ impl Dispatcher {
         // A source that cannot tell its lag yet (a restarted Kafka consumer before its first
         // statistics, a second after it starts) is waited for; past a grace period the rate
         // rule decides, at the heartbeat. A generator knows its lag from its first poll.
+        // When the lag was unknown before the failure (a Kafka consumer killed before its
+        // first statistics), a lag known now decides as well as the rate: a failure during
+        // a backlog drain has a rate before it that the live input never reaches again.
         let by_rate = (rate >= 0.9 * e.pre_failure_rate).then(now_ms);
-        let sources_at = match (e.pre_failure_lag, lag) {
-            (Some(_), Some(_)) => within,
-            (Some(_), None) => by_rate.filter(|&now| {
-                e.replayed_ms
-                    .is_some_and(|r| now >= r + LAG_UNKNOWN_GRACE_MS)
-            }),
-            (None, _) => by_rate,
-        };
+        let sources_at = sources_caught_up(
+            e.pre_failure_lag.is_some(),
+            lag.is_some(),
+            within,
+            by_rate,
+            e.replayed_ms,
+        );
         if let (None, Some(first), Some(sources_at), Some(backlogs)) = (
             e.inputs_caught_up_ms,
             e.first_record_ms,
@@ -2251,6 +2252,28 @@ fn latency_normal(sinks: &[&VecDeque<(u64, u64)>], since: u64, before: Option<u6
         let &(at, origin) = samples.iter().find(within)?;
         Some(latest.max(if normal.is_some() { origin } else { at }))
     })
+}
+
+/// When the sources caught up with their input after a failure: by their lag samples
+/// (`within`) when they knew their lag before it and know it now; by their rate (`by_rate`,
+/// now, when it is back to 90% of the rate before) when they do not know it yet, once
+/// `LAG_UNKNOWN_GRACE_MS` passed after the replay; and by either when the lag was unknown
+/// before the failure but is known now.
+fn sources_caught_up(
+    lag_before: bool,
+    lag_now: bool,
+    within: Option<u64>,
+    by_rate: Option<u64>,
+    replayed_ms: Option<u64>,
+) -> Option<u64> {
+    match (lag_before, lag_now) {
+        (true, true) => within,
+        (true, false) => {
+            by_rate.filter(|&now| replayed_ms.is_some_and(|r| now >= r + LAG_UNKNOWN_GRACE_MS))
+        }
+        (false, true) => within.or(by_rate),
+        (false, false) => by_rate,
+    }
 }
 
 /// When the sources, their lags summed, came within `threshold` records of their input
@@ -2821,8 +2844,49 @@ mod tests {
 
     use super::{
         accept_part, count_slots, keep_newest, latency_normal, restart_placement, restart_targets,
-        within_lag, CollectProgress, PartFate, SubtaskInfo, LAG_SAMPLES_KEPT,
+        sources_caught_up, within_lag, CollectProgress, PartFate, SubtaskInfo, LAG_SAMPLES_KEPT,
+        LAG_UNKNOWN_GRACE_MS,
     };
+
+    /// Ensures a failure during a backlog drain, before the sources knew their lag, ends
+    /// once they are at their input: the rate before it (the drain) never comes back. The
+    /// lag, once known, decides; until then only the rate can.
+    #[test]
+    fn sources_at_their_input_catch_up_whatever_the_rate_before() {
+        let (within, slow, replayed) = (Some(1_050), None, Some(1_000));
+        assert_eq!(
+            sources_caught_up(false, true, within, slow, replayed),
+            within
+        );
+        assert_eq!(
+            sources_caught_up(false, true, None, Some(7), replayed),
+            Some(7)
+        );
+        assert_eq!(
+            sources_caught_up(false, false, within, slow, replayed),
+            None
+        );
+        assert_eq!(
+            sources_caught_up(false, false, None, Some(7), replayed),
+            Some(7)
+        );
+        // Known before and now: only the lag decides.
+        assert_eq!(sources_caught_up(true, true, None, Some(7), replayed), None);
+        assert_eq!(
+            sources_caught_up(true, true, within, slow, replayed),
+            within
+        );
+        // Known before, not yet now: the rate decides after the grace period.
+        let grace = 1_000 + LAG_UNKNOWN_GRACE_MS;
+        assert_eq!(
+            sources_caught_up(true, false, within, Some(grace - 1), replayed),
+            None
+        );
+        assert_eq!(
+            sources_caught_up(true, false, within, Some(grace), replayed),
+            Some(grace)
+        );
+    }
 
     /// An ABS failover first reported by a symptom (a neighbour's downstream channel closed)
     /// names the lost task manager once its loss arrives.
