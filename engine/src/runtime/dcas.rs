@@ -172,6 +172,16 @@ impl LogEntry {
         encode_entry(self.channel, &self.event, None, self.tail.as_ref())
     }
 
+    /// The records the entry replays: its batch's, or the count a replayable source's
+    /// poll regenerates.
+    pub fn records(&self) -> u64 {
+        match (&self.event, &self.tail) {
+            (_, Tail::Regenerate(n, _)) => *n,
+            (StreamEvent::Data(b), _) => b.records.len() as u64,
+            _ => 0,
+        }
+    }
+
     /// Decodes what [`LogEntry::encode`] wrote.
     pub fn decode(bytes: &[u8]) -> Result<LogEntry, CodecError> {
         let short = || CodecError("log entry shorter than its header".into());

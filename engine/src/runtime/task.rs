@@ -1363,7 +1363,12 @@ impl SubtaskRunner {
             .resend_all()
             .await
             .map_err(|e| self.route_failure(e))?;
-        let replayed = entries.len();
+        let (replayed, records) = (
+            entries.len(),
+            entries.iter().map(LogEntry::records).sum::<u64>(),
+        );
+        let restore_us = started.elapsed().as_micros() as u64 - load_us;
+        let replaying = Instant::now();
         // Restored from a snapshot taken after it finished (sent `EndOfStream`).
         let mut finished = self.source.is_none() && self.router.ended();
         for entry in entries {
@@ -1391,7 +1396,8 @@ impl SubtaskRunner {
             .store(links as u64, Ordering::Relaxed);
         self.resumed();
         if restored.is_some() || replayed > 0 {
-            info!(snapshot = ?restored, links, replayed, load_us, took_us = started.elapsed().as_micros() as u64, "Subtask restored from the cache.");
+            let replay_us = replaying.elapsed().as_micros() as u64;
+            info!(snapshot = ?restored, links, replayed, records, load_us, restore_us, replay_us, "Subtask restored from the cache.");
         }
         Ok(finished)
     }
