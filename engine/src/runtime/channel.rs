@@ -971,8 +971,12 @@ impl Router {
     }
 
     /// Queues, oldest first, each waiting marker whose records have left behind the sealed
-    /// output (when a marker is already last in the queue, nothing came between them, and
-    /// the older one stays).
+    /// output. Markers with nothing between them all go, one after the other: each times
+    /// the data sent before it, so a newer one behind the same batch is no duplicate (a
+    /// recovery's end is the first marker sent after the inputs caught up, and merging it
+    /// into an older one would time the end a batch late). While
+    /// [`MAX_WAITING_MARKERS`] are queued in a row (the log holds the batch ahead), a newer
+    /// one is dropped, as in [`Router::mark`].
     fn queue_marker(&mut self) {
         let routes = &self.routes;
         let released = |&((r, t), n): &((usize, usize), u64)| routes[r].released[t] >= n;
@@ -982,15 +986,15 @@ impl Router {
             }
             let at = m.at;
             self.markers.pop_front();
-            match self.sealed.back_mut() {
-                Some(Sealed {
-                    what: Held::Marker(last),
-                    ..
-                }) => *last = (*last).min(at),
-                _ => {
-                    let what = Held::Marker(at);
-                    self.sealed.push_back(Sealed { required: 0, what });
-                }
+            let in_a_row = self
+                .sealed
+                .iter()
+                .rev()
+                .take_while(|s| matches!(s.what, Held::Marker(_)))
+                .count();
+            if in_a_row < MAX_WAITING_MARKERS {
+                let what = Held::Marker(at);
+                self.sealed.push_back(Sealed { required: 0, what });
             }
         }
     }
@@ -1401,8 +1405,9 @@ mod tests {
     }
 
     /// Ensures a latency marker never overtakes a record routed before it: it waits for a
-    /// partly filled buffer to leave, and (DCAS) behind the batches sealed for the log; a
-    /// newer marker is dropped while an older one waits.
+    /// partly filled buffer to leave, and (DCAS) behind the batches sealed for the log.
+    /// Markers behind the same batch all go, oldest first, up to [`MAX_WAITING_MARKERS`]
+    /// in a row.
     #[tokio::test]
     async fn markers_go_behind_the_records_before_them() {
         let (t, mut rx) = channel(64, 0);
@@ -1426,7 +1431,11 @@ mod tests {
         router.mark(3).await.unwrap();
         router.mark(4).await.unwrap();
         router.flush().await.unwrap();
-        assert_eq!(arrived(&mut rx), ["d10+3", "m3"], "m3 waited longest");
+        assert_eq!(
+            arrived(&mut rx),
+            ["d10+3", "m3", "m4"],
+            "both behind the batch, oldest first"
+        );
 
         // DCAS: sealed output leaves when the log holds its inputs; the marker behind it.
         router.retain_output();
@@ -1434,7 +1443,7 @@ mod tests {
         router.seal(3, false);
         router.mark(5).await.unwrap();
         router.mark(7).await.unwrap();
-        assert_eq!(router.sealed(), 1, "markers merge, and only batches count");
+        assert_eq!(router.sealed(), 1, "only batches count");
         router.send_sealed(2).await.unwrap();
         assert_eq!(
             arrived(&mut rx),
@@ -1447,11 +1456,23 @@ mod tests {
         router.send_sealed(3).await.unwrap();
         assert_eq!(
             arrived(&mut rx),
-            ["d13+10", "m5"],
+            ["d13+10", "m5", "m7"],
             "m6 waits for the second batch"
         );
         router.send_sealed(4).await.unwrap();
         assert_eq!(arrived(&mut rx), ["d23+4", "m6"]);
+
+        // While the log holds a batch back, at most MAX_WAITING_MARKERS queue behind it.
+        router.stage(&mut recs(27..37)).unwrap();
+        router.seal(5, false);
+        for at in 10..20 {
+            router.mark(at).await.unwrap();
+        }
+        router.send_sealed(5).await.unwrap();
+        let sent: Vec<String> = (10..10 + MAX_WAITING_MARKERS as i64)
+            .map(|at| format!("m{at}"))
+            .collect();
+        assert_eq!(arrived(&mut rx)[1..], sent[..], "the newest dropped");
     }
 
     /// Ensures a marker leaves as soon as the batches holding the records before it have,
