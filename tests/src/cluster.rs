@@ -460,18 +460,28 @@ impl Drop for Cluster {
         // A task manager that ended without this harness killing it (a kill through the
         // REST API, which aborts one it did not start; a crash in native code, which leaves
         // no message of its own; an exit) explains many a failed test: name it and how.
+        let mut alive = Vec::new();
         for (i, c) in self.tms.iter_mut().enumerate() {
             if self.killed.contains(&i) {
                 continue; // killed and reaped: its pid may be another process's by now
             }
-            if let Ok(Some(status)) = c.try_wait() {
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "task manager process {} (started #{i}) ended, not killed by the harness: {status}",
-                    c.id()
-                );
-                continue;
+            match c.try_wait() {
+                Ok(Some(status)) => {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "task manager process {} (started #{i}) ended, not killed by the harness: {status}",
+                        c.id()
+                    );
+                }
+                _ => alive.push(i),
             }
+        }
+        // The job manager first: killing task managers under it would log every cache
+        // member lost as lost data.
+        let _ = self.jm.kill();
+        let _ = self.jm.wait();
+        for i in alive {
+            let c = &mut self.tms[i];
             // A stopped process must be continued to die promptly on some kernels.
             let _ = Command::new("kill")
                 .arg("-CONT")
@@ -481,8 +491,6 @@ impl Drop for Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = self.jm.kill();
-        let _ = self.jm.wait();
     }
 }
 
