@@ -50,6 +50,20 @@ pub enum Value {
     Map(#[rkyv(omit_bounds)] Arc<[(Arc<str>, Value)]>),
 }
 
+/// `entries` sorted by name, one per name: the last given of each (map field semantics).
+pub(crate) fn sorted_last_wins<T>(mut entries: Vec<(Arc<str>, T)>) -> Vec<(Arc<str>, T)> {
+    // Stable sort keeps insertion order among equal names; keep the last of each run.
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out: Vec<(Arc<str>, T)> = Vec::with_capacity(entries.len());
+    for (k, val) in entries {
+        match out.last_mut() {
+            Some(last) if last.0 == k => last.1 = val,
+            _ => out.push((k, val)),
+        }
+    }
+    out
+}
+
 impl Value {
     /// Builds a string value.
     pub fn str(s: &str) -> Value {
@@ -63,18 +77,8 @@ impl Value {
 
     /// Builds a map value from entries in any order; a later duplicate key wins.
     pub fn map<K: Into<Arc<str>>>(entries: impl IntoIterator<Item = (K, Value)>) -> Value {
-        let mut v: Vec<(Arc<str>, Value)> =
-            entries.into_iter().map(|(k, v)| (k.into(), v)).collect();
-        // Stable sort keeps insertion order among equal keys; keep the last of each run.
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut out: Vec<(Arc<str>, Value)> = Vec::with_capacity(v.len());
-        for (k, val) in v {
-            match out.last_mut() {
-                Some(last) if last.0 == k => last.1 = val,
-                _ => out.push((k, val)),
-            }
-        }
-        Value::Map(Arc::from(out))
+        let v = entries.into_iter().map(|(k, v)| (k.into(), v)).collect();
+        Value::Map(Arc::from(sorted_last_wins(v)))
     }
 
     /// The name of this value's type, as used in error messages and by `type_of()`.

@@ -323,17 +323,62 @@ pub fn add_all(accs: &mut [Acc], aggs: &[AggSpec], rec: &Record) -> Result<(), O
     Ok(())
 }
 
-/// `{key, <extra fields>, <agg name>: result ...}`.
-pub fn result_value(key: &Value, extra: &[(&str, Value)], accs: &[Acc], aggs: &[AggSpec]) -> Value {
-    let mut fields: Vec<(Arc<str>, Value)> = Vec::with_capacity(1 + extra.len() + aggs.len());
-    fields.push((Arc::from("key"), key.clone()));
-    fields.extend(extra.iter().map(|(k, v)| (Arc::from(*k), v.clone())));
-    fields.extend(
-        aggs.iter()
-            .zip(accs)
-            .map(|(s, a)| (s.name.clone(), a.result())),
-    );
-    Value::map(fields)
+/// Where a result field's value comes from.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    Key,
+    Extra(usize),
+    Agg(usize),
+}
+
+/// The layout of an aggregate's results, `{key, <extra fields>, <agg name>: result ...}`,
+/// worked out once per operator: the names sorted as `Value::Map` keeps them (a later
+/// duplicate wins, as in [`Value::map`]) and where each value comes from. A result is then
+/// one allocation and reference-count bumps, not a string allocation per field and a sort.
+#[derive(Debug, Clone)]
+pub struct ResultFields {
+    fields: Vec<(Arc<str>, Source)>,
+}
+
+impl ResultFields {
+    /// The layout for results with `extra` fields (in their argument order) after `key`.
+    pub fn new(extra: &[&str], aggs: &[AggSpec]) -> ResultFields {
+        let mut all: Vec<(Arc<str>, Source)> = vec![(Arc::from("key"), Source::Key)];
+        all.extend(
+            extra
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (Arc::from(*k), Source::Extra(i))),
+        );
+        all.extend(
+            aggs.iter()
+                .enumerate()
+                .map(|(i, a)| (a.name.clone(), Source::Agg(i))),
+        );
+        ResultFields {
+            fields: crate::value::sorted_last_wins(all),
+        }
+    }
+
+    /// One result: `extra` in the order given to [`ResultFields::new`], `accs` in the order
+    /// of the aggregations.
+    #[inline]
+    pub fn value(&self, key: &Value, extra: &[Value], accs: &[Acc]) -> Value {
+        // An exact-size iterator: `Arc<[_]>` allocates once and fills in place.
+        Value::Map(
+            self.fields
+                .iter()
+                .map(|(name, from)| {
+                    let v = match *from {
+                        Source::Key => key.clone(),
+                        Source::Extra(i) => extra[i].clone(),
+                        Source::Agg(i) => accs[i].result(),
+                    };
+                    (name.clone(), v)
+                })
+                .collect(),
+        )
+    }
 }
 
 #[cfg(test)]
@@ -345,6 +390,54 @@ mod tests {
     fn accumulators_are_compact() {
         assert_eq!(std::mem::size_of::<Acc>(), 16);
         assert_eq!(std::mem::size_of::<Accs>(), 16);
+    }
+
+    /// A result is the map `Value::map` builds from `key`, the extras and the aggregations,
+    /// in that order: sorted by name, a later duplicate winning (an aggregation named like
+    /// a window bound replaces it).
+    #[test]
+    fn result_fields_build_the_map_value_map_builds() {
+        let agg = |name: &str, kind| AggSpec {
+            name: name.into(),
+            kind,
+            field: None,
+        };
+        let aggs = [
+            agg("n", AggKind::Count),
+            agg("window_end", AggKind::Count),
+            agg("a", AggKind::Avg),
+        ];
+        let mut accs: Vec<Acc> = aggs.iter().map(|a| Acc::new(a.kind)).collect();
+        accs[0] = Acc::Count(3);
+        accs[1] = Acc::Count(7);
+        let extra = ["window_start", "window_end"];
+        let fields = ResultFields::new(&extra, &aggs);
+        let key = Value::str("k");
+        let extras = [Value::Int(10), Value::Int(20)];
+        let mut entries: Vec<(Arc<str>, Value)> = vec![("key".into(), key.clone())];
+        entries.extend(
+            extra
+                .iter()
+                .zip(&extras)
+                .map(|(k, v)| ((*k).into(), v.clone())),
+        );
+        entries.extend(
+            aggs.iter()
+                .zip(&accs)
+                .map(|(a, acc)| (a.name.clone(), acc.result())),
+        );
+        let built = fields.value(&key, &extras, &accs);
+        assert_eq!(built, Value::map(entries));
+        let Value::Map(m) = built else {
+            panic!("a result is a map");
+        };
+        let names: Vec<&str> = m.iter().map(|(k, _)| &**k).collect();
+        assert_eq!(names, ["a", "key", "n", "window_end", "window_start"]);
+        assert_eq!(
+            m[3].1,
+            Value::Int(7),
+            "the aggregation named window_end wins"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
-use super::agg::{add_all, new_accs, parse_aggs, result_value, Acc, Accs, AggSpec};
+use super::agg::{add_all, new_accs, parse_aggs, Acc, Accs, AggSpec, ResultFields};
 use super::{
     decode_state, encode_state, eval, Instance, OpError, Operator, OperatorFactory, Params,
     SubtaskContext,
@@ -140,13 +140,16 @@ fn type_error(e: &Expr, expected: &'static str, got: &Value) -> OpError {
 /// `{key, <agg>: result}` (like Flink's `KeyedStream.sum`).
 struct ReduceFactory {
     aggs: Arc<[AggSpec]>,
+    fields: Arc<ResultFields>,
 }
 
 /// Builds a `reduce`.
 pub fn build_reduce(spec: &OperatorSpec) -> Result<Arc<dyn OperatorFactory>, SpecError> {
     let p = Params::new(spec, &["agg", "aggs", "field"])?;
+    let aggs = parse_aggs(&p)?;
     Ok(Arc::new(ReduceFactory {
-        aggs: parse_aggs(&p)?.into(),
+        fields: Arc::new(ResultFields::new(&[], &aggs)),
+        aggs: aggs.into(),
     }))
 }
 
@@ -154,6 +157,7 @@ impl OperatorFactory for ReduceFactory {
     fn instantiate(&self, _ctx: &SubtaskContext) -> Result<Instance, OpError> {
         Ok(Instance::Operator(Box::new(Reduce {
             aggs: self.aggs.clone(),
+            fields: self.fields.clone(),
             state: FxHashMap::default(),
             changed: Vec::new(),
             tracking: false,
@@ -164,6 +168,7 @@ impl OperatorFactory for ReduceFactory {
 /// One subtask of a `reduce`.
 struct Reduce {
     aggs: Arc<[AggSpec]>,
+    fields: Arc<ResultFields>,
     /// Keyed state: the accumulators of every key seen.
     state: FxHashMap<Value, KeyState>,
     /// Keys updated since the last snapshot (each once: its `changed` flag is set).
@@ -228,7 +233,7 @@ impl Operator for Reduce {
                 self.changed.push(key.clone());
             }
             add_all(&mut entry.accs, &self.aggs, &r)?;
-            let value = result_value(&key, &[], &entry.accs, &self.aggs);
+            let value = self.fields.value(&key, &[], &entry.accs);
             out.push(Record {
                 key: Some(key),
                 ts: r.ts,

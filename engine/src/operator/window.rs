@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
-use super::agg::{add_all, new_accs, parse_aggs, result_value, Acc, Accs, AggSpec};
+use super::agg::{add_all, new_accs, parse_aggs, Acc, Accs, AggSpec, ResultFields};
 use super::{
     decode_state, encode_state, Instance, Metric, OpError, Operator, OperatorFactory, Params,
     SubtaskContext,
@@ -100,6 +100,7 @@ struct WindowFactory {
     kind: WindowKind,
     lateness: i64,
     aggs: Arc<[AggSpec]>,
+    fields: Arc<ResultFields>,
 }
 
 /// Builds a `window_aggregate`.
@@ -108,10 +109,12 @@ pub fn build(spec: &OperatorSpec) -> Result<Arc<dyn OperatorFactory>, SpecError>
         spec,
         &["window", "allowed_lateness_ms", "agg", "aggs", "field"],
     )?;
+    let aggs = parse_aggs(&p)?;
     Ok(Arc::new(WindowFactory {
         kind: WindowKind::parse(&p)?,
         lateness: p.u64("allowed_lateness_ms")?.unwrap_or(0) as i64,
-        aggs: parse_aggs(&p)?.into(),
+        fields: Arc::new(ResultFields::new(&["window_start", "window_end"], &aggs)),
+        aggs: aggs.into(),
     }))
 }
 
@@ -121,6 +124,7 @@ impl OperatorFactory for WindowFactory {
             kind: self.kind,
             lateness: self.lateness,
             aggs: self.aggs.clone(),
+            fields: self.fields.clone(),
             wm: i64::MIN,
             windows: Vec::new(),
             sessions: FxHashMap::default(),
@@ -221,6 +225,8 @@ struct WindowOperator {
     kind: WindowKind,
     lateness: i64,
     aggs: Arc<[AggSpec]>,
+    /// The layout of the results.
+    fields: Arc<ResultFields>,
     /// Current combined input watermark.
     wm: i64,
     /// Open fixed windows, sorted by start.
@@ -348,7 +354,7 @@ impl WindowOperator {
     /// Folds `rec` into window `i`; re-emits the key's result if the window already fired.
     #[inline]
     fn add_to(&mut self, i: usize, rec: &Record, out: &mut Vec<Record>) -> Result<(), OpError> {
-        let aggs = &self.aggs;
+        let (aggs, fields) = (&self.aggs, &self.fields);
         let w = &mut self.windows[i];
         w.changed = true;
         let key = rec.key.as_ref().unwrap_or(&Value::Null);
@@ -358,7 +364,7 @@ impl WindowOperator {
         };
         add_all(accs, aggs, rec)?;
         if w.fired {
-            out.push(emit(key, w.start, w.end, accs, aggs));
+            out.push(emit(key, w.start, w.end, accs, fields));
         }
         Ok(())
     }
@@ -406,7 +412,7 @@ impl WindowOperator {
                 merged.start,
                 merged.end,
                 &merged.accs,
-                &self.aggs,
+                &self.fields,
             ));
         }
         list.insert(pos, merged);
@@ -426,7 +432,7 @@ impl WindowOperator {
                 keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
                 out.extend(
                     keys.into_iter()
-                        .map(|(k, a)| emit(k, w.start, w.end, a, &self.aggs)),
+                        .map(|(k, a)| emit(k, w.start, w.end, a, &self.fields)),
                 );
             }
         }
@@ -439,7 +445,7 @@ impl WindowOperator {
                 let before = (fired.len(), ks.list.len());
                 for s in ks.list.iter_mut().filter(|s| !s.fired && s.end - 1 <= wm) {
                     s.fired = true;
-                    fired.push(emit(key, s.start, s.end, &s.accs, &self.aggs));
+                    fired.push(emit(key, s.start, s.end, &s.accs, &self.fields));
                 }
                 ks.list.retain(|s| s.end - 1 + lateness > wm);
                 if self.tracking && !ks.changed && before != (fired.len(), ks.list.len()) {
@@ -454,16 +460,8 @@ impl WindowOperator {
     }
 }
 
-fn emit(key: &Value, start: i64, end: i64, accs: &[Acc], aggs: &[AggSpec]) -> Record {
-    let value = result_value(
-        key,
-        &[
-            ("window_start", Value::Int(start)),
-            ("window_end", Value::Int(end)),
-        ],
-        accs,
-        aggs,
-    );
+fn emit(key: &Value, start: i64, end: i64, accs: &[Acc], fields: &ResultFields) -> Record {
+    let value = fields.value(key, &[Value::Int(start), Value::Int(end)], accs);
     Record {
         key: Some(key.clone()),
         ts: end - 1,

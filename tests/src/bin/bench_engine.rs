@@ -2,7 +2,9 @@
 //!
 //! (a) generator -> map -> filter -> discard, (b) generator -> key_by -> tumbling count ->
 //! discard over 10k keys, each at parallelism 1 and 2, and (b) computed by a plain Rust loop
-//! with a HashMap over the same generated data. Every figure of one run comes from the same
+//! with a HashMap over the same generated data; (c) generator -> key_by -> rolling count
+//! (`reduce`, which emits an updated result per record) -> discard at parallelism 1, where
+//! building results dominates. Every figure of one run comes from the same
 //! process, so the ratios hold even on a noisy machine. The flags are in
 //! `USAGE` (`--help` prints it).
 
@@ -32,6 +34,16 @@ fn spec_b(p: usize, n: u64) -> String {
         {{"id":"k","kind":"key_by","input":"g","parallelism":{p},"params":{{"expr":"value"}}}},
         {{"id":"w","kind":"window_aggregate","input":"k","parallelism":{p},"params":{{"window":{{"tumbling_ms":1000}},"agg":"count"}}}},
         {{"id":"d","kind":"discard","input":"w","parallelism":{p}}}]}}"#
+    )
+}
+
+fn spec_c(n: u64) -> String {
+    format!(
+        r#"{{"name":"c","operators":[
+        {{"id":"g","kind":"generator","params":{{"count":{n},"keys":10000,"seed":1}}}},
+        {{"id":"k","kind":"key_by","input":"g","params":{{"expr":"value"}}}},
+        {{"id":"r","kind":"reduce","input":"k","params":{{"agg":"count"}}}},
+        {{"id":"d","kind":"discard","input":"r"}}]}}"#
     )
 }
 
@@ -82,7 +94,7 @@ fn main() {
     println!("records per run: {n}, rounds: {repeat}");
     // Each round runs every configuration once, back to back, so a ratio compares runs that
     // saw the same machine load; figures are medians over rounds.
-    let mut rounds: Vec<[f64; 5]> = Vec::new();
+    let mut rounds: Vec<[f64; 6]> = Vec::new();
     for round in 0..repeat {
         let r = [
             engine_rate(&spec_a(1, n), 1, n),
@@ -90,9 +102,13 @@ fn main() {
             engine_rate(&spec_b(1, n), 2, n),
             engine_rate(&spec_b(2, n), 2, n),
             loop_rate(n),
+            engine_rate(&spec_c(n), 2, n),
         ];
         let millions: Vec<String> = r.iter().map(|x| format!("{:.1}M", x / 1e6)).collect();
-        eprintln!("round {round}: a1 a2 b1 b2 loop = {}", millions.join(" "));
+        eprintln!(
+            "round {round}: a1 a2 b1 b2 loop c1 = {}",
+            millions.join(" ")
+        );
         rounds.push(r);
     }
     let col = |i: usize| weir_tests::median(rounds.iter().map(|r| r[i]).collect()) / 1e6;
@@ -110,4 +126,6 @@ fn main() {
         "| (b) hand-written loop with a HashMap | 1 thread | {:.2} M | 100% |",
         col(4)
     );
+    let c = "(c) generator -> key_by -> reduce (count, a result per record) -> discard";
+    println!("| {c} | 1 | {:.2} M | |", col(5));
 }
