@@ -1335,6 +1335,11 @@ impl SubtaskRunner {
         };
         let load_us = started.elapsed().as_micros() as u64;
         let restored = snap.last().map(|s| s.id);
+        let state_bytes: usize = snap
+            .iter()
+            .flat_map(|s| &s.operators)
+            .map(|o| o.state.len())
+            .sum();
         // Incremental snapshots applied after the whole one.
         let links = snap.len().saturating_sub(1);
         let layers: Vec<_> = snap
@@ -1397,7 +1402,7 @@ impl SubtaskRunner {
         self.resumed();
         if restored.is_some() || replayed > 0 {
             let replay_us = replaying.elapsed().as_micros() as u64;
-            info!(snapshot = ?restored, links, replayed, records, load_us, restore_us, replay_us, "Subtask restored from the cache.");
+            info!(snapshot = ?restored, links, state_bytes, replayed, records, load_us, restore_us, replay_us, "Subtask restored from the cache.");
         }
         Ok(finished)
     }
