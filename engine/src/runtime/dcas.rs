@@ -736,6 +736,13 @@ pub struct DcasSnapshot {
     pub committed: Option<u64>,
 }
 
+impl DcasSnapshot {
+    /// Bytes of operator state it holds (changes only, in an incremental one).
+    pub fn state_bytes(&self) -> usize {
+        self.operators.iter().map(|o| o.state.len()).sum()
+    }
+}
+
 /// Reads and writes one subtask's `snap(t)` and `log(t)`.
 #[derive(Clone)]
 pub struct SnapshotStore {
@@ -1390,9 +1397,7 @@ impl MicroWindow {
         let due = after(self.interval).map_or(paused, |due| paused.min(due));
         let logged = log_bytes.saturating_sub(self.log_at_last);
         let small = self.state_bytes.is_some_and(|s| s < SMALL_STATE);
-        let by_log = (small && logged >= SMALL_LOG)
-            .then(|| after(self.interval / 10))
-            .flatten();
+        let by_log = after(self.interval / 10).filter(|_| small && logged >= SMALL_LOG);
         Some(by_log.map_or(due, |at| at.min(due)))
     }
 
@@ -1580,10 +1585,7 @@ impl DcasSubtask {
         let mut waiter = self.log()?.waiter();
         self.next_id = snap.id + 1;
         let log_bytes = self.log_bytes();
-        let state = snap.follows.is_none().then(|| {
-            let ops = snap.operators.iter().map(|o| o.state.len());
-            ops.sum::<usize>() as u64
-        });
+        let state = snap.follows.is_none().then(|| snap.state_bytes() as u64);
         self.window
             .started(std::time::Instant::now(), log_bytes, state);
         let (store, progress) = (self.store.clone(), self.progress.clone());

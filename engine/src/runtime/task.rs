@@ -1335,11 +1335,7 @@ impl SubtaskRunner {
         };
         let load_us = started.elapsed().as_micros() as u64;
         let restored = snap.last().map(|s| s.id);
-        let state_bytes: usize = snap
-            .iter()
-            .flat_map(|s| &s.operators)
-            .map(|o| o.state.len())
-            .sum();
+        let state_bytes: usize = snap.iter().map(DcasSnapshot::state_bytes).sum();
         // Incremental snapshots applied after the whole one.
         let links = snap.len().saturating_sub(1);
         let layers: Vec<_> = snap
