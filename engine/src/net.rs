@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -59,8 +60,9 @@ struct Inner {
     /// Channels received here: the peer sending them, and where the connection reader
     /// delivers their events.
     inputs: Mutex<HashMap<ChannelId, (TaskManagerId, credit::Sender)>>,
-    /// Channels sent from here: the peer receiving them, and the credits it granted.
-    outputs: Mutex<HashMap<ChannelId, (TaskManagerId, Arc<Semaphore>)>>,
+    /// Channels sent from here: the peer receiving them, the credits it granted and what
+    /// it acked as logged.
+    outputs: Mutex<HashMap<ChannelId, Output>>,
     /// Credits granted to channels no sender here has registered, by when the first
     /// grant came: a sender still being wired (its receiver was quicker), or a sender
     /// released before a late grant came. Forgotten after [`UNCLAIMED_TTL`].
@@ -73,6 +75,26 @@ struct Inner {
     connecting: tokio::sync::Mutex<()>,
     /// Peers declared dead by the job manager: their frames are refused for good.
     fenced: Mutex<std::collections::HashSet<TaskManagerId>>,
+}
+
+/// What the receiving peer of an output channel told this task manager.
+#[derive(Clone)]
+struct Output {
+    peer: TaskManagerId,
+    /// Credits granted.
+    credits: Arc<Semaphore>,
+    /// DCAS: the seq below which the receiver logged every record (`Logged` frames).
+    logged: Arc<AtomicU64>,
+}
+
+impl Output {
+    fn new(peer: TaskManagerId) -> Output {
+        Output {
+            peer,
+            credits: Arc::new(Semaphore::new(0)),
+            logged: Arc::new(AtomicU64::new(0)),
+        }
+    }
 }
 
 /// The data plane of one task manager. Cheap to clone.
@@ -150,7 +172,7 @@ impl DataPlane {
         credits: usize,
     ) -> Result<credit::Receiver, NetError> {
         let conn = self.conn(peer, peer_addr).await?;
-        let announce_conn = conn.clone();
+        let (announce_conn, ack_conn) = (conn.clone(), conn.clone());
         let (tx, rx) = credit::channel_with_announcer(
             credits,
             Box::new(move |n| {
@@ -161,6 +183,9 @@ impl DataPlane {
                         credits: n as u32,
                     },
                 )
+            }),
+            Box::new(move |next_seq| {
+                send_frame(&ack_conn, &DataFrame::Logged { channel, next_seq })
             }),
         );
         lock(&self.inner.inputs).insert(channel, (peer, tx));
@@ -182,12 +207,13 @@ impl DataPlane {
         peer_addr: &str,
     ) -> Result<RemoteSender, NetError> {
         let conn = self.conn(peer, peer_addr).await?;
-        let credits = output_credits(&mut lock(&self.inner.outputs), channel, peer);
+        let output = output_of(&mut lock(&self.inner.outputs), channel, peer);
         lock(&self.inner.unclaimed).remove(&channel);
         self.forget_unclaimed(Instant::now());
         Ok(RemoteSender {
             channel,
-            credits,
+            credits: output.credits,
+            logged: output.logged,
             conn,
         })
     }
@@ -203,9 +229,9 @@ impl DataPlane {
             }
             !of_deployment(c)
         });
-        lock(&self.inner.outputs).retain(|c, (_, s)| {
+        lock(&self.inner.outputs).retain(|c, o| {
             if of_deployment(c) {
-                s.close();
+                o.credits.close();
             }
             !of_deployment(c)
         });
@@ -254,9 +280,9 @@ impl DataPlane {
                 && c.to == channel.to
                 && c.epoch < channel.epoch
         };
-        lock(&self.inner.outputs).retain(|c, (_, s)| {
+        lock(&self.inner.outputs).retain(|c, o| {
             if older(c) {
-                s.close();
+                o.credits.close();
             }
             !older(c)
         });
@@ -282,11 +308,11 @@ impl DataPlane {
             }
             *p != peer
         });
-        lock(&self.inner.outputs).retain(|_, (p, s)| {
-            if *p == peer {
-                s.close();
+        lock(&self.inner.outputs).retain(|_, o| {
+            if o.peer == peer {
+                o.credits.close();
             }
-            *p != peer
+            o.peer != peer
         });
     }
 
@@ -513,7 +539,7 @@ impl DataPlane {
                     if !outputs.contains_key(&channel) {
                         lock(&self.inner.unclaimed).insert(channel, Instant::now());
                     }
-                    let sem = output_credits(&mut outputs, channel, peer);
+                    let sem = output_of(&mut outputs, channel, peer).credits;
                     drop(outputs);
                     let n = credits.to_native() as usize;
                     if sem.available_permits() + n > Semaphore::MAX_PERMITS / 2 {
@@ -523,6 +549,17 @@ impl DataPlane {
                         )));
                     }
                     sem.add_permits(n);
+                }
+                ArchivedDataFrame::Logged { channel, next_seq } => {
+                    let channel = ChannelId::from_archived(channel);
+                    // An ack for a channel not (or no longer) sent to this peer is dropped:
+                    // acks only hurry what the progress exchange tells anyway.
+                    if let Some(o) = lock(&self.inner.outputs)
+                        .get(&channel)
+                        .filter(|o| o.peer == peer)
+                    {
+                        o.logged.fetch_max(next_seq.to_native(), Ordering::AcqRel);
+                    }
                 }
                 ArchivedDataFrame::Hello { .. } => {
                     return Err(FrameError::Io(std::io::Error::new(
@@ -581,22 +618,20 @@ async fn write_loop(
     }
 }
 
-/// The credits of output channel `channel` to `peer`. A registration for another peer (the
-/// receiver's earlier instance, before a DCAS restart moved it) is replaced, and its waiting
-/// sender gives up.
-fn output_credits(
-    outputs: &mut HashMap<ChannelId, (TaskManagerId, Arc<Semaphore>)>,
+/// Output channel `channel` to `peer`. A registration for another peer (the receiver's
+/// earlier instance, before a DCAS restart moved it) is replaced, and its waiting sender
+/// gives up.
+fn output_of(
+    outputs: &mut HashMap<ChannelId, Output>,
     channel: ChannelId,
     peer: TaskManagerId,
-) -> Arc<Semaphore> {
-    let entry = outputs
-        .entry(channel)
-        .or_insert_with(|| (peer, Arc::new(Semaphore::new(0))));
-    if entry.0 != peer {
-        entry.1.close();
-        *entry = (peer, Arc::new(Semaphore::new(0)));
+) -> Output {
+    let entry = outputs.entry(channel).or_insert_with(|| Output::new(peer));
+    if entry.peer != peer {
+        entry.credits.close();
+        *entry = Output::new(peer);
     }
-    entry.1.clone()
+    entry.clone()
 }
 
 fn send_frame(conn: &Conn, frame: &DataFrame) {
@@ -619,10 +654,18 @@ pub struct RemoteSender {
     channel: ChannelId,
     /// Credits granted by the receiver.
     credits: Arc<Semaphore>,
+    /// DCAS: what the receiver acked as logged.
+    logged: Arc<AtomicU64>,
     conn: Conn,
 }
 
 impl RemoteSender {
+    /// DCAS: the seq below which the receiver has logged every record (its acks; 0 before
+    /// any).
+    pub fn receiver_logged(&self) -> u64 {
+        self.logged.load(Ordering::Acquire)
+    }
+
     /// Sends if a credit is free; gives the event back otherwise.
     pub fn try_send(&self, event: Delivery) -> Result<Result<(), Delivery>, credit::Disconnected> {
         match self.credits.try_acquire() {
@@ -746,6 +789,35 @@ mod tests {
             .unwrap();
         let got = rx.recv().await.unwrap();
         assert_eq!(got.event, StreamEvent::Watermark(5));
+    }
+
+    /// A receiver's log ack travels back over the connection to its sender, only rising.
+    #[tokio::test]
+    async fn logged_acks_reach_the_remote_sender() {
+        let (a, b) = pair().await;
+        let (b2, a_addr) = (b.clone(), a.local_addr().to_string());
+        let recv = tokio::spawn(async move {
+            b2.register_input(channel(0), TaskManagerId(1), &a_addr, 2)
+                .await
+                .unwrap()
+        });
+        let send = a
+            .register_output(channel(0), TaskManagerId(2), &b.local_addr().to_string())
+            .await
+            .unwrap();
+        let rx = recv.await.unwrap();
+        assert_eq!(send.receiver_logged(), 0);
+        rx.ack_logged(42);
+        assert!(
+            eventually(|| send.receiver_logged() == 42).await,
+            "ack not received"
+        );
+        rx.ack_logged(7);
+        rx.ack_logged(50);
+        assert!(
+            eventually(|| send.receiver_logged() == 50).await,
+            "ack not received"
+        );
     }
 
     /// Ensures retiring a channel's older incarnations closes those only: a channel wired

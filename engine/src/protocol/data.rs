@@ -3,7 +3,8 @@
 //! One TCP connection per pair of task managers carries every logical channel between them,
 //! in both directions. The connecting side sends `Hello` first. Events flow from sender to
 //! receiver; `Credit` frames flow back and grant the sender more events (credit-based flow
-//! control: the sender starts with none and may only send what it was granted).
+//! control: the sender starts with none and may only send what it was granted), and under
+//! DCAS `Logged` frames tell the sender what the receiver's input log holds.
 
 use bytes::Bytes;
 
@@ -68,5 +69,15 @@ pub enum DataFrame {
         channel: ChannelId,
         /// Events granted.
         credits: u32,
+    },
+    /// DCAS: the receiver of `channel` holds every record below `next_seq` in its input
+    /// log. Sent during a recovery, so a sender learns that its restarted receiver logged
+    /// the backlog without the cache round trips of the progress exchange (which still
+    /// runs, and alone decides what a restarted sender resends).
+    Logged {
+        /// The channel.
+        channel: ChannelId,
+        /// Seq below which the receiver logged everything.
+        next_seq: u64,
     },
 }

@@ -125,6 +125,15 @@ impl OutputChannel {
         }
     }
 
+    /// DCAS: the seq below which the receiver acked every record as logged (0 before any
+    /// ack).
+    pub fn receiver_logged(&self) -> Seq {
+        match &self.tx {
+            Tx::Local(tx) => tx.receiver_logged(),
+            Tx::Remote(tx) => tx.receiver_logged(),
+        }
+    }
+
     /// The sending end of a channel whose receiver is on another task manager.
     pub fn remote(tx: RemoteSender) -> OutputChannel {
         OutputChannel {
@@ -357,6 +366,14 @@ impl InputGate {
     pub fn detach(&mut self, i: usize) {
         if let Some(c) = self.channels.get_mut(i) {
             c.detached = true;
+        }
+    }
+
+    /// DCAS: tells channel `i`'s sender that every record below `next_seq` is in this
+    /// subtask's input log.
+    pub fn ack_logged(&self, i: usize, next_seq: Seq) {
+        if let Some(c) = self.channels.get(i) {
+            c.rx.ack_logged(next_seq);
         }
     }
 
@@ -617,6 +634,26 @@ impl Router {
                 .receivers_caught_up
                 .store(self.rewire, Ordering::Release);
         }
+    }
+
+    /// DCAS, during a recovery: counts the backlogs the rewired receivers acked on their
+    /// channels as logged (and trims what they acked), without waiting for the progress
+    /// exchange through the cache.
+    pub fn receivers_acked(&mut self) {
+        if self.backlogs.is_empty() {
+            return;
+        }
+        let acked: Vec<Vec<Seq>> = self
+            .routes
+            .iter()
+            .map(|r| {
+                r.targets
+                    .iter()
+                    .map(OutputChannel::receiver_logged)
+                    .collect()
+            })
+            .collect();
+        self.trim(&acked);
     }
 
     /// The router's position: seqs, unsent records, retained output, last broadcast.
@@ -1772,6 +1809,43 @@ mod tests {
         // Retained output (a restored snapshot's) below a receiver's position is forgotten.
         router.receivers_logged(&[vec![30]]);
         assert_eq!(router.retained_records(), 10);
+    }
+
+    /// During a recovery a rewired receiver's acks on its channel count its backlog logged
+    /// without the progress exchange; an ack short of the backlog does not.
+    #[tokio::test]
+    async fn rewired_receivers_catch_up_by_their_acks_on_the_channel() {
+        let (t0, _r0) = channel(64, 0);
+        let counters: Arc<RouterCounters> = Arc::default();
+        let mut router = Router::new(
+            vec![Route::new(Exchange::Forward, vec![t0], 0)],
+            10,
+            counters.clone(),
+        );
+        router.retain_output();
+        router.push(&mut recs(0..25)).await.unwrap();
+        router.flush().await.unwrap();
+        let (t0, r0) = channel(64, 0);
+        router.rewire(0, 0, t0, 7).await.unwrap();
+        router.receivers_acked();
+        assert!(router.awaits_backlogs(), "no ack yet");
+        r0.rx.ack_logged(24);
+        router.receivers_acked();
+        assert!(
+            router.awaits_backlogs(),
+            "one record of the backlog not acked"
+        );
+        assert_eq!(router.retained_records(), 1, "what was acked is trimmed");
+        r0.rx.ack_logged(25);
+        router.receivers_acked();
+        assert!(!router.awaits_backlogs());
+        assert_eq!(counters.receivers_caught_up.load(Ordering::Acquire), 7);
+        r0.rx.ack_logged(3);
+        assert_eq!(
+            router.routes[0].targets[0].receiver_logged(),
+            25,
+            "acks only rise"
+        );
     }
 
     /// A rewired receiver's backlog is what was sent before the rewire: the router marks

@@ -14,6 +14,7 @@
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -51,6 +52,10 @@ struct State<T> {
 /// Called with the number of credits announced, for a sender in another process.
 pub type Announcer = Box<dyn Fn(usize) + Send + Sync>;
 
+/// Called with the seq below which the receiver logged its input (DCAS), for a sender in
+/// another process.
+pub type Acker = Box<dyn Fn(u64) + Send + Sync>;
+
 struct Shared<T> {
     state: Mutex<State<T>>,
     credits: usize,
@@ -58,6 +63,10 @@ struct Shared<T> {
     announce_at: usize,
     /// Also tells a remote sender about announced credits (network channels).
     announcer: Option<Announcer>,
+    /// DCAS: the receiver logged every record below this seq ([`Receiver::ack_logged`]).
+    logged: AtomicU64,
+    /// Also tells a remote sender about `logged` (network channels).
+    acker: Option<Acker>,
 }
 
 impl<T> Shared<T> {
@@ -69,17 +78,26 @@ impl<T> Shared<T> {
 
 /// Creates a channel granting `credits` events (at least 1).
 pub fn channel<T>(credits: usize) -> (Sender<T>, Receiver<T>) {
-    make(credits, None)
+    make(credits, None, None)
 }
 
-/// Creates a channel whose announcements are also passed to `announcer`: the receiving end
-/// of a network channel, fed by the connection reader through the `Sender`, with the remote
-/// sender's credits mirroring this channel's.
-pub fn channel_with_announcer<T>(credits: usize, announcer: Announcer) -> (Sender<T>, Receiver<T>) {
-    make(credits, Some(announcer))
+/// Creates a channel whose announcements are also passed to `announcer`, and its
+/// receiver's log acks to `acker`: the receiving end of a network channel, fed by the
+/// connection reader through the `Sender`, with the remote sender's credits mirroring this
+/// channel's.
+pub fn channel_with_announcer<T>(
+    credits: usize,
+    announcer: Announcer,
+    acker: Acker,
+) -> (Sender<T>, Receiver<T>) {
+    make(credits, Some(announcer), Some(acker))
 }
 
-fn make<T>(credits: usize, announcer: Option<Announcer>) -> (Sender<T>, Receiver<T>) {
+fn make<T>(
+    credits: usize,
+    announcer: Option<Announcer>,
+    acker: Option<Acker>,
+) -> (Sender<T>, Receiver<T>) {
     let credits = credits.max(1);
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
@@ -95,6 +113,8 @@ fn make<T>(credits: usize, announcer: Option<Announcer>) -> (Sender<T>, Receiver
         credits,
         announce_at: (credits / 2).max(1),
         announcer,
+        logged: AtomicU64::new(0),
+        acker,
     });
     (
         Sender {
@@ -173,6 +193,12 @@ impl<T> Sender<T> {
     pub fn in_flight(&self) -> usize {
         self.shared.credits - self.shared.lock().free
     }
+
+    /// DCAS: the seq below which the receiver has logged every record (its acks; 0 before
+    /// any).
+    pub fn receiver_logged(&self) -> u64 {
+        self.shared.logged.load(Ordering::Acquire)
+    }
 }
 
 impl<T> Drop for Sender<T> {
@@ -220,6 +246,16 @@ impl<T> Receiver<T> {
             None => {
                 st.receiver = Some(cx.waker().clone());
                 Poll::Pending
+            }
+        }
+    }
+
+    /// DCAS: every record below `next_seq` is in this receiver's input log. Tells the
+    /// sender (through the acker of a network channel) when it moves the ack forward.
+    pub fn ack_logged(&self, next_seq: u64) {
+        if self.shared.logged.fetch_max(next_seq, Ordering::AcqRel) < next_seq {
+            if let Some(ack) = &self.shared.acker {
+                ack(next_seq);
             }
         }
     }

@@ -1452,6 +1452,8 @@ struct Acks {
     logged: Vec<Seq>,
     /// Per input channel, whether `logged` changed since it was last published.
     changed: Vec<bool>,
+    /// Per input channel, the seq last acked on the channel ([`DcasSubtask::direct_acks`]).
+    acked: Vec<Seq>,
     /// No exchange starts before this.
     next_at: Option<std::time::Instant>,
     /// The pause after the exchanges that failed in a row; `None` after a success.
@@ -1681,14 +1683,96 @@ impl DcasSubtask {
     }
 
     /// When the progress exchange must run though no input arrives (else it runs as input
-    /// is logged): while restored positions wait to be published, or while `waiting` (the
-    /// subtask's rewired receivers have a backlog to log); `None` otherwise.
+    /// comes): while hurrying, as soon as the log holds input not yet published; while
+    /// restored positions wait to be published, or while `waiting` (the subtask's rewired
+    /// receivers have a backlog to log), within [`PROGRESS_POLL`]; `None` otherwise.
     pub fn progress_due(&self, waiting: bool) -> Option<std::time::Instant> {
-        if !(waiting || self.acks.republish) {
+        let now = std::time::Instant::now();
+        let soon = now + PROGRESS_POLL;
+        let after_pause = self.acks.next_at.map_or(soon, |t| t.max(soon));
+        if self.hurrying(now) && self.logged_unpublished() {
+            // An exchange in flight answers within the poll; otherwise the pause decides.
+            let pause = self.acks.next_at.unwrap_or(now).max(now);
+            return Some(match self.acks.in_flight {
+                Some(_) => after_pause,
+                None => pause,
+            });
+        }
+        (waiting || self.acks.republish).then_some(after_pause)
+    }
+
+    /// While hurrying: the log index to wait for before input acks can be published (one
+    /// past the oldest input entry not yet known to be logged, when the log does not hold
+    /// it yet). A restarted subtask's senders wait for these acks to count their backlog
+    /// logged; without this they would wait for the subtask's next input, a batch or a
+    /// linger later.
+    pub fn acks_wait_for(&self) -> Option<u64> {
+        if !self.hurrying(std::time::Instant::now()) {
             return None;
         }
-        let soon = std::time::Instant::now() + PROGRESS_POLL;
-        Some(self.acks.next_at.map_or(soon, |t| t.max(soon)))
+        let &(index, _, _) = self.acks.pending.front()?;
+        let logged = self.log.as_ref()?.logged().ok()?;
+        (index >= logged).then_some(index + 1)
+    }
+
+    /// True while a recovery has the exchange run every [`PROGRESS_POLL`].
+    fn hurrying(&self, now: std::time::Instant) -> bool {
+        self.acks.hurry_until.is_some_and(|until| now < until)
+    }
+
+    /// True when the log holds input whose acks are not yet published: entries not yet
+    /// drained from `pending`, or drained ones ([`DcasSubtask::direct_acks`]) not yet
+    /// published.
+    fn logged_unpublished(&self) -> bool {
+        let logged = self.log.as_ref().and_then(|l| l.logged().ok());
+        let undrained = match (self.acks.pending.front(), logged) {
+            (Some(&(index, _, _)), Some(logged)) => index < logged,
+            _ => false,
+        };
+        undrained || self.acks.changed.iter().any(|c| *c)
+    }
+
+    /// Moves the input entries the log now holds from `pending` to `logged`; false when
+    /// the log's writer stopped (it reports its error through the subtask's next push).
+    fn drain_logged(&mut self) -> bool {
+        let Some(Ok(logged)) = self.log.as_ref().map(InputLog::logged) else {
+            return false;
+        };
+        let acks = &mut self.acks;
+        acks.logged.resize(self.inputs.len(), 0);
+        acks.changed.resize(self.inputs.len(), false);
+        while let Some(&(index, channel, next)) = acks.pending.front() {
+            if index >= logged {
+                break;
+            }
+            acks.pending.pop_front();
+            if let Some(l) = acks.logged.get_mut(channel).filter(|l| **l < next) {
+                *l = next;
+                acks.changed[channel] = true;
+            }
+        }
+        true
+    }
+
+    /// While hurrying: the input channels whose logged seq moved since they were last
+    /// acked on the channel itself, with that seq. The subtask sends these acks to the
+    /// senders directly ([`crate::runtime::channel::InputGate::ack_logged`]), so a sender
+    /// waiting for a restarted receiver to log its backlog learns it in one hop instead of
+    /// a publish and a read through the cache.
+    pub fn direct_acks(&mut self) -> Vec<(usize, Seq)> {
+        if !self.hurrying(std::time::Instant::now()) || !self.drain_logged() {
+            return Vec::new();
+        }
+        let acks = &mut self.acks;
+        acks.acked.resize(acks.logged.len(), 0);
+        let mut moved = Vec::new();
+        for (i, (&logged, acked)) in acks.logged.iter().zip(&mut acks.acked).enumerate() {
+            if logged > *acked {
+                *acked = logged;
+                moved.push((i, logged));
+            }
+        }
+        moved
     }
 
     /// Exchanges progress between snapshots, never waiting: at most every
@@ -1743,21 +1827,10 @@ impl DcasSubtask {
             return Ok(answer);
         }
         // A stopped writer reports its error through the subtask's next push.
-        let Some(Ok(logged)) = self.log.as_ref().map(InputLog::logged) else {
+        if !self.drain_logged() {
             return Ok(answer);
-        };
-        acks.logged.resize(self.inputs.len(), 0);
-        acks.changed.resize(self.inputs.len(), false);
-        while let Some(&(index, channel, next)) = acks.pending.front() {
-            if index >= logged {
-                break;
-            }
-            acks.pending.pop_front();
-            if let Some(l) = acks.logged.get_mut(channel).filter(|l| **l < next) {
-                *l = next;
-                acks.changed[channel] = true;
-            }
         }
+        let acks = &mut self.acks;
         // Only channels that moved: a restarted receiver does not publish its zeros.
         let publish: Vec<(ChannelKey, Seq)> = (0..self.inputs.len())
             .filter(|&i| std::mem::take(&mut acks.changed[i]))
@@ -2304,10 +2377,9 @@ mod tests {
         assert!(err.to_string().contains("3 bytes, expected 8"), "{err}");
     }
 
-    /// Between snapshots, a receiver publishes the input seqs its log holds (only those) and
-    /// its sender reads them, so retained output is trimmed as the log grows.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn progress_is_exchanged_between_snapshots_as_the_log_grows() {
+    /// A receiver (task 1) and its sender (task 0) over one channel, loaded, with the cache
+    /// they share (kept alive by the caller).
+    async fn receiver_and_sender() -> (Cluster, DcasSubtask, DcasSubtask) {
         let c = Cluster::start(3, 1 << 30).await;
         let config = DcasConfig {
             lease: Lease::default(),
@@ -2328,6 +2400,14 @@ mod tests {
         let mut sender = DcasSubtask::new(&config, 0, 0, Vec::new(), vec![vec![k]]);
         receiver.load().await.unwrap();
         sender.load().await.unwrap();
+        (c, receiver, sender)
+    }
+
+    /// Between snapshots, a receiver publishes the input seqs its log holds (only those) and
+    /// its sender reads them, so retained output is trimmed as the log grows.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn progress_is_exchanged_between_snapshots_as_the_log_grows() {
+        let (_c, mut receiver, mut sender) = receiver_and_sender().await;
         let event = StreamEvent::Data(batch(0, 10));
         let log = receiver.log().unwrap();
         let index = log.push_parts(0, &event, Tail::None).unwrap();
@@ -2352,6 +2432,89 @@ mod tests {
                 assert_eq!(logged, vec![vec![10]], "only logged seqs are published");
             }
         }
+    }
+
+    /// During a recovery, a receiver wakes for its log rather than its next input: it
+    /// learns which entry to wait for, acks it on the channel once the log holds it, and
+    /// the exchange that publishes it is due after the pause (not a poll later). Outside a
+    /// recovery none of this applies.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hurrying_receiver_publishes_acks_once_its_log_holds_them() {
+        let (_c, mut receiver, mut sender) = receiver_and_sender().await;
+        let push = |receiver: &mut DcasSubtask, first: u64| {
+            let event = StreamEvent::Data(batch(first, 10));
+            let index = receiver.log().unwrap().push_parts(0, &event, Tail::None);
+            let index = index.unwrap();
+            receiver.input_logged(index, 0, first + 10);
+            index
+        };
+        let first = push(&mut receiver, 0);
+        assert_eq!(receiver.acks_wait_for(), None, "not hurrying");
+        assert_eq!(receiver.progress_due(false), None, "not hurrying");
+        receiver.log().unwrap().synced().await.unwrap();
+        assert_eq!(receiver.progress_due(false), None, "not hurrying");
+
+        // Publishes what `receiver` logged once due, until `sender` reads `seq`.
+        async fn exchange_until(receiver: &mut DcasSubtask, sender: &mut DcasSubtask, seq: u64) {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            let mut seen = None;
+            while std::time::Instant::now() < deadline && seen != Some(seq) {
+                if receiver
+                    .progress_due(false)
+                    .is_some_and(|t| t <= std::time::Instant::now())
+                {
+                    receiver.exchange_progress().unwrap();
+                }
+                if let Some(logged) = sender.exchange_progress().unwrap() {
+                    seen = Some(logged[0][0]);
+                }
+                tokio::time::sleep(PROGRESS_POLL / 4).await;
+            }
+            assert_eq!(seen, Some(seq));
+            // The exchange that published it has answered.
+            while receiver.acks.in_flight.is_some() && std::time::Instant::now() < deadline {
+                receiver.exchange_progress().unwrap();
+                tokio::time::sleep(PROGRESS_POLL / 4).await;
+            }
+        }
+
+        assert_eq!(receiver.direct_acks(), vec![], "not hurrying");
+        receiver.hurry();
+        let due = receiver
+            .progress_due(false)
+            .expect("logged acks to publish");
+        assert!(due <= std::time::Instant::now(), "due at once");
+        assert_eq!(
+            receiver.direct_acks(),
+            vec![(0, 10)],
+            "acked on the channel"
+        );
+        assert_eq!(receiver.direct_acks(), vec![], "once");
+        let due = receiver.progress_due(false).expect("still to publish");
+        assert!(due <= std::time::Instant::now(), "due at once");
+        exchange_until(&mut receiver, &mut sender, 10).await;
+
+        let second = push(&mut receiver, 10);
+        assert!(second > first);
+        // The writer may have appended it already; then the exchange is due.
+        if let Some(i) = receiver.acks_wait_for() {
+            assert_eq!(i, second + 1, "one past the oldest unpublished entry");
+        }
+        let mut waiter = receiver.log().unwrap().waiter();
+        waiter.reached(second + 1).await.unwrap();
+        assert_eq!(receiver.acks_wait_for(), None, "the log holds it");
+        assert_eq!(receiver.direct_acks(), vec![(0, 20)]);
+        let due = receiver
+            .progress_due(false)
+            .expect("logged acks to publish");
+        let pause = receiver.acks.next_at.expect("hurried exchanges pause");
+        assert!(
+            due <= pause.max(std::time::Instant::now()),
+            "due after the pause, not a poll later"
+        );
+        // Published when due: the sender reads 20 without the receiver taking more input.
+        exchange_until(&mut receiver, &mut sender, 20).await;
+        assert_eq!(receiver.acks_wait_for(), None, "nothing left to publish");
     }
 
     /// A full cache is backpressure: `synced` waits, and completes once memory is freed.

@@ -713,6 +713,13 @@ impl SubtaskRunner {
                 _ => None,
             };
             let mut log_behind = self.log_behind();
+            // DCAS, during a recovery: input acks leave as soon as the log holds them.
+            let mut acks_logged = match &mut self.dcas {
+                Some((d, _)) => d
+                    .acks_wait_for()
+                    .and_then(|index| Some((d.log().ok()?.waiter(), index))),
+                None => None,
+            };
             // DCAS: progress exchanged without input, while a recovery waits for it.
             let progress_at = self
                 .dcas
@@ -743,6 +750,11 @@ impl SubtaskRunner {
                     continue;
                 }
                 reached = logged(log_behind.as_mut()), if log_behind.is_some() => {
+                    reached.map_err(|e| self.dcas_failure(e))?;
+                    self.exchange_progress()?;
+                    continue;
+                }
+                reached = logged(acks_logged.as_mut()), if acks_logged.is_some() => {
                     reached.map_err(|e| self.dcas_failure(e))?;
                     self.exchange_progress()?;
                     continue;
@@ -1388,6 +1400,8 @@ impl SubtaskRunner {
                 d.hurry();
             }
             self.recovering();
+            // The restored positions, acked to the senders at once.
+            self.exchange_progress()?;
         }
         self.metrics
             .replayed
@@ -1547,11 +1561,18 @@ impl SubtaskRunner {
     }
 
     /// DCAS, between snapshots: publishes what the log holds and trims retained output by
-    /// what the receivers have published (see [`DcasSubtask::exchange_progress`]).
+    /// what the receivers have published (see [`DcasSubtask::exchange_progress`]). During
+    /// a recovery the same progress also goes directly over the channels: this subtask
+    /// acks its logged input to its senders, and counts the acks of its rewired receivers.
     fn exchange_progress(&mut self) -> Result<(), Stop> {
         let Some((d, _)) = &mut self.dcas else {
             return Ok(());
         };
+        // During a recovery: acks on the channels themselves, both ways.
+        for (ch, next_seq) in d.direct_acks() {
+            self.gate.ack_logged(ch, next_seq);
+        }
+        self.router.receivers_acked();
         match d.exchange_progress() {
             Ok(Some(logged)) => self.router.trim(&logged),
             Ok(None) => {}
