@@ -1467,6 +1467,13 @@ struct Acks {
     in_flight: Option<oneshot::Receiver<Result<Vec<Vec<Seq>>, DcasError>>>,
 }
 
+impl Acks {
+    /// True while a recovery has the exchange run every [`PROGRESS_POLL`].
+    fn hurrying(&self, now: std::time::Instant) -> bool {
+        self.hurry_until.is_some_and(|until| now < until)
+    }
+}
+
 impl DcasSubtask {
     /// The DCAS side of subtask `subtask` of task `task`, whose channels are `inputs` and
     /// `outputs`.
@@ -1690,7 +1697,7 @@ impl DcasSubtask {
         let now = std::time::Instant::now();
         let soon = now + PROGRESS_POLL;
         let after_pause = self.acks.next_at.map_or(soon, |t| t.max(soon));
-        if self.hurrying(now) && self.logged_unpublished() {
+        if self.acks.hurrying(now) && self.logged_unpublished() {
             // An exchange in flight answers within the poll; otherwise the pause decides.
             let pause = self.acks.next_at.unwrap_or(now).max(now);
             return Some(match self.acks.in_flight {
@@ -1707,17 +1714,12 @@ impl DcasSubtask {
     /// logged; without this they would wait for the subtask's next input, a batch or a
     /// linger later.
     pub fn acks_wait_for(&self) -> Option<u64> {
-        if !self.hurrying(std::time::Instant::now()) {
+        if !self.acks.hurrying(std::time::Instant::now()) {
             return None;
         }
         let &(index, _, _) = self.acks.pending.front()?;
         let logged = self.log.as_ref()?.logged().ok()?;
         (index >= logged).then_some(index + 1)
-    }
-
-    /// True while a recovery has the exchange run every [`PROGRESS_POLL`].
-    fn hurrying(&self, now: std::time::Instant) -> bool {
-        self.acks.hurry_until.is_some_and(|until| now < until)
     }
 
     /// True when the log holds input whose acks are not yet published: entries not yet
@@ -1760,7 +1762,7 @@ impl DcasSubtask {
     /// waiting for a restarted receiver to log its backlog learns it in one hop instead of
     /// a publish and a read through the cache.
     pub fn direct_acks(&mut self) -> Vec<(usize, Seq)> {
-        if !self.hurrying(std::time::Instant::now()) || !self.drain_logged() {
+        if !self.acks.hurrying(std::time::Instant::now()) || !self.drain_logged() {
             return Vec::new();
         }
         let acks = &mut self.acks;
@@ -1840,9 +1842,10 @@ impl DcasSubtask {
             return Ok(answer);
         }
         let now = std::time::Instant::now();
-        let every = match acks.hurry_until {
-            Some(until) if now < until => PROGRESS_POLL,
-            _ => PROGRESS_EVERY,
+        let every = if acks.hurrying(now) {
+            PROGRESS_POLL
+        } else {
+            PROGRESS_EVERY
         };
         acks.next_at = Some(now + every);
         acks.republishing = std::mem::take(&mut acks.republish);
