@@ -214,6 +214,36 @@ impl LogEntry {
     }
 }
 
+/// The log entries a restart replays, each decoded as the replay takes it: a restart holds
+/// the micro-window's encoded bytes and one decoded batch, never every record of it decoded
+/// at once (in a freshly started process, each of those pages is a page fault).
+pub struct LogTail {
+    list: String,
+    /// Index of the next entry.
+    next: u64,
+    items: std::vec::IntoIter<Vec<u8>>,
+}
+
+impl Iterator for LogTail {
+    type Item = Result<LogEntry, DcasError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let item = self.items.next()?;
+        let at = self.next;
+        self.next += 1;
+        Some(LogEntry::decode(&item).map_err(|source| DcasError::Codec {
+            what: format!("log entry {at} of {}", self.list),
+            source,
+        }))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.items.size_hint()
+    }
+}
+
+impl ExactSizeIterator for LogTail {}
+
 /// What follows a log entry's event: owned in a [`LogEntry`], borrowed (`Tail<&[u8]>`)
 /// when the subtask logs a poll without copying the source's state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -940,29 +970,28 @@ impl SnapshotStore {
     /// Every log entry from index `from` to the end, in order, and the end index.
     pub async fn read_log(&self, from: u64) -> Result<(Vec<LogEntry>, u64), DcasError> {
         let (first, items) = self.range_all(&self.names.log, from).await?;
-        self.decode_log(from, first, &items)
+        let (tail, end) = self.log_tail(from, first, items)?;
+        Ok((tail.collect::<Result<_, _>>()?, end))
     }
 
     /// The latest stored snapshot ([`SnapshotStore::load`]), the log entries after it and
     /// the log's end. The log is read from its start beside the snapshot: it is trimmed
     /// only once a snapshot is stored, so it never starts after the latest one's offset.
-    pub async fn load_with_log(
-        &self,
-    ) -> Result<(Vec<DcasSnapshot>, Vec<LogEntry>, u64), DcasError> {
+    pub async fn load_with_log(&self) -> Result<(Vec<DcasSnapshot>, LogTail, u64), DcasError> {
         let (chain, (first, items)) =
             tokio::try_join!(self.load(), self.range_all(&self.names.log, 0))?;
         let from = chain.last().map_or(0, |s| s.log_offset);
-        let (entries, end) = self.decode_log(from, first, &items)?;
-        Ok((chain, entries, end))
+        let (tail, end) = self.log_tail(from, first, items)?;
+        Ok((chain, tail, end))
     }
 
     /// The entries from `from` of the log items read from index `first`, and the log's end.
-    fn decode_log(
+    fn log_tail(
         &self,
         from: u64,
         first: u64,
-        items: &[Vec<u8>],
-    ) -> Result<(Vec<LogEntry>, u64), DcasError> {
+        mut items: Vec<Vec<u8>>,
+    ) -> Result<(LogTail, u64), DcasError> {
         let end = first + items.len() as u64;
         if first > from {
             return Err(DcasError::Corrupt {
@@ -970,17 +999,13 @@ impl SnapshotStore {
                 message: format!("entries from {from} are gone (the log starts at {first})"),
             });
         }
-        let entries = (first..)
-            .zip(items)
-            .skip_while(|(at, _)| *at < from)
-            .map(|(at, item)| {
-                LogEntry::decode(item).map_err(|source| DcasError::Codec {
-                    what: format!("log entry {at} of {}", self.names.log),
-                    source,
-                })
-            })
-            .collect::<Result<_, _>>()?;
-        Ok((entries, end.max(from)))
+        items.drain(..(from - first).min(items.len() as u64) as usize);
+        let tail = LogTail {
+            list: self.names.log.clone(),
+            next: from,
+            items: items.into_iter(),
+        };
+        Ok((tail, end.max(from)))
     }
 
     /// The items of `list` from index `from` (or its start, if later) to its end: the first
@@ -1514,7 +1539,7 @@ impl DcasSubtask {
 
     /// Places the log ([`SnapshotStore::place`]), loads the latest snapshot (none for a
     /// first start) and the log entries after it, and starts the log writer after them.
-    pub async fn load(&mut self) -> Result<(Vec<DcasSnapshot>, Vec<LogEntry>), DcasError> {
+    pub async fn load(&mut self) -> Result<(Vec<DcasSnapshot>, LogTail), DcasError> {
         let partition = self.store.place(self.me).await?;
         let (snap, entries, end) = self.store.load_with_log().await?;
         if let Some(s) = snap.last() {
@@ -2201,6 +2226,7 @@ mod tests {
         // A restart reads the snapshot and the log at once: the entries after the offset.
         let (chain, tail, end) = store.load_with_log().await.unwrap();
         assert_eq!(chain, vec![whole.clone(), link(5, 1900)]);
+        let tail: Vec<LogEntry> = tail.collect::<Result<_, _>>().unwrap();
         assert_eq!((tail.as_slice(), end), (&pushed[1900..], 2000));
         // A store cut short after the whole snapshot (log and incremental ones not
         // trimmed yet): what lies before it is skipped.
@@ -2221,6 +2247,8 @@ mod tests {
             .unwrap();
         let (chain, tail, end) = store.load_with_log().await.unwrap();
         assert_eq!(chain, vec![cut]);
+        assert_eq!(tail.len(), 50);
+        let tail: Vec<LogEntry> = tail.collect::<Result<_, _>>().unwrap();
         assert_eq!((tail.as_slice(), end), (&pushed[1950..], 2000));
 
         // Incremental snapshots the whole one needs trimmed away: a named error, never a
@@ -2257,6 +2285,27 @@ mod tests {
             wrong.push(&pushed[0]).is_err(),
             "a stopped log refuses entries"
         );
+
+        // Entries decode as the replay takes them: one that does not decode is an error
+        // naming it when reached, after the good ones before it.
+        let garbage = vec![vec![1, 2]];
+        assert_eq!(
+            client
+                .append_at(p, &names.log, 2001, garbage)
+                .await
+                .unwrap(),
+            Ok(2001)
+        );
+        let (first, items) = store.range_all(&names.log, 1990).await.unwrap();
+        let (tail, end) = store.log_tail(1995, first, items).unwrap();
+        assert_eq!((tail.len(), end), (7, 2002));
+        let decoded: Vec<_> = tail.collect();
+        assert_eq!(decoded[0].as_ref().unwrap(), &pushed[1995]);
+        assert!(decoded[..6].iter().all(Result::is_ok));
+        let err = decoded[6].as_ref().unwrap_err().to_string();
+        assert!(err.contains("log entry 2001 of"), "{err}");
+        let err = store.read_log(1995).await.unwrap_err().to_string();
+        assert!(err.contains("log entry 2001 of"), "{err}");
     }
 
     /// A list is read a page at a time to its end: also when its length is a multiple of

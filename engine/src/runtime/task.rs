@@ -1376,10 +1376,7 @@ impl SubtaskRunner {
             .resend_all()
             .await
             .map_err(|e| self.route_failure(e))?;
-        let (replayed, records) = (
-            entries.len(),
-            entries.iter().map(LogEntry::records).sum::<u64>(),
-        );
+        let (replayed, mut records) = (entries.len(), 0);
         let restore_us = started.elapsed().as_micros() as u64 - load_us;
         let replaying = Instant::now();
         // Restored from a snapshot taken after it finished (sent `EndOfStream`).
@@ -1388,6 +1385,8 @@ impl SubtaskRunner {
             if finished {
                 break;
             }
+            let entry = entry.map_err(|e| self.dcas_failure(e))?;
+            records += entry.records();
             finished = self.replay(entry).await?;
         }
         let positions: Vec<Seq> = self.gate.positions().iter().map(|p| p.next_seq).collect();
