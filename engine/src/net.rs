@@ -420,8 +420,15 @@ impl DataPlane {
         let reader = self.clone();
         self.inner.rt.spawn(async move {
             let mut read = read;
-            if let Err(e) = reader.read_loop(&mut read, peer).await {
-                error!(peer = %peer, error = %e, "Data-plane connection closed on a bad frame.");
+            match reader.read_loop(&mut read, peer).await {
+                Ok(()) => {}
+                // A peer that died or was fenced: its recovery is the job manager's.
+                Err(FrameError::Io(e)) if e.kind() != std::io::ErrorKind::InvalidData => {
+                    warn!(peer = %peer, error = %e, "Data-plane connection lost.");
+                }
+                Err(e) => {
+                    error!(peer = %peer, error = %e, "Data-plane connection closed on a bad frame.")
+                }
             }
             writer.abort();
             reader.drop_peer(peer, id);
