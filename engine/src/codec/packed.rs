@@ -299,6 +299,113 @@ fn unzigzag(u: u64) -> i64 {
     (u >> 1) as i64 ^ -((u & 1) as i64)
 }
 
+/// Appends `v` as a varint: operator state packed like the data plane ([`Unpacker`]).
+#[inline]
+pub fn put_u64(out: &mut Vec<u8>, v: u64) {
+    put_varint(out, v);
+}
+
+/// Appends `v` as a zigzag varint.
+#[inline]
+pub fn put_i64(out: &mut Vec<u8>, v: i64) {
+    put_varint(out, zigzag(v));
+}
+
+/// Appends `v`'s 8 bytes.
+#[inline]
+pub fn put_f64(out: &mut Vec<u8>, v: f64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+/// Appends `v` as one byte.
+#[inline]
+pub fn put_bool(out: &mut Vec<u8>, v: bool) {
+    out.push(if v { TRUE } else { FALSE });
+}
+
+/// Appends `v`: its type's tag byte and its payload, as a record's value is packed.
+#[inline]
+pub fn put_value(out: &mut Vec<u8>, v: &Value) {
+    out.push(tag(v));
+    put_payload(out, v);
+}
+
+/// Reads what [`put_bool`], [`put_u64`], [`put_i64`], [`put_f64`] and [`put_value`] wrote, in the same
+/// order: operator state in the data plane's encoding (keyed accumulators take a few bytes
+/// per key, against 40 and more in rkyv's archive). Every read checks the bytes left, and a
+/// count is checked against them before anything is reserved, as for events; errors name
+/// the byte.
+pub struct Unpacker<'a>(Reader<'a>);
+
+impl<'a> Unpacker<'a> {
+    /// Reads `bytes` from the start.
+    pub fn new(bytes: &'a [u8]) -> Unpacker<'a> {
+        let mut r = Reader::new(bytes);
+        r.what = "packed state";
+        Unpacker(r)
+    }
+
+    fn read<T>(
+        &mut self,
+        f: impl FnOnce(&mut Reader<'a>) -> Result<T, Malformed>,
+    ) -> Result<T, CodecError> {
+        f(&mut self.0).map_err(|m| self.0.error(m))
+    }
+
+    /// One byte.
+    pub fn u8(&mut self) -> Result<u8, CodecError> {
+        self.read(Reader::byte)
+    }
+
+    /// A [`put_bool`].
+    pub fn bool(&mut self) -> Result<bool, CodecError> {
+        self.read(|r| match r.byte()? {
+            FALSE => Ok(false),
+            TRUE => Ok(true),
+            t => Err(Malformed::Tag(t)),
+        })
+    }
+
+    /// A [`put_u64`].
+    pub fn u64(&mut self) -> Result<u64, CodecError> {
+        self.read(Reader::varint)
+    }
+
+    /// A [`put_i64`].
+    pub fn i64(&mut self) -> Result<i64, CodecError> {
+        self.read(|r| r.varint().map(unzigzag))
+    }
+
+    /// A [`put_f64`].
+    pub fn f64(&mut self) -> Result<f64, CodecError> {
+        self.read(|r| {
+            let b = r.take(8)?;
+            let mut f = [0; 8];
+            f.copy_from_slice(b);
+            Ok(f64::from_le_bytes(f))
+        })
+    }
+
+    /// A [`put_value`].
+    pub fn value(&mut self) -> Result<Value, CodecError> {
+        self.read(|r| {
+            let t = r.byte()?;
+            r.value(t)
+        })
+    }
+
+    /// A count ([`put_u64`]) of items that take at least `min_bytes` each: a count the
+    /// bytes left cannot hold is an error, so it is safe to reserve room for.
+    pub fn count(&mut self, min_bytes: usize) -> Result<usize, CodecError> {
+        self.read(|r| r.count(min_bytes))
+    }
+
+    /// Ensures every byte was read.
+    pub fn finish(&self) -> Result<(), CodecError> {
+        self.0.end().map_err(|m| self.0.error(m))
+    }
+}
+
 /// What made packed bytes undecodable. One byte, so that the reader's results stay in
 /// registers on the per-record path; [`Reader::error`] turns it into a [`CodecError`]
 /// naming the byte it stopped at.
@@ -336,6 +443,8 @@ struct Reader<'a> {
     /// a batch mostly share their fields, so each name is allocated (and checked to be
     /// UTF-8) once per event and then shared, instead of once per record.
     names: Vec<Arc<str>>,
+    /// What the bytes are, for errors: "packed event", "packed state".
+    what: &'static str,
 }
 
 impl<'a> Reader<'a> {
@@ -344,24 +453,25 @@ impl<'a> Reader<'a> {
             bytes,
             at: 0,
             names: Vec::new(),
+            what: "packed event",
         }
     }
 
     /// The error for `m`, met at the current byte.
     fn error(&self, m: Malformed) -> CodecError {
-        let (at, len) = (self.at, self.bytes.len());
+        let (at, len, what) = (self.at, self.bytes.len(), self.what);
         CodecError(match m {
-            Malformed::Short => format!("packed event cut short at byte {at} of {len}"),
-            Malformed::Trailing => format!("packed event: {} bytes after its end", len - at),
-            Malformed::LongVarint => format!("packed event: varint past 64 bits at byte {at}"),
+            Malformed::Short => format!("{what} cut short at byte {at} of {len}"),
+            Malformed::Trailing => format!("{what}: {} bytes after its end", len - at),
+            Malformed::LongVarint => format!("{what}: varint past 64 bits at byte {at}"),
             Malformed::Count => {
-                format!("packed event: a count at byte {at} exceeds the {len} bytes present")
+                format!("{what}: a count at byte {at} exceeds the {len} bytes present")
             }
-            Malformed::Utf8 => format!("packed event: a string before byte {at} is not UTF-8"),
+            Malformed::Utf8 => format!("{what}: a string before byte {at} is not UTF-8"),
             Malformed::Deep => {
-                format!("packed event: value nested deeper than {MAX_VALUE_DEPTH} levels")
+                format!("{what}: value nested deeper than {MAX_VALUE_DEPTH} levels")
             }
-            Malformed::Tag(t) => format!("packed event: unknown value tag {t} at byte {at}"),
+            Malformed::Tag(t) => format!("{what}: unknown value tag {t} at byte {at}"),
         })
     }
 

@@ -3,12 +3,17 @@
 //!
 //! Params take either one aggregation (`"agg": "sum", "field": "value.amount"`, output field
 //! named after the aggregation) or several (`"aggs": [{"name": "n", "agg": "count"}, ...]`).
-//! Accumulators are plain data so operator state snapshots by encoding them.
+//! Accumulators are plain data; operator state packs them ([`pack_keyed`]) with the data
+//! plane's value encoding.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use rustc_hash::FxHashMap;
+
 use super::{eval, OpError, Params};
+use crate::codec::packed::{put_f64, put_i64, put_u64, put_value, Unpacker};
+use crate::codec::CodecError;
 use crate::expr::Expr;
 use crate::record::Record;
 use crate::spec::SpecError;
@@ -130,7 +135,7 @@ pub fn parse_aggs(p: &Params<'_>) -> Result<Vec<AggSpec>, SpecError> {
 
 /// An accumulator: 16 bytes, so keyed state of a single aggregation stays compact (the
 /// per-key entry of a window is the key plus this). Rare or large states are boxed.
-#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Acc {
     /// Records counted.
     Count(u64),
@@ -149,8 +154,19 @@ pub enum Acc {
 }
 
 /// The values seen by `count_distinct`.
-#[derive(Debug, Clone, Default, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-pub struct DistinctSet(#[rkyv(with = rkyv::with::AsVec)] pub BTreeSet<Value>);
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DistinctSet(pub BTreeSet<Value>);
+
+/// Tag bytes of packed accumulators ([`Acc::pack`]).
+const COUNT: u8 = 0;
+const SUM_INT: u8 = 1;
+const SUM_FLOAT: u8 = 2;
+const MIN_NONE: u8 = 3;
+const MIN: u8 = 4;
+const MAX_NONE: u8 = 5;
+const MAX: u8 = 6;
+const AVG: u8 = 7;
+const DISTINCT: u8 = 8;
 
 impl Acc {
     /// A fresh accumulator for `kind`.
@@ -243,6 +259,73 @@ impl Acc {
         }
     }
 
+    /// Appends the accumulator packed: a tag byte, then its number(s) or value(s).
+    pub fn pack(&self, out: &mut Vec<u8>) {
+        match self {
+            Acc::Count(n) => {
+                out.push(COUNT);
+                put_u64(out, *n);
+            }
+            Acc::SumInt(s) => {
+                out.push(SUM_INT);
+                put_i64(out, *s);
+            }
+            Acc::SumFloat(s) => {
+                out.push(SUM_FLOAT);
+                put_f64(out, *s);
+            }
+            Acc::Min(None) => out.push(MIN_NONE),
+            Acc::Max(None) => out.push(MAX_NONE),
+            Acc::Min(Some(v)) | Acc::Max(Some(v)) => {
+                out.push(if matches!(self, Acc::Min(_)) {
+                    MIN
+                } else {
+                    MAX
+                });
+                put_value(out, v);
+            }
+            Acc::Avg(a) => {
+                out.push(AVG);
+                put_f64(out, a.0);
+                put_u64(out, a.1);
+            }
+            Acc::Distinct(set) => {
+                out.push(DISTINCT);
+                put_u64(out, set.0.len() as u64);
+                for v in &set.0 {
+                    put_value(out, v);
+                }
+            }
+        }
+    }
+
+    /// Reads an accumulator [`Acc::pack`] wrote.
+    pub fn unpack(r: &mut Unpacker<'_>) -> Result<Acc, CodecError> {
+        Ok(match r.u8()? {
+            COUNT => Acc::Count(r.u64()?),
+            SUM_INT => Acc::SumInt(r.i64()?),
+            SUM_FLOAT => Acc::SumFloat(r.f64()?),
+            MIN_NONE => Acc::Min(None),
+            MAX_NONE => Acc::Max(None),
+            MIN => Acc::Min(Some(Box::new(r.value()?))),
+            MAX => Acc::Max(Some(Box::new(r.value()?))),
+            AVG => Acc::Avg(Box::new((r.f64()?, r.u64()?))),
+            DISTINCT => {
+                let n = r.count(1)?;
+                let mut set = BTreeSet::new();
+                for _ in 0..n {
+                    set.insert(r.value()?);
+                }
+                Acc::Distinct(Box::new(DistinctSet(set)))
+            }
+            t => {
+                return Err(CodecError(format!(
+                    "packed state: unknown accumulator tag {t}"
+                )))
+            }
+        })
+    }
+
     /// The aggregate's current result.
     pub fn result(&self) -> Value {
         match self {
@@ -304,6 +387,86 @@ impl std::ops::DerefMut for Accs {
             Accs::Many(m) => m,
         }
     }
+}
+
+/// Appends keyed accumulators in the order given (sort them for a canonical state): their
+/// number, then each key's value and its accumulators, one per aggregation.
+pub fn pack_keyed(out: &mut Vec<u8>, entries: &[(&Value, &Accs)]) {
+    put_u64(out, entries.len() as u64);
+    for (key, accs) in entries {
+        put_value(out, key);
+        pack_accs(out, accs);
+    }
+}
+
+/// Reads what [`pack_keyed`] wrote into `table`, each key with its `aggs` accumulators
+/// (made a `T` by `wrap`), replacing what the table held for it.
+pub fn unpack_keyed<T>(
+    r: &mut Unpacker<'_>,
+    aggs: usize,
+    table: &mut FxHashMap<Value, T>,
+    wrap: impl Fn(Accs) -> T,
+) -> Result<(), CodecError> {
+    // A key takes at least its value's tag and an accumulator's.
+    let n = r.count(2)?;
+    table.reserve(n);
+    for _ in 0..n {
+        let key = r.value()?;
+        table.insert(key, wrap(unpack_accs(r, aggs)?));
+    }
+    Ok(())
+}
+
+/// Appends one key's (or session's) accumulators.
+pub fn pack_accs(out: &mut Vec<u8>, accs: &[Acc]) {
+    for a in accs {
+        a.pack(out);
+    }
+}
+
+/// Reads `aggs` accumulators [`pack_accs`] wrote.
+pub fn unpack_accs(r: &mut Unpacker<'_>, aggs: usize) -> Result<Accs, CodecError> {
+    Ok(match aggs {
+        1 => Accs::One(Acc::unpack(r)?),
+        n => Accs::Many(Box::new(
+            (0..n).map(|_| Acc::unpack(r)).collect::<Result<_, _>>()?,
+        )),
+    })
+}
+
+/// Starts packed keyed state: the state's `format` byte (which operator and which
+/// snapshot kind wrote it) and the number of aggregations per key, which
+/// [`open_state`] checks. `capacity` is a guess of the bytes to come.
+pub fn begin_state(format: u8, aggs: &[AggSpec], capacity: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(capacity);
+    out.push(format);
+    put_u64(&mut out, aggs.len() as u64);
+    out
+}
+
+/// Reads the header [`begin_state`] wrote: an error names what differs when the bytes are
+/// not `what` (a `format` snapshot) or hold another number of aggregations than `aggs`.
+pub fn open_state<'a>(
+    bytes: &'a [u8],
+    format: u8,
+    what: &str,
+    aggs: &[AggSpec],
+) -> Result<Unpacker<'a>, OpError> {
+    let mut r = Unpacker::new(bytes);
+    let found = r.u8()?;
+    if found != format {
+        return Err(OpError::State(format!(
+            "{what}: format byte {found}, expected {format}"
+        )));
+    }
+    let n = r.u64()?;
+    if n != aggs.len() as u64 {
+        return Err(OpError::State(format!(
+            "{what}: {n} aggregations per key, the operator has {}",
+            aggs.len()
+        )));
+    }
+    Ok(r)
 }
 
 /// Fresh accumulators for `aggs`.
@@ -390,6 +553,61 @@ mod tests {
     fn accumulators_are_compact() {
         assert_eq!(std::mem::size_of::<Acc>(), 16);
         assert_eq!(std::mem::size_of::<Accs>(), 16);
+    }
+
+    /// Ensures every accumulator packs and unpacks to itself (floats bit for bit), a key
+    /// with a small count takes four bytes, and cut or corrupt bytes are errors.
+    #[test]
+    fn accumulators_pack_and_unpack() {
+        let set: BTreeSet<Value> = [Value::Int(3), Value::str("x"), Value::Null].into();
+        let accs = vec![
+            Acc::Count(u64::MAX),
+            Acc::SumInt(i64::MIN),
+            Acc::SumFloat(f64::NAN),
+            Acc::SumFloat(-0.0),
+            Acc::Min(None),
+            Acc::Min(Some(Box::new(Value::Null))),
+            Acc::Max(None),
+            Acc::Max(Some(Box::new(Value::str("zz")))),
+            Acc::Avg(Box::new((2.5, 7))),
+            Acc::Distinct(Box::new(DistinctSet(set))),
+            Acc::Distinct(Box::default()),
+        ];
+        let (k1, k2) = (Value::Int(-5), Value::str("key"));
+        let (a1, a2) = (
+            Accs::Many(Box::new(accs.clone())),
+            Accs::Many(Box::new(accs)),
+        );
+        let mut out = Vec::new();
+        pack_keyed(&mut out, &[(&k1, &a1), (&k2, &a2)]);
+        let mut table = FxHashMap::default();
+        let mut r = Unpacker::new(&out);
+        unpack_keyed(&mut r, a1.len(), &mut table, |a| a).unwrap();
+        r.finish().unwrap();
+        let mut again = Vec::new();
+        pack_keyed(&mut again, &[(&k1, &table[&k1]), (&k2, &table[&k2])]);
+        assert_eq!(again, out, "the same bytes, NaN and -0.0 included");
+
+        let (key, count) = (Value::Int(12_345), Accs::One(Acc::Count(300)));
+        let mut small = Vec::new();
+        pack_keyed(&mut small, &[(&key, &count)]);
+        assert_eq!(
+            small.len(),
+            1 + 4 + 3,
+            "count, key (tag, varint), count (tag, varint)"
+        );
+
+        for cut in 0..out.len() {
+            let mut r = Unpacker::new(&out[..cut]);
+            let mut t = FxHashMap::default();
+            let read = unpack_keyed(&mut r, a1.len(), &mut t, |a| a);
+            assert!(read.is_err() || r.finish().is_err(), "cut at {cut}");
+        }
+        let mut bad = small.clone();
+        bad[5] = 99;
+        let mut r = Unpacker::new(&bad);
+        let err = unpack_keyed(&mut r, 1, &mut FxHashMap::default(), |a| a).unwrap_err();
+        assert_eq!(err.0, "packed state: unknown accumulator tag 99");
     }
 
     /// A result is the map `Value::map` builds from `key`, the extras and the aggregations,

@@ -56,6 +56,12 @@ pub enum OpError {
     Data(String),
 }
 
+impl From<crate::codec::CodecError> for OpError {
+    fn from(e: crate::codec::CodecError) -> OpError {
+        OpError::State(e.0)
+    }
+}
+
 /// Evaluates `expr` on `rec`, mapping the error to an `OpError`.
 #[inline]
 pub fn eval(expr: &Expr, rec: &Record) -> Result<crate::Value, OpError> {
@@ -100,7 +106,9 @@ pub trait Operator: Send {
         Ok(None)
     }
 
-    /// Applies changes from [`Operator::snapshot_changes`] on the state they follow.
+    /// Applies changes from [`Operator::snapshot_changes`] on the state they follow. After an
+    /// error here or in `restore` the operator's state is unspecified (it may hold part of
+    /// what was read): the caller fails the subtask and drops the operator.
     fn restore_changes(&mut self, _changes: &[u8]) -> Result<(), OpError> {
         Err(OpError::State(
             "this operator takes no incremental snapshots".into(),

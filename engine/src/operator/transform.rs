@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
-use super::agg::{add_all, new_accs, parse_aggs, Acc, Accs, AggSpec, ResultFields};
-use super::{
-    decode_state, encode_state, eval, Instance, OpError, Operator, OperatorFactory, Params,
-    SubtaskContext,
+use super::agg::{
+    add_all, begin_state, new_accs, open_state, pack_keyed, parse_aggs, unpack_keyed, Accs,
+    AggSpec, ResultFields,
 };
+use super::{eval, Instance, OpError, Operator, OperatorFactory, Params, SubtaskContext};
 use crate::expr::Expr;
 use crate::record::Record;
 use crate::spec::{OperatorSpec, SpecError};
@@ -185,28 +185,29 @@ struct KeyState {
     changed: bool,
 }
 
-/// A `reduce` snapshot (whole, or the changed keys): keys with their accumulators, sorted.
-type ReduceEntries = Vec<(Value, Vec<Acc>)>;
+/// Format byte of a `reduce` snapshot, whole or of the changed keys: the keys with their
+/// accumulators, sorted by key ([`pack_keyed`]).
+const REDUCE_STATE: u8 = 1;
+
+/// Packs keyed accumulators in key order, a canonical state.
+fn pack_sorted(aggs: &[AggSpec], mut entries: Vec<(&Value, &Accs)>) -> Vec<u8> {
+    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut out = begin_state(REDUCE_STATE, aggs, 16 + entries.len() * 8);
+    pack_keyed(&mut out, &entries);
+    out
+}
 
 impl Reduce {
-    /// Encodes `entries` in key order.
-    fn encode(&self, mut entries: ReduceEntries) -> Result<Vec<u8>, OpError> {
-        entries.sort_by(|a, b| a.0.cmp(&b.0));
-        encode_state(&entries)
-    }
-
-    /// Sets the entries' accumulators (a restored state, or changes on top of one).
-    fn insert(&mut self, entries: ReduceEntries) {
-        for (k, a) in entries {
-            let accs = Accs::from_vec(a);
-            self.state.insert(
-                k,
-                KeyState {
-                    accs,
-                    changed: false,
-                },
-            );
-        }
+    /// Sets the accumulators of the keys in `state` (a restored state, or changes on top of
+    /// one).
+    fn insert(&mut self, state: &[u8]) -> Result<(), OpError> {
+        let mut r = open_state(state, REDUCE_STATE, "reduce snapshot", &self.aggs)?;
+        let wrap = |accs| KeyState {
+            accs,
+            changed: false,
+        };
+        unpack_keyed(&mut r, self.aggs.len(), &mut self.state, wrap)?;
+        Ok(r.finish()?)
     }
 }
 
@@ -246,15 +247,11 @@ impl Operator for Reduce {
     fn snapshot(&mut self) -> Result<Vec<u8>, OpError> {
         self.changed.clear();
         self.tracking = true;
-        let entries = self
-            .state
-            .iter_mut()
-            .map(|(k, v)| {
-                v.changed = false;
-                (k.clone(), v.accs.to_vec())
-            })
-            .collect();
-        self.encode(entries)
+        for v in self.state.values_mut() {
+            v.changed = false;
+        }
+        let entries = self.state.iter().map(|(k, v)| (k, &v.accs)).collect();
+        Ok(pack_sorted(&self.aggs, entries))
     }
 
     fn snapshot_changes(&mut self) -> Result<Option<Vec<u8>>, OpError> {
@@ -262,30 +259,30 @@ impl Operator for Reduce {
             // Changes since when? The caller takes a whole snapshot instead.
             return Ok(None);
         }
-        let mut entries = Vec::with_capacity(self.changed.len());
-        for k in std::mem::take(&mut self.changed) {
-            if let Some(v) = self.state.get_mut(&k) {
+        let keys = std::mem::take(&mut self.changed);
+        for k in &keys {
+            if let Some(v) = self.state.get_mut(k) {
                 v.changed = false;
-                entries.push((k, v.accs.to_vec()));
             }
         }
-        self.encode(entries).map(Some)
+        let entries = keys
+            .iter()
+            .filter_map(|k| self.state.get_key_value(k))
+            .map(|(k, v)| (k, &v.accs))
+            .collect();
+        Ok(Some(pack_sorted(&self.aggs, entries)))
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<(), OpError> {
-        let entries: ReduceEntries = decode_state(state)?;
         self.state.clear();
         self.changed.clear();
         // Changes from here on are relative to this state.
         self.tracking = true;
-        self.insert(entries);
-        Ok(())
+        self.insert(state)
     }
 
     fn restore_changes(&mut self, changes: &[u8]) -> Result<(), OpError> {
-        let entries: ReduceEntries = decode_state(changes)?;
-        self.insert(entries);
-        Ok(())
+        self.insert(changes)
     }
 }
 
@@ -397,9 +394,9 @@ mod tests {
         assert_changes_equivalence(spec, &steps, canonical);
     }
 
-    /// A snapshot's content, comparable (equal states may encode to different bytes).
+    /// A snapshot's content, comparable: equal states pack to equal bytes (keys sorted).
     fn canonical(state: &[u8]) -> String {
-        format!("{:?}", decode_state::<ReduceEntries>(state).unwrap())
+        format!("{state:?}")
     }
 
     /// Ensures an incremental snapshot holds the keys updated since the previous one, not
@@ -416,14 +413,58 @@ mod tests {
         let whole = r.snapshot().unwrap();
         assert_eq!(
             r.snapshot_changes().unwrap().unwrap().len(),
-            8,
-            "nothing changed"
+            3,
+            "nothing changed: a format byte, one aggregation, no keys"
         );
         r.process(0, &mut vec![keyed(7, 2), keyed(7, 3)], &mut out)
             .unwrap();
         let changes = r.snapshot_changes().unwrap().unwrap();
         let mut copy = assert_small_changes(spec, r.as_mut(), &whole, &changes, 1000, canonical);
-        let err = copy.restore_changes(b"not rkyv").unwrap_err();
+        let err = copy.restore_changes(b"not a snapshot").unwrap_err();
         assert!(matches!(err, OpError::State(_)), "{err}");
+        // Packed, an int key and its int sum take 5–6 bytes.
+        assert!(whole.len() < 6 * 10_000, "{} bytes", whole.len());
+    }
+
+    /// Ensures a snapshot another operator wrote, or one cut short, is refused with an error
+    /// naming what is wrong, and never panics.
+    #[test]
+    fn reduce_refuses_foreign_and_cut_snapshots() {
+        let spec = r#"{"id":"r","kind":"reduce","params":{"agg":"sum","field":"value"}}"#;
+        let mut r = operator(spec);
+        let mut out = Vec::new();
+        r.process(0, &mut (0..50).map(|k| keyed(k, k)).collect(), &mut out)
+            .unwrap();
+        let whole = r.snapshot().unwrap();
+        let two = operator(
+            r#"{"id":"r","kind":"reduce","params":{"aggs":[{"agg":"count"},{"agg":"max","field":"value"}]}}"#,
+        )
+        .snapshot()
+        .unwrap();
+        let err = operator(spec).restore(&two).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "state: reduce snapshot: 2 aggregations per key, the operator has 1"
+        );
+        let mut wrong = whole.clone();
+        wrong[0] = 7;
+        let err = operator(spec).restore(&wrong).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "state: reduce snapshot: format byte 7, expected 1"
+        );
+        for cut in 0..whole.len() {
+            assert!(
+                operator(spec).restore(&whole[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let mut longer = whole.clone();
+        longer.push(0);
+        let err = operator(spec).restore(&longer).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "state: packed state: 1 bytes after its end"
+        );
     }
 }

@@ -12,11 +12,13 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
-use super::agg::{add_all, new_accs, parse_aggs, Acc, Accs, AggSpec, ResultFields};
-use super::{
-    decode_state, encode_state, Instance, Metric, OpError, Operator, OperatorFactory, Params,
-    SubtaskContext,
+use super::agg::{
+    add_all, begin_state, new_accs, open_state, pack_accs, pack_keyed, parse_aggs, unpack_keyed,
+    Acc, Accs, AggSpec, ResultFields,
 };
+use super::{Instance, Metric, OpError, Operator, OperatorFactory, Params, SubtaskContext};
+use crate::codec::packed::{put_bool, put_i64, put_u64, put_value, Unpacker};
+use crate::codec::CodecError;
 use crate::record::Record;
 use crate::spec::{OperatorSpec, SpecError};
 use crate::value::Value;
@@ -105,22 +107,26 @@ struct WindowFactory {
 
 /// Builds a `window_aggregate`.
 pub fn build(spec: &OperatorSpec) -> Result<Arc<dyn OperatorFactory>, SpecError> {
+    Ok(Arc::new(factory(spec)?))
+}
+
+fn factory(spec: &OperatorSpec) -> Result<WindowFactory, SpecError> {
     let p = Params::new(
         spec,
         &["window", "allowed_lateness_ms", "agg", "aggs", "field"],
     )?;
     let aggs = parse_aggs(&p)?;
-    Ok(Arc::new(WindowFactory {
+    Ok(WindowFactory {
         kind: WindowKind::parse(&p)?,
         lateness: p.u64("allowed_lateness_ms")?.unwrap_or(0) as i64,
         fields: Arc::new(ResultFields::new(&["window_start", "window_end"], &aggs)),
         aggs: aggs.into(),
-    }))
+    })
 }
 
-impl OperatorFactory for WindowFactory {
-    fn instantiate(&self, _ctx: &SubtaskContext) -> Result<Instance, OpError> {
-        Ok(Instance::Operator(Box::new(WindowOperator {
+impl WindowFactory {
+    fn operator(&self) -> WindowOperator {
+        WindowOperator {
             kind: self.kind,
             lateness: self.lateness,
             aggs: self.aggs.clone(),
@@ -131,7 +137,13 @@ impl OperatorFactory for WindowFactory {
             changed_keys: Vec::new(),
             tracking: false,
             late_dropped: 0,
-        })))
+        }
+    }
+}
+
+impl OperatorFactory for WindowFactory {
+    fn instantiate(&self, _ctx: &SubtaskContext) -> Result<Instance, OpError> {
+        Ok(Instance::Operator(Box::new(self.operator())))
     }
 }
 
@@ -150,7 +162,7 @@ struct Window {
 }
 
 /// One session of one key.
-#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 struct Session {
     start: i64,
     /// Last record's ts + gap.
@@ -189,36 +201,14 @@ impl KeySessions {
     }
 }
 
-/// Per-key accumulators in key order.
-type KeyedAccs = Vec<(Value, Vec<Acc>)>;
-
-/// One window in a snapshot: start, end, fired, and its keys.
-type WindowEntry = (i64, i64, bool, KeyedAccs);
-
-/// What an incremental snapshot holds: the windows and the keys' sessions changed since the
-/// previous snapshot, and which windows are still open (the others closed meanwhile).
-#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-struct WindowChanges {
-    wm: i64,
-    late_dropped: u64,
-    /// Starts of every open window, sorted.
-    open: Vec<i64>,
-    /// The changed windows, whole.
-    windows: Vec<WindowEntry>,
-    /// The sessions of every key whose sessions changed, sorted by key; an empty list for
-    /// a key whose sessions all closed.
-    sessions: Vec<(Value, Vec<Session>)>,
-}
-
-/// What a snapshot holds: everything, in a canonical (sorted) order.
-#[derive(Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-struct WindowState {
-    wm: i64,
-    late_dropped: u64,
-    /// Every open window.
-    windows: Vec<WindowEntry>,
-    sessions: Vec<(Value, Vec<Session>)>,
-}
+/// Format byte of a whole snapshot: the watermark, the late count, every open window
+/// (start, end, fired, its keys' accumulators sorted by key: [`pack_keyed`]) and every key's
+/// sessions (sorted by key; per session start, end, fired, accumulators).
+const WINDOW_STATE: u8 = 2;
+/// Format byte of an incremental snapshot: the watermark, the late count, the starts of
+/// every open window (the others closed since), the changed windows whole, and the sessions
+/// of every key whose sessions changed (none for a key whose sessions all closed).
+const WINDOW_CHANGES: u8 = 3;
 
 /// One subtask of a `window_aggregate`.
 struct WindowOperator {
@@ -243,66 +233,118 @@ struct WindowOperator {
 }
 
 impl Window {
-    /// The window as a snapshot holds it (keys sorted); it is unchanged from here on.
-    fn take_entry(&mut self) -> WindowEntry {
+    /// Appends the window, its keys sorted; it is unchanged from here on.
+    fn pack(&mut self, out: &mut Vec<u8>) {
         self.changed = false;
-        let mut keys: KeyedAccs = self
-            .keys
-            .iter()
-            .map(|(k, a)| (k.clone(), a.to_vec()))
-            .collect();
-        keys.sort_by(|a, b| a.0.cmp(&b.0));
-        (self.start, self.end, self.fired, keys)
+        put_i64(out, self.start);
+        put_i64(out, self.end);
+        put_bool(out, self.fired);
+        let mut keys: Vec<(&Value, &Accs)> = self.keys.iter().collect();
+        keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        pack_keyed(out, &keys);
     }
 
-    fn from_entry((start, end, fired, keys): WindowEntry) -> Window {
-        Window {
+    /// Reads a window [`Window::pack`] wrote.
+    fn unpack(r: &mut Unpacker<'_>, aggs: usize) -> Result<Window, CodecError> {
+        let (start, end, fired) = (r.i64()?, r.i64()?, r.bool()?);
+        let mut keys = FxHashMap::default();
+        unpack_keyed(r, aggs, &mut keys, |a| a)?;
+        Ok(Window {
             start,
             end,
             fired,
-            keys: keys
-                .into_iter()
-                .map(|(k, a)| (k, Accs::from_vec(a)))
-                .collect(),
+            keys,
             changed: false,
-        }
+        })
     }
 }
 
+/// Appends one key's sessions.
+fn pack_sessions(out: &mut Vec<u8>, key: &Value, list: &[Session]) {
+    put_value(out, key);
+    put_u64(out, list.len() as u64);
+    for s in list {
+        put_i64(out, s.start);
+        put_i64(out, s.end);
+        put_bool(out, s.fired);
+        pack_accs(out, &s.accs);
+    }
+}
+
+/// Reads one key's sessions [`pack_sessions`] wrote.
+fn unpack_sessions(r: &mut Unpacker<'_>, aggs: usize) -> Result<(Value, Vec<Session>), CodecError> {
+    let key = r.value()?;
+    // A session takes at least its bounds, its flag and an accumulator.
+    let n = r.count(4)?;
+    let mut list = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (start, end, fired) = (r.i64()?, r.i64()?, r.bool()?);
+        let accs = (0..aggs)
+            .map(|_| Acc::unpack(r))
+            .collect::<Result<_, _>>()?;
+        list.push(Session {
+            start,
+            end,
+            fired,
+            accs,
+        });
+    }
+    Ok((key, list))
+}
+
 impl WindowOperator {
-    /// Every key's sessions, sorted by key; they are unchanged from here on.
-    fn take_sessions(&mut self) -> Vec<(Value, Vec<Session>)> {
+    /// Appends every key's sessions, sorted by key; they are unchanged from here on.
+    fn pack_all_sessions(&mut self, out: &mut Vec<u8>) {
         self.changed_keys.clear();
-        let mut sessions: Vec<(Value, Vec<Session>)> = self
-            .sessions
-            .iter_mut()
-            .map(|(k, s)| {
-                s.changed = false;
-                (k.clone(), s.list.clone())
-            })
-            .collect();
-        sessions.sort_by(|a, b| a.0.cmp(&b.0));
-        sessions
+        for s in self.sessions.values_mut() {
+            s.changed = false;
+        }
+        let mut keys: Vec<(&Value, &KeySessions)> = self.sessions.iter().collect();
+        keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        put_u64(out, keys.len() as u64);
+        for (k, s) in keys {
+            pack_sessions(out, k, &s.list);
+        }
     }
 
-    /// The sessions of every key changed since the last snapshot, sorted by key (an empty
-    /// list for a key with none open); they are unchanged from here on.
-    fn take_changed_sessions(&mut self) -> Vec<(Value, Vec<Session>)> {
+    /// Appends the sessions of every key changed since the last snapshot, sorted by key
+    /// (none for a key with none open); they are unchanged from here on.
+    fn pack_changed_sessions(&mut self, out: &mut Vec<u8>) {
         let mut keys = std::mem::take(&mut self.changed_keys);
         keys.sort_unstable();
         keys.dedup();
-        keys.into_iter()
-            .map(|k| {
-                let list = match self.sessions.get_mut(&k) {
-                    Some(s) => {
-                        s.changed = false;
-                        s.list.clone()
-                    }
-                    None => Vec::new(),
-                };
-                (k, list)
-            })
-            .collect()
+        put_u64(out, keys.len() as u64);
+        for k in keys {
+            let list = match self.sessions.get_mut(&k) {
+                Some(s) => {
+                    s.changed = false;
+                    &s.list[..]
+                }
+                None => &[],
+            };
+            pack_sessions(out, &k, list);
+        }
+    }
+
+    /// Starts a snapshot of `format`: the header, the watermark and the late count.
+    fn begin(&self, format: u8) -> Vec<u8> {
+        let keys: usize = self.windows.iter().map(|w| w.keys.len()).sum();
+        let mut out = begin_state(format, &self.aggs, 64 + 8 * (keys + self.sessions.len()));
+        put_i64(&mut out, self.wm);
+        put_u64(&mut out, self.late_dropped);
+        out
+    }
+
+    /// Reads a snapshot's header, the watermark and the late count.
+    fn open<'a>(&mut self, bytes: &'a [u8], format: u8) -> Result<Unpacker<'a>, OpError> {
+        let what = match format {
+            WINDOW_STATE => "window_aggregate snapshot",
+            _ => "window_aggregate incremental snapshot",
+        };
+        let mut r = open_state(bytes, format, what, &self.aggs)?;
+        self.wm = r.i64()?;
+        self.late_dropped = r.u64()?;
+        Ok(r)
     }
 
     /// Whether a window ending at `end` can no longer take records.
@@ -533,13 +575,13 @@ impl Operator for WindowOperator {
 
     fn snapshot(&mut self) -> Result<Vec<u8>, OpError> {
         self.tracking = true;
-        let windows = self.windows.iter_mut().map(Window::take_entry).collect();
-        encode_state(&WindowState {
-            wm: self.wm,
-            late_dropped: self.late_dropped,
-            windows,
-            sessions: self.take_sessions(),
-        })
+        let mut out = self.begin(WINDOW_STATE);
+        put_u64(&mut out, self.windows.len() as u64);
+        for w in self.windows.iter_mut() {
+            w.pack(&mut out);
+        }
+        self.pack_all_sessions(&mut out);
+        Ok(out)
     }
 
     fn snapshot_changes(&mut self) -> Result<Option<Vec<u8>>, OpError> {
@@ -547,33 +589,37 @@ impl Operator for WindowOperator {
             // Changes since when? The caller takes a whole snapshot instead.
             return Ok(None);
         }
-        let sessions = self.take_changed_sessions();
-        let windows = self
-            .windows
-            .iter_mut()
-            .filter(|w| w.changed)
-            .map(Window::take_entry)
-            .collect();
-        encode_state(&WindowChanges {
-            wm: self.wm,
-            late_dropped: self.late_dropped,
-            open: self.windows.iter().map(|w| w.start).collect(),
-            windows,
-            sessions,
-        })
-        .map(Some)
+        let mut out = self.begin(WINDOW_CHANGES);
+        put_u64(&mut out, self.windows.len() as u64);
+        for w in &self.windows {
+            put_i64(&mut out, w.start);
+        }
+        let changed = self.windows.iter().filter(|w| w.changed).count();
+        put_u64(&mut out, changed as u64);
+        for w in self.windows.iter_mut().filter(|w| w.changed) {
+            w.pack(&mut out);
+        }
+        self.pack_changed_sessions(&mut out);
+        Ok(Some(out))
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<(), OpError> {
-        let s: WindowState = decode_state(state)?;
-        self.wm = s.wm;
-        self.late_dropped = s.late_dropped;
-        self.windows = s.windows.into_iter().map(Window::from_entry).collect();
-        self.sessions = s
-            .sessions
-            .into_iter()
-            .map(|(k, list)| (k, KeySessions::new(list)))
-            .collect();
+        let mut r = self.open(state, WINDOW_STATE)?;
+        let aggs = self.aggs.len();
+        // A window takes at least its bounds, its flag and its key count.
+        let n = r.count(4)?;
+        self.windows = Vec::with_capacity(n);
+        for _ in 0..n {
+            self.windows.push(Window::unpack(&mut r, aggs)?);
+        }
+        let n = r.count(2)?;
+        self.sessions = FxHashMap::default();
+        self.sessions.reserve(n);
+        for _ in 0..n {
+            let (key, list) = unpack_sessions(&mut r, aggs)?;
+            self.sessions.insert(key, KeySessions::new(list));
+        }
+        r.finish()?;
         self.changed_keys.clear();
         // Changes from here on are relative to this state.
         self.tracking = true;
@@ -581,25 +627,30 @@ impl Operator for WindowOperator {
     }
 
     fn restore_changes(&mut self, changes: &[u8]) -> Result<(), OpError> {
-        let c: WindowChanges = decode_state(changes)?;
-        self.wm = c.wm;
-        self.late_dropped = c.late_dropped;
+        let mut r = self.open(changes, WINDOW_CHANGES)?;
+        let aggs = self.aggs.len();
+        let n = r.count(1)?;
+        let mut open = Vec::with_capacity(n);
+        for _ in 0..n {
+            open.push(r.i64()?);
+        }
         self.windows
-            .retain(|w| c.open.binary_search(&w.start).is_ok());
-        for entry in c.windows {
-            let w = Window::from_entry(entry);
+            .retain(|w| open.binary_search(&w.start).is_ok());
+        for _ in 0..r.count(4)? {
+            let w = Window::unpack(&mut r, aggs)?;
             match self.windows.binary_search_by_key(&w.start, |o| o.start) {
                 Ok(i) => self.windows[i] = w,
                 Err(i) => self.windows.insert(i, w),
             }
         }
-        for (key, list) in c.sessions {
+        for _ in 0..r.count(2)? {
+            let (key, list) = unpack_sessions(&mut r, aggs)?;
             match list.is_empty() {
                 true => self.sessions.remove(&key),
                 false => self.sessions.insert(key, KeySessions::new(list)),
             };
         }
-        Ok(())
+        Ok(r.finish()?)
     }
 
     fn metrics(&self) -> Vec<Metric> {
@@ -832,21 +883,72 @@ mod tests {
         w.on_watermark(250, &mut out).unwrap();
         let closed = w.snapshot_changes().unwrap().unwrap();
         copy.restore_changes(&closed).unwrap();
-        let state = canonical(&w.snapshot().unwrap());
-        assert_eq!(canonical(&copy.snapshot().unwrap()), state);
-        assert_eq!(
-            decode_state::<WindowState>(&w.snapshot().unwrap())
-                .unwrap()
-                .sessions
-                .len(),
-            1
-        );
+        let state = w.snapshot().unwrap();
+        assert_eq!(copy.snapshot().unwrap(), state);
+        let mut restored = window(spec);
+        restored.restore(&state).unwrap();
+        let open: Vec<_> = restored.sessions.iter().collect();
+        assert_eq!(open.len(), 1, "{open:?}");
+        assert_eq!(open[0].0, &Value::str("k7"));
     }
 
-    /// A snapshot's content, comparable (rkyv shares repeated `Arc`s of a key, so equal
-    /// states may encode to different bytes).
+    /// Ensures a window's snapshot takes a few bytes per key (an int key and its count),
+    /// and that one cut short, or of another operator, is an error and never a panic.
+    #[test]
+    fn snapshots_are_packed_and_checked() {
+        let spec = r#"{"id":"w","kind":"window_aggregate","params":{"window":{"tumbling_ms":1000},"agg":"count"}}"#;
+        let mut w = operator(spec);
+        let mut out = Vec::new();
+        let mut recs: Vec<Record> = (0..20_000)
+            .map(|i| Record::keyed(Value::Int(i % 10_000), i / 20, Value::Int(1)))
+            .collect();
+        w.process(0, &mut recs, &mut out).unwrap();
+        let whole = w.snapshot().unwrap();
+        assert!(
+            whole.len() < 6 * 10_000,
+            "{} bytes for 10,000 keys",
+            whole.len()
+        );
+        w.process(0, &mut vec![k("next", 1500, 1)], &mut out)
+            .unwrap();
+        let changes = w.snapshot_changes().unwrap().unwrap();
+        for cut in (0..whole.len())
+            .step_by(97)
+            .chain(whole.len() - 8..whole.len())
+        {
+            assert!(
+                operator(spec).restore(&whole[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
+        for cut in 0..changes.len() {
+            let mut copy = operator(spec);
+            copy.restore(&whole).unwrap();
+            assert!(
+                copy.restore_changes(&changes[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let err = operator(spec).restore(&changes).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "state: window_aggregate snapshot: format byte 3, expected 2"
+        );
+        let reduce = operator(r#"{"id":"r","kind":"reduce","params":{"agg":"count"}}"#)
+            .snapshot()
+            .unwrap();
+        assert!(operator(spec).restore(&reduce).is_err());
+    }
+
+    /// A snapshot's content, comparable: equal states pack to equal bytes (keys sorted).
     fn canonical(state: &[u8]) -> String {
-        format!("{:?}", decode_state::<WindowState>(state).unwrap())
+        format!("{state:?}")
+    }
+
+    /// A `window_aggregate` of `spec`, its fields in reach.
+    fn window(spec: &str) -> WindowOperator {
+        let spec: OperatorSpec = serde_json::from_str(spec).unwrap();
+        factory(&spec).unwrap().operator()
     }
 
     #[test]
