@@ -81,6 +81,20 @@ impl Value {
         Value::Map(Arc::from(sorted_last_wins(v)))
     }
 
+    /// Whether lists and maps nest in it more than `limit` levels (a scalar has none, a
+    /// list of scalars one); looks no deeper than that.
+    pub fn nested_deeper_than(&self, limit: usize) -> bool {
+        match self {
+            Value::List(items) => {
+                limit == 0 || items.iter().any(|v| v.nested_deeper_than(limit - 1))
+            }
+            Value::Map(entries) => {
+                limit == 0 || entries.iter().any(|(_, v)| v.nested_deeper_than(limit - 1))
+            }
+            _ => false,
+        }
+    }
+
     /// The name of this value's type, as used in error messages and by `type_of()`.
     pub fn type_name(&self) -> &'static str {
         match self {

@@ -26,8 +26,11 @@
 //! [`MAX_VALUE_DEPTH`]: malformed input is an error, never a panic or a large allocation.
 //! Map field names are shared within an event: up to 32 names of up to 64 bytes are kept,
 //! so the records of a batch of one shape allocate each name once.
-//! The format has no version, like the rest of the data plane: it lives only between the
+//! The format has no version, like the rest of the data plane: events live only between the
 //! task managers of one build and in the cache's memory, which does not outlive them.
+//! Operator state packed with it ([`Unpacker`]) is also kept in ABS checkpoints on disk;
+//! the operators begin it with a format byte, so a checkpoint of another build whose
+//! encoding changed is refused with an error rather than misread.
 
 use std::sync::Arc;
 
@@ -332,9 +335,9 @@ pub fn put_value(out: &mut Vec<u8>, v: &Value) {
 
 /// Reads what [`put_bool`], [`put_u64`], [`put_i64`], [`put_f64`] and [`put_value`] wrote, in the same
 /// order: operator state in the data plane's encoding (keyed accumulators take a few bytes
-/// per key, against 40 and more in rkyv's archive). Every read checks the bytes left, and a
-/// count is checked against them before anything is reserved, as for events; errors name
-/// the byte.
+/// per key, against 40 and more in rkyv's archive). Every read checks the bytes left, a
+/// count is checked against them, and values nest no deeper than [`MAX_VALUE_DEPTH`], as
+/// for events; errors name the byte.
 pub struct Unpacker<'a>(Reader<'a>);
 
 impl<'a> Unpacker<'a> {
@@ -394,10 +397,11 @@ impl<'a> Unpacker<'a> {
         })
     }
 
-    /// A count ([`put_u64`]) of items that take at least `min_bytes` each: a count the
-    /// bytes left cannot hold is an error, so it is safe to reserve room for.
+    /// A count ([`put_u64`]) of items that take at least `min_bytes` each (at least 1): a
+    /// count the bytes left cannot hold is an error. Reserve room for at most
+    /// [`MAX_RESERVE`] of them ahead of reading: every item may hold a count of its own.
     pub fn count(&mut self, min_bytes: usize) -> Result<usize, CodecError> {
-        self.read(|r| r.count(min_bytes))
+        self.read(|r| r.count(min_bytes.max(1)))
     }
 
     /// Ensures every byte was read.

@@ -13,7 +13,7 @@ use rustc_hash::FxHashMap;
 
 use super::{eval, OpError, Params};
 use crate::codec::packed::{put_f64, put_i64, put_u64, put_value, Unpacker};
-use crate::codec::CodecError;
+use crate::codec::{CodecError, MAX_VALUE_DEPTH};
 use crate::expr::Expr;
 use crate::record::Record;
 use crate::spec::SpecError;
@@ -192,15 +192,27 @@ impl Acc {
             Some(e) => eval(e, rec)?,
             None => rec.value.clone(),
         };
-        let not_numeric = |v: &Value| OpError::Type {
-            expr: spec
-                .field
+        let expr = || -> Arc<str> {
+            spec.field
                 .as_ref()
                 .map(|e| e.source().into())
-                .unwrap_or_else(|| "value".into()),
+                .unwrap_or_else(|| "value".into())
+        };
+        let not_numeric = |v: &Value| OpError::Type {
+            expr: expr(),
             expected: "a number",
             got: v.type_name(),
         };
+        // A kept value goes into snapshots, whose reader (the data plane's) refuses deeper
+        // nesting: refused here, the record fails instead of a restore.
+        if matches!(self, Acc::Min(_) | Acc::Max(_) | Acc::Distinct(_))
+            && v.nested_deeper_than(MAX_VALUE_DEPTH)
+        {
+            return Err(OpError::Data(format!(
+                "{}: a value nested deeper than {MAX_VALUE_DEPTH} levels cannot be kept in state",
+                expr()
+            )));
+        }
         match self {
             Acc::Count(_) => {}
             Acc::SumInt(_) | Acc::SumFloat(_) => match v {
@@ -407,15 +419,20 @@ pub fn unpack_keyed<T>(
     table: &mut FxHashMap<Value, T>,
     wrap: impl Fn(Accs) -> T,
 ) -> Result<(), CodecError> {
-    // A key takes at least its value's tag and an accumulator's.
+    // A key takes at least its value's tag and an accumulator's. Room for a count read
+    // from the bytes is reserved up to a bound, as for events.
     let n = r.count(2)?;
-    table.reserve(n);
+    table.reserve(n.min(MAX_RESERVE_KEYS));
     for _ in 0..n {
         let key = r.value()?;
         table.insert(key, wrap(unpack_accs(r, aggs)?));
     }
     Ok(())
 }
+
+/// Most keys a restore reserves table room for ahead of reading them: a legitimate state of
+/// more keys grows the table as it reads.
+const MAX_RESERVE_KEYS: usize = 1 << 16;
 
 /// Appends one key's (or session's) accumulators.
 pub fn pack_accs(out: &mut Vec<u8>, accs: &[Acc]) {
@@ -434,9 +451,10 @@ pub fn unpack_accs(r: &mut Unpacker<'_>, aggs: usize) -> Result<Accs, CodecError
     })
 }
 
-/// Starts packed keyed state: the state's `format` byte (which operator and which
-/// snapshot kind wrote it) and the number of aggregations per key, which
-/// [`open_state`] checks. `capacity` is a guess of the bytes to come.
+/// Starts packed keyed state: the state's `format` byte (which operator wrote it, and for
+/// an operator whose incremental snapshots differ from its whole ones, which kind) and the
+/// number of aggregations per key, which [`open_state`] checks (not their kinds: a
+/// restored accumulator keeps the kind it was written with). `capacity` is a guess of the bytes to come.
 pub fn begin_state(format: u8, aggs: &[AggSpec], capacity: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(capacity);
     out.push(format);
@@ -555,8 +573,8 @@ mod tests {
         assert_eq!(std::mem::size_of::<Accs>(), 16);
     }
 
-    /// Ensures every accumulator packs and unpacks to itself (floats bit for bit), a key
-    /// with a small count takes four bytes, and cut or corrupt bytes are errors.
+    /// Ensures every accumulator packs and unpacks to itself (floats bit for bit), an int key
+    /// with a small count takes seven bytes, and cut or corrupt bytes are errors.
     #[test]
     fn accumulators_pack_and_unpack() {
         let set: BTreeSet<Value> = [Value::Int(3), Value::str("x"), Value::Null].into();
@@ -594,7 +612,7 @@ mod tests {
         assert_eq!(
             small.len(),
             1 + 4 + 3,
-            "count, key (tag, varint), count (tag, varint)"
+            "key count, key (tag, varint), count (tag, varint)"
         );
 
         for cut in 0..out.len() {

@@ -426,6 +426,32 @@ mod tests {
         assert!(whole.len() < 6 * 10_000, "{} bytes", whole.len());
     }
 
+    /// Ensures a value kept in state (a max) may nest as deep as a snapshot can be read back,
+    /// and that one nested deeper fails its record with an error naming it.
+    #[test]
+    fn reduce_refuses_to_keep_values_too_deep_to_restore() {
+        let spec = |depth: usize| {
+            let field = format!("{}value{}", "[".repeat(depth), "]".repeat(depth));
+            format!(r#"{{"id":"r","kind":"reduce","params":{{"agg":"max","field":"{field}"}}}}"#)
+        };
+        let deepest = spec(crate::codec::MAX_VALUE_DEPTH);
+        let mut r = operator(&deepest);
+        let mut out = Vec::new();
+        r.process(0, &mut vec![keyed(1, 5)], &mut out).unwrap();
+        let state = r.snapshot().unwrap();
+        let mut copy = operator(&deepest);
+        copy.restore(&state).unwrap();
+        assert_eq!(copy.snapshot().unwrap(), state);
+
+        let mut r = operator(&spec(crate::codec::MAX_VALUE_DEPTH + 1));
+        let err = r.process(0, &mut vec![keyed(1, 5)], &mut out).unwrap_err();
+        assert!(matches!(err, OpError::Data(_)), "{err}");
+        assert!(
+            err.to_string().contains("nested deeper than 128 levels"),
+            "{err}"
+        );
+    }
+
     /// Ensures a snapshot another operator wrote, or one cut short, is refused with an error
     /// naming what is wrong, and never panics.
     #[test]

@@ -17,7 +17,7 @@ use super::agg::{
     Acc, Accs, AggSpec, ResultFields,
 };
 use super::{Instance, Metric, OpError, Operator, OperatorFactory, Params, SubtaskContext};
-use crate::codec::packed::{put_bool, put_i64, put_u64, put_value, Unpacker};
+use crate::codec::packed::{put_bool, put_i64, put_u64, put_value, Unpacker, MAX_RESERVE};
 use crate::codec::CodecError;
 use crate::record::Record;
 use crate::spec::{OperatorSpec, SpecError};
@@ -276,7 +276,7 @@ fn unpack_sessions(r: &mut Unpacker<'_>, aggs: usize) -> Result<(Value, Vec<Sess
     let key = r.value()?;
     // A session takes at least its bounds, its flag and an accumulator.
     let n = r.count(4)?;
-    let mut list = Vec::with_capacity(n);
+    let mut list = Vec::with_capacity(n.min(MAX_RESERVE));
     for _ in 0..n {
         let (start, end, fired) = (r.i64()?, r.i64()?, r.bool()?);
         let accs = (0..aggs)
@@ -326,10 +326,10 @@ impl WindowOperator {
         }
     }
 
-    /// Starts a snapshot of `format`: the header, the watermark and the late count.
-    fn begin(&self, format: u8) -> Vec<u8> {
-        let keys: usize = self.windows.iter().map(|w| w.keys.len()).sum();
-        let mut out = begin_state(format, &self.aggs, 64 + 8 * (keys + self.sessions.len()));
+    /// Starts a snapshot of `format`, of about `entries` keys and sessions: the header, the
+    /// watermark and the late count.
+    fn begin(&self, format: u8, entries: usize) -> Vec<u8> {
+        let mut out = begin_state(format, &self.aggs, 64 + 8 * entries);
         put_i64(&mut out, self.wm);
         put_u64(&mut out, self.late_dropped);
         out
@@ -575,7 +575,8 @@ impl Operator for WindowOperator {
 
     fn snapshot(&mut self) -> Result<Vec<u8>, OpError> {
         self.tracking = true;
-        let mut out = self.begin(WINDOW_STATE);
+        let keys: usize = self.windows.iter().map(|w| w.keys.len()).sum();
+        let mut out = self.begin(WINDOW_STATE, keys + self.sessions.len());
         put_u64(&mut out, self.windows.len() as u64);
         for w in self.windows.iter_mut() {
             w.pack(&mut out);
@@ -589,7 +590,11 @@ impl Operator for WindowOperator {
             // Changes since when? The caller takes a whole snapshot instead.
             return Ok(None);
         }
-        let mut out = self.begin(WINDOW_CHANGES);
+        let keys: usize = (self.windows.iter())
+            .filter(|w| w.changed)
+            .map(|w| w.keys.len())
+            .sum();
+        let mut out = self.begin(WINDOW_CHANGES, keys + self.changed_keys.len());
         put_u64(&mut out, self.windows.len() as u64);
         for w in &self.windows {
             put_i64(&mut out, w.start);
@@ -608,13 +613,13 @@ impl Operator for WindowOperator {
         let aggs = self.aggs.len();
         // A window takes at least its bounds, its flag and its key count.
         let n = r.count(4)?;
-        self.windows = Vec::with_capacity(n);
+        self.windows = Vec::with_capacity(n.min(MAX_RESERVE));
         for _ in 0..n {
             self.windows.push(Window::unpack(&mut r, aggs)?);
         }
         let n = r.count(2)?;
         self.sessions = FxHashMap::default();
-        self.sessions.reserve(n);
+        self.sessions.reserve(n.min(MAX_RESERVE));
         for _ in 0..n {
             let (key, list) = unpack_sessions(&mut r, aggs)?;
             self.sessions.insert(key, KeySessions::new(list));
@@ -630,7 +635,7 @@ impl Operator for WindowOperator {
         let mut r = self.open(changes, WINDOW_CHANGES)?;
         let aggs = self.aggs.len();
         let n = r.count(1)?;
-        let mut open = Vec::with_capacity(n);
+        let mut open = Vec::with_capacity(n.min(MAX_RESERVE));
         for _ in 0..n {
             open.push(r.i64()?);
         }
