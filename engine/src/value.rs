@@ -251,8 +251,8 @@ impl Ord for Value {
             (Value::Bool(a), Value::Bool(b)) => a.cmp(b),
             (Value::Int(a), Value::Int(b)) => a.cmp(b),
             (Value::Float(a), Value::Float(b)) => a.total_cmp(b),
-            (Value::Int(a), Value::Float(b)) => (*a as f64).total_cmp(b),
-            (Value::Float(a), Value::Int(b)) => a.total_cmp(&(*b as f64)),
+            (Value::Int(a), Value::Float(b)) => cmp_int_float(*a, *b),
+            (Value::Float(a), Value::Int(b)) => cmp_int_float(*b, *a).reverse(),
             (Value::Str(a), Value::Str(b)) => a.cmp(b),
             (Value::Bytes(a), Value::Bytes(b)) => a.cmp(b),
             (Value::List(a), Value::List(b)) => a.iter().cmp(b.iter()),
@@ -260,6 +260,40 @@ impl Ord for Value {
             _ => self.rank().cmp(&other.rank()),
         }
     }
+}
+
+/// 2^63: the first float above every `i64`.
+const TWO_POW_63: f64 = 9_223_372_036_854_775_808.0;
+
+/// Compares an int with a float exactly, not through `i as f64`, which rounds above 2^53
+/// and would make `2^53 + 1` equal to `2^53` as a float but not as an int (breaking the
+/// order's transitivity and hashing). The int sits where its number does in
+/// `f64::total_cmp`'s order: zero at +0.0 (above -0.0), every int between the NaNs.
+fn cmp_int_float(i: i64, f: f64) -> Ordering {
+    if f.is_nan() {
+        return if f.is_sign_negative() {
+            Ordering::Greater
+        } else {
+            Ordering::Less
+        };
+    }
+    if f >= TWO_POW_63 {
+        return Ordering::Less;
+    }
+    if f < -TWO_POW_63 {
+        return Ordering::Greater;
+    }
+    // In range, the float's integer part is an exact i64; its fraction breaks ties.
+    let whole = f.trunc();
+    i.cmp(&(whole as i64)).then_with(|| {
+        if f > whole {
+            Ordering::Less
+        } else if f < whole || (f == 0.0 && f.is_sign_negative()) {
+            Ordering::Greater
+        } else {
+            Ordering::Equal
+        }
+    })
 }
 
 impl Hash for Value {
@@ -280,8 +314,10 @@ impl Value {
             Value::Null => state.write_u8(0),
             Value::Bool(b) => state.write_u8(2 + u8::from(*b)),
             Value::Int(i) => state.write_i64(*i),
-            // A float equal to an integer must hash like that integer (they compare equal).
-            Value::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e18 => state.write_i64(*f as i64),
+            // A float equal to an int must hash like that int (they compare equal).
+            Value::Float(f) if f.fract() == 0.0 && (-TWO_POW_63..TWO_POW_63).contains(f) => {
+                state.write_i64(*f as i64)
+            }
             Value::Float(f) => state.write_u64(f.to_bits()),
             Value::Str(s) => {
                 state.write_u8(4);
@@ -427,6 +463,76 @@ mod tests {
         assert!(Value::Int(2) < Value::Float(2.5));
         assert!(Value::Null < Value::Bool(false));
         assert!(Value::Int(i64::MAX) < Value::str(""));
+    }
+
+    /// Ensures ints and floats compare exactly, whatever their size: the order stays total
+    /// and transitive, and values that compare equal hash alike (hash tables and sorts rely
+    /// on both). Rounding an int to a float made 2^53 + 1 equal to 2^53 as a float, while
+    /// hashing differently and comparing above it as an int.
+    #[test]
+    fn ints_and_floats_compare_exactly() {
+        const P53: i64 = 1 << 53;
+        let two63 = 9_223_372_036_854_775_808.0;
+        let ints = [
+            0,
+            1,
+            -1,
+            P53 - 1,
+            P53,
+            P53 + 1,
+            -P53 - 1,
+            i64::MAX,
+            i64::MAX - 1,
+            i64::MIN,
+            i64::MIN + 1,
+            9_000_000_000_000_000_000,
+        ];
+        let floats = [
+            0.0,
+            -0.0,
+            0.5,
+            -0.5,
+            1.0,
+            P53 as f64,
+            P53 as f64 + 2.0,
+            9.1e18,
+            two63,
+            -two63,
+            -two63 * 2.0,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
+            -f64::NAN,
+            f64::MIN_POSITIVE,
+        ];
+        let values: Vec<Value> = ints
+            .iter()
+            .map(|&i| Value::Int(i))
+            .chain(floats.iter().map(|&f| Value::Float(f)))
+            .collect();
+        for a in &values {
+            for b in &values {
+                assert_eq!(a.cmp(b), b.cmp(a).reverse(), "{a:?} vs {b:?}");
+                if a == b {
+                    assert_eq!(a.stable_hash(), b.stable_hash(), "{a:?} == {b:?}");
+                }
+                for c in &values {
+                    if a <= b && b <= c {
+                        assert!(a <= c, "{a:?} <= {b:?} <= {c:?}");
+                    }
+                }
+            }
+        }
+        let (int, float) = (Value::Int, Value::Float);
+        assert!(int(P53 + 1) > float(P53 as f64));
+        assert!(int(P53 + 1) < float(P53 as f64 + 2.0));
+        assert_eq!(int(P53), float(P53 as f64));
+        assert_eq!(int(i64::MIN), float(-two63));
+        assert!(int(i64::MAX) < float(two63));
+        assert_eq!(int(9_100_000_000_000_000_000), float(9.1e18));
+        assert!(int(0) > float(-0.0) && int(0) < float(f64::MIN_POSITIVE));
+        assert!(int(i64::MIN) > float(f64::NEG_INFINITY) && int(0) > float(-f64::NAN));
+        assert!(int(i64::MAX) < float(f64::INFINITY) && int(0) < float(f64::NAN));
     }
 
     #[test]

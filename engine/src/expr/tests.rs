@@ -269,6 +269,9 @@ fn comparisons_and_logic() {
     check("3 > 2", "true");
     check("2 >= 3", "false");
     check("1 == 1.0", "true");
+    // Exact across int and float, beyond a float's 53 bits (2^53 + 1 against 2^53).
+    check("9007199254740993 > 9007199254740992.0", "true");
+    check("9007199254740992 == 9007199254740992.0", "true");
     check("1 != 2", "true");
     check("'a' < 'b'", "true");
     check("'a' == \"a\"", "true");
