@@ -49,6 +49,16 @@ impl AggKind {
         })
     }
 
+    /// Every kind, indexed by the code snapshots record it by ([`begin_state`]).
+    const ALL: [AggKind; 6] = [
+        AggKind::Count,
+        AggKind::Sum,
+        AggKind::Min,
+        AggKind::Max,
+        AggKind::Avg,
+        AggKind::CountDistinct,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             AggKind::Count => "count",
@@ -288,12 +298,12 @@ impl Acc {
             }
             Acc::Min(None) => out.push(MIN_NONE),
             Acc::Max(None) => out.push(MAX_NONE),
-            Acc::Min(Some(v)) | Acc::Max(Some(v)) => {
-                out.push(if matches!(self, Acc::Min(_)) {
-                    MIN
-                } else {
-                    MAX
-                });
+            Acc::Min(Some(v)) => {
+                out.push(MIN);
+                put_value(out, v);
+            }
+            Acc::Max(Some(v)) => {
+                out.push(MAX);
                 put_value(out, v);
             }
             Acc::Avg(a) => {
@@ -452,18 +462,20 @@ pub fn unpack_accs(r: &mut Unpacker<'_>, aggs: usize) -> Result<Accs, CodecError
 }
 
 /// Starts packed keyed state: the state's `format` byte (which operator wrote it, and for
-/// an operator whose incremental snapshots differ from its whole ones, which kind) and the
-/// number of aggregations per key, which [`open_state`] checks (not their kinds: a
-/// restored accumulator keeps the kind it was written with). `capacity` is a guess of the bytes to come.
+/// an operator whose incremental snapshots differ from its whole ones, which kind), then the
+/// aggregations per key, their number and kinds, which [`open_state`] checks: a state
+/// restored into an operator whose aggregations changed would otherwise fold a sum into a
+/// count. `capacity` is a guess of the bytes to come.
 pub fn begin_state(format: u8, aggs: &[AggSpec], capacity: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(capacity);
     out.push(format);
     put_u64(&mut out, aggs.len() as u64);
+    out.extend(aggs.iter().map(|a| a.kind as u8));
     out
 }
 
 /// Reads the header [`begin_state`] wrote: an error names what differs when the bytes are
-/// not `what` (a `format` snapshot) or hold another number of aggregations than `aggs`.
+/// not `what` (a `format` snapshot) or hold other aggregations than `aggs`.
 pub fn open_state<'a>(
     bytes: &'a [u8],
     format: u8,
@@ -483,6 +495,20 @@ pub fn open_state<'a>(
             "{what}: {n} aggregations per key, the operator has {}",
             aggs.len()
         )));
+    }
+    for (i, spec) in aggs.iter().enumerate() {
+        let code = r.u8()?;
+        if code != spec.kind as u8 {
+            let found = AggKind::ALL
+                .get(usize::from(code))
+                .map_or_else(|| format!("unknown kind {code}"), |k| k.name().to_string());
+            return Err(OpError::State(format!(
+                "{what}: aggregation {} ({}) is {found} in the snapshot, {} in the operator",
+                i + 1,
+                spec.name,
+                spec.kind.name()
+            )));
+        }
     }
     Ok(r)
 }
@@ -626,6 +652,15 @@ mod tests {
         let mut r = Unpacker::new(&bad);
         let err = unpack_keyed(&mut r, 1, &mut FxHashMap::default(), |a| a).unwrap_err();
         assert_eq!(err.0, "packed state: unknown accumulator tag 99");
+    }
+
+    /// A kind's snapshot code is its place in `AggKind::ALL`, so `open_state` names it back.
+    #[test]
+    fn kind_codes_name_their_kind() {
+        for (code, kind) in AggKind::ALL.iter().enumerate() {
+            assert_eq!(*kind as usize, code);
+            assert_eq!(AggKind::parse(kind.name()), Some(*kind));
+        }
     }
 
     /// A result is the map `Value::map` builds from `key`, the extras and the aggregations,

@@ -413,8 +413,8 @@ mod tests {
         let whole = r.snapshot().unwrap();
         assert_eq!(
             r.snapshot_changes().unwrap().unwrap().len(),
-            3,
-            "nothing changed: a format byte, one aggregation, no keys"
+            4,
+            "nothing changed: a format byte, one aggregation and its kind, no keys"
         );
         r.process(0, &mut vec![keyed(7, 2), keyed(7, 3)], &mut out)
             .unwrap();
@@ -471,6 +471,13 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "state: reduce snapshot: 2 aggregations per key, the operator has 1"
+        );
+        let err = operator(r#"{"id":"r","kind":"reduce","params":{"agg":"count"}}"#)
+            .restore(&whole)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "state: reduce snapshot: aggregation 1 (count) is sum in the snapshot, count in the operator"
         );
         let mut wrong = whole.clone();
         wrong[0] = 7;
