@@ -233,7 +233,7 @@ impl Config {
             key_format,
             value_format,
             ts_field,
-            out_of_orderness_ms: p.u64("out_of_orderness_ms")?.unwrap_or(0) as i64,
+            out_of_orderness_ms: p.millis("out_of_orderness_ms")?.unwrap_or(0) as i64,
             idle_timeout: match p.u64("idle_timeout_ms")?.unwrap_or(10_000) {
                 0 => None,
                 ms => Some(Duration::from_millis(ms)),
@@ -660,7 +660,7 @@ impl Source for KafkaSource {
         }
         active
             .or(highest)
-            .map(|ts| ts - self.cfg.out_of_orderness_ms - 1)
+            .map(|ts| ts.saturating_sub(self.cfg.out_of_orderness_ms + 1))
     }
 
     fn snapshot(&mut self) -> Result<Vec<u8>, OpError> {

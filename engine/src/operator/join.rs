@@ -21,7 +21,7 @@ use crate::record::Record;
 use crate::spec::{OperatorSpec, SpecError};
 use crate::value::Value;
 
-use super::window::WindowKind;
+use super::window::{beyond_time, window_start, WindowKind};
 
 /// A validated `join`.
 struct JoinFactory {
@@ -155,8 +155,12 @@ impl Operator for Join {
     ) -> Result<(), OpError> {
         let side = input.min(1);
         for r in batch.drain(..) {
-            let start = r.ts - r.ts.rem_euclid(self.size);
-            if start + self.size - 1 <= self.wm {
+            let start = window_start(r.ts, self.size)?;
+            // Every window kept ends within the range of timestamps.
+            let end = start
+                .checked_add(self.size)
+                .ok_or_else(|| beyond_time(r.ts, self.size))?;
+            if end - 1 <= self.wm {
                 self.late_dropped += 1;
                 continue;
             }

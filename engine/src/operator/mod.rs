@@ -446,6 +446,12 @@ pub struct Params<'a> {
     map: &'a serde_json::Map<String, serde_json::Value>,
 }
 
+/// The longest duration a parameter may give (window sizes, gaps, lateness, out of
+/// orderness), in ms: 2^47, about 4,000 years. Event-time arithmetic on i64 ms timestamps
+/// then stays exact for every timestamp but those within it of the extremes, which the
+/// operators refuse by name instead of wrapping around.
+pub const MAX_DURATION_MS: i64 = 1 << 47;
+
 impl<'a> Params<'a> {
     /// Params of `spec`, which must be a JSON object whose keys are all in `known`.
     pub fn new(spec: &'a OperatorSpec, known: &[&str]) -> Result<Params<'a>, SpecError> {
@@ -487,6 +493,17 @@ impl<'a> Params<'a> {
                 .as_u64()
                 .map(Some)
                 .ok_or_else(|| self.error(name, "must be a non-negative integer")),
+        }
+    }
+
+    /// A duration parameter in ms: a non-negative integer of at most [`MAX_DURATION_MS`].
+    pub fn millis(&self, name: &str) -> Result<Option<u64>, SpecError> {
+        match self.u64(name)? {
+            Some(ms) if ms > MAX_DURATION_MS as u64 => Err(self.error(
+                name,
+                format!("must be at most {MAX_DURATION_MS} ms (about 4,000 years)"),
+            )),
+            ms => Ok(ms),
         }
     }
 

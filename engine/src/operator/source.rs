@@ -154,7 +154,7 @@ impl GeneratorConfig {
                 ))
             }
         };
-        let disorder_ms = p.u64("disorder_ms")?.unwrap_or(0);
+        let disorder_ms = p.millis("disorder_ms")?.unwrap_or(0);
         Ok(GeneratorConfig {
             seed: p.u64("seed")?.unwrap_or(0),
             count: p.u64("count")?,
@@ -164,7 +164,7 @@ impl GeneratorConfig {
             start_ts: p.i64("start_ts")?.unwrap_or(0),
             events_per_second: p.positive("events_per_second")?.unwrap_or(1000),
             disorder_ms,
-            out_of_orderness_ms: p.u64("out_of_orderness_ms")?.unwrap_or(disorder_ms),
+            out_of_orderness_ms: p.millis("out_of_orderness_ms")?.unwrap_or(disorder_ms),
             words_per_line: p.positive("words_per_line")?.unwrap_or(8),
         })
     }
@@ -177,7 +177,7 @@ impl GeneratorConfig {
     /// Event time of global record `g`.
     #[inline]
     pub fn ts(&self, g: u64) -> i64 {
-        self.in_order_ts(g) - self.jitter(g)
+        self.in_order_ts(g).wrapping_sub(self.jitter(g))
     }
 
     /// How much earlier than in order record `g` is (`0..=disorder_ms`).
@@ -299,7 +299,10 @@ impl Iterator for GeneratorIter<'_> {
     fn next(&mut self) -> Option<Record> {
         let cfg = self.cfg;
         let g = self.g;
-        let ts = cfg.start_ts.wrapping_add(self.offset as i64) - cfg.jitter(g);
+        let ts = cfg
+            .start_ts
+            .wrapping_add(self.offset as i64)
+            .wrapping_sub(cfg.jitter(g));
         self.g += self.p;
         self.offset += self.step_offset;
         self.rem += self.step_rem;
@@ -416,7 +419,8 @@ impl Source for Generator {
     }
 
     fn watermark(&self) -> Option<i64> {
-        (self.max_ts != i64::MIN).then(|| self.max_ts - self.cfg.out_of_orderness_ms as i64 - 1)
+        let behind = self.cfg.out_of_orderness_ms as i64 + 1;
+        (self.max_ts != i64::MIN).then(|| self.max_ts.saturating_sub(behind))
     }
 
     fn snapshot(&mut self) -> Result<Vec<u8>, OpError> {
@@ -474,7 +478,7 @@ pub fn build_file_source(spec: &OperatorSpec) -> Result<Arc<dyn OperatorFactory>
         path: p.required_str("path")?.to_string(),
         format,
         ts_field,
-        out_of_orderness_ms: p.u64("out_of_orderness_ms")?.unwrap_or(0),
+        out_of_orderness_ms: p.millis("out_of_orderness_ms")?.unwrap_or(0),
     }))
 }
 
@@ -576,7 +580,8 @@ impl Source for FileSource {
     }
 
     fn watermark(&self) -> Option<i64> {
-        (self.max_ts != i64::MIN).then(|| self.max_ts - self.cfg.out_of_orderness_ms as i64 - 1)
+        let behind = self.cfg.out_of_orderness_ms as i64 + 1;
+        (self.max_ts != i64::MIN).then(|| self.max_ts.saturating_sub(behind))
     }
 
     fn snapshot(&mut self) -> Result<Vec<u8>, OpError> {

@@ -16,7 +16,9 @@ use super::agg::{
     add_all, begin_state, new_accs, open_state, pack_accs, pack_keyed, parse_aggs, unpack_keyed,
     Acc, Accs, AggSpec, ResultFields,
 };
-use super::{Instance, Metric, OpError, Operator, OperatorFactory, Params, SubtaskContext};
+use super::{
+    Instance, Metric, OpError, Operator, OperatorFactory, Params, SubtaskContext, MAX_DURATION_MS,
+};
 use crate::codec::packed::{put_bool, put_i64, put_u64, put_value, Unpacker, MAX_RESERVE};
 use crate::codec::CodecError;
 use crate::record::Record;
@@ -58,8 +60,11 @@ impl WindowKind {
             match obj.get(k) {
                 None => Ok(None),
                 Some(v) => match v.as_i64() {
-                    Some(n) if n > 0 => Ok(Some(n)),
-                    _ => Err(p.error(&format!("window.{k}"), "must be a positive integer")),
+                    Some(n) if n > 0 && n <= MAX_DURATION_MS => Ok(Some(n)),
+                    _ => Err(p.error(
+                        &format!("window.{k}"),
+                        format!("must be a positive integer of at most {MAX_DURATION_MS} ms"),
+                    )),
                 },
             }
         };
@@ -118,7 +123,7 @@ fn factory(spec: &OperatorSpec) -> Result<WindowFactory, SpecError> {
     let aggs = parse_aggs(&p)?;
     Ok(WindowFactory {
         kind: WindowKind::parse(&p)?,
-        lateness: p.u64("allowed_lateness_ms")?.unwrap_or(0) as i64,
+        lateness: p.millis("allowed_lateness_ms")?.unwrap_or(0) as i64,
         fields: Arc::new(ResultFields::new(&["window_start", "window_end"], &aggs)),
         aggs: aggs.into(),
     })
@@ -350,7 +355,7 @@ impl WindowOperator {
     /// Whether a window ending at `end` can no longer take records.
     #[inline]
     fn expired(&self, end: i64) -> bool {
-        end - 1 + self.lateness <= self.wm
+        (end - 1).saturating_add(self.lateness) <= self.wm
     }
 
     /// Index of the window starting at `start`, creating it.
@@ -381,16 +386,19 @@ impl WindowOperator {
         i
     }
 
-    /// Index of the open window `[start, start + size)`, or `None` (counted as late) when it
-    /// expired.
+    /// Index of the open window `[start, start + size)` for a record at `ts`, or `None`
+    /// (counted as late) when it expired; an error when the window would end past the
+    /// last representable time.
     #[inline]
-    fn open_window(&mut self, start: i64, size: i64) -> Option<usize> {
-        let end = start + size;
+    fn open_window(&mut self, start: i64, size: i64, ts: i64) -> Result<Option<usize>, OpError> {
+        let end = start
+            .checked_add(size)
+            .ok_or_else(|| beyond_time(ts, size))?;
         if self.expired(end) {
             self.late_dropped += 1;
-            return None;
+            return Ok(None);
         }
-        Some(self.window_at(start, end))
+        Ok(Some(self.window_at(start, end)))
     }
 
     /// Folds `rec` into window `i`; re-emits the key's result if the window already fired.
@@ -417,7 +425,11 @@ impl WindowOperator {
         rec: &Record,
         out: &mut Vec<Record>,
     ) -> Result<(), OpError> {
-        let (start, end) = (rec.ts, rec.ts.saturating_add(gap));
+        let end = rec
+            .ts
+            .checked_add(gap)
+            .ok_or_else(|| beyond_time(rec.ts, gap))?;
+        let start = rec.ts;
         if self.expired(end) {
             self.late_dropped += 1;
             return Ok(());
@@ -479,7 +491,8 @@ impl WindowOperator {
             }
         }
         let lateness = self.lateness;
-        self.windows.retain(|w| w.end - 1 + lateness > wm);
+        self.windows
+            .retain(|w| (w.end - 1).saturating_add(lateness) > wm);
 
         if !self.sessions.is_empty() {
             let mut fired: Vec<Record> = Vec::new();
@@ -489,7 +502,8 @@ impl WindowOperator {
                     s.fired = true;
                     fired.push(emit(key, s.start, s.end, &s.accs, &self.fields));
                 }
-                ks.list.retain(|s| s.end - 1 + lateness > wm);
+                ks.list
+                    .retain(|s| (s.end - 1).saturating_add(lateness) > wm);
                 if self.tracking && !ks.changed && before != (fired.len(), ks.list.len()) {
                     ks.changed = true;
                     self.changed_keys.push(key.clone());
@@ -500,6 +514,19 @@ impl WindowOperator {
             out.extend(fired);
         }
     }
+}
+
+/// The start of the `size` ms window (aligned to multiples of `size`) holding `ts`.
+pub(super) fn window_start(ts: i64, size: i64) -> Result<i64, OpError> {
+    ts.checked_sub(ts.rem_euclid(size))
+        .ok_or_else(|| beyond_time(ts, size))
+}
+
+/// A record whose window would begin or end beyond the range of i64 ms timestamps.
+pub(super) fn beyond_time(ts: i64, size: i64) -> OpError {
+    OpError::Data(format!(
+        "timestamp {ts}: its {size} ms window would reach beyond the range of timestamps (i64 ms)"
+    ))
 }
 
 fn emit(key: &Value, start: i64, end: i64, accs: &[Acc], fields: &ResultFields) -> Record {
@@ -522,13 +549,13 @@ impl Operator for WindowOperator {
             WindowKind::Tumbling { size } => {
                 // Consecutive records mostly share a window: find it (a division and a
                 // search) once per run of records, not per record.
-                let mut current: Option<(i64, usize)> = None;
+                let mut current: Option<(i64, i64, usize)> = None;
                 for r in batch.iter() {
                     let i = match current {
-                        Some((s, i)) if r.ts >= s && r.ts - s < size => i,
-                        _ => match self.open_window(r.ts - r.ts.rem_euclid(size), size) {
+                        Some((start, end, i)) if r.ts >= start && r.ts < end => i,
+                        _ => match self.open_window(window_start(r.ts, size)?, size, r.ts)? {
                             Some(i) => {
-                                current = Some((self.windows[i].start, i));
+                                current = Some((self.windows[i].start, self.windows[i].end, i));
                                 i
                             }
                             None => continue,
@@ -539,15 +566,21 @@ impl Operator for WindowOperator {
             }
             WindowKind::Sliding { size, slide } => {
                 for r in batch.iter() {
-                    let last = r.ts - r.ts.rem_euclid(slide);
-                    let mut start = last - size + slide;
+                    // The windows holding the record start at most `size - slide` before
+                    // the last one, aligned to `slide`.
+                    let last = window_start(r.ts, slide)?;
+                    let first = last.checked_sub(size - slide);
+                    let mut start = first.ok_or_else(|| beyond_time(r.ts, size))?;
                     while start <= last {
-                        if start + size > r.ts {
-                            if let Some(i) = self.open_window(start, size) {
+                        if r.ts - start < size {
+                            if let Some(i) = self.open_window(start, size, r.ts)? {
                                 self.add_to(i, r, out)?;
                             }
                         }
-                        start += slide;
+                        match start.checked_add(slide) {
+                            Some(next) => start = next,
+                            None => break,
+                        }
                     }
                 }
             }
@@ -954,6 +987,73 @@ mod tests {
     fn window(spec: &str) -> WindowOperator {
         let spec: OperatorSpec = serde_json::from_str(spec).unwrap();
         factory(&spec).unwrap().operator()
+    }
+
+    /// Ensures windows at the ends of time are exact or refused by name: a record whose
+    /// window would end past the last i64 ms timestamp fails with an error naming its
+    /// timestamp (a sliding window's loop stepped past it and ran for ever), and the
+    /// largest lateness leaves windows open instead of wrapping around.
+    #[test]
+    fn windows_at_the_ends_of_time() {
+        let spec = |window: &str, lateness: i64| {
+            format!(
+                r#"{{"id":"w","kind":"window_aggregate","params":{{"window":{window},"allowed_lateness_ms":{lateness},"agg":"count"}}}}"#
+            )
+        };
+        let sliding = spec(r#"{"sliding_ms":10,"slide_ms":5}"#, 0);
+        let tumbling = spec(r#"{"tumbling_ms":10}"#, MAX_DURATION_MS);
+        let mut out = Vec::new();
+        for (spec, ts) in [
+            (&sliding, i64::MAX),
+            (&sliding, i64::MIN),
+            (&tumbling, i64::MAX),
+            (&tumbling, i64::MIN),
+            (&spec(r#"{"session_gap_ms":10}"#, 0), i64::MAX - 5),
+        ] {
+            let err = operator(spec)
+                .process(0, &mut vec![k("a", ts, 0)], &mut out)
+                .unwrap_err();
+            assert!(matches!(err, OpError::Data(_)), "{ts}: {err}");
+            assert!(
+                err.to_string().contains(&format!("timestamp {ts}:")),
+                "{err}"
+            );
+        }
+        // The last whole window before the end: [MAX - 17, MAX - 7) for tumbling 10 ms.
+        let last = i64::MAX - 8;
+        let mut w = operator(&tumbling);
+        w.process(0, &mut vec![k("a", last, 0)], &mut out).unwrap();
+        w.on_watermark(i64::MAX - 8, &mut out).unwrap();
+        assert_eq!(out.len(), 1, "{}", summary(&out).join(" "));
+        assert_eq!(out[0].ts, i64::MAX - 8);
+        out.clear();
+        // A lateness of ~4,000 years keeps the window; a record for it still counts.
+        w.process(0, &mut vec![k("a", last - 1, 0)], &mut out)
+            .unwrap();
+        assert_eq!(out.len(), 1, "the late record re-fires its window");
+        let mut s = operator(&spec(r#"{"sliding_ms":10,"slide_ms":5}"#, 0));
+        s.process(0, &mut vec![k("a", i64::MIN + 20, 0)], &mut out)
+            .unwrap();
+    }
+
+    #[test]
+    fn rejects_durations_beyond_the_bound() {
+        let spec = |params: &str| {
+            format!(r#"{{"id":"w","kind":"window_aggregate","params":{{{params},"agg":"count"}}}}"#)
+        };
+        let e = build_error(&spec(&format!(
+            r#""window":{{"tumbling_ms":{}}}"#,
+            MAX_DURATION_MS + 1
+        )));
+        assert_eq!(e.field.as_deref(), Some("params.window.tumbling_ms"));
+        let e = build_error(&spec(
+            r#""window":{"tumbling_ms":10},"allowed_lateness_ms":18446744073709551615"#,
+        ));
+        assert_eq!(e.field.as_deref(), Some("params.allowed_lateness_ms"));
+        assert!(e.to_string().contains("at most"), "{e}");
+        let generator = r#"{"id":"g","kind":"generator","params":{"out_of_orderness_ms":10000000000000000000}}"#;
+        let e = build_error(generator);
+        assert_eq!(e.field.as_deref(), Some("params.out_of_orderness_ms"));
     }
 
     #[test]
