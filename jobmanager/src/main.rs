@@ -155,7 +155,9 @@ fn run_local(file: PathBuf, slots: Option<usize>, show: usize, duration: Option<
             Ok(j) => j,
             Err(e) => return Err(e),
         };
-        let deadline = duration.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+        // A duration too long for the clock runs until the job ends.
+        let now = tokio::time::Instant::now();
+        let deadline = duration.and_then(|s| now.checked_add(Duration::from_secs(s)));
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.tick().await;
         let handle = job.handle();

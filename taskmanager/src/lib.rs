@@ -47,7 +47,7 @@ pub async fn run(config: TmConfig) -> Result<(), String> {
     let cache_thread = Arbiter::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let node_config = NodeConfig {
-        memory_limit: config.cache_memory_mb << 20,
+        memory_limit: config.cache_memory_mb.saturating_mul(1 << 20),
     };
     let cache_bind = config.cache_addr.clone();
     cache_thread.spawn(async move {

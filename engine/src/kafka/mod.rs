@@ -181,9 +181,13 @@ impl Connection {
                 properties.insert(k.clone(), v);
             }
         }
-        let timeout = p
-            .positive("timeout_ms")?
-            .map_or(DEFAULT_TIMEOUT, Duration::from_millis);
+        // librdkafka takes its timeouts as an i32 of ms (and -1 as "forever").
+        let timeout = match p.positive("timeout_ms")? {
+            Some(ms) if ms > i32::MAX as u64 => {
+                return Err(p.error("timeout_ms", format!("must be at most {} ms", i32::MAX)))
+            }
+            ms => ms.map_or(DEFAULT_TIMEOUT, Duration::from_millis),
+        };
         Ok(Connection {
             bootstrap,
             properties,
