@@ -827,9 +827,17 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
     )
 }
 
+/// A query string that does not parse (`?limit=abc`): a 400 in the API's error format,
+/// naming what is wrong, instead of actix's plain-text default.
+fn bad_query(err: actix_web::error::QueryPayloadError, _: &HttpRequest) -> actix_web::Error {
+    let response = error(StatusCode::BAD_REQUEST, format!("bad query string: {err}"));
+    actix_web::error::InternalError::from_response(err, response).into()
+}
+
 /// Registers every route.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/", web::get().to(crate::ui::index))
+    cfg.app_data(web::QueryConfig::default().error_handler(bad_query))
+        .route("/", web::get().to(crate::ui::index))
         .route("/ui/{file}", web::get().to(crate::ui::file))
         .route("/events", web::get().to(crate::ui::events))
         .route("/examples", web::get().to(crate::ui::examples))

@@ -375,6 +375,13 @@ fn rest_api_endpoints() {
     assert_eq!(out["outputs"][0]["total"], 1000);
     assert_eq!(out["outputs"][0]["records"].as_array().unwrap().len(), 5);
     assert_eq!(out["outputs"][0]["offset"], 10);
+    // A query string that does not parse: a 400 in the API's error format.
+    for query in ["limit=-1", "limit=abc"] {
+        let (s, body) = c.get(&format!("/jobs/{id}/output?{query}"));
+        assert_eq!(s, 400, "{query}: {body}");
+        let error = body["errors"][0].as_str().unwrap_or_default();
+        assert!(error.starts_with("bad query string"), "{query}: {body}");
+    }
     assert_eq!(c.output(&id, "out").len(), 1000);
     c.wait_until(Duration::from_secs(5), "final counters", |c| {
         let (_, m) = c.get(&format!("/jobs/{id}/metrics"));
