@@ -727,9 +727,21 @@ struct Wiring {
     credits: usize,
     place: HashMap<(u32, u32), (TaskManagerId, String, u32)>,
     local: LocalChannels,
-    /// A channel to a task manager found gone (or unreachable) is wired severed instead of
-    /// failing ([`Wiring::severing`]).
-    sever: bool,
+    /// Which channels that fail to open are wired severed instead of failing the wiring.
+    sever: Sever,
+}
+
+/// Which failed channels a [`Wiring`] wires severed ([`engine::runtime::channel::severed`]):
+/// detached until the job manager rewires them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sever {
+    /// None: the wiring fails.
+    Never,
+    /// Those to a task manager found gone (declared dead, or refusing connections: its
+    /// process died), which the job manager learns of too and rewires.
+    Gone,
+    /// Every one, whatever the error.
+    Any,
 }
 
 impl Wiring {
@@ -753,7 +765,7 @@ impl Wiring {
                 .map(|p| ((p.task, p.subtask), (p.tm, p.data_addr.clone(), p.attempt)))
                 .collect(),
             local,
-            sever: false,
+            sever: Sever::Never,
         }
     }
 
@@ -761,10 +773,21 @@ impl Wiring {
     /// manager is found gone (or cannot be reached) gets a severed channel (detached until
     /// the job manager, which learns of the loss too, rewires it again), and the rest of
     /// the rewire still applies.
-    /// Not for a deployment: a subtask still being wired would miss that later rewire, so
-    /// it fails instead, and is restarted with the newer placement.
     fn severing(mut self) -> Wiring {
-        self.sever = true;
+        self.sever = Sever::Any;
+        self
+    }
+
+    /// DCAS, deploying restarted subtasks: a neighbour whose task manager is found gone
+    /// gets a severed channel instead of failing the deployment. Task managers lost a few
+    /// milliseconds apart are declared dead one by one, so a restart placed for the first
+    /// loss is often wired to a neighbour on the next; the job manager rewires it to that
+    /// neighbour's restart, and the rewire, arriving after this wiring started, is applied
+    /// once the subtask runs ([`InFlight`]). Failing instead cost the subtask a second
+    /// restart. A neighbour that is merely unreachable still fails the deployment: no
+    /// rewire would follow.
+    fn severing_gone(mut self) -> Wiring {
+        self.sever = Sever::Gone;
         self
     }
 
@@ -780,7 +803,10 @@ impl Wiring {
         match result {
             // Not only a gone peer: a rewire that failed would leave every channel of it
             // detached, and nothing retries it.
-            Err(e) if self.sever => {
+            Err(e)
+                if self.sever == Sever::Any
+                    || self.sever == Sever::Gone && matches!(e, NetError::Gone { .. }) =>
+            {
                 warn!(job = %self.job, edge = k.edge, from = k.from, to = k.to, error = %e, "Channel wired severed until rewired.");
                 Ok(end(severed(input, e.to_string())))
             }
@@ -897,7 +923,10 @@ async fn wire(
 ) -> Result<Wired, String> {
     let spec = JobSpec::from_json(&d.spec).map_err(|e| e.to_string())?;
     let graph = JobGraph::build(&spec, &jobs::registry()).map_err(|e| e.to_string())?;
-    let wiring = Wiring::new(me, data, d.job, d.generation, &graph, &d.placement, local);
+    let mut wiring = Wiring::new(me, data, d.job, d.generation, &graph, &d.placement, local);
+    if CheckpointingSpec::dcas(graph.checkpointing.as_ref()).is_some() {
+        wiring = wiring.severing_gone();
+    }
     let reporter = || {
         let r: Arc<dyn CheckpointReporter> = Arc::new(ToJobManagerCheckpoints {
             job: d.job,
@@ -1023,6 +1052,59 @@ mod tests {
     use engine::cache::NodeConfig;
     use engine::protocol::control::Placement;
 
+    /// Subtask `task.subtask` placed on `tm`, whose data plane listens at `data_addr`.
+    fn place(task: u32, subtask: u32, tm: TaskManagerId, data_addr: &str) -> Placement {
+        Placement {
+            task,
+            subtask,
+            tm,
+            data_addr: data_addr.to_string(),
+            attempt: 0,
+        }
+    }
+
+    /// Ensures a DCAS deployment wires a channel to a task manager declared dead severed
+    /// (the job manager's rewire for that loss follows), while a deployment of another
+    /// mode fails on it, and a neighbour merely unreachable fails either (no rewire would
+    /// follow).
+    #[test]
+    fn a_dcas_deployment_severs_channels_to_gone_task_managers_only() {
+        actix::System::new().block_on(async {
+            let (me, gone, bad) = (TaskManagerId(2), TaskManagerId(5), TaskManagerId(7));
+            let data = DataPlane::bind(me, "127.0.0.1:0").await.unwrap();
+            data.fence(gone);
+            let spec = r#"{"name":"t","operators":[
+                {"id":"src","kind":"generator","parallelism":1},
+                {"id":"m","kind":"map","input":"src","parallelism":2,"params":{"expr":"value"}}]}"#;
+            let graph =
+                JobGraph::build(&JobSpec::from_json(spec).unwrap(), &jobs::registry()).unwrap();
+            let placement = [
+                place(0, 0, me, &data.local_addr().to_string()),
+                place(1, 0, gone, "127.0.0.1:1"),
+                place(1, 1, bad, "not an address"),
+            ];
+            let wiring = || {
+                let local = LocalChannels::default();
+                let g = Generation(1);
+                Wiring::new(me, data.clone(), JobId(1), g, &graph, &placement, local)
+            };
+            let keys: Vec<ChannelKey> = output_keys(&graph, 0, 0).concat();
+            let to = |subtask| keys.iter().find(|k| k.to == subtask).unwrap();
+
+            let err = wiring().output(&graph, to(0)).await.err();
+            let err = err.expect("a gone neighbour fails a deployment that does not sever");
+            assert!(err.contains("is gone: declared dead"), "{err}");
+            let severed = wiring().severing_gone().output(&graph, to(0)).await;
+            assert!(severed.is_ok(), "{:?}", severed.err());
+            let err = wiring().severing_gone().output(&graph, to(1)).await;
+            let err = err
+                .err()
+                .expect("an unreachable neighbour fails the deployment");
+            assert!(err.contains("cannot reach task manager"), "{err}");
+            assert!(wiring().severing().output(&graph, to(1)).await.is_ok());
+        });
+    }
+
     /// Ensures a cancel that arrives while a deployment is still being wired is honoured:
     /// once its channels are up its subtasks are reported canceled, and none ever runs.
     #[test]
@@ -1061,13 +1143,6 @@ mod tests {
                 {"id":"src","kind":"generator","parallelism":1},
                 {"id":"m","kind":"map","input":"src","parallelism":2,"params":{"expr":"value"}},
                 {"id":"out","kind":"discard","input":"m","parallelism":2}]}"#;
-            let place = |task, subtask, tm, data_addr: &str| Placement {
-                task,
-                subtask,
-                tm,
-                data_addr: data_addr.to_string(),
-                attempt: 0,
-            };
             let peer_addr = peer_plane.local_addr().to_string();
             let deployment = Deployment {
                 job,
