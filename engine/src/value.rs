@@ -95,6 +95,14 @@ impl Value {
         }
     }
 
+    /// True when `self` can go one level down, into a list or map, and the record holding it
+    /// still be carried by the data plane ([`MAX_VALUE_DEPTH`](crate::codec::MAX_VALUE_DEPTH)):
+    /// what operators check before they wrap a value they did not build.
+    #[inline]
+    pub fn fits_one_level_down(&self) -> bool {
+        !self.nested_deeper_than(crate::codec::MAX_VALUE_DEPTH - 1)
+    }
+
     /// The name of this value's type, as used in error messages and by `type_of()`.
     pub fn type_name(&self) -> &'static str {
         match self {

@@ -10,6 +10,7 @@
 //! - Evaluation is a pure function of the record: folding is therefore always sound.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::sync::Arc;
 
 use super::parser::{Ast, BinOp, Kind, UnOp, Var};
@@ -20,8 +21,53 @@ use crate::value::Value;
 /// Result of evaluating (part of) an expression.
 pub(crate) type R = Result<Value, Box<EvalError>>;
 
-/// A compiled subtree as a closure.
-pub(crate) type Node = Box<dyn Fn(&Record) -> R + Send + Sync>;
+/// A compiled subtree as a closure: the record, and what the evaluation may still allocate.
+pub(crate) type Node = Box<dyn Fn(&Record, &Budget) -> R + Send + Sync>;
+
+/// What an evaluation may still allocate, in bytes. Every value an expression builds (a
+/// string, a list's or a map's slots) is charged where it is built; values read from the
+/// record or shared with a constant are not. One evaluation, or one expression's constant
+/// folding, thus holds at most its budget plus the one value being built, whose size the
+/// functions cap ([`functions::MAX_STRING`], [`functions::MAX_LIST`]).
+pub(crate) struct Budget(Cell<usize>);
+
+impl Budget {
+    /// A budget of `bytes`.
+    pub(crate) fn new(bytes: usize) -> Budget {
+        Budget(Cell::new(bytes))
+    }
+
+    /// Bytes left.
+    pub(crate) fn left(&self) -> usize {
+        self.0.get()
+    }
+
+    /// Takes `bytes` off; fails, leaving the budget as it was, when fewer are left.
+    #[inline]
+    pub(crate) fn charge(&self, bytes: usize) -> Result<(), Box<EvalError>> {
+        match self.0.get().checked_sub(bytes) {
+            Some(left) => {
+                self.0.set(left);
+                Ok(())
+            }
+            None => Err(Box::new(EvalError::OverBudget)),
+        }
+    }
+
+    /// Charges what `v` itself allocated (its bytes, or its slots) and passes it on.
+    #[inline]
+    pub(crate) fn built(&self, v: Value) -> R {
+        let bytes = match &v {
+            Value::Str(s) => s.len(),
+            Value::Bytes(b) => b.len(),
+            Value::List(items) => std::mem::size_of_val::<[Value]>(items),
+            Value::Map(entries) => std::mem::size_of_val::<[(Arc<str>, Value)]>(entries),
+            _ => return Ok(v),
+        };
+        self.charge(bytes)?;
+        Ok(v)
+    }
+}
 
 /// A null to hand out by reference for missing fields and unset keys.
 static NULL: Value = Value::Null;
@@ -50,50 +96,70 @@ impl Code {
     pub(crate) fn eval_cow<'r>(
         &'r self,
         rec: &'r Record,
+        budget: &Budget,
     ) -> Result<Cow<'r, Value>, Box<EvalError>> {
         match self {
             Code::Const(Ok(v)) => Ok(Cow::Borrowed(v)),
             Code::Const(Err(e)) => Err(e.clone()),
             Code::Path(p) => p.resolve(rec).map(Cow::Borrowed),
             Code::Ts => Ok(Cow::Owned(Value::Int(rec.ts))),
-            Code::Dyn(f) => f(rec).map(Cow::Owned),
+            Code::Dyn(f) => f(rec, budget).map(Cow::Owned),
         }
     }
 
     /// Evaluates to an owned value.
     #[inline]
-    pub(crate) fn eval(&self, rec: &Record) -> R {
+    pub(crate) fn eval(&self, rec: &Record, budget: &Budget) -> R {
         match self {
             Code::Const(r) => r.clone(),
             Code::Path(p) => p.resolve(rec).cloned(),
             Code::Ts => Ok(Value::Int(rec.ts)),
-            Code::Dyn(f) => f(rec),
+            Code::Dyn(f) => f(rec, budget),
         }
     }
 
     /// Turns the compiled subtree into one closure.
     pub(crate) fn into_node(self) -> Node {
         match self {
-            Code::Const(r) => Box::new(move |_| r.clone()),
+            Code::Const(r) => Box::new(move |_, _| r.clone()),
             Code::Path(p) if p.steps.is_empty() => match p.root {
-                Root::Value => Box::new(|rec| Ok(rec.value.clone())),
-                Root::Key => Box::new(|rec| Ok(rec.key.clone().unwrap_or(Value::Null))),
+                Root::Value => Box::new(|rec, _| Ok(rec.value.clone())),
+                Root::Key => Box::new(|rec, _| Ok(rec.key.clone().unwrap_or(Value::Null))),
             },
-            Code::Path(p) => Box::new(move |rec| p.resolve(rec).cloned()),
-            Code::Ts => Box::new(|rec| Ok(Value::Int(rec.ts))),
+            Code::Path(p) => Box::new(move |rec, _| p.resolve(rec).cloned()),
+            Code::Ts => Box::new(|rec, _| Ok(Value::Int(rec.ts))),
             Code::Dyn(f) => f,
         }
     }
 }
 
 /// Wraps a closure as [`Code`], evaluating it right away when `constant` (all of its inputs
-/// are constants, so it does not read the record).
-pub(crate) fn finish(constant: bool, node: Node) -> Code {
-    if constant {
-        Code::Const(node(&Record::default()))
-    } else {
-        Code::Dyn(node)
+/// are constants, so it does not read the record) and what it builds fits in `fold`, the
+/// expression's folding budget; a constant that does not stays a closure, built per record
+/// under that evaluation's budget.
+pub(crate) fn finish(fold: &Budget, constant: bool, node: Node) -> Code {
+    if !constant {
+        return Code::Dyn(node);
     }
+    let trial = Budget::new(fold.left());
+    match node(&Record::default(), &trial) {
+        Err(e) if *e == EvalError::OverBudget => Code::Dyn(node),
+        folded => {
+            fold.0.set(trial.left());
+            Code::Const(folded)
+        }
+    }
+}
+
+/// Fails when `v`, put one level down into a list or map, would nest deeper than the data
+/// plane carries ([`Value::fits_one_level_down`]): such a record could not leave its
+/// subtask.
+#[inline]
+fn nestable(v: Value) -> R {
+    if !v.fits_one_level_down() {
+        return Err(Box::new(EvalError::TooDeep));
+    }
+    Ok(v)
 }
 
 /// Where a path starts.
@@ -178,74 +244,74 @@ pub(crate) fn list_get(items: &[Value], i: i64) -> Option<&Value> {
 /// This and the `compile_*` functions are the recursion path of the compiler: they only
 /// compile their children and hand the results to non-recursive `*_code` builders, so each
 /// nesting level costs little stack, even in debug builds.
-pub(crate) fn compile(ast: &Ast) -> CResult<Code> {
+pub(crate) fn compile(ast: &Ast, fold: &Budget) -> CResult<Code> {
     match &ast.kind {
         Kind::Lit(v) => Ok(Code::Const(Ok(v.clone()))),
         Kind::Var(v) => Ok(var_code(*v)),
-        Kind::List(items) => compile_list(items),
-        Kind::Map(entries) => compile_map(entries),
-        Kind::Field(base, name) => compile_field(base, name),
-        Kind::Index(base, idx) => compile_index(base, idx),
-        Kind::Unary(op, a) => compile_unary(*op, a),
-        Kind::Binary(op, a, b) => compile_binary(*op, a, b),
-        Kind::Cond(c, a, b) => compile_cond(c, a, b),
-        Kind::Call(name, args) => functions::compile_call(name, args, ast.col),
+        Kind::List(items) => compile_list(items, fold),
+        Kind::Map(entries) => compile_map(entries, fold),
+        Kind::Field(base, name) => compile_field(base, name, fold),
+        Kind::Index(base, idx) => compile_index(base, idx, fold),
+        Kind::Unary(op, a) => compile_unary(*op, a, fold),
+        Kind::Binary(op, a, b) => compile_binary(*op, a, b, fold),
+        Kind::Cond(c, a, b) => compile_cond(c, a, b, fold),
+        Kind::Call(name, args) => functions::compile_call(name, args, ast.col, fold),
     }
 }
 
 /// Compiles several subtrees.
-pub(crate) fn compile_all(asts: &[Ast]) -> CResult<Vec<Code>> {
+pub(crate) fn compile_all(asts: &[Ast], fold: &Budget) -> CResult<Vec<Code>> {
     let mut out = Vec::with_capacity(asts.len());
     for a in asts {
-        out.push(compile(a)?);
+        out.push(compile(a, fold)?);
     }
     Ok(out)
 }
 
 #[inline(never)]
-fn compile_list(items: &[Ast]) -> CResult<Code> {
-    Ok(list_code(compile_all(items)?))
+fn compile_list(items: &[Ast], fold: &Budget) -> CResult<Code> {
+    Ok(list_code(fold, compile_all(items, fold)?))
 }
 
 #[inline(never)]
-fn compile_map(entries: &[(Arc<str>, Ast)]) -> CResult<Code> {
+fn compile_map(entries: &[(Arc<str>, Ast)], fold: &Budget) -> CResult<Code> {
     let mut compiled = Vec::with_capacity(entries.len());
     for (k, a) in entries {
-        compiled.push((Arc::clone(k), compile(a)?));
+        compiled.push((Arc::clone(k), compile(a, fold)?));
     }
-    Ok(map_code(compiled))
+    Ok(map_code(fold, compiled))
 }
 
 #[inline(never)]
-fn compile_field(base: &Ast, name: &str) -> CResult<Code> {
-    Ok(field_code(compile(base)?, name))
+fn compile_field(base: &Ast, name: &str, fold: &Budget) -> CResult<Code> {
+    Ok(field_code(fold, compile(base, fold)?, name))
 }
 
 #[inline(never)]
-fn compile_index(base: &Ast, idx: &Ast) -> CResult<Code> {
-    let base = compile(base)?;
-    let idx = compile(idx)?;
-    Ok(index_code(base, idx))
+fn compile_index(base: &Ast, idx: &Ast, fold: &Budget) -> CResult<Code> {
+    let base = compile(base, fold)?;
+    let idx = compile(idx, fold)?;
+    Ok(index_code(fold, base, idx))
 }
 
 #[inline(never)]
-fn compile_unary(op: UnOp, a: &Ast) -> CResult<Code> {
-    Ok(unary_code(op, compile(a)?))
+fn compile_unary(op: UnOp, a: &Ast, fold: &Budget) -> CResult<Code> {
+    Ok(unary_code(fold, op, compile(a, fold)?))
 }
 
 #[inline(never)]
-fn compile_binary(op: BinOp, a: &Ast, b: &Ast) -> CResult<Code> {
-    let l = compile(a)?;
-    let r = compile(b)?;
-    Ok(binary_code(op, l, r))
+fn compile_binary(op: BinOp, a: &Ast, b: &Ast, fold: &Budget) -> CResult<Code> {
+    let l = compile(a, fold)?;
+    let r = compile(b, fold)?;
+    Ok(binary_code(fold, op, l, r))
 }
 
 #[inline(never)]
-fn compile_cond(c: &Ast, a: &Ast, b: &Ast) -> CResult<Code> {
-    let c = compile(c)?;
-    let a = compile(a)?;
-    let b = compile(b)?;
-    Ok(cond(c, a, b, "?:"))
+fn compile_cond(c: &Ast, a: &Ast, b: &Ast, fold: &Budget) -> CResult<Code> {
+    let c = compile(c, fold)?;
+    let a = compile(a, fold)?;
+    let b = compile(b, fold)?;
+    Ok(cond(fold, c, a, b, "?:"))
 }
 
 fn var_code(v: Var) -> Code {
@@ -263,14 +329,16 @@ fn var_code(v: Var) -> Code {
 }
 
 #[inline(never)]
-fn list_code(items: Vec<Code>) -> Code {
+fn list_code(fold: &Budget, items: Vec<Code>) -> Code {
     let constant = items.iter().all(Code::is_const);
     finish(
+        fold,
         constant,
-        Box::new(move |rec| {
+        Box::new(move |rec, budget| {
+            budget.charge(std::mem::size_of::<Value>() * items.len())?;
             let mut out = Vec::with_capacity(items.len());
             for item in &items {
-                out.push(item.eval(rec)?);
+                out.push(nestable(item.eval(rec, budget)?)?);
             }
             Ok(Value::list(out))
         }),
@@ -278,17 +346,19 @@ fn list_code(items: Vec<Code>) -> Code {
 }
 
 #[inline(never)]
-fn map_code(mut entries: Vec<(Arc<str>, Code)>) -> Code {
+fn map_code(fold: &Budget, mut entries: Vec<(Arc<str>, Code)>) -> Code {
     // Keys are unique (the parser rejects duplicates); sorting once here lets evaluation
     // build the map's sorted entry list directly.
     entries.sort_by(|a, b| a.0.cmp(&b.0));
     let constant = entries.iter().all(|(_, c)| c.is_const());
     finish(
+        fold,
         constant,
-        Box::new(move |rec| {
+        Box::new(move |rec, budget| {
+            budget.charge(std::mem::size_of::<(Arc<str>, Value)>() * entries.len())?;
             let mut out = Vec::with_capacity(entries.len());
             for (k, c) in &entries {
-                out.push((Arc::clone(k), c.eval(rec)?));
+                out.push((Arc::clone(k), nestable(c.eval(rec, budget)?)?));
             }
             Ok(Value::Map(Arc::from(out)))
         }),
@@ -296,7 +366,7 @@ fn map_code(mut entries: Vec<(Arc<str>, Code)>) -> Code {
 }
 
 #[inline(never)]
-fn field_code(base: Code, name: &str) -> Code {
+fn field_code(fold: &Budget, base: Code, name: &str) -> Code {
     let name: Box<str> = name.into();
     match base {
         Code::Path(mut p) => {
@@ -306,9 +376,10 @@ fn field_code(base: Code, name: &str) -> Code {
         base => {
             let constant = base.is_const();
             finish(
+                fold,
                 constant,
-                Box::new(move |rec| {
-                    let b = base.eval_cow(rec)?;
+                Box::new(move |rec, budget| {
+                    let b = base.eval_cow(rec, budget)?;
                     field(&b, &name).cloned()
                 }),
             )
@@ -317,7 +388,7 @@ fn field_code(base: Code, name: &str) -> Code {
 }
 
 #[inline(never)]
-fn index_code(base: Code, idx: Code) -> Code {
+fn index_code(fold: &Budget, base: Code, idx: Code) -> Code {
     match (base, idx) {
         (Code::Path(mut p), Code::Const(Ok(i))) => {
             p.steps.push(Step::Index(i));
@@ -326,10 +397,11 @@ fn index_code(base: Code, idx: Code) -> Code {
         (base, idx) => {
             let constant = base.is_const() && idx.is_const();
             finish(
+                fold,
                 constant,
-                Box::new(move |rec| {
-                    let b = base.eval_cow(rec)?;
-                    let i = idx.eval_cow(rec)?;
+                Box::new(move |rec, budget| {
+                    let b = base.eval_cow(rec, budget)?;
+                    let i = idx.eval_cow(rec, budget)?;
                     index(&b, &i).cloned()
                 }),
             )
@@ -338,11 +410,11 @@ fn index_code(base: Code, idx: Code) -> Code {
 }
 
 #[inline(never)]
-fn unary_code(op: UnOp, a: Code) -> Code {
+fn unary_code(fold: &Budget, op: UnOp, a: Code) -> Code {
     let constant = a.is_const();
     let node: Node = match op {
-        UnOp::Neg => Box::new(move |rec| neg(&*a.eval_cow(rec)?)),
-        UnOp::Not => Box::new(move |rec| match *a.eval_cow(rec)? {
+        UnOp::Neg => Box::new(move |rec, budget| neg(&*a.eval_cow(rec, budget)?)),
+        UnOp::Not => Box::new(move |rec, budget| match *a.eval_cow(rec, budget)? {
             Value::Bool(b) => Ok(Value::Bool(!b)),
             ref v => Err(Box::new(EvalError::BadOperand {
                 op: "!",
@@ -350,15 +422,15 @@ fn unary_code(op: UnOp, a: Code) -> Code {
             })),
         }),
     };
-    finish(constant, node)
+    finish(fold, constant, node)
 }
 
 #[inline(never)]
-fn binary_code(op: BinOp, l: Code, r: Code) -> Code {
+fn binary_code(fold: &Budget, op: BinOp, l: Code, r: Code) -> Code {
     let f: fn(&Value, &Value) -> R = match op {
-        BinOp::And => return logic(l, r, false, "&&"),
-        BinOp::Or => return logic(l, r, true, "||"),
-        BinOp::Add => add,
+        BinOp::And => return logic(fold, l, r, false, "&&"),
+        BinOp::Or => return logic(fold, l, r, true, "||"),
+        BinOp::Add => return binary(fold, l, r, add, true),
         BinOp::Sub => sub,
         BinOp::Mul => mul,
         BinOp::Div => div,
@@ -371,25 +443,32 @@ fn binary_code(op: BinOp, l: Code, r: Code) -> Code {
         BinOp::Ne => |a, b| Ok(Value::Bool(a != b)),
         BinOp::In => in_op,
     };
-    binary(l, r, f)
+    binary(fold, l, r, f, false)
 }
 
-/// A strict binary operator: both operands are evaluated (by reference), then `f`.
-fn binary(l: Code, r: Code, f: fn(&Value, &Value) -> R) -> Code {
+/// A strict binary operator: both operands are evaluated (by reference), then `f`; what it
+/// builds is charged when it `allocates` (only `+` does: strings and lists).
+fn binary(fold: &Budget, l: Code, r: Code, f: fn(&Value, &Value) -> R, allocates: bool) -> Code {
     let constant = l.is_const() && r.is_const();
     finish(
+        fold,
         constant,
-        Box::new(move |rec| {
-            let a = l.eval_cow(rec)?;
-            let b = r.eval_cow(rec)?;
-            f(&a, &b)
+        Box::new(move |rec, budget| {
+            let a = l.eval_cow(rec, budget)?;
+            let b = r.eval_cow(rec, budget)?;
+            let v = f(&a, &b)?;
+            if allocates {
+                budget.built(v)
+            } else {
+                Ok(v)
+            }
         }),
     )
 }
 
 /// `&&` (`stop == false`) and `||` (`stop == true`): the right side is evaluated only when the
 /// left side is the bool that does not decide the result; both must be bools.
-fn logic(l: Code, r: Code, stop: bool, op: &'static str) -> Code {
+fn logic(fold: &Budget, l: Code, r: Code, stop: bool, op: &'static str) -> Code {
     if let Code::Const(Ok(Value::Bool(b))) = l {
         if b == stop {
             return Code::Const(Ok(Value::Bool(stop)));
@@ -397,9 +476,10 @@ fn logic(l: Code, r: Code, stop: bool, op: &'static str) -> Code {
     }
     let constant = l.is_const() && r.is_const();
     finish(
+        fold,
         constant,
-        Box::new(move |rec| {
-            match *l.eval_cow(rec)? {
+        Box::new(move |rec, budget| {
+            match *l.eval_cow(rec, budget)? {
                 Value::Bool(b) if b == stop => return Ok(Value::Bool(stop)),
                 Value::Bool(_) => {}
                 ref v => {
@@ -409,7 +489,7 @@ fn logic(l: Code, r: Code, stop: bool, op: &'static str) -> Code {
                     }))
                 }
             }
-            match *r.eval_cow(rec)? {
+            match *r.eval_cow(rec, budget)? {
                 Value::Bool(b) => Ok(Value::Bool(b)),
                 ref v => Err(Box::new(EvalError::NotBool {
                     op,
@@ -421,7 +501,7 @@ fn logic(l: Code, r: Code, stop: bool, op: &'static str) -> Code {
 }
 
 /// `c ? a : b` and `if(c, a, b)`: only the chosen branch is evaluated; `c` must be a bool.
-pub(crate) fn cond(c: Code, a: Code, b: Code, op: &'static str) -> Code {
+pub(crate) fn cond(fold: &Budget, c: Code, a: Code, b: Code, op: &'static str) -> Code {
     match c {
         Code::Const(Ok(Value::Bool(true))) => return a,
         Code::Const(Ok(Value::Bool(false))) => return b,
@@ -430,10 +510,11 @@ pub(crate) fn cond(c: Code, a: Code, b: Code, op: &'static str) -> Code {
     // A constant non-bool condition always fails, whatever the branches are.
     let constant = c.is_const();
     finish(
+        fold,
         constant,
-        Box::new(move |rec| match *c.eval_cow(rec)? {
-            Value::Bool(true) => a.eval(rec),
-            Value::Bool(false) => b.eval(rec),
+        Box::new(move |rec, budget| match *c.eval_cow(rec, budget)? {
+            Value::Bool(true) => a.eval(rec, budget),
+            Value::Bool(false) => b.eval(rec, budget),
             ref v => Err(Box::new(EvalError::NotBool {
                 op,
                 got: v.type_name(),
@@ -490,12 +571,18 @@ fn checked(op: &'static str, r: Option<i64>) -> R {
 fn add(a: &Value, b: &Value) -> R {
     match (a, b) {
         (Value::Str(x), Value::Str(y)) => {
+            if x.len() + y.len() > functions::MAX_STRING {
+                return Err(Box::new(EvalError::TooLarge { op: "+" }));
+            }
             let mut s = String::with_capacity(x.len() + y.len());
             s.push_str(x);
             s.push_str(y);
             Ok(Value::from(s))
         }
         (Value::List(x), Value::List(y)) => {
+            if x.len() + y.len() > functions::MAX_LIST {
+                return Err(Box::new(EvalError::TooLarge { op: "+" }));
+            }
             let mut v = Vec::with_capacity(x.len() + y.len());
             v.extend(x.iter().cloned());
             v.extend(y.iter().cloned());

@@ -9,22 +9,32 @@
 use std::cmp::Ordering;
 use std::sync::{Arc, OnceLock};
 
-use super::compile::{self, compile_all, finish, list_get, Code, R};
+use super::compile::{self, compile_all, finish, list_get, Budget, Code, R};
 use super::parser::Ast;
 use super::{CResult, EvalError, ExprError};
 use crate::value::Value;
 
-/// Largest `n` accepted by `range(n)`.
-const MAX_RANGE: i64 = 1_000_000;
+/// Most items a list built by an expression may have (`range(n)`, `split()`, `+`).
+pub(crate) const MAX_LIST: usize = 1_000_000;
 
-/// Largest string (in bytes) `replace()` may build.
-const MAX_STRING: usize = 64 << 20;
+/// Largest `n` accepted by `range(n)`.
+const MAX_RANGE: i64 = MAX_LIST as i64;
+
+/// Largest string (in bytes) an expression may build (`replace()`, `concat()`, `+`).
+pub(crate) const MAX_STRING: usize = 64 << 20;
+
+/// Longest text `json_parse()` reads: a byte of JSON can become a 24-byte value and more,
+/// so this keeps what one call builds near [`MAX_STRING`].
+const MAX_JSON_TEXT: usize = MAX_STRING / 16;
 
 /// How a function is implemented.
 #[derive(Clone, Copy)]
 enum Imp {
     /// One argument, evaluated by reference.
     A1(fn(&Value) -> R),
+    /// One argument; the function charges what it builds before building it (its result
+    /// can be far larger than its argument).
+    Charged1(fn(&Value, &Budget) -> R),
     /// Two arguments, evaluated by reference.
     A2(fn(&Value, &Value) -> R),
     /// Three arguments, evaluated by reference.
@@ -40,7 +50,7 @@ enum Imp {
 impl Imp {
     fn accepts(self, n: usize) -> bool {
         match self {
-            Imp::A1(_) => n == 1,
+            Imp::A1(_) | Imp::Charged1(_) => n == 1,
             Imp::A2(_) => n == 2,
             Imp::A3(_) | Imp::If => n == 3,
             Imp::Var(min, _) => n >= min,
@@ -51,7 +61,7 @@ impl Imp {
     /// Fewest and (when bounded) most arguments accepted.
     fn arity(self) -> (usize, Option<usize>) {
         match self {
-            Imp::A1(_) => (1, Some(1)),
+            Imp::A1(_) | Imp::Charged1(_) => (1, Some(1)),
             Imp::A2(_) => (2, Some(2)),
             Imp::A3(_) | Imp::If => (3, Some(3)),
             Imp::Var(min, _) => (min, None),
@@ -120,7 +130,7 @@ static FUNCTIONS: &[FnDef] = &[
     def("json_parse", Imp::A1(json_parse)),
     def("to_json", Imp::A1(to_json)),
     def("if", Imp::If),
-    def("range", Imp::A1(range)),
+    def("range", Imp::Charged1(range)),
     def("bucket", Imp::A2(bucket)),
 ];
 
@@ -130,10 +140,10 @@ pub(crate) fn is_function(name: &str) -> bool {
 }
 
 /// Resolves and compiles the call `name(args)` found at column `col`.
-pub(crate) fn compile_call(name: &str, args: &[Ast], col: usize) -> CResult<Code> {
+pub(crate) fn compile_call(name: &str, args: &[Ast], col: usize, fold: &Budget) -> CResult<Code> {
     let imp = resolve(name, args.len(), col)?;
-    let args = compile_all(args)?;
-    call_code(imp, args, name, col)
+    let args = compile_all(args, fold)?;
+    call_code(imp, args, name, col, fold)
 }
 
 /// The implementation of `name` taking `n` arguments, or an error naming the function and
@@ -161,66 +171,82 @@ fn resolve(name: &str, n: usize, col: usize) -> CResult<Imp> {
 }
 
 #[inline(never)]
-fn call_code(imp: Imp, args: Vec<Code>, name: &str, col: usize) -> CResult<Code> {
+fn call_code(imp: Imp, args: Vec<Code>, name: &str, col: usize, fold: &Budget) -> CResult<Code> {
     let constant = args.iter().all(Code::is_const);
     // `resolve` checked the arity, so the conversions to fixed-size arrays succeed.
     let arity_bug = || ExprError::new(col, format!("internal error: arity of '{name}'"));
     Ok(match imp {
         Imp::A1(f) => {
             let [a] = <[Code; 1]>::try_from(args).map_err(|_| arity_bug())?;
-            finish(constant, Box::new(move |rec| f(&*a.eval_cow(rec)?)))
+            finish(
+                fold,
+                constant,
+                Box::new(move |rec, budget| budget.built(f(&*a.eval_cow(rec, budget)?)?)),
+            )
+        }
+        Imp::Charged1(f) => {
+            let [a] = <[Code; 1]>::try_from(args).map_err(|_| arity_bug())?;
+            finish(
+                fold,
+                constant,
+                Box::new(move |rec, budget| f(&*a.eval_cow(rec, budget)?, budget)),
+            )
         }
         Imp::A2(f) => {
             let [a, b] = <[Code; 2]>::try_from(args).map_err(|_| arity_bug())?;
             finish(
+                fold,
                 constant,
-                Box::new(move |rec| {
-                    let a = a.eval_cow(rec)?;
-                    let b = b.eval_cow(rec)?;
-                    f(&a, &b)
+                Box::new(move |rec, budget| {
+                    let a = a.eval_cow(rec, budget)?;
+                    let b = b.eval_cow(rec, budget)?;
+                    budget.built(f(&a, &b)?)
                 }),
             )
         }
         Imp::A3(f) => {
             let [a, b, c] = <[Code; 3]>::try_from(args).map_err(|_| arity_bug())?;
             finish(
+                fold,
                 constant,
-                Box::new(move |rec| {
-                    let a = a.eval_cow(rec)?;
-                    let b = b.eval_cow(rec)?;
-                    let c = c.eval_cow(rec)?;
-                    f(&a, &b, &c)
+                Box::new(move |rec, budget| {
+                    let a = a.eval_cow(rec, budget)?;
+                    let b = b.eval_cow(rec, budget)?;
+                    let c = c.eval_cow(rec, budget)?;
+                    budget.built(f(&a, &b, &c)?)
                 }),
             )
         }
         Imp::Var(_, f) => finish(
+            fold,
             constant,
-            Box::new(move |rec| {
+            Box::new(move |rec, budget| {
                 // Up to four arguments are gathered on the stack, more in a Vec.
                 if args.len() <= 4 {
                     let mut buf: [Value; 4] = Default::default();
                     for (slot, a) in buf.iter_mut().zip(&args) {
-                        *slot = a.eval(rec)?;
+                        *slot = a.eval(rec, budget)?;
                     }
-                    f(&buf[..args.len()]) // in bounds: len <= 4 checked above
+                    budget.built(f(&buf[..args.len()])?) // in bounds: len <= 4 checked above
                 } else {
                     let vals = args
                         .iter()
-                        .map(|a| a.eval(rec))
+                        .map(|a| a.eval(rec, budget))
                         .collect::<Result<Vec<_>, _>>()?;
-                    f(&vals)
+                    budget.built(f(&vals)?)
                 }
             }),
         ),
         Imp::If => {
             let [c, a, b] = <[Code; 3]>::try_from(args).map_err(|_| arity_bug())?;
-            compile::cond(c, a, b, "if()")
+            compile::cond(fold, c, a, b, "if()")
         }
         Imp::Coalesce => finish(
+            fold,
             constant,
-            Box::new(move |rec| {
+            Box::new(move |rec, budget| {
                 for a in &args {
-                    let v = a.eval_cow(rec)?;
+                    let v = a.eval_cow(rec, budget)?;
                     if !matches!(*v, Value::Null) {
                         return Ok(v.into_owned());
                     }
@@ -278,23 +304,33 @@ fn float_to_int(func: &'static str, f: f64) -> R {
 fn split(s: &Value, sep: &Value) -> R {
     let s = want_str("split", s)?;
     let sep = want_str("split", sep)?;
-    let parts: Vec<Value> = if sep.is_empty() {
-        s.chars()
-            .map(|c| Value::str(c.encode_utf8(&mut [0; 4])))
-            .collect()
+    if sep.is_empty() {
+        capped_list(
+            "split()",
+            s.chars().map(|c| Value::str(c.encode_utf8(&mut [0; 4]))),
+        )
     } else {
-        s.split(sep).map(Value::str).collect()
-    };
-    Ok(Value::list(parts))
+        capped_list("split()", s.split(sep).map(Value::str))
+    }
 }
 
 fn words(s: &Value) -> R {
-    Ok(Value::list(
-        want_str("words", s)?
-            .split_whitespace()
-            .map(Value::str)
-            .collect(),
-    ))
+    capped_list(
+        "words()",
+        want_str("words", s)?.split_whitespace().map(Value::str),
+    )
+}
+
+/// The list of `items`, failing once there are more than [`MAX_LIST`] of them.
+fn capped_list(op: &'static str, items: impl Iterator<Item = Value>) -> R {
+    let mut out = Vec::new();
+    for item in items {
+        if out.len() == MAX_LIST {
+            return Err(Box::new(EvalError::TooLarge { op }));
+        }
+        out.push(item);
+    }
+    Ok(Value::list(out))
 }
 
 fn lower(v: &Value) -> R {
@@ -376,7 +412,7 @@ fn replace(v: &Value, from: &Value, to: &Value) -> R {
                 .count()
                 .saturating_mul(to.len() - from.len());
             if grown.saturating_add(s.len()) > MAX_STRING {
-                return Err(Box::new(EvalError::TooLarge { func: "replace" }));
+                return Err(Box::new(EvalError::TooLarge { op: "replace()" }));
             }
         }
     }
@@ -419,6 +455,9 @@ fn concat(args: &[Value]) -> R {
         match a {
             Value::Str(s) => out.push_str(s),
             other => out.push_str(&json_text(other)),
+        }
+        if out.len() > MAX_STRING {
+            return Err(Box::new(EvalError::TooLarge { op: "concat()" }));
         }
     }
     Ok(Value::from(out))
@@ -586,19 +625,23 @@ fn get(m: &Value, f: &Value, default: &Value) -> R {
 }
 
 fn json_parse(s: &Value) -> R {
-    serde_json::from_str::<Value>(want_str("json_parse", s)?)
-        .map_err(|_| Box::new(EvalError::InvalidJson))
+    let text = want_str("json_parse", s)?;
+    if text.len() > MAX_JSON_TEXT {
+        return Err(Box::new(EvalError::TooLarge { op: "json_parse()" }));
+    }
+    serde_json::from_str::<Value>(text).map_err(|_| Box::new(EvalError::InvalidJson))
 }
 
 fn to_json(v: &Value) -> R {
     Ok(Value::from(json_text(v)))
 }
 
-fn range(n: &Value) -> R {
+fn range(n: &Value, budget: &Budget) -> R {
     let n = want_int("range", n)?;
     if n > MAX_RANGE {
         return Err(Box::new(EvalError::RangeTooLarge));
     }
+    budget.charge(std::mem::size_of::<Value>() * n.max(0) as usize)?;
     Ok(Value::list((0..n.max(0)).map(Value::Int).collect()))
 }
 

@@ -33,8 +33,24 @@ use crate::value::Value;
 /// deeper input is a compile error rather than a stack overflow.
 pub const MAX_DEPTH: usize = 256;
 
+/// What evaluating an expression on one record may build, in bytes: the strings, lists and
+/// maps it makes (values read from the record are not counted). Above it the evaluation
+/// fails with [`EvalError::OverBudget`], so no expression can exhaust a task manager's
+/// memory.
+pub const MAX_EVAL_BYTES: usize = 256 << 20;
+
+/// What the constants folded at compile time may take, in bytes: this floor plus
+/// [`FOLD_BYTES_PER_CHAR`] per char of source. It is proportional to the source so a job
+/// spec of bounded size holds bounded constants however many expressions it has; a
+/// constant subexpression that would exceed it (`range(1000000)` in a short expression) is
+/// not folded and is evaluated per record instead, under [`MAX_EVAL_BYTES`].
+pub const FOLD_BYTES_FLOOR: usize = 16 << 10;
+
+/// See [`FOLD_BYTES_FLOOR`].
+pub const FOLD_BYTES_PER_CHAR: usize = 256;
+
 /// The compiled evaluation function shared by all clones of an [`Expr`].
-type EvalFn = dyn Fn(&Record) -> Result<Value, Box<EvalError>> + Send + Sync;
+type EvalFn = dyn Fn(&Record, &compile::Budget) -> Result<Value, Box<EvalError>> + Send + Sync;
 
 /// A compiled expression. Cheap to clone (Arc inside); Send + Sync; shared by all subtasks of an
 /// operator.
@@ -48,7 +64,12 @@ impl Expr {
     /// Parses and compiles `src`. Errors name the problem and its 1-based column (in chars).
     pub fn compile(src: &str) -> Result<Expr, ExprError> {
         let ast = parser::parse(src).map_err(|e| *e)?;
-        let code = compile::compile(&ast).map_err(|e| *e)?;
+        let fold = compile::Budget::new(
+            FOLD_BYTES_PER_CHAR
+                .saturating_mul(src.len())
+                .saturating_add(FOLD_BYTES_FLOOR),
+        );
+        let code = compile::compile(&ast, &fold).map_err(|e| *e)?;
         Ok(Expr {
             src: Arc::from(src),
             f: Arc::from(code.into_node()),
@@ -61,7 +82,7 @@ impl Expr {
     /// between the closures of the compiled tree on every record, errors almost never.
     #[inline]
     pub fn eval(&self, rec: &Record) -> Result<Value, Box<EvalError>> {
-        (self.f)(rec)
+        (self.f)(rec, &compile::Budget::new(MAX_EVAL_BYTES))
     }
 
     /// The source text the expression was compiled from.
@@ -193,10 +214,20 @@ pub enum EvalError {
     /// `range(n)` with `n` above 1,000,000.
     #[error("range() argument exceeds the limit of 1000000")]
     RangeTooLarge,
-    /// A function would build a string larger than the 64 MiB limit.
-    #[error("{func}() result exceeds the size limit of 64 MiB")]
+    /// A function or `+` would build a value above the size limits.
+    #[error(
+        "{op} would build a value above the size limits (strings 64 MiB, lists 1000000 items, \
+         json_parse() text 4 MiB)"
+    )]
     TooLarge {
-        /// The function name.
-        func: &'static str,
+        /// The function, e.g. `replace()`, or the operator `+`.
+        op: &'static str,
     },
+    /// The values built while evaluating the expression on one record exceed
+    /// [`MAX_EVAL_BYTES`].
+    #[error("the expression built more than 256 MiB of values for one record")]
+    OverBudget,
+    /// A list or map would hold a value nested so deep that the record could not be sent.
+    #[error("a list or map would nest deeper than 128 levels, more than a record may carry")]
+    TooDeep,
 }

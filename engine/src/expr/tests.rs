@@ -104,7 +104,7 @@ fn bad_ops(op: &'static str, left: &'static str, right: &'static str) -> EvalErr
 
 fn compiled(src: &str) -> Code {
     let ast = super::parser::parse(src).expect("parses");
-    compile::compile(&ast).expect("compiles")
+    compile::compile(&ast, &compile::Budget::new(MAX_EVAL_BYTES)).expect("compiles")
 }
 
 #[test]
@@ -608,10 +608,11 @@ fn replace_result_is_size_capped() {
     ]);
     let r = Record::new(0, value);
     let e = compile_ok("replace(value.s, 'a', value.to)").eval(&r);
-    assert_eq!(e, Err(Box::new(EvalError::TooLarge { func: "replace" })));
+    assert_eq!(e, Err(Box::new(EvalError::TooLarge { op: "replace()" })));
     assert_eq!(
-        EvalError::TooLarge { func: "replace" }.to_string(),
-        "replace() result exceeds the size limit of 64 MiB"
+        EvalError::TooLarge { op: "replace()" }.to_string(),
+        "replace() would build a value above the size limits (strings 64 MiB, \
+         lists 1000000 items, json_parse() text 4 MiB)"
     );
     // Large but within the limit works.
     let v = compile_ok("len(replace(value.s, 'a', 'bb'))").eval(&r);
@@ -926,7 +927,13 @@ fn hot_paths_borrow_from_the_record() {
     ] {
         let code = compiled(src);
         assert!(matches!(code, Code::Path(_)), "{src}");
-        assert!(matches!(code.eval_cow(&r), Ok(Cow::Borrowed(_))), "{src}");
+        assert!(
+            matches!(
+                code.eval_cow(&r, &compile::Budget::new(MAX_EVAL_BYTES)),
+                Ok(Cow::Borrowed(_))
+            ),
+            "{src}"
+        );
     }
     assert!(matches!(compiled("ts"), Code::Ts));
     // Operators over paths and constants read their operands by reference.
@@ -1183,4 +1190,104 @@ fn nesting_depth_is_capped() {
         .spawn(move || near_limit.iter().for_each(|s| ok(s)))
         .expect("spawn");
     assert!(handle.join().is_ok());
+}
+
+/// Ensures what one evaluation builds is bounded: each string, list and JSON text an
+/// expression makes is capped, and all it builds for one record together is
+/// [`MAX_EVAL_BYTES`]; none of it is allocated past the limit first.
+#[test]
+fn what_an_evaluation_builds_is_bounded() {
+    let big = "range(1000000)";
+    // 24 MB each: the eleventh is over the budget, long before 24 GB.
+    let many = format!("[{}]", vec![big; 1000].join(", "));
+    assert_eq!(ev_err(&many), EvalError::OverBudget);
+    assert_eq!(
+        ev_err(&format!("len({big} + [1])")),
+        EvalError::TooLarge { op: "+" }
+    );
+    check_int(&format!("len({big} + [])"), 1_000_000);
+
+    let r = Record::new(
+        0,
+        Value::map([
+            ("s", Value::str(&"a".repeat(40 << 20))),
+            ("text", Value::str(&format!("[{}0]", "0,".repeat(3 << 20)))),
+        ]),
+    );
+    let err = |src: &str| *compile_ok(src).eval(&r).unwrap_err();
+    assert_eq!(err("value.s + value.s"), EvalError::TooLarge { op: "+" });
+    assert_eq!(
+        err("concat(value.s, '-', value.s)"),
+        EvalError::TooLarge { op: "concat()" }
+    );
+    assert_eq!(
+        err("split(value.s, '')"),
+        EvalError::TooLarge { op: "split()" }
+    );
+    assert_eq!(
+        err("json_parse(value.text)"),
+        EvalError::TooLarge { op: "json_parse()" }
+    );
+    assert_eq!(
+        compile_ok("len(split(substr(value.s, 0, 1000000), ''))").eval(&r),
+        Ok(Value::Int(1_000_000))
+    );
+}
+
+/// Ensures constant folding keeps what a short expression may hold small: a constant too
+/// large for the expression's folding budget is built per record instead, and still gives
+/// the same result.
+#[test]
+fn folding_holds_constants_in_proportion_to_the_source() {
+    let code = |src: &str| {
+        let ast = super::parser::parse(src).unwrap();
+        let fold = compile::Budget::new(FOLD_BYTES_FLOOR + FOLD_BYTES_PER_CHAR * src.len());
+        compile::compile(&ast, &fold).unwrap_or_else(|e| panic!("{src}: {e}"))
+    };
+    assert!(code("range(100)").is_const());
+    assert!(code("[range(100), 'x' + 'y']").is_const());
+    assert!(!code("range(1000000)").is_const());
+    assert!(!code("len(range(1000000))").is_const());
+    check_int("len(range(1000000))", 1_000_000);
+    check_int("value.n in range(1000000) ? 1 : 0", 1);
+}
+
+/// Ensures a list or map an expression builds nests at most as deep as the data plane
+/// carries ([`crate::codec::MAX_VALUE_DEPTH`]): deeper, the record fails in the operator
+/// that built it, naming why, instead of being refused by the next task manager (which
+/// closes the connection every channel between the two shares).
+#[test]
+fn built_values_nest_no_deeper_than_a_record_may_carry() {
+    use crate::codec::{packed, MAX_VALUE_DEPTH};
+    let wrap =
+        |depth: usize, inner: &str| format!("{}{inner}{}", "[".repeat(depth), "]".repeat(depth));
+    let deepest = ev(&wrap(MAX_VALUE_DEPTH, "value.n"));
+    assert!(!deepest.nested_deeper_than(MAX_VALUE_DEPTH));
+    let rec = Record::new(0, deepest);
+    let mut bytes = Vec::new();
+    packed::encode_records(0, std::slice::from_ref(&rec), &mut bytes);
+    assert_eq!(
+        packed::decode_batch(&bytes).unwrap().records,
+        vec![rec.clone()]
+    );
+
+    assert_eq!(ev_err(&wrap(MAX_VALUE_DEPTH + 1, "1")), EvalError::TooDeep);
+    assert_eq!(
+        ev_err(&wrap(MAX_VALUE_DEPTH + 1, "value.n")),
+        EvalError::TooDeep
+    );
+    // A record's own value already at the limit cannot be put one level down, in a list or
+    // a map.
+    let err = |src: &str| *compile_ok(src).eval(&rec).unwrap_err();
+    assert_eq!(err("[value]"), EvalError::TooDeep);
+    assert_eq!(err("{v: value}"), EvalError::TooDeep);
+    assert_eq!(
+        compile_ok("value[0]")
+            .eval(&rec)
+            .map(|v| v.nested_deeper_than(MAX_VALUE_DEPTH - 1)),
+        Ok(false)
+    );
+    assert!(EvalError::TooDeep
+        .to_string()
+        .contains("deeper than 128 levels"));
 }

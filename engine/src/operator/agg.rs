@@ -213,14 +213,15 @@ impl Acc {
             expected: "a number",
             got: v.type_name(),
         };
-        // A kept value goes into snapshots, whose reader (the data plane's) refuses deeper
-        // nesting: refused here, the record fails instead of a restore.
-        if matches!(self, Acc::Min(_) | Acc::Max(_) | Acc::Distinct(_))
-            && v.nested_deeper_than(MAX_VALUE_DEPTH)
+        // A kept value goes into snapshots and, one level down, into results, whose reader
+        // (the data plane's) refuses deeper nesting: refused here, the record fails instead
+        // of a restore or the next task manager.
+        if matches!(self, Acc::Min(_) | Acc::Max(_) | Acc::Distinct(_)) && !v.fits_one_level_down()
         {
             return Err(OpError::Data(format!(
-                "{}: a value nested deeper than {MAX_VALUE_DEPTH} levels cannot be kept in state",
-                expr()
+                "{}: a value nested deeper than {} levels cannot be kept in state",
+                expr(),
+                MAX_VALUE_DEPTH - 1
             )));
         }
         match self {

@@ -17,6 +17,7 @@ use super::{
     decode_state, encode_state, Instance, Metric, OpError, Operator, OperatorFactory, Params,
     SubtaskContext,
 };
+use crate::codec::MAX_VALUE_DEPTH;
 use crate::record::Record;
 use crate::spec::{OperatorSpec, SpecError};
 use crate::value::Value;
@@ -155,6 +156,13 @@ impl Operator for Join {
     ) -> Result<(), OpError> {
         let side = input.min(1);
         for r in batch.drain(..) {
+            if !r.value.fits_one_level_down() {
+                // A result carries it one level down, as `left` or `right`.
+                return Err(OpError::Data(format!(
+                    "a joined value nested deeper than {} levels",
+                    MAX_VALUE_DEPTH - 1
+                )));
+            }
             let start = window_start(r.ts, self.size)?;
             // Every window kept ends within the range of timestamps.
             let end = start
@@ -340,6 +348,41 @@ mod tests {
             ]
         );
         assert_eq!(j.metrics(), vec![Metric::total("late_dropped", 1)]);
+    }
+
+    /// Ensures a value too deep to go one level down into a result fails its record naming
+    /// why, and one at the limit joins into a result the data plane carries.
+    #[test]
+    fn refuses_values_too_deep_for_a_result() {
+        use crate::codec::packed;
+        let deep = |depth: usize| {
+            let mut v = Value::Int(1);
+            for _ in 0..depth {
+                v = Value::list(vec![v]);
+            }
+            Record::keyed(Value::Int(1), 1, v)
+        };
+        let spec = r#"{"id":"j","kind":"join","params":{"window":{"tumbling_ms":10}}}"#;
+        let mut j = operator(spec);
+        let out = run(
+            j.as_mut(),
+            &[
+                Step::Data(0, vec![deep(MAX_VALUE_DEPTH - 1)]),
+                Step::Data(1, vec![deep(1)]),
+                Step::Wm(20),
+            ],
+        );
+        assert_eq!(out.len(), 1);
+        let mut bytes = Vec::new();
+        packed::encode_records(0, &out, &mut bytes);
+        assert_eq!(packed::decode_batch(&bytes).unwrap().records, out);
+
+        let mut j = operator(spec);
+        let err = j
+            .process(1, &mut vec![deep(MAX_VALUE_DEPTH)], &mut Vec::new())
+            .unwrap_err();
+        assert!(matches!(err, OpError::Data(_)), "{err}");
+        assert!(err.to_string().contains("deeper than 127 levels"), "{err}");
     }
 
     /// Ensures a restored join emits the same pairs as an uninterrupted one.

@@ -13,6 +13,7 @@ use super::agg::{
     AggSpec, ResultFields,
 };
 use super::{eval, Instance, OpError, Operator, OperatorFactory, Params, SubtaskContext};
+use crate::codec::MAX_VALUE_DEPTH;
 use crate::expr::Expr;
 use crate::record::Record;
 use crate::spec::{OperatorSpec, SpecError};
@@ -91,8 +92,15 @@ impl Operator for Stateless {
                     let v = eval(e, r)?;
                     if self.mode == Mode::Map {
                         r.value = v;
-                    } else {
+                    } else if v.fits_one_level_down() {
                         r.key = Some(v);
+                    } else {
+                        // Aggregates and joins put the key in their results.
+                        return Err(OpError::Data(format!(
+                            "{}: a key nested deeper than {} levels",
+                            e.source(),
+                            MAX_VALUE_DEPTH - 1
+                        )));
                     }
                 }
                 if out.is_empty() {
@@ -426,6 +434,30 @@ mod tests {
         assert!(whole.len() < 6 * 10_000, "{} bytes", whole.len());
     }
 
+    /// Ensures a key that results could not carry one level down fails its record, naming
+    /// the expression.
+    #[test]
+    fn key_by_refuses_keys_too_deep_for_a_result() {
+        let spec = |depth: usize| {
+            let e = format!("{}value{}", "[".repeat(depth), "]".repeat(depth));
+            format!(r#"{{"id":"k","kind":"key_by","params":{{"expr":"{e}"}}}}"#)
+        };
+        let mut out = Vec::new();
+        let depth = crate::codec::MAX_VALUE_DEPTH - 1;
+        operator(&spec(depth))
+            .process(0, &mut vec![Record::new(0, Value::Int(3))], &mut out)
+            .unwrap();
+        assert!(out[0].key.as_ref().unwrap().fits_one_level_down());
+        let err = operator(&spec(depth + 1))
+            .process(0, &mut vec![Record::new(0, Value::Int(3))], &mut out)
+            .unwrap_err();
+        assert!(matches!(err, OpError::Data(_)), "{err}");
+        assert!(
+            err.to_string().contains("a key nested deeper than 127"),
+            "{err}"
+        );
+    }
+
     /// Ensures a value kept in state (a max) may nest as deep as a snapshot can be read back,
     /// and that one nested deeper fails its record with an error naming it.
     #[test]
@@ -434,7 +466,7 @@ mod tests {
             let field = format!("{}value{}", "[".repeat(depth), "]".repeat(depth));
             format!(r#"{{"id":"r","kind":"reduce","params":{{"agg":"max","field":"{field}"}}}}"#)
         };
-        let deepest = spec(crate::codec::MAX_VALUE_DEPTH);
+        let deepest = spec(crate::codec::MAX_VALUE_DEPTH - 1);
         let mut r = operator(&deepest);
         let mut out = Vec::new();
         r.process(0, &mut vec![keyed(1, 5)], &mut out).unwrap();
@@ -443,11 +475,18 @@ mod tests {
         copy.restore(&state).unwrap();
         assert_eq!(copy.snapshot().unwrap(), state);
 
-        let mut r = operator(&spec(crate::codec::MAX_VALUE_DEPTH + 1));
+        // Its result carries it one level down, and still goes on the wire.
+        let result = out.pop().unwrap();
+        let mut bytes = Vec::new();
+        crate::codec::packed::encode_records(0, std::slice::from_ref(&result), &mut bytes);
+        let decoded = crate::codec::packed::decode_batch(&bytes).unwrap();
+        assert_eq!(decoded.records, vec![result]);
+
+        let mut r = operator(&spec(crate::codec::MAX_VALUE_DEPTH));
         let err = r.process(0, &mut vec![keyed(1, 5)], &mut out).unwrap_err();
         assert!(matches!(err, OpError::Data(_)), "{err}");
         assert!(
-            err.to_string().contains("nested deeper than 128 levels"),
+            err.to_string().contains("nested deeper than 127 levels"),
             "{err}"
         );
     }
