@@ -587,3 +587,55 @@ fn cancel_under_backpressure_across_taskmanagers() {
     let again = c.submit(spec);
     wait_running(&c, &again);
 }
+
+/// Ensures expressions that would exhaust memory, or build values the data plane cannot
+/// carry, fail their job naming the operator, on real processes: the job manager folds a
+/// spec's constants within a budget (a spec asking for ~24 GB of ranges is accepted at
+/// once), and a value nested too deep fails in the operator that built it instead of being
+/// refused by the next task manager, which would close the connection all channels between
+/// the two share.
+#[test]
+fn oversized_and_overdeep_values_fail_their_job_by_name() {
+    let c = Cluster::start(ClusterOptions {
+        taskmanagers: 2,
+        slots: 2,
+        ..Default::default()
+    });
+    let spec = |expr: &str| {
+        format!(
+            r#"{{"name":"x","operators":[
+            {{"id":"g","kind":"generator","parallelism":2,"params":{{"keys":10}}}},
+            {{"id":"m","kind":"map","input":"g","parallelism":2,"partition":"rebalance","params":{{"expr":"{expr}"}}}},
+            {{"id":"o","kind":"discard","input":"m","parallelism":2,"partition":"rebalance"}}]}}"#
+        )
+    };
+    let fails_with = |expr: &str, why: &str| {
+        let started = Instant::now();
+        let id = c.submit(&spec(expr));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "submission took {:?}",
+            started.elapsed()
+        );
+        let job = c.wait_for_end(&id, Duration::from_secs(30));
+        assert_eq!(job["state"], "FAILED", "{job}");
+        let reason = job["failure"].as_str().unwrap();
+        assert!(
+            reason.contains("operator 'm'") && reason.contains(why),
+            "{reason}"
+        );
+    };
+    let ranges = vec!["range(1000000)"; 1000].join(", ");
+    fails_with(&format!("[{ranges}]"), "more than 256 MiB");
+    let deep = format!("{}value{}", "[".repeat(129), "]".repeat(129));
+    fails_with(&deep, "deeper than 128 levels");
+    // Both task managers are still there to run the next job.
+    let (_, tms) = c.get("/taskmanagers");
+    let alive = tms["taskmanagers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["state"] == "ALIVE")
+        .count();
+    assert_eq!(alive, 2, "{tms}");
+}
