@@ -332,6 +332,11 @@ impl DataPlane {
         if self.is_fenced(peer) {
             return Err(gone(FENCED));
         }
+        if addr.is_empty() {
+            // The job manager lists no address for a task manager it dropped from the job:
+            // one lost while this deployment was being prepared, whose fencing may follow.
+            return Err(gone("the job manager lists no address for it (lost)"));
+        }
         let mut watch = self.peer_watch(peer);
         if let Some(c) = watch.borrow().clone() {
             return Ok(c);

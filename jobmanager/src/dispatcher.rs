@@ -1343,6 +1343,8 @@ impl Dispatcher {
                 task: *t,
                 subtask: *s,
                 tm: i.tm,
+                // A subtask still on a task manager lost meanwhile (its own recovery is
+                // queued) has none: task managers take an empty address for a gone peer.
                 data_addr: addr.get(&i.tm).cloned().unwrap_or_default(),
                 attempt: i.attempt,
             })

@@ -1071,17 +1071,21 @@ mod tests {
     fn a_dcas_deployment_severs_channels_to_gone_task_managers_only() {
         actix::System::new().block_on(async {
             let (me, gone, bad) = (TaskManagerId(2), TaskManagerId(5), TaskManagerId(7));
+            let (dropped, dropped_lower) = (TaskManagerId(9), TaskManagerId(1));
             let data = DataPlane::bind(me, "127.0.0.1:0").await.unwrap();
             data.fence(gone);
             let spec = r#"{"name":"t","operators":[
                 {"id":"src","kind":"generator","parallelism":1},
-                {"id":"m","kind":"map","input":"src","parallelism":2,"params":{"expr":"value"}}]}"#;
+                {"id":"m","kind":"map","input":"src","parallelism":4,"params":{"expr":"value"}}]}"#;
             let graph =
                 JobGraph::build(&JobSpec::from_json(spec).unwrap(), &jobs::registry()).unwrap();
             let placement = [
                 place(0, 0, me, &data.local_addr().to_string()),
                 place(1, 0, gone, "127.0.0.1:1"),
                 place(1, 1, bad, "not an address"),
+                // Lost while the deployment was prepared: no address, not fenced yet.
+                place(1, 2, dropped, ""),
+                place(1, 3, dropped_lower, ""),
             ];
             let wiring = || {
                 let local = LocalChannels::default();
@@ -1102,6 +1106,19 @@ mod tests {
                 .expect("an unreachable neighbour fails the deployment");
             assert!(err.contains("cannot reach task manager"), "{err}");
             assert!(wiring().severing().output(&graph, to(1)).await.is_ok());
+            // Whichever side would open the connection, a peer without an address is gone
+            // at once (not after the connect timeout).
+            for s in [2, 3] {
+                let started = std::time::Instant::now();
+                let err = wiring().output(&graph, to(s)).await.err().unwrap();
+                assert!(
+                    err.contains("is gone: the job manager lists no address"),
+                    "{err}"
+                );
+                assert!(started.elapsed() < std::time::Duration::from_secs(1));
+                let severed = wiring().severing_gone().output(&graph, to(s)).await;
+                assert!(severed.is_ok(), "{:?}", severed.err());
+            }
         });
     }
 
