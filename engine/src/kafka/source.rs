@@ -29,6 +29,7 @@ use rdkafka::ClientContext;
 use tracing::warn;
 
 use super::{is_fatal, Connection, Format, CONSUMER_TUNING};
+use crate::operator::source::watermark_after;
 use crate::operator::{
     decode_state, encode_state, Instance, Metric, OpError, OperatorFactory, Params, Source,
     SourcePoll, SubtaskContext,
@@ -108,7 +109,7 @@ struct Config {
     key_format: Option<Format>,
     value_format: Format,
     ts_field: Option<String>,
-    out_of_orderness_ms: i64,
+    out_of_orderness_ms: u64,
     idle_timeout: Option<Duration>,
     on_decode_error: OnDecodeError,
     /// Filled in at submission.
@@ -233,7 +234,7 @@ impl Config {
             key_format,
             value_format,
             ts_field,
-            out_of_orderness_ms: p.millis("out_of_orderness_ms")?.unwrap_or(0) as i64,
+            out_of_orderness_ms: p.millis("out_of_orderness_ms")?.unwrap_or(0),
             idle_timeout: match p.u64("idle_timeout_ms")?.unwrap_or(10_000) {
                 0 => None,
                 ms => Some(Duration::from_millis(ms)),
@@ -660,7 +661,7 @@ impl Source for KafkaSource {
         }
         active
             .or(highest)
-            .map(|ts| ts.saturating_sub(self.cfg.out_of_orderness_ms + 1))
+            .map(|ts| watermark_after(ts, self.cfg.out_of_orderness_ms))
     }
 
     fn snapshot(&mut self) -> Result<Vec<u8>, OpError> {

@@ -22,7 +22,7 @@ use crate::record::Record;
 use crate::spec::{OperatorSpec, SpecError};
 use crate::value::Value;
 
-use super::window::{beyond_time, window_start, WindowKind};
+use super::window::{window_end, window_start, WindowKind};
 
 /// A validated `join`.
 struct JoinFactory {
@@ -165,9 +165,7 @@ impl Operator for Join {
             }
             let start = window_start(r.ts, self.size)?;
             // Every window kept ends within the range of timestamps.
-            let end = start
-                .checked_add(self.size)
-                .ok_or_else(|| beyond_time(r.ts, self.size))?;
+            let end = window_end(start, self.size, r.ts)?;
             if end - 1 <= self.wm {
                 self.late_dropped += 1;
                 continue;

@@ -18,6 +18,14 @@ use crate::spec::{OperatorSpec, SpecError};
 use crate::telemetry::now_us;
 use crate::value::{mix64, Value};
 
+/// A source's watermark once it has read event time `max_ts` and records may arrive up to
+/// `out_of_orderness_ms` out of order: every later record is newer than it (a record at the
+/// watermark would be late). Saturates at the start of time; the bound on durations
+/// ([`MAX_DURATION_MS`](super::MAX_DURATION_MS)) keeps the lag within i64.
+pub(crate) fn watermark_after(max_ts: i64, out_of_orderness_ms: u64) -> i64 {
+    max_ts.saturating_sub(out_of_orderness_ms as i64 + 1)
+}
+
 /// What the generator's records carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Payload {
@@ -419,8 +427,8 @@ impl Source for Generator {
     }
 
     fn watermark(&self) -> Option<i64> {
-        let behind = self.cfg.out_of_orderness_ms as i64 + 1;
-        (self.max_ts != i64::MIN).then(|| self.max_ts.saturating_sub(behind))
+        (self.max_ts != i64::MIN)
+            .then(|| watermark_after(self.max_ts, self.cfg.out_of_orderness_ms))
     }
 
     fn snapshot(&mut self) -> Result<Vec<u8>, OpError> {
@@ -580,8 +588,8 @@ impl Source for FileSource {
     }
 
     fn watermark(&self) -> Option<i64> {
-        let behind = self.cfg.out_of_orderness_ms as i64 + 1;
-        (self.max_ts != i64::MIN).then(|| self.max_ts.saturating_sub(behind))
+        (self.max_ts != i64::MIN)
+            .then(|| watermark_after(self.max_ts, self.cfg.out_of_orderness_ms))
     }
 
     fn snapshot(&mut self) -> Result<Vec<u8>, OpError> {

@@ -391,9 +391,7 @@ impl WindowOperator {
     /// last representable time.
     #[inline]
     fn open_window(&mut self, start: i64, size: i64, ts: i64) -> Result<Option<usize>, OpError> {
-        let end = start
-            .checked_add(size)
-            .ok_or_else(|| beyond_time(ts, size))?;
+        let end = window_end(start, size, ts)?;
         if self.expired(end) {
             self.late_dropped += 1;
             return Ok(None);
@@ -425,10 +423,7 @@ impl WindowOperator {
         rec: &Record,
         out: &mut Vec<Record>,
     ) -> Result<(), OpError> {
-        let end = rec
-            .ts
-            .checked_add(gap)
-            .ok_or_else(|| beyond_time(rec.ts, gap))?;
+        let end = window_end(rec.ts, gap, rec.ts)?;
         let start = rec.ts;
         if self.expired(end) {
             self.late_dropped += 1;
@@ -522,8 +517,14 @@ pub(super) fn window_start(ts: i64, size: i64) -> Result<i64, OpError> {
         .ok_or_else(|| beyond_time(ts, size))
 }
 
+/// The end of the window of `size` ms from `start` that holds the record at `ts`; an error
+/// naming the record when it would lie beyond the range of timestamps.
+pub(super) fn window_end(start: i64, size: i64, ts: i64) -> Result<i64, OpError> {
+    start.checked_add(size).ok_or_else(|| beyond_time(ts, size))
+}
+
 /// A record whose window would begin or end beyond the range of i64 ms timestamps.
-pub(super) fn beyond_time(ts: i64, size: i64) -> OpError {
+fn beyond_time(ts: i64, size: i64) -> OpError {
     OpError::Data(format!(
         "timestamp {ts}: its {size} ms window would reach beyond the range of timestamps (i64 ms)"
     ))
