@@ -103,6 +103,19 @@ impl Value {
         !self.nested_deeper_than(crate::codec::MAX_VALUE_DEPTH - 1)
     }
 
+    /// True when `self` and `other` are the same string, bytes, list or map allocation
+    /// (clones of one another): returning one as the other builds nothing.
+    #[inline]
+    pub fn shares_allocation(&self, other: &Value) -> bool {
+        match (self, other) {
+            (Value::Str(a), Value::Str(b)) => Arc::ptr_eq(a, b),
+            (Value::Bytes(a), Value::Bytes(b)) => Arc::ptr_eq(a, b),
+            (Value::List(a), Value::List(b)) => Arc::ptr_eq(a, b),
+            (Value::Map(a), Value::Map(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
     /// The name of this value's type, as used in error messages and by `type_of()`.
     pub fn type_name(&self) -> &'static str {
         match self {

@@ -27,8 +27,9 @@ pub(crate) type Node = Box<dyn Fn(&Record, &Budget) -> R + Send + Sync>;
 /// What an evaluation may still allocate, in bytes. Every value an expression builds (a
 /// string, a list's or a map's slots) is charged where it is built; values read from the
 /// record or shared with a constant are not. One evaluation, or one expression's constant
-/// folding, thus holds at most its budget plus the one value being built, whose size the
-/// functions cap ([`functions::MAX_STRING`], [`functions::MAX_LIST`]).
+/// folding, thus holds at most its budget plus the one value being built: what can be far
+/// larger than its inputs (`range()`, `split()`, `json_parse()`, `+`) is charged before it is
+/// built, and strings are capped ([`functions::MAX_STRING`]).
 pub(crate) struct Budget(Cell<usize>);
 
 impl Budget {
@@ -57,15 +58,30 @@ impl Budget {
     /// Charges what `v` itself allocated (its bytes, or its slots) and passes it on.
     #[inline]
     pub(crate) fn built(&self, v: Value) -> R {
-        let bytes = match &v {
+        self.charge(Self::own_size(&v))?;
+        Ok(v)
+    }
+
+    /// What `v` itself takes beyond its 24 bytes: its bytes, or its slots (what its items
+    /// hold is theirs).
+    fn own_size(v: &Value) -> usize {
+        match v {
             Value::Str(s) => s.len(),
             Value::Bytes(b) => b.len(),
             Value::List(items) => std::mem::size_of_val::<[Value]>(items),
             Value::Map(entries) => std::mem::size_of_val::<[(Arc<str>, Value)]>(entries),
-            _ => return Ok(v),
-        };
-        self.charge(bytes)?;
-        Ok(v)
+            _ => 0,
+        }
+    }
+
+    /// What `a + b` builds, from the operands: two strings' bytes, or two lists' slots.
+    fn size_of_sum(a: &Value, b: &Value) -> usize {
+        match (a, b) {
+            (Value::Str(_), Value::Str(_)) | (Value::List(_), Value::List(_)) => {
+                Self::own_size(a) + Self::own_size(b)
+            }
+            _ => 0,
+        }
     }
 }
 
@@ -446,8 +462,8 @@ fn binary_code(fold: &Budget, op: BinOp, l: Code, r: Code) -> Code {
     binary(fold, l, r, f, false)
 }
 
-/// A strict binary operator: both operands are evaluated (by reference), then `f`; what it
-/// builds is charged when it `allocates` (only `+` does: strings and lists).
+/// A strict binary operator: both operands are evaluated (by reference), then `f`; when it
+/// `allocates` (only `+` does: strings and lists) what it will build is charged first.
 fn binary(fold: &Budget, l: Code, r: Code, f: fn(&Value, &Value) -> R, allocates: bool) -> Code {
     let constant = l.is_const() && r.is_const();
     finish(
@@ -456,12 +472,10 @@ fn binary(fold: &Budget, l: Code, r: Code, f: fn(&Value, &Value) -> R, allocates
         Box::new(move |rec, budget| {
             let a = l.eval_cow(rec, budget)?;
             let b = r.eval_cow(rec, budget)?;
-            let v = f(&a, &b)?;
             if allocates {
-                budget.built(v)
-            } else {
-                Ok(v)
+                budget.charge(Budget::size_of_sum(&a, &b))?;
             }
+            f(&a, &b)
         }),
     )
 }
@@ -580,9 +594,6 @@ fn add(a: &Value, b: &Value) -> R {
             Ok(Value::from(s))
         }
         (Value::List(x), Value::List(y)) => {
-            if x.len() + y.len() > functions::MAX_LIST {
-                return Err(Box::new(EvalError::TooLarge { op: "+" }));
-            }
             let mut v = Vec::with_capacity(x.len() + y.len());
             v.extend(x.iter().cloned());
             v.extend(y.iter().cloned());

@@ -9,16 +9,13 @@
 use std::cmp::Ordering;
 use std::sync::{Arc, OnceLock};
 
-use super::compile::{self, compile_all, finish, list_get, Budget, Code, R};
+use super::compile::{self, compile_all, finish, list_get, Budget, Code, Node, R};
 use super::parser::Ast;
 use super::{CResult, EvalError, ExprError};
 use crate::value::Value;
 
-/// Most items a list built by an expression may have (`range(n)`, `split()`, `+`).
-pub(crate) const MAX_LIST: usize = 1_000_000;
-
 /// Largest `n` accepted by `range(n)`.
-const MAX_RANGE: i64 = MAX_LIST as i64;
+const MAX_RANGE: i64 = 1_000_000;
 
 /// Largest string (in bytes) an expression may build (`replace()`, `concat()`, `+`).
 pub(crate) const MAX_STRING: usize = 64 << 20;
@@ -32,9 +29,11 @@ const MAX_JSON_TEXT: usize = MAX_STRING / 16;
 enum Imp {
     /// One argument, evaluated by reference.
     A1(fn(&Value) -> R),
-    /// One argument; the function charges what it builds before building it (its result
-    /// can be far larger than its argument).
+    /// One argument; the function charges what it builds as it builds it (its result can
+    /// be far larger than its argument).
     Charged1(fn(&Value, &Budget) -> R),
+    /// Two arguments; the function charges what it builds as it builds it.
+    Charged2(fn(&Value, &Value, &Budget) -> R),
     /// Two arguments, evaluated by reference.
     A2(fn(&Value, &Value) -> R),
     /// Three arguments, evaluated by reference.
@@ -51,7 +50,7 @@ impl Imp {
     fn accepts(self, n: usize) -> bool {
         match self {
             Imp::A1(_) | Imp::Charged1(_) => n == 1,
-            Imp::A2(_) => n == 2,
+            Imp::A2(_) | Imp::Charged2(_) => n == 2,
             Imp::A3(_) | Imp::If => n == 3,
             Imp::Var(min, _) => n >= min,
             Imp::Coalesce => n >= 1,
@@ -62,7 +61,7 @@ impl Imp {
     fn arity(self) -> (usize, Option<usize>) {
         match self {
             Imp::A1(_) | Imp::Charged1(_) => (1, Some(1)),
-            Imp::A2(_) => (2, Some(2)),
+            Imp::A2(_) | Imp::Charged2(_) => (2, Some(2)),
             Imp::A3(_) | Imp::If => (3, Some(3)),
             Imp::Var(min, _) => (min, None),
             Imp::Coalesce => (1, None),
@@ -92,15 +91,30 @@ fn describe_arities(imps: &[Imp]) -> String {
 struct FnDef {
     name: &'static str,
     imp: Imp,
+    /// Returns one of its arguments or a part of one: builds nothing, is charged nothing.
+    picks: bool,
 }
 
 const fn def(name: &'static str, imp: Imp) -> FnDef {
-    FnDef { name, imp }
+    FnDef {
+        name,
+        imp,
+        picks: false,
+    }
+}
+
+/// A function that returns one of its arguments or a part of one ([`FnDef::picks`]).
+const fn pick(name: &'static str, imp: Imp) -> FnDef {
+    FnDef {
+        name,
+        imp,
+        picks: true,
+    }
 }
 
 static FUNCTIONS: &[FnDef] = &[
-    def("split", Imp::A2(split)),
-    def("words", Imp::A1(words)),
+    def("split", Imp::Charged2(split)),
+    def("words", Imp::Charged1(words)),
     def("lower", Imp::A1(lower)),
     def("upper", Imp::A1(upper)),
     def("trim", Imp::A1(trim)),
@@ -117,8 +131,8 @@ static FUNCTIONS: &[FnDef] = &[
     def("float", Imp::A1(float)),
     def("hash", Imp::A1(hash)),
     def("abs", Imp::A1(abs)),
-    def("min", Imp::Var(1, min)),
-    def("max", Imp::Var(1, max)),
+    pick("min", Imp::Var(1, min)),
+    pick("max", Imp::Var(1, max)),
     def("floor", Imp::A1(floor)),
     def("ceil", Imp::A1(ceil)),
     def("round", Imp::A1(round)),
@@ -126,8 +140,8 @@ static FUNCTIONS: &[FnDef] = &[
     def("coalesce", Imp::Coalesce),
     def("type_of", Imp::A1(type_of)),
     def("keys", Imp::A1(keys)),
-    def("get", Imp::A3(get)),
-    def("json_parse", Imp::A1(json_parse)),
+    pick("get", Imp::A3(get)),
+    def("json_parse", Imp::Charged1(json_parse)),
     def("to_json", Imp::A1(to_json)),
     def("if", Imp::If),
     def("range", Imp::Charged1(range)),
@@ -141,25 +155,22 @@ pub(crate) fn is_function(name: &str) -> bool {
 
 /// Resolves and compiles the call `name(args)` found at column `col`.
 pub(crate) fn compile_call(name: &str, args: &[Ast], col: usize, fold: &Budget) -> CResult<Code> {
-    let imp = resolve(name, args.len(), col)?;
+    let (imp, picks) = resolve(name, args.len(), col)?;
     let args = compile_all(args, fold)?;
-    call_code(imp, args, name, col, fold)
+    call_code(imp, picks, args, name, col, fold)
 }
 
 /// The implementation of `name` taking `n` arguments, or an error naming the function and
 /// the arities it accepts.
 #[inline(never)]
-fn resolve(name: &str, n: usize, col: usize) -> CResult<Imp> {
-    let imps: Vec<Imp> = FUNCTIONS
-        .iter()
-        .filter(|d| d.name == name)
-        .map(|d| d.imp)
-        .collect();
+fn resolve(name: &str, n: usize, col: usize) -> CResult<(Imp, bool)> {
+    let defs: Vec<&FnDef> = FUNCTIONS.iter().filter(|d| d.name == name).collect();
+    let imps: Vec<Imp> = defs.iter().map(|d| d.imp).collect();
     if imps.is_empty() {
         return Err(ExprError::new(col, format!("unknown function '{name}'")));
     }
-    match imps.iter().copied().find(|imp| imp.accepts(n)) {
-        Some(imp) => Ok(imp),
+    match defs.iter().find(|d| d.imp.accepts(n)) {
+        Some(d) => Ok((d.imp, d.picks)),
         None => Err(ExprError::new(
             col,
             format!(
@@ -171,89 +182,97 @@ fn resolve(name: &str, n: usize, col: usize) -> CResult<Imp> {
 }
 
 #[inline(never)]
-fn call_code(imp: Imp, args: Vec<Code>, name: &str, col: usize, fold: &Budget) -> CResult<Code> {
+fn call_code(
+    imp: Imp,
+    picks: bool,
+    args: Vec<Code>,
+    name: &str,
+    col: usize,
+    fold: &Budget,
+) -> CResult<Code> {
     let constant = args.iter().all(Code::is_const);
+    // What a function returns is charged unless it picks an argument (or a part of one) or
+    // returns one unchanged (`lower` of a lower-case string): those are no new allocation.
+    let charge = move |budget: &Budget, v: Value, args: &[&Value]| {
+        if picks || args.iter().any(|a| v.shares_allocation(a)) {
+            Ok(v)
+        } else {
+            budget.built(v)
+        }
+    };
     // `resolve` checked the arity, so the conversions to fixed-size arrays succeed.
     let arity_bug = || ExprError::new(col, format!("internal error: arity of '{name}'"));
+    let node = |n: Node| finish(fold, constant, n);
     Ok(match imp {
         Imp::A1(f) => {
             let [a] = <[Code; 1]>::try_from(args).map_err(|_| arity_bug())?;
-            finish(
-                fold,
-                constant,
-                Box::new(move |rec, budget| budget.built(f(&*a.eval_cow(rec, budget)?)?)),
-            )
+            node(Box::new(move |rec, budget| {
+                let a = a.eval_cow(rec, budget)?;
+                charge(budget, f(&a)?, &[&a])
+            }))
         }
         Imp::Charged1(f) => {
             let [a] = <[Code; 1]>::try_from(args).map_err(|_| arity_bug())?;
-            finish(
-                fold,
-                constant,
-                Box::new(move |rec, budget| f(&*a.eval_cow(rec, budget)?, budget)),
-            )
+            node(Box::new(move |rec, budget| {
+                f(&*a.eval_cow(rec, budget)?, budget)
+            }))
+        }
+        Imp::Charged2(f) => {
+            let [a, b] = <[Code; 2]>::try_from(args).map_err(|_| arity_bug())?;
+            node(Box::new(move |rec, budget| {
+                let a = a.eval_cow(rec, budget)?;
+                f(&a, &*b.eval_cow(rec, budget)?, budget)
+            }))
         }
         Imp::A2(f) => {
             let [a, b] = <[Code; 2]>::try_from(args).map_err(|_| arity_bug())?;
-            finish(
-                fold,
-                constant,
-                Box::new(move |rec, budget| {
-                    let a = a.eval_cow(rec, budget)?;
-                    let b = b.eval_cow(rec, budget)?;
-                    budget.built(f(&a, &b)?)
-                }),
-            )
+            node(Box::new(move |rec, budget| {
+                let a = a.eval_cow(rec, budget)?;
+                let b = b.eval_cow(rec, budget)?;
+                charge(budget, f(&a, &b)?, &[&a, &b])
+            }))
         }
         Imp::A3(f) => {
             let [a, b, c] = <[Code; 3]>::try_from(args).map_err(|_| arity_bug())?;
-            finish(
-                fold,
-                constant,
-                Box::new(move |rec, budget| {
-                    let a = a.eval_cow(rec, budget)?;
-                    let b = b.eval_cow(rec, budget)?;
-                    let c = c.eval_cow(rec, budget)?;
-                    budget.built(f(&a, &b, &c)?)
-                }),
-            )
+            node(Box::new(move |rec, budget| {
+                let a = a.eval_cow(rec, budget)?;
+                let b = b.eval_cow(rec, budget)?;
+                let c = c.eval_cow(rec, budget)?;
+                charge(budget, f(&a, &b, &c)?, &[&a, &b, &c])
+            }))
         }
-        Imp::Var(_, f) => finish(
-            fold,
-            constant,
-            Box::new(move |rec, budget| {
-                // Up to four arguments are gathered on the stack, more in a Vec.
-                if args.len() <= 4 {
-                    let mut buf: [Value; 4] = Default::default();
-                    for (slot, a) in buf.iter_mut().zip(&args) {
-                        *slot = a.eval(rec, budget)?;
-                    }
-                    budget.built(f(&buf[..args.len()])?) // in bounds: len <= 4 checked above
-                } else {
-                    let vals = args
-                        .iter()
-                        .map(|a| a.eval(rec, budget))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    budget.built(f(&vals)?)
+        Imp::Var(_, f) => node(Box::new(move |rec, budget| {
+            // Up to four arguments are gathered on the stack, more in a Vec.
+            if args.len() <= 4 {
+                let mut buf: [Value; 4] = Default::default();
+                for (slot, a) in buf.iter_mut().zip(&args) {
+                    *slot = a.eval(rec, budget)?;
                 }
-            }),
-        ),
+                let args = &buf[..args.len()]; // in bounds: len <= 4 checked above
+                let refs: [&Value; 4] = [&buf[0], &buf[1], &buf[2], &buf[3]];
+                charge(budget, f(args)?, &refs[..args.len()])
+            } else {
+                let vals = args
+                    .iter()
+                    .map(|a| a.eval(rec, budget))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let refs: Vec<&Value> = vals.iter().collect();
+                charge(budget, f(&vals)?, &refs)
+            }
+        })),
         Imp::If => {
             let [c, a, b] = <[Code; 3]>::try_from(args).map_err(|_| arity_bug())?;
             compile::cond(fold, c, a, b, "if()")
         }
-        Imp::Coalesce => finish(
-            fold,
-            constant,
-            Box::new(move |rec, budget| {
-                for a in &args {
-                    let v = a.eval_cow(rec, budget)?;
-                    if !matches!(*v, Value::Null) {
-                        return Ok(v.into_owned());
-                    }
+        Imp::Coalesce => node(Box::new(move |rec, budget| {
+            for a in &args {
+                let v = a.eval_cow(rec, budget)?;
+                if !matches!(*v, Value::Null) {
+                    return Ok(v.into_owned());
                 }
-                Ok(Value::Null)
-            }),
-        ),
+            }
+            Ok(Value::Null)
+        })),
     })
 }
 
@@ -283,11 +302,28 @@ fn want_num(func: &'static str, v: &Value) -> Result<f64, Box<EvalError>> {
     v.as_f64().ok_or_else(|| bad(func, "a number", v))
 }
 
-/// Compact JSON text of a value.
-fn json_text(v: &Value) -> String {
-    // Serializing a Value cannot fail: map keys are strings and non-finite floats become
-    // null; "null" is only a defensive fallback.
-    serde_json::to_string(v).unwrap_or_else(|_| String::from("null"))
+/// Compact JSON text of a value, for `op`; fails once it would pass [`MAX_STRING`] (a value
+/// shared many times over, or escapes, make the text far larger than the value).
+fn json_text(op: &'static str, v: &Value) -> Result<String, Box<EvalError>> {
+    struct Capped(Vec<u8>);
+    impl std::io::Write for Capped {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            if self.0.len() + b.len() > MAX_STRING {
+                return Err(std::io::ErrorKind::OutOfMemory.into());
+            }
+            self.0.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    // Serializing a Value fails only at the cap: map keys are strings and non-finite
+    // floats become null. serde_json writes UTF-8.
+    let mut text = Capped(Vec::new());
+    serde_json::to_writer(&mut text, v).map_err(|_| Box::new(EvalError::TooLarge { op }))?;
+    Ok(String::from_utf8(text.0)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
 }
 
 /// Converts an integral float to an int; NaN, infinities and out-of-range values fail.
@@ -301,34 +337,30 @@ fn float_to_int(func: &'static str, f: f64) -> R {
     }
 }
 
-fn split(s: &Value, sep: &Value) -> R {
+fn split(s: &Value, sep: &Value, budget: &Budget) -> R {
     let s = want_str("split", s)?;
     let sep = want_str("split", sep)?;
     if sep.is_empty() {
-        capped_list(
-            "split()",
-            s.chars().map(|c| Value::str(c.encode_utf8(&mut [0; 4]))),
+        charged_strings(
+            budget,
+            s.char_indices().map(|(i, c)| &s[i..i + c.len_utf8()]),
         )
     } else {
-        capped_list("split()", s.split(sep).map(Value::str))
+        charged_strings(budget, s.split(sep))
     }
 }
 
-fn words(s: &Value) -> R {
-    capped_list(
-        "words()",
-        want_str("words", s)?.split_whitespace().map(Value::str),
-    )
+fn words(s: &Value, budget: &Budget) -> R {
+    charged_strings(budget, want_str("words", s)?.split_whitespace())
 }
 
-/// The list of `items`, failing once there are more than [`MAX_LIST`] of them.
-fn capped_list(op: &'static str, items: impl Iterator<Item = Value>) -> R {
+/// The list of `parts`, each charged (its slot and its bytes) before it is built.
+fn charged_strings<'a>(budget: &Budget, parts: impl Iterator<Item = &'a str>) -> R {
     let mut out = Vec::new();
-    for item in items {
-        if out.len() == MAX_LIST {
-            return Err(Box::new(EvalError::TooLarge { op }));
-        }
-        out.push(item);
+    for part in parts {
+        // Its slot, and the string's header and bytes.
+        budget.charge(std::mem::size_of::<Value>() + 16 + part.len())?;
+        out.push(Value::str(part));
     }
     Ok(Value::list(out))
 }
@@ -454,7 +486,7 @@ fn concat(args: &[Value]) -> R {
     for a in args {
         match a {
             Value::Str(s) => out.push_str(s),
-            other => out.push_str(&json_text(other)),
+            other => out.push_str(&json_text("concat()", other)?),
         }
         if out.len() > MAX_STRING {
             return Err(Box::new(EvalError::TooLarge { op: "concat()" }));
@@ -466,7 +498,7 @@ fn concat(args: &[Value]) -> R {
 fn string(v: &Value) -> R {
     Ok(match v {
         Value::Str(_) => v.clone(),
-        other => Value::from(json_text(other)),
+        other => Value::from(json_text("string()", other)?),
     })
 }
 
@@ -624,16 +656,18 @@ fn get(m: &Value, f: &Value, default: &Value) -> R {
     })
 }
 
-fn json_parse(s: &Value) -> R {
+fn json_parse(s: &Value, budget: &Budget) -> R {
     let text = want_str("json_parse", s)?;
     if text.len() > MAX_JSON_TEXT {
         return Err(Box::new(EvalError::TooLarge { op: "json_parse()" }));
     }
+    // Two bytes of text (`0,`) can make a value: charged at that rate, before parsing.
+    budget.charge(text.len() / 2 * std::mem::size_of::<Value>())?;
     serde_json::from_str::<Value>(text).map_err(|_| Box::new(EvalError::InvalidJson))
 }
 
 fn to_json(v: &Value) -> R {
-    Ok(Value::from(json_text(v)))
+    Ok(Value::from(json_text("to_json()", v)?))
 }
 
 fn range(n: &Value, budget: &Budget) -> R {

@@ -44,7 +44,7 @@ pub const MAX_EVAL_BYTES: usize = 256 << 20;
 /// spec of bounded size holds bounded constants however many expressions it has; a
 /// constant subexpression that would exceed it (`range(1000000)` in a short expression) is
 /// not folded and is evaluated per record instead, under [`MAX_EVAL_BYTES`].
-pub const FOLD_BYTES_FLOOR: usize = 16 << 10;
+pub const FOLD_BYTES_FLOOR: usize = 32 << 10;
 
 /// See [`FOLD_BYTES_FLOOR`].
 pub const FOLD_BYTES_PER_CHAR: usize = 256;
@@ -214,11 +214,9 @@ pub enum EvalError {
     /// `range(n)` with `n` above 1,000,000.
     #[error("range() argument exceeds the limit of 1000000")]
     RangeTooLarge,
-    /// A function or `+` would build a value above the size limits.
-    #[error(
-        "{op} would build a value above the size limits (strings 64 MiB, lists 1000000 items, \
-         json_parse() text 4 MiB)"
-    )]
+    /// A function or `+` would build a string above 64 MiB, or `json_parse()` got more than
+    /// 4 MiB of text.
+    #[error("{op} would build a string above 64 MiB (json_parse(): read more than 4 MiB)")]
     TooLarge {
         /// The function, e.g. `replace()`, or the operator `+`.
         op: &'static str,

@@ -611,8 +611,7 @@ fn replace_result_is_size_capped() {
     assert_eq!(e, Err(Box::new(EvalError::TooLarge { op: "replace()" })));
     assert_eq!(
         EvalError::TooLarge { op: "replace()" }.to_string(),
-        "replace() would build a value above the size limits (strings 64 MiB, \
-         lists 1000000 items, json_parse() text 4 MiB)"
+        "replace() would build a string above 64 MiB (json_parse(): read more than 4 MiB)"
     );
     // Large but within the limit works.
     let v = compile_ok("len(replace(value.s, 'a', 'bb'))").eval(&r);
@@ -1201,17 +1200,16 @@ fn what_an_evaluation_builds_is_bounded() {
     // 24 MB each: the eleventh is over the budget, long before 24 GB.
     let many = format!("[{}]", vec![big; 1000].join(", "));
     assert_eq!(ev_err(&many), EvalError::OverBudget);
-    assert_eq!(
-        ev_err(&format!("len({big} + [1])")),
-        EvalError::TooLarge { op: "+" }
-    );
-    check_int(&format!("len({big} + [])"), 1_000_000);
+    check_int(&format!("len({big} + [1])"), 1_000_001);
+    let sum = [big; 11].join(" + ");
+    assert_eq!(ev_err(&format!("len({sum})")), EvalError::OverBudget);
 
     let r = Record::new(
         0,
         Value::map([
             ("s", Value::str(&"a".repeat(40 << 20))),
             ("text", Value::str(&format!("[{}0]", "0,".repeat(3 << 20)))),
+            ("json", Value::str(&format!("[{}0]", "0,".repeat(3 << 19)))),
         ]),
     );
     let err = |src: &str| *compile_ok(src).eval(&r).unwrap_err();
@@ -1220,18 +1218,53 @@ fn what_an_evaluation_builds_is_bounded() {
         err("concat(value.s, '-', value.s)"),
         EvalError::TooLarge { op: "concat()" }
     );
+    assert_eq!(err("split(value.s, '')"), EvalError::OverBudget);
     assert_eq!(
-        err("split(value.s, '')"),
-        EvalError::TooLarge { op: "split()" }
+        err("to_json([value.s, value.s])"),
+        EvalError::TooLarge { op: "to_json()" }
+    );
+    assert_eq!(
+        err("string([value.s, value.s])"),
+        EvalError::TooLarge { op: "string()" }
+    );
+    assert_eq!(
+        err("concat(1, [value.s, value.s])"),
+        EvalError::TooLarge { op: "concat()" }
     );
     assert_eq!(
         err("json_parse(value.text)"),
         EvalError::TooLarge { op: "json_parse()" }
     );
-    assert_eq!(
-        compile_ok("len(split(substr(value.s, 0, 1000000), ''))").eval(&r),
-        Ok(Value::Int(1_000_000))
+    // 3 MiB of JSON may make 36 MiB of values: the eighth parse is over the budget.
+    check_len(&r, "json_parse(value.json)", (3 << 19) + 1);
+    let parses = ["json_parse(value.json)"; 8].join(", ");
+    assert_eq!(err(&format!("[{parses}]")), EvalError::OverBudget);
+    // Lists are bounded by the budget only: two million one-char strings fit.
+    check_len(&r, "split(substr(value.s, 0, 2000000), '')", 2_000_000);
+    check_len(
+        &r,
+        "words(replace(substr(value.s, 0, 4000000), 'a', 'a '))",
+        4_000_000,
     );
+
+    // What returns its argument, or a part of one, is not charged: six 60 MiB strings
+    // passed on are not 360 MiB built.
+    let s = Value::str(&"a".repeat(60 << 20));
+    let r = Record::new(0, Value::map([("s", s.clone())]));
+    let same = "[lower(value.s), lower(value.s), trim(value.s), get(value, 's', ''), \
+                min(value.s, value.s), string(value.s), replace(value.s, 'b', 'c')]";
+    match compile_ok(same).eval(&r).unwrap() {
+        Value::List(items) => assert!(items.iter().all(|v| v.shares_allocation(&s))),
+        other => panic!("{other}"),
+    }
+}
+
+#[track_caller]
+fn check_len(r: &Record, src: &str, n: usize) {
+    match compile_ok(src).eval(r) {
+        Ok(Value::List(items)) => assert_eq!(items.len(), n, "{src}"),
+        other => panic!("{src}: {other:?}"),
+    }
 }
 
 /// Ensures constant folding keeps what a short expression may hold small: a constant too
@@ -1245,6 +1278,7 @@ fn folding_holds_constants_in_proportion_to_the_source() {
         compile::compile(&ast, &fold).unwrap_or_else(|e| panic!("{src}: {e}"))
     };
     assert!(code("range(100)").is_const());
+    assert!(code("range(1000)").is_const());
     assert!(code("[range(100), 'x' + 'y']").is_const());
     assert!(!code("range(1000000)").is_const());
     assert!(!code("len(range(1000000))").is_const());

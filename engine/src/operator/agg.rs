@@ -213,15 +213,18 @@ impl Acc {
             expected: "a number",
             got: v.type_name(),
         };
-        // A kept value goes into snapshots and, one level down, into results, whose reader
-        // (the data plane's) refuses deeper nesting: refused here, the record fails instead
-        // of a restore or the next task manager.
-        if matches!(self, Acc::Min(_) | Acc::Max(_) | Acc::Distinct(_)) && !v.fits_one_level_down()
-        {
+        // A kept value goes into snapshots and, for min and max, one level down into
+        // results, whose reader (the data plane's) refuses deeper nesting: refused here, the
+        // record fails instead of a restore or the next task manager.
+        let deepest = match self {
+            Acc::Min(_) | Acc::Max(_) => MAX_VALUE_DEPTH - 1,
+            Acc::Distinct(_) => MAX_VALUE_DEPTH,
+            _ => usize::MAX,
+        };
+        if deepest < usize::MAX && v.nested_deeper_than(deepest) {
             return Err(OpError::Data(format!(
-                "{}: a value nested deeper than {} levels cannot be kept in state",
-                expr(),
-                MAX_VALUE_DEPTH - 1
+                "{}: a value nested deeper than {deepest} levels cannot be kept in state",
+                expr()
             )));
         }
         match self {

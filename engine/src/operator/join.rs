@@ -156,19 +156,19 @@ impl Operator for Join {
     ) -> Result<(), OpError> {
         let side = input.min(1);
         for r in batch.drain(..) {
-            if !r.value.fits_one_level_down() {
-                // A result carries it one level down, as `left` or `right`.
-                return Err(OpError::Data(format!(
-                    "a joined value nested deeper than {} levels",
-                    MAX_VALUE_DEPTH - 1
-                )));
-            }
             let start = window_start(r.ts, self.size)?;
             // Every window kept ends within the range of timestamps.
             let end = window_end(start, self.size, r.ts)?;
             if end - 1 <= self.wm {
                 self.late_dropped += 1;
                 continue;
+            }
+            if !r.value.fits_one_level_down() {
+                // A result carries it one level down, as `left` or `right`.
+                return Err(OpError::Data(format!(
+                    "a joined value nested deeper than {} levels",
+                    MAX_VALUE_DEPTH - 1
+                )));
             }
             let i = match self.windows.binary_search_by_key(&start, |w| w.start) {
                 Ok(i) => i,
