@@ -624,6 +624,32 @@ fn oversized_and_overdeep_values_fail_their_job_by_name() {
             reason.contains("operator 'm'") && reason.contains(why),
             "{reason}"
         );
+        // Only the map failed: the subtasks whose input or output it closed stopped as
+        // canceled (reporting failures of their own, they could stand in for its cause).
+        let states =
+            |job: &Value| -> Vec<(String, String)> {
+                job["vertices"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|v| {
+                        let name = v["name"].as_str().unwrap().to_string();
+                        v["subtasks"].as_array().unwrap().iter().map(move |s| {
+                            (name.clone(), s["state"].as_str().unwrap_or("").to_string())
+                        })
+                    })
+                    .collect()
+            };
+        let ended = ["FINISHED", "CANCELED", "FAILED"];
+        c.wait_until(Duration::from_secs(10), "every subtask ended", |c| {
+            states(&c.job(&id))
+                .iter()
+                .all(|(_, s)| ended.contains(&s.as_str()))
+        });
+        for (name, state) in states(&c.job(&id)) {
+            let failed_or_not = name == "m" || state == "CANCELED";
+            assert!(failed_or_not, "{name}: {state}");
+        }
     };
     let ranges = vec!["range(1000000)"; 1000].join(", ");
     fails_with(&format!("[{ranges}]"), "more than 256 MiB");

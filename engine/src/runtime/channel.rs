@@ -37,6 +37,7 @@ pub enum ChannelError {
     #[error("upstream channel {channel} closed before end of stream{}", match cause {
         Some(credit::CloseCause::Failed(why)) => format!(": {why}"),
         Some(credit::CloseCause::Released) => ": deployment released".to_string(),
+        Some(credit::CloseCause::UpstreamFailed) => ": the upstream subtask failed".to_string(),
         None => String::new(),
     })]
     Disconnected {

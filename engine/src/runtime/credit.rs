@@ -31,6 +31,9 @@ pub enum CloseCause {
     Released,
     /// The channel broke (e.g. the connection to the sending task manager was lost).
     Failed(String),
+    /// The sending subtask failed, and reports why itself: the receiver's stop is only a
+    /// consequence.
+    UpstreamFailed,
 }
 
 struct State<T> {

@@ -543,6 +543,8 @@ impl SubtaskRunner {
             }
             Err(Stop::Failed(e)) => {
                 warn!(error = %e, "Subtask failed.");
+                // Downstream subtasks in this process stop as canceled: the failure is ours.
+                self.router.close(CloseCause::UpstreamFailed);
                 SubtaskOutcome::Failed(e)
             }
         }
@@ -1741,6 +1743,12 @@ impl SubtaskRunner {
                 cause: Some(CloseCause::Released),
                 ..
             } => Stop::Canceled("its input was released"),
+            // An upstream subtask in this process failed and reports the cause: stopping
+            // as canceled keeps this consequence from standing in for it.
+            ChannelError::Disconnected {
+                cause: Some(CloseCause::UpstreamFailed),
+                ..
+            } => Stop::Canceled("an upstream subtask failed"),
             e => Stop::Failed(EngineError::Internal(format!("subtask {}: {e}", self.id))),
         }
     }
