@@ -1063,6 +1063,21 @@ impl Dispatcher {
             self.end(id, JobState::Failed, Some(format!("{location}: {cause}")));
             return;
         };
+        if config.mode == CheckpointMode::Dcas {
+            // Whatever cause restarts it whole (lost cache entries, or no task manager left
+            // to place a DCAS restart on), the new deployment names its entries anew, so
+            // partitions that lost every copy can serve them: the losses are forgotten,
+            // unless another DCAS job may have had entries there (it must still learn of
+            // its loss). Kept, they would fail the restored deployment at its first write.
+            let others = self.jobs.values().any(|j| {
+                j.id != id
+                    && !j.state.is_terminal()
+                    && CheckpointingSpec::dcas(j.spec.checkpointing.as_ref()).is_some()
+            });
+            if !others {
+                self.cache.do_send(ClearLost);
+            }
+        }
         let Some(job) = self.count_restart(id, &location, &cause) else {
             return;
         };
@@ -1142,17 +1157,6 @@ impl Dispatcher {
         }
         if cause.contains(engine::cache::client::LOST_EVERY_COPY) && job.coordinator.is_some() {
             warn!(job = %id, location = %location, cause = %cause, "DCAS: cache entries lost; restarting the whole job from its fallback checkpoint.");
-            // The new deployment's entries have new names, so the lost partitions can serve
-            // them; the losses are forgotten unless another DCAS job may have had entries
-            // there (it must still learn of its loss).
-            let others = self.jobs.values().any(|j| {
-                j.id != id
-                    && !j.state.is_terminal()
-                    && CheckpointingSpec::dcas(j.spec.checkpointing.as_ref()).is_some()
-            });
-            if !others {
-                self.cache.do_send(ClearLost);
-            }
             self.fail_over(
                 id,
                 location,

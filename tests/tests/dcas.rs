@@ -689,7 +689,7 @@ fn dcas_fallback_checkpoint_covers_a_loss_beyond_backups() {
     });
     if c.job(&id)["state"] == "RUNNING" {
         let (status, body) = c.request("POST", &format!("/jobs/{id}/tasks/1/1/kill"), None, None);
-        assert_eq!(status, 200, "{body}");
+        assert_eq!(status, 200, "{body}; failovers: {:?}", failovers(&c, &id));
     }
     let job = c.wait_for_end(&id, Duration::from_secs(120));
     assert_eq!(job["state"], "FINISHED", "{job}");
@@ -697,9 +697,12 @@ fn dcas_fallback_checkpoint_covers_a_loss_beyond_backups() {
         .iter()
         .map(|f| f["mode"].as_str().unwrap_or_default().to_string())
         .collect();
-    assert!(
-        modes.iter().any(|m| m == "fallback"),
-        "restored from the fallback checkpoint: {modes:?}"
+    // Once: the restored deployment writes entries with new names, so the partitions whose
+    // every copy was lost serve it, and nothing fails it again.
+    assert_eq!(
+        modes.iter().filter(|m| *m == "fallback").count(),
+        1,
+        "restored from the fallback checkpoint once: {modes:?}"
     );
     // The DCAS recoveries the whole-job restart replaced are over, not left in progress.
     let events = failovers(&c, &id);
