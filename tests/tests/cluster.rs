@@ -33,18 +33,27 @@ fn unbounded(p: usize) -> String {
     )
 }
 
-fn placements(job: &Value) -> BTreeSet<String> {
+/// Every subtask of a job's view, with the name of its vertex.
+fn subtasks(job: &Value) -> Vec<(&str, &Value)> {
     job["vertices"]
         .as_array()
         .unwrap()
         .iter()
         .flat_map(|v| {
+            let name = v["name"].as_str().unwrap();
             v["subtasks"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|s| s["taskmanager"].as_str().unwrap().to_string())
+                .map(move |s| (name, s))
         })
+        .collect()
+}
+
+fn placements(job: &Value) -> BTreeSet<String> {
+    subtasks(job)
+        .into_iter()
+        .map(|(_, s)| s["taskmanager"].as_str().unwrap().to_string())
         .collect()
 }
 
@@ -626,20 +635,17 @@ fn oversized_and_overdeep_values_fail_their_job_by_name() {
         );
         // Only the map failed: the subtasks whose input or output it closed stopped as
         // canceled (reporting failures of their own, they could stand in for its cause).
-        let states =
-            |job: &Value| -> Vec<(String, String)> {
-                job["vertices"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .flat_map(|v| {
-                        let name = v["name"].as_str().unwrap().to_string();
-                        v["subtasks"].as_array().unwrap().iter().map(move |s| {
-                            (name.clone(), s["state"].as_str().unwrap_or("").to_string())
-                        })
-                    })
-                    .collect()
-            };
+        let states = |job: &Value| -> Vec<(String, String)> {
+            subtasks(job)
+                .into_iter()
+                .map(|(name, s)| {
+                    (
+                        name.to_string(),
+                        s["state"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect()
+        };
         let ended = ["FINISHED", "CANCELED", "FAILED"];
         c.wait_until(Duration::from_secs(10), "every subtask ended", |c| {
             states(&c.job(&id))

@@ -217,11 +217,11 @@ impl Acc {
         // results, whose reader (the data plane's) refuses deeper nesting: refused here, the
         // record fails instead of a restore or the next task manager.
         let deepest = match self {
-            Acc::Min(_) | Acc::Max(_) => MAX_VALUE_DEPTH - 1,
-            Acc::Distinct(_) => MAX_VALUE_DEPTH,
-            _ => usize::MAX,
+            Acc::Min(_) | Acc::Max(_) => Some(MAX_VALUE_DEPTH - 1),
+            Acc::Distinct(_) => Some(MAX_VALUE_DEPTH),
+            _ => None,
         };
-        if deepest < usize::MAX && v.nested_deeper_than(deepest) {
+        if let Some(deepest) = deepest.filter(|&d| v.nested_deeper_than(d)) {
             return Err(OpError::Data(format!(
                 "{}: a value nested deeper than {deepest} levels cannot be kept in state",
                 expr()

@@ -355,7 +355,7 @@ impl WindowOperator {
     /// Whether a window ending at `end` can no longer take records.
     #[inline]
     fn expired(&self, end: i64) -> bool {
-        (end - 1).saturating_add(self.lateness) <= self.wm
+        expired(end, self.lateness, self.wm)
     }
 
     /// Index of the window starting at `start`, creating it.
@@ -486,8 +486,7 @@ impl WindowOperator {
             }
         }
         let lateness = self.lateness;
-        self.windows
-            .retain(|w| (w.end - 1).saturating_add(lateness) > wm);
+        self.windows.retain(|w| !expired(w.end, lateness, wm));
 
         if !self.sessions.is_empty() {
             let mut fired: Vec<Record> = Vec::new();
@@ -497,8 +496,7 @@ impl WindowOperator {
                     s.fired = true;
                     fired.push(emit(key, s.start, s.end, &s.accs, &self.fields));
                 }
-                ks.list
-                    .retain(|s| (s.end - 1).saturating_add(lateness) > wm);
+                ks.list.retain(|s| !expired(s.end, lateness, wm));
                 if self.tracking && !ks.changed && before != (fired.len(), ks.list.len()) {
                     ks.changed = true;
                     self.changed_keys.push(key.clone());
@@ -515,6 +513,13 @@ impl WindowOperator {
 pub(super) fn window_start(ts: i64, size: i64) -> Result<i64, OpError> {
     ts.checked_sub(ts.rem_euclid(size))
         .ok_or_else(|| beyond_time(ts, size))
+}
+
+/// Whether a window ending at `end` can no longer take records once the watermark is `wm`:
+/// its last instant, plus the allowed lateness (saturating), is at or below it.
+#[inline]
+fn expired(end: i64, lateness: i64, wm: i64) -> bool {
+    (end - 1).saturating_add(lateness) <= wm
 }
 
 /// The end of the window of `size` ms from `start` that holds the record at `ts`; an error
