@@ -29,7 +29,7 @@ use tracing::{debug, error, info, warn};
 use crate::codec::{encode, encode_sized, packed, CodecError};
 use crate::ids::{Generation, JobId, TaskManagerId};
 use crate::protocol::data::{ArchivedDataFrame, ChannelId, DataFrame};
-use crate::protocol::frame::{read_frame, read_msg, write_frame, FrameError, MAX_FRAME};
+use crate::protocol::frame::{buffered, read_frame, read_msg, write_frame, FrameError, MAX_FRAME};
 use crate::record::Delivery;
 use crate::runtime::credit;
 
@@ -523,7 +523,7 @@ impl DataPlane {
         peer: TaskManagerId,
     ) -> Result<(), FrameError> {
         let mut buf = AlignedVec::new();
-        let mut read = tokio::io::BufReader::with_capacity(1 << 16, read);
+        let mut read = buffered(read);
         while read_frame(&mut read, &mut buf).await? {
             if self.is_fenced(peer) {
                 return Err(FrameError::Io(std::io::Error::new(

@@ -19,7 +19,7 @@ use tracing::debug;
 
 use crate::codec::Encoder;
 use crate::protocol::cache::{CacheMsg, Request, Response};
-use crate::protocol::frame::{read_msg, write_frame};
+use crate::protocol::frame::{buffered, read_msg, write_frame};
 
 /// Why a request got no response.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -146,10 +146,11 @@ async fn run(
         }
     };
     let _ = stream.set_nodelay(true);
-    let (mut read, write) = stream.into_split();
+    let (read, write) = stream.into_split();
     let reader_shared = shared.clone();
     let reader_addr = addr.clone();
     let mut reader = tokio::spawn(async move {
+        let mut read = buffered(read);
         let mut buf = AlignedVec::new();
         loop {
             match read_msg::<_, CacheMsg>(&mut read, &mut buf).await {

@@ -34,7 +34,7 @@ use crate::protocol::cache::{
     CacheMsg, CacheStats, Failure, Member, Mutation, Op, OpResult, PartitionTable, Request,
     Response, LATENCY_BUCKETS_US,
 };
-use crate::protocol::frame::{read_msg, write_frame};
+use crate::protocol::frame::{buffered, read_msg, write_frame};
 use crate::telemetry::now_ms;
 
 /// How long a primary waits for a backup's confirmation.
@@ -728,7 +728,8 @@ async fn expire(node: std::sync::Weak<Node>) {
 /// decode closes this connection only.
 async fn serve(stream: TcpStream, node: Arc<Node>) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
-    let (mut read, write) = stream.into_split();
+    let (read, write) = stream.into_split();
+    let mut read = buffered(read);
     let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Response)>();
     let writer = tokio::spawn(async move {
         let mut out = BufWriter::with_capacity(256 << 10, write);

@@ -51,6 +51,18 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Bytes a connection reads ahead of the frame it decodes. Reading a frame from the socket
+/// itself costs a `recv` for its length, one for its payload and, once drained, one that
+/// finds nothing: three system calls per frame, on connections that carry thousands of
+/// small frames a second (cache appends, their replication, acks). Read through a buffer,
+/// frames that arrived together cost one.
+pub const READ_AHEAD: usize = 64 << 10;
+
+/// `r` read through a [`READ_AHEAD`] buffer: how every connection reads its frames.
+pub fn buffered<R: AsyncRead>(r: R) -> tokio::io::BufReader<R> {
+    tokio::io::BufReader::with_capacity(READ_AHEAD, r)
+}
+
 /// Reads one frame's payload into `buf`; `Ok(false)` on a clean end of stream before a frame.
 pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
