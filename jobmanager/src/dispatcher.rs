@@ -1064,19 +1064,7 @@ impl Dispatcher {
             return;
         };
         if config.mode == CheckpointMode::Dcas {
-            // Whatever cause restarts it whole (lost cache entries, or no task manager left
-            // to place a DCAS restart on), the new deployment names its entries anew, so
-            // partitions that lost every copy can serve them: the losses are forgotten,
-            // unless another DCAS job may have had entries there (it must still learn of
-            // its loss). Kept, they would fail the restored deployment at its first write.
-            let others = self.jobs.values().any(|j| {
-                j.id != id
-                    && !j.state.is_terminal()
-                    && CheckpointingSpec::dcas(j.spec.checkpointing.as_ref()).is_some()
-            });
-            if !others {
-                self.cache.do_send(ClearLost);
-            }
+            self.forget_cache_losses(id);
         }
         let Some(job) = self.count_restart(id, &location, &cause) else {
             return;
@@ -1124,6 +1112,24 @@ impl Dispatcher {
         }
         let job = &self.jobs[&id];
         self.persist(job);
+    }
+
+    /// A DCAS job `id` restarts whole: its new deployment names its cache entries anew, so
+    /// partitions that lost every copy can serve them, and the losses are forgotten, unless
+    /// another DCAS job may have had entries there (it must still learn of its loss). Kept,
+    /// they would fail the restored deployment at its first log write (whatever restarted it
+    /// whole: the loss itself, or no task manager left to place a DCAS restart on). Sent
+    /// when the restart begins and again when it deploys; the cache master publishes the
+    /// cleared table at once, before the new subtasks' first writes.
+    fn forget_cache_losses(&self, id: JobId) {
+        let others = self.jobs.values().any(|j| {
+            j.id != id
+                && !j.state.is_terminal()
+                && CheckpointingSpec::dcas(j.spec.checkpointing.as_ref()).is_some()
+        });
+        if !others {
+            self.cache.do_send(ClearLost);
+        }
     }
 
     /// DCAS: restarts only subtasks `lost` (of task managers `lost_tms`, or failed alone)
@@ -1470,6 +1476,8 @@ impl Dispatcher {
             self.cache.do_send(DropEntries {
                 prefix: DcasNames::job_prefix(&format!("{id}/g{}", job.generation.0)),
             });
+            // Losses since the restart began (a task manager lost while it waited).
+            self.forget_cache_losses(id);
         }
         let generation = Generation(job.generation.0 + 1);
         let spec_json = job.spec_json.clone();

@@ -204,6 +204,12 @@ impl Cluster {
         self.tms.push(child);
     }
 
+    /// Task manager processes started so far, killed ones included: the index the next one
+    /// [`Cluster::add_taskmanager`] starts gets.
+    pub fn taskmanagers_started(&self) -> usize {
+        self.tms.len()
+    }
+
     /// GET `path`: (status, JSON body or Null).
     pub fn get(&self, path: &str) -> (u16, Value) {
         self.request("GET", path, None, None)

@@ -669,6 +669,22 @@ fn dcas_fallback_checkpoints_through_kills() {
 /// with spare members, whether any of its entries lost both copies would be chance.
 #[test]
 fn dcas_fallback_checkpoint_covers_a_loss_beyond_backups() {
+    restored_once_from_the_fallback(false);
+}
+
+/// Ensures that a cache member lost while a DCAS job waits for slots to restart whole (its
+/// partitions lose every copy again) does not fail the restored deployment: the losses are
+/// forgotten when it deploys, so the job restores from its fallback checkpoint once.
+#[test]
+fn dcas_loss_while_waiting_to_restart_is_forgotten() {
+    restored_once_from_the_fallback(true);
+}
+
+/// Kills every task manager of a DCAS job with fallback checkpoints (with
+/// `lost_while_waiting`, then one that joins while the job waits for slots, the cache's
+/// only member then), adds two, and checks that the job restored once from its fallback
+/// checkpoint and that its counts are exact.
+fn restored_once_from_the_fallback(lost_while_waiting: bool) {
     let spec = dcas_fallback_wordcount(300, 120_000);
     let (mut c, id) = started(2, 1, &[], &spec);
     c.wait_until(Duration::from_secs(30), "fallback checkpoints", |c| {
@@ -677,6 +693,21 @@ fn dcas_fallback_checkpoint_covers_a_loss_beyond_backups() {
     let busy: BTreeSet<String> = placement(&c.job(&id)).into_values().collect();
     let indexes: Vec<usize> = busy.iter().map(|tm| c.taskmanager_index(tm)).collect();
     c.kill_taskmanagers(&indexes);
+    if lost_while_waiting {
+        c.wait_until(Duration::from_secs(30), "waiting to restart", |c| {
+            c.job(&id)["state"] == "RESTARTING"
+        });
+        c.add_taskmanager();
+        c.wait_cache_settled(1);
+        let joined = c.taskmanagers_started() - 1;
+        c.kill_taskmanager(joined);
+        c.wait_until(Duration::from_secs(30), "partitions lost", |c| {
+            c.get("/cache").1["lost_partitions"]
+                .as_array()
+                .is_some_and(|l| !l.is_empty())
+        });
+        assert_eq!(c.job(&id)["state"], "RESTARTING", "still waiting for slots");
+    }
     for _ in &indexes {
         c.add_taskmanager();
     }
