@@ -79,6 +79,9 @@ pub struct CacheMaster {
     txs: HashMap<TaskManagerId, mpsc::UnboundedSender<ToTaskManager>>,
     stats: HashMap<TaskManagerId, CacheStats>,
     pushed: u64,
+    /// Told the epoch of every table pushed (the dispatcher: a DCAS deployment's entries
+    /// date from it).
+    epoch_to: Option<Recipient<CacheEpoch>>,
 }
 
 impl CacheMaster {
@@ -90,6 +93,7 @@ impl CacheMaster {
             txs: HashMap::new(),
             stats: HashMap::new(),
             pushed: 0,
+            epoch_to: None,
         }
     }
 
@@ -100,6 +104,9 @@ impl CacheMaster {
         }
         let table = self.membership.table();
         self.pushed = table.epoch;
+        if let Some(to) = &self.epoch_to {
+            to.do_send(CacheEpoch(table.epoch));
+        }
         for tx in self.txs.values() {
             let _ = tx.send(ToTaskManager::CacheTable(table.clone()));
         }
@@ -216,6 +223,25 @@ impl Handler<TaskManagerLost> for CacheMaster {
         }
         // Promotions go out at once, not at the next tick.
         self.publish();
+    }
+}
+
+/// The epoch of the table the master just pushed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CacheEpoch(pub u64);
+
+/// Sends [`CacheEpoch`] to `0` for every table pushed from now on, and the current epoch at
+/// once.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WatchEpoch(pub Recipient<CacheEpoch>);
+
+impl Handler<WatchEpoch> for CacheMaster {
+    type Result = ();
+    fn handle(&mut self, msg: WatchEpoch, _ctx: &mut Self::Context) {
+        msg.0.do_send(CacheEpoch(self.pushed));
+        self.epoch_to = Some(msg.0);
     }
 }
 

@@ -33,7 +33,7 @@ use engine::Record;
 use serde::Serialize;
 use tracing::{debug, error, info, warn};
 
-use crate::cache_master::{CacheMaster, ClearLost, DropEntries};
+use crate::cache_master::{CacheEpoch, CacheMaster, DropEntries};
 use crate::checkpoints::{CheckpointsView, Coordinator, Step};
 use crate::now_ms;
 use crate::resource_manager::{Alive, GetAlive, Reports, ResourceManager, TaskManagerLost};
@@ -431,6 +431,9 @@ struct Job {
     /// subtask restarted (DCAS) before it stored its first snapshot in the cache must start
     /// from it too, so every DCAS restart of the deployment carries it.
     restored_from: Option<u64>,
+    /// DCAS: the cache table epoch the current generation's entries date from (see
+    /// [`Deployment::cache_epoch`]); its subtasks restarted later carry it too.
+    cache_epoch: u64,
 }
 
 impl Job {
@@ -533,9 +536,11 @@ type PendingRestart = (JobId, Generation, Vec<(u32, u32)>, Vec<TaskManagerId>);
 /// The dispatcher actor.
 pub struct Dispatcher {
     rm: Addr<ResourceManager>,
-    /// The cache's membership master: drops an ended DCAS job's entries, forgets losses a
-    /// fallback checkpoint covered.
+    /// The cache's membership master: drops an ended DCAS job's entries.
     cache: Addr<CacheMaster>,
+    /// The newest cache table epoch the master announced: a DCAS deployment's entries date
+    /// from it.
+    cache_epoch: u64,
     store: Store,
     jobs: HashMap<JobId, Job>,
     /// Jobs from earlier job manager runs (listing only).
@@ -562,6 +567,7 @@ impl Dispatcher {
         Dispatcher {
             rm,
             cache,
+            cache_epoch: 0,
             store,
             jobs: HashMap::new(),
             archived,
@@ -1063,9 +1069,6 @@ impl Dispatcher {
             self.end(id, JobState::Failed, Some(format!("{location}: {cause}")));
             return;
         };
-        if config.mode == CheckpointMode::Dcas {
-            self.forget_cache_losses(id);
-        }
         let Some(job) = self.count_restart(id, &location, &cause) else {
             return;
         };
@@ -1112,24 +1115,6 @@ impl Dispatcher {
         }
         let job = &self.jobs[&id];
         self.persist(job);
-    }
-
-    /// A DCAS job `id` restarts whole: its new deployment names its cache entries anew, so
-    /// partitions that lost every copy can serve them, and the losses are forgotten, unless
-    /// another DCAS job may have had entries there (it must still learn of its loss). Kept,
-    /// they would fail the restored deployment at its first log write (whatever restarted it
-    /// whole: the loss itself, or no task manager left to place a DCAS restart on). Sent
-    /// when the restart begins and again when it deploys; the cache master publishes the
-    /// cleared table at once, before the new subtasks' first writes.
-    fn forget_cache_losses(&self, id: JobId) {
-        let others = self.jobs.values().any(|j| {
-            j.id != id
-                && !j.state.is_terminal()
-                && CheckpointingSpec::dcas(j.spec.checkpointing.as_ref()).is_some()
-        });
-        if !others {
-            self.cache.do_send(ClearLost);
-        }
     }
 
     /// DCAS: restarts only subtasks `lost` (of task managers `lost_tms`, or failed alone)
@@ -1386,6 +1371,7 @@ impl Dispatcher {
                     subtasks: subs.clone(),
                     placement: placement.clone(),
                     restore: restored.as_ref().map(|l| l.restore_point(subs)),
+                    cache_epoch: job.cache_epoch,
                 }));
             }
             let _ = tm.tx.send(ToTaskManager::Rewire {
@@ -1476,13 +1462,20 @@ impl Dispatcher {
             self.cache.do_send(DropEntries {
                 prefix: DcasNames::job_prefix(&format!("{id}/g{}", job.generation.0)),
             });
-            // Losses since the restart began (a task manager lost while it waited).
-            self.forget_cache_losses(id);
         }
         let generation = Generation(job.generation.0 + 1);
         let spec_json = job.spec_json.clone();
-        let (tms, infos, unreachable) =
-            self.deploy(id, generation, &spec_json, plan, loaded.as_ref());
+        // Its entries date from now: partitions lost before (the loss that restarted it, or
+        // one while it waited for slots) hold none of them and serve it.
+        let cache_epoch = self.cache_epoch;
+        let (tms, infos, unreachable) = self.deploy(
+            id,
+            generation,
+            cache_epoch,
+            &spec_json,
+            plan,
+            loaded.as_ref(),
+        );
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
@@ -1498,6 +1491,7 @@ impl Dispatcher {
         let checkpoint = loaded.as_ref().map(|l| l.id);
         info!(job = %id, generation = %generation, checkpoint = ?checkpoint, subtasks = infos.len(), "Job redeployed.");
         job.generation = generation;
+        job.cache_epoch = cache_epoch;
         job.subtasks = infos;
         job.tms = tms;
         job.recovery = None;
@@ -1687,6 +1681,7 @@ impl Dispatcher {
         &self,
         job: JobId,
         generation: Generation,
+        cache_epoch: u64,
         spec_json: &str,
         plan: Plan,
         restore: Option<&crate::checkpoints::Loaded>,
@@ -1706,6 +1701,7 @@ impl Dispatcher {
                 subtasks: subs,
                 placement: plan.placement.clone(),
                 restore,
+                cache_epoch,
             };
             if tm.tx.send(ToTaskManager::Deploy(d)).is_err() {
                 unreachable = Some(tm.id);
@@ -1727,7 +1723,9 @@ impl Dispatcher {
             .map_err(SubmitError::NoResources)?;
         let id = JobId::random();
         let generation = Generation(1);
-        let (tms, subtasks, unreachable) = self.deploy(id, generation, &spec_json, plan, None);
+        let cache_epoch = self.cache_epoch;
+        let (tms, subtasks, unreachable) =
+            self.deploy(id, generation, cache_epoch, &spec_json, plan, None);
         info!(job = %id, name = %spec.name, subtasks = subtasks.len(), taskmanagers = tms.len(), "Job submitted and deployed.");
         let coordinator = CheckpointingSpec::barriers(spec.checkpointing.as_ref()).map(|c| {
             Coordinator::new(
@@ -1758,6 +1756,7 @@ impl Dispatcher {
             collects: HashMap::new(),
             recovery: None,
             restored_from: None,
+            cache_epoch,
         };
         self.persist(&job);
         self.jobs.insert(id, job);
@@ -2591,6 +2590,13 @@ impl Handler<GetPlacements> for Dispatcher {
             used_slots: self.used_slots(|_, _| false),
             subtasks,
         })
+    }
+}
+
+impl Handler<CacheEpoch> for Dispatcher {
+    type Result = ();
+    fn handle(&mut self, msg: CacheEpoch, _ctx: &mut Self::Context) {
+        self.cache_epoch = self.cache_epoch.max(msg.0);
     }
 }
 

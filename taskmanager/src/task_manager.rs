@@ -943,11 +943,13 @@ async fn wire(
         Some(c) => Some(DcasEnv {
             config: DcasConfig {
                 lease,
-                client: cache.ok_or(
-                    "DCAS needs the cache, and this task manager has no partition table yet",
-                )?,
+                client: cache
+                    .ok_or(
+                        "DCAS needs the cache, and this task manager has no partition table yet",
+                    )?
+                    .since(d.cache_epoch),
                 // Per deployment: a whole-job restart from a fallback checkpoint starts
-                // clean logs and snapshots (`DcasNames`).
+                // clean logs and snapshots (`DcasNames`), so losses before it took none.
                 job: format!("{}/g{}", d.job, d.generation.0),
                 me,
                 every_records: c.snapshot_every(),
@@ -1172,6 +1174,7 @@ mod tests {
                     place(1, 1, me, &me_addr),
                 ],
                 restore: None,
+                cache_epoch: 0,
             };
             let from_jm = |m| tm.send(FromJobManager(m));
             from_jm(ToTaskManager::Deploy(deployment)).await.unwrap();

@@ -669,33 +669,53 @@ fn dcas_fallback_checkpoints_through_kills() {
 /// with spare members, whether any of its entries lost both copies would be chance.
 #[test]
 fn dcas_fallback_checkpoint_covers_a_loss_beyond_backups() {
-    restored_once_from_the_fallback(false);
+    restored_once_from_the_fallback(1, false);
 }
 
 /// Ensures that a cache member lost while a DCAS job waits for slots to restart whole (its
-/// partitions lose every copy again) does not fail the restored deployment: the losses are
-/// forgotten when it deploys, so the job restores from its fallback checkpoint once.
+/// partitions lose every copy again) does not fail the restored deployment: it dates from
+/// after that loss, so the job restores from its fallback checkpoint once.
 #[test]
-fn dcas_loss_while_waiting_to_restart_is_forgotten() {
-    restored_once_from_the_fallback(true);
+fn dcas_loss_while_waiting_to_restart_restores_once() {
+    restored_once_from_the_fallback(1, true);
 }
 
-/// Kills every task manager of a DCAS job with fallback checkpoints (with
-/// `lost_while_waiting`, then one that joins while the job waits for slots, the cache's
-/// only member then), adds two, and checks that the job restored once from its fallback
+/// Ensures that two DCAS jobs that lose cache partitions together each restore from their
+/// fallback checkpoint once: the losses are scoped to the deployments from before them, so
+/// neither restored deployment is refused the lost partitions while the other job runs (when
+/// a whole restart cleared the losses, it could not while another DCAS job ran, and each job
+/// failed again at every lost partition).
+#[test]
+fn dcas_two_jobs_losing_partitions_restore_once_each() {
+    restored_once_from_the_fallback(2, false);
+}
+
+/// Runs `jobs` DCAS jobs with fallback checkpoints on two task managers, kills both (with
+/// `lost_while_waiting`, then one that joins while the jobs wait for slots, the cache's only
+/// member then), adds two, and checks that each job restored once from its fallback
 /// checkpoint and that its counts are exact.
-fn restored_once_from_the_fallback(lost_while_waiting: bool) {
+fn restored_once_from_the_fallback(jobs: usize, lost_while_waiting: bool) {
     let spec = dcas_fallback_wordcount(300, 120_000);
-    let (mut c, id) = started(2, 1, &[], &spec);
+    let slots = jobs as u32;
+    let (mut c, first) = started(2, slots, &[], &spec);
+    let mut ids = vec![first];
+    for _ in 1..jobs {
+        let id = c.submit(&spec);
+        c.wait_until(Duration::from_secs(30), "job running", |c| {
+            c.job(&id)["state"] == "RUNNING"
+        });
+        ids.push(id);
+    }
     c.wait_until(Duration::from_secs(30), "fallback checkpoints", |c| {
-        completed_checkpoints(c, &id) >= 2
+        ids.iter().all(|id| completed_checkpoints(c, id) >= 2)
     });
-    let busy: BTreeSet<String> = placement(&c.job(&id)).into_values().collect();
-    let indexes: Vec<usize> = busy.iter().map(|tm| c.taskmanager_index(tm)).collect();
+    // Every member: the loss is certain (with a member left, whether any entry lost both
+    // copies would be chance), and each job ran on some of them.
+    let indexes = [0, 1];
     c.kill_taskmanagers(&indexes);
     if lost_while_waiting {
         c.wait_until(Duration::from_secs(30), "waiting to restart", |c| {
-            c.job(&id)["state"] == "RESTARTING"
+            ids.iter().all(|id| c.job(id)["state"] == "RESTARTING")
         });
         c.add_taskmanager();
         c.wait_cache_settled(1);
@@ -706,54 +726,58 @@ fn restored_once_from_the_fallback(lost_while_waiting: bool) {
                 .as_array()
                 .is_some_and(|l| !l.is_empty())
         });
-        assert_eq!(c.job(&id)["state"], "RESTARTING", "still waiting for slots");
+        for id in &ids {
+            assert_eq!(c.job(id)["state"], "RESTARTING", "still waiting for slots");
+        }
     }
     for _ in &indexes {
         c.add_taskmanager();
     }
-    // A DCAS restart in the restored deployment starts from the fallback checkpoint when
-    // the subtask had not stored a snapshot of its own yet, from its snapshot otherwise.
-    c.wait_until(Duration::from_secs(60), "restored from the fallback", |c| {
-        let job = c.job(&id);
-        job["generation"].as_u64() >= Some(2) && job["state"] == "RUNNING"
-            || job["state"] == "FINISHED"
-    });
-    if c.job(&id)["state"] == "RUNNING" {
-        let (status, body) = c.request("POST", &format!("/jobs/{id}/tasks/1/1/kill"), None, None);
-        assert_eq!(status, 200, "{body}; failovers: {:?}", failovers(&c, &id));
+    for id in &ids {
+        // A DCAS restart in the restored deployment starts from the fallback checkpoint when
+        // the subtask had not stored a snapshot of its own yet, from its snapshot otherwise.
+        c.wait_until(Duration::from_secs(60), "restored from the fallback", |c| {
+            let job = c.job(id);
+            job["generation"].as_u64() >= Some(2) && job["state"] == "RUNNING"
+                || job["state"] == "FINISHED"
+        });
+        if c.job(id)["state"] == "RUNNING" {
+            let (status, body) =
+                c.request("POST", &format!("/jobs/{id}/tasks/1/1/kill"), None, None);
+            assert_eq!(status, 200, "{body}; failovers: {:?}", failovers(&c, id));
+        }
     }
-    let job = c.wait_for_end(&id, Duration::from_secs(120));
-    assert_eq!(job["state"], "FINISHED", "{job}");
-    let modes: Vec<String> = failovers(&c, &id)
-        .iter()
-        .map(|f| f["mode"].as_str().unwrap_or_default().to_string())
-        .collect();
-    // Once: the restored deployment writes entries with new names, so the partitions whose
-    // every copy was lost serve it, and nothing fails it again.
-    assert_eq!(
-        modes.iter().filter(|m| *m == "fallback").count(),
-        1,
-        "restored from the fallback checkpoint once: {modes:?}"
-    );
-    // The DCAS recoveries the whole-job restart replaced are over, not left in progress.
-    let events = failovers(&c, &id);
-    for e in &events[..events.len() - 1] {
-        assert!(
-            e["caught_up_ms"].as_u64().is_some() || e["superseded_ms"].as_u64().is_some(),
-            "{e}"
+    for id in &ids {
+        let job = c.wait_for_end(id, Duration::from_secs(120));
+        assert_eq!(job["state"], "FINISHED", "{job}");
+        let events = failovers(&c, id);
+        let modes: Vec<&str> = events
+            .iter()
+            .map(|f| f["mode"].as_str().unwrap_or_default())
+            .collect();
+        // Once: the restored deployment dates from after the loss, so the partitions whose
+        // every copy was lost serve it, and nothing fails it again.
+        assert_eq!(
+            modes.iter().filter(|m| **m == "fallback").count(),
+            1,
+            "job {id} restored from the fallback checkpoint once: {modes:?}"
         );
+        // The DCAS recoveries the whole-job restart replaced are over, not left in progress.
+        for e in &events[..events.len() - 1] {
+            assert!(
+                e["caught_up_ms"].as_u64().is_some() || e["superseded_ms"].as_u64().is_some(),
+                "{e}"
+            );
+        }
+        assert!(job["generation"].as_u64() >= Some(2), "{job}");
+        assert!(
+            events
+                .iter()
+                .any(|f| f["mode"] == "fallback" && f["checkpoint"].as_u64().is_some()),
+            "a fallback restore names its checkpoint"
+        );
+        assert_eq!(weir_tests::collected_counts(&c, id, "out"), expected(&spec));
     }
-    assert!(job["generation"].as_u64() >= Some(2), "{job}");
-    let restored = failovers(&c, &id)
-        .iter()
-        .filter(|f| f["mode"] == "fallback")
-        .filter_map(|f| f["checkpoint"].as_u64())
-        .count();
-    assert!(restored >= 1, "a fallback restore names its checkpoint");
-    assert_eq!(
-        weir_tests::collected_counts(&c, &id, "out"),
-        expected(&spec)
-    );
 }
 
 /// Ensures that a task manager paused (SIGSTOP) for three heartbeat timeouts is replaced:

@@ -63,6 +63,8 @@ pub const LOST_EVERY_COPY: &str = "lost every copy";
 #[derive(Clone)]
 pub struct CacheClient {
     inner: Arc<Inner>,
+    /// The table epoch this client's entries date from (see [`CacheClient::since`]).
+    since: u64,
 }
 
 struct Inner {
@@ -87,6 +89,20 @@ impl CacheClient {
                 conns: Mutex::new(HashMap::new()),
                 timeout,
             }),
+            since: 0,
+        }
+    }
+
+    /// The same client (table and connections shared) for a writer whose entries all date
+    /// from table epoch `epoch` or later, such as a DCAS deployment that started then under
+    /// names of its own: partitions that lost every copy at or before `epoch` serve it (what
+    /// they held then is gone from every member, none of it the writer's); only a later loss
+    /// fails its operations with [`CacheError::Lost`]. A client from [`CacheClient::new`]
+    /// dates from epoch 0: every recorded loss fails it.
+    pub fn since(&self, epoch: u64) -> CacheClient {
+        CacheClient {
+            inner: self.inner.clone(),
+            since: epoch,
         }
     }
 
@@ -201,7 +217,10 @@ impl CacheClient {
         let first = list_partition(name, n);
         (0..n)
             .map(|i| (first + i) % n)
-            .find(|p| !table.is_lost(*p) && table.primary(*p).is_some_and(|m| m.id != avoid))
+            .find(|p| {
+                !table.lost_since(*p, self.since)
+                    && table.primary(*p).is_some_and(|m| m.id != avoid)
+            })
             .unwrap_or(first)
     }
 
@@ -242,11 +261,13 @@ impl CacheClient {
                 }
             }
             let calls = groups.into_iter().map(|(addr, idx)| {
-                let req = Request::Ops(
-                    idx.iter()
+                let req = Request::Ops {
+                    since: self.since,
+                    ops: idx
+                        .iter()
                         .map(|i| (ops[*i].0, table.version(ops[*i].0), ops[*i].1.clone()))
                         .collect(),
-                );
+                };
                 let conn = self.conn(&addr);
                 let timeout = deadline.saturating_duration_since(Instant::now());
                 async move { (addr, idx, conn.call(req, timeout).await) }

@@ -341,7 +341,7 @@ impl Node {
                 .and_then(|f| f.get(&(p as u32)).map(|fw| stale(p as u32, fw)))
                 .unwrap_or(false);
             let owned = me.is_some_and(|i| table.owners[p].contains(&(i as u16)));
-            let lost = table.is_lost(p as u32);
+            let lost = table.loss(p as u32).is_some();
             if !ended && owned && !lost {
                 continue;
             }
@@ -353,13 +353,26 @@ impl Node {
             }
             // Drop what this member holds of a partition it does not own, unless it was
             // written at the partition's current version: then it is a copy arriving (sent
-            // before this member learnt of the table that asked for it), not a leftover. A
-            // partition that lost every copy holds nothing, whoever owns it now.
+            // before this member learnt of the table that asked for it), not a leftover.
             let leftover = !owned && part.version() < table.version(p as u32);
-            if (leftover || lost) && !part.is_empty() {
+            if leftover && !part.is_empty() {
                 let d = part.apply(Mutation::Clear);
                 self.account(d);
             }
+            self.forget_lost(&table, p as u32, &mut part);
+        }
+    }
+
+    /// Empties partition `p` if what it holds was written before the partition lost every
+    /// copy (a member that was not its owner then): after a loss a partition holds only
+    /// what was written since, once, so the entries of writers that started after the loss
+    /// stay. Called under the partition's lock by everything that writes it, as well as on
+    /// a new table: a write routed by the table of the loss may come before the new table
+    /// is applied to the partitions.
+    fn forget_lost(&self, table: &PartitionTable, p: u32, part: &mut Partition) {
+        if table.loss(p).is_some_and(|e| part.version() < e) && !part.is_empty() {
+            let d = part.apply(Mutation::Clear);
+            self.account(d);
         }
     }
 
@@ -431,8 +444,15 @@ impl Node {
         out
     }
 
-    /// Checks that this node may serve an operation on `p` routed at `version`.
-    fn check(&self, table: &PartitionTable, p: u32, version: u64) -> Result<(), Failure> {
+    /// Checks that this node may serve an operation on `p` routed at `version`, for a
+    /// writer whose entries date from epoch `since`.
+    fn check(
+        &self,
+        table: &PartitionTable,
+        p: u32,
+        version: u64,
+        since: u64,
+    ) -> Result<(), Failure> {
         if p >= table.partitions() {
             return Err(Failure::Invalid(format!(
                 "partition {p} does not exist (there are {})",
@@ -446,7 +466,7 @@ impl Node {
         if version < mine || table.primary(p).map(|m| m.id) != Some(self.me) {
             return Err(Failure::Moved);
         }
-        if table.is_lost(p) {
+        if table.lost_since(p, since) {
             return Err(Failure::Lost { partition: p });
         }
         Ok(())
@@ -454,7 +474,7 @@ impl Node {
 
     /// Applies operations in order and queues their replication; [`Started::finish`] waits
     /// for the confirmations. Synchronous, so one connection's requests apply in order.
-    fn start_ops(&self, ops: Vec<(u32, u64, Op)>) -> Started {
+    fn start_ops(&self, since: u64, ops: Vec<(u32, u64, Op)>) -> Started {
         let started = Instant::now();
         let Some(table) = self.table() else {
             return Started {
@@ -469,7 +489,7 @@ impl Node {
         let mut waits = Vec::new();
         let mut stale = false;
         for (i, (p, version, op)) in ops.into_iter().enumerate() {
-            if let Err(f) = self.check(&table, p, version) {
+            if let Err(f) = self.check(&table, p, version, since) {
                 stale |= f == Failure::Moved;
                 results.push(OpResult::Failed(f));
                 continue;
@@ -491,6 +511,7 @@ impl Node {
                     continue;
                 }
             };
+            self.forget_lost(&table, p, &mut part);
             let (result, mutation) = match part.plan(op, now) {
                 Ok(x) => x,
                 Err(f) => {
@@ -564,9 +585,16 @@ impl Node {
         // and with it a new primary whose writes must not be overwritten by the old one's.
         // Nor over data written at a newer version (a copy from the next primary that came
         // before the table naming it).
-        if part.version() > version || self.table().is_some_and(|t| version < t.version(partition))
+        let table = self.table();
+        if part.version() > version
+            || table
+                .as_ref()
+                .is_some_and(|t| version < t.version(partition))
         {
             return Response::Replicated(Err(Failure::Moved));
+        }
+        if let Some(t) = &table {
+            self.forget_lost(t, partition, &mut part);
         }
         for m in mutations {
             // Each checked against the partition as the ones before it left it, so a gap
@@ -761,10 +789,10 @@ async fn serve(stream: TcpStream, node: Arc<Node>) -> Result<(), String> {
             CacheMsg::Response(..) => break Err("a response sent to a cache node".into()),
         };
         match req {
-            Request::Ops(ops) => {
+            Request::Ops { since, ops } => {
                 // Applied here, in arrival order; confirmations are awaited without holding
                 // up the connection.
-                let started = node.start_ops(ops);
+                let started = node.start_ops(since, ops);
                 if started.waits.is_empty() {
                     node.record_latency(started.started);
                     let _ = tx.send((id, Response::Ops(started.results, started.table)));

@@ -432,9 +432,16 @@ impl PartitionTable {
             .filter_map(|i| self.members.get(*i as usize))
     }
 
-    /// Whether every copy of `p` was lost.
-    pub fn is_lost(&self, p: u32) -> bool {
-        self.lost.iter().any(|(q, _)| *q == p)
+    /// The epoch at which every copy of `p` was last lost, if it was.
+    pub fn loss(&self, p: u32) -> Option<u64> {
+        self.lost.iter().find(|(q, _)| *q == p).map(|(_, e)| *e)
+    }
+
+    /// Whether `p` lost every copy after epoch `since`: a writer whose entries all date
+    /// from `since` or later (a deployment started then) may have lost some. Data from
+    /// before a loss is gone from every member, so an earlier loss took nothing of it.
+    pub fn lost_since(&self, p: u32, since: u64) -> bool {
+        self.loss(p).is_some_and(|e| e > since)
     }
 
     /// The version of partition `p` (0 when out of range).
@@ -587,7 +594,10 @@ mod tests {
         assert_eq!(lost, expected);
         let table = m.table();
         for p in &expected {
-            assert!(table.is_lost(*p));
+            let e = table.loss(*p).expect("recorded with its epoch");
+            assert!(e <= table.epoch);
+            assert!(table.lost_since(*p, e - 1), "a writer from before");
+            assert!(!table.lost_since(*p, e), "a writer from the loss on");
             assert!(
                 table.primary(*p).is_some(),
                 "a lost partition gets new (empty) owners"

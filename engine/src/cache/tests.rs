@@ -94,14 +94,17 @@ async fn a_stale_client_is_redirected_not_served_wrongly() {
     let conn = conn::Conn::open(&old_primary, Duration::from_secs(1));
     let r = conn
         .call(
-            Request::Ops(vec![(
-                p,
-                stale_table.version(p),
-                crate::protocol::cache::Op::Get {
-                    map: "m".into(),
-                    key: moved.to_vec(),
-                },
-            )]),
+            Request::Ops {
+                since: 0,
+                ops: vec![(
+                    p,
+                    stale_table.version(p),
+                    crate::protocol::cache::Op::Get {
+                        map: "m".into(),
+                        key: moved.to_vec(),
+                    },
+                )],
+            },
             Duration::from_secs(1),
         )
         .await
@@ -426,4 +429,72 @@ async fn a_retry_wakes_when_a_newer_table_arrives() {
         .table_after(epoch + 1, Duration::from_millis(30))
         .await;
     assert!(started.elapsed() >= Duration::from_millis(30));
+}
+
+/// Ensures a loss beyond the backups fails only the writers whose entries date from before
+/// it: a client scoped to the epoch of the loss (a deployment started after it) reads and
+/// writes the lost partitions, which hold only what was written since (nothing from before
+/// comes back, and later tables do not empty them again), while an older writer is told
+/// the partition was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loss_fails_only_writers_from_before_it() {
+    let mut c = Cluster::start(4, 1 << 30).await;
+    let old = c.client().await;
+    let keys: Vec<Vec<u8>> = (0..200u32).map(|i| i.to_be_bytes().to_vec()).collect();
+    for k in &keys {
+        old.put("m", k, b"before".to_vec(), None).await.unwrap();
+    }
+    let (a, b) = (c.nodes[1].0, c.nodes[2].0);
+    let mut lost = c.master.leave(a);
+    lost.extend(c.master.leave(b));
+    assert!(!lost.is_empty(), "two of four members with one backup each");
+    c.push();
+    let table = c.master.table();
+    let loss = table
+        .lost
+        .iter()
+        .map(|(_, e)| *e)
+        .max()
+        .expect("losses recorded");
+    old.update_table(table.clone());
+    let in_lost = |k: &Vec<u8>| lost.contains(&old.map_partition("m", k));
+    let (gone, kept): (Vec<&Vec<u8>>, Vec<&Vec<u8>>) = keys.iter().partition(|k| in_lost(k));
+    let newer = old.since(loss);
+    let older = old.since(loss - 1);
+    for k in &gone {
+        let p = old.map_partition("m", k);
+        assert_eq!(
+            old.get("m", k).await,
+            Err(CacheError::Lost { partition: p })
+        );
+        assert_eq!(
+            older.get("m", k).await,
+            Err(CacheError::Lost { partition: p })
+        );
+        assert_eq!(
+            newer.get("m", k).await,
+            Ok(None),
+            "nothing from before the loss"
+        );
+        newer.put("m", k, b"after".to_vec(), None).await.unwrap();
+    }
+    for k in &kept {
+        assert_eq!(old.get("m", k).await, Ok(Some((b"before".to_vec(), 1))));
+    }
+    // The survivors copy partitions to restore backups: new tables, new versions.
+    c.settle().await;
+    newer.update_table(c.master.table());
+    assert!(newer.table().epoch > loss);
+    for k in &gone {
+        assert_eq!(
+            newer.get("m", k).await,
+            Ok(Some((b"after".to_vec(), 1))),
+            "written after the loss, kept through later tables"
+        );
+        let p = old.map_partition("m", k);
+        assert_eq!(
+            old.get("m", k).await,
+            Err(CacheError::Lost { partition: p })
+        );
+    }
 }

@@ -33,7 +33,9 @@ pub struct PartitionTable {
     /// Per partition: the epoch at which its owners last changed.
     pub versions: Vec<u64>,
     /// Partitions whose every copy was lost, with the epoch of the loss. Operations on them
-    /// fail with [`Failure::Lost`] instead of answering from an empty partition.
+    /// by a writer whose entries date from before the loss fail with [`Failure::Lost`]
+    /// instead of answering from an empty partition; members drop what they hold of a
+    /// partition written before its loss.
     pub lost: Vec<(u32, u64)>,
     /// Backups per partition the master aims for.
     pub backup_count: u32,
@@ -221,7 +223,15 @@ pub enum Mutation {
 #[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum Request {
     /// Operations, each with the partition and the partition version it was routed by.
-    Ops(Vec<(u32, u64, Op)>),
+    Ops {
+        /// The table epoch the writer's entries date from (a DCAS deployment's start; 0:
+        /// any time): an operation on a partition that lost every copy after it fails with
+        /// [`Failure::Lost`], since some of those entries may be gone; a loss at or before
+        /// it took none of them.
+        since: u64,
+        /// `(partition, version, op)`.
+        ops: Vec<(u32, u64, Op)>,
+    },
     /// From a primary: apply these mutations of `partition`, routed at `version`.
     Replicate {
         /// The partition.

@@ -254,6 +254,11 @@ pub struct Deployment {
     pub placement: Vec<Placement>,
     /// State to restore the subtasks deployed here from (a recovery).
     pub restore: Option<RestorePoint>,
+    /// DCAS: the cache table epoch the deployment's entries date from (the job manager's
+    /// newest when the generation was deployed; the same for its subtasks restarted
+    /// later). Partitions that lost every copy at or before it hold none of them, so they
+    /// serve the deployment; a later loss fails it.
+    pub cache_epoch: u64,
 }
 
 /// The state a recovered deployment starts from.
@@ -405,6 +410,7 @@ mod tests {
                         }],
                     }],
                 }),
+                cache_epoch: 7,
             }),
             ToTaskManager::Abort,
             ToTaskManager::KillSubtask {
