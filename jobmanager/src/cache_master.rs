@@ -79,9 +79,8 @@ pub struct CacheMaster {
     txs: HashMap<TaskManagerId, mpsc::UnboundedSender<ToTaskManager>>,
     stats: HashMap<TaskManagerId, CacheStats>,
     pushed: u64,
-    /// Told the epoch of every table pushed (the dispatcher: a DCAS deployment's entries
-    /// date from it).
-    epoch_to: Option<Recipient<CacheEpoch>>,
+    /// Told the epoch of every table pushed and every member lost (the dispatcher).
+    follower: Option<Follow>,
 }
 
 impl CacheMaster {
@@ -93,7 +92,7 @@ impl CacheMaster {
             txs: HashMap::new(),
             stats: HashMap::new(),
             pushed: 0,
-            epoch_to: None,
+            follower: None,
         }
     }
 
@@ -104,11 +103,14 @@ impl CacheMaster {
         }
         let table = self.membership.table();
         self.pushed = table.epoch;
-        if let Some(to) = &self.epoch_to {
-            to.do_send(CacheEpoch(table.epoch));
-        }
         for tx in self.txs.values() {
             let _ = tx.send(ToTaskManager::CacheTable(table.clone()));
+        }
+        // After the tables: a deployment dating from this epoch reaches a task manager
+        // after its table (nodes refuse writers newer than their table, so this only
+        // spares retries).
+        if let Some(f) = &self.follower {
+            f.epochs.do_send(CacheEpoch(table.epoch));
         }
     }
 
@@ -223,6 +225,9 @@ impl Handler<TaskManagerLost> for CacheMaster {
         }
         // Promotions go out at once, not at the next tick.
         self.publish();
+        if let Some(f) = &self.follower {
+            f.losses.do_send(msg);
+        }
     }
 }
 
@@ -231,17 +236,26 @@ impl Handler<TaskManagerLost> for CacheMaster {
 #[rtype(result = "()")]
 pub struct CacheEpoch(pub u64);
 
-/// Sends [`CacheEpoch`] to `0` for every table pushed from now on, and the current epoch at
-/// once.
-#[derive(Message)]
+/// Makes the master tell the dispatcher the epoch of every table it pushes (the current
+/// one at once), and relay every task manager loss after it has recorded the loss and
+/// pushed the table that drops the member. The dispatcher hears of a loss from here, not
+/// from the resource manager directly, so a deployment it makes after hearing of a loss
+/// dates from an epoch at or after it: the deployment is not refused the partitions that
+/// loss took (it has nothing there), which it would be if it dated from before.
+#[derive(Message, Clone)]
 #[rtype(result = "()")]
-pub struct WatchEpoch(pub Recipient<CacheEpoch>);
+pub struct Follow {
+    /// Told each epoch.
+    pub epochs: Recipient<CacheEpoch>,
+    /// Told each loss.
+    pub losses: Recipient<TaskManagerLost>,
+}
 
-impl Handler<WatchEpoch> for CacheMaster {
+impl Handler<Follow> for CacheMaster {
     type Result = ();
-    fn handle(&mut self, msg: WatchEpoch, _ctx: &mut Self::Context) {
-        msg.0.do_send(CacheEpoch(self.pushed));
-        self.epoch_to = Some(msg.0);
+    fn handle(&mut self, msg: Follow, _ctx: &mut Self::Context) {
+        msg.epochs.do_send(CacheEpoch(self.pushed));
+        self.follower = Some(msg);
     }
 }
 
@@ -352,19 +366,23 @@ impl Handler<DropEntries> for CacheMaster {
     }
 }
 
-/// Forget recorded partition losses (after the operator dealt with them).
+/// Forget recorded partition losses at or before epoch `upto` (after the operator dealt
+/// with them); answers the partitions forgotten.
 #[derive(Message)]
 #[rtype(result = "Vec<u32>")]
-pub struct ClearLost;
+pub struct ClearLost {
+    /// The newest loss epoch to forget: no writer from before a later one may remain.
+    pub upto: u64,
+}
 
 impl Handler<ClearLost> for CacheMaster {
     type Result = MessageResult<ClearLost>;
-    fn handle(&mut self, _msg: ClearLost, _ctx: &mut Self::Context) -> Self::Result {
-        let lost: Vec<u32> = self.membership.lost().into_iter().map(|(p, _)| p).collect();
-        if self.membership.clear_lost() {
-            info!(partitions = ?lost, at = now_ms(), "Cache partition losses cleared.");
+    fn handle(&mut self, msg: ClearLost, _ctx: &mut Self::Context) -> Self::Result {
+        let cleared = self.membership.clear_lost(msg.upto);
+        if !cleared.is_empty() {
+            info!(partitions = ?cleared, at = now_ms(), "Cache partition losses cleared.");
             self.publish();
         }
-        MessageResult(lost)
+        MessageResult(cleared)
     }
 }

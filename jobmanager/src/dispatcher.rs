@@ -3,7 +3,8 @@
 //!
 //! Receives REST requests (`SubmitJob`, `CancelJob`, queries, checkpoint triggers),
 //! `SubtaskUpdate`, `CheckpointAcked` and `CollectedOutput` from control connections,
-//! `Reports` and `TaskManagerLost` from the resource manager. Emits `Deploy`/`Cancel` and
+//! `Reports` from the resource manager, `TaskManagerLost` and `CacheEpoch` from the cache
+//! master (which relays losses once it recorded them). Emits `Deploy`/`Cancel` and
 //! checkpoint triggers and completions to task managers.
 //!
 //! ABS jobs: every 50 ms the dispatcher ticks each job's checkpoint `Coordinator`. A failure
@@ -2597,6 +2598,26 @@ impl Handler<CacheEpoch> for Dispatcher {
     type Result = ();
     fn handle(&mut self, msg: CacheEpoch, _ctx: &mut Self::Context) {
         self.cache_epoch = self.cache_epoch.max(msg.0);
+    }
+}
+
+/// The oldest cache epoch a running DCAS deployment dates from (none: no DCAS job runs):
+/// cache losses at or before it can be forgotten, no running deployment had entries there.
+#[derive(Message)]
+#[rtype(result = "Option<u64>")]
+pub struct OldestCacheEpoch;
+
+impl Handler<OldestCacheEpoch> for Dispatcher {
+    type Result = Option<u64>;
+    fn handle(&mut self, _msg: OldestCacheEpoch, _ctx: &mut Self::Context) -> Option<u64> {
+        self.jobs
+            .values()
+            .filter(|j| {
+                !j.state.is_terminal()
+                    && CheckpointingSpec::dcas(j.spec.checkpointing.as_ref()).is_some()
+            })
+            .map(|j| j.cache_epoch)
+            .min()
     }
 }
 

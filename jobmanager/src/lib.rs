@@ -28,7 +28,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use actix_web::{web, App, HttpServer};
 
-use crate::cache_master::{CacheMaster, WatchEpoch};
+use crate::cache_master::{CacheMaster, Follow};
 use crate::config::JmConfig;
 use crate::dispatcher::Dispatcher;
 use crate::resource_manager::{LocalProcesses, ResourceManager, Subscribe};
@@ -74,9 +74,13 @@ pub async fn start(config: &JmConfig, local: LocalProcesses) -> Result<JobManage
             Dispatcher::new(rm, cache, store, collect_limit)
         })
     };
-    cache.do_send(WatchEpoch(dispatcher.clone().recipient()));
+    // The dispatcher hears of losses through the cache master (see `Follow`).
+    cache.do_send(Follow {
+        epochs: dispatcher.clone().recipient(),
+        losses: dispatcher.clone().recipient(),
+    });
     rm.do_send(Subscribe {
-        lost: vec![dispatcher.clone().recipient(), cache.clone().recipient()],
+        lost: vec![cache.clone().recipient()],
         reports: dispatcher.clone().recipient(),
     });
 

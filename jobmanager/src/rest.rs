@@ -21,8 +21,8 @@ use crate::checkpoints::CheckpointsView;
 use crate::dispatcher::{
     CancelJob, Dispatcher, FailoverEvent, GetCheckpoints, GetFailovers, GetJob, GetOutput,
     GetPlacements, JobDetail, JobState, JobSummary, KillError, KillSubtask, ListJobs,
-    ListOperatorMetrics, OutputPage, PlacedSubtask, SubmitError, SubmitJob, TriggerCheckpoint,
-    TriggerError,
+    ListOperatorMetrics, OldestCacheEpoch, OutputPage, PlacedSubtask, SubmitError, SubmitJob,
+    TriggerCheckpoint, TriggerError,
 };
 use crate::resource_manager::{
     ClusterEvent, GetEvents, KillTaskManager, ListTaskManagers, ResourceManager, TaskManagerView,
@@ -727,17 +727,23 @@ pub async fn cache_entries(
 /// Partitions whose losses were forgotten.
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct Cleared {
-    /// The partitions that serve again (empty).
+    /// The partitions that serve every client again (with what was written since the loss).
     pub partitions: Vec<u32>,
 }
 
-/// Forget recorded partition losses: the partitions serve again, empty.
+/// Forget recorded partition losses, except those a running DCAS job dates from before
+/// (it must still be told its entries there are gone): the partitions serve every client
+/// again, with what was written since the loss.
 #[utoipa::path(delete, path = "/cache/lost", responses((status = 200, body = Cleared), (status = 401, body = ErrorBody)))]
 pub async fn clear_cache_losses(req: HttpRequest, state: web::Data<ApiState>) -> HttpResponse {
     if let Err(r) = authorize(&req, &state) {
         return r;
     }
-    match state.cache.send(ClearLost).await {
+    let upto = match state.dispatcher.send(OldestCacheEpoch).await {
+        Ok(oldest) => oldest.unwrap_or(u64::MAX),
+        Err(e) => return unavailable(e),
+    };
+    match state.cache.send(ClearLost { upto }).await {
         Ok(partitions) => HttpResponse::Ok().json(Cleared { partitions }),
         Err(e) => unavailable(e),
     }

@@ -717,14 +717,20 @@ fn restored_once_from_the_fallback(jobs: usize, lost_while_waiting: bool) {
         c.wait_until(Duration::from_secs(30), "waiting to restart", |c| {
             ids.iter().all(|id| c.job(id)["state"] == "RESTARTING")
         });
+        // The newest loss epoch in `GET /cache` (losses are kept, each with its epoch).
+        let newest_loss = |c: &Cluster| {
+            c.get("/cache").1["lost_partitions"]
+                .as_array()
+                .and_then(|l| l.iter().filter_map(|p| p["epoch"].as_u64()).max())
+                .unwrap_or(0)
+        };
+        let before = newest_loss(&c);
         c.add_taskmanager();
         c.wait_cache_settled(1);
         let joined = c.taskmanagers_started() - 1;
         c.kill_taskmanager(joined);
-        c.wait_until(Duration::from_secs(30), "partitions lost", |c| {
-            c.get("/cache").1["lost_partitions"]
-                .as_array()
-                .is_some_and(|l| !l.is_empty())
+        c.wait_until(Duration::from_secs(30), "partitions lost again", |c| {
+            newest_loss(c) > before
         });
         for id in &ids {
             assert_eq!(c.job(id)["state"], "RESTARTING", "still waiting for slots");

@@ -218,7 +218,7 @@ impl CacheClient {
         (0..n)
             .map(|i| (first + i) % n)
             .find(|p| {
-                !table.lost_since(*p, self.since)
+                !table.lost_after(*p, self.since)
                     && table.primary(*p).is_some_and(|m| m.id != avoid)
             })
             .unwrap_or(first)

@@ -359,18 +359,20 @@ impl Node {
                 let d = part.apply(Mutation::Clear);
                 self.account(d);
             }
-            self.forget_lost(&table, p as u32, &mut part);
+            self.forget_lost(table.loss(p as u32), &mut part);
         }
     }
 
-    /// Empties partition `p` if what it holds was written before the partition lost every
-    /// copy (a member that was not its owner then): after a loss a partition holds only
-    /// what was written since, once, so the entries of writers that started after the loss
-    /// stay. Called under the partition's lock by everything that writes it, as well as on
-    /// a new table: a write routed by the table of the loss may come before the new table
-    /// is applied to the partitions.
-    fn forget_lost(&self, table: &PartitionTable, p: u32, part: &mut Partition) {
-        if table.loss(p).is_some_and(|e| part.version() < e) && !part.is_empty() {
+    /// Empties a partition if what it holds was written before the partition lost every
+    /// copy at epoch `loss` (a member that was not its owner then, say one a copy was
+    /// reaching): after a loss a partition holds only what was written since, so this
+    /// empties it once and the entries of writers that started after the loss stay. Called
+    /// under the partition's lock by everything that writes it, as well as on a new table:
+    /// a write routed by the table of the loss may come before the new table is applied to
+    /// the partitions, or before this member has it at all (a replica: the primary sends
+    /// the loss it knows).
+    fn forget_lost(&self, loss: Option<u64>, part: &mut Partition) {
+        if loss.is_some_and(|e| part.version() < e) && !part.is_empty() {
             let d = part.apply(Mutation::Clear);
             self.account(d);
         }
@@ -453,6 +455,12 @@ impl Node {
         version: u64,
         since: u64,
     ) -> Result<(), Failure> {
+        // A writer dating from a newer table than this node's: the node may not know of a
+        // loss the writer's epoch covers (or be a member declared dead, still holding a
+        // table from before it), and must not take a write it would drop when it learns.
+        if table.epoch < since {
+            return Err(Failure::Behind);
+        }
         if p >= table.partitions() {
             return Err(Failure::Invalid(format!(
                 "partition {p} does not exist (there are {})",
@@ -466,7 +474,7 @@ impl Node {
         if version < mine || table.primary(p).map(|m| m.id) != Some(self.me) {
             return Err(Failure::Moved);
         }
-        if table.lost_since(p, since) {
+        if table.lost_after(p, since) {
             return Err(Failure::Lost { partition: p });
         }
         Ok(())
@@ -511,7 +519,7 @@ impl Node {
                     continue;
                 }
             };
-            self.forget_lost(&table, p, &mut part);
+            self.forget_lost(table.loss(p), &mut part);
             let (result, mutation) = match part.plan(op, now) {
                 Ok(x) => x,
                 Err(f) => {
@@ -533,6 +541,7 @@ impl Node {
                     let rx = self.peer(&r.addr).send(Request::Replicate {
                         partition: p,
                         version,
+                        loss: table.loss(p),
                         mutations: vec![m.clone()],
                     });
                     pending.push((r.addr.clone(), rx));
@@ -564,8 +573,15 @@ impl Node {
         self.latency[bucket].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Applies a primary's mutations, unless the primary's table is older than ours.
-    fn replicate(&self, partition: u32, version: u64, mutations: Vec<Mutation>) -> Response {
+    /// Applies a primary's mutations, unless the primary's table is older than ours. `loss`:
+    /// the partition's loss in the primary's table.
+    fn replicate(
+        &self,
+        partition: u32,
+        version: u64,
+        loss: Option<u64>,
+        mutations: Vec<Mutation>,
+    ) -> Response {
         let table = self.table();
         if let Some(t) = &table {
             if partition >= t.partitions() {
@@ -593,9 +609,7 @@ impl Node {
         {
             return Response::Replicated(Err(Failure::Moved));
         }
-        if let Some(t) = &table {
-            self.forget_lost(t, partition, &mut part);
-        }
+        self.forget_lost(loss.max(table.and_then(|t| t.loss(partition))), &mut part);
         for m in mutations {
             // Each checked against the partition as the ones before it left it, so a gap
             // past a list's end counts what filling it takes. A refusal midway fails the
@@ -627,7 +641,9 @@ impl Node {
         let conn = self.peer(&target.addr);
         let copy = self.copies.fetch_add(1, Ordering::Relaxed);
         let pending = {
-            let part = part.lock().unwrap_or_else(|e| e.into_inner());
+            let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
+            // Nothing from before a loss goes out as part of the partition.
+            self.forget_lost(table.loss(partition), &mut part);
             if let Ok(mut f) = self.forwards.lock() {
                 f.insert(
                     partition,
@@ -645,6 +661,7 @@ impl Node {
                     conn.send(Request::Replicate {
                         partition,
                         version,
+                        loss: table.loss(partition),
                         mutations,
                     })
                 })
@@ -806,10 +823,11 @@ async fn serve(stream: TcpStream, node: Arc<Node>) -> Result<(), String> {
             Request::Replicate {
                 partition,
                 version,
+                loss,
                 mutations,
             } => {
                 // In order: a backup applies one primary's mutations as they arrive.
-                let _ = tx.send((id, node.replicate(partition, version, mutations)));
+                let _ = tx.send((id, node.replicate(partition, version, loss, mutations)));
             }
             Request::Table => {
                 let _ = tx.send((id, Response::Table(node.table().map(|t| (*t).clone()))));

@@ -398,15 +398,21 @@ impl Membership {
         self.lost.iter().map(|(p, e)| (*p, *e)).collect()
     }
 
-    /// Forgets recorded losses (an operator acknowledged them); the partitions serve again,
-    /// empty.
-    pub fn clear_lost(&mut self) -> bool {
-        if self.lost.is_empty() {
-            return false;
+    /// Forgets the losses at or before epoch `upto` (an operator acknowledged them, and no
+    /// writer from before them is left): those partitions serve every writer again, with
+    /// what was written since the loss. Answers the partitions forgotten.
+    pub fn clear_lost(&mut self, upto: u64) -> Vec<u32> {
+        let cleared: Vec<u32> = self
+            .lost
+            .iter()
+            .filter(|(_, e)| **e <= upto)
+            .map(|(p, _)| *p)
+            .collect();
+        if !cleared.is_empty() {
+            self.lost.retain(|_, e| *e > upto);
+            self.epoch += 1;
         }
-        self.lost.clear();
-        self.epoch += 1;
-        true
+        cleared
     }
 }
 
@@ -434,13 +440,17 @@ impl PartitionTable {
 
     /// The epoch at which every copy of `p` was last lost, if it was.
     pub fn loss(&self, p: u32) -> Option<u64> {
-        self.lost.iter().find(|(q, _)| *q == p).map(|(_, e)| *e)
+        // Checked on every operation, and a loss is kept until an operator clears it.
+        self.lost
+            .binary_search_by_key(&p, |(q, _)| *q)
+            .ok()
+            .map(|i| self.lost[i].1)
     }
 
     /// Whether `p` lost every copy after epoch `since`: a writer whose entries all date
     /// from `since` or later (a deployment started then) may have lost some. Data from
     /// before a loss is gone from every member, so an earlier loss took nothing of it.
-    pub fn lost_since(&self, p: u32, since: u64) -> bool {
+    pub fn lost_after(&self, p: u32, since: u64) -> bool {
         self.loss(p).is_some_and(|e| e > since)
     }
 
@@ -596,13 +606,27 @@ mod tests {
         for p in &expected {
             let e = table.loss(*p).expect("recorded with its epoch");
             assert!(e <= table.epoch);
-            assert!(table.lost_since(*p, e - 1), "a writer from before");
-            assert!(!table.lost_since(*p, e), "a writer from the loss on");
+            assert!(table.lost_after(*p, e - 1), "a writer from before");
+            assert!(!table.lost_after(*p, e), "a writer from the loss on");
             assert!(
                 table.primary(*p).is_some(),
                 "a lost partition gets new (empty) owners"
             );
         }
+        // Forgetting stops short of losses newer than a writer still running.
+        let first = table.lost.iter().map(|(_, e)| *e).min().expect("losses");
+        let newest = table.lost.iter().map(|(_, e)| *e).max().expect("losses");
+        if first < newest {
+            let older: Vec<u32> = m.clear_lost(first);
+            assert!(!older.is_empty() && older.len() < expected.len());
+        }
+        assert_eq!(m.clear_lost(newest - 1), Vec::<u32>::new());
+        assert!(!m.clear_lost(newest).is_empty());
+        assert!(m.lost().is_empty());
+        assert!(
+            m.table().epoch > table.epoch,
+            "a cleared table is a new table"
+        );
     }
 
     #[test]

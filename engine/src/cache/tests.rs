@@ -267,6 +267,7 @@ async fn a_malformed_frame_closes_only_that_connection() {
     let absurd = Request::Replicate {
         partition: p,
         version: client.table().version(p),
+        loss: None,
         mutations: vec![Mutation::ListSet {
             list: "l".into(),
             index: u64::MAX / 2,
@@ -351,6 +352,7 @@ async fn a_copy_that_arrives_before_its_table_is_kept() {
             Request::Replicate {
                 partition: p,
                 version: t1.version(p),
+                loss: None,
                 mutations: vec![Mutation::MapSet {
                     map: "m".into(),
                     key: b"k".to_vec(),
@@ -497,4 +499,81 @@ async fn a_loss_fails_only_writers_from_before_it() {
             Err(CacheError::Lost { partition: p })
         );
     }
+}
+
+/// Ensures a member that held part of a partition from before its loss (a copy was
+/// reaching it) and owns it afterwards serves nothing from before: a writer from the loss
+/// on reads the partition empty, and what it writes stays through later tables. And a node
+/// whose table is older than the writer's epoch takes none of its writes (it may not know
+/// the loss): it answers "behind".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_owns_a_lost_partition_forgets_what_it_held_before() {
+    let c = Cluster::start(3, 1 << 30).await;
+    let client = c.client().await;
+    assert_eq!(
+        client.put("m", b"k", b"old".to_vec(), None).await.unwrap(),
+        1
+    );
+    let t1 = client.table();
+    let p = client.map_partition("m", b"k");
+    let [a, b] = [0, 1].map(|i| t1.owners[p as usize][i]);
+    let r = (0..3u16)
+        .find(|i| *i != a && *i != b)
+        .expect("a third member");
+    let node = |i: u16| {
+        let id = t1.members[i as usize].id;
+        &c.nodes.iter().find(|(n, _)| *n == id).expect("node").1
+    };
+    // A copy of `p` reaches the third member; before the table naming it an owner, both
+    // owners are lost and the master gives `p`, empty, to the third member.
+    node(a)
+        .copy_to(p, t1.version(p), t1.members[r as usize].clone())
+        .await
+        .expect("copy");
+    assert_eq!(node(r).stats().map_entries, 1, "the copy arrived");
+    let mut t2 = (*t1).clone();
+    t2.epoch += 1;
+    t2.owners[p as usize] = vec![r];
+    t2.versions[p as usize] = t2.epoch;
+    t2.lost = vec![(p, t2.epoch)];
+    let writer = client.since(t2.epoch);
+    writer.update_table(t2.clone());
+    // The old primary, declared dead but running (paused, say), never sees the loss: it
+    // takes no write of the writer's, which would be gone from the partition's owner.
+    let conn = conn::Conn::open(&t1.members[a as usize].addr, Duration::from_secs(2));
+    let put = crate::protocol::cache::Op::Put {
+        map: "m".into(),
+        key: b"k".to_vec(),
+        value: b"new".to_vec(),
+        ttl_ms: None,
+    };
+    let asked = conn
+        .call(
+            Request::Ops {
+                since: t2.epoch,
+                ops: vec![(p, t1.version(p), put)],
+            },
+            Duration::from_secs(2),
+        )
+        .await;
+    assert!(
+        matches!(&asked, Ok(Response::Ops(r, _)) if r == &[crate::protocol::cache::OpResult::Failed(Failure::Behind)]),
+        "{asked:?}"
+    );
+    node(r).set_table(t2.clone());
+    assert_eq!(
+        writer.get("m", b"k").await,
+        Ok(None),
+        "nothing from before the loss"
+    );
+    assert_eq!(writer.put("m", b"k", b"new".to_vec(), None).await, Ok(1));
+    let mut t3 = t2.clone();
+    t3.epoch += 1;
+    node(r).set_table(t3.clone());
+    writer.update_table(t3);
+    assert_eq!(
+        writer.get("m", b"k").await,
+        Ok(Some((b"new".to_vec(), 1))),
+        "written after the loss, kept through a later table"
+    );
 }

@@ -32,10 +32,10 @@ pub struct PartitionTable {
     pub owners: Vec<Vec<u16>>,
     /// Per partition: the epoch at which its owners last changed.
     pub versions: Vec<u64>,
-    /// Partitions whose every copy was lost, with the epoch of the loss. Operations on them
-    /// by a writer whose entries date from before the loss fail with [`Failure::Lost`]
-    /// instead of answering from an empty partition; members drop what they hold of a
-    /// partition written before its loss.
+    /// Partitions whose every copy was lost, with the epoch of the loss, in partition order.
+    /// Operations on them by a writer whose entries date from before the loss fail with
+    /// [`Failure::Lost`] instead of answering from an empty partition; members drop what
+    /// they hold of a partition written before its loss.
     pub lost: Vec<(u32, u64)>,
     /// Backups per partition the master aims for.
     pub backup_count: u32,
@@ -238,6 +238,9 @@ pub enum Request {
         partition: u32,
         /// Its version in the sender's table.
         version: u64,
+        /// The epoch at which it lost every copy in the sender's table, if it did: a
+        /// replica that has not seen that table yet drops what it held from before.
+        loss: Option<u64>,
         /// The changes, in order.
         mutations: Vec<Mutation>,
     },
