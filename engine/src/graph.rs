@@ -25,7 +25,7 @@ pub const MAX_PARALLELISM: u32 = KEY_GROUPS;
 pub enum Exchange {
     /// Subtask `i` sends to subtask `i` (equal parallelism).
     Forward,
-    /// Round-robin, batch by batch.
+    /// Round-robin, record by record.
     Rebalance,
     /// Every record to every subtask.
     Broadcast,

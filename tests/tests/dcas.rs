@@ -487,6 +487,59 @@ fn dcas_collect_output_in_flight_survives_a_crash() {
     );
 }
 
+/// Generated events through a map of parallelism 1 that rebalances them over a map of
+/// parallelism 2, into a collect sink: the single map logs what it reads (its input comes
+/// over channels) and deals its output round-robin. Every record is a distinct number, so
+/// a duplicate shows. A 3 s micro-window leaves thousands of records in the map's log at a
+/// kill (packed numbers take a few bytes, so its log does not reach the 64 KiB at which a
+/// stateless subtask snapshots early).
+fn rebalanced_events(checkpointing: Option<Value>) -> String {
+    let mut params = json!({"count": 60_000, "keys": 1000, "seed": 7, "events_per_second": 4000});
+    let mut spec = json!({"name": "rebalance-replay", "operators": []});
+    if let Some(c) = checkpointing {
+        params["rate"] = json!(4000);
+        spec["checkpointing"] = c;
+    }
+    spec["operators"] = json!([
+        {"id": "events", "kind": "generator", "parallelism": 2, "params": params},
+        {"id": "one", "kind": "map", "input": "events", "parallelism": 1,
+         "params": {"expr": "value"}},
+        {"id": "two", "kind": "map", "input": "one", "parallelism": 2,
+         "partition": "rebalance", "params": {"expr": "value"}},
+        {"id": "out", "kind": "collect", "input": "two", "parallelism": 2}]);
+    spec.to_string()
+}
+
+/// Ensures a restarted subtask that rebalances its output replays each record to the
+/// channel, and at the seq, it first went to. Live, the linger timer cuts its batches
+/// (4,000 records a second are 20 a cut); its replay has no timer. When the route dealt
+/// batches in turn, the live run sent everything to one receiver and the replay half of
+/// it to the other, which took those records a second time.
+#[test]
+fn dcas_rebalanced_output_is_replayed_to_the_same_receivers() {
+    let want = run_without_failures(&rebalanced_events(None), 2)
+        .remove("out")
+        .expect("out");
+    let checkpointing = json!({"mode": "dcas", "snapshot_every_records": 1_000_000,
+                               "snapshot_interval_ms": 3000});
+    let spec = rebalanced_events(Some(checkpointing));
+    let (mut c, id) = started(3, 2, &[], &spec);
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed = kill_running(&mut c, &id, 0, "one");
+    check_recovery(&mut c, &id, 0, 3, killed);
+    let event = failovers(&c, &id)[0].clone();
+    eprintln!("failover: {event}");
+    assert!(event["log_replayed"].as_u64() > Some(0), "{event}");
+    let job = c.wait_for_end(&id, Duration::from_secs(60));
+    assert_eq!(job["state"], "FINISHED", "{job}");
+    let got = output_multiset(&c, &id, "out");
+    assert_eq!(got.len(), want.len(), "number of results");
+    assert!(
+        got == want,
+        "the results differ from the run without failures"
+    );
+}
+
 /// Ensures a canceled DCAS job's logs and snapshots leave the cache, as a finished one's do.
 #[test]
 fn dcas_canceled_job_leaves_the_cache() {

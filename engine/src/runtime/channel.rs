@@ -229,7 +229,7 @@ pub struct InputPosition {
 pub struct RouterPosition {
     /// Per route, per target: the next seq to assign.
     pub next_seqs: Vec<Vec<Seq>>,
-    /// Per route: the rebalance target receiving the current batch.
+    /// Per route: the rebalance target receiving the next record.
     pub rr: Vec<u32>,
     /// Records partitioned but not sent yet, per (route, target).
     pub pending: Vec<RetainedBatch>,
@@ -489,7 +489,7 @@ pub struct Route {
     /// Batches of each target that left the buffers (sent, or sealed for the log): a
     /// latency marker waits until the batches holding the records before it have.
     released: Vec<u64>,
-    /// Rebalance: the target receiving the current batch.
+    /// Rebalance: the target receiving the next record.
     rr: usize,
 }
 
@@ -517,9 +517,10 @@ pub struct Router {
     /// DCAS: every batch sent, until its receiver logged it; `None` without DCAS. With it,
     /// a channel whose receiver went away is detached instead of failing the subtask.
     retained: Option<RetainedOutput>,
-    /// Hash routes: buffers that reached the batch size while records were partitioned,
-    /// cut there, oldest first: a buffer never grows past a batch (no reallocation, and no
-    /// split leaving a small batch behind). Sent (or sealed) before the buffers.
+    /// Hash and rebalance routes: buffers that reached the batch size while records were
+    /// dealt out, cut there, oldest first: a buffer never grows past a batch (no
+    /// reallocation, and no split leaving a small batch behind). Sent (or sealed) before
+    /// the buffers.
     full: VecDeque<((usize, usize), Vec<Record>)>,
     /// DCAS (log before release): batches cut from the buffers, oldest first, each waiting
     /// until the input log holds the entries its records came from.
@@ -588,15 +589,6 @@ impl Router {
     /// whose receiver went away instead of failing.
     pub fn retain_output(&mut self) {
         self.retained.get_or_insert_with(RetainedOutput::default);
-    }
-
-    /// True when each record's channel (and so its seq) follows from the records before it
-    /// alone: no route deals records out round-robin over several targets, where a batch
-    /// cut by the linger timeout moves the records after it to another channel.
-    pub fn routes_by_record(&self) -> bool {
-        self.routes
-            .iter()
-            .all(|r| !matches!(r.exchange, Exchange::Rebalance) || r.targets.len() == 1)
     }
 
     /// True when the router has somewhere to send (a subtask without routes ends in
@@ -874,29 +866,42 @@ impl Router {
         let size = self.batch_size;
         let full = &mut self.full;
         let route = &mut self.routes[r];
+        let n = route.targets.len();
+        // Puts one record into target `t`'s buffer, cutting the buffer when it is full.
+        let mut put = |t: usize, rec: Record| {
+            let buf = &mut route.buffers[t];
+            if buf.capacity() == 0 {
+                buf.reserve_exact(size);
+            }
+            buf.push(rec);
+            if buf.len() >= size {
+                full.push_back(((r, t), std::mem::replace(buf, Vec::with_capacity(size))));
+            }
+        };
         match &route.exchange {
             // With one target every exchange but broadcast is a forward: skip hashing.
-            Exchange::Forward | Exchange::Rebalance | Exchange::Hash(_)
-                if route.targets.len() == 1 =>
-            {
-                // Copied, not swapped: see `Exchange::Forward` below.
-                route.buffers[0].append(records);
-            }
-            Exchange::Forward | Exchange::Rebalance => {
-                let buf = &mut route.buffers[route.rr];
+            Exchange::Forward | Exchange::Rebalance | Exchange::Hash(_) if n == 1 => {
                 // Copied (one `memcpy`), not swapped in: the caller keeps its vector, which
                 // its core has in cache, and fills it again. Handing it over made the caller
                 // write its next records into memory the allocator recycled from the receiving
                 // core's batches, a cache-line transfer per record: a two-thread pipeline ran
                 // at 11 M records/s in one run of three, 24-29 M copying (BENCHMARKS.md).
-                buf.append(records);
-                if matches!(route.exchange, Exchange::Rebalance) && buf.len() >= self.batch_size {
-                    // The full buffer is sent by send_full; the next records go to the next target.
-                    route.rr = (route.rr + 1) % route.targets.len();
+                route.buffers[0].append(records);
+            }
+            // A forward route has one target (`deploy`): the arm above.
+            Exchange::Forward => route.buffers[0].append(records),
+            Exchange::Rebalance => {
+                // One record to each target in turn, so a record's channel and seq follow
+                // from the records before it alone, wherever the linger timer cut the
+                // batches: a DCAS replay, which has no timer, deals them out the same.
+                let mut t = route.rr;
+                for rec in records.drain(..) {
+                    put(t, rec);
+                    t = if t + 1 == n { 0 } else { t + 1 };
                 }
+                route.rr = t;
             }
             Exchange::Broadcast => {
-                let n = route.buffers.len();
                 for (i, buf) in route.buffers.iter_mut().enumerate() {
                     if i + 1 == n {
                         buf.append(records);
@@ -905,31 +910,16 @@ impl Router {
                     }
                 }
             }
-            Exchange::Hash(expr) => {
-                let n = route.targets.len();
-                let mut put = |t: usize, rec: Record| {
-                    let buf = &mut route.buffers[t];
-                    if buf.capacity() == 0 {
-                        buf.reserve_exact(size);
-                    }
-                    buf.push(rec);
-                    if buf.len() >= size {
-                        full.push_back(((r, t), std::mem::replace(buf, Vec::with_capacity(size))));
-                    }
-                };
-                match expr {
-                    None => {
-                        for rec in records.drain(..) {
-                            let h = rec.key.as_ref().map_or(0, |k| k.stable_hash());
-                            put(subtask_for_hash(h, n), rec);
-                        }
-                    }
-                    Some(e) => {
-                        for rec in records.drain(..) {
-                            let h = eval(e, &rec).map_err(RouteError::Partition)?.stable_hash();
-                            put(subtask_for_hash(h, n), rec);
-                        }
-                    }
+            Exchange::Hash(None) => {
+                for rec in records.drain(..) {
+                    let h = rec.key.as_ref().map_or(0, |k| k.stable_hash());
+                    put(subtask_for_hash(h, n), rec);
+                }
+            }
+            Exchange::Hash(Some(e)) => {
+                for rec in records.drain(..) {
+                    let h = eval(e, &rec).map_err(RouteError::Partition)?.stable_hash();
+                    put(subtask_for_hash(h, n), rec);
                 }
             }
         }
@@ -1906,23 +1896,47 @@ mod tests {
         assert_eq!(caught_up(), 5, "the backlog of rewire 5 logged");
     }
 
-    /// Ensures only a round-robin route over several targets makes a record's channel
-    /// depend on more than the records before it (DCAS regenerating sources rely on it).
-    #[test]
-    fn only_rebalancing_over_several_targets_routes_by_batch() {
-        let router = |exchange: Exchange, n: usize| {
-            let targets = (0..n).map(|_| channel(4, 0).0).collect();
-            Router::new(
-                vec![Route::new(exchange, targets, 0)],
+    /// Ensures a rebalance route deals each record to the same channel, at the same seq,
+    /// however its batches were cut: a DCAS replay runs without the linger timer whose
+    /// flushes cut the live run's batches, and receivers drop records by seq. Dealt batch
+    /// by batch, the flushed run sent every record to the first target and the other run
+    /// half of them to the second: its receiver took replayed records twice.
+    #[tokio::test]
+    async fn rebalance_deals_records_whatever_cut_the_batches() {
+        let mut seen = Vec::new();
+        for flush_between in [true, false] {
+            let (t0, mut r0) = channel(64, 0);
+            let (t1, mut r1) = channel(64, 0);
+            let mut router = Router::new(
+                vec![Route::new(Exchange::Rebalance, vec![t0, t1], 1)],
                 10,
                 Default::default(),
-            )
-        };
-        assert!(router(Exchange::Hash(None), 3).routes_by_record());
-        assert!(router(Exchange::Broadcast, 3).routes_by_record());
-        assert!(router(Exchange::Forward, 1).routes_by_record());
-        assert!(router(Exchange::Rebalance, 1).routes_by_record());
-        assert!(!router(Exchange::Rebalance, 2).routes_by_record());
+            );
+            for i in 0..7 {
+                router.push(&mut recs(i * 3..i * 3 + 3)).await.unwrap();
+                if flush_between {
+                    router.flush().await.unwrap();
+                }
+            }
+            assert_eq!(
+                router.position().rr,
+                vec![0],
+                "21 records dealt from target 1"
+            );
+            router.broadcast(StreamEvent::EndOfStream).await.unwrap();
+            seen.push((drain(&mut r0).await, drain(&mut r1).await));
+        }
+        assert_eq!(seen[0], seen[1]);
+        let odd: Vec<i64> = seen[0]
+            .1
+            .iter()
+            .map(|r| r.value.as_int().unwrap())
+            .collect();
+        assert_eq!(
+            odd,
+            (0..21).step_by(2).collect::<Vec<_>>(),
+            "target 1 first"
+        );
     }
 
     #[tokio::test]

@@ -487,8 +487,9 @@ enum Stop {
 impl SubtaskRunner {
     /// True when, under DCAS, the subtask needs no input log: its source is replayable
     /// ([`Source::replayable`]: its records are a function of its position), every operator
-    /// of its chain is [record-driven](crate::operator::Operator::record_driven), and its
-    /// routes send each record to a channel the records before it decide. Restored from
+    /// of its chain is [record-driven](crate::operator::Operator::record_driven), and every
+    /// route sends each record to a channel the records before it decide (all of them do:
+    /// `Router::push_route`). Restored from
     /// its snapshot, it then emits again exactly what it emitted after the snapshot, the same
     /// records with the same seqs, whatever the pace of its polls; so nothing it polls needs
     /// logging, and its output need not wait for a log (log before release holds trivially).
@@ -501,7 +502,6 @@ impl SubtaskRunner {
         self.dcas.is_some()
             && self.source.as_ref().is_some_and(|(_, s)| s.replayable())
             && self.chain.iter().all(|c| c.op.record_driven())
-            && self.router.routes_by_record()
     }
 
     /// DCAS with an input log: the subtask's log and snapshots, unless it regenerates.
