@@ -479,7 +479,19 @@ impl CacheClient {
         value: Vec<u8>,
         version: u64,
     ) -> Result<Result<u64, u64>, CacheError> {
-        let p = self.map_partition(map, key);
+        self.put_if_version_in(self.map_partition(map, key), map, key, value, version)
+            .await
+    }
+
+    /// [`CacheClient::put_if_version`] in partition `p` (as [`CacheClient::put_in`]).
+    pub async fn put_if_version_in(
+        &self,
+        p: u32,
+        map: &str,
+        key: &[u8],
+        value: Vec<u8>,
+        version: u64,
+    ) -> Result<Result<u64, u64>, CacheError> {
         let op = Op::PutIfVersion {
             map: map.into(),
             key: key.into(),

@@ -98,6 +98,20 @@ pub enum DcasError {
     /// The log writer stopped (after an earlier error).
     #[error("log writer of {0} stopped")]
     Stopped(String),
+    /// The whole snapshot changed since this incarnation of the subtask read or wrote it:
+    /// an earlier incarnation's store landed late. Not overwritten.
+    #[error(
+        "snapshot {key} was written by another incarnation of its subtask \
+         (version {current}, this one expected {expected})"
+    )]
+    Superseded {
+        /// The snapshot's key.
+        key: String,
+        /// The entry's version now.
+        current: u64,
+        /// The version this incarnation read or wrote last.
+        expected: u64,
+    },
 }
 
 /// Where one subtask's DCAS entries live.
@@ -872,9 +886,20 @@ impl SnapshotStore {
     }
 
     /// Stores `snap`, then trims the log up to its offset. A whole snapshot replaces the
-    /// previous one and drops the incremental ones (the list then ends at its id + 1); an
-    /// incremental one is appended to them at its id. Returns the snapshot's size in bytes.
-    pub async fn store(&self, snap: &DcasSnapshot) -> Result<usize, DcasError> {
+    /// previous one, only if that is still at `version` (the one this incarnation of the
+    /// subtask loaded or stored last), and drops the incremental ones (the list then ends at
+    /// its id + 1); an incremental one is appended to them at its id. Returns the
+    /// snapshot's size in bytes and the whole snapshot's version after it.
+    ///
+    /// The version fences incarnations: a subtask that stopped (killed through the REST
+    /// API, say) while its store waited on a slow cache may see that store land after its
+    /// successor loaded. Written blindly, it would replace the successor's whole snapshot
+    /// with an older state that the successor's incremental ones would then be applied to.
+    pub async fn store(
+        &self,
+        snap: &DcasSnapshot,
+        version: u64,
+    ) -> Result<(usize, u64), DcasError> {
         let value = encode(snap).map_err(|source| DcasError::Codec {
             what: format!("encoding snapshot {}", snap.id),
             source,
@@ -882,13 +907,19 @@ impl SnapshotStore {
         let size = value.len();
         let (p, names) = (self.partition()?, &self.names);
         let value = value.to_vec();
+        let mut version = version;
         if snap.follows.is_none() {
-            retrying(&self.client, "storing a snapshot", || {
+            let put = retrying(&self.client, "storing a snapshot", || {
                 self.client
-                    .put_in(p, &names.map, &names.key, value.clone(), None)
+                    .put_if_version_in(p, &names.map, &names.key, value.clone(), version)
             })
             .await
             .map_err(|e| self.cache_error("storing a snapshot", e))?;
+            version = put.map_err(|current| DcasError::Superseded {
+                key: String::from_utf8_lossy(&names.key).into_owned(),
+                current,
+                expected: version,
+            })?;
             retrying(&self.client, "dropping incremental snapshots", || {
                 self.client.trim_prefix(p, &names.changes, snap.id + 1)
             })
@@ -916,14 +947,15 @@ impl SnapshotStore {
         })
         .await
         .map_err(|e| self.cache_error("trimming the log", e))?;
-        Ok(size)
+        Ok((size, version))
     }
 
     /// The latest stored snapshot: the last whole one and the incremental ones after it,
-    /// oldest first (empty before the first snapshot). The whole one and the list of
-    /// incremental ones are read at once: a whole snapshot at id `w` trims the list to
-    /// start at `w + 1`, and any entry left below (a store cut short) is skipped.
-    pub async fn load(&self) -> Result<Vec<DcasSnapshot>, DcasError> {
+    /// oldest first (empty before the first snapshot), and the whole one's version (0:
+    /// none). The whole one and the list of incremental ones are read at once: a whole
+    /// snapshot at id `w` trims the list to start at `w + 1`, and any entry left below (a
+    /// store cut short) is skipped.
+    pub async fn load(&self) -> Result<(Vec<DcasSnapshot>, u64), DcasError> {
         let (p, names) = (self.partition()?, &self.names);
         let whole = async {
             retrying(&self.client, "loading a snapshot", || {
@@ -933,8 +965,8 @@ impl SnapshotStore {
             .map_err(|e| self.cache_error("loading the snapshot", e))
         };
         let (whole, (first, items)) = tokio::try_join!(whole, self.range_all(&names.changes, 0))?;
-        let Some((bytes, _)) = whole else {
-            return Ok(Vec::new());
+        let Some((bytes, version)) = whole else {
+            return Ok((Vec::new(), 0));
         };
         let decoded = |bytes: &[u8], what: String| {
             decode::<DcasSnapshot>(bytes).map_err(|source| DcasError::Codec { what, source })
@@ -964,7 +996,7 @@ impl SnapshotStore {
             }
             chain.push(snap);
         }
-        Ok(chain)
+        Ok((chain, version))
     }
 
     /// Every log entry from index `from` to the end, in order, and the end index.
@@ -974,15 +1006,18 @@ impl SnapshotStore {
         Ok((tail.collect::<Result<_, _>>()?, end))
     }
 
-    /// The latest stored snapshot ([`SnapshotStore::load`]), the log entries after it and
-    /// the log's end. The log is read from its start beside the snapshot: it is trimmed
-    /// only once a snapshot is stored, so it never starts after the latest one's offset.
-    pub async fn load_with_log(&self) -> Result<(Vec<DcasSnapshot>, LogTail, u64), DcasError> {
-        let (chain, (first, items)) =
+    /// The latest stored snapshot and its version ([`SnapshotStore::load`]), the log
+    /// entries after it and the log's end. The log is read from its start beside the
+    /// snapshot: it is trimmed only once a snapshot is stored, so it never starts after the
+    /// latest one's offset.
+    pub async fn load_with_log(
+        &self,
+    ) -> Result<((Vec<DcasSnapshot>, u64), LogTail, u64), DcasError> {
+        let (loaded, (first, items)) =
             tokio::try_join!(self.load(), self.range_all(&self.names.log, 0))?;
-        let from = chain.last().map_or(0, |s| s.log_offset);
+        let from = loaded.0.last().map_or(0, |s| s.log_offset);
         let (tail, end) = self.log_tail(from, first, items)?;
-        Ok((chain, tail, end))
+        Ok((loaded, tail, end))
     }
 
     /// The entries from `from` of the log items read from index `first`, and the log's end.
@@ -1181,6 +1216,8 @@ pub struct Stored {
     pub whole: bool,
     /// Its encoded size.
     pub bytes: usize,
+    /// The whole snapshot's version after it.
+    pub version: u64,
     /// Per route, per target: the seq below which the receiver has logged everything.
     pub logged: Vec<Vec<Seq>>,
 }
@@ -1447,8 +1484,23 @@ pub struct DcasSubtask {
     log: Option<InputLog>,
     window: MicroWindow,
     next_id: u64,
-    in_flight: Option<oneshot::Receiver<Result<Stored, DcasError>>>,
+    /// The whole snapshot's version as this incarnation last read or wrote it.
+    version: u64,
+    in_flight: Option<InFlight>,
     acks: Acks,
+}
+
+/// A snapshot being stored in the background: its outcome, and the task, which stops
+/// when the subtask does (dropped with it).
+struct InFlight {
+    outcome: oneshot::Receiver<Result<Stored, DcasError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// How often a subtask publishes what it has logged and reads what its receivers have,
@@ -1523,6 +1575,7 @@ impl DcasSubtask {
             log: None,
             window: MicroWindow::new(config.every_records, config.interval),
             next_id: first_snapshot_id(config.generation),
+            version: 0,
             in_flight: None,
             acks: Acks::default(),
         }
@@ -1541,10 +1594,11 @@ impl DcasSubtask {
     /// first start) and the log entries after it, and starts the log writer after them.
     pub async fn load(&mut self) -> Result<(Vec<DcasSnapshot>, LogTail), DcasError> {
         let partition = self.store.place(self.me).await?;
-        let (snap, entries, end) = self.store.load_with_log().await?;
+        let ((snap, version), entries, end) = self.store.load_with_log().await?;
         if let Some(s) = snap.last() {
             self.next_id = s.id + 1;
         }
+        self.version = version;
         self.log = Some(InputLog::start_leased(
             self.store.client.clone(),
             partition,
@@ -1609,6 +1663,7 @@ impl DcasSubtask {
     fn stored(&mut self, result: &Result<Stored, DcasError>) {
         if let Ok(s) = result {
             self.links.stored(s.whole, s.bytes);
+            self.version = s.version;
         }
     }
 
@@ -1631,33 +1686,35 @@ impl DcasSubtask {
             .map(|(k, p)| (*k, p.next_seq))
             .collect();
         let outputs = self.outputs.clone();
-        let (tx, rx) = oneshot::channel();
-        self.in_flight = Some(rx);
-        tokio::spawn(async move {
+        let version = self.version;
+        let (tx, outcome) = oneshot::channel();
+        let task = tokio::spawn(async move {
             let result = async {
                 waiter.reached(snap.log_offset).await?;
                 lease.check(&store.names().changes, "storing a snapshot")?;
-                let bytes = store.store(&snap).await?;
+                let (bytes, version) = store.store(&snap, version).await?;
                 let logged = progress.exchange(&published, &outputs).await?;
                 Ok(Stored {
                     id: snap.id,
                     whole: snap.follows.is_none(),
                     bytes,
+                    version,
                     logged,
                 })
             }
             .await;
             let _ = tx.send(result);
         });
+        self.in_flight = Some(InFlight { outcome, task });
         Ok(())
     }
 
     /// Waits for the snapshot in flight (never returns when there is none).
     pub async fn done(&mut self) -> Result<Stored, DcasError> {
-        let Some(rx) = &mut self.in_flight else {
+        let Some(InFlight { outcome, .. }) = &mut self.in_flight else {
             return std::future::pending().await;
         };
-        let result = rx
+        let result = outcome
             .await
             .unwrap_or_else(|_| Err(DcasError::Stopped(self.store.names.log.clone())));
         self.in_flight = None;
@@ -1667,8 +1724,8 @@ impl DcasSubtask {
 
     /// The snapshot in flight, if it finished.
     pub fn try_done(&mut self) -> Option<Result<Stored, DcasError>> {
-        let rx = self.in_flight.as_mut()?;
-        let result = match rx.try_recv() {
+        let InFlight { outcome, .. } = self.in_flight.as_mut()?;
+        let result = match outcome.try_recv() {
             Ok(r) => r,
             Err(oneshot::error::TryRecvError::Empty) => return None,
             Err(oneshot::error::TryRecvError::Closed) => {
@@ -2186,8 +2243,9 @@ mod tests {
             },
             committed: Some(7),
         };
-        assert!(store.store(&snap).await.unwrap() > 0);
-        assert_eq!(store.load().await.unwrap(), vec![snap.clone()]);
+        let (bytes, first) = store.store(&snap, 0).await.unwrap();
+        assert!(bytes > 0);
+        assert_eq!(store.load().await.unwrap(), (vec![snap.clone()], first));
         let (tail, end) = store.read_log(1500).await.unwrap();
         assert_eq!((tail.len(), end), (500, 2000));
         assert_eq!(tail[0], pushed[1500]);
@@ -2204,27 +2262,42 @@ mod tests {
             ..snap.clone()
         };
         let (second, third) = (link(2, 1600), link(3, 1700));
-        store.store(&second).await.unwrap();
-        store.store(&third).await.unwrap();
+        assert_eq!(store.store(&second, first).await.unwrap().1, first);
+        store.store(&third, first).await.unwrap();
         let chain = vec![snap.clone(), second, third.clone()];
-        assert_eq!(store.load().await.unwrap(), chain);
+        assert_eq!(store.load().await.unwrap(), (chain, first));
         assert_eq!(store.read_log(1700).await.unwrap().0.len(), 300);
-        let err = store.store(&link(7, 1700)).await.unwrap_err();
+        let err = store.store(&link(7, 1700), first).await.unwrap_err();
         assert!(err.to_string().contains("does not follow"), "{err}");
         let whole = DcasSnapshot {
             id: 4,
             log_offset: 1800,
             ..snap.clone()
         };
-        store.store(&whole).await.unwrap();
-        assert_eq!(store.load().await.unwrap(), vec![whole.clone()]);
-        store.store(&link(5, 1900)).await.unwrap();
+        let (_, version) = store.store(&whole, first).await.unwrap();
+        assert!(version > first);
+        assert_eq!(store.load().await.unwrap(), (vec![whole.clone()], version));
+        store.store(&link(5, 1900), version).await.unwrap();
+        // An earlier incarnation's whole snapshot 4, stored late (it had read the first
+        // version), is refused: it would replace the newer whole one under the link that
+        // follows it, which would then be applied to an older state.
+        let late = DcasSnapshot {
+            id: 4,
+            log_offset: 1750,
+            ..snap.clone()
+        };
+        let err = store.store(&late, first).await.unwrap_err();
+        assert!(
+            matches!(err, DcasError::Superseded { current, expected, .. }
+                     if current == version && expected == first),
+            "{err}"
+        );
         assert_eq!(
             store.load().await.unwrap(),
-            vec![whole.clone(), link(5, 1900)]
+            (vec![whole.clone(), link(5, 1900)], version)
         );
         // A restart reads the snapshot and the log at once: the entries after the offset.
-        let (chain, tail, end) = store.load_with_log().await.unwrap();
+        let ((chain, _), tail, end) = store.load_with_log().await.unwrap();
         assert_eq!(chain, vec![whole.clone(), link(5, 1900)]);
         let tail: Vec<LogEntry> = tail.collect::<Result<_, _>>().unwrap();
         assert_eq!((tail.as_slice(), end), (&pushed[1900..], 2000));
@@ -2245,7 +2318,7 @@ mod tests {
             )
             .await
             .unwrap();
-        let (chain, tail, end) = store.load_with_log().await.unwrap();
+        let ((chain, _), tail, end) = store.load_with_log().await.unwrap();
         assert_eq!(chain, vec![cut]);
         assert_eq!(tail.len(), 50);
         let tail: Vec<LogEntry> = tail.collect::<Result<_, _>>().unwrap();
@@ -2603,7 +2676,7 @@ mod tests {
             router: RouterPosition::default(),
             committed: None,
         };
-        store.store(&trim).await.unwrap();
+        store.store(&trim, 0).await.unwrap();
         tokio::time::timeout(Duration::from_secs(5), log.synced())
             .await
             .expect("synced after the trim")
