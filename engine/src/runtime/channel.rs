@@ -888,9 +888,8 @@ impl Router {
                 // at 11 M records/s in one run of three, 24-29 M copying (BENCHMARKS.md).
                 route.buffers[0].append(records);
             }
-            // A forward route has one target (`deploy`): the arm above.
-            Exchange::Forward => route.buffers[0].append(records),
-            Exchange::Rebalance => {
+            // A forward route has one target (`deploy`), so it takes the arm above.
+            Exchange::Forward | Exchange::Rebalance => {
                 // One record to each target in turn, so a record's channel and seq follow
                 // from the records before it alone, wherever the linger timer cut the
                 // batches: a DCAS replay, which has no timer, deals them out the same.
@@ -1927,13 +1926,13 @@ mod tests {
             seen.push((drain(&mut r0).await, drain(&mut r1).await));
         }
         assert_eq!(seen[0], seen[1]);
-        let odd: Vec<i64> = seen[0]
+        let second: Vec<i64> = seen[0]
             .1
             .iter()
             .map(|r| r.value.as_int().unwrap())
             .collect();
         assert_eq!(
-            odd,
+            second,
             (0..21).step_by(2).collect::<Vec<_>>(),
             "target 1 first"
         );

@@ -898,7 +898,7 @@ impl SnapshotStore {
     pub async fn store(
         &self,
         snap: &DcasSnapshot,
-        version: u64,
+        mut version: u64,
     ) -> Result<(usize, u64), DcasError> {
         let value = encode(snap).map_err(|source| DcasError::Codec {
             what: format!("encoding snapshot {}", snap.id),
@@ -907,7 +907,6 @@ impl SnapshotStore {
         let size = value.len();
         let (p, names) = (self.partition()?, &self.names);
         let value = value.to_vec();
-        let mut version = version;
         if snap.follows.is_none() {
             let put = retrying(&self.client, "storing a snapshot", || {
                 self.client
