@@ -33,6 +33,8 @@ pub struct ClusterOptions {
     pub data_dir: Option<PathBuf>,
     /// Extra `jobmanager serve` flags.
     pub jobmanager_args: Vec<String>,
+    /// Extra `taskmanager` flags.
+    pub taskmanager_args: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -44,6 +46,7 @@ impl Default for ClusterOptions {
             token: None,
             data_dir: None,
             jobmanager_args: Vec::new(),
+            taskmanager_args: Vec::new(),
         }
     }
 }
@@ -194,6 +197,7 @@ impl Cluster {
                 &self.options.slots.to_string(),
             ])
             .args(["--exit-after-disconnect-ms", "2000"])
+            .args(&self.options.taskmanager_args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),

@@ -675,6 +675,53 @@ fn dcas_loss_beyond_backups_fails_cleanly() {
     }
 }
 
+/// Ensures a DCAS job whose state does not fit in the cache fails with a reason naming the
+/// memory limit, within the restarts it is allowed, instead of stalling: every write to a
+/// full member waits for room for a bounded time, then fails its subtask.
+#[test]
+fn dcas_state_beyond_the_cache_fails_naming_the_limit() {
+    // 200,000 users counted in a one-minute window: about 5 MB of state per subtask, in
+    // task managers with 2 MiB of cache each.
+    let spec = json!({
+        "name": "too-big-for-the-cache",
+        "checkpointing": {"mode": "dcas", "max_restarts": 1},
+        "operators": [
+            {"id": "events", "kind": "generator", "parallelism": 2,
+             "params": {"payload": "events", "rate": 300_000, "keys": 200_000, "seed": 7,
+                        "events_per_second": 20_000}},
+            {"id": "by_user", "kind": "key_by", "input": "events", "parallelism": 2,
+             "params": {"expr": "value.user"}},
+            {"id": "per_minute", "kind": "window_aggregate", "input": "by_user",
+             "parallelism": 2,
+             "params": {"window": {"tumbling_ms": 60_000},
+                        "aggs": [{"name": "events", "agg": "count"}]}},
+            {"id": "out", "kind": "collect", "input": "per_minute", "parallelism": 2}
+        ]
+    });
+    let c = Cluster::start(ClusterOptions {
+        taskmanagers: 3,
+        taskmanager_args: vec!["--cache-memory-mb".into(), "2".into()],
+        ..Default::default()
+    });
+    c.wait_cache_settled(3);
+    let id = c.submit(&spec.to_string());
+    let started = Instant::now();
+    let job = c.wait_for_end(&id, Duration::from_secs(120));
+    assert_eq!(job["state"], "FAILED", "{job}");
+    let failure = job["failure"].as_str().unwrap_or_default();
+    assert!(
+        failure.contains("restart limit (1) reached")
+            && failure.contains("cache full on")
+            && failure.contains("--cache-memory-mb"),
+        "the failure names the full cache and the flag: {failure}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(90),
+        "two attempts, each given up within the cache's wait: {:?}",
+        started.elapsed()
+    );
+}
+
 /// The DCAS wordcount of `count` lines at 8,000 a second, with a fallback checkpoint every
 /// `fallback_ms`.
 fn dcas_fallback_wordcount(fallback_ms: u64, count: u64) -> String {

@@ -24,7 +24,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why an operation failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CacheError {
-    /// The member holding the partition is over its memory limit; nothing was written.
+    /// A member holding the partition is over its memory limit: the primary (nothing was
+    /// written) or a backup (the primary applied it, unacknowledged; retrying the same
+    /// operation is safe either way).
     #[error("cache full on {member}: {used} of {limit} bytes used")]
     Full {
         /// The member's address.
@@ -289,6 +291,17 @@ impl CacheClient {
                                 OpResult::Failed(Failure::Full { used, limit }) => {
                                     results[i] = Some(Err(CacheError::Full {
                                         member: addr.clone(),
+                                        used,
+                                        limit,
+                                    }))
+                                }
+                                OpResult::Failed(Failure::BackupFull {
+                                    backup,
+                                    used,
+                                    limit,
+                                }) => {
+                                    results[i] = Some(Err(CacheError::Full {
+                                        member: backup,
                                         used,
                                         limit,
                                     }))

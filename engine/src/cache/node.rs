@@ -82,12 +82,23 @@ struct Started {
 
 impl Started {
     /// Waits for every confirmation; a write whose replica failed is answered
-    /// [`Failure::Replication`].
+    /// [`Failure::BackupFull`] when the backup had no room, [`Failure::Replication`]
+    /// otherwise.
     async fn finish(mut self, node: &Node) -> Response {
         let confirmations = join_all(self.waits.into_iter().map(|(i, pending)| async move {
             for (addr, rx) in pending {
-                let failure = match tokio::time::timeout(REPLICATION_TIMEOUT, rx).await {
+                let why = match tokio::time::timeout(REPLICATION_TIMEOUT, rx).await {
                     Ok(Ok(Ok(Response::Replicated(Ok(()))))) => continue,
+                    Ok(Ok(Ok(Response::Replicated(Err(Failure::Full { used, limit }))))) => {
+                        return Some((
+                            i,
+                            Failure::BackupFull {
+                                backup: addr,
+                                used,
+                                limit,
+                            },
+                        ))
+                    }
                     Ok(Ok(Ok(Response::Replicated(Err(f))))) => format!("backup {addr}: {f:?}"),
                     Ok(Ok(Ok(other))) => format!("backup {addr} answered {other:?}"),
                     Ok(Ok(Err(e))) => format!("backup {addr}: {e}"),
@@ -97,13 +108,13 @@ impl Started {
                         REPLICATION_TIMEOUT.as_millis()
                     ),
                 };
-                return Some((i, failure));
+                return Some((i, Failure::Replication(why)));
             }
             None
         }))
         .await;
-        for (i, why) in confirmations.into_iter().flatten() {
-            self.results[i] = OpResult::Failed(Failure::Replication(why));
+        for (i, failure) in confirmations.into_iter().flatten() {
+            self.results[i] = OpResult::Failed(failure);
         }
         node.record_latency(self.started);
         Response::Ops(self.results, self.table)

@@ -169,13 +169,17 @@ async fn a_retried_append_at_reaches_the_backup_that_refused_it() {
     let p = client.partition_avoiding("log", small);
     let item = |b: u8| vec![vec![b; 40 << 10]];
     assert_eq!(client.append_at(p, "log", 0, item(0)).await, Ok(Ok(0)));
-    // The backup has no room for a second 40 KiB item; the primary applied it.
+    // The backup has no room for a second 40 KiB item; the primary applied it. The
+    // refusal names the backup, as a full member (a writer waits for room and retries).
+    let backup = c.nodes[1].1.local_addr().to_string();
     let err = client.append_at(p, "log", 1, item(1)).await.unwrap_err();
-    assert!(matches!(err, CacheError::Unacknowledged(_)), "{err}");
-    assert!(err.to_string().contains("Full"), "{err}");
+    assert!(
+        matches!(&err, CacheError::Full { member, limit, .. } if *member == backup && *limit == 64 << 10),
+        "{err}"
+    );
     assert_eq!(client.len(p, "log").await.unwrap(), (0, 2));
     let err = client.append_at(p, "log", 1, item(1)).await.unwrap_err();
-    assert!(matches!(err, CacheError::Unacknowledged(_)), "{err}");
+    assert!(matches!(err, CacheError::Full { .. }), "{err}");
     // A trim (replicated) frees the backup; the retry lands there too.
     client.trim_prefix(p, "log", 1).await.unwrap();
     assert_eq!(client.append_at(p, "log", 1, item(1)).await, Ok(Ok(1)));
@@ -217,7 +221,7 @@ async fn a_retried_conditional_put_reaches_the_backup_that_refused_it() {
         .put_if_version("m", &key, value.clone(), 0)
         .await
         .unwrap_err();
-    assert!(matches!(err, CacheError::Unacknowledged(_)), "{err}");
+    assert!(matches!(err, CacheError::Full { .. }), "{err}");
     // Room on the backup again; the retry is answered as the put's and replicated.
     client.trim_prefix(filler, "fill", 1).await.unwrap();
     assert_eq!(

@@ -167,6 +167,17 @@ pub enum Failure {
         /// The partition.
         partition: u32,
     },
+    /// Applied on the primary, but a backup is over its memory limit and refused it: not
+    /// acknowledged, and retried like [`Failure::Full`] (a retry of the same operation finds
+    /// its own write on the primary and replicates it again).
+    BackupFull {
+        /// The backup's address.
+        backup: String,
+        /// Bytes it holds.
+        used: u64,
+        /// Its limit.
+        limit: u64,
+    },
     /// Applied on the primary, but a backup did not confirm: the write may or may not
     /// survive a failure. Never counts as acknowledged.
     Replication(String),

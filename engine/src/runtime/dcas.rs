@@ -40,8 +40,13 @@ use crate::record::{Batch, Delivery, Record, Seq, StreamEvent};
 const MAX_GROUP: usize = 256;
 /// Log entries read per range request on replay.
 const READ_PAGE: u64 = 512;
-/// Wait before retrying an append the cache refused as full (backpressure).
+/// Wait before retrying a write the cache refused as full (backpressure).
 const FULL_BACKOFF: Duration = Duration::from_millis(20);
+/// How long a write waits for a full cache to free room (trims after other subtasks'
+/// snapshots) before the subtask fails with a reason naming the memory limit. A cache
+/// that frees nothing in this time holds more state and log than fits, and waiting longer
+/// would stall the job with no sign of why.
+const FULL_WAIT: Duration = Duration::from_secs(10);
 /// First wait before retrying an append whose member went away (doubling up to
 /// [`FULL_BACKOFF`]), cut short when a newer partition table arrives: the master promotes
 /// the backups within milliseconds, and every subtask whose log lived there waits for the
@@ -72,7 +77,7 @@ impl Backoff {
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum DcasError {
     /// The cache refused or failed an operation.
-    #[error("{what}: {source}")]
+    #[error("{what}: {source}{}", full_hint(source))]
     Cache {
         /// What was being done.
         what: String,
@@ -112,6 +117,18 @@ pub enum DcasError {
         /// The version this incarnation read or wrote last.
         expected: u64,
     },
+}
+
+/// What a [`CacheError::Full`] that outlasted [`FULL_WAIT`] tells the user to do.
+fn full_hint(e: &CacheError) -> String {
+    match e {
+        CacheError::Full { .. } => format!(
+            ", for {} s: the job's snapshots and input logs need more memory than the cache \
+             has (raise the task managers' --cache-memory-mb, or add task managers)",
+            FULL_WAIT.as_secs()
+        ),
+        _ => String::new(),
+    }
 }
 
 /// Where one subtask's DCAS entries live.
@@ -488,7 +505,8 @@ const TRANSIENT_RETRY: Duration = Duration::from_secs(20);
 
 /// Runs an idempotent cache operation of `client`, retrying it while the cache recovers
 /// from a member's loss (outcome unknown, timeout, no member reachable) for up to
-/// [`TRANSIENT_RETRY`]: as soon as the client has a newer table, or after a backoff.
+/// [`TRANSIENT_RETRY`]: as soon as the client has a newer table, or after a backoff; and
+/// while a member refuses it for room, for up to [`FULL_WAIT`] in all.
 async fn retrying<T, F, Fut>(client: &CacheClient, what: &str, op: F) -> Result<T, CacheError>
 where
     F: FnMut() -> Fut,
@@ -511,9 +529,22 @@ where
     let started = tokio::time::Instant::now();
     let mut backoff = Backoff::new(TRANSIENT_BACKOFF, FULL_BACKOFF);
     let mut retries = 0u32;
+    let mut full_since = None;
     loop {
         let epoch = client.table().epoch;
         match op().await {
+            // Refused for room, on the primary or a backup: wait for trims (backpressure).
+            Err(e @ CacheError::Full { .. }) if open() => {
+                let since = *full_since.get_or_insert_with(|| {
+                    warn!(what, error = %e, wait_s = FULL_WAIT.as_secs(), "Cache full; waiting for room.");
+                    tokio::time::Instant::now()
+                });
+                if since.elapsed() >= FULL_WAIT {
+                    return Err(e);
+                }
+                tokio::time::sleep(FULL_BACKOFF).await;
+                retries += 1;
+            }
             Ok(v) if retries > 0 => {
                 // What a member's loss cost a subtask that did not fail.
                 let stalled_us = started.elapsed().as_micros() as u64;
@@ -539,10 +570,11 @@ where
 }
 
 /// Appends `items` at index `next` ([`Op::AppendAt`](crate::protocol::cache::Op)), retrying
-/// while the cache is full (backpressure) or recovering from a member's loss; `Err(end)`
-/// when the list ends elsewhere. An attempt whose outcome is unknown may have landed on the
-/// primary but not on a backup: its retry replicates the items again, so success always
-/// means every replica holds them (a primary's length alone would not).
+/// while the cache is full (backpressure, up to [`FULL_WAIT`]) or recovering from a
+/// member's loss; `Err(end)` when the list ends elsewhere. An attempt whose outcome is
+/// unknown may have landed on the primary but not on a backup: its retry replicates the
+/// items again, so success always means every replica holds them (a primary's length alone
+/// would not).
 async fn append_at(
     client: &CacheClient,
     partition: u32,
@@ -551,17 +583,8 @@ async fn append_at(
     items: &[Vec<u8>],
     open: impl Fn() -> bool,
 ) -> Result<Result<u64, u64>, CacheError> {
-    retrying_while(client, list, &open, || async {
-        loop {
-            match client
-                .append_at(partition, list, next, items.to_vec())
-                .await
-            {
-                // Refused, nothing written: wait for trims to free memory (backpressure).
-                Err(CacheError::Full { .. }) if open() => tokio::time::sleep(FULL_BACKOFF).await,
-                other => return other,
-            }
-        }
+    retrying_while(client, list, open, || {
+        client.append_at(partition, list, next, items.to_vec())
     })
     .await
 }
@@ -2680,5 +2703,49 @@ mod tests {
             .await
             .expect("synced after the trim")
             .unwrap();
+    }
+
+    /// Ensures a write to a full cache waits for room (a trim elsewhere lets it through),
+    /// and after [`FULL_WAIT`] without room fails with a reason naming the memory flag
+    /// instead of waiting for ever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_cache_holds_writes_back_then_fails_naming_the_limit() {
+        let c = Cluster::start(2, 64 << 10).await;
+        let client = c.client().await;
+        let p = client.list_partition("log");
+        let item = || vec![vec![1u8; 8 << 10]];
+        let mut next = 0;
+        while let Ok(Ok(_)) = client.append_at(p, "log", next, item()).await {
+            next += 1;
+            assert!(next < 64, "64 KiB fill up");
+        }
+        let waiting = tokio::spawn({
+            let client = client.clone();
+            async move { append_at(&client, p, "log", next, &item(), || true).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "held back while the cache is full");
+        client.trim_prefix(p, "log", next).await.unwrap();
+        assert_eq!(waiting.await.unwrap(), Ok(Ok(next)));
+
+        while let Ok(Ok(_)) = client.append_at(p, "log", next + 1, item()).await {
+            next += 1;
+        }
+        let started = std::time::Instant::now();
+        let items = item();
+        let gives_up = append_at(&client, p, "log", next + 1, &items, || true);
+        let err = tokio::time::timeout(FULL_WAIT * 3, gives_up)
+            .await
+            .expect("gives up waiting for room")
+            .unwrap_err();
+        assert!(started.elapsed() >= FULL_WAIT, "{:?}", started.elapsed());
+        assert!(matches!(err, CacheError::Full { .. }), "{err}");
+        let err = DcasError::Cache {
+            what: "appending 1 entries to log".into(),
+            source: err,
+        }
+        .to_string();
+        assert!(err.contains("cache full on 127.0.0.1:"), "{err}");
+        assert!(err.contains("--cache-memory-mb"), "{err}");
     }
 }
