@@ -25,8 +25,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CacheError {
     /// A member holding the partition is over its memory limit: the primary (nothing was
-    /// written) or a backup (the primary applied it, unacknowledged; retrying the same
-    /// operation is safe either way).
+    /// written) or a backup (the primary applied it, unacknowledged). Retrying the same
+    /// operation is safe either way: a plain `Append` refused by a backup, whose retry
+    /// would append its items again, is answered [`CacheError::Unacknowledged`] instead.
     #[error("cache full on {member}: {used} of {limit} bytes used")]
     Full {
         /// The member's address.
@@ -294,6 +295,15 @@ impl CacheClient {
                                         used,
                                         limit,
                                     }))
+                                }
+                                OpResult::Failed(Failure::BackupFull {
+                                    backup,
+                                    used,
+                                    limit,
+                                }) if matches!(ops[i].1, Op::Append { .. }) => {
+                                    results[i] = Some(Err(CacheError::Unacknowledged(format!(
+                                        "backup {backup} is full ({used} of {limit} bytes used)"
+                                    ))))
                                 }
                                 OpResult::Failed(Failure::BackupFull {
                                     backup,

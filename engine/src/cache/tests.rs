@@ -194,6 +194,28 @@ async fn a_retried_append_at_reaches_the_backup_that_refused_it() {
     assert_eq!(client.range(p, "log", 0, 10).await.unwrap(), (1, item(1)));
 }
 
+/// A plain append the primary applied but a backup refused for room is answered as of
+/// unknown outcome, not as a full cache: its retry would append the items a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_append_a_full_backup_refused_is_not_called_full() {
+    let c = Cluster::start_with_limits(&[1 << 30, 64 << 10]).await;
+    let client = c.client().await;
+    let small = c.nodes[1].0;
+    let p = client.partition_avoiding("log", small);
+    let item = || vec![vec![0u8; 40 << 10]];
+    assert_eq!(client.append(p, "log", item()).await, Ok(0));
+    let err = client.append(p, "log", item()).await.unwrap_err();
+    assert!(
+        matches!(&err, CacheError::Unacknowledged(why) if why.contains("is full")),
+        "{err}"
+    );
+    assert_eq!(
+        client.len(p, "log").await.unwrap(),
+        (0, 2),
+        "the primary has it"
+    );
+}
+
 /// The same for a conditional put (how DCAS records where a log lives): the retry finds
 /// its own write on the primary, where before it was refused as a conflict and the backup
 /// never got the entry, which was then gone once the backup was promoted.

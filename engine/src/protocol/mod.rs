@@ -28,4 +28,4 @@ pub mod frame;
 /// mean different things. A layout change mostly fails to decode on its own; a change of
 /// meaning with the same layout (a field reinterpreted) would not, so bump this on any
 /// change to any of them.
-pub const WIRE_VERSION: u32 = 3;
+pub const WIRE_VERSION: u32 = 4;
