@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::channel::{InputPosition, RouterPosition};
 use crate::cache::{CacheClient, CacheError};
@@ -357,28 +357,43 @@ impl InputLog {
     /// Starts the writer of list `names.log` in partition `partition`, whose next index is
     /// `next` (0 for a new log; after a restore, the list's end).
     pub fn start(client: CacheClient, partition: u32, list: String, next: u64) -> InputLog {
-        InputLog::start_leased(client, partition, list, next, Lease::default())
+        InputLog::start_leased(client, partition, list, next, Vec::new(), Lease::default())
     }
 
-    /// [`InputLog::start`] for a writer that stops appending once `lease` lapses.
+    /// [`InputLog::start`] for a writer that stops appending once `lease` lapses, and
+    /// first replicates `tail`, the last entries below `next` that a restart read from the
+    /// log ([`replicate_tail`]).
     pub fn start_leased(
         client: CacheClient,
         partition: u32,
         list: String,
         next: u64,
+        tail: Vec<Vec<u8>>,
         lease: Lease,
     ) -> InputLog {
         let (tx, rx) = mpsc::unbounded_channel();
         let (logged_tx, logged) = watch::channel(Ok(next));
-        tokio::spawn(write_log(
-            client,
-            partition,
-            list.clone(),
-            next,
-            rx,
-            logged_tx,
-            lease,
-        ));
+        let writer = {
+            let list = list.clone();
+            async move {
+                if !tail.is_empty() {
+                    let replicated = match lease.check(&list, "appending") {
+                        Ok(()) => {
+                            let open = || !logged_tx.is_closed();
+                            replicate_tail(&client, partition, &list, next, &tail, open).await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = replicated {
+                        warn!(list = %list, error = %e, "Input log not replicated; the log stops here.");
+                        let _ = logged_tx.send(Err(e));
+                        return;
+                    }
+                }
+                write_log(client, partition, list, next, rx, logged_tx, lease).await
+            }
+        };
+        tokio::spawn(writer);
         InputLog {
             tx,
             next,
@@ -506,7 +521,7 @@ const TRANSIENT_RETRY: Duration = Duration::from_secs(20);
 /// Runs an idempotent cache operation of `client`, retrying it while the cache recovers
 /// from a member's loss (outcome unknown, timeout, no member reachable) for up to
 /// [`TRANSIENT_RETRY`]: as soon as the client has a newer table, or after a backoff; and
-/// while a member refuses it for room, for up to [`FULL_WAIT`] in all.
+/// while the members refuse it for room, for up to [`FULL_WAIT`] in a row.
 async fn retrying<T, F, Fut>(client: &CacheClient, what: &str, op: F) -> Result<T, CacheError>
 where
     F: FnMut() -> Fut,
@@ -534,9 +549,10 @@ where
         let epoch = client.table().epoch;
         match op().await {
             // Refused for room, on the primary or a backup: wait for trims (backpressure).
+            // Steady backpressure holds many writes back a little: not worth a warning each.
             Err(e @ CacheError::Full { .. }) if open() => {
                 let since = *full_since.get_or_insert_with(|| {
-                    warn!(what, error = %e, wait_s = FULL_WAIT.as_secs(), "Cache full; waiting for room.");
+                    debug!(what, error = %e, wait_s = FULL_WAIT.as_secs(), "Cache full; waiting for room.");
                     tokio::time::Instant::now()
                 });
                 if since.elapsed() >= FULL_WAIT {
@@ -546,7 +562,7 @@ where
                 retries += 1;
             }
             Ok(v) if retries > 0 => {
-                // What a member's loss cost a subtask that did not fail.
+                // What a member's loss, or a full cache, cost a subtask that did not fail.
                 let stalled_us = started.elapsed().as_micros() as u64;
                 info!(
                     what,
@@ -560,6 +576,9 @@ where
                 | CacheError::NoMembers(_)),
             ) if open() && started.elapsed() < TRANSIENT_RETRY => {
                 let pause = backoff.pause();
+                // A failover between two refusals for room: the new primary's wait for
+                // room starts afresh (this arm ends at TRANSIENT_RETRY in any case).
+                full_since = None;
                 warn!(what, error = %e, retry_within_ms = pause.as_millis() as u64, "Cache operation failed; retrying.");
                 client.table_after(epoch, pause).await;
                 retries += 1;
@@ -587,6 +606,44 @@ async fn append_at(
         client.append_at(partition, list, next, items.to_vec())
     })
     .await
+}
+
+/// A restarted writer's first write: `tail`, the last entries below `next` that the
+/// restart read from the log's primary and replays (at most [`MAX_GROUP`], one append's
+/// worth), appended at their index again. An earlier incarnation's last append (a writer stops at its first
+/// failure, a killed one in the middle of an append) may have landed on the primary alone,
+/// a backup having refused it (full, or gone); the primary answers this retry as landed
+/// and replicates it, so every backup holds what the replay read before the first new
+/// entry lands after it (a backup missing entries below a new one fills them with empty
+/// placeholders, which a later restart from that backup could not replay). A log that
+/// changed since it was read is left as it is: the writer's first append then stops on the
+/// changed end.
+async fn replicate_tail(
+    client: &CacheClient,
+    partition: u32,
+    list: &str,
+    next: u64,
+    tail: &[Vec<u8>],
+    open: impl Fn() -> bool,
+) -> Result<(), DcasError> {
+    let at = next - tail.len() as u64;
+    match append_at(client, partition, list, at, tail, open).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(end)) => {
+            warn!(
+                list,
+                end, at, "The log changed since the restart read it; not replicated again."
+            );
+            Ok(())
+        }
+        Err(source) => Err(DcasError::Cache {
+            what: format!(
+                "replicating the {} entries a restart read from {list}",
+                tail.len()
+            ),
+            source,
+        }),
+    }
 }
 
 /// The writer task: one append in flight, everything queued meanwhile in the next.
@@ -1626,6 +1683,8 @@ impl DcasSubtask {
             partition,
             self.store.names.log.clone(),
             end,
+            // At most the last append an earlier incarnation made (see `replicate_tail`).
+            entries.items.as_slice()[entries.items.len().saturating_sub(MAX_GROUP)..].to_vec(),
             self.lease.clone(),
         ));
         Ok((snap, entries))
@@ -2747,5 +2806,61 @@ mod tests {
         .to_string();
         assert!(err.contains("cache full on 127.0.0.1:"), "{err}");
         assert!(err.contains("--cache-memory-mb"), "{err}");
+    }
+
+    /// Ensures a restarted writer first replicates the entries it read, so an append an
+    /// earlier incarnation left on the primary alone (its backup was full) reaches the
+    /// backup before a new entry lands after it; the promoted backup then holds the log the
+    /// replay read, where before it held an empty placeholder in its place.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restarted_writer_replicates_what_it_read_before_appending() {
+        let mut c = Cluster::start_with_limits(&[1 << 30, 64 << 10]).await;
+        let client = c.client().await;
+        let (big, small) = (c.nodes[0].0, c.nodes[1].0);
+        let p = client.partition_avoiding("log", small);
+        let filler = client.partition_avoiding("fill", small);
+        let item = |b: u8| vec![b; 20 << 10];
+        assert_eq!(
+            client.append_at(p, "log", 0, vec![item(1)]).await,
+            Ok(Ok(0))
+        );
+        client
+            .append(filler, "fill", vec![vec![0; 40 << 10]])
+            .await
+            .unwrap();
+        // The earlier incarnation's last append: on the primary, refused by the backup.
+        let refused = client.append_at(p, "log", 1, vec![item(2)]).await;
+        assert!(
+            matches!(refused, Err(CacheError::Full { .. })),
+            "{refused:?}"
+        );
+        client.trim_prefix(filler, "fill", 1).await.unwrap();
+
+        // The restart read [item 1, item 2] from the primary and continues at 2.
+        let mut log = InputLog::start_leased(
+            client.clone(),
+            p,
+            "log".into(),
+            2,
+            vec![item(1), item(2)],
+            Lease::default(),
+        );
+        let e = LogEntry::input(0, StreamEvent::Data(batch(0, 4)));
+        assert_eq!(log.push(&e).unwrap(), 2);
+        log.synced().await.unwrap();
+
+        // The primary is lost: the promoted backup holds what the replay read.
+        c.nodes.retain(|(id, _)| *id != big);
+        assert!(c.master.leave(big).is_empty());
+        c.push();
+        let client = c.client().await;
+        let (first, items) = client.range(p, "log", 0, 10).await.unwrap();
+        assert_eq!(first, 0);
+        assert_eq!(items.len(), 3);
+        assert_eq!(
+            items[..2],
+            [item(1), item(2)],
+            "no placeholder in their place"
+        );
     }
 }
