@@ -300,21 +300,21 @@ impl CacheClient {
                                     backup,
                                     used,
                                     limit,
-                                }) if matches!(ops[i].1, Op::Append { .. }) => {
-                                    results[i] = Some(Err(CacheError::Unacknowledged(format!(
-                                        "backup {backup} is full ({used} of {limit} bytes used)"
-                                    ))))
-                                }
-                                OpResult::Failed(Failure::BackupFull {
-                                    backup,
-                                    used,
-                                    limit,
                                 }) => {
-                                    results[i] = Some(Err(CacheError::Full {
-                                        member: backup,
-                                        used,
-                                        limit,
-                                    }))
+                                    // A plain append may have landed on the primary: retrying
+                                    // it would append twice, so its outcome is unknown.
+                                    let error = if matches!(ops[i].1, Op::Append { .. }) {
+                                        CacheError::Unacknowledged(format!(
+                                            "backup {backup} is full ({used} of {limit} bytes used)"
+                                        ))
+                                    } else {
+                                        CacheError::Full {
+                                            member: backup,
+                                            used,
+                                            limit,
+                                        }
+                                    };
+                                    results[i] = Some(Err(error))
                                 }
                                 OpResult::Failed(Failure::Lost { partition }) => {
                                     results[i] = Some(Err(CacheError::Lost { partition }))

@@ -377,14 +377,12 @@ impl InputLog {
             let list = list.clone();
             async move {
                 if !tail.is_empty() {
-                    let replicated = match lease.check(&list, "appending") {
-                        Ok(()) => {
-                            let open = || !logged_tx.is_closed();
-                            replicate_tail(&client, partition, &list, next, &tail, open).await
-                        }
-                        Err(e) => Err(e),
+                    let open = || !logged_tx.is_closed();
+                    let replicated = async {
+                        lease.check(&list, "appending")?;
+                        replicate_tail(&client, partition, &list, next, &tail, open).await
                     };
-                    if let Err(e) = replicated {
+                    if let Err(e) = replicated.await {
                         warn!(list = %list, error = %e, "Input log not replicated; the log stops here.");
                         let _ = logged_tx.send(Err(e));
                         return;
@@ -610,14 +608,14 @@ async fn append_at(
 
 /// A restarted writer's first write: `tail`, the last entries below `next` that the
 /// restart read from the log's primary and replays (at most [`MAX_GROUP`], one append's
-/// worth), appended at their index again. An earlier incarnation's last append (a writer stops at its first
-/// failure, a killed one in the middle of an append) may have landed on the primary alone,
-/// a backup having refused it (full, or gone); the primary answers this retry as landed
-/// and replicates it, so every backup holds what the replay read before the first new
-/// entry lands after it (a backup missing entries below a new one fills them with empty
-/// placeholders, which a later restart from that backup could not replay). A log that
-/// changed since it was read is left as it is: the writer's first append then stops on the
-/// changed end.
+/// worth), appended at their index again. An earlier incarnation's last append (a writer
+/// stops at its first failure, a killed one in the middle of an append) may have landed on
+/// the primary alone, a backup having refused it (full, or gone); the primary answers this
+/// retry as landed and replicates it, so every backup holds what the replay read before
+/// the first new entry lands after it (a backup missing entries below a new one fills them
+/// with empty placeholders, which a later restart from that backup could not replay). A
+/// log that changed since it was read is left as it is: the writer's first append then
+/// stops on the changed end.
 async fn replicate_tail(
     client: &CacheClient,
     partition: u32,
