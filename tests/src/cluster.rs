@@ -370,7 +370,10 @@ impl Cluster {
 
     /// SIGKILLs the task manager processes `indices` at once: every signal is sent before
     /// the first process is reaped, so they die together, not one teardown after another.
-    pub fn kill_taskmanagers(&mut self, indices: &[usize]) {
+    /// Answers how long they took to exit (every thread of a process must be scheduled to
+    /// exit before its sockets close, so on a busy machine a SIGKILL takes milliseconds).
+    pub fn kill_taskmanagers(&mut self, indices: &[usize]) -> Duration {
+        let signalled = Instant::now();
         for &i in indices {
             let _ = self.tms[i].kill();
             self.killed.push(i);
@@ -378,6 +381,7 @@ impl Cluster {
         for &i in indices {
             let _ = self.tms[i].wait();
         }
+        signalled.elapsed()
     }
 
     /// Sends a signal (`STOP`, `CONT`, ...) to the `i`-th task manager process.
