@@ -385,15 +385,19 @@ fn compare_rates(
     let mut cpus = vec![Vec::new(); modes.len()];
     let mut cpu_ratios = vec![Vec::new(); modes.len()];
     for round in 0..rounds {
-        let got: Vec<(f64, f64)> = modes
-            .iter()
-            .map(|(_, m)| {
-                let cpu_before = c.taskmanagers_cpu_ms();
-                let rate = run_rate(c, &job(m), n).0;
-                let cpu_us = (c.taskmanagers_cpu_ms() - cpu_before) as f64 * 1000.0 / n as f64;
-                (rate, cpu_us)
-            })
-            .collect();
+        // Every other round runs the modes in reverse, so a machine whose load drifts
+        // during a round favours no mode over the rounds.
+        let mut order: Vec<usize> = (0..modes.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        let mut got = vec![(0.0, 0.0); modes.len()];
+        for i in order {
+            let cpu_before = c.taskmanagers_cpu_ms();
+            let rate = run_rate(c, &job(&modes[i].1), n).0;
+            let cpu_us = (c.taskmanagers_cpu_ms() - cpu_before) as f64 * 1000.0 / n as f64;
+            got[i] = (rate, cpu_us);
+        }
         eprintln!("round {round}: (records/s, task manager CPU µs/record) {got:?}");
         for (i, (r, cpu)) in got.iter().enumerate() {
             rates[i].push(*r);
