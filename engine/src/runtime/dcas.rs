@@ -262,6 +262,17 @@ impl Iterator for LogTail {
         let item = self.items.next()?;
         let at = self.next;
         self.next += 1;
+        if item.is_empty() {
+            // No entry encodes to nothing: this is the placeholder a backup keeps for an
+            // entry it never received (see `replicate_tail`), promoted since.
+            return Some(Err(DcasError::Corrupt {
+                list: self.list.clone(),
+                message: format!(
+                    "entry {at} is missing: the replica read holds an empty placeholder for an \
+                     append it never received"
+                ),
+            }));
+        }
         Some(LogEntry::decode(&item).map_err(|source| DcasError::Codec {
             what: format!("log entry {at} of {}", self.list),
             source,
@@ -2439,8 +2450,9 @@ mod tests {
         );
 
         // Entries decode as the replay takes them: one that does not decode is an error
-        // naming it when reached, after the good ones before it.
-        let garbage = vec![vec![1, 2]];
+        // naming it when reached, after the good ones before it; an empty placeholder is
+        // named as a missing entry.
+        let garbage = vec![vec![1, 2], Vec::new()];
         assert_eq!(
             client
                 .append_at(p, &names.log, 2001, garbage)
@@ -2450,12 +2462,14 @@ mod tests {
         );
         let (first, items) = store.range_all(&names.log, 1990).await.unwrap();
         let (tail, end) = store.log_tail(1995, first, items).unwrap();
-        assert_eq!((tail.len(), end), (7, 2002));
+        assert_eq!((tail.len(), end), (8, 2003));
         let decoded: Vec<_> = tail.collect();
         assert_eq!(decoded[0].as_ref().unwrap(), &pushed[1995]);
         assert!(decoded[..6].iter().all(Result::is_ok));
         let err = decoded[6].as_ref().unwrap_err().to_string();
         assert!(err.contains("log entry 2001 of"), "{err}");
+        let err = decoded[7].as_ref().unwrap_err().to_string();
+        assert!(err.contains("entry 2002 is missing"), "{err}");
         let err = store.read_log(1995).await.unwrap_err().to_string();
         assert!(err.contains("log entry 2001 of"), "{err}");
     }
