@@ -35,6 +35,7 @@ use crate::codec::{decode, encode, packed, CodecError};
 use crate::ids::TaskManagerId;
 use crate::protocol::control::OperatorState;
 use crate::record::{Batch, Delivery, Record, Seq, StreamEvent};
+use crate::telemetry::CpuTimes;
 
 /// Most log entries in one append.
 const MAX_GROUP: usize = 256;
@@ -1480,8 +1481,15 @@ const SMALL_LOG: u64 = 64 * 1024;
 /// after the last. A restart replays the log after its snapshot record by record (about
 /// 60 ns a record in `bench_dcas`), so for a map or a filter the log is nearly all of a
 /// restart, while their snapshots cost little: positions, and the output their receivers
-/// have not logged yet, kept packed. A keyed state costs its size to encode and store at
-/// every whole snapshot, so a subtask holding one keeps the interval.
+/// have not logged yet, kept packed.
+///
+/// A keyed state costs its size to encode and store at every whole snapshot, so a subtask
+/// holding one snapshots early only while the machine has CPU to spare ([`Headroom`]):
+/// once its log since the last snapshot outweighs its state, no sooner than a tenth of
+/// `interval` after the last. A restart then reads and replays no more than a snapshot
+/// writes. On saturated cores the same snapshots would cost throughput (`bench_dcas` (d)
+/// lost about 5 points to them), so there the subtask keeps the interval, and asks again
+/// a tenth of it later.
 #[derive(Clone, Copy, Debug)]
 struct MicroWindow {
     every_records: u64,
@@ -1496,6 +1504,9 @@ struct MicroWindow {
     log_at_last: u64,
     /// The operator state of the last whole snapshot started; `None` before the first.
     state_bytes: Option<u64>,
+    /// An early snapshot of a large state was refused for want of spare CPU: not asked
+    /// again before this.
+    early_from: Option<std::time::Instant>,
 }
 
 impl MicroWindow {
@@ -1509,6 +1520,7 @@ impl MicroWindow {
             last_input: now,
             log_at_last: 0,
             state_bytes: None,
+            early_from: None,
         }
     }
 
@@ -1526,11 +1538,20 @@ impl MicroWindow {
         self.last = now;
         self.log_at_last = log_bytes;
         self.state_bytes = state.or(self.state_bytes);
+        self.early_from = None;
     }
 
     /// When the next snapshot falls due, the log holding `log_bytes`; `None` while no
-    /// records arrived since the last.
+    /// records arrived since the last. A large state's early snapshot ([`Self::spare_at`])
+    /// counts: [`Self::due`] decides whether the CPU can spare it.
     fn due_at(&self, log_bytes: u64) -> Option<std::time::Instant> {
+        let due = self.regular_at(log_bytes)?;
+        Some(self.spare_at(log_bytes).map_or(due, |at| at.min(due)))
+    }
+
+    /// When the micro-window is full, its interval passed, the input paused, or a small
+    /// state's log grew enough.
+    fn regular_at(&self, log_bytes: u64) -> Option<std::time::Instant> {
         if self.records == 0 {
             return None;
         }
@@ -1545,14 +1566,89 @@ impl MicroWindow {
             .checked_add(QUIET)?
             .max(after(self.interval / 4)?);
         let due = after(self.interval).map_or(paused, |due| paused.min(due));
-        let logged = log_bytes.saturating_sub(self.log_at_last);
         let small = self.state_bytes.is_some_and(|s| s < SMALL_STATE);
-        let by_log = after(self.interval / 10).filter(|_| small && logged >= SMALL_LOG);
+        let by_log =
+            after(self.interval / 10).filter(|_| small && self.logged(log_bytes) >= SMALL_LOG);
         Some(by_log.map_or(due, |at| at.min(due)))
     }
 
-    fn due(&self, now: std::time::Instant, log_bytes: u64) -> bool {
-        self.due_at(log_bytes).is_some_and(|at| at <= now)
+    /// When a large state's log since the last snapshot outweighs it (and a refusal's wait
+    /// is over): an early snapshot, if the CPU can spare it.
+    fn spare_at(&self, log_bytes: u64) -> Option<std::time::Instant> {
+        let state = self.state_bytes.filter(|&s| s >= SMALL_STATE)?;
+        if self.records == 0 || self.logged(log_bytes) < state {
+            return None;
+        }
+        let at = self.last.checked_add(self.interval / 10)?;
+        Some(self.early_from.map_or(at, |from| at.max(from)))
+    }
+
+    /// Log bytes written since the last snapshot started.
+    fn logged(&self, log_bytes: u64) -> u64 {
+        log_bytes.saturating_sub(self.log_at_last)
+    }
+
+    /// True when a snapshot is due; `spare` tells whether the machine can spare the CPU
+    /// for a large state's early one (asked only then). Refused, it is asked again a
+    /// tenth of the interval later.
+    fn due(
+        &mut self,
+        now: std::time::Instant,
+        log_bytes: u64,
+        spare: impl FnOnce() -> bool,
+    ) -> bool {
+        if self.regular_at(log_bytes).is_some_and(|at| at <= now) {
+            return true;
+        }
+        if self.spare_at(log_bytes).is_none_or(|at| at > now) {
+            return false;
+        }
+        if spare() {
+            return true;
+        }
+        self.early_from = now.checked_add(self.interval / 10);
+        false
+    }
+}
+
+/// Whether the machine has had CPU to spare lately ([`MicroWindow`]): at least
+/// [`SPARE_CPU`] of its CPU time idle over the last [`SPARE_SPAN`] to twice that (Linux;
+/// never elsewhere). Read only when a large state's early snapshot is due, so at most
+/// every tenth of a snapshot interval.
+#[derive(Clone, Copy, Debug, Default)]
+struct Headroom {
+    /// The window's start: a reading at least [`SPARE_SPAN`] old once there is one.
+    older: Option<(std::time::Instant, CpuTimes)>,
+    /// The reading that becomes `older` once it is [`SPARE_SPAN`] old.
+    newer: Option<(std::time::Instant, CpuTimes)>,
+}
+
+/// The idle share of the machine's CPU time under which it has none to spare.
+const SPARE_CPU: f64 = 0.25;
+
+/// The shortest span [`Headroom`] measures over: `/proc/stat` counts in ticks of 10 ms
+/// per core, so a shorter one would be mostly rounding.
+const SPARE_SPAN: Duration = Duration::from_millis(50);
+
+impl Headroom {
+    fn spare(&mut self, now: std::time::Instant) -> bool {
+        CpuTimes::read().is_some_and(|times| self.spare_with(now, times))
+    }
+
+    /// [`Headroom::spare`] with the counters read at `now`.
+    fn spare_with(&mut self, now: std::time::Instant, times: CpuTimes) -> bool {
+        let aged = |r: Option<(std::time::Instant, CpuTimes)>| {
+            r.filter(|(at, _)| now.saturating_duration_since(*at) >= SPARE_SPAN)
+        };
+        let idle = aged(self.older).and_then(|(_, old)| times.idle_since(&old));
+        match aged(self.newer) {
+            Some(newer) => (self.older, self.newer) = (Some(newer), Some((now, times))),
+            None if self.newer.is_none() => {
+                (self.older, self.newer) = (Some((now, times)), Some((now, times)))
+            }
+            None => {}
+        }
+        idle.is_some_and(|idle| idle >= SPARE_CPU)
     }
 }
 
@@ -1571,6 +1667,7 @@ pub struct DcasSubtask {
     me: TaskManagerId,
     log: Option<InputLog>,
     window: MicroWindow,
+    headroom: Headroom,
     next_id: u64,
     /// The whole snapshot's version as this incarnation last read or wrote it.
     version: u64,
@@ -1662,6 +1759,7 @@ impl DcasSubtask {
             me: config.me,
             log: None,
             window: MicroWindow::new(config.every_records, config.interval),
+            headroom: Headroom::default(),
             next_id: first_snapshot_id(config.generation),
             version: 0,
             in_flight: None,
@@ -1712,8 +1810,16 @@ impl DcasSubtask {
     }
 
     /// True when a snapshot is due and none is in flight.
-    pub fn due(&self) -> bool {
-        self.in_flight.is_none() && self.window.due(std::time::Instant::now(), self.log_bytes())
+    pub fn due(&mut self) -> bool {
+        if self.in_flight.is_some() {
+            return false;
+        }
+        let (now, log_bytes, headroom) = (
+            std::time::Instant::now(),
+            self.log_bytes(),
+            &mut self.headroom,
+        );
+        self.window.due(now, log_bytes, || headroom.spare(now))
     }
 
     /// When the next snapshot falls due (if none is in flight and input arrived since the
@@ -2103,17 +2209,17 @@ mod tests {
         let mut w = MicroWindow::new(1_000, ms(200));
         w.started(t0, 0, None);
         assert_eq!(w.due_at(0), None, "no input, no snapshot");
-        assert!(!w.due(t0 + ms(10_000), 0));
+        assert!(!w.due(t0 + ms(10_000), 0, || false));
 
         // Full: due at once.
         w.consumed(1_000, t0 + ms(1));
-        assert!(w.due(t0 + ms(1), 0));
+        assert!(w.due(t0 + ms(1), 0, || false));
 
         // Steady input (a batch every 5 ms): only the interval makes it due.
         w.started(t0, 0, None);
         for i in 1..40 {
             w.consumed(10, t0 + ms(5 * i));
-            assert!(!w.due(t0 + ms(5 * i), 0), "due at {} ms", 5 * i);
+            assert!(!w.due(t0 + ms(5 * i), 0, || false), "due at {} ms", 5 * i);
         }
         assert_eq!(w.due_at(0), Some(t0 + ms(200)));
 
@@ -2121,7 +2227,7 @@ mod tests {
         w.started(t0, 0, None);
         w.consumed(500, t0 + ms(60));
         w.consumed(300, t0 + ms(61));
-        assert!(!w.due(t0 + ms(70), 0));
+        assert!(!w.due(t0 + ms(70), 0, || false));
         assert_eq!(w.due_at(0), Some(t0 + ms(61) + QUIET));
 
         // A burst right after a snapshot: not before a quarter interval.
@@ -2170,18 +2276,69 @@ mod tests {
             Some(t0 + ms(10)),
             "a tenth of the interval"
         );
-        assert!(!w.due(t0 + ms(9), 1_000 + SMALL_LOG));
-        assert!(w.due(t0 + ms(10), 1_000 + SMALL_LOG));
+        assert!(!w.due(t0 + ms(9), 1_000 + SMALL_LOG, || false));
+        assert!(w.due(t0 + ms(10), 1_000 + SMALL_LOG, || false));
 
-        // A keyed state keeps the interval, also after a small incremental snapshot.
-        w.started(t0, 0, Some(SMALL_STATE));
+        // A keyed state (also after a small incremental snapshot) snapshots early only
+        // once its log outweighs it, and only with CPU to spare; refused, it is asked
+        // again a tenth of the interval later.
+        let state = 2 * SMALL_STATE;
+        w.started(t0, 0, Some(state));
         w.started(t0, 0, None);
         w.consumed(10, t0 + ms(99));
-        assert_eq!(w.due_at(big_log), Some(t0 + ms(100)));
+        assert_eq!(w.due_at(state - 1), Some(t0 + ms(100)));
+        assert_eq!(w.due_at(state), Some(t0 + ms(10)));
+        let unasked = || -> bool { panic!("the CPU asked about") };
+        assert!(
+            !w.due(t0 + ms(9), state, unasked),
+            "before a tenth of the interval"
+        );
+        assert!(!w.due(t0 + ms(12), state, || false), "no CPU to spare");
+        assert_eq!(w.due_at(state), Some(t0 + ms(22)));
+        assert!(!w.due(t0 + ms(21), state, unasked), "asked again too soon");
+        assert!(w.due(t0 + ms(22), state, || true));
+        assert!(
+            w.due(t0 + ms(100), state - 1, unasked),
+            "the interval needs none"
+        );
+        w.started(t0, 0, None);
+        w.consumed(10, t0 + ms(1));
+        assert!(
+            w.due(t0 + ms(10), state, || true),
+            "a snapshot ends a refusal"
+        );
 
         // Still no snapshot without input.
         w.started(t0, 0, Some(0));
         assert_eq!(w.due_at(big_log), None);
+        w.started(t0, 0, Some(state));
+        assert_eq!(w.due_at(big_log), None);
+    }
+
+    /// Ensures spare CPU is judged over at least [`SPARE_SPAN`] (never before a reading
+    /// that old), by the idle share since a reading that moves on as readings age.
+    #[test]
+    fn headroom_judges_idle_cpu_over_a_span() {
+        let t0 = std::time::Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let cpu = |idle, total| CpuTimes { idle, total };
+        let mut h = Headroom::default();
+        assert!(!h.spare_with(at(0), cpu(0, 0)), "nothing to compare with");
+        assert!(
+            !h.spare_with(at(40), cpu(80, 80)),
+            "all idle, but over 40 ms only"
+        );
+        assert!(h.spare_with(at(50), cpu(100, 100)));
+
+        // Busy, then idle: the window moves on to the reading of 50 ms at 100 ms.
+        let mut h = Headroom::default();
+        assert!(!h.spare_with(at(0), cpu(0, 0)));
+        assert!(!h.spare_with(at(50), cpu(0, 100)), "busy");
+        assert!(!h.spare_with(at(100), cpu(40, 200)), "a fifth idle");
+        assert!(
+            h.spare_with(at(130), cpu(60, 260)),
+            "3/8 idle since 50 ms (since the start, under a quarter)"
+        );
     }
 
     fn batch(first_seq: u64, n: usize) -> Batch {

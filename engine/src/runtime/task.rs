@@ -1487,12 +1487,14 @@ impl SubtaskRunner {
     /// DCAS: starts a snapshot when the micro-window is full (or its interval passed), or
     /// at once with `force`. The state is copied here; the cache write is asynchronous.
     fn maybe_snapshot(&mut self, force: bool) -> Result<(), Stop> {
-        match &self.dcas {
-            Some((d, _)) if !d.in_flight() && (force || d.due()) => {
-                self.dcas_snapshot(false).map(|_| ())
-            }
-            _ => Ok(()),
+        let due = match &mut self.dcas {
+            Some((d, _)) => !d.in_flight() && (force || d.due()),
+            None => false,
+        };
+        if due {
+            self.dcas_snapshot(false)?;
         }
+        Ok(())
     }
 
     /// DCAS: starts snapshot `next_id` (none may be in flight). With `whole`, it is a whole
